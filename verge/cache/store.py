@@ -1,0 +1,264 @@
+"""The cache as the edge sees it: a memory tier over a disk tier, Vary-aware, purgeable.
+
+Keys: the *primary* key is what :mod:`verge.cache.keys` builds from host, URL and rule
+headers. A response with ``Vary`` is stored once per *variant* (the normalised values of
+the varying request fields, RFC 9111 §4.1); the memory tier's storage key is then
+``primary + "\\0" + variant``, and the Vary field names of each primary key are remembered
+so that a lookup computes the variant of the request before probing.
+
+The memory tier holds :class:`CacheEntry` objects: headers, freshness, and either the body
+bytes (small objects) or only a reference to the body file on disk (large objects, sent
+with sendfile). The disk tier is shared by all workers of a node; the memory tier is per
+worker, so purges are applied to the disk once (by the node's supervisor) and to every
+worker's memory (see :meth:`TieredCache.purge_memory`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from verge.cache.disk import DiskEntry, DiskStore
+from verge.cache.memory import MemoryStore
+from verge.cache.policy import Freshness, secondary_key
+from verge.cache.purge import TagIndex, parse_surrogate_keys
+
+# Bookkeeping bytes charged per entry on top of its body (headers, objects).
+ENTRY_OVERHEAD = 512
+
+
+@dataclass(slots=True, eq=False)
+class CacheEntry:
+    """One stored response variant."""
+
+    key: str
+    variant: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    freshness: Freshness
+    tags: frozenset[str] = frozenset()
+    body_size: int = 0
+    body: bytes | None = None
+    disk: DiskEntry | None = None
+    encoding: str | None = None  # Content-Encoding of this body when the edge made it
+    rendered: tuple[int, bytes] | None = field(default=None, repr=False)
+
+    @property
+    def storage_key(self) -> str:
+        return storage_key(self.key, self.variant)
+
+    @property
+    def charge(self) -> int:
+        """Bytes this entry costs the memory tier."""
+        return ENTRY_OVERHEAD + (len(self.body) if self.body is not None else 0)
+
+    def to_meta(self) -> dict:
+        return {
+            "key": self.key,
+            "variant": self.variant,
+            "status": self.status,
+            "reason": self.reason,
+            "headers": [list(h) for h in self.headers],
+            "freshness": self.freshness.to_dict(),
+            "tags": sorted(self.tags),
+            "encoding": self.encoding,
+        }
+
+    @classmethod
+    def from_disk(cls, entry: DiskEntry) -> CacheEntry:
+        meta = entry.meta
+        return cls(
+            key=meta["key"],
+            variant=meta["variant"],
+            status=meta["status"],
+            reason=meta["reason"],
+            headers=[(n, v) for n, v in meta["headers"]],
+            freshness=Freshness.from_dict(meta["freshness"]),
+            tags=frozenset(meta.get("tags", ())),
+            body_size=entry.body_size,
+            disk=entry,
+            encoding=meta.get("encoding"),
+        )
+
+    def read_body(self, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of the body, from memory or the disk file."""
+        end = self.body_size if end is None else end
+        if self.body is not None:
+            return self.body[start:end]
+        fd = self.disk.open()
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+
+
+def storage_key(key: str, variant: str) -> str:
+    return key + "\0" + variant if variant else key
+
+
+class TieredCache:
+    """Memory over disk, with Vary handling and purge by URL, prefix and tag."""
+
+    def __init__(self, memory: MemoryStore, disk: DiskStore, max_memory_object: int) -> None:
+        self.memory = memory
+        self.disk = disk
+        self.max_memory_object = max_memory_object
+        self._vary: dict[str, tuple[str, ...]] = {}
+        self._by_key: dict[str, set[str]] = {}
+        self._tags = TagIndex()
+        memory.on_evict = self._forget
+
+    # ----- lookup ---------------------------------------------------------------------
+    def lookup(self, key: str, request_headers: Mapping[str, str]) -> CacheEntry | None:
+        """The stored variant for this request, from memory, else disk (then promoted)."""
+        fields = self._vary.get(key)
+        if fields is None:
+            entry = self.memory.get(key)
+        else:
+            entry = self.memory.get(storage_key(key, secondary_key(fields, request_headers)))
+        if entry is not None:
+            return entry
+        return self._lookup_disk(key, request_headers)
+
+    def lookup_memory(self, key: str, request_headers: Mapping[str, str]) -> CacheEntry | None:
+        """Memory tier only: the hot path must not touch the disk."""
+        fields = self._vary.get(key)
+        if fields is None:
+            return self.memory.get(key)
+        return self.memory.get(storage_key(key, secondary_key(fields, request_headers)))
+
+    def _lookup_disk(self, key: str, request_headers: Mapping[str, str]) -> CacheEntry | None:
+        fields = self.disk.get_vary(key)
+        if fields is None:
+            return None
+        variant = secondary_key(fields, request_headers)
+        found = self.disk.lookup(key, variant)
+        if found is None:
+            return None
+        entry = CacheEntry.from_disk(found)
+        if entry.body_size <= self.max_memory_object:
+            entry.body = entry.read_body()
+        self.disk.touch(key, variant)
+        self._remember(entry, fields)
+        return entry
+
+    def derived(self, entry: CacheEntry, suffix: str) -> CacheEntry | None:
+        """A variant the edge made from ``entry`` (e.g. a compressed body), memory only."""
+        return self.memory.get(entry.storage_key + "\0" + suffix)
+
+    def put_derived(self, entry: CacheEntry, suffix: str, derived: CacheEntry) -> None:
+        skey = entry.storage_key + "\0" + suffix
+        self.memory.put(skey, derived, derived.charge)
+        self._by_key.setdefault(entry.key, set()).add(skey)
+        if entry.tags:
+            self._tags.add(skey, entry.tags)
+
+    # ----- store ------------------------------------------------------------------------
+    def put(self, entry: CacheEntry, fields: tuple[str, ...]) -> None:
+        """Index a complete entry (already committed to disk when ``entry.disk`` is set)."""
+        if entry.disk is not None:
+            self.disk.set_vary(entry.key, fields)
+        self._drop_derived(entry.key, entry.variant)
+        self._remember(entry, fields)
+
+    def _remember(self, entry: CacheEntry, fields: tuple[str, ...]) -> None:
+        if fields:
+            self._vary[entry.key] = fields
+        else:
+            self._vary.pop(entry.key, None)
+        skey = entry.storage_key
+        self.memory.put(skey, entry, entry.charge)
+        if skey in self.memory:
+            self._by_key.setdefault(entry.key, set()).add(skey)
+            if entry.tags:
+                self._tags.add(skey, entry.tags)
+
+    def refresh(self, entry: CacheEntry, headers: list[tuple[str, str]], freshness: Freshness) -> None:
+        """After a 304: new headers and freshness for the stored entry (memory and disk)."""
+        entry.headers = headers
+        entry.freshness = freshness
+        entry.rendered = None
+        self._drop_derived(entry.key, entry.variant)
+        if entry.disk is not None:
+            self.disk.update_meta(entry.key, entry.variant, entry.to_meta())
+
+    def _forget(self, skey: str, entry: CacheEntry) -> None:
+        keys = self._by_key.get(entry.key)
+        if keys is not None:
+            keys.discard(skey)
+            if not keys:
+                del self._by_key[entry.key]
+        self._tags.remove(skey)
+
+    def _drop_derived(self, key: str, variant: str) -> None:
+        prefix = storage_key(key, variant) + "\0"
+        for skey in [k for k in self._by_key.get(key, ()) if k.startswith(prefix)]:
+            self._remove_skey(skey)
+
+    def _remove_skey(self, skey: str) -> None:
+        entry = self.memory.remove(skey)
+        if entry is not None:
+            self._forget(skey, entry)
+
+    # ----- invalidation and purge ---------------------------------------------------------
+    def invalidate(self, key: str) -> None:
+        """RFC 9111 §4.4 after an unsafe method: every variant of ``key`` goes, both tiers."""
+        self.purge_memory("url", key, soft=False)
+        self.disk.remove(key)
+
+    def purge_memory(self, kind: str, value: str, soft: bool) -> int:
+        """Purge this process's memory tier. kind: 'url' (a primary key), 'prefix', 'tag'."""
+        skeys = self._matching_memory(kind, value)
+        for skey in skeys:
+            if soft:
+                entry = self.memory.peek(skey)
+                if entry is not None:
+                    entry.freshness.invalidated = True
+            else:
+                self._remove_skey(skey)
+        if not soft and kind == "url":
+            self._vary.pop(value, None)
+        return len(skeys)
+
+    def _matching_memory(self, kind: str, value: str) -> list[str]:
+        if kind == "url":
+            return list(self._by_key.get(value, ()))
+        if kind == "prefix":
+            return [s for k, ks in self._by_key.items() if k.startswith(value) for s in ks]
+        if kind == "tag":
+            return list(self._tags.keys_for(value))
+        raise ValueError(f"unknown purge kind {kind!r}")
+
+    def purge_disk(self, kind: str, value: str, soft: bool) -> int:
+        """Purge the shared disk tier (once per node)."""
+        if kind == "url":
+            targets = [(value, v) for v in self._disk_variants(value)]
+        elif kind == "prefix":
+            targets = self.disk.keys_with_prefix(value)
+        elif kind == "tag":
+            targets = self.disk.keys_with_tag(value)
+        else:
+            raise ValueError(f"unknown purge kind {kind!r}")
+        for key, variant in targets:
+            if soft:
+                found = self.disk.lookup(key, variant)
+                if found is not None:
+                    meta = dict(found.meta)
+                    meta["freshness"] = {**meta["freshness"], "invalidated": True}
+                    self.disk.update_meta(key, variant, meta)
+            else:
+                self.disk.remove(key, variant)
+        return len(targets)
+
+    def _disk_variants(self, key: str) -> list[str]:
+        return sorted({v for k, v in self.disk.keys_with_prefix(key) if k == key})
+
+    def stats(self) -> dict[str, int]:
+        return {"memory_bytes": self.memory.used_bytes, "memory_objects": len(self.memory)}
+
+
+def tags_of(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Surrogate keys of a response (Surrogate-Key / Cache-Tag)."""
+    return parse_surrogate_keys({n.lower(): v for n, v in headers})

@@ -1,0 +1,163 @@
+"""The ``verge`` command. Wires the parts together; the logic lives in the packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="verge",
+    help="Verge: a self-hosted edge platform (CDN edge cache, streaming, edge compute).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _split_hostport(value: str, option: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint=option)
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def edge(
+    listen: Annotated[str, typer.Option(help="HOST:PORT for client traffic.")] = "127.0.0.1:8080",
+    origin: Annotated[str | None, typer.Option(
+        help="Origin URL for a catch-all service (like varnishd -b).")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Disk cache directory (kept across restarts).")] = Path("./cache"),
+    admin: Annotated[str, typer.Option(help="HOST:PORT of the admin API (purge, metrics).")] = "127.0.0.1:8081",
+    admin_token: Annotated[str | None, typer.Option(
+        envvar="VERGE_ADMIN_TOKEN", help="Token for the admin API; a random one is printed if not given.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the port (default: cores).")] = 0,
+    config: Annotated[Path | None, typer.Option(help="YAML config file (services, rules, limits).")] = None,
+    access_log: Annotated[str | None, typer.Option(
+        help="Access log: a file path, '-' for stdout. Default: the config's access_log, else off.")] = None,
+) -> None:
+    """Run an edge cache node in front of one or more origins."""
+    from verge.config import ConfigError
+    from verge.edge.node import NodeOptions, build_config, check_port_free, run_node
+
+    listen_host, listen_port = _split_hostport(listen, "--listen")
+    admin_host, admin_port = _split_hostport(admin, "--admin")
+    if workers < 0:
+        _fail("--workers must be >= 0")
+    token = admin_token or secrets.token_urlsafe(24)
+    options = NodeOptions(
+        listen_host=listen_host, listen_port=listen_port, admin_host=admin_host,
+        admin_port=admin_port, admin_token=token, cache_dir=str(cache_dir.resolve()),
+        workers=workers or os.cpu_count() or 1, config_path=str(config) if config else None,
+        origin=origin,
+    )
+    try:
+        cfg = build_config(options)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(f"--origin: {exc}")
+    if not cfg.services:
+        _fail("no services: give --origin URL or a --config file with services")
+    options.access_log = access_log if access_log is not None else cfg.access_log
+    for host, port, what in ((listen_host, listen_port, "--listen"), (admin_host, admin_port, "--admin")):
+        try:
+            check_port_free(host, port)
+        except OSError as exc:
+            _fail(f"{what}: {exc}")
+    if admin_token is None:
+        typer.echo(f"admin token: {token}", err=True)
+    run_node(options, cfg)
+
+
+@app.command()
+def purge(
+    targets: Annotated[list[str] | None, typer.Argument(help="URLs to purge (http://host/path?query).")] = None,
+    admin: Annotated[str, typer.Option(envvar="VERGE_ADMIN", help="Admin URL of the edge node.")] = "http://127.0.0.1:8081",
+    token: Annotated[str | None, typer.Option(envvar="VERGE_TOKEN", help="Admin token.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Purge by surrogate key (Surrogate-Key / Cache-Tag).")] = None,
+    prefix: Annotated[list[str] | None, typer.Option(help="Purge every URL under this prefix (http://host/path/).")] = None,
+    soft: Annotated[bool, typer.Option("--soft", help="Mark stale (revalidate on next use) instead of removing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON result.")] = False,
+) -> None:
+    """Purge cached objects by URL, prefix or tag on an edge node."""
+    import httpx
+
+    if not (targets or tag or prefix):
+        _fail("give URLs, --tag or --prefix")
+    if not token:
+        _fail("an admin token is required (--token or VERGE_TOKEN)")
+    body = {"urls": targets or [], "tags": tag or [], "prefixes": prefix or [], "soft": soft}
+    try:
+        response = httpx.post(admin.rstrip("/") + "/purge", json=body,
+                              headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {admin}: {exc}")
+    try:
+        result = response.json()
+    except ValueError:
+        result = {"error": response.text}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif response.status_code == 200:
+        kind = "soft-purged (marked stale)" if soft else "purged"
+        typer.echo(f"{kind}: {result.get('disk', 0)} on disk, {result.get('memory', 0)} in memory "
+                   f"across {result.get('workers', 0)} workers")
+    if response.status_code != 200:
+        _fail(result.get("error", f"HTTP {response.status_code}"))
+
+
+@app.command("demo-origin")
+def demo_origin(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:9000",
+) -> None:
+    """Run the sample origin (static files, API, dynamic pages) used by the demo."""
+    from verge.demo.origin import run_origin
+
+    host, port = _split_hostport(listen, "--listen")
+    run_origin(host, port)
+
+
+@app.command()
+def demo(
+    listen: Annotated[str, typer.Option(help="HOST:PORT of the demo edge.")] = "127.0.0.1:8080",
+    origin_listen: Annotated[str, typer.Option(help="HOST:PORT of the sample origin.")] = "127.0.0.1:9000",
+    state_dir: Annotated[Path, typer.Option(help="Where the demo keeps its cache.")] = Path(".demo"),
+) -> None:
+    """Start the sample origin and an edge in front of it, with the built-in demo config."""
+    from verge.demo.run import run_demo
+
+    run_demo(_split_hostport(listen, "--listen"), _split_hostport(origin_listen, "--origin-listen"),
+             state_dir)
+
+
+@app.command("config-check")
+def config_check(path: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Validate a config file: prints file:line: reason and exits non-zero when it is wrong."""
+    from verge.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"{path}: ok ({len(cfg.services)} services)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

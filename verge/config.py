@@ -1,0 +1,1003 @@
+"""Verge's declarative configuration: one validated model for the YAML file and the control-plane bundle.
+
+Config is data. An operator writes a YAML file; the control plane pushes the same structure
+as JSON (``Config.model_dump(mode="json")`` round-trips through ``Config.model_validate``).
+Both go through the pydantic models below, so a typo or a wrong value is rejected before it
+can reach a running node, and the message says where: ``verge.yaml:12:7: services[0].rules[1].ttl:
+invalid duration 'abc' ...``. Line numbers come from composing the YAML into nodes (which keep
+their position) and following pydantic's error path back through those nodes.
+
+The models also answer the two per-request questions cheaply: which service serves a Host
+(``Config.service_for_host``, a dict lookup) and which rule applies to a path
+(``Service.match_rule``, with globs compiled once). This module imports nothing from verge.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "ByteSize",
+    "CacheSettings",
+    "Compression",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "Duration",
+    "HeaderRules",
+    "HealthCheck",
+    "Limits",
+    "OriginSpec",
+    "OriginTimeouts",
+    "Redirect",
+    "Rule",
+    "Service",
+    "config_for_origin",
+    "config_from_data",
+    "load_config",
+    "parse_bytes",
+    "parse_config",
+    "parse_duration",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and durations (also used by the CLI for flags like --memory 512MiB)
+# ---------------------------------------------------------------------------------------------
+
+# Every multiple is binary, as in nginx and Varnish: 1k = 1kB = 1KiB = 1024 bytes.
+_BYTE_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    for _suffix in (_letter, _letter + "b", _letter + "ib"):
+        _BYTE_UNITS[_suffix] = KiB**_power
+_BYTES_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)")
+_NUMBER_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+
+
+def _non_negative_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"invalid {what} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"invalid {what} {value!r}: must be a finite number >= 0")
+    return value
+
+
+def parse_bytes(value: object) -> int:
+    """A byte count from an int or a string like "500k", "64MiB", "1.5GiB" (binary multiples)."""
+    if not isinstance(value, str):
+        return int(_non_negative_number(value, "byte size"))
+    match = _BYTES_RE.fullmatch(value.strip().lower())
+    if match is None or match.group(2) not in _BYTE_UNITS:
+        raise ValueError(
+            f"invalid byte size {value!r}: use a number of bytes or a number with a unit, "
+            "e.g. 500k, 64MiB, 1GiB"
+        )
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "500ms", "30s", "5m", "1h", "1d" or "1h30m"."""
+    if not isinstance(value, str):
+        return float(_non_negative_number(value, "duration"))
+    text = value.strip().lower().replace(" ", "")
+    if _NUMBER_RE.fullmatch(text):
+        return float(text)
+    parts = _DURATION_PART_RE.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(
+            f"invalid duration {value!r}: use a number of seconds or a number with a unit, "
+            "e.g. 500ms, 30s, 5m, 1h, 1d"
+        )
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def _bytes_input(value: object) -> object:
+    """Parse unit strings; let pydantic judge everything else (so a list says 'valid integer')."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a byte size, got {value!r}")
+    return parse_bytes(value) if isinstance(value, str) else value
+
+
+def _duration_input(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+ByteSize = Annotated[int, BeforeValidator(_bytes_input), Field(ge=0)]
+"""Bytes: an int or "64MiB"-style string; stored as int."""
+Duration = Annotated[float, BeforeValidator(_duration_input), Field(ge=0)]
+"""Seconds: a number or "30s"-style string; stored as float."""
+PositiveDuration = Annotated[float, BeforeValidator(_duration_input), Field(gt=0)]
+
+# ---------------------------------------------------------------------------------------------
+# Names: header names, hosts, slugs
+# ---------------------------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+_MIME_PATTERN_RE = re.compile(r"[a-z0-9!#$&^_.+*-]+/[a-z0-9!#$&^_.+*-]+")
+
+
+def _header_name(name: str) -> str:
+    """Header names are stored lower-cased (HTTP/2 needs it; matching is case-insensitive)."""
+    if not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r}")
+    return name.lower()
+
+
+def _header_value(value: str) -> str:
+    if any(char in value for char in "\r\n\0"):
+        raise ValueError(f"header value {value!r} contains a line break or NUL")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+
+
+def _ip_literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def _config_host(value: str) -> str:
+    """Normalise a configured host: lower-case, no trailing dot, IDNA, "*" or "*.suffix" wildcards."""
+    host = value.strip().lower().rstrip(".")
+    if host == "*":
+        return host
+    ip = _ip_literal(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    if ip is not None:
+        return ip
+    try:
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError as exc:
+        raise ValueError(f"invalid host {value!r}: {exc}") from None
+    name = host.removeprefix("*.")
+    if ":" in name:
+        raise ValueError(f"host {value!r} has a port; hosts are matched without the port")
+    if not _HOSTNAME_RE.fullmatch(name) or len(name) > 253:
+        raise ValueError(
+            f"invalid host {value!r}: use a name like example.com, a wildcard like "
+            "*.example.com, or * for every host"
+        )
+    return host
+
+
+def _request_host_name(host: str) -> str:
+    """The name part of a Host header: no port, no brackets, lower-case, no trailing dot."""
+    if host.startswith("["):
+        end = host.find("]")
+        name = host[1:end] if end > 0 else host
+    else:
+        name = host.partition(":")[0]
+    return name.rstrip(".").lower()
+
+
+def _conflict(at: tuple[str | int, ...], reason: str) -> PydanticCustomError:
+    """A cross-field error; `at` extends the error path so the message points at the right line."""
+    return PydanticCustomError("config_conflict", "{reason}", {"reason": reason, "at": at})
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+class CacheSettings(_Model):
+    memory_bytes: ByteSize = 256 * MiB
+    disk_bytes: ByteSize = 1 * GiB
+    max_memory_object_bytes: ByteSize = 8 * MiB
+    """Objects larger than this are kept on disk only."""
+    eviction: Literal["s3fifo", "lru"] = "s3fifo"
+    heuristic_fraction: float = Field(0.1, ge=0, le=1)
+    """Heuristic freshness (RFC 9111 4.2.2): this fraction of the time since Last-Modified."""
+    heuristic_max: Duration = 86400.0
+
+
+class Limits(_Model):
+    max_header_bytes: ByteSize = 16 * KiB
+    max_url_bytes: ByteSize = 8 * KiB
+    max_body_bytes: ByteSize = 100 * MiB
+    header_timeout: PositiveDuration = 10.0
+    keepalive_timeout: PositiveDuration = 75.0
+    body_timeout: PositiveDuration = 60.0
+
+
+class OriginTimeouts(_Model):
+    connect: PositiveDuration = 3.0
+    first_byte: PositiveDuration = 30.0
+    idle: PositiveDuration = 30.0
+
+
+_DEFAULT_COMPRESSIBLE_TYPES = [
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/*+json",
+    "application/*+xml",
+    "image/svg+xml",
+]
+
+
+class Compression(_Model):
+    enabled: bool = True
+    algorithms: list[Literal["zstd", "br", "gzip"]] = Field(
+        default_factory=lambda: ["zstd", "br", "gzip"], min_length=1
+    )
+    """Offered encodings, most preferred first."""
+    min_bytes: ByteSize = 256
+    max_bytes: ByteSize = 8 * MiB
+    types: list[str] = Field(default_factory=lambda: list(_DEFAULT_COMPRESSIBLE_TYPES))
+    """Media types worth compressing; "*" matches any run of characters."""
+    gzip_level: int = Field(6, ge=1, le=9)
+    brotli_quality: int = Field(4, ge=0, le=11)
+    zstd_level: int = Field(3, ge=1, le=22)
+
+    _exact_types: frozenset[str] = PrivateAttr(frozenset())
+    _type_globs: re.Pattern[str] | None = PrivateAttr(None)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _unique_algorithms(cls, algorithms: list[str]) -> list[str]:
+        if len(set(algorithms)) != len(algorithms):
+            raise ValueError(f"algorithms are listed more than once: {algorithms}")
+        return algorithms
+
+    @field_validator("types")
+    @classmethod
+    def _mime_patterns(cls, patterns: list[str]) -> list[str]:
+        lowered = [pattern.strip().lower() for pattern in patterns]
+        for pattern in lowered:
+            if not _MIME_PATTERN_RE.fullmatch(pattern):
+                raise ValueError(f"invalid media type pattern {pattern!r} (e.g. text/*)")
+        return lowered
+
+    @model_validator(mode="after")
+    def _compile_types(self) -> Compression:
+        if self.min_bytes > self.max_bytes:
+            raise _conflict(("min_bytes",), "min_bytes is larger than max_bytes")
+        globs = [_glob_regex(pattern) for pattern in self.types if "*" in pattern]
+        self._exact_types = frozenset(pattern for pattern in self.types if "*" not in pattern)
+        self._type_globs = re.compile("|".join(globs)) if globs else None
+        return self
+
+    def compressible(self, content_type: str) -> bool:
+        """Whether a response with this Content-Type (parameters allowed) may be compressed."""
+        mime = content_type.partition(";")[0].strip().lower()
+        if mime in self._exact_types:
+            return True
+        return self._type_globs is not None and self._type_globs.fullmatch(mime) is not None
+
+
+class HeaderRules(_Model):
+    """Header edits. Names are stored lower-case; numbers in values are taken as text."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    request_add: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    request_remove: list[HeaderName] = Field(default_factory=list)
+    response_add: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    response_remove: list[HeaderName] = Field(default_factory=list)
+
+
+_PLACEHOLDER_RE = re.compile(r"\$([A-Za-z_]\w*)")
+_REDIRECT_PLACEHOLDERS = ("path", "query")
+
+
+class Redirect(_Model):
+    to: str
+    """Absolute URL or path; $path and $query (without "?") are replaced from the request."""
+    status: Literal[301, 302, 303, 307, 308] = 301
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_target(cls, data: object) -> object:
+        return {"to": data} if isinstance(data, str) else data
+
+    @field_validator("to")
+    @classmethod
+    def _check_target(cls, target: str) -> str:
+        if not target.startswith(("/", "$path", "http://", "https://")):
+            raise ValueError(f"redirect target {target!r} must be a path or an http(s):// URL")
+        if any(char.isspace() for char in target):
+            raise ValueError(f"redirect target {target!r} contains whitespace")
+        for name in _PLACEHOLDER_RE.findall(target):
+            if name not in _REDIRECT_PLACEHOLDERS:
+                raise ValueError(f"unknown placeholder ${name} in {target!r}; use $path or $query")
+        return target
+
+    def location(self, path: str, query: str = "") -> str:
+        """The Location header for a request; a "?" left dangling by an empty $query is dropped."""
+        values = {"path": path, "query": query}
+        location = _PLACEHOLDER_RE.sub(lambda match: values[match.group(1)], self.to)
+        return location[:-1] if location.endswith("?") and not query else location
+
+
+def _glob_regex(pattern: str) -> str:
+    """Regex source for a glob where "*" matches any run of characters, "/" included."""
+    return "".join(
+        ".*" if part.startswith("*") else re.escape(part)
+        for part in re.split(r"(\*+)", pattern)
+        if part
+    )
+
+
+class Rule(_Model):
+    path: str
+    """A prefix ("/static/") or a glob matching the whole path ("/api/*.json")."""
+    kind: Literal["static", "dynamic", "api", "default"] = "default"
+    ttl: Duration | None = None
+    """Lifetime when the origin gives no freshness information."""
+    override: bool = False
+    """Cache for ttl whatever the origin's Cache-Control/Expires say."""
+    bypass: bool = False
+    """Never cache; every request goes to the origin."""
+    micro_cache: PositiveDuration | None = None
+    """Cache for this many seconds whatever the origin says (sets ttl and override)."""
+    ignore_query: bool = False
+    ignore_cookies: bool = False
+    """Strip Cookie from the origin request and Set-Cookie from the cached response."""
+    sort_query: bool = False
+    key_headers: list[HeaderName] = Field(default_factory=list)
+    """Request headers that become part of the cache key."""
+    headers: HeaderRules = Field(default_factory=HeaderRules)
+    redirect: Redirect | None = None
+
+    _glob: re.Pattern[str] | None = PrivateAttr(None)
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"rule path {path!r} must start with '/'")
+        if any(char.isspace() or char in "?#" for char in path):
+            raise ValueError(
+                f"rule path {path!r} must be a URL path (no spaces, query or fragment)"
+            )
+        return path
+
+    @field_validator("key_headers")
+    @classmethod
+    def _dedupe_key_headers(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Rule:
+        given = set(self.model_fields_set)
+        if self.micro_cache is not None:
+            self._apply_micro_cache(given)
+        self._apply_kind_defaults(given)
+        if self.override and self.ttl is None:
+            raise _conflict(("override",), "override: true needs a ttl")
+        self._glob = re.compile(_glob_regex(self.path)) if "*" in self.path else None
+        return self
+
+    def _apply_micro_cache(self, given: set[str]) -> None:
+        if self.bypass:
+            raise _conflict(("bypass",), "bypass: true contradicts micro_cache; choose one")
+        if "override" in given and not self.override:
+            raise _conflict(("override",), "micro_cache always overrides; drop override: false")
+        if self.ttl is not None and self.ttl != self.micro_cache:
+            raise _conflict(("ttl",), "micro_cache sets the ttl; drop ttl or make them equal")
+        self.ttl = self.micro_cache
+        self.override = True
+
+    def _apply_kind_defaults(self, given: set[str]) -> None:
+        if self.kind == "static":
+            if self.ttl is None and "ttl" not in given:
+                self.ttl = 86400.0
+            if "ignore_cookies" not in given:
+                self.ignore_cookies = True
+        elif self.kind == "api":
+            if "sort_query" not in given:
+                self.sort_query = True
+        elif self.kind == "dynamic" and self.micro_cache is None and "bypass" not in given:
+            self.bypass = True
+
+    def matches(self, path: str) -> bool:
+        if self._glob is None:
+            return path.startswith(self.path)
+        return self._glob.fullmatch(path) is not None
+
+
+def _status_pattern(value: object) -> int | str:
+    """200 (one status) or "2xx" (a class); digit strings become ints."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"[1-5]xx", text):
+            return text
+        value = int(text) if text.isdigit() else value
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
+    raise ValueError(f"invalid status {value!r}: use a code like 200 or a class like 2xx")
+
+
+StatusPattern = Annotated[int | str, BeforeValidator(_status_pattern)]
+
+
+class HealthCheck(_Model):
+    path: str = "/"
+    interval: PositiveDuration = 5.0
+    timeout: PositiveDuration = 2.0
+    fails: int = Field(3, ge=1)
+    """Consecutive failures that mark an origin down."""
+    passes: int = Field(2, ge=1)
+    """Consecutive successes that mark it up again."""
+    expect_status: list[StatusPattern] = Field(default_factory=lambda: ["2xx", "3xx"], min_length=1)
+    """Healthy statuses: codes (200) or classes ("2xx"); the default means any status < 400."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not path.startswith("/") or any(char.isspace() for char in path):
+            raise ValueError(f"health check path {path!r} must start with '/' and have no spaces")
+        return path
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> HealthCheck:
+        if self.timeout > self.interval:
+            raise _conflict(("timeout",), "timeout is longer than interval")
+        return self
+
+    def is_healthy_status(self, status: int) -> bool:
+        return status in self.expect_status or f"{status // 100}xx" in self.expect_status
+
+
+class OriginSpec(_Model):
+    """An origin server; a bare "http://host:port" string is accepted in place of the mapping."""
+
+    url: str
+    """http:// or https:// plus host[:port]; nothing else."""
+    weight: int = Field(1, ge=1)
+    host_header: str | None = None
+    """Host header sent to this origin (default: the client's)."""
+
+    _scheme: str = PrivateAttr("http")
+    _host: str = PrivateAttr("")
+    _port: int = PrivateAttr(80)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_url(cls, data: object) -> object:
+        return {"url": data} if isinstance(data, str) else data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        scheme, host, port = _split_origin_url(url)
+        netloc = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{netloc}" + (f":{port}" if port is not None else "")
+
+    @field_validator("host_header")
+    @classmethod
+    def _check_host_header(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(char.isspace() for char in value)):
+            raise ValueError(f"host_header {value!r} must be a non-empty name without spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _remember_parts(self) -> OriginSpec:
+        scheme, host, port = _split_origin_url(self.url)
+        self._scheme, self._host = scheme, host
+        self._port = port if port is not None else (443 if scheme == "https" else 80)
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
+
+    @property
+    def host(self) -> str:
+        """Host name or IP address (IPv6 without brackets)."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port, defaulted from the scheme."""
+        return self._port
+
+    @property
+    def tls(self) -> bool:
+        return self._scheme == "https"
+
+
+def _split_origin_url(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, explicit port or None) of an origin URL, or ValueError saying what is wrong."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"origin URL {url!r} must look like http://host[:port] or https://host[:port]"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"origin URL {url!r} must not contain credentials")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"origin URL {url!r} must be scheme://host[:port] only, without a path")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"origin URL {url!r} has an invalid port") from None
+    if port == 0:
+        raise ValueError(f"origin URL {url!r} has an invalid port")
+    host = parts.hostname or ""
+    if not (_ip_literal(host) or _HOSTNAME_RE.fullmatch(host)):
+        raise ValueError(f"origin URL {url!r} has an invalid host {host!r}")
+    return scheme, _ip_literal(host) or host, port
+
+
+class Service(_Model):
+    name: str
+    """A slug: lower-case letters, digits and "-"."""
+    hosts: list[Annotated[str, AfterValidator(_config_host)]] = Field(min_length=1)
+    """Host names ("example.com"), wildcards ("*.example.com": any subdomain) or "*" (any host)."""
+    default: bool = False
+    """Serve requests whose Host matches no service."""
+    origins: list[OriginSpec] = Field(min_length=1)
+    health_check: HealthCheck | None = None
+    rules: list[Rule] = Field(default_factory=list)
+    """Tried in order; the first match applies."""
+    headers: HeaderRules = Field(default_factory=HeaderRules)
+    """Service-wide header edits, applied before the matching rule's."""
+
+    _matchers: tuple[tuple[str, re.Pattern[str] | None, Rule], ...] = PrivateAttr(())
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _SLUG_RE.fullmatch(name) or len(name) > 63:
+            raise ValueError(
+                f"service name {name!r} must be a slug: lower-case letters, digits and '-' "
+                "(e.g. my-site)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _index_rules(self) -> Service:
+        first_with_path: dict[str, int] = {}
+        for index, rule in enumerate(self.rules):
+            if rule.path in first_with_path:
+                earlier = first_with_path[rule.path]
+                raise _conflict(
+                    ("rules", index, "path"),
+                    f"never matches: rules[{earlier}] has the same path {rule.path!r}",
+                )
+            first_with_path[rule.path] = index
+        self._matchers = tuple((rule.path, rule._glob, rule) for rule in self.rules)
+        return self
+
+    def match_rule(self, path: str) -> Rule | None:
+        """The first rule whose prefix or glob matches the URL path (no query string)."""
+        for prefix, glob, rule in self._matchers:
+            if glob is None:
+                if path.startswith(prefix):
+                    return rule
+            elif glob.fullmatch(path) is not None:
+                return rule
+        return None
+
+
+@dataclass(slots=True)
+class _HostIndex:
+    """Host -> service tables: exact names, wildcard suffixes (".example.com"), "*", default."""
+
+    exact: dict[str, Service] = field(default_factory=dict)
+    suffixes: dict[str, Service] = field(default_factory=dict)
+    any_host: Service | None = None
+    default: Service | None = None
+
+
+class Config(_Model):
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    limits: Limits = Field(default_factory=Limits)
+    origin_timeouts: OriginTimeouts = Field(default_factory=OriginTimeouts)
+    compression: Compression = Field(default_factory=Compression)
+    access_log: str | None = None
+    """"-" for stdout, a file path, or null for no access log."""
+    services: list[Service] = Field(default_factory=list)
+
+    _hosts: _HostIndex = PrivateAttr(default_factory=_HostIndex)
+
+    @field_validator("access_log")
+    @classmethod
+    def _check_access_log(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError('access_log must be "-", a file path, or null')
+        return value
+
+    @model_validator(mode="after")
+    def _index_services(self) -> Config:
+        self._check_unique_names()
+        index = _HostIndex()
+        owner: dict[str, int] = {}
+        for number, service in enumerate(self.services):
+            if service.default:
+                if index.default is not None:
+                    raise _conflict(
+                        ("services", number, "default"),
+                        f"only one service can be the default; {index.default.name!r} already is",
+                    )
+                index.default = service
+            for position, host in enumerate(service.hosts):
+                if host in owner:
+                    where = (
+                        "this service"
+                        if owner[host] == number
+                        else repr(self.services[owner[host]].name)
+                    )
+                    raise _conflict(
+                        ("services", number, "hosts", position),
+                        f"host {host!r} is already listed for {where}",
+                    )
+                owner[host] = number
+                _add_host(index, host, service)
+        self._hosts = index
+        return self
+
+    def _check_unique_names(self) -> None:
+        seen: set[str] = set()
+        for number, service in enumerate(self.services):
+            if service.name in seen:
+                raise _conflict(
+                    ("services", number, "name"),
+                    f"another service is already named {service.name!r}",
+                )
+            seen.add(service.name)
+
+    def service_for_host(self, host: str) -> Service | None:
+        """The service for a Host header: exact name, then the most specific wildcard, then "*",
+        then the default service."""
+        index = self._hosts
+        service = index.exact.get(host)
+        if service is not None:
+            return service
+        name = _request_host_name(host)
+        service = index.exact.get(name)
+        if service is not None:
+            return service
+        if index.suffixes:
+            dot = name.find(".")
+            while dot != -1:
+                service = index.suffixes.get(name[dot:])
+                if service is not None:
+                    return service
+                dot = name.find(".", dot + 1)
+        return index.any_host or index.default
+
+
+def _add_host(index: _HostIndex, host: str, service: Service) -> None:
+    if host == "*":
+        index.any_host = service
+    elif host.startswith("*."):
+        index.suffixes[host[1:]] = service
+    else:
+        index.exact[host] = service
+
+
+# ---------------------------------------------------------------------------------------------
+# Error reporting: pydantic error paths -> YAML positions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem: where (source, 1-based line and column when known), which setting, why."""
+
+    source: str
+    line: int | None
+    column: int | None
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.reason}" if self.path else f"{where}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """Rejected configuration. str() is the operator-facing message, one issue per line."""
+
+    def __init__(self, message: str, issues: Sequence[ConfigIssue] = ()) -> None:
+        super().__init__(message)
+        self.issues = tuple(issues)
+
+    @classmethod
+    def from_issues(cls, issues: Sequence[ConfigIssue]) -> ConfigError:
+        return cls("\n".join(str(issue) for issue in issues), issues)
+
+
+Loc = tuple[str | int, ...]
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _format_path(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part != "[key]":
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _mapping_entry(node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+    """The (key node, value node) for `key`, looking into `<<` merges after the explicit keys."""
+    merged: list[yaml.Node] = []
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:
+            merged.extend(
+                value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            )
+        elif isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return key_node, value_node
+    for source in merged:
+        if isinstance(source, yaml.MappingNode) and (entry := _mapping_entry(source, key)):
+            return entry
+    return None
+
+
+def _node_at(root: yaml.Node, loc: Loc, at_key: bool) -> yaml.Node:
+    """The deepest node along `loc`; the key node instead of its value when `at_key`."""
+    node = root
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            entry = _mapping_entry(node, part)
+            if entry is None:
+                break
+            wants_key = (at_key and depth == len(loc) - 1) or loc[depth + 1 : depth + 2] == (
+                "[key]",
+            )
+            node = entry[0] if wants_key else entry[1]
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            node = node.value[part]
+        else:
+            break
+    return node
+
+
+def _strip_optional(annotation: Any) -> Any:
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            options = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(options) != 1:
+                return annotation
+            annotation = options[0]
+        else:
+            return annotation
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The model class that the mapping at `loc` is validated as (for 'did you mean')."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _strip_optional(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model_field = annotation.model_fields.get(str(part))
+            annotation = model_field.annotation if model_field else None
+        elif get_origin(annotation) in (list, dict):
+            annotation = get_args(annotation)[-1]
+        else:
+            return None
+    annotation = _strip_optional(annotation)
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+
+
+def _unknown_key_reason(loc: Loc) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return "unknown key"
+    allowed = list(model.model_fields)
+    close = get_close_matches(str(loc[-1]), allowed, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return "unknown key; expected one of: " + ", ".join(allowed)
+
+
+def _reason(error: Mapping[str, Any], loc: Loc) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required but missing"
+    if kind == "extra_forbidden":
+        return _unknown_key_reason(loc)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if kind not in ("value_error", "config_conflict") and isinstance(
+        value, str | int | float | bool
+    ):
+        shown = repr(value)
+        if len(shown) <= 60 and shown not in message:
+            message += f" (got {shown})"
+    return message
+
+
+def _issue_from_error(error: Mapping[str, Any], source: str, root: yaml.Node | None) -> ConfigIssue:
+    loc: Loc = tuple(error["loc"]) + tuple((error.get("ctx") or {}).get("at", ()))
+    line = column = None
+    if root is not None:
+        mark = _node_at(root, loc, at_key=error["type"] == "extra_forbidden").start_mark
+        line, column = mark.line + 1, mark.column + 1
+    return ConfigIssue(source, line, column, _format_path(loc), _reason(error, loc))
+
+
+def _duplicate_keys(root: yaml.Node, source: str) -> list[ConfigIssue]:
+    """YAML silently keeps the last of two equal keys; a config file should say so instead."""
+    issues: list[ConfigIssue] = []
+    pending, visited = [root], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                    if key_node.value in seen:
+                        mark = key_node.start_mark
+                        reason = f"duplicate key {key_node.value!r}"
+                        issues.append(
+                            ConfigIssue(source, mark.line + 1, mark.column + 1, "", reason)
+                        )
+                    seen.add(key_node.value)
+                pending.append(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+    return issues
+
+
+def _sorted(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    unique = dict.fromkeys(issues)
+    return sorted(unique, key=lambda issue: (issue.line or 0, issue.column or 0))
+
+
+def _validate(data: object, source: str, root: yaml.Node | None) -> Config:
+    issues = _duplicate_keys(root, source) if root is not None else []
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError.from_issues(
+            [
+                ConfigIssue(
+                    source,
+                    1 if root else None,
+                    1 if root else None,
+                    "",
+                    f"the top level must be a mapping of settings, not {type(data).__name__}",
+                )
+            ]
+        )
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        issues += [_issue_from_error(error, source, root) for error in exc.errors()]
+        config = None
+    if issues or config is None:
+        raise ConfigError.from_issues(_sorted(issues))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return ConfigError(f"{source}: invalid YAML: {exc}")
+    mark = exc.problem_mark
+    reason = f"invalid YAML: {exc.problem}"
+    if exc.context and exc.context_mark is not None:
+        reason += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    issue = ConfigIssue(source, mark.line + 1, mark.column + 1, "", reason)
+    return ConfigError.from_issues([issue])
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, object]:
+    """The YAML node tree (for positions) and the plain data built from it, in one parse."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    finally:
+        loader.dispose()
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate YAML (or JSON) text; ConfigError names filename:line:column, setting and reason."""
+    root, data = _compose(text, filename)
+    return _validate(data, filename, root)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 text ({exc.reason})") from None
+    return parse_config(text, str(path))
+
+
+def config_from_data(data: Mapping[str, Any], source: str = "<bundle>") -> Config:
+    """Validate already-parsed data (a control-plane bundle); errors name the setting, no line."""
+    return _validate(data, source, None)
+
+
+def config_for_origin(origin_url: str, base: Config | None = None) -> Config:
+    """`verge edge --origin URL`: add a default service named "default" for every host ("*")."""
+    try:
+        origin = OriginSpec.model_validate(origin_url)
+    except ValidationError as exc:
+        reason = _reason(exc.errors()[0], ("url",))
+        raise ConfigError(f"--origin: {reason}") from None
+    base = base if base is not None else Config()
+    for service in base.services:
+        if service.default:
+            raise ConfigError(
+                f"--origin: adds a default service, but service {service.name!r} is already "
+                "the default in the config"
+            )
+    data = base.model_dump(mode="json")
+    data["services"].append(
+        {
+            "name": "default",
+            "hosts": ["*"],
+            "default": True,
+            "origins": [origin.model_dump(mode="json")],
+        }
+    )
+    return _validate(data, "--origin", None)

@@ -1,0 +1,129 @@
+"""The edge node's admin API (served by the supervisor on ``--admin``).
+
+    GET  /healthz           liveness: 200 when every worker answers (no token)
+    GET  /metrics           Prometheus text (no token: counters only, no secrets)
+    POST /purge             {"urls": [...], "prefixes": [...], "tags": [...], "soft": false}
+    POST /config/reload     re-read the config file (SIGHUP does the same)
+    GET  /stats             per-worker counters as JSON
+
+Changing calls need ``Authorization: Bearer TOKEN`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING
+
+from verge.cache import keys
+from verge.observe.metrics import merge, render
+from verge.http.server import simple_response
+
+if TYPE_CHECKING:
+    from verge.edge.node import Node
+
+JSON = b"application/json"
+
+
+def _json(status: int, data: dict) -> bytes:
+    return simple_response(status, json.dumps(data).encode() + b"\n", content_type=JSON)
+
+
+class AdminApp:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.token = node.options.admin_token.encode()
+
+    def handle_fast(self, request):
+        return None
+
+    async def handle(self, request, writer) -> None:
+        response = await self.dispatch(request)
+        writer.started = writer.finished = True
+        writer._proto.write_raw(response)
+
+    async def dispatch(self, request) -> bytes:
+        path, method = request.path, request.method
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            alive = sum(1 for w in self.node.workers if w.alive())
+            ok = alive == len(self.node.workers)
+            return _json(200 if ok else 503, {"status": "ok" if ok else "degraded",
+                                              "workers": alive})
+        if path == "/metrics" and method == "GET":
+            return await self.metrics()
+        if not self._authorized(request):
+            return _json(401, {"error": "missing or wrong admin token"})
+        if path == "/purge" and method == "POST":
+            return await self.purge(request)
+        if path == "/config/reload" and method == "POST":
+            result = await self.node.reload()
+            return _json(200 if result["ok"] else 400, result)
+        if path == "/stats" and method == "GET":
+            return _json(200, {"workers": await self.node.stats()})
+        return _json(404, {"error": f"no such admin endpoint: {method} {path}"})
+
+    def _authorized(self, request) -> bool:
+        value = request.header("authorization") or ""
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)
+
+    async def metrics(self) -> bytes:
+        stats = await self.node.stats()
+        snap = merge(stats)
+        gauges = {
+            "cache_memory_bytes": sum(s.get("memory_bytes", 0) for s in stats),
+            "cache_memory_objects": sum(s.get("memory_objects", 0) for s in stats),
+            "cache_disk_bytes": self.node.disk.used_bytes,
+            "workers": len(stats),
+        }
+        body = render(snap, gauges)
+        return simple_response(200, body, content_type=b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def purge(self, request) -> bytes:
+        try:
+            data = json.loads(await request.body.read_all(1 << 20)) if request.body else {}
+            if not isinstance(data, dict):
+                raise ValueError("body must be a JSON object")
+            targets = self.targets(data)
+        except (ValueError, TypeError) as exc:
+            return _json(400, {"error": f"bad purge request: {exc}"})
+        if not targets:
+            return _json(400, {"error": "nothing to purge: give urls, prefixes or tags"})
+        result = await self.node.purge(targets, bool(data.get("soft", False)))
+        result["soft"] = bool(data.get("soft", False))
+        return _json(200 if result["ok"] else 500, result)
+
+    def targets(self, data: dict) -> list[tuple[str, str]]:
+        """Purge targets as (kind, value) with URLs turned into cache keys by the config."""
+        out: list[tuple[str, str]] = []
+        for url in _strings(data, "urls"):
+            for key in self.url_keys(url):
+                out.append(("url", key))
+                out.append(("prefix", key + "\n"))  # variants keyed by rule headers
+        for prefix in _strings(data, "prefixes"):
+            out.append(("prefix", keys.key_for_url(prefix).rstrip("/") if prefix.endswith("/")
+                        is False else keys.key_for_url(prefix)))
+        out.extend(("tag", tag) for tag in _strings(data, "tags"))
+        return out
+
+    def url_keys(self, url: str) -> list[str]:
+        """The cache keys a URL may be stored under (rule options change the key)."""
+        base = keys.key_for_url(url)
+        host, _, rest = base.partition("/")
+        path, _, query = ("/" + rest).partition("?")
+        found = {base}
+        service = self.node.config.service_for_host(host)
+        rule = service.match_rule(path) if service else None
+        if rule is not None:
+            found.add(keys.cache_key(host, path, query, sort_query=rule.sort_query,
+                                     ignore_query=rule.ignore_query))
+        return sorted(found)
+
+
+def _strings(data: dict, name: str) -> list[str]:
+    value = data.get(name, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be a list of non-empty strings")
+    return value

@@ -1,0 +1,413 @@
+"""The edge node's request pipeline, as named phases (compare Varnish VCL and Pingora).
+
+    route    Host -> service, path -> rule; redirects; bypass decision; cache key
+    lookup   memory tier (in ``handle_fast``, no task), then disk tier
+    fetch    on miss or revalidation: one collapsed fill per key (verge.edge.fetch)
+    store    RFC 9111 decides (verge.cache.policy); body streamed to clients while stored
+    deliver  304/206/HEAD, compression, Age, Cache-Status (verge.edge.deliver)
+
+``handle_fast`` answers fresh memory hits synchronously; everything else goes through the
+async ``handle``. Requests that may not be cached (other methods, bypass rules) are proxied
+with their bodies streamed both ways, and unsafe methods invalidate the URL (§4.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from verge.cache import keys, policy
+from verge.cache.store import CacheEntry, TieredCache
+from verge.edge.compress import choose_encoding, compress_bytes, is_compressible
+from verge.edge.deliver import (
+    HeaderPlan,
+    add_vary,
+    cache_status_value,
+    connection_field,
+    plan_delivery,
+)
+from verge.edge.fetch import Fetcher, proxy_request_headers, response_headers_for_client
+from verge.edge.fill import FillAborted
+from verge.edge.origins import OriginSet
+from verge.http.client import OriginPool, UpstreamError
+from verge.http.server import FileResponse, ResponseWriter, simple_response
+from verge.observe.accesslog import AccessLog
+from verge.observe.metrics import EdgeMetrics
+
+log = logging.getLogger("verge.edge")
+
+CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+@dataclass(slots=True)
+class Route:
+    """The route phase's result for one request."""
+
+    service: object
+    rule: object | None
+    key: str | None  # None: not cacheable (bypass, method)
+    plan: HeaderPlan
+    origins: OriginSet
+    rule_ttl: float | None = None
+    rule_override: bool = False
+    strip_cookies: bool = False
+
+
+@dataclass(slots=True)
+class ServiceRuntime:
+    """What the edge builds once per service per config generation."""
+
+    service: object
+    origins: OriginSet
+    plans: dict  # rule index (or None) -> HeaderPlan
+
+
+class EdgeApp:
+    def __init__(self, config, cache: TieredCache, pool: OriginPool, *, metrics: EdgeMetrics,
+                 access_log: AccessLog, node: str = "verge") -> None:
+        self.cache = cache
+        self.pool = pool
+        self.metrics = metrics
+        self.access_log = access_log
+        self.node = node
+        self.generation = 0
+        self.runtimes: dict[str, ServiceRuntime] = {}
+        self.fetcher = Fetcher(self)
+        self.apply_config(config)
+
+    # ----- configuration -------------------------------------------------------------------
+    def apply_config(self, config) -> None:
+        """Switch to a new validated config atomically (one assignment per structure)."""
+        old = self.runtimes
+        runtimes = {}
+        for service in config.services:
+            previous = old.get(service.name)
+            origins = OriginSet(service.origins, self.pool, service.health_check)
+            if previous is not None and _same_origins(previous.service, service):
+                origins = previous.origins
+            plans = {None: self._plan(config, service, None)}
+            for i, rule in enumerate(service.rules):
+                plans[i] = self._plan(config, service, rule)
+            runtimes[service.name] = ServiceRuntime(service, origins, plans)
+        self.config = config
+        self.runtimes = runtimes
+        self.generation += 1
+        self.compression = config.compression
+        for name, runtime in old.items():
+            if runtimes.get(name) is None or runtimes[name].origins is not runtime.origins:
+                runtime.origins.stop()
+
+    def start(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.origins.start_health_checks()
+
+    def _plan(self, config, service, rule) -> HeaderPlan:
+        remove = [*service.headers.response_remove]
+        add = list(service.headers.response_add.items())
+        if rule is not None:
+            remove += rule.headers.response_remove
+            add += list(rule.headers.response_add.items())
+        return HeaderPlan(
+            remove=frozenset(n.lower() for n in remove) | frozenset(n.lower() for n, _ in add),
+            add=tuple(add),
+            vary_accept_encoding=False,
+        )
+
+    # ----- route phase ------------------------------------------------------------------------
+    def route(self, request) -> Route | bytes:
+        service = self.config.service_for_host(request.host)
+        if service is None:
+            return simple_response(404, b"no service is configured for this host\n")
+        runtime = self.runtimes[service.name]
+        rule = service.match_rule(request.path)
+        index = service.rules.index(rule) if rule is not None else None
+        if rule is not None and rule.redirect is not None:
+            return self._redirect(request, rule.redirect)
+        cacheable = request.method in CACHEABLE_METHODS and not (rule is not None and rule.bypass)
+        key = None
+        if cacheable:
+            key = keys.cache_key(
+                request.host, request.path, request.query,
+                sort_query=bool(rule and rule.sort_query),
+                ignore_query=bool(rule and rule.ignore_query),
+                key_headers=rule.key_headers if rule else (),
+                request_headers=request.hmap,
+            )
+        route = Route(service, rule, key, runtime.plans[index], runtime.origins)
+        if rule is not None:
+            if rule.micro_cache:
+                route.rule_ttl, route.rule_override = rule.micro_cache, True
+            else:
+                route.rule_ttl, route.rule_override = rule.ttl, rule.override
+            route.strip_cookies = rule.ignore_cookies
+        return route
+
+    def _redirect(self, request, redirect) -> bytes:
+        location = redirect.to.replace("$path", request.path).replace(
+            "$query", ("?" + request.query) if request.query else "")
+        body = f"redirecting to {location}\n".encode()
+        return simple_response(redirect.status, body,
+                               extra=b"Location: " + location.encode("latin-1") + b"\r\n")
+
+    # ----- fast path: fresh memory hits -----------------------------------------------------------
+    def handle_fast(self, request):
+        if request.method not in CACHEABLE_METHODS:
+            return None
+        started = time.perf_counter()
+        route = self.route(request)
+        if isinstance(route, bytes):
+            self._log(request, route[9:12], len(route), "none", started)
+            return route
+        if route.key is None:
+            return None
+        hmap = request.hmap
+        entry = self.cache.lookup_memory(route.key, hmap)
+        if entry is None:
+            return None
+        now = time.time()
+        if "cache-control" in hmap or "pragma" in hmap or entry.freshness.no_cache or \
+                now >= entry.freshness.fresh_until():
+            if policy.evaluate(entry.freshness, hmap, now) not in (
+                    policy.Verdict.FRESH, policy.Verdict.STALE_OK):
+                return None
+        entry = self._encoded_variant(entry, route, hmap)
+        if entry is None:
+            return None
+        result = self._entry_response(entry, request, route, now, "hit")
+        if result is None:
+            return None
+        status, response, sent = result
+        self._log(request, status, sent, "hit", started)
+        return response
+
+    def _entry_response(self, entry: CacheEntry, request, route: Route, now: float, result: str,
+                        cache_status: str | None = None):
+        """(status, bytes | FileResponse, body bytes) for an entry, or None if the disk file is gone."""
+        delivery = plan_delivery(
+            entry, request.hmap, request.method, request.version, now, route.plan,
+            self.generation, cache_status or f"{self.node}; hit",
+        )
+        if not delivery.has_body:
+            return delivery.status, delivery.head, 0
+        count = delivery.end - delivery.start
+        if entry.body is not None:
+            if delivery.start == 0 and count == len(entry.body):
+                return delivery.status, delivery.head + entry.body, count
+            return delivery.status, delivery.head + entry.body[delivery.start:delivery.end], count
+        try:
+            fd = entry.disk.open()
+        except OSError:
+            self.cache.purge_memory("url", entry.key, soft=False)
+            return None
+        return delivery.status, FileResponse(delivery.head, fd, delivery.start, count), count
+
+    def _encoded_variant(self, entry: CacheEntry, route: Route, hmap) -> CacheEntry | None:
+        """The entry itself, or its compressed variant when the client accepts one."""
+        settings = self.compression
+        if not settings.enabled or entry.encoding is not None or entry.body is None \
+                or entry.status != 200:
+            return entry
+        headers = entry.headers
+        content_type = _field(headers, "content-type")
+        if _field(headers, "content-encoding") is not None or \
+                not is_compressible(content_type, settings.types):
+            return entry
+        size = entry.body_size
+        if size < settings.min_bytes or size > settings.max_bytes or "range" in hmap:
+            return entry
+        encoding = choose_encoding(hmap.get("accept-encoding"), settings.algorithms)
+        if encoding is None:
+            return _with_vary_ae(entry)
+        derived = self.cache.derived(entry, encoding)
+        if derived is None:
+            derived = self._compress_entry(entry, encoding)
+            self.cache.put_derived(entry, encoding, derived)
+        return derived
+
+    def _compress_entry(self, entry: CacheEntry, encoding: str) -> CacheEntry:
+        settings = self.compression
+        level = {"gzip": settings.gzip_level, "br": settings.brotli_quality,
+                 "zstd": settings.zstd_level}[encoding]
+        body = compress_bytes(entry.body, encoding, level)
+        headers = [(n, _suffixed_etag(v, encoding) if n.lower() == "etag" else v)
+                   for n, v in entry.headers]
+        headers = add_vary([*headers, ("Content-Encoding", encoding)], "Accept-Encoding")
+        freshness = entry.freshness
+        return CacheEntry(
+            key=entry.key, variant=entry.variant, status=entry.status, reason=entry.reason,
+            headers=headers, freshness=freshness, tags=entry.tags, body_size=len(body),
+            body=body, encoding=encoding,
+        )
+
+    # ----- async path --------------------------------------------------------------------------
+    async def handle(self, request, writer: ResponseWriter) -> None:
+        started = time.perf_counter()
+        route = self.route(request)
+        if isinstance(route, bytes):
+            writer.keep_alive = False
+            await self._send_bytes(writer, route)
+            self._log(request, int(route[9:12]), len(route), "none", started)
+            return
+        if route.key is None:
+            await self._proxy(request, writer, route, started)
+            return
+        await self._cached(request, writer, route, started)
+
+    async def _cached(self, request, writer, route: Route, started: float) -> None:
+        hmap = request.hmap
+        entry = self.cache.lookup(route.key, hmap)
+        now = time.time()
+        only_if_cached = "only-if-cached" in policy.parse_cache_control(hmap.get("cache-control"))
+        if entry is not None:
+            verdict = policy.evaluate(entry.freshness, hmap, now)
+            if verdict in (policy.Verdict.FRESH, policy.Verdict.STALE_OK):
+                await self._deliver_entry(request, writer, route, entry, "hit", started)
+                return
+            if verdict is policy.Verdict.STALE_WHILE_REVALIDATE:
+                self.fetcher.background_refresh(request, route, entry)
+                await self._deliver_entry(request, writer, route, entry, "hit-stale", started,
+                                          f"{self.node}; hit; detail=stale-while-revalidate")
+                return
+        if only_if_cached:
+            await self._error(request, writer, 504, "not in cache (only-if-cached)", started)
+            return
+        await self.fetcher.serve_from_origin(request, writer, route, entry, started)
+
+    async def _deliver_entry(self, request, writer, route: Route, entry: CacheEntry, result: str,
+                             started: float, cache_status: str | None = None) -> None:
+        entry_for_client = self._encoded_variant(entry, route, request.hmap) or entry
+        now = time.time()
+        out = self._entry_response(entry_for_client, request, route, now, result, cache_status)
+        if out is None:  # disk body evicted under us: fetch again
+            await self.fetcher.serve_from_origin(request, writer, route, None, started)
+            return
+        status, response, sent = out
+        writer.started = True
+        writer.status = status
+        if isinstance(response, FileResponse):
+            writer._proto.write_raw(response.head)
+            try:
+                await writer._proto.sendfile(response.fd, response.offset, response.count)
+            finally:
+                import os
+
+                os.close(response.fd)
+        else:
+            writer._proto.write_raw(response)
+        writer.finished = True
+        writer.bytes_sent = sent
+        if b"Connection: close" in (response.head if isinstance(response, FileResponse)
+                                    else response[:4096]):
+            writer.keep_alive = False
+        self._log(request, status, sent, result, started)
+
+    async def _send_bytes(self, writer: ResponseWriter, data: bytes) -> None:
+        writer.started = writer.finished = True
+        writer._proto.write_raw(data)
+
+    async def _error(self, request, writer, status: int, message: str, started: float) -> None:
+        await self._send_bytes(writer, simple_response(status, f"{message}\n".encode()))
+        self._log(request, status, 0, "error", started)
+
+    # ----- pass-through ----------------------------------------------------------------------------
+    async def _proxy(self, request, writer: ResponseWriter, route: Route, started: float) -> None:
+        """Forward a request that must not be cached, bodies streamed both ways."""
+        headers = proxy_request_headers(request, route, conditional=True)
+        body = request.body
+        result = "bypass" if request.method in CACHEABLE_METHODS else "pass"
+        t0 = time.perf_counter()
+        try:
+            response, _ = await route.origins.request(request.method, request.target, headers,
+                                                      body if body is not None else None)
+        except UpstreamError as exc:
+            self.metrics.origin_errors += 1
+            await self._error(request, writer, exc.status, f"origin unavailable: {exc}", started)
+            return
+        self.metrics.origin_latency(time.perf_counter() - t0)
+        fwd = "bypass" if result == "bypass" else "method"
+        out_headers = response_headers_for_client(response.headers, route.plan)
+        out_headers.append(("Cache-Status", f"{self.node}; fwd={fwd}"))
+        length = _field(response.headers, "content-length")
+        writer.start(response.status, out_headers, reason=response.reason,
+                     content_length=int(length) if length and length.isdigit() else None)
+        try:
+            async for chunk in response:
+                await writer.write(chunk)
+        except UpstreamError:
+            response.close()
+            writer.keep_alive = False
+            raise ConnectionResetError("origin broke mid-body") from None
+        response.release()
+        if request.method not in SAFE_METHODS and response.status < 400:
+            self._invalidate(request, response.headers)
+        self._log(request, response.status, writer.bytes_sent, result, started)
+
+    def _invalidate(self, request, response_headers) -> None:
+        """RFC 9111 §4.4: the target URI and same-host Location/Content-Location."""
+        targets = [request.target]
+        for name in ("location", "content-location"):
+            value = _field(response_headers, name)
+            if value:
+                targets.append(value)
+        for target in targets:
+            if "://" in target:
+                host = target.split("://", 1)[1].split("/", 1)[0].split(":")[0].lower()
+                if host != request.host:
+                    continue
+                target = "/" + target.split("://", 1)[1].partition("/")[2]
+            path, _, query = target.partition("?")
+            self.cache.invalidate(keys.cache_key(request.host, path, query))
+            self.cache.invalidate(keys.cache_key(request.host, path, query, sort_query=True))
+
+    # ----- reporting ----------------------------------------------------------------------------------
+    def _log(self, request, status, sent: int, result: str, started: float) -> None:
+        status = int(status)
+        self.metrics.count(result, status, sent)
+        if self.access_log.enabled:
+            self.access_log.write(request.client, request.method, request.host, request.target,
+                                  status, sent, result, time.perf_counter() - started)
+
+    def report_error(self, request, exc: BaseException) -> None:
+        log.error("error serving %s %s: %r", request.method, request.target, exc, exc_info=exc)
+
+    def report_protocol_error(self, client: str, status: int, message: str) -> None:
+        self.metrics.count("error", status, 0)
+        if self.access_log.enabled:
+            self.access_log.write(client, "-", "-", "-", status, 0, "error", 0.0)
+
+    # helpers used by the fetcher
+    def deliver_head_extra(self, request, cache_status: str, upstream_headers) -> bytes:
+        return cache_status_value(upstream_headers, cache_status) + connection_field(
+            request.version, request.hmap.get("connection"))
+
+    def new_request_id(self) -> str:
+        return uuid.uuid4().hex[:16]
+
+
+def _field(headers, name: str) -> str | None:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def _suffixed_etag(etag: str, encoding: str) -> str:
+    if etag.endswith('"'):
+        return f'{etag[:-1]}-{encoding}"'
+    return etag
+
+
+def _with_vary_ae(entry: CacheEntry) -> CacheEntry:
+    """Identity responses of compressible types still say Vary: Accept-Encoding."""
+    if not any(n.lower() == "vary" and "accept-encoding" in v.lower() for n, v in entry.headers):
+        entry.headers = add_vary(entry.headers, "Accept-Encoding")
+        entry.rendered = None
+    return entry
+
+
+def _same_origins(old_service, new_service) -> bool:
+    return [o.url for o in old_service.origins] == [o.url for o in new_service.origins] and \
+        old_service.health_check == new_service.health_check

@@ -1,0 +1,349 @@
+"""The fetch and store phases: collapsed cache fills from the origin.
+
+One :class:`~verge.edge.fill.Fill` per cache key is in flight at a time. The first request
+that misses (or finds a stale entry needing revalidation) starts the fill as its own task;
+concurrent requests for the key wait for the fill's head and then read the same body. The
+fill task outlives any client, so a disconnect never leaves a half-filled object: either
+the whole body is committed (disk rename, then memory) or nothing is.
+
+Revalidation sends the stored validators; a 304 refreshes the stored headers (§4.3.4) and
+everyone is answered from the entry. On origin failure a stale entry is served when
+stale-if-error allows it, else 502/504 with a clear body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from verge.cache import policy
+from verge.cache.store import CacheEntry, tags_of
+from verge.edge.compress import Compressor, choose_encoding, is_compressible
+from verge.edge.deliver import HeaderPlan, add_vary, apply_plan, storable_headers
+from verge.edge.fill import Fill, FillAborted, FillHead
+from verge.http.client import UpstreamError
+from verge.http.message import HOP_BY_HOP, header_map, strip_hop_by_hop
+from verge.http.ranges import Unsatisfiable, content_range, parse_range
+
+if TYPE_CHECKING:
+    from verge.edge.app import EdgeApp, Route
+
+log = logging.getLogger("verge.fetch")
+
+# Request fields not sent on a cache fill: the edge wants the full, unconditional object.
+FILL_DROP = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
+                       "if-range", "range"})
+
+
+def proxy_request_headers(request, route: Route, *, conditional: bool) -> list[tuple[str, str]]:
+    """Client request headers as sent to the origin: hop-by-hop removed, rules applied."""
+    headers = strip_hop_by_hop(request.headers)
+    if not conditional:
+        headers = [(n, v) for n, v in headers if n.lower() not in FILL_DROP]
+    service, rule = route.service, route.rule
+    remove = {n.lower() for n in service.headers.request_remove}
+    add = dict(service.headers.request_add)
+    if rule is not None:
+        remove |= {n.lower() for n in rule.headers.request_remove}
+        add.update(rule.headers.request_add)
+        if rule.ignore_cookies:
+            remove.add("cookie")
+    remove |= {n.lower() for n in add}
+    headers = [(n, v) for n, v in headers if n.lower() not in remove]
+    headers.extend(add.items())
+    forwarded = request.hmap.get("x-forwarded-for")
+    client = request.client or "unknown"
+    headers = [(n, v) for n, v in headers if n.lower() != "x-forwarded-for"]
+    headers.append(("X-Forwarded-For", f"{forwarded}, {client}" if forwarded else client))
+    via = request.hmap.get("via")
+    headers = [(n, v) for n, v in headers if n.lower() != "via"]
+    headers.append(("Via", f"{via}, 1.1 verge" if via else "1.1 verge"))
+    return headers
+
+
+def response_headers_for_client(headers, plan: HeaderPlan) -> list[tuple[str, str]]:
+    """Origin response headers minus hop-by-hop and framing, with the plan's edits."""
+    drop = HOP_BY_HOP | {"content-length"}
+    return apply_plan([(n, v) for n, v in headers if n.lower() not in drop], plan)
+
+
+class Fetcher:
+    def __init__(self, app: EdgeApp) -> None:
+        self.app = app
+        self.fills: dict[str, Fill] = {}
+
+    # ----- entry points ----------------------------------------------------------------------
+    async def serve_from_origin(self, request, writer, route: Route, stale: CacheEntry | None,
+                                started: float) -> None:
+        """Answer a miss or a stale hit: join or start the key's fill, then deliver."""
+        fill = self.fills.get(route.key)
+        collapsed = fill is not None
+        if fill is None:
+            fill = self._start_fill(request, route, stale)
+        head = await asyncio.shield(fill.head)
+        if collapsed and not self._can_share(head, request):
+            await self._own_fetch(request, writer, route, started)
+            return
+        await self._deliver_head(request, writer, route, fill, head, collapsed, started)
+
+    def background_refresh(self, request, route: Route, stale: CacheEntry) -> None:
+        """stale-while-revalidate: refresh without a waiting client (collapsed as usual)."""
+        if route.key not in self.fills:
+            fill = self._start_fill(request, route, stale)
+            fill.head.add_done_callback(lambda f: _discard_uncacheable(f))
+
+    # ----- fills ---------------------------------------------------------------------------------
+    def _start_fill(self, request, route: Route, stale: CacheEntry | None) -> Fill:
+        fill = Fill(route.key, self.app.cache.max_memory_object)
+        self.fills[route.key] = fill
+        task = asyncio.get_running_loop().create_task(self._run_fill(fill, request, route, stale))
+        task.add_done_callback(lambda t: self._fill_done(fill, t))
+        return fill
+
+    def _fill_done(self, fill: Fill, task: asyncio.Task) -> None:
+        if self.fills.get(fill.key) is fill:
+            del self.fills[fill.key]
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("cache fill for %r failed: %r", fill.key, exc, exc_info=exc)
+            if not fill.done:
+                fill.fail(exc)
+
+    async def _run_fill(self, fill: Fill, request, route: Route, stale: CacheEntry | None) -> None:
+        app = self.app
+        headers = proxy_request_headers(request, route, conditional=False)
+        if stale is not None:
+            headers.extend(policy.revalidation_headers(stale.freshness))
+        request_time = time.time()
+        t0 = time.perf_counter()
+        try:
+            response, _ = await route.origins.request("GET", request.target, headers)
+        except UpstreamError as exc:
+            app.metrics.origin_errors += 1
+            self._origin_failed(fill, request, stale, exc, exc.status)
+            return
+        app.metrics.origin_latency(time.perf_counter() - t0)
+        response_time = time.time()
+        if stale is not None and response.status == 304:
+            await self._refreshed(fill, request, route, stale, response, request_time, response_time)
+            return
+        if stale is not None and response.status >= 500 and \
+                policy.stale_if_error_ok(stale.freshness, request.hmap, response_time):
+            response.close()
+            self._origin_failed(fill, request, stale, None, response.status)
+            return
+        freshness = None
+        if route.strip_cookies or not any(n.lower() == "set-cookie" for n, _ in response.headers):
+            freshness = policy.analyze(
+                method="GET", status=response.status, request_headers=request.hmap,
+                response_headers=header_map(response.headers), request_time=request_time,
+                response_time=response_time, rule_ttl=route.rule_ttl,
+                rule_override=route.rule_override,
+                heuristic_fraction=app.config.cache.heuristic_fraction,
+                heuristic_max=app.config.cache.heuristic_max,
+            )
+        if freshness is None:
+            fill.set_head(FillHead("uncacheable", response.status, response.reason,
+                                   response.headers, response=response,
+                                   cache_status=f"{app.node}; fwd={'stale' if stale else 'miss'}"
+                                   + (f"; fwd-status={response.status}" if stale else "")))
+            fill.finish(None)
+            return
+        await self._store(fill, request, route, response, freshness, stale)
+
+    def _origin_failed(self, fill: Fill, request, stale, exc, status: int) -> None:
+        now = time.time()
+        if stale is not None and policy.stale_if_error_ok(stale.freshness, request.hmap, now):
+            fill.set_head(FillHead("entry", entry=stale,
+                                   cache_status=f"{self.app.node}; hit; detail=stale-if-error"))
+            fill.finish(None)
+            return
+        fill.fail(exc or UpstreamError(f"origin answered {status}"))
+
+    async def _refreshed(self, fill, request, route, stale: CacheEntry, response,
+                         request_time: float, response_time: float) -> None:
+        """A 304 to our revalidation: merge headers, renew freshness, serve the entry."""
+        response.release()
+        merged = policy.merge_304(stale.headers, storable_headers(response.headers, route.strip_cookies))
+        freshness = policy.analyze(
+            method="GET", status=stale.status, request_headers=request.hmap,
+            response_headers=header_map(merged), request_time=request_time,
+            response_time=response_time, rule_ttl=route.rule_ttl, rule_override=route.rule_override,
+        )
+        if freshness is not None:
+            self.app.cache.refresh(stale, merged, freshness)
+        fill.set_head(FillHead("entry", entry=stale,
+                               cache_status=f"{self.app.node}; fwd=stale; fwd-status=304"))
+        fill.finish(stale)
+
+    async def _store(self, fill: Fill, request, route: Route, response, freshness, stale) -> None:
+        """Stream the body into the fill (disk + memory) and index it when complete."""
+        app = self.app
+        cache = app.cache
+        variant = policy.secondary_key(freshness.vary, request.hmap)
+        headers = storable_headers(response.headers, route.strip_cookies)
+        length = _content_length(response.headers)
+        writer = cache.disk.writer(route.key, variant)
+        fill.attach_writer(writer)
+        fwd = "stale" if stale is not None else "miss"
+        status_note = f"; fwd-status={response.status}" if stale is not None else ""
+        fill.set_head(FillHead("stream", response.status, response.reason, headers, variant,
+                               freshness.vary, length,
+                               cache_status=f"{app.node}; fwd={fwd}{status_note}; stored"))
+        try:
+            async for chunk in response:
+                fill.append(chunk)
+        except (UpstreamError, OSError) as exc:
+            writer.abort()
+            response.close()
+            fill.fail(exc)
+            return
+        response.release()
+        entry = CacheEntry(
+            key=route.key, variant=variant, status=response.status, reason=response.reason,
+            headers=headers, freshness=freshness, tags=tags_of(headers), body_size=fill.size,
+        )
+        try:
+            entry.disk = writer.commit(entry.to_meta(), entry.tags)
+        except OSError as exc:
+            log.error("could not store %r on disk: %r", route.key, exc)
+            writer.abort()
+        if fill.size <= cache.max_memory_object:
+            entry.body = fill.buffered
+        if entry.body is not None or entry.disk is not None:
+            cache.put(entry, freshness.vary)
+        fill.finish(entry)
+
+    def _can_share(self, head: FillHead, request) -> bool:
+        if head.kind in ("uncacheable",):
+            return False
+        if head.kind == "stream":
+            return policy.secondary_key(head.vary, request.hmap) == head.variant
+        return True
+
+    async def _own_fetch(self, request, writer, route: Route, started: float) -> None:
+        """A waiter that cannot use the collapsed response fetches on its own (uncollapsed)."""
+        fill = Fill(route.key, self.app.cache.max_memory_object)
+        await self._run_fill(fill, request, route, None)
+        await self._deliver_head(request, writer, route, fill, fill.head.result(), False, started)
+
+    # ----- delivery of a fill's outcome -------------------------------------------------------------
+    async def _deliver_head(self, request, writer, route: Route, fill: Fill, head: FillHead,
+                            collapsed: bool, started: float) -> None:
+        app = self.app
+        if head.kind == "error":
+            exc = head.error
+            status = getattr(exc, "status", 502)
+            await app._error(request, writer, status, f"origin unavailable: {exc}", started)
+            return
+        if head.kind == "entry":
+            await app._deliver_entry(request, writer, route, head.entry,
+                                     "hit-stale" if "stale-if-error" in head.cache_status
+                                     else "revalidated", started, head.cache_status)
+            return
+        if head.kind == "uncacheable":
+            await self._pass_response(request, writer, route, head, started)
+            return
+        if fill.done and fill.entry is not None and fill.error is None:
+            # completed already (a collapsed waiter arriving late): deliver like a hit
+            await app._deliver_entry(request, writer, route, fill.entry, "collapsed" if collapsed
+                                     else "miss", started,
+                                     head.cache_status + ("; collapsed" if collapsed else ""))
+            return
+        await self._stream_fill(request, writer, route, fill, head, collapsed, started)
+
+    async def _stream_fill(self, request, writer, route: Route, fill: Fill, head: FillHead,
+                           collapsed: bool, started: float) -> None:
+        app = self.app
+        cache_status = head.cache_status + ("; collapsed" if collapsed else "")
+        headers = apply_plan(head.headers, route.plan)
+        status, start, end, length = head.status, 0, None, head.total
+        settings = app.compression
+        encoding = None
+        content_type = _first(head.headers, "content-type")
+        compressible = (settings.enabled and status == 200
+                        and _first(head.headers, "content-encoding") is None
+                        and is_compressible(content_type, settings.types))
+        if compressible:
+            headers = add_vary(headers, "Accept-Encoding")
+        range_header = request.hmap.get("range")
+        if range_header and status == 200 and length is not None:
+            try:
+                span = parse_range(range_header, length)
+            except Unsatisfiable:
+                headers.append(("Content-Range", f"bytes */{length}"))
+                headers.append(("Cache-Status", cache_status))
+                writer.start(416, headers, content_length=0)
+                app._log(request, 416, 0, "miss", started)
+                return
+            if span is not None:
+                start, end = span[0], span[1] + 1
+                status, length = 206, end - start
+                headers.append(("Content-Range", content_range(span[0], span[1], head.total)))
+        elif compressible and not range_header and (length is None or length >= settings.min_bytes):
+            encoding = choose_encoding(request.hmap.get("accept-encoding"), settings.algorithms)
+        headers.append(("Age", "0"))
+        headers.append(("Cache-Status", cache_status))
+        compressor = None
+        if encoding is not None:
+            compressor = Compressor(encoding)
+            headers.append(("Content-Encoding", encoding))
+            headers = [(n, v) for n, v in headers if n.lower() != "etag"]
+            length = None
+        writer.start(status, headers, content_length=length, reason=head.reason if status == head.status else None)
+        result = "collapsed" if collapsed else "miss"
+        if request.method != "HEAD":
+            try:
+                async for chunk in fill.stream(start, end):
+                    await writer.write(compressor.compress(chunk) if compressor else chunk)
+                if compressor is not None:
+                    await writer.write(compressor.finish())
+            except FillAborted:
+                writer.keep_alive = False
+                app._log(request, status, writer.bytes_sent, result, started)
+                raise ConnectionResetError("origin broke mid-body") from None
+        app._log(request, status, writer.bytes_sent, result, started)
+
+    async def _pass_response(self, request, writer, route: Route, head: FillHead,
+                             started: float) -> None:
+        """Stream an uncacheable origin response to its one client."""
+        response = head.response
+        headers = response_headers_for_client(response.headers, route.plan)
+        headers.append(("Cache-Status", head.cache_status))
+        length = _content_length(response.headers)
+        writer.start(response.status, headers, content_length=length, reason=response.reason)
+        if request.method == "HEAD":
+            response.close()
+        else:
+            try:
+                async for chunk in response:
+                    await writer.write(chunk)
+            except UpstreamError:
+                response.close()
+                writer.keep_alive = False
+                raise ConnectionResetError("origin broke mid-body") from None
+            response.release()
+        self.app._log(request, response.status, writer.bytes_sent, "miss", started)
+
+
+def _discard_uncacheable(fut: asyncio.Future) -> None:
+    """A background refresh has no client to stream an uncacheable response to."""
+    if fut.cancelled():
+        return
+    head = fut.result()
+    if head.kind == "uncacheable" and head.response is not None:
+        head.response.close()
+
+
+def _first(headers, name: str) -> str | None:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def _content_length(headers) -> int | None:
+    value = _first(headers, "content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None

@@ -1,0 +1,230 @@
+"""The edge node supervisor: starts the workers, serves the admin port, fans out purges.
+
+``verge edge`` runs this process. It checks the listen address, starts N worker processes
+(each binds the same port with SO_REUSEPORT and runs :mod:`verge.edge.worker`), restarts a
+worker that dies, and runs the admin HTTP server (purge, metrics, health, config reload).
+Things that must happen once per node happen here: purging the shared disk tier and
+enforcing its byte bound. Things that are per worker (memory tiers, counters, config) are
+reached over each worker's control channel, so a purge or a config change reaches every
+worker before the admin call returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import uvloop
+
+from verge.cache.disk import DiskStore
+from verge.cache.store import TieredCache
+from verge.config import Config, ConfigError, load_config
+from verge.edge.admin import AdminApp
+from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
+
+log = logging.getLogger("verge.node")
+
+
+@dataclass
+class NodeOptions:
+    listen_host: str
+    listen_port: int
+    admin_host: str
+    admin_port: int
+    admin_token: str
+    cache_dir: str
+    workers: int
+    config_path: str | None = None
+    origin: str | None = None
+    access_log: str | None = None
+    node: str = "verge"
+
+    def public(self) -> dict:
+        """Options as sent to workers (the admin token stays in the supervisor)."""
+        data = asdict(self)
+        data.pop("admin_token")
+        return data
+
+
+class WorkerHandle:
+    """The supervisor's side of one worker: process + control channel."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: subprocess.Popen | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.lock = asyncio.Lock()
+        self.started_at = 0.0
+
+    async def start(self, init: dict) -> None:
+        parent, child = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "verge.edge.worker", "--fd", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+        )
+        child.close()
+        self.started_at = time.monotonic()
+        parent.setblocking(False)
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        self.writer.write(json.dumps(init).encode() + b"\n")
+        ready = await asyncio.wait_for(self.reader.readline(), 30)
+        if not ready:
+            raise RuntimeError(f"worker {self.index} exited during start-up")
+
+    async def call(self, msg: dict, timeout: float = 10.0) -> dict:
+        async with self.lock:
+            self.writer.write(json.dumps(msg).encode() + b"\n")
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            raise ConnectionError(f"worker {self.index} is gone")
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class Node:
+    def __init__(self, options: NodeOptions, config: Config) -> None:
+        self.options = options
+        self.config = config
+        self.workers = [WorkerHandle(i) for i in range(options.workers)]
+        self._stopping = asyncio.Event()
+
+    def init_payload(self, index: int) -> dict:
+        return {"index": index, "options": self.options.public(),
+                "config": self.config.model_dump(mode="json")}
+
+    async def run(self) -> None:
+        Path(self.options.cache_dir).mkdir(parents=True, exist_ok=True)
+        self.disk = DiskStore(self.options.cache_dir, self.config.cache.disk_bytes)
+        await asyncio.gather(*(w.start(self.init_payload(w.index)) for w in self.workers))
+        admin_sock = reuseport_socket(self.options.admin_host, self.options.admin_port)
+        admin = AdminApp(self)
+        await serve(admin, admin_sock, ServerLimits(max_body_bytes=1 << 20))
+        loop = asyncio.get_running_loop()
+        loop.create_task(sweep_forever())
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        log.warning("verge edge listening on http://%s:%d (admin http://%s:%d, %d workers)",
+                    self.options.listen_host, self.options.listen_port, self.options.admin_host,
+                    self.options.admin_port, len(self.workers))
+        print(f"verge edge ready: http://{self.options.listen_host}:{self.options.listen_port} "
+              f"admin http://{self.options.admin_host}:{self.options.admin_port}", flush=True)
+        watchdog = loop.create_task(self._watch_workers())
+        janitor = loop.create_task(self._janitor())
+        await self._stopping.wait()
+        watchdog.cancel()
+        janitor.cancel()
+        for worker in self.workers:
+            worker.stop()
+        self.disk.close()
+
+    async def _watch_workers(self) -> None:
+        """Restart any worker that died (crash, OOM kill), with a small back-off."""
+        while True:
+            await asyncio.sleep(0.5)
+            for worker in self.workers:
+                if not worker.alive() and not self._stopping.is_set():
+                    code = worker.process.returncode if worker.process else None
+                    log.error("worker %d exited (%s); restarting", worker.index, code)
+                    if time.monotonic() - worker.started_at < 1.0:
+                        await asyncio.sleep(1.0)
+                    with contextlib.suppress(Exception):
+                        await worker.start(self.init_payload(worker.index))
+
+    async def _janitor(self) -> None:
+        """Keep the shared disk tier within its byte bound."""
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                self.disk.enforce_capacity()
+            except Exception:
+                log.exception("disk capacity enforcement failed")
+
+    # ----- operations used by the admin API ------------------------------------------------------
+    async def broadcast(self, msg: dict) -> list[dict]:
+        results = []
+        for worker in self.workers:
+            try:
+                results.append(await worker.call(msg))
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                results.append({"ok": False, "error": str(exc)})
+        return results
+
+    async def purge(self, targets: list[tuple[str, str]], soft: bool) -> dict:
+        """Disk once, then every worker's memory; returns counts."""
+        disk_count = 0
+        helper = TieredCache.__new__(TieredCache)  # disk-only view, no memory tier
+        helper.disk = self.disk
+        for kind, value in targets:
+            disk_count += TieredCache.purge_disk(helper, kind, value, soft)
+        replies = await self.broadcast({"op": "purge", "targets": targets, "soft": soft})
+        memory = sum(r.get("count", 0) for r in replies)
+        failed = [r["error"] for r in replies if not r.get("ok")]
+        return {"ok": not failed, "disk": disk_count, "memory": memory, "errors": failed,
+                "workers": len(replies)}
+
+    async def stats(self) -> list[dict]:
+        replies = await self.broadcast({"op": "stats"})
+        return [r["stats"] for r in replies if r.get("ok")]
+
+    async def reload(self) -> dict:
+        """Re-read the config file; a bad file leaves the running config in force."""
+        try:
+            config = build_config(self.options)
+        except ConfigError as exc:
+            log.error("config reload rejected: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        self.config = config
+        replies = await self.broadcast({"op": "config", "config": config.model_dump(mode="json")})
+        return {"ok": all(r.get("ok") for r in replies), "workers": len(replies)}
+
+
+def build_config(options: NodeOptions) -> Config:
+    config = load_config(options.config_path)
+    if options.origin:
+        from verge.config import config_for_origin
+
+        config = config_for_origin(options.origin, config)
+    return config
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast with a clear message when the address is taken (before starting workers)."""
+    sock = reuseport_socket(host, port)
+    sock.close()
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    finally:
+        probe.close()
+
+
+def run_node(options: NodeOptions, config: Config) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    uvloop.run(Node(options, config).run())

@@ -1,0 +1,151 @@
+"""An edge worker process: one event loop serving the shared port (SO_REUSEPORT).
+
+Started by the node supervisor (:mod:`verge.edge.node`) as ``python -m verge.edge.worker
+--fd N``: a fresh interpreter rather than a fork, so no event loop, SQLite connection or
+thread state leaks from the parent. File descriptor N is the worker's end of a socketpair;
+the supervisor sends one JSON line per command (init, purge, stats, config) and the worker
+answers each with one JSON line. When the supervisor goes away, the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+
+from verge.cache.disk import DiskStore
+from verge.cache.memory import MemoryStore
+from verge.cache.store import TieredCache
+from verge.config import Config
+from verge.edge.app import EdgeApp
+from verge.http.client import OriginPool
+from verge.http.server import CLOCK, ServerLimits, reuseport_socket, serve, sweep_forever
+from verge.observe.accesslog import AccessLog
+from verge.observe.metrics import EdgeMetrics
+
+log = logging.getLogger("verge.worker")
+
+
+def server_limits(config: Config) -> ServerLimits:
+    limits = config.limits
+    return ServerLimits(
+        max_header_bytes=limits.max_header_bytes,
+        max_url_bytes=limits.max_url_bytes,
+        max_body_bytes=limits.max_body_bytes,
+        header_timeout=limits.header_timeout,
+        keepalive_timeout=limits.keepalive_timeout,
+        body_timeout=limits.body_timeout,
+    )
+
+
+class Worker:
+    def __init__(self, init: dict) -> None:
+        self.index = init["index"]
+        self.options = init["options"]
+        config = Config.model_validate(init["config"])
+        workers = max(1, self.options["workers"])
+        cache_settings = config.cache
+        memory = MemoryStore(cache_settings.memory_bytes // workers, cache_settings.eviction,
+                             max_object_bytes=cache_settings.max_memory_object_bytes)
+        self.disk = DiskStore(self.options["cache_dir"], cache_settings.disk_bytes)
+        cache = TieredCache(memory, self.disk, cache_settings.max_memory_object_bytes)
+        timeouts = config.origin_timeouts
+        self.pool = OriginPool(connect_timeout=timeouts.connect,
+                               first_byte_timeout=timeouts.first_byte, idle_timeout=timeouts.idle)
+        self.metrics = EdgeMetrics()
+        self.access_log = AccessLog(self.options.get("access_log"))
+        self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
+                           access_log=self.access_log, node=self.options.get("node", "verge"))
+        self.limits = server_limits(config)
+
+    async def run(self, ctrl: socket.socket) -> None:
+        host, port = self.options["listen_host"], self.options["listen_port"]
+        sock = reuseport_socket(host, port)
+        self.server = await serve(self.app, sock, self.limits)
+        self.app.start()
+        loop = asyncio.get_running_loop()
+        loop.create_task(sweep_forever())
+        loop.create_task(self._housekeeping())
+        reader, writer = await asyncio.open_unix_connection(sock=ctrl)
+        writer.write(b'{"ok": true, "ready": true}\n')
+        while True:
+            line = await reader.readline()
+            if not line:
+                return  # supervisor gone
+            try:
+                reply = self.command(json.loads(line))
+            except Exception as exc:  # a bad command must not kill the worker
+                log.exception("control command failed")
+                reply = {"ok": False, "error": str(exc)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+
+    def command(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "purge":
+            count = sum(self.app.cache.purge_memory(kind, value, bool(msg.get("soft")))
+                        for kind, value in msg["targets"])
+            return {"ok": True, "count": count}
+        if op == "stats":
+            snap = self.metrics.snapshot()
+            snap.update(self.app.cache.stats())
+            snap["connections"] = len(self.server.sockets) and _connection_count()
+            return {"ok": True, "stats": snap}
+        if op == "config":
+            config = Config.model_validate(msg["config"])
+            self.app.apply_config(config)
+            self.app.start()
+            return {"ok": True, "generation": self.app.generation}
+        if op == "ping":
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.access_log.flush()
+            with contextlib.suppress(Exception):
+                self.disk.touch_flush() if hasattr(self.disk, "touch_flush") else None
+
+
+def _connection_count() -> int:
+    from verge.http.server import HttpServerProtocol
+
+    return len(HttpServerProtocol.connections)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="verge edge worker (started by `verge edge`)")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s",
+                        stream=sys.stderr)
+    ctrl = socket.socket(fileno=args.fd)
+    # the first line is the init payload
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = ctrl.recv(1 << 20)
+        if not chunk:
+            return
+        data += chunk
+    init = json.loads(data)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    CLOCK.tick()
+    worker = Worker(init)
+    ctrl.setblocking(False)
+    try:
+        uvloop.run(worker.run(ctrl))
+    finally:
+        worker.access_log.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Edge metrics: plain counters on the hot path, Prometheus text on the admin port.
+
+Why not prometheus_client's Counter objects in the workers: each ``inc()`` takes a lock and
+its multiprocess mode writes mmap files, which costs more than the rest of a cache hit.
+Workers count in plain ints; the supervisor collects a snapshot from each worker over its
+control channel, sums them, and renders them with prometheus_client's exposition code.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EdgeMetrics:
+    """Counters of one worker process."""
+
+    __slots__ = ("requests", "bytes_sent", "origin_requests", "origin_errors", "_latency",
+                 "_latency_sum")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}  # (cache result, status) -> count
+        self.bytes_sent = 0
+        self.origin_requests = 0
+        self.origin_errors = 0
+        self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+
+    def count(self, result: str, status: int, sent: int) -> None:
+        key = (result, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.bytes_sent += sent
+
+    def origin_latency(self, seconds: float) -> None:
+        self.origin_requests += 1
+        self._latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum += seconds
+
+    def snapshot(self) -> dict:
+        return {
+            "requests": [[r, s, n] for (r, s), n in self.requests.items()],
+            "bytes_sent": self.bytes_sent,
+            "origin_requests": self.origin_requests,
+            "origin_errors": self.origin_errors,
+            "latency": list(self._latency),
+            "latency_sum": self._latency_sum,
+        }
+
+
+def merge(snapshots: Iterable[dict]) -> dict:
+    """Sum worker snapshots into one."""
+    total = EdgeMetrics().snapshot()
+    requests: dict[tuple[str, int], int] = {}
+    for snap in snapshots:
+        for result, status, n in snap["requests"]:
+            requests[(result, status)] = requests.get((result, status), 0) + n
+        for name in ("bytes_sent", "origin_requests", "origin_errors", "latency_sum"):
+            total[name] += snap[name]
+        total["latency"] = [a + b for a, b in zip(total["latency"], snap["latency"], strict=True)]
+    total["requests"] = [[r, s, n] for (r, s), n in sorted(requests.items())]
+    return total
+
+
+class _SnapshotCollector:
+    def __init__(self, snap: dict, gauges: dict[str, float]) -> None:
+        self.snap = snap
+        self.gauges = gauges
+
+    def collect(self):
+        snap = self.snap
+        requests = CounterMetricFamily(
+            "verge_requests", "Client requests by cache result and status",
+            labels=["cache", "status"],
+        )
+        results: dict[str, int] = {}
+        for result, status, n in snap["requests"]:
+            requests.add_metric([result, str(status)], n)
+            results[result] = results.get(result, 0) + n
+        yield requests
+        hits = sum(n for r, n in results.items() if r.startswith("hit"))
+        yield CounterMetricFamily("verge_cache_hits", "Requests answered from cache", value=hits)
+        misses = sum(n for r, n in results.items() if r in ("miss", "collapsed", "stale"))
+        yield CounterMetricFamily("verge_cache_misses", "Requests that went to the origin for a cacheable object", value=misses)
+        yield CounterMetricFamily("verge_bytes_sent", "Response bytes sent to clients", value=snap["bytes_sent"])
+        yield CounterMetricFamily("verge_origin_errors", "Origin requests that failed", value=snap["origin_errors"])
+        buckets, running = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), snap["latency"], strict=True):
+            running += n
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+        yield HistogramMetricFamily(
+            "verge_origin_latency_seconds", "Time to the origin's response head",
+            buckets=buckets, sum_value=snap["latency_sum"],
+        )
+        for name, value in self.gauges.items():
+            yield GaugeMetricFamily(f"verge_{name}", name.replace("_", " "), value=value)
+
+
+def render(snapshot: dict, gauges: dict[str, float]) -> bytes:
+    """Prometheus text exposition of a merged snapshot plus gauges (cache sizes...)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot, gauges))
+    return generate_latest(registry)
