@@ -154,6 +154,11 @@ def _target_cell(cmp: dict[str, Any]) -> str:
     return "[dim]lower is better[/dim]" if not cmp["higher_is_better"] else ""
 
 
+def _bold_if(text: str, key: str, cmp: dict[str, Any]) -> str:
+    """Mark the nginx config that Verge is compared with."""
+    return f"[bold]{text}[/bold]" if key == cmp["nginx_best_config"] else text
+
+
 def hits_table(summary: dict[str, Any], contenders: Sequence[Contender], title: str) -> Table:
     """Main side-by-side table: pinned contenders, one row per size and metric."""
     shown = [c for c in contenders if c.pinned]
@@ -166,7 +171,9 @@ def hits_table(summary: dict[str, Any], contenders: Sequence[Contender], title: 
     medians = summary["medians"]
     for size, metric in table_rows():
         cmp = summary["comparisons"][size.key][metric]
-        cells = [_cell(medians.get(c.key, {}).get(size.key), metric) for c in shown]
+        cells = [
+            _bold_if(_cell(medians.get(c.key, {}).get(size.key), metric), c.key, cmp) for c in shown
+        ]
         label = f"{size.label} {METRIC_LABEL[metric]}"
         table.add_row(label, *cells, _ratio_cell(cmp), _target_cell(cmp))
     return table

@@ -110,6 +110,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
+def add_sbin_to_path() -> None:
+    """nginx lives in /usr/sbin, which a non-root user's PATH often lacks."""
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join(
+        [*path, *(d for d in ("/usr/sbin", "/sbin") if d not in path)]
+    )
+
+
 def missing_tools(opts: argparse.Namespace) -> list[str]:
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if opts.only != "nginx" and not os.access(opts.verge_bin, os.X_OK):
@@ -413,9 +421,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         summary = build_summary(
             samples, contenders, memory, collect_warnings(samples, origin_hits, cpus)
         )
+        placement = (
+            f"servers on CPU {cpus.server}, wrk on CPU {cpus.wrk}" if cpus.pinned else "NOT pinned"
+        )
         title = (
             f"Cache hits, median of {opts.rounds} round(s) × {opts.duration:g}s, "
-            f"{opts.connections} connections; servers on CPU {cpus.server}, wrk on CPU {cpus.wrk}"
+            f"{opts.connections} connections; {placement}"
         )
         print_report(console, summary, contenders, title)
         return {
@@ -428,6 +439,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
+    add_sbin_to_path()
     missing = missing_tools(opts)
     if missing:
         console.print(f"[red]missing:[/red] {', '.join(missing)}; run `bash bench/setup.sh`")

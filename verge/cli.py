@@ -16,6 +16,7 @@ app = typer.Typer(
     help="Verge: a self-hosted edge platform (CDN edge cache, streaming, edge compute).",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 

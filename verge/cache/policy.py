@@ -703,7 +703,7 @@ def _stale_verdict(f: Freshness, staleness: float, req: Mapping[str, str | None]
         limit = _delta_seconds(raw)
         if limit is not None and staleness <= limit:
             return Verdict.STALE_OK
-    if staleness <= f.stale_while_revalidate:
+    if f.stale_while_revalidate > 0.0 and staleness <= f.stale_while_revalidate:
         return Verdict.STALE_WHILE_REVALIDATE
     return Verdict.REVALIDATE
 
@@ -728,7 +728,7 @@ def stale_if_error_ok(
         requested = _delta_seconds(_parse_cc(raw).get("stale-if-error"))
         if requested is not None:
             window = max(window, requested)
-    return staleness <= window
+    return window > 0.0 and staleness <= window
 
 
 def only_if_cached(request_headers: Mapping[str, str]) -> bool:

@@ -16,8 +16,8 @@ import json
 from typing import TYPE_CHECKING
 
 from verge.cache import keys
-from verge.observe.metrics import merge, render
 from verge.http.server import simple_response
+from verge.observe.metrics import merge, render
 
 if TYPE_CHECKING:
     from verge.edge.node import Node

@@ -29,7 +29,6 @@ from verge.edge.deliver import (
     plan_delivery,
 )
 from verge.edge.fetch import Fetcher, proxy_request_headers, response_headers_for_client
-from verge.edge.fill import FillAborted
 from verge.edge.origins import OriginSet
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
@@ -40,6 +39,7 @@ log = logging.getLogger("verge.edge")
 
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+SERVABLE = (policy.Verdict.FRESH, policy.Verdict.STALE_OK)
 
 
 @dataclass(slots=True)
@@ -168,11 +168,10 @@ class EdgeApp:
         if entry is None:
             return None
         now = time.time()
-        if "cache-control" in hmap or "pragma" in hmap or entry.freshness.no_cache or \
-                now >= entry.freshness.fresh_until():
-            if policy.evaluate(entry.freshness, hmap, now) not in (
-                    policy.Verdict.FRESH, policy.Verdict.STALE_OK):
-                return None
+        needs_check = ("cache-control" in hmap or "pragma" in hmap or entry.freshness.no_cache
+                       or now >= entry.freshness.fresh_until())
+        if needs_check and policy.evaluate(entry.freshness, hmap, now) not in SERVABLE:
+            return None
         entry = self._encoded_variant(entry, route, hmap)
         if entry is None:
             return None
@@ -263,7 +262,7 @@ class EdgeApp:
         only_if_cached = "only-if-cached" in policy.parse_cache_control(hmap.get("cache-control"))
         if entry is not None:
             verdict = policy.evaluate(entry.freshness, hmap, now)
-            if verdict in (policy.Verdict.FRESH, policy.Verdict.STALE_OK):
+            if verdict in SERVABLE:
                 await self._deliver_entry(request, writer, route, entry, "hit", started)
                 return
             if verdict is policy.Verdict.STALE_WHILE_REVALIDATE:

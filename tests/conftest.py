@@ -1,0 +1,114 @@
+"""Shared fixtures: a programmable origin and real `verge edge` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.origin import origin_fixture
+
+origin = pytest.fixture(origin_fixture, name="origin")
+
+ROOT = Path(__file__).resolve().parent.parent
+VERGE = [sys.executable, "-m", "verge.cli"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EdgeProcess:
+    """`verge edge` as a child process, ready when it prints its ready line."""
+
+    def __init__(self, workdir: Path, *, origin_url: str | None = None, config: str | None = None,
+                 workers: int = 1, token: str = "test-token", access_log: bool = False) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.token = token
+        self.cache_dir = workdir / "cache"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.args = [*VERGE, "edge", "--listen", f"127.0.0.1:{self.port}",
+                     "--admin", f"127.0.0.1:{self.admin_port}", "--admin-token", token,
+                     "--cache-dir", str(self.cache_dir), "--workers", str(workers)]
+        if origin_url:
+            self.args += ["--origin", origin_url]
+        if config is not None:
+            path = workdir / "verge.yaml"
+            path.write_text(config)
+            self.args += ["--config", str(path)]
+        if access_log:
+            self.access_log = workdir / "access.log"
+            self.args += ["--access-log", str(self.access_log)]
+        self.proc: subprocess.Popen | None = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 30.0) -> EdgeProcess:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, cwd=self.workdir, start_new_session=True)
+        ready = threading.Event()
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if "verge edge ready" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("edge did not start:\n" + "".join(self.output))
+        return self
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10, **kw)
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.admin_url, timeout=10,
+                            headers={"Authorization": f"Bearer {self.token}"})
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group (supervisor and workers), as a crash would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def edge_factory(tmp_path):
+    started: list[EdgeProcess] = []
+
+    def make(**kw) -> EdgeProcess:
+        edge = EdgeProcess(tmp_path, **kw)
+        started.append(edge)
+        return edge.start()
+
+    yield make
+    for edge in started:
+        edge.stop()
+
+
+@pytest.fixture
+def edge(edge_factory, origin):
+    """One edge (one worker) in front of the test origin."""
+    return edge_factory(origin_url=origin.url)

@@ -1,0 +1,812 @@
+"""Disk tier of the edge cache: bounded in bytes, crash-safe, shared by a node's workers.
+
+Why it is built this way:
+
+* Objects are plain files so a worker can ``sendfile`` them. An object is a body file and
+  a small JSON *meta* file under ``objects/xx/yy/`` (from the sha256 of key and variant).
+  Both are written under a temp name and renamed into place, body first, and the meta
+  names its body and the body's size. So ``kill -9`` at any moment leaves at worst a temp
+  file or a body nobody names, never a meta pointing at half an object. A meta whose body
+  is missing or has the wrong size (power loss without fsync) counts as absent and is
+  removed.
+* Every write gets a fresh body file name. Replacing an object renames the new meta over
+  the old one and only then unlinks the old body, so a reader that holds the old body open
+  keeps reading it (Linux unlink semantics) and a meta's body never changes under it.
+* An SQLite index (WAL, one connection per process, ``root/index.db``) answers what files
+  cannot: purge by prefix or tag, Vary look-up, bytes used, LRU eviction. Meta files are
+  renamed or unlinked only while this process holds the index write lock, so index rows
+  and meta files change together and workers cannot interleave halves of two updates.
+* The meta files are the truth. Every process leaves a marker in ``procs/`` while it has
+  the directory open. The first process to open the directory (it alone gets an exclusive
+  ``flock``) sees markers of processes that died without closing, or a missing or corrupt
+  index, and then scans the tree: it re-indexes metas the index lost, drops rows whose
+  body is gone and deletes temp and orphan body files. After clean shutdowns it skips the
+  scan, so a normal start costs nothing per object.
+* Access times are buffered by :meth:`DiskStore.touch` and written in one transaction at
+  most once a second (or on :meth:`DiskStore.flush`), off the per-request path.
+
+All methods are synchronous local-disk calls meant for the worker's event-loop thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+META_FORMAT = 1
+TOUCH_FLUSH_INTERVAL = 1.0  # seconds between batched access-time writes
+BUSY_TIMEOUT_MS = 10_000
+
+_META = ".meta"
+_BODY = ".body"
+_BODY_TMP = ".tmp"
+_META_TMP = ".mtmp"
+_INDEX = "index.db"
+_LOCK = "lock"
+_PROCS = "procs"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS entries(
+    key TEXT NOT NULL, variant TEXT NOT NULL, body TEXT NOT NULL, size INTEGER NOT NULL,
+    stored REAL NOT NULL, atime REAL NOT NULL, PRIMARY KEY (key, variant)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime);
+CREATE TABLE IF NOT EXISTS tags(
+    tag TEXT NOT NULL, key TEXT NOT NULL, variant TEXT NOT NULL,
+    PRIMARY KEY (tag, key, variant)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_entry ON tags(key, variant);
+CREATE TABLE IF NOT EXISTS vary(key TEXT PRIMARY KEY, fields TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage(id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO usage VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS entries_add AFTER INSERT ON entries
+    BEGIN UPDATE usage SET bytes = bytes + NEW.size WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS entries_drop AFTER DELETE ON entries
+    BEGIN UPDATE usage SET bytes = bytes - OLD.size WHERE id = 1; END;
+CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size ON entries
+    BEGIN UPDATE usage SET bytes = bytes - OLD.size + NEW.size WHERE id = 1; END;
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+_UPSERT_ENTRY = """
+INSERT INTO entries (key, variant, body, size, stored, atime) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (key, variant) DO UPDATE SET
+    body = excluded.body, size = excluded.size, stored = excluded.stored, atime = excluded.atime
+"""
+
+
+@dataclass(slots=True)
+class DiskEntry:
+    """A complete object on disk, as found by :meth:`DiskStore.lookup` or a commit."""
+
+    key: str
+    variant: str
+    meta: dict
+    body_path: str
+    body_size: int
+
+    def open(self) -> int:
+        """A read-only fd on the body (for sendfile/pread); the caller closes it.
+
+        Raises FileNotFoundError if the object was replaced or removed since the look-up.
+        """
+        return os.open(self.body_path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+class DiskWriter:
+    """A body being written to a temp file; :meth:`commit` publishes it, :meth:`abort` drops it.
+
+    While the body arrives, readers may ``os.pread`` from :attr:`fd` up to :attr:`written`.
+    ``fd`` is closed by commit and abort; a reader that must outlive them takes its own fd
+    with :meth:`open` beforehand.
+    """
+
+    def __init__(self, store: DiskStore, key: str, variant: str) -> None:
+        self.key = key
+        self.variant = variant
+        self.written = 0
+        self._store = store
+        self._hash = object_hash(key, variant)
+        self._dir = store._object_dir(self._hash, create=True)
+        self._token = secrets.token_hex(8)
+        self._path = os.path.join(self._dir, f"{self._hash}.{self._token}{_BODY_TMP}")
+        self._vary = store.get_vary(key)
+        self.fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` to the body."""
+        self._require_open()
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.written += n
+
+    def open(self) -> int:
+        """A new fd onto this body (``os.dup``) that stays valid after commit or abort.
+
+        It shares the file offset with :attr:`fd`: use pread/sendfile with explicit offsets.
+        """
+        self._require_open()
+        return os.dup(self.fd)
+
+    def commit(self, meta: dict, tags: Iterable[str] = ()) -> DiskEntry:
+        """Publish the body with ``meta`` (opaque, JSON-able) and purge ``tags``.
+
+        On any error the write is aborted and the error re-raised.
+        """
+        self._require_open()
+        store = self._store
+        body_name = f"{self._hash}.{self._token}{_BODY}"
+        body_path = os.path.join(self._dir, body_name)
+        tags = list(dict.fromkeys(tags))
+        try:
+            stored = store._clock()
+            doc = _encode_meta(
+                self.key, self.variant, body_name, self.written, stored, tags, self._vary, meta
+            )
+            if store.fsync:
+                os.fsync(self.fd)
+            os.rename(self._path, body_path)
+            self._path = body_path
+            store._publish(self, body_name, stored, tags, doc)
+        except BaseException:
+            self.abort()
+            raise
+        self._finish()
+        entry = DiskEntry(self.key, self.variant, meta, body_path, self.written)
+        store._after_commit()
+        return entry
+
+    def abort(self) -> None:
+        """Drop the body; harmless after commit or a previous abort."""
+        if self._done:
+            return
+        self._finish()
+        _unlink_quietly(self._path)
+
+    def _finish(self) -> None:
+        self._done = True
+        os.close(self.fd)
+        self.fd = -1
+        self._store._writers.discard(self)
+
+    def _require_open(self) -> None:
+        if self._done:
+            raise ValueError("DiskWriter already committed or aborted")
+
+
+class DiskStore:
+    """The disk tier. One instance per worker process; all instances share ``root``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        capacity_bytes: int,
+        *,
+        fsync: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.fsync = fsync
+        self._clock = clock
+        self._objects = str(self.root / "objects")
+        self._known_dirs: set[str] = set()
+        self._touches: dict[tuple[str, str], float] = {}
+        self._last_flush = clock()
+        self._writers: set[DiskWriter] = set()
+        self._closed = False
+        os.makedirs(self._objects, exist_ok=True)
+        os.makedirs(self.root / _PROCS, exist_ok=True)
+        self._lock_fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._db, self._marker = self._attach()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # ----- opening ----------------------------------------------------------------------
+    def _attach(self) -> tuple[sqlite3.Connection, str]:
+        """Lock the directory, open (and if we are first and it is needed, repair) the index."""
+        first = _try_flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not first:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            db = self._connect()
+            if _user_version(db) != SCHEMA_VERSION:
+                self._create_schema(db)
+            return db, self._register_process()
+        dead = os.listdir(self.root / _PROCS)
+        db = self._open_checked(thorough=bool(dead))
+        if db is None:
+            self._delete_index()
+            db = self._connect()
+            self._create_schema(db)
+            dead.append("index")
+        try:
+            if dead:
+                self._reconcile(db)
+            db.execute("DELETE FROM vary WHERE key NOT IN (SELECT key FROM entries)")
+        except BaseException:
+            db.close()
+            raise
+        for name in os.listdir(self.root / _PROCS):
+            _unlink_quietly(os.path.join(self.root, _PROCS, name))
+        marker = self._register_process()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        return db, marker
+
+    def _register_process(self) -> str:
+        marker = os.path.join(self.root, _PROCS, f"{os.getpid()}-{secrets.token_hex(4)}")
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return marker
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.root / _INDEX,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
+        return db
+
+    def _open_checked(self, thorough: bool) -> sqlite3.Connection | None:
+        """The index if it exists and looks sound, else None (it must be rebuilt)."""
+        if not (self.root / _INDEX).exists():
+            return None
+        db = None
+        try:
+            db = self._connect()
+            sound = _user_version(db) == SCHEMA_VERSION
+            if sound and thorough:
+                sound = db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            if sound:
+                return db
+        except sqlite3.DatabaseError:
+            pass
+        if db is not None:
+            db.close()
+        return None
+
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        try:
+            db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _delete_index(self) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            _unlink_quietly(os.path.join(self.root, _INDEX + suffix))
+
+    # ----- repair after a crash ---------------------------------------------------------
+    def _reconcile(self, db: sqlite3.Connection) -> None:
+        """Make the index match the meta files and delete what no meta names.
+
+        Runs only while this process holds the directory exclusively.
+        """
+        bodies: dict[str, str] = {}  # body file name -> its directory
+        metas: dict[str, str] = {}  # object hash -> directory of its meta
+        for directory, name in _walk_objects(self._objects):
+            if name.endswith((_BODY_TMP, _META_TMP)):
+                _unlink_quietly(os.path.join(directory, name))
+            elif name.endswith(_BODY):
+                bodies[name] = directory
+            elif name.endswith(_META):
+                metas[name[: -len(_META)]] = directory
+        with self._write_tx():
+            rows = db.execute("SELECT key, variant, body FROM entries").fetchall()
+            stale = [
+                (k, v)
+                for k, v, body in rows
+                if body not in bodies or body.split(".", 1)[0] not in metas
+            ]
+            self._delete_rows(db, stale)
+            indexed = {body for _, _, body in rows}
+            vary_seen: dict[str, tuple[float, list[str] | None]] = {}
+            for name, directory in bodies.items():
+                if name not in indexed:
+                    self._adopt(db, name, directory, vary_seen)
+            self._restore_vary(db, vary_seen)
+            live = {body for (body,) in db.execute("SELECT body FROM entries")}
+        for name, directory in bodies.items():
+            if name not in live:
+                _unlink_quietly(os.path.join(directory, name))
+        live_hashes = {name.split(".", 1)[0] for name in live}
+        for digest, directory in metas.items():
+            if digest not in live_hashes:
+                _unlink_quietly(os.path.join(directory, digest + _META))
+
+    def _adopt(
+        self,
+        db: sqlite3.Connection,
+        body_name: str,
+        directory: str,
+        vary_seen: dict[str, tuple[float, list[str] | None]],
+    ) -> None:
+        """Index a body the index does not name, if its meta names it and sizes agree."""
+        digest = body_name.split(".", 1)[0]
+        doc = _decode_meta(_read_or_none(os.path.join(directory, digest + _META)))
+        if doc is None or doc["body"] != body_name:
+            return
+        if object_hash(doc["key"], doc["variant"]) != digest:
+            return
+        if _size_or_none(os.path.join(directory, body_name)) != doc["size"]:
+            return
+        key, variant = doc["key"], doc["variant"]
+        stored = doc["stored"]
+        db.execute(_UPSERT_ENTRY, (key, variant, body_name, doc["size"], stored, stored))
+        db.execute("DELETE FROM tags WHERE key = ? AND variant = ?", (key, variant))
+        db.executemany(
+            "INSERT OR IGNORE INTO tags VALUES (?, ?, ?)", [(t, key, variant) for t in doc["tags"]]
+        )
+        known = vary_seen.get(key)
+        if known is None or (doc["vary"] is not None and (known[1] is None or stored > known[0])):
+            vary_seen[key] = (stored, doc["vary"])
+
+    @staticmethod
+    def _restore_vary(
+        db: sqlite3.Connection, vary_seen: dict[str, tuple[float, list[str] | None]]
+    ) -> None:
+        """Vary fields of re-indexed keys, from their newest meta that records them."""
+        for key, (_, fields) in vary_seen.items():
+            if fields is None:
+                variants = {
+                    v for (v,) in db.execute("SELECT variant FROM entries WHERE key = ?", (key,))
+                }
+                if variants != {""}:
+                    continue  # unknown: the key stays unreachable until stored again
+                fields = []
+            db.execute("INSERT OR IGNORE INTO vary VALUES (?, ?)", (key, json.dumps(fields)))
+
+    # ----- writing ----------------------------------------------------------------------
+    def writer(self, key: str, variant: str) -> DiskWriter:
+        """Start writing the body of ``(key, variant)``."""
+        self._require_open()
+        writer = DiskWriter(self, key, variant)
+        self._writers.add(writer)
+        return writer
+
+    def _publish(
+        self, writer: DiskWriter, body_name: str, stored: float, tags: list[str], doc: bytes
+    ) -> None:
+        """Index a renamed body and rename its meta into place, under the index write lock."""
+        key, variant, digest, directory = writer.key, writer.variant, writer._hash, writer._dir
+        meta_tmp = os.path.join(directory, f"{digest}.{writer._token}{_META_TMP}")
+        _write_new_file(meta_tmp, doc, self.fsync)
+        try:
+            with self._write_tx() as db:
+                old = db.execute(
+                    "SELECT body FROM entries WHERE key = ? AND variant = ?", (key, variant)
+                ).fetchone()
+                db.execute(_UPSERT_ENTRY, (key, variant, body_name, writer.written, stored, stored))
+                if old is not None:
+                    db.execute("DELETE FROM tags WHERE key = ? AND variant = ?", (key, variant))
+                db.executemany(
+                    "INSERT OR IGNORE INTO tags VALUES (?, ?, ?)", [(t, key, variant) for t in tags]
+                )
+                if writer._vary is not None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO vary VALUES (?, ?)", (key, json.dumps(writer._vary))
+                    )
+                os.rename(meta_tmp, os.path.join(directory, digest + _META))
+        except BaseException:
+            _unlink_quietly(meta_tmp)
+            raise
+        if self.fsync:
+            _fsync_dir(directory)
+        if old is not None and old[0] != body_name:
+            _unlink_quietly(os.path.join(directory, old[0]))
+
+    def _after_commit(self) -> None:
+        if self.used_bytes > self.capacity_bytes:
+            self.enforce_capacity()
+
+    def update_meta(self, key: str, variant: str, meta: dict) -> bool:
+        """Atomically replace the caller's meta of a stored object (304 refresh, soft purge).
+
+        Returns False (and does nothing) when the object is not on disk.
+        """
+        self._require_open()
+        digest = object_hash(key, variant)
+        directory = self._object_dir(digest)
+        meta_path = os.path.join(directory, digest + _META)
+        with self._write_tx():
+            doc = _decode_meta(_read_or_none(meta_path))
+            if doc is None or (doc["key"], doc["variant"]) != (key, variant):
+                return False
+            doc["meta"] = meta
+            self._replace_meta(directory, digest, doc)
+        return True
+
+    def _replace_meta(self, directory: str, digest: str, doc: dict) -> None:
+        """Rewrite a meta file (call under the write lock)."""
+        tmp = os.path.join(directory, f"{digest}.{secrets.token_hex(8)}{_META_TMP}")
+        _write_new_file(tmp, _dump(doc), self.fsync)
+        try:
+            os.rename(tmp, os.path.join(directory, digest + _META))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    # ----- reading ----------------------------------------------------------------------
+    def lookup(self, key: str, variant: str) -> DiskEntry | None:
+        """The complete object, or None if it is absent or incomplete (then cleaned away)."""
+        self._require_open()
+        digest = object_hash(key, variant)
+        directory = self._object_dir(digest)
+        meta_path = os.path.join(directory, digest + _META)
+        for _ in range(3):  # a concurrent replace can swap the meta between our reads
+            raw = _read_or_none(meta_path)
+            if raw is None:
+                return None
+            doc = _decode_meta(raw)
+            if doc is not None and (doc["key"], doc["variant"]) == (key, variant):
+                body_path = os.path.join(directory, doc["body"])
+                if _size_or_none(body_path) == doc["size"]:
+                    return DiskEntry(key, variant, doc["meta"], body_path, doc["size"])
+            if self._discard_broken(key, variant, meta_path, raw, doc):
+                return None
+        return None
+
+    def _discard_broken(
+        self, key: str, variant: str, meta_path: str, raw: bytes, doc: dict | None
+    ) -> bool:
+        """Remove a meta that names no complete body, unless it was replaced meanwhile."""
+        directory = os.path.dirname(meta_path)
+        with self._write_tx() as db:
+            if _read_or_none(meta_path) != raw:
+                return False
+            _unlink_quietly(meta_path)
+            row = db.execute(
+                "SELECT body FROM entries WHERE key = ? AND variant = ?", (key, variant)
+            ).fetchone()
+            self._delete_rows(db, [(key, variant)])
+        for body in {row[0] if row else None, doc["body"] if doc else None} - {None}:
+            _unlink_quietly(os.path.join(directory, body))
+        return True
+
+    def set_vary(self, key: str, fields: tuple[str, ...]) -> None:
+        """Remember the Vary field names of ``key`` (also in its metas, for index rebuilds)."""
+        self._require_open()
+        encoded = json.dumps(list(fields))
+        row = self._db.execute("SELECT fields FROM vary WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] == encoded:
+            return
+        with self._write_tx() as db:
+            db.execute(
+                "INSERT INTO vary VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET fields = excluded.fields",
+                (key, encoded),
+            )
+            variants = [
+                v for (v,) in db.execute("SELECT variant FROM entries WHERE key = ?", (key,))
+            ]
+            if fields or variants != [""]:  # a rebuild infers no-Vary for a lone "" variant
+                self._record_vary_in_metas(key, variants, list(fields))
+
+    def _record_vary_in_metas(self, key: str, variants: list[str], fields: list[str]) -> None:
+        for variant in variants:
+            digest = object_hash(key, variant)
+            directory = self._object_dir(digest)
+            doc = _decode_meta(_read_or_none(os.path.join(directory, digest + _META)))
+            if doc is not None and doc["vary"] != fields:
+                doc["vary"] = fields
+                self._replace_meta(directory, digest, doc)
+
+    def get_vary(self, key: str) -> tuple[str, ...] | None:
+        """The Vary field names of ``key``; None when the key is unknown on disk."""
+        self._require_open()
+        row = self._db.execute("SELECT fields FROM vary WHERE key = ?", (key,)).fetchone()
+        return None if row is None else tuple(json.loads(row[0]))
+
+    def keys_with_prefix(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, variant) of every object whose key starts with ``prefix``."""
+        self._require_open()
+        upper = _prefix_upper_bound(prefix)
+        if upper is None:
+            query, args = "SELECT key, variant FROM entries WHERE key >= ?", (prefix,)
+        else:
+            query, args = (
+                "SELECT key, variant FROM entries WHERE key >= ? AND key < ?",
+                (prefix, upper),
+            )
+        return self._db.execute(query + " ORDER BY key, variant", args).fetchall()
+
+    def keys_with_tag(self, tag: str) -> list[tuple[str, str]]:
+        """(key, variant) of every object stored with purge tag ``tag``."""
+        self._require_open()
+        query = "SELECT key, variant FROM tags WHERE tag = ? ORDER BY key, variant"
+        return self._db.execute(query, (tag,)).fetchall()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of all indexed bodies (all workers)."""
+        return self._db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()[0]
+
+    # ----- removal and eviction -----------------------------------------------------------
+    def remove(self, key: str, variant: str | None = None) -> int:
+        """Remove one variant, or all variants when ``variant`` is None; returns how many."""
+        self._require_open()
+        with self._write_tx() as db:
+            if variant is None:
+                rows = db.execute(
+                    "SELECT variant, body FROM entries WHERE key = ?", (key,)
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT variant, body FROM entries WHERE key = ? AND variant = ?",
+                    (key, variant),
+                ).fetchall()
+            indexed = {v for v, _ in rows}
+            candidates = indexed if variant is None else indexed | {variant}
+            unlinked = {v for v in candidates if self._unlink_meta(key, v)}
+            self._delete_rows(db, [(key, v) for v, _ in rows])
+            if variant is None:
+                db.execute("DELETE FROM vary WHERE key = ?", (key,))
+        for v, body in rows:
+            _unlink_quietly(os.path.join(self._object_dir(object_hash(key, v)), body))
+        return len(indexed | unlinked)  # a meta the index lost is purged too
+
+    def enforce_capacity(self) -> int:
+        """Evict least-recently-used objects until used <= capacity; returns bytes freed."""
+        self._require_open()
+        self.flush()
+        if self.used_bytes <= self.capacity_bytes:
+            return 0
+        freed = 0
+        victims: list[tuple[str, str, str]] = []
+        with self._write_tx() as db:
+            excess = self.used_bytes - self.capacity_bytes
+            cursor = db.execute(
+                "SELECT key, variant, body, size FROM entries ORDER BY atime, key, variant"
+            )
+            for key, variant, body, size in cursor:
+                if freed >= excess:
+                    break
+                victims.append((key, variant, body))
+                freed += size
+            cursor.close()
+            for key, variant, _ in victims:
+                self._unlink_meta(key, variant)
+            self._delete_rows(db, [(k, v) for k, v, _ in victims])
+        for key, variant, body in victims:
+            _unlink_quietly(os.path.join(self._object_dir(object_hash(key, variant)), body))
+        return freed
+
+    def _unlink_meta(self, key: str, variant: str) -> bool:
+        digest = object_hash(key, variant)
+        return _unlink_quietly(os.path.join(self._object_dir(digest), digest + _META))
+
+    @staticmethod
+    def _delete_rows(db: sqlite3.Connection, pairs: list[tuple[str, str]]) -> None:
+        """Delete index rows, their tags, and the Vary record of keys left with no variant."""
+        db.executemany("DELETE FROM entries WHERE key = ? AND variant = ?", pairs)
+        db.executemany("DELETE FROM tags WHERE key = ? AND variant = ?", pairs)
+        db.executemany(
+            "DELETE FROM vary WHERE key = ? AND NOT EXISTS (SELECT 1 FROM entries WHERE key = ?)",
+            [(key, key) for key in {k for k, _ in pairs}],
+        )
+
+    # ----- access times -------------------------------------------------------------------
+    def touch(self, key: str, variant: str) -> None:
+        """Note a use of the object; written to the index at most once a second."""
+        now = self._clock()
+        self._touches[(key, variant)] = now
+        if now - self._last_flush >= TOUCH_FLUSH_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered access times now."""
+        self._require_open()
+        self._last_flush = self._clock()
+        if not self._touches:
+            return
+        touches, self._touches = self._touches, {}
+        with self._write_tx() as db:
+            db.executemany(
+                "UPDATE entries SET atime = ? WHERE key = ? AND variant = ?",
+                [(t, k, v) for (k, v), t in touches.items()],
+            )
+
+    # ----- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush, abort unfinished writers, and release the directory."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+            for writer in list(self._writers):
+                writer.abort()
+        finally:
+            self._closed = True
+            self._db.close()
+            _unlink_quietly(self._marker)
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> DiskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- helpers ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _write_tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction holding the index write lock (serialises all workers' changes)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _object_dir(self, digest: str, create: bool = False) -> str:
+        directory = os.path.join(self._objects, digest[:2], digest[2:4])
+        if create and directory not in self._known_dirs:
+            os.makedirs(directory, exist_ok=True)
+            self._known_dirs.add(directory)
+        return directory
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ValueError("DiskStore is closed")
+
+
+# ----- module helpers -------------------------------------------------------------------------
+def object_hash(key: str, variant: str) -> str:
+    """File-name hash of an object (unambiguous for any key and variant strings)."""
+    return hashlib.sha256(json.dumps([key, variant]).encode()).hexdigest()
+
+
+def _encode_meta(
+    key: str,
+    variant: str,
+    body_name: str,
+    size: int,
+    stored: float,
+    tags: list[str],
+    vary: tuple[str, ...] | None,
+    meta: dict,
+) -> bytes:
+    doc = {
+        "format": META_FORMAT,
+        "key": key,
+        "variant": variant,
+        "body": body_name,
+        "size": size,
+        "stored": stored,
+        "tags": tags,
+        "vary": list(vary) if vary is not None else None,
+        "meta": meta,
+    }
+    return _dump(doc)
+
+
+def _dump(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _decode_meta(raw: bytes | None) -> dict | None:
+    """A meta document if ``raw`` is one, else None."""
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != META_FORMAT:
+        return None
+    body = doc.get("body")
+    valid = (
+        isinstance(doc.get("key"), str)
+        and isinstance(doc.get("variant"), str)
+        and isinstance(body, str)
+        and body.endswith(_BODY)
+        and "/" not in body
+        and isinstance(doc.get("size"), int)
+        and isinstance(doc.get("stored"), int | float)
+        and isinstance(doc.get("tags"), list)
+        and isinstance(doc.get("vary"), list | None)
+        and isinstance(doc.get("meta"), dict)
+    )
+    return doc if valid else None
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The least string above all strings starting with ``prefix`` (None: no bound).
+
+    SQLite compares TEXT as UTF-8 bytes, which orders like code points.
+    """
+    chars = list(prefix)
+    while chars:
+        following = ord(chars.pop()) + 1
+        if 0xD800 <= following <= 0xDFFF:
+            following = 0xE000
+        if following <= 0x10FFFF:
+            return "".join(chars) + chr(following)
+    return None
+
+
+def _walk_objects(objects: str) -> Iterator[tuple[str, str]]:
+    """(directory, file name) of every file in ``objects/xx/yy/``."""
+    for top in _scandir_dirs(objects):
+        for mid in _scandir_dirs(top):
+            with os.scandir(mid) as it:
+                files = [e.name for e in it if e.is_file(follow_symlinks=False)]
+            for name in files:
+                yield mid, name
+
+
+def _scandir_dirs(path: str) -> list[str]:
+    with os.scandir(path) as it:
+        return [e.path for e in it if e.is_dir(follow_symlinks=False) and len(e.name) == 2]
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _try_flock(fd: int, operation: int) -> bool:
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_or_none(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _unlink_quietly(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_new_file(path: str, data: bytes, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
