@@ -53,6 +53,7 @@ REQUIRED_TOOLS = ("nginx", "wrk", "taskset")
 WARMUP_S = 1.0
 SETTLE_S = 0.3
 RSS_SAMPLE_S = 0.2
+BUSY_LOAD = 0.5  # 1-minute load average above which other work skews the numbers
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -346,9 +347,17 @@ def count_lines(path: Path) -> int:
 
 
 def collect_warnings(
-    samples: dict[str, dict[str, list[WrkResult]]], origin_hits: int, cpus: CpuPlan
+    samples: dict[str, dict[str, list[WrkResult]]],
+    origin_hits: int,
+    cpus: CpuPlan,
+    load_before: float,
 ) -> list[str]:
     warnings = []
+    if load_before > BUSY_LOAD:
+        warnings.append(
+            f"the machine was busy before the run (1-min load average {load_before:.2f}): "
+            "other processes shared the CPUs, so these numbers are noisy"
+        )
     if origin_hits:
         warnings.append(
             f"the origin got {origin_hits} requests during measurement: not all were cache hits"
@@ -400,6 +409,7 @@ def describe(opts: argparse.Namespace, cpus: CpuPlan, live: Sequence[Live]) -> d
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     cpus = plan_cpus()
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="verge-bench-"))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -419,7 +429,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         contenders = [c.info for c in live]
         memory = {k: {"idle_bytes": idle[k], "peak_load_bytes": peaks[k]} for k in idle}
         summary = build_summary(
-            samples, contenders, memory, collect_warnings(samples, origin_hits, cpus)
+            samples, contenders, memory, collect_warnings(samples, origin_hits, cpus, load_before)
         )
         placement = (
             f"servers on CPU {cpus.server}, wrk on CPU {cpus.wrk}" if cpus.pinned else "NOT pinned"

@@ -34,7 +34,9 @@ class Trace:
     working_set_bytes: int
 
 
-def object_sizes(count: int, rng: random.Random, median: int = 24 * KIB, sigma: float = 1.5) -> list[int]:
+def object_sizes(
+    count: int, rng: random.Random, median: int = 24 * KIB, sigma: float = 1.5
+) -> list[int]:
     """Log-normal sizes clamped to 1 KiB..1 MiB."""
     mu = math.log(median)
     return [min(MIB, max(KIB, int(rng.lognormvariate(mu, sigma)))) for _ in range(count)]
@@ -86,7 +88,9 @@ def replay(policy_name: str, cache_bytes: int, trace: Trace) -> Result:
         else:
             insert(key, size)
     elapsed = time.perf_counter() - started
-    return Result(policy_name, cache_bytes, hits / len(trace.keys), hit_bytes / total_bytes, elapsed)
+    return Result(
+        policy_name, cache_bytes, hits / len(trace.keys), hit_bytes / total_bytes, elapsed
+    )
 
 
 def print_table(trace: Trace, cache_fracs: list[float], policies: list[str]) -> None:

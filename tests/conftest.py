@@ -58,16 +58,18 @@ class EdgeProcess:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, cwd=self.workdir, start_new_session=True)
         ready = threading.Event()
+        seen = []
 
         def pump() -> None:
             for line in self.proc.stdout:
                 self.output.append(line)
                 if "verge edge ready" in line:
+                    seen.append(line)
                     ready.set()
             ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
+        if not ready.wait(timeout) or not seen:
             self.stop()
             raise RuntimeError("edge did not start:\n" + "".join(self.output))
         return self

@@ -50,9 +50,9 @@ def one_service(rules: str = "", extra: str = "") -> str:
 
 
 def rule_of(rule_yaml: str):
-    rules = textwrap.indent(textwrap.dedent(rule_yaml), "        ").replace(
-        "        ", "      - ", 1
-    )
+    """The first rule of a service whose rules list holds just this (dedented) rule mapping."""
+    first, *rest = textwrap.dedent(rule_yaml).strip().splitlines()
+    rules = f"      - {first}\n" + "".join(f"        {line}\n" for line in rest)
     return parse(one_service(rules)).services[0].rules[0]
 
 
@@ -335,6 +335,12 @@ def test_redirect_placeholders_and_shorthand():
     assert redirect.location("/a/b", "x=1&y=2") == "https://new.example.com/a/b?x=1&y=2"
     assert redirect.location("/a/b", "") == "https://new.example.com/a/b"
     assert Redirect(to="/moved").location("/old") == "/moved"
+    glued = Redirect(to="https://new.example.com$path$query")
+    assert glued.location("/a", "x=1") == "https://new.example.com/a?x=1"
+    assert glued.location("/a", "") == "https://new.example.com/a"
+    extra = Redirect(to="/search?from=old&$query", status=302)
+    assert extra.location("/s", "q=1") == "/search?from=old&q=1"
+    assert extra.location("/s") == "/search?from=old"
     assert rule_of("path: /old/\nredirect: /new/\n").redirect == Redirect(to="/new/")
 
 
@@ -611,6 +617,9 @@ def test_wrong_type_and_bad_values():
     assert "valid boolean" in error_of("compression: {enabled: maybe}\n")
     assert error_of("services: {}\n").startswith(
         "verge.yaml:1:11: services: Input should be a valid list"
+    )
+    assert (
+        error_of("cache: 5\n") == "verge.yaml:1:8: cache: expected a mapping of settings, got int"
     )
 
 

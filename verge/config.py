@@ -1,4 +1,4 @@
-"""Verge's declarative configuration: one validated model for the YAML file and the control-plane bundle.
+"""Declarative configuration: one validated model for the YAML file and the control-plane bundle.
 
 Config is data. An operator writes a YAML file; the control plane pushes the same structure
 as JSON (``Config.model_dump(mode="json")`` round-trips through ``Config.model_validate``).
@@ -333,7 +333,7 @@ _REDIRECT_PLACEHOLDERS = ("path", "query")
 
 class Redirect(_Model):
     to: str
-    """Absolute URL or path; $path and $query (without "?") are replaced from the request."""
+    """Absolute URL or path; $path and $query are filled in from the request (see location)."""
     status: Literal[301, 302, 303, 307, 308] = 301
 
     @model_validator(mode="before")
@@ -354,10 +354,23 @@ class Redirect(_Model):
         return target
 
     def location(self, path: str, query: str = "") -> str:
-        """The Location header for a request; a "?" left dangling by an empty $query is dropped."""
-        values = {"path": path, "query": query}
-        location = _PLACEHOLDER_RE.sub(lambda match: values[match.group(1)], self.to)
-        return location[:-1] if location.endswith("?") and not query else location
+        """The Location for a request path and raw query string (without "?").
+
+        $query right after "?" or "&" is the raw query (the separator is dropped when there is
+        none); anywhere else it is "?query", or nothing when the request has no query.
+        """
+        target = self.to
+
+        def expand(match: re.Match[str]) -> str:
+            if match.group(1) == "path":
+                return path
+            glued = match.start() > 0 and target[match.start() - 1] in "?&"
+            return query if glued or not query else "?" + query
+
+        location = _PLACEHOLDER_RE.sub(expand, target)
+        if not query and target.endswith(("?$query", "&$query")):
+            location = location[:-1]
+        return location
 
 
 def _glob_regex(pattern: str) -> str:
@@ -655,30 +668,7 @@ class Config(_Model):
     @model_validator(mode="after")
     def _index_services(self) -> Config:
         self._check_unique_names()
-        index = _HostIndex()
-        owner: dict[str, int] = {}
-        for number, service in enumerate(self.services):
-            if service.default:
-                if index.default is not None:
-                    raise _conflict(
-                        ("services", number, "default"),
-                        f"only one service can be the default; {index.default.name!r} already is",
-                    )
-                index.default = service
-            for position, host in enumerate(service.hosts):
-                if host in owner:
-                    where = (
-                        "this service"
-                        if owner[host] == number
-                        else repr(self.services[owner[host]].name)
-                    )
-                    raise _conflict(
-                        ("services", number, "hosts", position),
-                        f"host {host!r} is already listed for {where}",
-                    )
-                owner[host] = number
-                _add_host(index, host, service)
-        self._hosts = index
+        self._hosts = _index_hosts(self.services)
         return self
 
     def _check_unique_names(self) -> None:
@@ -710,6 +700,31 @@ class Config(_Model):
                     return service
                 dot = name.find(".", dot + 1)
         return index.any_host or index.default
+
+
+def _index_hosts(services: list[Service]) -> _HostIndex:
+    """Host tables for service_for_host; a host may belong to one service, one service is default."""
+    index = _HostIndex()
+    owners: dict[str, Service] = {}
+    for number, service in enumerate(services):
+        if service.default:
+            if index.default is not None:
+                raise _conflict(
+                    ("services", number, "default"),
+                    f"only one service can be the default; {index.default.name!r} already is",
+                )
+            index.default = service
+        for position, host in enumerate(service.hosts):
+            if host in owners:
+                owner = owners[host]
+                where = "this service" if owner is service else repr(owner.name)
+                raise _conflict(
+                    ("services", number, "hosts", position),
+                    f"host {host!r} is already listed for {where}",
+                )
+            owners[host] = service
+            _add_host(index, host, service)
+    return index
 
 
 def _add_host(index: _HostIndex, host: str, service: Service) -> None:
@@ -859,6 +874,8 @@ def _reason(error: Mapping[str, Any], loc: Loc) -> str:
         return "required but missing"
     if kind == "extra_forbidden":
         return _unknown_key_reason(loc)
+    if kind == "model_type":
+        return f"expected a mapping of settings, got {type(error.get('input')).__name__}"
     message = str(error["msg"]).removeprefix("Value error, ")
     value = error.get("input")
     if kind not in ("value_error", "config_conflict") and isinstance(
@@ -913,29 +930,21 @@ def _sorted(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 def _validate(
     data: object, source: str, root: yaml.Node | None, issues: Sequence[ConfigIssue] = ()
 ) -> Config:
-    issues = list(issues)
+    """Validate parsed data; every problem (with its position when `root` is known) is reported."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError.from_issues(
-            [
-                ConfigIssue(
-                    source,
-                    1 if root else None,
-                    1 if root else None,
-                    "",
-                    f"the top level must be a mapping of settings, not {type(data).__name__}",
-                )
-            ]
-        )
+        position = 1 if root is not None else None
+        reason = f"the top level must be a mapping of settings, not {type(data).__name__}"
+        raise ConfigError.from_issues([ConfigIssue(source, position, position, "", reason)])
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        issues += [_issue_from_error(error, source, root) for error in exc.errors()]
-        config = None
-    if issues or config is None:
-        raise ConfigError.from_issues(_sorted(issues))
-    return config
+        issues = [*issues, *(_issue_from_error(error, source, root) for error in exc.errors())]
+    else:
+        if not issues:
+            return config
+    raise ConfigError.from_issues(_sorted(list(issues)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class Req:
     body: bytearray = field(default_factory=bytearray)
     conn_id: int = 0
     index: int = 0  # 1 for the first request on its connection
+    reader: asyncio.StreamReader | None = None
     done: bool = False
 
     def header(self, name: str) -> str | None:
@@ -95,7 +96,6 @@ class FakeOrigin:
         self.connections = 0
         self.closed = 0
         self.requests: list[Req] = []
-        self.hold = asyncio.Event()  # handlers that stall wait on this
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -110,7 +110,6 @@ class FakeOrigin:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.hold.set()
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()  # handlers blocked on a read see the end and return
@@ -133,7 +132,7 @@ class FakeOrigin:
                 req = await self._read_request(reader)
                 if req is None:
                     break
-                req.conn_id, req.index = conn_id, index
+                req.conn_id, req.index, req.reader = conn_id, index, reader
                 self.requests.append(req)
                 keep = await self.handler(req, writer, self)
                 await writer.drain()
@@ -161,6 +160,11 @@ class FakeOrigin:
             parser.feed_data(data)
         req.method = parser.get_method().decode()
         return req
+
+
+async def stall_until_client_closes(req: Req) -> None:
+    assert req.reader is not None
+    assert await req.reader.read() == b""
 
 
 def response(
@@ -540,7 +544,7 @@ def test_releasing_an_unread_body_closes_the_connection(run) -> None:
 def test_first_byte_timeout(run) -> None:
     async def handler(req: Req, writer: asyncio.StreamWriter, server: FakeOrigin) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\n")  # part of a head is not a head
-        await server.hold.wait()
+        await stall_until_client_closes(req)
 
     async def scenario() -> None:
         async with FakeOrigin(handler) as server:
@@ -558,7 +562,7 @@ def test_first_byte_timeout(run) -> None:
 def test_idle_timeout_mid_body(run) -> None:
     async def handler(req: Req, writer: asyncio.StreamWriter, server: FakeOrigin) -> None:
         writer.write(response(body=b"x" * 1000)[:-900])
-        await server.hold.wait()
+        await stall_until_client_closes(req)
 
     async def scenario() -> None:
         async with FakeOrigin(handler) as server:

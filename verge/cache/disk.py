@@ -210,40 +210,42 @@ class DiskStore:
         os.makedirs(self.root / _PROCS, exist_ok=True)
         self._lock_fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            self._db, self._marker = self._attach()
+            self._marker = self._attach()
         except BaseException:
+            if hasattr(self, "_db"):
+                self._db.close()
             os.close(self._lock_fd)
             raise
 
     # ----- opening ----------------------------------------------------------------------
-    def _attach(self) -> tuple[sqlite3.Connection, str]:
-        """Lock the directory, open (and if we are first and it is needed, repair) the index."""
+    def _attach(self) -> str:
+        """Lock the directory, open (and if we are first and it is needed, repair) the index.
+
+        Sets ``self._db``; returns this process's marker file.
+        """
         first = _try_flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not first:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
-            db = self._connect()
-            if _user_version(db) != SCHEMA_VERSION:
-                self._create_schema(db)
-            return db, self._register_process()
+            self._db = self._connect()
+            if _user_version(self._db) != SCHEMA_VERSION:
+                self._create_schema(self._db)
+            return self._register_process()
         dead = os.listdir(self.root / _PROCS)
         db = self._open_checked(thorough=bool(dead))
         if db is None:
             self._delete_index()
             db = self._connect()
-            self._create_schema(db)
-            dead.append("index")
-        try:
-            if dead:
-                self._reconcile(db)
-            db.execute("DELETE FROM vary WHERE key NOT IN (SELECT key FROM entries)")
-        except BaseException:
-            db.close()
-            raise
+            dead.append("lost index")
+        self._db = db
+        self._create_schema(db)
+        if dead:
+            self._reconcile()
+        db.execute("DELETE FROM vary WHERE key NOT IN (SELECT key FROM entries)")
         for name in os.listdir(self.root / _PROCS):
             _unlink_quietly(os.path.join(self.root, _PROCS, name))
         marker = self._register_process()
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
-        return db, marker
+        return marker
 
     def _register_process(self) -> str:
         marker = os.path.join(self.root, _PROCS, f"{os.getpid()}-{secrets.token_hex(4)}")
@@ -293,7 +295,7 @@ class DiskStore:
             _unlink_quietly(os.path.join(self.root, _INDEX + suffix))
 
     # ----- repair after a crash ---------------------------------------------------------
-    def _reconcile(self, db: sqlite3.Connection) -> None:
+    def _reconcile(self) -> None:
         """Make the index match the meta files and delete what no meta names.
 
         Runs only while this process holds the directory exclusively.
@@ -307,7 +309,7 @@ class DiskStore:
                 bodies[name] = directory
             elif name.endswith(_META):
                 metas[name[: -len(_META)]] = directory
-        with self._write_tx():
+        with self._write_tx() as db:
             rows = db.execute("SELECT key, variant, body FROM entries").fetchall()
             stale = [
                 (k, v)

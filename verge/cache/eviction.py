@@ -84,7 +84,7 @@ class LRU(EvictionPolicy):
         return evicted
 
     def access(self, key: str) -> None:
-        try:
+        try:  # noqa: SIM105 -- cheaper than contextlib.suppress on this hot path
             self._sizes.move_to_end(key)
         except KeyError:  # not resident: nothing to record
             pass
@@ -315,5 +315,7 @@ def make_policy(name: str, capacity: int) -> EvictionPolicy:
     try:
         policy_class = POLICIES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None
+        raise ValueError(
+            f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}"
+        ) from None
     return policy_class(capacity)

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from functools import lru_cache
+from types import MappingProxyType
 
 from verge.http.message import HOP_BY_HOP
 
@@ -75,7 +76,7 @@ _NOT_UPDATED_BY_304 = (
     | {"proxy-authentication-info"}
 )
 
-_EMPTY: dict[str, str | None] = {}
+_EMPTY: Mapping[str, str | None] = MappingProxyType({})
 
 
 # --------------------------------------------------------------------------- Cache-Control
@@ -440,73 +441,113 @@ def _parse_vary(value: str | None) -> tuple[str, ...] | None:
     return tuple(sorted(names))
 
 
-def _effective_directives(
-    response_headers: Mapping[str, str], cdn_cache_control: bool
-) -> tuple[dict[str, str | None], bool]:
-    """(directives, expires_applies): CDN-Cache-Control replaces Cache-Control and Expires."""
-    if cdn_cache_control:
-        targeted = response_headers.get("cdn-cache-control")
-        if targeted:
-            parsed = _parse_targeted(targeted)
-            if parsed is not None:
-                return parsed, False
-    return _parse_cc(response_headers.get("cache-control") or ""), True
+@dataclass(slots=True)
+class _Origin:
+    """The parts of a response that storability and freshness depend on, parsed once."""
+
+    headers: Mapping[str, str]
+    status: int
+    cc: Mapping[str, str | None]  # Cache-Control, or CDN-Cache-Control when that applies
+    surrogate: Mapping[str, str | None]  # Surrogate-Control (empty when not honoured)
+    targeted: bool  # CDN-Cache-Control replaced Cache-Control (and Expires)
+    date: float  # Date, or the response time when Date is missing or invalid
+    has_validator: bool
 
 
-def _corrected_initial_age(
-    response_headers: Mapping[str, str],
-    date: float | None,
-    request_time: float,
+def _origin(
+    status: int,
+    headers: Mapping[str, str],
     response_time: float,
-) -> float:
+    cdn_cache_control: bool,
+    surrogate_control: bool,
+) -> _Origin:
+    """Pick the directives that govern this cache: CDN-Cache-Control > Surrogate-Control > CC."""
+    targeted = None
+    if cdn_cache_control and headers.get("cdn-cache-control"):
+        targeted = _parse_targeted(headers["cdn-cache-control"])
+    surrogate = _EMPTY
+    if targeted is None and surrogate_control and headers.get("surrogate-control"):
+        surrogate = _parse_cc(headers["surrogate-control"])
+    date = parse_http_date(headers.get("date"))
+    return _Origin(
+        headers=headers,
+        status=status,
+        cc=targeted if targeted is not None else _parse_cc(headers.get("cache-control") or ""),
+        surrogate=surrogate,
+        targeted=targeted is not None,
+        date=response_time if date is None else date,
+        has_validator=bool(headers.get("etag") or headers.get("last-modified")),
+    )
+
+
+def _corrected_initial_age(o: _Origin, request_time: float, response_time: float) -> float:
     """RFC 9111 §4.2.3 corrected_initial_age."""
-    date_value = response_time if date is None else date
-    apparent_age = max(0.0, response_time - date_value)
+    apparent_age = max(0.0, response_time - o.date)
     response_delay = max(0.0, response_time - request_time)
-    corrected_age_value = _parse_age(response_headers.get("age")) + response_delay
+    corrected_age_value = _parse_age(o.headers.get("age")) + response_delay
     return max(apparent_age, corrected_age_value)
 
 
-def _explicit_lifetime(
-    cc: Mapping[str, str | None],
-    response_headers: Mapping[str, str],
-    date: float | None,
-    response_time: float,
-    expires_applies: bool,
-) -> float | None:
-    """RFC 9111 §4.2.1: s-maxage, then max-age, then Expires - Date; None when none given.
+def _forbids_storing(o: _Origin) -> bool:
+    """no-store in the governing directives (§5.2.2.5), unless must-understand (§5.2.2.3)."""
+    if "no-store" in o.surrogate:
+        return True
+    if "must-understand" in o.cc:  # overrides no-store for statuses this cache understands
+        return o.status not in UNDERSTOOD_STATUSES
+    return "no-store" in o.cc
+
+
+def _explicit_lifetime(o: _Origin) -> float | None:
+    """Surrogate-Control max-age, s-maxage, max-age, then Expires - Date (§4.2.1); None if none.
 
     An invalid value counts as present and already stale (lifetime 0).
     """
+    if "max-age" in o.surrogate:
+        return float(_delta_seconds(o.surrogate["max-age"]) or 0)
     for name in ("s-maxage", "max-age"):
-        if name in cc:
-            return float(_delta_seconds(cc[name]) or 0)
-    if expires_applies and "expires" in response_headers:
-        expires = parse_http_date(response_headers["expires"])
+        if name in o.cc:
+            return float(_delta_seconds(o.cc[name]) or 0)
+    if not o.targeted and "expires" in o.headers:
+        expires = parse_http_date(o.headers["expires"])
         if expires is None:
             return 0.0  # §5.3: invalid dates (e.g. "0") mean already expired
-        return max(0.0, expires - (response_time if date is None else date))
+        return max(0.0, expires - o.date)
     return None
 
 
-def _heuristic_lifetime(
-    response_headers: Mapping[str, str],
-    date: float | None,
-    response_time: float,
-    fraction: float,
-    maximum: float,
-) -> float | None:
-    """RFC 9111 §4.2.2: a fraction of the time since Last-Modified; None without one."""
-    last_modified = parse_http_date(response_headers.get("last-modified"))
+def _heuristic_lifetime(o: _Origin, fraction: float, maximum: float) -> float | None:
+    """§4.2.2: a fraction of the time since Last-Modified, for heuristically cacheable responses."""
+    if o.status not in HEURISTICALLY_CACHEABLE and "public" not in o.cc:
+        return None
+    last_modified = parse_http_date(o.headers.get("last-modified"))
     if last_modified is None:
         return None
-    since = (response_time if date is None else date) - last_modified
-    return min(maximum, max(0.0, since * fraction))
+    return min(maximum, max(0.0, (o.date - last_modified) * fraction))
 
 
-def _surrogate_control(response_headers: Mapping[str, str]) -> dict[str, str | None]:
-    value = response_headers.get("surrogate-control")
-    return _parse_cc(value) if value else _EMPTY
+def _lifetime(o: _Origin, rule_ttl: float | None, fraction: float, maximum: float) -> float | None:
+    """Freshness lifetime per the precedence in :func:`analyze`; None when not storable."""
+    explicit = _explicit_lifetime(o)
+    if explicit is not None:
+        return explicit
+    understood = o.status in UNDERSTOOD_STATUSES
+    if not understood and "public" not in o.cc:
+        return None  # other statuses need explicit freshness (or public, for a heuristic)
+    if rule_ttl is not None and understood:
+        return float(rule_ttl)
+    heuristic = _heuristic_lifetime(o, fraction, maximum)
+    if heuristic is not None:
+        return heuristic
+    return 0.0 if o.has_validator and understood else None
+
+
+def _refuses_shared_storage(o: _Origin, request_headers: Mapping[str, str]) -> bool:
+    """§3.5 / §5.2.2.7: private responses and responses to authenticated requests."""
+    if "private" in o.cc:
+        return True
+    return "authorization" in request_headers and not (
+        "public" in o.cc or "must-revalidate" in o.cc or "s-maxage" in o.cc
+    )
 
 
 def analyze(
@@ -537,11 +578,11 @@ def analyze(
     (Date missing or invalid -> ``response_time``) > ``rule_ttl`` > heuristic (heuristically
     cacheable status or ``public``, with Last-Modified) > 0 when a validator exists.
 
-    ``rule_override`` forces ``lifetime = rule_ttl`` and ignores the origin's cache
-    directives (``no-store`` still honoured) and Expires; Vary, Age and Authorization still
-    apply. ``cdn_cache_control`` honours RFC 9213 CDN-Cache-Control (which then replaces
-    Cache-Control and Expires); ``surrogate_control`` honours Surrogate-Control max-age and
-    no-store.
+    ``rule_override`` forces ``lifetime = rule_ttl`` (statuses in UNDERSTOOD_STATUSES only)
+    and ignores the origin's cache directives (``no-store`` still honoured) and Expires;
+    Vary, Age and Authorization still apply. ``cdn_cache_control`` honours RFC 9213
+    CDN-Cache-Control, which then replaces Cache-Control, Expires and Surrogate-Control;
+    ``surrogate_control`` honours Surrogate-Control ``max-age`` and ``no-store``.
     """
     if method.upper() not in _STORABLE_METHODS:
         return None
@@ -550,102 +591,36 @@ def analyze(
     request_cc = request_headers.get("cache-control")
     if request_cc and "no-store" in _parse_cc(request_cc):
         return None
-    cc, expires_applies = _effective_directives(response_headers, cdn_cache_control)
-    surrogate = _surrogate_control(response_headers) if surrogate_control else _EMPTY
-    if _forbids_storing(cc, surrogate, status):
+    o = _origin(status, response_headers, response_time, cdn_cache_control, surrogate_control)
+    if _forbids_storing(o):
         return None
     vary = _parse_vary(response_headers.get("vary"))
     if vary is None:
         return None
-    override = rule_override and rule_ttl is not None
-    if override:
-        cc = _EMPTY
-    elif "private" in cc:
-        return None
-    if "authorization" in request_headers and not (
-        "public" in cc or "must-revalidate" in cc or "s-maxage" in cc
-    ):
-        return None
-
-    date = parse_http_date(response_headers.get("date"))
-    etag = response_headers.get("etag")
-    last_modified = response_headers.get("last-modified")
-    if override:
+    if rule_override and rule_ttl is not None:
         if status not in UNDERSTOOD_STATUSES:
             return None
-        lifetime: float | None = float(rule_ttl)  # type: ignore[arg-type]
+        o.cc = o.surrogate = _EMPTY
+        lifetime: float | None = float(rule_ttl)
     else:
-        lifetime = _lifetime(
-            cc, surrogate, response_headers, status, date, response_time, expires_applies,
-            rule_ttl, heuristic_fraction, heuristic_max, has_validator=bool(etag or last_modified),
-        )  # fmt: skip
-        if lifetime is None:
-            return None
-    no_cache = "no-cache" in cc
-    if no_cache and not (etag or last_modified):
+        lifetime = _lifetime(o, rule_ttl, heuristic_fraction, heuristic_max)
+    if lifetime is None or _refuses_shared_storage(o, request_headers):
+        return None
+    no_cache = "no-cache" in o.cc
+    if no_cache and not o.has_validator:
         return None
     return Freshness(
         response_time=response_time,
-        corrected_initial_age=_corrected_initial_age(
-            response_headers, date, request_time, response_time
-        ),
+        corrected_initial_age=_corrected_initial_age(o, request_time, response_time),
         lifetime=max(0.0, lifetime),
         no_cache=no_cache,
-        must_revalidate=("must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc),
-        stale_while_revalidate=float(_delta_seconds(cc.get("stale-while-revalidate")) or 0),
-        stale_if_error=float(_delta_seconds(cc.get("stale-if-error")) or 0),
-        etag=etag,
-        last_modified=last_modified,
+        must_revalidate=any(d in o.cc for d in ("must-revalidate", "proxy-revalidate", "s-maxage")),
+        stale_while_revalidate=float(_delta_seconds(o.cc.get("stale-while-revalidate")) or 0),
+        stale_if_error=float(_delta_seconds(o.cc.get("stale-if-error")) or 0),
+        etag=response_headers.get("etag"),
+        last_modified=response_headers.get("last-modified"),
         vary=vary,
     )
-
-
-def _forbids_storing(
-    cc: Mapping[str, str | None], surrogate: Mapping[str, str | None], status: int
-) -> bool:
-    """no-store in the effective directives or Surrogate-Control (§5.2.2.5, must-understand)."""
-    if "no-store" in surrogate:
-        return True
-    if "must-understand" in cc:  # §5.2.2.3: overrides no-store for statuses we understand
-        return status not in UNDERSTOOD_STATUSES
-    return "no-store" in cc
-
-
-def _lifetime(
-    cc: Mapping[str, str | None],
-    surrogate: Mapping[str, str | None],
-    response_headers: Mapping[str, str],
-    status: int,
-    date: float | None,
-    response_time: float,
-    expires_applies: bool,
-    rule_ttl: float | None,
-    heuristic_fraction: float,
-    heuristic_max: float,
-    *,
-    has_validator: bool,
-) -> float | None:
-    """Freshness lifetime per the precedence in :func:`analyze`; None when not storable."""
-    if "max-age" in surrogate:
-        explicit: float | None = float(_delta_seconds(surrogate["max-age"]) or 0)
-    else:
-        explicit = _explicit_lifetime(cc, response_headers, date, response_time, expires_applies)
-    if explicit is not None:
-        return explicit
-    public = "public" in cc
-    if status not in UNDERSTOOD_STATUSES and not public:
-        return None
-    if rule_ttl is not None and status in UNDERSTOOD_STATUSES:
-        return float(rule_ttl)
-    if status in HEURISTICALLY_CACHEABLE or public:
-        heuristic = _heuristic_lifetime(
-            response_headers, date, response_time, heuristic_fraction, heuristic_max
-        )
-        if heuristic is not None:
-            return heuristic
-    if has_validator and status in UNDERSTOOD_STATUSES:
-        return 0.0
-    return None
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -175,7 +175,9 @@ class TieredCache:
             if entry.tags:
                 self._tags.add(skey, entry.tags)
 
-    def refresh(self, entry: CacheEntry, headers: list[tuple[str, str]], freshness: Freshness) -> None:
+    def refresh(
+        self, entry: CacheEntry, headers: list[tuple[str, str]], freshness: Freshness
+    ) -> None:
         """After a 304: new headers and freshness for the stored entry (memory and disk)."""
         entry.headers = headers
         entry.freshness = freshness

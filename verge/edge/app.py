@@ -146,8 +146,7 @@ class EdgeApp:
         return route
 
     def _redirect(self, request, redirect) -> bytes:
-        location = redirect.to.replace("$path", request.path).replace(
-            "$query", ("?" + request.query) if request.query else "")
+        location = redirect.location(request.path, request.query)
         body = f"redirecting to {location}\n".encode()
         return simple_response(redirect.status, body,
                                extra=b"Location: " + location.encode("latin-1") + b"\r\n")

@@ -21,6 +21,7 @@ from verge.http.server import CLOCK, REASONS
 NOT_STORED = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
     "upgrade", "proxy-authenticate", "proxy-authorization", "content-length", "age",
+    "surrogate-control",
 })
 
 

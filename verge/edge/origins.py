@@ -127,5 +127,5 @@ class OriginSet:
                 response = await self.pool.request(state.origin, "GET", check.path, headers)
                 await response.read_all(limit=1 << 20)
                 response.release()
-                ok = response.status < 400
+                ok = check.is_healthy_status(response.status)
         self._record(state, ok)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -111,8 +110,10 @@ class Worker:
         while True:
             await asyncio.sleep(1.0)
             self.access_log.flush()
-            with contextlib.suppress(Exception):
-                self.disk.touch_flush() if hasattr(self.disk, "touch_flush") else None
+            try:
+                self.disk.flush()  # batched access times for the disk tier's LRU
+            except Exception:
+                log.exception("disk index flush failed")
 
 
 def _connection_count() -> int:

@@ -333,7 +333,11 @@ class HttpServerProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(501, "protocol upgrade is not supported on this port")
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed request: {exc}")
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ProtocolLimitError):  # raised by one of our callbacks
+                self._fail(cause.status, str(cause))
+            else:
+                self._fail(400, f"malformed request: {exc}")
 
     def on_message_begin(self) -> None:
         self._reset_message()
