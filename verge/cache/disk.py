@@ -489,10 +489,7 @@ class DiskStore:
         if row is not None and row[0] == encoded:
             return
         with self._write_tx() as db:
-            db.execute(
-                "INSERT INTO vary VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET fields = excluded.fields",
-                (key, encoded),
-            )
+            db.execute("INSERT OR REPLACE INTO vary VALUES (?, ?)", (key, encoded))
             variants = [
                 v for (v,) in db.execute("SELECT variant FROM entries WHERE key = ?", (key,))
             ]

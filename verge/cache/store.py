@@ -43,7 +43,8 @@ class CacheEntry:
     body: bytes | None = None
     disk: DiskEntry | None = None
     encoding: str | None = None  # Content-Encoding of this body when the edge made it
-    rendered: tuple[int, bytes] | None = field(default=None, repr=False)
+    compressible: bool | None = None  # may the edge compress it (decided on first delivery)
+    rendered: tuple | None = field(default=None, repr=False)  # deliver phase's head cache
 
     @property
     def storage_key(self) -> str:
@@ -182,6 +183,7 @@ class TieredCache:
         entry.headers = headers
         entry.freshness = freshness
         entry.rendered = None
+        entry.compressible = None
         self._drop_derived(entry.key, entry.variant)
         if entry.disk is not None:
             self.disk.update_meta(entry.key, entry.variant, entry.to_meta())

@@ -26,6 +26,7 @@ from verge.edge.deliver import (
     add_vary,
     cache_status_value,
     connection_field,
+    entry_head,
     plan_delivery,
 )
 from verge.edge.fetch import Fetcher, proxy_request_headers, response_headers_for_client
@@ -40,6 +41,8 @@ log = logging.getLogger("verge.edge")
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 SERVABLE = (policy.Verdict.FRESH, policy.Verdict.STALE_OK)
+ROUTE_MEMO_SIZE = 8192
+WRITEV_THRESHOLD = 32 * 1024  # bigger bodies go out with writev instead of being copied
 
 
 @dataclass(slots=True)
@@ -94,6 +97,7 @@ class EdgeApp:
             runtimes[service.name] = ServiceRuntime(service, origins, plans)
         self.config = config
         self.runtimes = runtimes
+        self._routes: dict[tuple[str, str], Route | bytes] = {}
         self.generation += 1
         self.compression = config.compression
         for name, runtime in old.items():
@@ -152,28 +156,56 @@ class EdgeApp:
                                extra=b"Location: " + location.encode("latin-1") + b"\r\n")
 
     # ----- fast path: fresh memory hits -----------------------------------------------------------
+    def cached_route(self, request) -> Route | bytes:
+        """route() memoised per (host, target) for the current config generation.
+
+        Routes whose cache key depends on request headers (rule key_headers) are not memoised.
+        """
+        memo_key = (request.host, request.target)
+        route = self._routes.get(memo_key)
+        if route is None:
+            route = self.route(request)
+            if type(route) is bytes or not (route.rule is not None and route.rule.key_headers):
+                if len(self._routes) >= ROUTE_MEMO_SIZE:
+                    self._routes.clear()
+                self._routes[memo_key] = route
+        return route
+
     def handle_fast(self, request):
+        """Answer a fresh memory hit without a task; None sends the request down the async path."""
         if request.method not in CACHEABLE_METHODS:
             return None
         started = time.perf_counter()
-        route = self.route(request)
-        if isinstance(route, bytes):
+        route = self.cached_route(request)
+        if type(route) is bytes:
             self._log(request, route[9:12], len(route), "none", started)
             return route
-        if route.key is None:
+        key = route.key
+        if key is None:
             return None
         hmap = request.hmap
-        entry = self.cache.lookup_memory(route.key, hmap)
+        entry = self.cache.lookup_memory(key, hmap)
         if entry is None:
             return None
         now = time.time()
-        needs_check = ("cache-control" in hmap or "pragma" in hmap or entry.freshness.no_cache
-                       or now >= entry.freshness.fresh_until())
-        if needs_check and policy.evaluate(entry.freshness, hmap, now) not in SERVABLE:
+        freshness = entry.freshness
+        if ("cache-control" in hmap or "pragma" in hmap or freshness.no_cache
+                or now >= freshness.fresh_until()) and \
+                policy.evaluate(freshness, hmap, now) not in SERVABLE:
             return None
-        entry = self._encoded_variant(entry, route, hmap)
-        if entry is None:
-            return None
+        if entry.compressible is None:
+            entry.compressible = self._compressible(entry)
+        if entry.compressible:
+            entry = self._encoded_variant(entry, route, hmap)
+        body = entry.body
+        if body is not None and request.method == "GET" and not (
+                "if-none-match" in hmap or "if-modified-since" in hmap or "range" in hmap
+                or "connection" in hmap):
+            generation, head, tail = entry_head(entry, route.plan, self.generation, self.node)
+            head = head + b"Age: %d\r\n" % policy.age_value(freshness, now) + tail
+            response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)
+            self._log(request, entry.status, len(body), "hit", started)
+            return response
         result = self._entry_response(entry, request, route, now, "hit")
         if result is None:
             return None
@@ -186,7 +218,7 @@ class EdgeApp:
         """(status, bytes | FileResponse, body bytes) for an entry, or None if the disk file is gone."""
         delivery = plan_delivery(
             entry, request.hmap, request.method, request.version, now, route.plan,
-            self.generation, cache_status or f"{self.node}; hit",
+            self.generation, self.node, cache_status or f"{self.node}; hit",
         )
         if not delivery.has_body:
             return delivery.status, delivery.head, 0
@@ -202,20 +234,25 @@ class EdgeApp:
             return None
         return delivery.status, FileResponse(delivery.head, fd, delivery.start, count), count
 
-    def _encoded_variant(self, entry: CacheEntry, route: Route, hmap) -> CacheEntry | None:
-        """The entry itself, or its compressed variant when the client accepts one."""
+    def _compressible(self, entry: CacheEntry) -> bool:
+        """Whether the edge may compress this entry's body (decided once per entry)."""
         settings = self.compression
         if not settings.enabled or entry.encoding is not None or entry.body is None \
                 or entry.status != 200:
-            return entry
+            return False
         headers = entry.headers
-        content_type = _field(headers, "content-type")
         if _field(headers, "content-encoding") is not None or \
-                not is_compressible(content_type, settings.types):
+                not is_compressible(_field(headers, "content-type"), settings.types):
+            return False
+        return settings.min_bytes <= entry.body_size <= settings.max_bytes
+
+    def _encoded_variant(self, entry: CacheEntry, route: Route, hmap) -> CacheEntry:
+        """The entry itself, or its compressed variant when the client accepts one."""
+        if entry.compressible is None:
+            entry.compressible = self._compressible(entry)
+        if not entry.compressible or "range" in hmap:
             return entry
-        size = entry.body_size
-        if size < settings.min_bytes or size > settings.max_bytes or "range" in hmap:
-            return entry
+        settings = self.compression
         encoding = choose_encoding(hmap.get("accept-encoding"), settings.algorithms)
         if encoding is None:
             return _with_vary_ae(entry)
@@ -237,7 +274,7 @@ class EdgeApp:
         return CacheEntry(
             key=entry.key, variant=entry.variant, status=entry.status, reason=entry.reason,
             headers=headers, freshness=freshness, tags=entry.tags, body_size=len(body),
-            body=body, encoding=encoding,
+            body=body, encoding=encoding, compressible=False,
         )
 
     # ----- async path --------------------------------------------------------------------------
@@ -276,7 +313,7 @@ class EdgeApp:
 
     async def _deliver_entry(self, request, writer, route: Route, entry: CacheEntry, result: str,
                              started: float, cache_status: str | None = None) -> None:
-        entry_for_client = self._encoded_variant(entry, route, request.hmap) or entry
+        entry_for_client = self._encoded_variant(entry, route, request.hmap)
         now = time.time()
         out = self._entry_response(entry_for_client, request, route, now, result, cache_status)
         if out is None:  # disk body evicted under us: fetch again

@@ -63,14 +63,20 @@ def render_head(status: int, reason: str, headers: Headers) -> bytes:
     return "".join(lines).encode("latin-1")
 
 
-def entry_head(entry: CacheEntry, plan: HeaderPlan, generation: int) -> bytes:
-    """Status line + stored headers after the plan, cached on the entry per generation."""
+def entry_head(entry: CacheEntry, plan: HeaderPlan, generation: int, node: str) -> tuple:
+    """(generation, head, hit_tail), cached on the entry per config generation.
+
+    ``head`` is the status line and stored headers after the plan; ``hit_tail`` is what a
+    plain full hit adds after ``Age``: Cache-Status, Content-Length and the blank line.
+    """
     rendered = entry.rendered
     if rendered is not None and rendered[0] == generation:
-        return rendered[1]
+        return rendered
     head = render_head(entry.status, entry.reason, apply_plan(entry.headers, plan))
-    entry.rendered = (generation, head)
-    return head
+    length = b"" if entry.status in (204, 304) else b"Content-Length: %d\r\n" % entry.body_size
+    tail = cache_status_value(entry.headers, f"{node}; hit") + length + b"\r\n"
+    entry.rendered = rendered = (generation, head, tail)
+    return rendered
 
 
 def connection_field(version: str, connection: str | None) -> bytes:
@@ -104,10 +110,10 @@ class Delivery:
 
 
 def plan_delivery(entry: CacheEntry, hmap, method: str, version: str, now: float,
-                  plan: HeaderPlan, generation: int, cache_status: str) -> Delivery:
+                  plan: HeaderPlan, generation: int, node: str, cache_status: str) -> Delivery:
     """Choose 200 / 206 / 304 / 416 for this request and build the head."""
     freshness = entry.freshness
-    base = entry_head(entry, plan, generation)
+    base = entry_head(entry, plan, generation, node)[1]
     extra = b"".join((
         b"Age: %d\r\n" % age_value(freshness, now),
         cache_status_value(entry.headers, cache_status),

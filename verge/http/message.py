@@ -90,6 +90,8 @@ class Request:
     client: str = ""
     body: object | None = None
     _map: dict[str, str] | None = field(default=None, repr=False)
+    keep_alive: bool = True
+    _host: str | None = field(default=None, repr=False)
 
     @property
     def hmap(self) -> Mapping[str, str]:
@@ -103,11 +105,15 @@ class Request:
 
     @property
     def host(self) -> str:
-        """The Host field without port, lower-cased ('' when absent)."""
-        host = self.hmap.get("host", "")
-        if host.startswith("["):
-            return host[: host.find("]") + 1].lower()
-        return host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+        """The Host field without port, lower-cased ('' when absent), computed once."""
+        if self._host is None:
+            host = self.hmap.get("host", "")
+            if host.startswith("["):
+                host = host[: host.find("]") + 1]
+            elif ":" in host:
+                host = host.rsplit(":", 1)[0]
+            self._host = host.lower()
+        return self._host
 
 
 def split_target(target: str) -> tuple[str, str]:

@@ -289,7 +289,6 @@ class HttpServerProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future | None = None
         self._paused_since = 0.0
         self._reading_paused_body = False
-        self._keepalive_of: dict[int, bool] = {}
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -319,9 +318,9 @@ class HttpServerProtocol(asyncio.Protocol):
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: list[tuple[str, str]] = []
+        self._hmap: dict[str, str] = {}
         self._header_bytes = 0
         self._body: RequestBody | None = None
-        self._current: Request | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -340,7 +339,11 @@ class HttpServerProtocol(asyncio.Protocol):
                 self._fail(400, f"malformed request: {exc}")
 
     def on_message_begin(self) -> None:
-        self._reset_message()
+        self._url = b""
+        self._headers = []
+        self._hmap = {}
+        self._header_bytes = 0
+        self._body = None
         self._state = "head"
         self._since = CLOCK.mono
 
@@ -353,24 +356,30 @@ class HttpServerProtocol(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes:
             raise ProtocolLimitError(431, "request header fields too large")
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        n = name.decode("latin-1")
+        v = value.decode("latin-1")
+        self._headers.append((n, v))
+        lower = n.lower()
+        hmap = self._hmap
+        if lower in hmap:
+            if lower == "host":
+                raise ProtocolLimitError(400, "exactly one Host header is required")
+            hmap[lower] = hmap[lower] + ", " + v
+        else:
+            hmap[lower] = v
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        method = parser.get_method().decode("ascii")
-        version = parser.get_http_version()
         target = self._url.decode("latin-1")
         path, query = split_target(target)
-        request = Request(method, target, path, query, self._headers, version, self.client)
-        self._check_request(request)
-        has_body = self._has_body(request)
-        if has_body:
-            expect = (request.header("expect") or "").lower() == "100-continue"
-            self._body = RequestBody(self, expect)
-            request.body = self._body
-            self._state = "body"
-        self._current = request
-        self._keepalive_of[id(request)] = parser.should_keep_alive()
+        hmap = self._hmap
+        request = Request(parser.get_method().decode("ascii"), target, path, query,
+                          self._headers, parser.get_http_version(), self.client, None, hmap)
+        request.keep_alive = parser.should_keep_alive()
+        if "transfer-encoding" in hmap or "content-length" in hmap:
+            self._check_body_headers(request, hmap)
+        elif "host" not in hmap and request.version == "1.1":
+            raise ProtocolLimitError(400, "exactly one Host header is required")
         if self._busy or self._queue:
             self._queue.append(request)
             if len(self._queue) > self.limits.max_pipelined and self.transport is not None:
@@ -378,22 +387,21 @@ class HttpServerProtocol(asyncio.Protocol):
         else:
             self._dispatch(request)
 
-    def _check_request(self, request: Request) -> None:
-        hosts = [v for n, v in request.headers if n.lower() == "host"]
-        if len(hosts) > 1 or (request.version == "1.1" and not hosts):
+    def _check_body_headers(self, request: Request, hmap: dict[str, str]) -> None:
+        """Framing checks (llhttp already rejects CL+TE and duplicate CL) and body set-up."""
+        if "host" not in hmap and request.version == "1.1":
             raise ProtocolLimitError(400, "exactly one Host header is required")
-        te = request.hmap.get("transfer-encoding")
+        te = hmap.get("transfer-encoding")
         if te is not None and te.strip().lower() != "chunked":
             raise ProtocolLimitError(501, "unsupported transfer-coding")
-        cl = request.hmap.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > self.limits.max_body_bytes:
+        cl = hmap.get("content-length", "").strip()
+        if cl.isdigit() and int(cl) > self.limits.max_body_bytes:
             raise ProtocolLimitError(413, "request body too large")
-
-    def _has_body(self, request: Request) -> bool:
-        if "transfer-encoding" in request.hmap:
-            return True
-        cl = request.hmap.get("content-length")
-        return cl is not None and cl.strip() not in ("", "0")
+        if te is not None or (cl and cl != "0"):
+            expect = hmap.get("expect", "").lower() == "100-continue"
+            self._body = RequestBody(self, expect)
+            request.body = self._body
+            self._state = "body"
 
     def on_body(self, data: bytes) -> None:
         body = self._body
@@ -412,7 +420,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     # ----- dispatch -----------------------------------------------------------------------
     def _dispatch(self, request: Request) -> None:
-        keep_alive = self._keepalive_of.pop(id(request), False)
+        keep_alive = request.keep_alive
         if request.body is None:
             try:
                 result = self.app.handle_fast(request)
@@ -431,7 +439,10 @@ class HttpServerProtocol(asyncio.Protocol):
             self._busy = True
             self.loop.create_task(self._send_file_response(result, keep_alive))
             return
-        self.transport.write(result)
+        if type(result) is tuple:  # (head, large body): writev, no copy
+            self.transport.writelines(result)
+        else:
+            self.transport.write(result)
         self._after_response(keep_alive)
 
     async def _send_file_response(self, result: FileResponse, keep_alive: bool) -> None:
