@@ -39,8 +39,7 @@ class AdminApp:
 
     async def handle(self, request, writer) -> None:
         response = await self.dispatch(request)
-        writer.started = writer.finished = True
-        writer._proto.write_raw(response)
+        writer.send_prepared(int(response[9:12]), response, 0)
 
     async def dispatch(self, request) -> bytes:
         path, method = request.path, request.method

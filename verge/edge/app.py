@@ -223,10 +223,13 @@ class EdgeApp:
         if not delivery.has_body:
             return delivery.status, delivery.head, 0
         count = delivery.end - delivery.start
-        if entry.body is not None:
-            if delivery.start == 0 and count == len(entry.body):
-                return delivery.status, delivery.head + entry.body, count
-            return delivery.status, delivery.head + entry.body[delivery.start:delivery.end], count
+        body = entry.body
+        if body is not None:
+            if delivery.start != 0 or count != len(body):
+                body = body[delivery.start:delivery.end]
+            if count >= WRITEV_THRESHOLD:
+                return delivery.status, (delivery.head, body), count
+            return delivery.status, delivery.head + body, count
         try:
             fd = entry.disk.open()
         except OSError:
@@ -320,28 +323,18 @@ class EdgeApp:
             await self.fetcher.serve_from_origin(request, writer, route, None, started)
             return
         status, response, sent = out
-        writer.started = True
-        writer.status = status
         if isinstance(response, FileResponse):
-            writer._proto.write_raw(response.head)
-            try:
-                await writer._proto.sendfile(response.fd, response.offset, response.count)
-            finally:
-                import os
-
-                os.close(response.fd)
+            await writer.send_file_response(status, response)
+            head = response.head
         else:
-            writer._proto.write_raw(response)
-        writer.finished = True
-        writer.bytes_sent = sent
-        if b"Connection: close" in (response.head if isinstance(response, FileResponse)
-                                    else response[:4096]):
+            writer.send_prepared(status, response, sent)
+            head = response[0] if type(response) is tuple else response[:4096]
+        if b"Connection: close" in head:
             writer.keep_alive = False
         self._log(request, status, sent, result, started)
 
     async def _send_bytes(self, writer: ResponseWriter, data: bytes) -> None:
-        writer.started = writer.finished = True
-        writer._proto.write_raw(data)
+        writer.send_prepared(int(data[9:12]), data, 0)
 
     async def _error(self, request, writer, status: int, message: str, started: float) -> None:
         await self._send_bytes(writer, simple_response(status, f"{message}\n".encode()))

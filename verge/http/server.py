@@ -257,6 +257,29 @@ class ResponseWriter:
             await self._proto.sendfile(fd, offset, count)
         self.bytes_sent += count
 
+    def send_prepared(self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int) -> None:
+        """Send a response already rendered whole (head and body) by the application."""
+        self.started = self.finished = True
+        self.status = status
+        self.bytes_sent = body_bytes
+        if type(data) is tuple:
+            self._proto.write_many(data)
+        else:
+            self._proto.write_raw(data)
+
+    async def send_file_response(self, status: int, response: FileResponse) -> None:
+        """Send a pre-rendered head, then the file range with sendfile; closes the fd."""
+        self.started = True
+        self.status = status
+        try:
+            self._proto.write_raw(response.head)
+            await self._proto.sendfile(response.fd, response.offset, response.count)
+        finally:
+            if response.close_fd:
+                os.close(response.fd)
+        self.finished = True
+        self.bytes_sent = response.count
+
     async def end(self) -> None:
         if self.finished:
             return
