@@ -236,28 +236,7 @@ class TieredCache:
         raise ValueError(f"unknown purge kind {kind!r}")
 
     def purge_disk(self, kind: str, value: str, soft: bool) -> int:
-        """Purge the shared disk tier (once per node)."""
-        if kind == "url":
-            targets = [(value, v) for v in self._disk_variants(value)]
-        elif kind == "prefix":
-            targets = self.disk.keys_with_prefix(value)
-        elif kind == "tag":
-            targets = self.disk.keys_with_tag(value)
-        else:
-            raise ValueError(f"unknown purge kind {kind!r}")
-        for key, variant in targets:
-            if soft:
-                found = self.disk.lookup(key, variant)
-                if found is not None:
-                    meta = dict(found.meta)
-                    meta["freshness"] = {**meta["freshness"], "invalidated": True}
-                    self.disk.update_meta(key, variant, meta)
-            else:
-                self.disk.remove(key, variant)
-        return len(targets)
-
-    def _disk_variants(self, key: str) -> list[str]:
-        return sorted({v for k, v in self.disk.keys_with_prefix(key) if k == key})
+        return purge_disk(self.disk, kind, value, soft)
 
     def stats(self) -> dict[str, int]:
         return {"memory_bytes": self.memory.used_bytes, "memory_objects": len(self.memory)}
@@ -266,3 +245,25 @@ class TieredCache:
 def tags_of(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     """Surrogate keys of a response (Surrogate-Key / Cache-Tag)."""
     return parse_surrogate_keys({n.lower(): v for n, v in headers})
+
+
+def purge_disk(disk: DiskStore, kind: str, value: str, soft: bool) -> int:
+    """Purge the shared disk tier (once per node). kind: 'url' (a primary key), 'prefix', 'tag'."""
+    if kind == "url":
+        targets = [(k, v) for k, v in disk.keys_with_prefix(value) if k == value]
+    elif kind == "prefix":
+        targets = disk.keys_with_prefix(value)
+    elif kind == "tag":
+        targets = disk.keys_with_tag(value)
+    else:
+        raise ValueError(f"unknown purge kind {kind!r}")
+    for key, variant in targets:
+        if soft:
+            found = disk.lookup(key, variant)
+            if found is not None:
+                meta = dict(found.meta)
+                meta["freshness"] = {**meta["freshness"], "invalidated": True}
+                disk.update_meta(key, variant, meta)
+        else:
+            disk.remove(key, variant)
+    return len(targets)

@@ -99,9 +99,7 @@ class AdminApp:
             for key in self.url_keys(url):
                 out.append(("url", key))
                 out.append(("prefix", key + "\n"))  # variants keyed by rule headers
-        for prefix in _strings(data, "prefixes"):
-            out.append(("prefix", keys.key_for_url(prefix).rstrip("/") if prefix.endswith("/")
-                        is False else keys.key_for_url(prefix)))
+        out.extend(("prefix", keys.key_for_url(prefix)) for prefix in _strings(data, "prefixes"))
         out.extend(("tag", tag) for tag in _strings(data, "tags"))
         return out
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import uvloop
 
 from verge.cache.disk import DiskStore
-from verge.cache.store import TieredCache
+from verge.cache.store import purge_disk
 from verge.config import Config, ConfigError, load_config
 from verge.edge.admin import AdminApp
 from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
@@ -175,11 +175,7 @@ class Node:
 
     async def purge(self, targets: list[tuple[str, str]], soft: bool) -> dict:
         """Disk once, then every worker's memory; returns counts."""
-        disk_count = 0
-        helper = TieredCache.__new__(TieredCache)  # disk-only view, no memory tier
-        helper.disk = self.disk
-        for kind, value in targets:
-            disk_count += TieredCache.purge_disk(helper, kind, value, soft)
+        disk_count = sum(purge_disk(self.disk, kind, value, soft) for kind, value in targets)
         replies = await self.broadcast({"op": "purge", "targets": targets, "soft": soft})
         memory = sum(r.get("count", 0) for r in replies)
         failed = [r["error"] for r in replies if not r.get("ok")]

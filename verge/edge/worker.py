@@ -26,7 +26,14 @@ from verge.cache.store import TieredCache
 from verge.config import Config
 from verge.edge.app import EdgeApp
 from verge.http.client import OriginPool
-from verge.http.server import CLOCK, ServerLimits, reuseport_socket, serve, sweep_forever
+from verge.http.server import (
+    CLOCK,
+    HttpServerProtocol,
+    ServerLimits,
+    reuseport_socket,
+    serve,
+    sweep_forever,
+)
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
 
@@ -95,7 +102,7 @@ class Worker:
         if op == "stats":
             snap = self.metrics.snapshot()
             snap.update(self.app.cache.stats())
-            snap["connections"] = len(self.server.sockets) and _connection_count()
+            snap["connections"] = len(HttpServerProtocol.connections)
             return {"ok": True, "stats": snap}
         if op == "config":
             config = Config.model_validate(msg["config"])
@@ -114,12 +121,6 @@ class Worker:
                 self.disk.flush()  # batched access times for the disk tier's LRU
             except Exception:
                 log.exception("disk index flush failed")
-
-
-def _connection_count() -> int:
-    from verge.http.server import HttpServerProtocol
-
-    return len(HttpServerProtocol.connections)
 
 
 def main(argv: list[str] | None = None) -> None:
