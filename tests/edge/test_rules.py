@@ -703,3 +703,28 @@ def test_reload_applies_changed_origin_host_header(edge_factory, origin):
     with edge.client() as c:
         c.get("/h")
     assert seen_by_origin(origin, "/h")[-1].headers["host"] == "two.test"
+
+
+LIMITED = """
+limits:
+  max_url_bytes: {url_bytes}
+services:
+  - name: site
+    hosts: ["*"]
+    default: true
+    origins: ["{origin}"]
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a reload reports ok but keeps the old limits "
+                   "(ServerLimits, like origin_timeouts and cache sizes, is built once in "
+                   "worker.Worker.__init__; the 'config' command only calls apply_config)")
+def test_reload_applies_changed_limits(edge_factory, origin):
+    origin.route("/*", body=b"ok")
+    edge = edge_factory(config=LIMITED.format(url_bytes="8KiB", origin=origin.url))
+    long_path = "/" + "a" * 2000
+    assert fresh_get(edge, long_path).status_code == 200
+    config_path(edge).write_text(LIMITED.format(url_bytes="1KiB", origin=origin.url))
+    with edge.admin() as admin:
+        assert admin.post("/config/reload").status_code == 200
+    assert fresh_get(edge, long_path).status_code == 414
