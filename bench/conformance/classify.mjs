@@ -45,6 +45,7 @@ function describe (suites, determine, runs) {
         const value = raw[test.id]
         results[name] = {
           outcome: OUTCOMES[symbol] || symbol,
+          raw_pass: value === true,
           detail: Array.isArray(value) ? value[1] : null
         }
       }

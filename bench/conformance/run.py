@@ -86,11 +86,22 @@ class Proc:
             os.killpg(self.popen.pid, sig)
 
 
-def spawn(name: str, argv: list[str], log: Path, cwd: Path | None = None,
-          env: dict[str, str] | None = None) -> Proc:
+def spawn(
+    name: str,
+    argv: list[str],
+    log: Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Proc:
     out = log.open("wb")
-    popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                             env={**os.environ, **(env or {})}, start_new_session=True)
+    popen = subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
     out.close()
     return Proc(name, popen, log)
 
@@ -139,26 +150,43 @@ class Setup:
 
 
 def start_origin(s: Setup) -> Proc:
-    env = {"npm_package_config_protocol": "http", "npm_config_port": str(s.origin_port),
-           "npm_config_pidfile": str(s.work / "origin.pid")}
+    env = {
+        "npm_package_config_protocol": "http",
+        "npm_config_port": str(s.origin_port),
+        "npm_config_pidfile": str(s.work / "origin.pid"),
+    }
     proc = spawn("origin", ["node", "server/server.mjs"], s.work / "origin.log", s.suite, env)
     wait_ready(proc, lambda: http_status(f"http://127.0.0.1:{s.origin_port}/state/x") == 404)
     return proc
 
 
 def start_verge(s: Setup, port: int) -> Proc:
-    argv = [str(s.verge_bin), "edge", "--listen", f"127.0.0.1:{port}",
-            "--origin", f"http://127.0.0.1:{s.origin_port}", "--cache-dir", str(s.work / "verge-cache"),
-            "--admin", f"127.0.0.1:{free_port()}", "--admin-token", secrets.token_hex(8),
-            "--workers", "1"]
+    argv = [
+        str(s.verge_bin),
+        "edge",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--origin",
+        f"http://127.0.0.1:{s.origin_port}",
+        "--cache-dir",
+        str(s.work / "verge-cache"),
+        "--admin",
+        f"127.0.0.1:{free_port()}",
+        "--admin-token",
+        secrets.token_hex(8),
+        "--workers",
+        "1",
+    ]
     return spawn("verge", argv, s.work / "verge.log")
 
 
 def nginx_conf(s: Setup, port: int) -> str:
     """The suite's docker/nginx config (proxy_cache + proxy_cache_revalidate), made standalone."""
     d = s.work / "nginx"
-    temp = "\n".join(f"  {kind}_temp_path {d}/tmp/{kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"  {kind}_temp_path {d}/tmp/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return f"""worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
@@ -191,9 +219,24 @@ def start_varnish(s: Setup, port: int) -> Proc:
     """Built-in VCL and the runtime parameters of the suite's docker/serve.sh."""
     d = s.work / "varnish"
     d.mkdir()
-    argv = [tool("varnishd"), "-F", "-n", str(d / "n"), "-a", f"127.0.0.1:{port}",
-            "-b", f"127.0.0.1:{s.origin_port}", "-p", "default_ttl=0", "-p", "default_grace=0",
-            "-p", "default_keep=3600", "-s", "malloc,64M"]
+    argv = [
+        tool("varnishd"),
+        "-F",
+        "-n",
+        str(d / "n"),
+        "-a",
+        f"127.0.0.1:{port}",
+        "-b",
+        f"127.0.0.1:{s.origin_port}",
+        "-p",
+        "default_ttl=0",
+        "-p",
+        "default_grace=0",
+        "-p",
+        "default_keep=3600",
+        "-s",
+        "malloc,64M",
+    ]
     return spawn("varnish", argv, d / "stdout.log")
 
 
@@ -211,13 +254,26 @@ def start_ats(s: Setup, port: int) -> Proc:
     (etc / "records.config").write_text(records)
     (etc / "storage.config").write_text(f"{d / 'cache'} 256M\n")
     (etc / "remap.config").write_text(
-        "".join(f"map http://{host}:{port}/ http://127.0.0.1:{s.origin_port}/\n"
-                for host in ("127.0.0.1", "localhost")))
-    layout = {"prefix": d, "exec_prefix": "/usr", "bindir": "/usr/bin", "sbindir": "/usr/sbin",
-              "sysconfdir": etc, "datadir": d / "cache", "includedir": "/usr/include",
-              "libdir": "/usr/lib/trafficserver", "libexecdir": "/usr/lib/trafficserver/modules",
-              "localstatedir": d / "var", "runtimedir": d / "run", "logdir": d / "log",
-              "cachedir": d / "cache"}
+        "".join(
+            f"map http://{host}:{port}/ http://127.0.0.1:{s.origin_port}/\n"
+            for host in ("127.0.0.1", "localhost")
+        )
+    )
+    layout = {
+        "prefix": d,
+        "exec_prefix": "/usr",
+        "bindir": "/usr/bin",
+        "sbindir": "/usr/sbin",
+        "sysconfdir": etc,
+        "datadir": d / "cache",
+        "includedir": "/usr/include",
+        "libdir": "/usr/lib/trafficserver",
+        "libexecdir": "/usr/lib/trafficserver/modules",
+        "localstatedir": d / "var",
+        "runtimedir": d / "run",
+        "logdir": d / "log",
+        "cachedir": d / "cache",
+    }
     (d / "runroot.yaml").write_text("".join(f"{k}: {v}\n" for k, v in layout.items()))
     argv = [tool("traffic_server"), f"--run-root={d / 'runroot.yaml'}"]
     return spawn("ats", argv, d / "stdout.log", cwd=d)
@@ -241,8 +297,11 @@ def tool(name: str) -> str:
 def version_of(name: str, s: Setup) -> str:
     if name == "verge":
         return "verge " + first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
-    argv = {"nginx": [tool("nginx"), "-v"],
-            "varnish": [tool("varnishd"), "-V"], "ats": [tool("traffic_server"), "-V"]}[name]
+    argv = {
+        "nginx": [tool("nginx"), "-v"],
+        "varnish": [tool("varnishd"), "-V"],
+        "ats": [tool("traffic_server"), "-V"],
+    }[name]
     return first_line(argv)
 
 
@@ -262,13 +321,21 @@ def run_suite(s: Setup, base_url: str, out: Path) -> None:
     """The suite's CLI (``npm run cli --base=URL``) with its results JSON written to ``out``."""
     env = {"npm_config_base": base_url, "npm_package_config_id": "", "npm_config_id": ""}
     with out.open("wb") as fh:
-        done = subprocess.run(["node", "--no-warnings", "cli.mjs"], cwd=s.suite, stdout=fh,
-                              stderr=subprocess.PIPE, env={**os.environ, **env},
-                              timeout=SUITE_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            ["node", "--no-warnings", "cli.mjs"],
+            cwd=s.suite,
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **env},
+            timeout=SUITE_TIMEOUT_S,
+            check=False,
+        )
     try:
         json.loads(out.read_text())
     except ValueError as err:
-        raise RunError(f"suite produced no JSON for {base_url}: {done.stderr.decode()[-2000:]}") from err
+        raise RunError(
+            f"suite produced no JSON for {base_url}: {done.stderr.decode()[-2000:]}"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -282,12 +349,29 @@ def running(proc: Proc) -> Iterator[Proc]:
 def test_contender(name: str, s: Setup, results: Path) -> str:
     """Start one cache in front of the origin, run the suite through it, stop it."""
     port = free_port()
+    out = results / f"{name}.json"
     with running(STARTERS[name][1](s, port)) as proc:
-        wait_ready(proc, proxies_to_origin(port))
-        started = time.monotonic()
-        run_suite(s, f"http://127.0.0.1:{port}", results / f"{name}.json")
-        print(f"  {name}: suite ran in {time.monotonic() - started:.0f}s", flush=True)
+        try:
+            wait_ready(proc, proxies_to_origin(port))
+            started = time.monotonic()
+            run_suite(s, f"http://127.0.0.1:{port}", out)
+            print(f"  {name}: suite ran in {time.monotonic() - started:.0f}s", flush=True)
+        finally:
+            shutil.copyfile(proc.log, results / f"{name}.log")
+    warn_on_transport_errors(name, out)
     return version_of(name, s)
+
+
+def warn_on_transport_errors(name: str, out: Path) -> None:
+    """Connection errors mean the server died or hung, not that it judged a test wrongly."""
+    raw = json.loads(out.read_text())
+    broken = [k for k, v in raw.items() if v is not True and v[0] == "FetchError"]
+    if broken:
+        print(
+            f"  WARNING {name}: {len(broken)} tests failed on connection errors "
+            f"(e.g. {broken[0]}: {raw[broken[0]][1]}); see {name}.log",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------- report
@@ -302,9 +386,15 @@ def classify(s: Setup, results: Path, names: Sequence[str]) -> list[dict]:
     return rows
 
 
-COLUMNS = (("passed", PASSING), ("required fail", ("fail",)), ("optional fail", ("optional_fail",)),
-           ("check: no", ("no",)), ("setup fail", ("setup_fail",)),
-           ("dependency fail", ("dependency_fail",)), ("other", ("harness_fail", "retry", "untested")))
+COLUMNS = (
+    ("passed", PASSING),
+    ("required fail", ("fail",)),
+    ("optional fail", ("optional_fail",)),
+    ("check: no", ("no",)),
+    ("setup fail", ("setup_fail",)),
+    ("dependency fail", ("dependency_fail",)),
+    ("other", ("harness_fail", "retry", "untested")),
+)
 
 
 def summary(rows: list[dict], names: Sequence[str]) -> str:
@@ -315,7 +405,12 @@ def summary(rows: list[dict], names: Sequence[str]) -> str:
         cells = "".join(f"{sum(counts[n][o] for o in outcomes):>10}" for n in names)
         lines.append(f"{label:{width}}{cells}")
     lines.append(f"{'tests':{width}}" + "".join(f"{len(rows):>10}" for _ in names))
-    lines.append("passed = pass + 'yes' on checks (what cache-tests.fyi counts as green)")
+    raw = {n: sum(r["results"][n]["raw_pass"] for r in rows) for n in names}
+    lines.append(f"{'raw true':{width}}" + "".join(f"{raw[n]:>10}" for n in names))
+    lines.append(
+        "passed = pass + 'yes' on checks, a test counting only when the tests it depends on\n"
+        "pass (as cache-tests.fyi shows it); raw true = the suite's own true, ignoring that"
+    )
     return "\n".join(lines)
 
 
@@ -333,8 +428,10 @@ def verge_behind(rows: list[dict], names: Sequence[str]) -> str:
         if r["suite_name"] != section:
             section = r["suite_name"]
             lines.append(f"  [{section}]")
-        lines.append(f"    {r['id']} ({r['kind']}; verge {mine['outcome']}; passed by "
-                     f"{', '.join(others)}): {mine['detail']}")
+        lines.append(
+            f"    {r['id']} ({r['kind']}; verge {mine['outcome']}; passed by "
+            f"{', '.join(others)}): {mine['detail']}"
+        )
     return "\n".join(lines)
 
 
@@ -344,8 +441,12 @@ def verge_behind(rows: list[dict], names: Sequence[str]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    p.add_argument("--suite-root", type=Path, default=DEFAULT_SUITE_ROOT,
-                   help="where run.sh installed the npm package (node_modules/ under it)")
+    p.add_argument(
+        "--suite-root",
+        type=Path,
+        default=DEFAULT_SUITE_ROOT,
+        help="where run.sh installed the npm package (node_modules/ under it)",
+    )
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--verge-bin", type=Path, default=Path(sys.executable).parent / "verge")
     p.add_argument("--keep-work", action="store_true", help="keep configs and logs")
@@ -369,10 +470,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     suite = opts.suite_root / "node_modules" / SUITE_PACKAGE
     if not (suite / "cli.mjs").exists():
-        print(f"missing: the test suite ({SUITE_PACKAGE} from npm) at {suite}; "
-              "run bench/conformance/run.sh, which installs it there")
+        print(
+            f"missing: the test suite ({SUITE_PACKAGE} from npm) at {suite}; "
+            "run bench/conformance/run.sh, which installs it there"
+        )
         return 2
     work = Path(tempfile.mkdtemp(prefix="verge-conformance-"))
+    work.chmod(0o755)  # nginx, Varnish and ATS workers drop root and must reach their dirs
     s = Setup(suite=suite, work=work, origin_port=free_port(), verge_bin=opts.verge_bin)
     names = available(opts.only, s)
     if not names:

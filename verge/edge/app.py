@@ -29,7 +29,7 @@ from verge.edge.deliver import (
     entry_head,
     plan_delivery,
 )
-from verge.edge.fetch import Fetcher, proxy_request_headers, response_headers_for_client
+from verge.edge.fetch import Fetcher, proxy_request_headers, relay
 from verge.edge.origins import OriginSet
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
@@ -356,19 +356,7 @@ class EdgeApp:
             return
         self.metrics.origin_latency(time.perf_counter() - t0)
         fwd = "bypass" if result == "bypass" else "method"
-        out_headers = response_headers_for_client(response.headers, route.plan)
-        out_headers.append(("Cache-Status", f"{self.node}; fwd={fwd}"))
-        length = _field(response.headers, "content-length")
-        writer.start(response.status, out_headers, reason=response.reason,
-                     content_length=int(length) if length and length.isdigit() else None)
-        try:
-            async for chunk in response:
-                await writer.write(chunk)
-        except UpstreamError:
-            response.close()
-            writer.keep_alive = False
-            raise ConnectionResetError("origin broke mid-body") from None
-        response.release()
+        await relay(request, writer, response, route.plan, f"{self.node}; fwd={fwd}")
         if request.method not in SAFE_METHODS and response.status < 400:
             self._invalidate(request, response.headers)
         self._log(request, response.status, writer.bytes_sent, result, started)

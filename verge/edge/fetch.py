@@ -69,6 +69,25 @@ def response_headers_for_client(headers, plan: HeaderPlan) -> list[tuple[str, st
     return apply_plan([(n, v) for n, v in headers if n.lower() not in drop], plan)
 
 
+async def relay(request, writer, response, plan: HeaderPlan, cache_status: str) -> None:
+    """Stream one origin response to one client (pass-through, nothing stored)."""
+    headers = response_headers_for_client(response.headers, plan)
+    headers.append(("Cache-Status", cache_status))
+    writer.start(response.status, headers, content_length=_content_length(response.headers),
+                 reason=response.reason)
+    if request.method == "HEAD":
+        response.close()
+        return
+    try:
+        async for chunk in response:
+            await writer.write(chunk)
+    except UpstreamError:
+        response.close()
+        writer.keep_alive = False
+        raise ConnectionResetError("origin broke mid-body") from None
+    response.release()
+
+
 class Fetcher:
     def __init__(self, app: EdgeApp) -> None:
         self.app = app
@@ -310,21 +329,7 @@ class Fetcher:
                              started: float) -> None:
         """Stream an uncacheable origin response to its one client."""
         response = head.response
-        headers = response_headers_for_client(response.headers, route.plan)
-        headers.append(("Cache-Status", head.cache_status))
-        length = _content_length(response.headers)
-        writer.start(response.status, headers, content_length=length, reason=response.reason)
-        if request.method == "HEAD":
-            response.close()
-        else:
-            try:
-                async for chunk in response:
-                    await writer.write(chunk)
-            except UpstreamError:
-                response.close()
-                writer.keep_alive = False
-                raise ConnectionResetError("origin broke mid-body") from None
-            response.release()
+        await relay(request, writer, response, route.plan, head.cache_status)
         self.app._log(request, response.status, writer.bytes_sent, "miss", started)
 
 
