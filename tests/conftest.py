@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,14 +34,12 @@ class EdgeProcess:
     def __init__(self, workdir: Path, *, origin_url: str | None = None, config: str | None = None,
                  workers: int = 1, token: str = "test-token", access_log: bool = False) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port = 0  # the edge picks free ports and prints them in its ready line
+        self.admin_port = 0
         self.token = token
         self.cache_dir = workdir / "cache"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.args = [*VERGE, "edge", "--listen", f"127.0.0.1:{self.port}",
-                     "--admin", f"127.0.0.1:{self.admin_port}", "--admin-token", token,
+        self.args = [*VERGE, "edge", "--listen", "127.0.0.1:0",
+                     "--admin", "127.0.0.1:0", "--admin-token", token,
                      "--cache-dir", str(self.cache_dir), "--workers", str(workers)]
         if origin_url:
             self.args += ["--origin", origin_url]
@@ -54,8 +53,21 @@ class EdgeProcess:
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
     def start(self, timeout: float = 30.0) -> EdgeProcess:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        """Start (or restart, on the same ports) and wait for the ready line."""
+        args = list(self.args)
+        if self.port:
+            args[args.index("--listen") + 1] = f"127.0.0.1:{self.port}"
+            args[args.index("--admin") + 1] = f"127.0.0.1:{self.admin_port}"
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, cwd=self.workdir, start_new_session=True)
         ready = threading.Event()
         seen = []
@@ -72,6 +84,8 @@ class EdgeProcess:
         if not ready.wait(timeout) or not seen:
             self.stop()
             raise RuntimeError("edge did not start:\n" + "".join(self.output))
+        match = re.search(r"ready: http://[\d.]+:(\d+) admin http://[\d.]+:(\d+)", seen[0])
+        self.port, self.admin_port = int(match.group(1)), int(match.group(2))
         return self
 
     def client(self, **kw) -> httpx.Client:

@@ -22,7 +22,7 @@ app = typer.Typer(
 
 def _split_hostport(value: str, option: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise typer.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint=option)
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
@@ -34,7 +34,8 @@ def _fail(message: str) -> None:
 
 @app.command()
 def edge(
-    listen: Annotated[str, typer.Option(help="HOST:PORT for client traffic.")] = "127.0.0.1:8080",
+    listen: Annotated[str, typer.Option(
+        help="HOST:PORT for client traffic (port 0: any free port, printed when ready).")] = "127.0.0.1:8080",
     origin: Annotated[str | None, typer.Option(
         help="Origin URL for a catch-all service (like varnishd -b).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Disk cache directory (kept across restarts).")] = Path("./cache"),

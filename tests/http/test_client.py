@@ -767,6 +767,7 @@ def test_upload_failure_is_raised_and_connection_dropped(run) -> None:
 def test_early_response_while_upload_continues(run) -> None:
     async def scenario() -> None:
         head_received = asyncio.Event()
+        body_received = asyncio.Event()
         origin_done = asyncio.Event()
 
         async def body() -> AsyncIterator[bytes]:
@@ -777,11 +778,11 @@ def test_early_response_while_upload_continues(run) -> None:
         async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(response(body=b"early"))  # answers before the body is complete
-            await writer.drain()
-            received = b""
-            while not received.endswith(b"0\r\n\r\n"):
-                received += await reader.read(65536)
+            received = await reader.readuntil(b"0\r\n\r\n")
             assert b"second" in received
+            body_received.set()
+            await reader.readuntil(b"\r\n\r\n")  # the next request, on the same connection
+            writer.write(response(body=b"next"))
             await reader.read()
             writer.close()
             origin_done.set()
@@ -792,7 +793,11 @@ def test_early_response_while_upload_continues(run) -> None:
         resp = await pool.request(origin, "POST", "/", [("Host", "h")], body())
         assert resp.status == 200
         head_received.set()
-        assert await resp.read_all() == b"early"
+        assert await resp.read_all() == b"early"  # released while the upload still runs
+        await body_received.wait()
+        second = await pool.request(origin, "GET", "/", [("Host", "h")])
+        assert await second.read_all() == b"next"
+        assert pool.stats["connects"] == 1 and pool.stats["reuses"] == 1
         await pool.close()
         await origin_done.wait()
         server.close()

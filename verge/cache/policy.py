@@ -609,9 +609,11 @@ def analyze(
     no_cache = "no-cache" in o.cc
     if no_cache and not o.has_validator:
         return None
+    overridden = rule_override and rule_ttl is not None
     return Freshness(
         response_time=response_time,
-        corrected_initial_age=_corrected_initial_age(o, request_time, response_time),
+        # an operator's forced TTL counts from arrival here, not from the origin's Date/Age
+        corrected_initial_age=0.0 if overridden else _corrected_initial_age(o, request_time, response_time),
         lifetime=max(0.0, lifetime),
         no_cache=no_cache,
         must_revalidate=any(d in o.cc for d in ("must-revalidate", "proxy-revalidate", "s-maxage")),

@@ -312,7 +312,11 @@ class EdgeApp:
         if only_if_cached:
             await self._error(request, writer, 504, "not in cache (only-if-cached)", started)
             return
-        await self.fetcher.serve_from_origin(request, writer, route, entry, started)
+        # RFC 9211: fwd=request when only the client's directives sent a usable entry back
+        forced = entry is not None and not entry.freshness.no_cache and \
+            policy.evaluate(entry.freshness, {}, now) is policy.Verdict.FRESH
+        await self.fetcher.serve_from_origin(request, writer, route, entry, started,
+                                             "request" if forced else "stale")
 
     async def _deliver_entry(self, request, writer, route: Route, entry: CacheEntry, result: str,
                              started: float, cache_status: str | None = None) -> None:
@@ -425,5 +429,5 @@ def _with_vary_ae(entry: CacheEntry) -> CacheEntry:
 
 
 def _same_origins(old_service, new_service) -> bool:
-    return [o.url for o in old_service.origins] == [o.url for o in new_service.origins] and \
+    return old_service.origins == new_service.origins and \
         old_service.health_check == new_service.health_check

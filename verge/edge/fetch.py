@@ -95,12 +95,13 @@ class Fetcher:
 
     # ----- entry points ----------------------------------------------------------------------
     async def serve_from_origin(self, request, writer, route: Route, stale: CacheEntry | None,
-                                started: float) -> None:
-        """Answer a miss or a stale hit: join or start the key's fill, then deliver."""
+                                started: float, why: str = "stale") -> None:
+        """Answer a miss or a stored entry that must be revalidated (why: 'stale' or
+        'request', the RFC 9211 fwd reason): join or start the key's fill, then deliver."""
         fill = self.fills.get(route.key)
         collapsed = fill is not None
         if fill is None:
-            fill = self._start_fill(request, route, stale)
+            fill = self._start_fill(request, route, stale, why)
         head = await asyncio.shield(fill.head)
         if collapsed and not self._can_share(head, request):
             await self._own_fetch(request, writer, route, started)
@@ -114,10 +115,12 @@ class Fetcher:
             fill.head.add_done_callback(lambda f: _discard_uncacheable(f))
 
     # ----- fills ---------------------------------------------------------------------------------
-    def _start_fill(self, request, route: Route, stale: CacheEntry | None) -> Fill:
+    def _start_fill(self, request, route: Route, stale: CacheEntry | None,
+                    why: str = "stale") -> Fill:
         fill = Fill(route.key, self.app.cache.max_memory_object)
         self.fills[route.key] = fill
-        task = asyncio.get_running_loop().create_task(self._run_fill(fill, request, route, stale))
+        task = asyncio.get_running_loop().create_task(
+            self._run_fill(fill, request, route, stale, why))
         task.add_done_callback(lambda t: self._fill_done(fill, t))
         return fill
 
@@ -130,8 +133,10 @@ class Fetcher:
             if not fill.done:
                 fill.fail(exc)
 
-    async def _run_fill(self, fill: Fill, request, route: Route, stale: CacheEntry | None) -> None:
+    async def _run_fill(self, fill: Fill, request, route: Route, stale: CacheEntry | None,
+                        why: str = "stale") -> None:
         app = self.app
+        fwd = why if stale is not None else "miss"
         headers = proxy_request_headers(request, route, conditional=False)
         if stale is not None:
             headers.extend(policy.revalidation_headers(stale.freshness))
@@ -146,7 +151,8 @@ class Fetcher:
         app.metrics.origin_latency(time.perf_counter() - t0)
         response_time = time.time()
         if stale is not None and response.status == 304:
-            await self._refreshed(fill, request, route, stale, response, request_time, response_time)
+            await self._refreshed(fill, request, route, stale, response, request_time,
+                                  response_time, fwd)
             return
         if stale is not None and response.status >= 500 and \
                 policy.stale_if_error_ok(stale.freshness, request.hmap, response_time):
@@ -166,11 +172,11 @@ class Fetcher:
         if freshness is None:
             fill.set_head(FillHead("uncacheable", response.status, response.reason,
                                    response.headers, response=response,
-                                   cache_status=f"{app.node}; fwd={'stale' if stale else 'miss'}"
+                                   cache_status=f"{app.node}; fwd={fwd}"
                                    + (f"; fwd-status={response.status}" if stale else "")))
             fill.finish(None)
             return
-        await self._store(fill, request, route, response, freshness, stale)
+        await self._store(fill, request, route, response, freshness, stale, fwd)
 
     def _origin_failed(self, fill: Fill, request, stale, exc, status: int) -> None:
         now = time.time()
@@ -182,7 +188,7 @@ class Fetcher:
         fill.fail(exc or UpstreamError(f"origin answered {status}"))
 
     async def _refreshed(self, fill, request, route, stale: CacheEntry, response,
-                         request_time: float, response_time: float) -> None:
+                         request_time: float, response_time: float, fwd: str) -> None:
         """A 304 to our revalidation: merge headers, renew freshness, serve the entry."""
         response.release()
         merged = policy.merge_304(stale.headers, storable_headers(response.headers, route.strip_cookies))
@@ -194,10 +200,11 @@ class Fetcher:
         if freshness is not None:
             self.app.cache.refresh(stale, merged, freshness)
         fill.set_head(FillHead("entry", entry=stale,
-                               cache_status=f"{self.app.node}; fwd=stale; fwd-status=304"))
+                               cache_status=f"{self.app.node}; fwd={fwd}; fwd-status=304"))
         fill.finish(stale)
 
-    async def _store(self, fill: Fill, request, route: Route, response, freshness, stale) -> None:
+    async def _store(self, fill: Fill, request, route: Route, response, freshness, stale,
+                     fwd: str) -> None:
         """Stream the body into the fill (disk + memory) and index it when complete."""
         app = self.app
         cache = app.cache
@@ -206,7 +213,6 @@ class Fetcher:
         length = _content_length(response.headers)
         writer = cache.disk.writer(route.key, variant)
         fill.attach_writer(writer)
-        fwd = "stale" if stale is not None else "miss"
         status_note = f"; fwd-status={response.status}" if stale is not None else ""
         fill.set_head(FillHead("stream", response.status, response.reason, headers, variant,
                                freshness.vary, length,

@@ -115,11 +115,25 @@ class Node:
         return {"index": index, "options": self.options.public(),
                 "config": self.config.model_dump(mode="json")}
 
+    def reserve_listen_port(self) -> socket.socket:
+        """Bind (not listen) the client port with SO_REUSEPORT for the node's lifetime.
+
+        This resolves port 0 to a real port before the workers bind it, and keeps any other
+        program from taking the port between worker restarts; connections are only ever
+        spread over the workers' listening sockets.
+        """
+        opts = self.options
+        sock = reuseport_socket(opts.listen_host, opts.listen_port, listen=False)
+        opts.listen_port = sock.getsockname()[1]
+        return sock
+
     async def run(self) -> None:
         Path(self.options.cache_dir).mkdir(parents=True, exist_ok=True)
         self.disk = DiskStore(self.options.cache_dir, self.config.cache.disk_bytes)
-        await asyncio.gather(*(w.start(self.init_payload(w.index)) for w in self.workers))
         admin_sock = reuseport_socket(self.options.admin_host, self.options.admin_port)
+        self.options.admin_port = admin_sock.getsockname()[1]
+        reservation = self.reserve_listen_port()
+        await asyncio.gather(*(w.start(self.init_payload(w.index)) for w in self.workers))
         admin = AdminApp(self)
         await serve(admin, admin_sock, ServerLimits(max_body_bytes=1 << 20))
         loop = asyncio.get_running_loop()
@@ -139,6 +153,7 @@ class Node:
         janitor.cancel()
         for worker in self.workers:
             worker.stop()
+        reservation.close()
         self.disk.close()
 
     async def _watch_workers(self) -> None:
@@ -209,6 +224,8 @@ def build_config(options: NodeOptions) -> Config:
 
 def check_port_free(host: str, port: int) -> None:
     """Fail fast with a clear message when the address is taken (before starting workers)."""
+    if port == 0:
+        return
     sock = reuseport_socket(host, port)
     sock.close()
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -105,13 +105,26 @@ class Worker:
             snap["connections"] = len(HttpServerProtocol.connections)
             return {"ok": True, "stats": snap}
         if op == "config":
-            config = Config.model_validate(msg["config"])
-            self.app.apply_config(config)
-            self.app.start()
+            self.apply_config(Config.model_validate(msg["config"]))
             return {"ok": True, "generation": self.app.generation}
         if op == "ping":
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def apply_config(self, config: Config) -> None:
+        """A reload: routing, rules, limits and origin timeouts change in place.
+
+        Cache sizes and the eviction policy are fixed at start (they need a restart).
+        """
+        self.app.apply_config(config)
+        self.app.start()
+        new_limits = server_limits(config)
+        for name in new_limits.__dataclass_fields__:  # the protocols share this object
+            setattr(self.limits, name, getattr(new_limits, name))
+        timeouts = config.origin_timeouts
+        self.pool.connect_timeout = timeouts.connect
+        self.pool.first_byte_timeout = timeouts.first_byte
+        self.pool.idle_timeout = timeouts.idle
 
     async def _housekeeping(self) -> None:
         while True:

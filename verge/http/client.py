@@ -775,12 +775,17 @@ class OriginPool:
             exchange.complete
             and exchange.error is None
             and exchange.keep_alive
-            and conn.upload_ok
             and conn.usable
             and not self._closed
             and self.max_idle_per_origin > 0
         )
-        if not reusable:
+        upload = conn.upload
+        if reusable and upload is not None and not upload.done():
+            # The origin answered before the request body was all sent and wants to keep
+            # the connection: finish the upload (RFC 9112 §9.3), then pool it.
+            upload.add_done_callback(lambda _: self._release(conn, exchange))
+            return
+        if not (reusable and conn.upload_ok):
             self._discard(conn)
             return
         conn.exchange = None

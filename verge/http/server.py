@@ -646,14 +646,16 @@ async def sweep_forever(interval: float = 1.0) -> None:
             conn.check_timeouts(CLOCK.mono)
 
 
-def reuseport_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, so several worker processes share a port."""
+def reuseport_socket(host: str, port: int, backlog: int = 1024, *, listen: bool = True,
+                     ) -> socket.socket:
+    """A TCP socket with SO_REUSEPORT, so several worker processes share a port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(backlog)
+    if listen:
+        sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
