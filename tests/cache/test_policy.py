@@ -425,7 +425,7 @@ EVAL_CASES = [
     ("response-no-cache", fr(no_cache=True), {}, 1, Verdict.REVALIDATE),
     ("response-no-cache-beats-max-stale", fr(no_cache=True), {"cache-control": "max-stale"}, 1, Verdict.REVALIDATE),
     ("request-no-cache", fr(), {"cache-control": "no-cache"}, 1, Verdict.REVALIDATE),
-    ("request-pragma-no-cache", fr(), {"pragma": "no-cache"}, 1, Verdict.REVALIDATE),
+    ("request-pragma-no-cache-ignored", fr(), {"pragma": "no-cache"}, 1, Verdict.FRESH),
     ("request-pragma-other", fr(), {"pragma": "unrecognised-extension"}, 1, Verdict.FRESH),
     ("pragma-ignored-with-cc", fr(), {"pragma": "no-cache", "cache-control": "max-stale"}, 1, Verdict.FRESH),
     ("request-max-age-0", fr(), {"cache-control": "max-age=0"}, 1, Verdict.REVALIDATE),

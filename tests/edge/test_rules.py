@@ -411,12 +411,12 @@ def test_request_no_cache_reports_fwd_request(client, site_origin):
     assert "fwd=request" in forced.headers["cache-status"]
 
 
-def test_pragma_no_cache_forces_revalidation(client, site_origin):
+def test_pragma_no_cache_is_deprecated_and_ignored(client, site_origin):
     site_origin.route("/rd/pragma", headers=MAX_AGE, body=b"p")
     client.get("/rd/pragma")
-    forced = client.get("/rd/pragma", headers={"Pragma": "no-cache"})
-    assert "fwd=" in forced.headers["cache-status"]
-    assert site_origin.hits("/rd/pragma") == 2
+    again = client.get("/rd/pragma", headers={"Pragma": "no-cache"})
+    assert again.headers["cache-status"] == "verge; hit"
+    assert site_origin.hits("/rd/pragma") == 1
 
 
 def test_only_if_cached(client, site_origin):

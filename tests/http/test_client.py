@@ -764,6 +764,47 @@ def test_upload_failure_is_raised_and_connection_dropped(run) -> None:
     run(scenario)
 
 
+def test_raw_upload_shorter_than_its_content_length(run) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"only five"
+
+    async def scenario() -> None:
+        async with FakeOrigin(collect_body) as server:
+            pool = OriginPool()
+            headers = [("Host", "h"), ("Content-Length", "100")]
+            with pytest.raises(ProtocolError, match="9 bytes, Content-Length said 100"):
+                await pool.request(server.origin, "PUT", "/", headers, body())
+            await pool.close()
+
+    run(scenario)
+
+
+def test_upload_to_an_origin_that_stops_reading(run) -> None:
+    async def scenario() -> None:
+        async def endless() -> AsyncIterator[bytes]:
+            piece = b"u" * 65536
+            while True:
+                yield piece
+
+        async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.pause_reading()  # never reads the body
+            await closed.wait()
+            writer.close()
+
+        closed = asyncio.Event()
+        server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+        origin = Origin("http", "127.0.0.1", server.sockets[0].getsockname()[1])
+        pool = OriginPool(idle_timeout=0.1)
+        with pytest.raises(IdleTimeout, match="stopped reading the request body"):
+            await pool.request(origin, "PUT", "/", [("Host", "h")], endless())
+        closed.set()
+        await pool.close()
+        server.close()
+
+    run(scenario)
+
+
 def test_early_response_while_upload_continues(run) -> None:
     async def scenario() -> None:
         head_received = asyncio.Event()

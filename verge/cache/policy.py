@@ -635,14 +635,6 @@ class Verdict(enum.Enum):
     REVALIDATE = "revalidate"  # conditional request to origin before use
 
 
-def _pragma_no_cache(request_headers: Mapping[str, str]) -> bool:
-    pragma = request_headers.get("pragma")
-    return bool(pragma) and any(
-        p.strip(" \t").lower() == "no-cache"
-        for p in pragma.split(",")  # type: ignore[union-attr]
-    )
-
-
 def evaluate(f: Freshness, request_headers: Mapping[str, str], now: float) -> Verdict:
     """May the stored response answer this request (RFC 9111 §4, §4.2.4, §5.2.1)?"""
     if f.no_cache:
@@ -651,8 +643,8 @@ def evaluate(f: Freshness, request_headers: Mapping[str, str], now: float) -> Ve
     age = f.age(now)
     ttl = (0.0 if f.invalidated else f.lifetime) - age
     if raw is None:
-        if "pragma" in request_headers and _pragma_no_cache(request_headers):
-            return Verdict.REVALIDATE
+        # Pragma: no-cache is deprecated (RFC 9111 §5.4) and, like nginx, Varnish and ATS,
+        # not honoured: a browser's reload sends Cache-Control: no-cache as well.
         if ttl > 0:
             return Verdict.FRESH
         return _stale_verdict(f, -ttl, None)
@@ -828,8 +820,14 @@ def secondary_key(vary: tuple[str, ...], request_headers: Mapping[str, str]) -> 
         if value is None:
             parts.append(name)
         else:
+            if name in _CASELESS_VARY_FIELDS:
+                value = value.lower()
             parts.append(name + "=" + ",".join(p.strip(" \t") for p in value.split(",")))
     return "\n".join(parts)
+
+
+# Request fields whose values compare case-insensitively (language tags, codings, charsets).
+_CASELESS_VARY_FIELDS = frozenset({"accept-language", "accept-encoding", "accept-charset"})
 
 
 def invalidates(method: str, status: int) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from verge.cache.policy import age_value, not_modified_for
 from verge.cache.store import CacheEntry
-from verge.http.message import Headers, get_header
+from verge.http.message import Headers, get_header, strip_hop_by_hop
 from verge.http.ranges import Unsatisfiable, content_range, if_range_ok, parse_range
 from verge.http.server import CLOCK, REASONS
 
@@ -35,8 +35,9 @@ class HeaderPlan:
 
 
 def storable_headers(headers: Headers, strip_cookies: bool) -> Headers:
+    """End-to-end fields worth storing: minus hop-by-hop, those named in Connection, framing."""
     drop = NOT_STORED | {"set-cookie"} if strip_cookies else NOT_STORED
-    return [(n, v) for n, v in headers if n.lower() not in drop]
+    return [(n, v) for n, v in strip_hop_by_hop(headers) if n.lower() not in drop]
 
 
 def apply_plan(headers: Headers, plan: HeaderPlan) -> Headers:
@@ -120,7 +121,8 @@ def plan_delivery(entry: CacheEntry, hmap, method: str, version: str, now: float
         connection_field(version, hmap.get("connection")),
     ))
     if entry.status == 200 and ("if-none-match" in hmap or "if-modified-since" in hmap) and \
-            not_modified_for(hmap, freshness.etag, freshness.last_modified):
+            not_modified_for(hmap, freshness.etag, freshness.last_modified,
+                             stored_date=freshness.response_time):
         head = b"HTTP/1.1 304 Not Modified\r\n" + base[base.index(b"\r\n") + 2:] + extra + b"\r\n"
         return Delivery(304, head, has_body=False)
     size = entry.body_size

@@ -24,7 +24,7 @@ from verge.edge.compress import Compressor, choose_encoding, is_compressible
 from verge.edge.deliver import HeaderPlan, add_vary, apply_plan, storable_headers
 from verge.edge.fill import Fill, FillAborted, FillHead
 from verge.http.client import UpstreamError
-from verge.http.message import HOP_BY_HOP, header_map, strip_hop_by_hop
+from verge.http.message import header_map, strip_hop_by_hop
 from verge.http.ranges import Unsatisfiable, content_range, parse_range
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ def proxy_request_headers(request, route: Route, *, conditional: bool) -> list[t
 
 def response_headers_for_client(headers, plan: HeaderPlan) -> list[tuple[str, str]]:
     """Origin response headers minus hop-by-hop and framing, with the plan's edits."""
-    drop = HOP_BY_HOP | {"content-length"}
-    return apply_plan([(n, v) for n, v in headers if n.lower() not in drop], plan)
+    return apply_plan([(n, v) for n, v in strip_hop_by_hop(headers)
+                       if n.lower() != "content-length"], plan)
 
 
 async def relay(request, writer, response, plan: HeaderPlan, cache_status: str) -> None:

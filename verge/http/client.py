@@ -55,6 +55,8 @@ _TOKEN_CHARS = frozenset(
 )
 _HOST_CHARS = frozenset("-._~0123456789abcdefghijklmnopqrstuvwxyz")
 
+_BODY_STALLED = "origin {origin} sent no body data for {timeout:g}s"
+
 Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 Framing = Literal["none", "length", "chunked", "eof"]
 
@@ -303,29 +305,43 @@ class _Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, timeout: float | None, on_timeout: type[UpstreamError], what: str) -> None:
-        """Sleep until the next event (head, body data, end, error) or raise ``on_timeout``."""
+    async def wait(
+        self,
+        timeout: float | None = None,
+        on_timeout: type[UpstreamError] = UpstreamError,
+        message: str = "",
+    ) -> None:
+        """Sleep until the next event (head, body data, end, error).
+
+        After ``timeout`` seconds the exchange fails with ``on_timeout(message)``;
+        ``message`` may use ``{origin}`` and ``{timeout}`` (formatted only then).
+        """
         waiter = self.waiter = self.conn.loop.create_future()
         try:
             async with asyncio.timeout(timeout):
                 await waiter
         except TimeoutError:
-            err = on_timeout(what)
+            err = on_timeout(message.format(origin=self.conn.origin, timeout=timeout))
             self.fail(err)
             raise err from None
         finally:
             self.waiter = None
 
     async def wait_head(self, timeout: float, upload: asyncio.Task[None] | None) -> None:
-        # While a streamed body is still going up, only the upload's own stall timeout
-        # applies; the first-byte clock starts once the whole request has been sent.
+        """Until the final response head; FirstByteTimeout ``timeout`` s after the request.
+
+        While a streamed body is still going up only the upload's own stall timeout
+        applies; the first-byte clock starts once the whole request has been sent.
+        """
         while upload is not None and not upload.done() and not self._head_settled():
-            await self.wait(None, FirstByteTimeout, "")
+            await self.wait()
+        loop = self.conn.loop
+        deadline = loop.time() + timeout
         while not self._head_settled():
             await self.wait(
-                timeout,
+                max(0.0, deadline - loop.time()),
                 FirstByteTimeout,
-                f"no response head from origin {self.conn.origin} within {timeout:g}s",
+                f"no response head from origin {{origin}} within {timeout:g}s",
             )
         if not self.headers_done:
             assert self.error is not None
@@ -337,7 +353,7 @@ class _Exchange:
     def take_chunk(self) -> bytes:
         chunk = self.chunks.popleft()
         self.buffered -= len(chunk)
-        if self.buffered <= LOW_WATER:
+        if self.buffered <= LOW_WATER and self.conn.exchange is self:
             self.conn.resume_reading()
         return chunk
 
@@ -369,6 +385,21 @@ def _persistent(version: str, connection: str) -> bool:
 # --------------------------------------------------------------------------- connection
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """A serialised request, ready to be sent (again, if it is replayable)."""
+
+    method: str
+    head: bytes
+    body: Body
+    upload_length: int | None  # declared length of a raw streamed body
+    keep_alive: bool  # the request itself does not ask to close
+
+    @property
+    def replayable(self) -> bool:
+        return self.body is None or isinstance(self.body, bytes | bytearray | memoryview)
+
+
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection to an origin; runs one exchange at a time."""
 
@@ -395,8 +426,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.exchange is None:  # unsolicited bytes on an idle connection (e.g. a 408)
-            self.poisoned = True
-            self.close()
+            self.abort()
             return
         self.exchange.feed(data)
 
@@ -455,14 +485,29 @@ class _Connection(asyncio.Protocol):
 
     # ---- sending
 
-    def begin(self, method: str, request_keep_alive: bool) -> _Exchange:
-        self.exchange = _Exchange(self, method, request_keep_alive)
-        return self.exchange
+    def send(self, request: _Outgoing) -> tuple[_Exchange, asyncio.Task[None] | None]:
+        """Start an exchange: write the head and a bytes body, or start streaming one."""
+        self.exchange = _Exchange(self, request.method, request.keep_alive)
+        body = request.body
+        if body is None or isinstance(body, bytes | bytearray | memoryview):
+            if body and len(body) <= 16384:
+                self.write(request.head + body)  # one segment for small bodies
+            else:
+                self.write(request.head)
+                self.write(body or b"")
+            return self.exchange, None
+        self.write(request.head)
+        return self.exchange, self.start_upload(body, request.upload_length)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
         if data and not self.lost:
             self.transport.write(data)
+
+    def writelines(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
+        assert self.transport is not None
+        if not self.lost:
+            self.transport.writelines(parts)
 
     def start_upload(self, body: AsyncIterable[bytes], length: int | None) -> asyncio.Task[None]:
         self.upload_ok = False
@@ -495,7 +540,7 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolError(f"origin {self.origin} closed the connection during the upload")
             sent += len(piece)
             if length is None:
-                self.transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))  # type: ignore[union-attr]
+                self.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
             elif sent > length:
                 raise ProtocolError(f"request body exceeds its Content-Length of {length}")
             else:
@@ -567,12 +612,7 @@ class UpstreamResponse:
             if ex.complete:
                 self.release()
                 return b""
-            timeout = self._pool.idle_timeout
-            await ex.wait(
-                timeout,
-                IdleTimeout,
-                f"origin {self._conn.origin} sent no body data for {timeout:g}s",
-            )
+            await ex.wait(self._pool.idle_timeout, IdleTimeout, _BODY_STALLED)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -676,21 +716,18 @@ class OriginPool:
         """Send one request and return once the response head has arrived."""
         if self._closed:
             raise RuntimeError("OriginPool is closed")
-        head, upload_length, request_keep_alive = _request_head(method, target, headers, body)
-        replayable = body is None or isinstance(body, bytes | bytearray | memoryview)
+        request = _serialise(method, target, headers, body)
         conn = self._take_idle(origin) or await self._connect(origin)
-        args = (conn, method, request_keep_alive, head, body, upload_length)
         try:
-            return await self._exchange(*args)
+            return await self._exchange(conn, request)
         except _StaleConnection:
-            if not replayable:
+            if not request.replayable:
                 raise ProtocolError(
                     f"keep-alive connection to origin {origin} was closed before the response;"
                     " the streamed request body cannot be replayed"
                 ) from None
-        self.stats["retries"] += 1
-        conn = await self._connect(origin)
-        return await self._exchange(conn, *args[1:])
+        self.stats["retries"] += 1  # the keep-alive race: once more on a fresh connection
+        return await self._exchange(await self._connect(origin), request)
 
     async def close(self) -> None:
         """Close every connection, idle or in use; further requests raise RuntimeError."""
@@ -702,25 +739,9 @@ class OriginPool:
 
     # ---- internals
 
-    async def _exchange(
-        self,
-        conn: _Connection,
-        method: str,
-        request_keep_alive: bool,
-        head: bytes,
-        body: Body,
-        upload_length: int | None,
-    ) -> UpstreamResponse:
-        exchange = conn.begin(method, request_keep_alive)
-        upload = None
+    async def _exchange(self, conn: _Connection, request: _Outgoing) -> UpstreamResponse:
         try:
-            if body is None or isinstance(body, bytes | bytearray | memoryview):
-                conn.write(head + body if body and len(body) < 16384 else head)
-                if body and len(body) >= 16384:
-                    conn.write(body)
-            else:
-                conn.write(head)
-                upload = conn.start_upload(body, upload_length)
+            exchange, upload = conn.send(request)
             await exchange.wait_head(self.first_byte_timeout, upload)
         except BaseException:
             self._discard(conn)
@@ -838,14 +859,8 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _request_head(
-    method: str, target: str, headers: Headers, body: Body
-) -> tuple[bytes, int | None, bool]:
-    """Serialise the request head.
-
-    Returns the head, the declared length of a raw streamed body (None when a streamed
-    body goes chunked) and whether the request leaves the connection open.
-    """
+def _serialise(method: str, target: str, headers: Headers, body: Body) -> _Outgoing:
+    """Validate and serialise a request head (headers as given, plus body framing)."""
     if not method or not set(method) <= _TOKEN_CHARS:
         raise ValueError(f"invalid request method {method!r}")
     if not target or any(c in target for c in " \r\n\t\0"):
@@ -871,7 +886,7 @@ def _request_head(
         head = "".join(lines).encode("latin-1")
     except UnicodeEncodeError as exc:
         raise ValueError(f"request head is not latin-1: {exc}") from None
-    return head, upload_length, _persistent("1.1", connection)
+    return _Outgoing(method, head, body, upload_length, _persistent("1.1", connection))
 
 
 def _add_framing(
