@@ -233,6 +233,9 @@ class CacheSettings(_Model):
     max_memory_object_bytes: ByteSize = 8 * MiB
     """Objects larger than this are kept on disk only."""
     eviction: Literal["s3fifo", "lru"] = "s3fifo"
+    # Disk hits with sendfile(2) (zero-copy) instead of pread + write. Off by default: on
+    # the reference VM copying was 1.9x faster for 10 MiB hits, for nginx as for Verge.
+    sendfile: bool = False
     heuristic_fraction: float = Field(0.1, ge=0, le=1)
     """Heuristic freshness (RFC 9111 4.2.2): this fraction of the time since Last-Modified."""
     heuristic_max: Duration = 86400.0

@@ -307,3 +307,28 @@ def test_purge_reaches_every_worker(edge_factory, origin):
             c.get("/w")
     # after the purge each worker misses at most once (then its memory or the disk has it)
     assert 1 <= origin.hits("/w") - before <= 2
+
+
+@pytest.mark.parametrize("sendfile", [False, True])
+def test_disk_hit_to_a_slow_reader(edge_factory, origin, sendfile):
+    """Disk hits (pread+write or zero-copy sendfile) survive a client slower than the socket."""
+    body = bytes(range(256)) * (12 * 1024)  # 3 MiB, over max_memory_object below
+    origin.route("/slow.bin", headers=[("Cache-Control", "max-age=600")], body=body)
+    config = f"""
+cache:
+  max_memory_object_bytes: 64KiB
+  sendfile: {str(sendfile).lower()}
+services:
+  - name: s
+    hosts: ["*"]
+    default: true
+    origins: ["{origin.url}"]
+"""
+    edge = edge_factory(config=config)
+    with edge.client() as c:
+        assert c.get("/slow.bin").content == body
+    out = subprocess.run(["curl", "-s", "--limit-rate", "4M", "-D", "-", f"{edge.url}/slow.bin"],
+                         capture_output=True, check=True).stdout
+    head, _, received = out.partition(b"\r\n\r\n")
+    assert b"Cache-Status: verge; hit" in head
+    assert received == body

@@ -247,7 +247,12 @@ class EdgeApp:
         if _field(headers, "content-encoding") is not None or \
                 not is_compressible(_field(headers, "content-type"), settings.types):
             return False
-        return settings.min_bytes <= entry.body_size <= settings.max_bytes
+        if not settings.min_bytes <= entry.body_size <= settings.max_bytes:
+            return False
+        # identity responses of a compressible type vary by Accept-Encoding too
+        entry.headers = add_vary(entry.headers, "Accept-Encoding")
+        entry.rendered = None
+        return True
 
     def _encoded_variant(self, entry: CacheEntry, route: Route, hmap) -> CacheEntry:
         """The entry itself, or its compressed variant when the client accepts one."""
@@ -258,7 +263,7 @@ class EdgeApp:
         settings = self.compression
         encoding = choose_encoding(hmap.get("accept-encoding"), settings.algorithms)
         if encoding is None:
-            return _with_vary_ae(entry)
+            return entry
         derived = self.cache.derived(entry, encoding)
         if derived is None:
             derived = self._compress_entry(entry, encoding)
@@ -418,14 +423,6 @@ def _suffixed_etag(etag: str, encoding: str) -> str:
     if etag.endswith('"'):
         return f'{etag[:-1]}-{encoding}"'
     return etag
-
-
-def _with_vary_ae(entry: CacheEntry) -> CacheEntry:
-    """Identity responses of compressible types still say Vary: Accept-Encoding."""
-    if not any(n.lower() == "vary" and "accept-encoding" in v.lower() for n, v in entry.headers):
-        entry.headers = add_vary(entry.headers, "Accept-Encoding")
-        entry.rendered = None
-    return entry
 
 
 def _same_origins(old_service, new_service) -> bool:

@@ -49,6 +49,7 @@ def server_limits(config: Config) -> ServerLimits:
         header_timeout=limits.header_timeout,
         keepalive_timeout=limits.keepalive_timeout,
         body_timeout=limits.body_timeout,
+        zero_copy=config.cache.sendfile,
     )
 
 
