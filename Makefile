@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-zipf clean system-deps
+.PHONY: install demo test lint bench bench-zipf conformance clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: install
 bench: install
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/zipf_hit_ratio.py
+
+conformance: install
+	bash bench/conformance/run.sh
 
 bench-zipf: install
 	$(BIN)/python bench/zipf_hit_ratio.py
