@@ -42,6 +42,7 @@ CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 SERVABLE = (policy.Verdict.FRESH, policy.Verdict.STALE_OK)
 ROUTE_MEMO_SIZE = 8192
+MAX_AGE = policy.MAX_DELTA
 WRITEV_THRESHOLD = 32 * 1024  # bigger bodies go out with writev instead of being copied
 
 
@@ -161,7 +162,7 @@ class EdgeApp:
 
         Routes whose cache key depends on request headers (rule key_headers) are not memoised.
         """
-        memo_key = (request.host, request.target)
+        memo_key = (request.hmap.get("host"), request.target)
         route = self._routes.get(memo_key)
         if route is None:
             route = self.route(request)
@@ -202,7 +203,8 @@ class EdgeApp:
                 "if-none-match" in hmap or "if-modified-since" in hmap or "range" in hmap
                 or "connection" in hmap):
             generation, head, tail = entry_head(entry, route.plan, self.generation, self.node)
-            head = head + b"Age: %d\r\n" % policy.age_value(freshness, now) + tail
+            age = now - freshness.response_time + freshness.corrected_initial_age
+            head = head + b"Age: %d\r\n" % (age if age < MAX_AGE else MAX_AGE) + tail
             response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)
             self._log(request, entry.status, len(body), "hit", started)
             return response

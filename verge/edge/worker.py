@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     CLOCK.tick()
     worker = Worker(init)
+
+    def stop(*_: object) -> None:  # SIGTERM from the supervisor: keep the buffered log lines
+        worker.access_log.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     ctrl.setblocking(False)
     try:
         uvloop.run(worker.run(ctrl))

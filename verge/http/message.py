@@ -9,7 +9,6 @@ fields with ``", "`` (RFC 9110 §5.3), which is what the pure cache policy consu
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 Headers = list[tuple[str, str]]
 
@@ -72,26 +71,49 @@ def replace_header(headers: Headers, name: str, value: str | None) -> Headers:
     return out
 
 
-@dataclass(slots=True)
 class Request:
     """One parsed request as the edge pipeline sees it.
 
     ``target`` is the raw request-target (origin-form ``/path?query``); ``path`` and
-    ``query`` are its two halves, still percent-encoded. ``body`` is an async byte source
-    (see :class:`verge.http.server.RequestBody`) or None for requests without a body.
+    ``query`` are its two halves, still percent-encoded, split on first use (a cache hit
+    whose route is memoised never needs them). ``body`` is an async byte source (see
+    :class:`verge.http.server.RequestBody`) or None for requests without a body. A plain
+    slotted class rather than a dataclass: one is built per request on the hot path.
     """
 
-    method: str
-    target: str
-    path: str
-    query: str
-    headers: Headers
-    version: str = "1.1"
-    client: str = ""
-    body: object | None = None
-    _map: dict[str, str] | None = field(default=None, repr=False)
-    keep_alive: bool = True
-    _host: str | None = field(default=None, repr=False)
+    __slots__ = ("method", "target", "_path", "_query", "headers", "version", "client", "body",
+                 "_map", "keep_alive", "_host")
+
+    def __init__(self, method: str, target: str, path: str | None = None,
+                 query: str | None = None, headers: Headers | None = None, version: str = "1.1",
+                 client: str = "", body: object | None = None,
+                 hmap: dict[str, str] | None = None) -> None:
+        self.method = method
+        self.target = target
+        self._path = path
+        self._query = query
+        self.headers = headers if headers is not None else []
+        self.version = version
+        self.client = client
+        self.body = body
+        self._map = hmap
+        self.keep_alive = True
+        self._host: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Request({self.method} {self.target} HTTP/{self.version})"
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._path, self._query = split_target(self.target)
+        return self._path
+
+    @property
+    def query(self) -> str:
+        if self._query is None:
+            self._path, self._query = split_target(self.target)
+        return self._query
 
     @property
     def hmap(self) -> Mapping[str, str]:

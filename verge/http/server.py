@@ -32,7 +32,7 @@ from email.utils import formatdate
 
 import httptools
 
-from verge.http.message import Request, split_target
+from verge.http.message import Request
 
 REASONS = {
     100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
@@ -396,11 +396,9 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        target = self._url.decode("latin-1")
-        path, query = split_target(target)
         hmap = self._hmap
-        request = Request(parser.get_method().decode("ascii"), target, path, query,
-                          self._headers, parser.get_http_version(), self.client, None, hmap)
+        request = Request(parser.get_method().decode("ascii"), self._url.decode("latin-1"), None,
+                          None, self._headers, parser.get_http_version(), self.client, None, hmap)
         request.keep_alive = parser.should_keep_alive()
         if "transfer-encoding" in hmap or "content-length" in hmap:
             self._check_body_headers(request, hmap)

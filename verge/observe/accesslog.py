@@ -17,7 +17,12 @@ _escape = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 class AccessLog:
+    """Lines are kept in a list and written (encoded once) on flush, about once a second."""
+
+    FLUSH_LINES = 4096
+
     def __init__(self, target: str | None) -> None:
+        self._pending: list[str] = []
         self._file: TextIO | None
         if target is None:
             self._file = None
@@ -32,16 +37,23 @@ class AccessLog:
               cache: str, duration: float, request_id: str = "") -> None:
         if self._file is None:
             return
-        self._file.write(
+        pending = self._pending
+        pending.append(
             f'{{"ts":{time.time():.3f},"client":"{client}","method":{_escape(method)},'
             f'"host":{_escape(host)},"uri":{_escape(target)},"status":{status},'
             f'"bytes":{sent},"cache":"{cache}","ms":{duration * 1000:.2f}}}\n'
         )
+        if len(pending) >= self.FLUSH_LINES:
+            self.flush()
 
     def flush(self) -> None:
         if self._file is not None:
+            if self._pending:
+                self._file.write("".join(self._pending))
+                self._pending.clear()
             self._file.flush()
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None and self._file is not sys.stdout:
             self._file.close()
