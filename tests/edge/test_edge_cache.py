@@ -332,3 +332,17 @@ services:
     head, _, received = out.partition(b"\r\n\r\n")
     assert b"Cache-Status: verge; hit" in head
     assert received == body
+
+
+def test_access_log_has_one_json_line_per_request(edge_factory, origin):
+    origin.route("/logged", headers=[("Cache-Control", "max-age=60")], body=b"l")
+    edge = edge_factory(origin_url=origin.url, access_log=True)
+    with edge.client() as c:
+        c.get("/logged")
+        c.get("/logged?x=\"quoted\"")
+        c.get("/logged")
+    edge.stop()  # SIGTERM: workers flush their buffered lines
+    lines = [json.loads(line) for line in edge.access_log.read_text().splitlines()]
+    assert [line["cache"] for line in lines] == ["miss", "miss", "hit"]
+    assert lines[1]["uri"] == "/logged?x=%22quoted%22"  # httpx percent-encodes
+    assert all(line["status"] == 200 and line["method"] == "GET" for line in lines)
