@@ -335,7 +335,7 @@ services:
 
 
 def test_access_log_has_one_json_line_per_request(edge_factory, origin):
-    origin.route("/logged", headers=[("Cache-Control", "max-age=60")], body=b"l")
+    origin.route("/logged*", headers=[("Cache-Control", "max-age=60")], body=b"l")
     edge = edge_factory(origin_url=origin.url, access_log=True)
     with edge.client() as c:
         c.get("/logged")
