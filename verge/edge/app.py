@@ -158,10 +158,16 @@ class EdgeApp:
 
     # ----- fast path: fresh memory hits -----------------------------------------------------------
     def cached_route(self, request) -> Route | bytes:
-        """route() memoised per (host, target) for the current config generation.
+        """route() memoised per (host, target) of GET/HEAD for the current config generation.
 
         Routes whose cache key depends on request headers (rule key_headers) are not memoised.
+        Also records the service on the request, for per-service stats.
         """
+        if request.method not in CACHEABLE_METHODS:  # the route's key depends on the method
+            route = self.route(request)
+            if type(route) is not bytes:
+                request.service = route.service.name
+            return route
         memo_key = (request.hmap.get("host"), request.target)
         route = self._routes.get(memo_key)
         if route is None:
@@ -170,6 +176,8 @@ class EdgeApp:
                 if len(self._routes) >= ROUTE_MEMO_SIZE:
                     self._routes.clear()
                 self._routes[memo_key] = route
+        if type(route) is not bytes:
+            request.service = route.service.name
         return route
 
     def handle_fast(self, request):
@@ -290,7 +298,7 @@ class EdgeApp:
     # ----- async path --------------------------------------------------------------------------
     async def handle(self, request, writer: ResponseWriter) -> None:
         started = time.perf_counter()
-        route = self.route(request)
+        route = self.cached_route(request)
         if isinstance(route, bytes):
             writer.keep_alive = False
             await self._send_bytes(writer, route)
@@ -365,7 +373,7 @@ class EdgeApp:
             self.metrics.origin_errors += 1
             await self._error(request, writer, exc.status, f"origin unavailable: {exc}", started)
             return
-        self.metrics.origin_latency(time.perf_counter() - t0)
+        self.metrics.origin_latency(time.perf_counter() - t0, request.service)
         fwd = "bypass" if result == "bypass" else "method"
         await relay(request, writer, response, route.plan, f"{self.node}; fwd={fwd}")
         if request.method not in SAFE_METHODS and response.status < 400:
@@ -392,7 +400,7 @@ class EdgeApp:
     # ----- reporting ----------------------------------------------------------------------------------
     def _log(self, request, status, sent: int, result: str, started: float) -> None:
         status = int(status)
-        self.metrics.count(result, status, sent)
+        self.metrics.count(result, status, sent, request.service)
         if self.access_log.enabled:
             self.access_log.write(request.client, request.method, request.host, request.target,
                                   status, sent, result, time.perf_counter() - started)

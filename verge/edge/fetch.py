@@ -148,7 +148,7 @@ class Fetcher:
             app.metrics.origin_errors += 1
             self._origin_failed(fill, request, stale, exc, exc.status)
             return
-        app.metrics.origin_latency(time.perf_counter() - t0)
+        app.metrics.origin_latency(time.perf_counter() - t0, request.service)
         response_time = time.time()
         if stale is not None and response.status == 304:
             await self._refreshed(fill, request, route, stale, response, request_time,

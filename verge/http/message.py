@@ -82,7 +82,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "_path", "_query", "headers", "version", "client", "body",
-                 "_map", "keep_alive", "_host")
+                 "_map", "keep_alive", "_host", "service")
 
     def __init__(self, method: str, target: str, path: str | None = None,
                  query: str | None = None, headers: Headers | None = None, version: str = "1.1",
@@ -99,6 +99,7 @@ class Request:
         self._map = hmap
         self.keep_alive = True
         self._host: str | None = None
+        self.service = ""  # the name of the service it was routed to (for stats)
 
     def __repr__(self) -> str:
         return f"Request({self.method} {self.target} HTTP/{self.version})"

@@ -26,25 +26,42 @@ class EdgeMetrics:
     """Counters of one worker process."""
 
     __slots__ = ("requests", "bytes_sent", "origin_requests", "origin_errors", "_latency",
-                 "_latency_sum")
+                 "_latency_sum", "services")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}  # (cache result, status) -> count
+        # per service: requests, hits, bytes, 2xx, 3xx, 4xx, 5xx, origin ms sum, origin count
+        self.services: dict[str, list] = {}
         self.bytes_sent = 0
         self.origin_requests = 0
         self.origin_errors = 0
         self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
 
-    def count(self, result: str, status: int, sent: int) -> None:
+    def count(self, result: str, status: int, sent: int, service: str = "") -> None:
         key = (result, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.bytes_sent += sent
+        per = self.services.get(service)
+        if per is None:
+            per = self.services[service] = [0, 0, 0, 0, 0, 0, 0, 0.0, 0]
+        per[0] += 1
+        if result == "hit":
+            per[1] += 1
+        per[2] += sent
+        klass = status // 100
+        if 2 <= klass <= 5:
+            per[klass + 1] += 1
 
-    def origin_latency(self, seconds: float) -> None:
+    def origin_latency(self, seconds: float, service: str = "") -> None:
         self.origin_requests += 1
         self._latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self._latency_sum += seconds
+        per = self.services.get(service)
+        if per is None:
+            per = self.services[service] = [0, 0, 0, 0, 0, 0, 0, 0.0, 0]
+        per[7] += seconds * 1000
+        per[8] += 1
 
     def snapshot(self) -> dict:
         return {
@@ -54,6 +71,7 @@ class EdgeMetrics:
             "origin_errors": self.origin_errors,
             "latency": list(self._latency),
             "latency_sum": self._latency_sum,
+            "services": {name: list(values) for name, values in self.services.items()},
         }
 
 
