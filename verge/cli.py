@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +47,12 @@ def edge(
     config: Annotated[Path | None, typer.Option(help="YAML config file (services, rules, limits).")] = None,
     access_log: Annotated[str | None, typer.Option(
         help="Access log: a file path, '-' for stdout. Default: the config's access_log, else off.")] = None,
+    control: Annotated[str | None, typer.Option(
+        envvar="VERGE_CONTROL", help="Control plane URL: take services, purges from it.")] = None,
+    join_token: Annotated[str | None, typer.Option(
+        envvar="VERGE_JOIN_TOKEN", help="Join token (first start with --control).")] = None,
+    name: Annotated[str | None, typer.Option(help="Node name in the fleet (default: host name).")] = None,
+    region: Annotated[str | None, typer.Option(help="Region (cache group) this edge belongs to.")] = None,
 ) -> None:
     """Run an edge cache node in front of one or more origins."""
     from verge.config import ConfigError
@@ -60,7 +67,8 @@ def edge(
         listen_host=listen_host, listen_port=listen_port, admin_host=admin_host,
         admin_port=admin_port, admin_token=token, cache_dir=str(cache_dir.resolve()),
         workers=workers or os.cpu_count() or 1, config_path=str(config) if config else None,
-        origin=origin,
+        origin=origin, control=control, join_token=join_token, region=region,
+        node=name or socket.gethostname(),
     )
     try:
         cfg = build_config(options)
@@ -68,8 +76,8 @@ def edge(
         _fail(str(exc))
     except ValueError as exc:
         _fail(f"--origin: {exc}")
-    if not cfg.services:
-        _fail("no services: give --origin URL or a --config file with services")
+    if not cfg.services and not control:
+        _fail("no services: give --origin URL, a --config file with services, or --control")
     options.access_log = access_log if access_log is not None else cfg.access_log
     for host, port, what in ((listen_host, listen_port, "--listen"), (admin_host, admin_port, "--admin")):
         try:

@@ -30,6 +30,7 @@ from verge.cache.disk import DiskStore
 from verge.cache.store import purge_disk
 from verge.config import Config, ConfigError, load_config
 from verge.edge.admin import AdminApp
+from verge.edge.agent import ControlAgent
 from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
 
 log = logging.getLogger("verge.node")
@@ -48,11 +49,15 @@ class NodeOptions:
     origin: str | None = None
     access_log: str | None = None
     node: str = "verge"
+    control: str | None = None      # control plane URL (verge edge --control)
+    join_token: str | None = None
+    region: str | None = None
 
     def public(self) -> dict:
         """Options as sent to workers (the admin token stays in the supervisor)."""
         data = asdict(self)
         data.pop("admin_token")
+        data.pop("join_token")
         return data
 
 
@@ -110,6 +115,12 @@ class Node:
         self.config = config
         self.workers = [WorkerHandle(i) for i in range(options.workers)]
         self._stopping = asyncio.Event()
+        self.agent: ControlAgent | None = None
+        if options.control:
+            self.agent = ControlAgent(self, options.control, options.join_token)
+            saved = self.agent.saved_bundle()
+            if saved is not None:  # offline autonomy: serve the last good config at once
+                self.agent.config_version, self.config = saved
 
     def init_payload(self, index: int) -> dict:
         return {"index": index, "options": self.options.public(),
@@ -146,11 +157,14 @@ class Node:
                     self.options.admin_port, len(self.workers))
         print(f"verge edge ready: http://{self.options.listen_host}:{self.options.listen_port} "
               f"admin http://{self.options.admin_host}:{self.options.admin_port}", flush=True)
-        watchdog = loop.create_task(self._watch_workers())
-        janitor = loop.create_task(self._janitor())
+        background = [loop.create_task(self._watch_workers()), loop.create_task(self._janitor())]
+        if self.agent is not None:
+            background.append(loop.create_task(self.agent.run()))
         await self._stopping.wait()
-        watchdog.cancel()
-        janitor.cancel()
+        for task in background:
+            task.cancel()
+        if self.agent is not None:
+            await self.agent.close()
         for worker in self.workers:
             worker.stop()
         reservation.close()
@@ -203,11 +217,17 @@ class Node:
 
     async def reload(self) -> dict:
         """Re-read the config file; a bad file leaves the running config in force."""
+        if self.agent is not None:
+            return {"ok": False, "error": "this edge takes its config from the control plane"}
         try:
             config = build_config(self.options)
         except ConfigError as exc:
             log.error("config reload rejected: %s", exc)
             return {"ok": False, "error": str(exc)}
+        return await self.apply_config(config)
+
+    async def apply_config(self, config: Config) -> dict:
+        """Switch every worker to a validated config (workers restarted later get it too)."""
         self.config = config
         replies = await self.broadcast({"op": "config", "config": config.model_dump(mode="json")})
         return {"ok": all(r.get("ok") for r in replies), "workers": len(replies)}

@@ -70,7 +70,7 @@ class Worker:
         self.metrics = EdgeMetrics()
         self.access_log = AccessLog(self.options.get("access_log"))
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
-                           access_log=self.access_log, node=self.options.get("node", "verge"))
+                           access_log=self.access_log, node="verge")
         self.limits = server_limits(config)
 
     async def run(self, ctrl: socket.socket) -> None:

@@ -1,0 +1,271 @@
+"""The edge node's side of the control plane: join, config watch, purges, heartbeat, stats.
+
+Runs inside the node supervisor (:mod:`verge.edge.node`). What it keeps on disk, in the
+node's cache directory, is what lets an edge work without the control plane (offline
+autonomy, as KubeEdge/OpenYurt promise):
+
+* ``control/node.json``   the node credential received when joining;
+* ``control/bundle.json`` the last good config bundle (version + Config), applied at start;
+* ``control/purge_seq``   the last purge sequence number applied; missed purges are fetched
+                          and applied on reconnect, before their acknowledgement;
+* ``control/spool.db``    stats samples not yet accepted by the control plane (SQLite WAL),
+                          sent with idempotency keys so a retry never counts twice.
+
+Every file is written atomically (temp + rename) so a ``kill -9`` leaves the old or the new
+version, never a torn one. Long polls (config and purges) wake on change; a failed call
+backs off and retries, so the control plane may come and go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from verge.config import Config
+
+if TYPE_CHECKING:
+    from verge.edge.node import Node
+
+log = logging.getLogger("verge.agent")
+
+HEARTBEAT_INTERVAL = 2.0
+STATS_INTERVAL = 5.0
+LONG_POLL = 25.0
+
+
+class AgentError(Exception):
+    """The control plane refused us (bad join token, revoked credential)."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StatsSpool:
+    """Samples waiting for the control plane, durable across crashes (SQLite WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS spool (key TEXT PRIMARY KEY, body TEXT)")
+
+    def add(self, samples: list[dict]) -> None:
+        if samples:
+            self.db.execute("INSERT INTO spool VALUES (?, ?)",
+                            (uuid.uuid4().hex, json.dumps({"samples": samples})))
+
+    def pending(self, limit: int = 50) -> list[tuple[str, str]]:
+        return self.db.execute("SELECT key, body FROM spool ORDER BY rowid LIMIT ?",
+                               (limit,)).fetchall()
+
+    def done(self, key: str) -> None:
+        self.db.execute("DELETE FROM spool WHERE key = ?", (key,))
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT count(*) FROM spool").fetchone()[0]
+
+
+class ControlAgent:
+    def __init__(self, node: Node, control_url: str, join_token: str | None) -> None:
+        self.node = node
+        self.control_url = control_url.rstrip("/")
+        self.join_token = join_token
+        self.dir = Path(node.options.cache_dir) / "control"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.credential: str | None = None
+        self.node_name = node.options.node
+        self.config_version = 0
+        self.purge_seq = self._read_int("purge_seq")
+        self.spool = StatsSpool(self.dir / "spool.db")
+        self._last_snapshot: dict[str, list[int]] = {}
+        self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
+        self.connected = False
+
+    # ----- state on disk ---------------------------------------------------------------------
+    def _read_int(self, name: str) -> int:
+        try:
+            return int((self.dir / name).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def saved_bundle(self) -> tuple[int, Config] | None:
+        """The last good bundle, or None (nothing saved, or unreadable)."""
+        try:
+            data = json.loads((self.dir / "bundle.json").read_text())
+            return int(data["version"]), Config.model_validate(data["config"])
+        except (OSError, ValueError, KeyError) as exc:
+            if (self.dir / "bundle.json").exists():
+                log.error("saved config bundle unusable: %s", exc)
+            return None
+
+    def _load_credential(self) -> bool:
+        try:
+            data = json.loads((self.dir / "node.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if data.get("control") != self.control_url:
+            return False
+        self.credential, self.node_name = data["credential"], data["node"]
+        return True
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Join (once), then keep all four loops running until cancelled."""
+        while not self._load_credential():
+            try:
+                await self.join()
+            except AgentError as exc:
+                log.error("cannot join the control plane: %s", exc)
+                await asyncio.sleep(5)
+            except httpx.HTTPError as exc:
+                log.warning("control plane unreachable (%s); retrying", exc)
+                await asyncio.sleep(1)
+        await asyncio.gather(self._loop(self._config_once), self._loop(self._purges_once),
+                             self._loop(self._heartbeat_once, HEARTBEAT_INTERVAL),
+                             self._loop(self._stats_once, STATS_INTERVAL))
+
+    async def _loop(self, step, interval: float = 0.0) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await step()
+                self.connected = True
+                backoff = 0.5
+                if interval:
+                    await asyncio.sleep(interval)
+            except asyncio.CancelledError:
+                raise
+            except AgentError as exc:
+                log.error("control plane refused this node: %s", exc)
+                await asyncio.sleep(10)
+            except Exception as exc:  # network down, control plane restarting...
+                self.connected = False
+                log.debug("control plane call failed: %r", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def join(self) -> None:
+        if not self.join_token:
+            raise AgentError("no credential saved and no --join-token given")
+        opts = self.node.options
+        body = {"name": self.node_name or socket.gethostname(),
+                "url": f"http://{opts.listen_host}:{opts.listen_port}",
+                "admin_url": f"http://{opts.admin_host}:{opts.admin_port}",
+                "region": opts.region}
+        response = await self.http.post("/api/v1/nodes/join", json=body,
+                                        headers={"Authorization": f"Bearer {self.join_token}"})
+        if response.status_code in (401, 403):
+            raise AgentError(f"join refused: {response.text.strip()}")
+        response.raise_for_status()
+        data = response.json()
+        self.credential, self.node_name = data["credential"], data["node"]
+        write_atomic(self.dir / "node.json", json.dumps({
+            "control": self.control_url, "node": self.node_name,
+            "credential": self.credential}).encode())
+        log.warning("joined the control plane as %s", self.node_name)
+
+    async def _call(self, method: str, path: str, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.credential}", **kw.pop("headers", {})}
+        response = await self.http.request(method, path, headers=headers, **kw)
+        if response.status_code in (401, 403):
+            raise AgentError(f"{path}: {response.status_code} {response.text.strip()}")
+        response.raise_for_status()
+        return response
+
+    # ----- config ---------------------------------------------------------------------------------
+    async def _config_once(self) -> None:
+        response = await self._call("GET", "/api/v1/nodes/self/config",
+                                    params={"after": self.config_version, "wait": LONG_POLL})
+        if response.status_code == 204:
+            return
+        data = response.json()
+        await self.apply_bundle(int(data["version"]), data["config"])
+
+    async def apply_bundle(self, version: int, raw: dict) -> None:
+        """Validate, save as the last good bundle, then switch every worker to it."""
+        try:
+            config = Config.model_validate(raw)
+        except ValueError as exc:
+            log.error("config bundle %d rejected, keeping version %d: %s",
+                      version, self.config_version, exc)
+            self.config_version = version  # do not fetch the same bad bundle again
+            return
+        write_atomic(self.dir / "bundle.json",
+                     json.dumps({"version": version, "config": raw}).encode())
+        await self.node.apply_config(config)
+        self.config_version = version
+
+    # ----- purges ---------------------------------------------------------------------------------
+    async def _purges_once(self) -> None:
+        response = await self._call("GET", "/api/v1/nodes/self/purges",
+                                    params={"after": self.purge_seq, "wait": LONG_POLL})
+        for job in response.json().get("purges", []):
+            targets = [(kind, value) for kind, value in job["targets"]]
+            result = await self.node.purge(targets, bool(job.get("soft")))
+            if not result["ok"]:
+                raise RuntimeError(f"purge {job['seq']} failed on a worker: {result['errors']}")
+            self.purge_seq = max(self.purge_seq, int(job["seq"]))
+            write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode())
+            await self._call("POST", "/api/v1/nodes/self/purges/ack", json={"seq": self.purge_seq})
+
+    # ----- heartbeat and stats -----------------------------------------------------------------------
+    async def _heartbeat_once(self) -> None:
+        stats = await self.node.stats()
+        load = {"connections": sum(s.get("connections", 0) for s in stats),
+                "memory_bytes": sum(s.get("memory_bytes", 0) for s in stats),
+                "disk_bytes": self.node.disk.used_bytes}
+        alive = sum(1 for w in self.node.workers if w.alive())
+        await self._call("POST", "/api/v1/nodes/self/heartbeat", json={
+            "health": {"workers": alive, "workers_expected": len(self.node.workers),
+                       "status": "ok" if alive == len(self.node.workers) else "degraded"},
+            "load": load, "config_version": self.config_version, "purge_seq": self.purge_seq})
+
+    async def _stats_once(self) -> None:
+        """Spool this interval's counters, then send everything spooled (oldest first)."""
+        self.spool.add(self._samples(await self.node.stats()))
+        for key, body in self.spool.pending():
+            await self._call("POST", "/api/v1/nodes/self/stats", content=body,
+                             headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+            self.spool.done(key)
+
+    def _samples(self, stats: list[dict]) -> list[dict]:
+        """Per-service deltas since the previous call (worker counters are cumulative)."""
+        totals: dict[str, list[int]] = {}
+        for snap in stats:
+            for service, values in snap.get("services", {}).items():
+                acc = totals.setdefault(service, [0] * len(values))
+                for i, v in enumerate(values):
+                    acc[i] += v
+        samples, now = [], time.time()
+        for service, values in totals.items():
+            previous = self._last_snapshot.get(service, [0] * len(values))
+            delta = [max(0, a - b) for a, b in zip(values, previous, strict=True)]
+            if any(delta):
+                samples.append(dict(zip(SAMPLE_FIELDS, delta, strict=True), t=now, service=service))
+        self._last_snapshot = totals
+        return samples
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.http.aclose()
+
+
+# order of the per-service counters kept by verge.observe.metrics.EdgeMetrics.services
+SAMPLE_FIELDS = ("requests", "hits", "bytes", "status_2xx", "status_3xx", "status_4xx",
+                 "status_5xx", "origin_ms_sum", "origin_count")
