@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from verge.cli_control import register as register_control_commands
+
 app = typer.Typer(
     name="verge",
     help="Verge: a self-hosted edge platform (CDN edge cache, streaming, edge compute).",
@@ -90,20 +92,59 @@ def edge(
 
 
 @app.command()
+def control(
+    listen: Annotated[str, typer.Option(
+        help="HOST:PORT of the API and dashboard (port 0: any free port, printed when ready).")] = "127.0.0.1:7000",
+    db: Annotated[str, typer.Option(
+        help="Store: sqlite:///PATH (default) or postgresql://USER:PASS@HOST/DB.")] = "sqlite:///verge.db",
+    admin_token: Annotated[str | None, typer.Option(
+        envvar="VERGE_ADMIN_TOKEN",
+        help="Admin API token to create on first start (default: a random one, printed once).")] = None,
+) -> None:
+    """Run the control plane: REST API, dashboard, config and purge distribution to edges."""
+    from verge.control.server import run_control
+
+    host, port = _split_hostport(listen, "--listen")
+    run_control(host=host, port=port, db_url=db, admin_token=admin_token)
+
+
+@app.command()
 def purge(
+    ctx: typer.Context,
     targets: Annotated[list[str] | None, typer.Argument(help="URLs to purge (http://host/path?query).")] = None,
     admin: Annotated[str, typer.Option(envvar="VERGE_ADMIN", help="Admin URL of the edge node.")] = "http://127.0.0.1:8081",
-    token: Annotated[str | None, typer.Option(envvar="VERGE_TOKEN", help="Admin token.")] = None,
+    token: Annotated[str | None, typer.Option(
+        envvar="VERGE_TOKEN", help="Edge admin token (--admin), or control-plane token (--control).")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="Purge by surrogate key (Surrogate-Key / Cache-Tag).")] = None,
     prefix: Annotated[list[str] | None, typer.Option(help="Purge every URL under this prefix (http://host/path/).")] = None,
     soft: Annotated[bool, typer.Option("--soft", help="Mark stale (revalidate on next use) instead of removing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON result.")] = False,
+    control: Annotated[str | None, typer.Option(
+        envvar="VERGE_CONTROL",
+        help="Control plane URL: purge on every edge through it instead of one edge's --admin.")] = None,
+    service: Annotated[str | None, typer.Option(
+        help="With --control: the service whose --tag/--prefix objects to purge.")] = None,
+    timeout: Annotated[float, typer.Option(
+        min=0, help="With --control: seconds to wait for every edge to acknowledge.")] = 30.0,
 ) -> None:
-    """Purge cached objects by URL, prefix or tag on an edge node."""
+    """Purge cached objects by URL, prefix or tag on one edge (--admin) or all edges (--control).
+
+    With --control the purge goes to every edge through the control plane; a progress bar
+    follows the edges' acknowledgements, and the command exits non-zero naming the edges that
+    did not acknowledge within --timeout.
+    """
     import httpx
 
     if not (targets or tag or prefix):
         _fail("give URLs, --tag or --prefix")
+    if _purge_through_control(ctx, control):
+        from verge.cli_control import purge_via_control
+
+        purge_via_control(control, token, urls=targets or [], prefixes=prefix or [], tags=tag or [],
+                          soft=soft, service=service, timeout=timeout, as_json=as_json)
+        return
+    if service is not None:
+        _fail("--service needs --control (an edge's admin API purges across all services)")
     if not token:
         _fail("an admin token is required (--token or VERGE_TOKEN)")
     body = {"urls": targets or [], "tags": tag or [], "prefixes": prefix or [], "soft": soft}
@@ -124,6 +165,17 @@ def purge(
                    f"across {result.get('workers', 0)} workers")
     if response.status_code != 200:
         _fail(result.get("error", f"HTTP {response.status_code}"))
+
+
+def _purge_through_control(ctx: typer.Context, control: str | None) -> bool:
+    """--control wins unless --admin is on the command line; flags beat environment variables."""
+    from click.core import ParameterSource
+
+    on_command_line = {name for name in ("admin", "control")
+                       if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if on_command_line == {"admin", "control"}:
+        _fail("give --admin (one edge) or --control (all edges), not both")
+    return bool(control) and "admin" not in on_command_line
 
 
 @app.command("demo-origin")
@@ -150,6 +202,23 @@ def demo(
              state_dir)
 
 
+@app.command()
+def up(
+    state_dir: Annotated[Path, typer.Option(help="Where state lives; up.json is written here when ready.")] = Path(".verge-up"),
+    control_port: Annotated[int, typer.Option(help="Control plane port on 127.0.0.1.")] = 7000,
+    edge_port: Annotated[int, typer.Option(help="Port every edge listens on (127.0.0.2, .3, ...); admin on port+1.")] = 8080,
+    origin_port: Annotated[int, typer.Option(help="Sample origin port on 127.0.0.1.")] = 9000,
+    edges: Annotated[int, typer.Option(help="How many edges.")] = 2,
+) -> None:
+    """The whole platform locally: control plane, edges, a sample origin; prints URLs and an admin token."""
+    from verge.up import UpOptions, run_up
+
+    if not 1 <= edges <= 50:
+        _fail("--edges must be between 1 and 50")
+    run_up(UpOptions(state_dir=state_dir, control_port=control_port, edge_port=edge_port,
+                     origin_port=origin_port, edges=edges))
+
+
 @app.command("config-check")
 def config_check(path: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
     """Validate a config file: prints file:line: reason and exits non-zero when it is wrong."""
@@ -160,6 +229,9 @@ def config_check(path: Annotated[Path, typer.Argument(help="YAML config file.")]
     except ConfigError as exc:
         _fail(str(exc))
     typer.echo(f"{path}: ok ({len(cfg.services)} services)")
+
+
+register_control_commands(app)
 
 
 def main() -> None:
