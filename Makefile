@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-zipf conformance clean system-deps
+.PHONY: install demo test lint bench bench-zipf bench-purge conformance clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: install
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/zipf_hit_ratio.py
+
+bench-purge: install
+	$(BIN)/python bench/purge_bench.py
 
 conformance: install
 	bash bench/conformance/run.sh
