@@ -13,11 +13,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	bash scripts/vendor-web.sh
 
-# Command-line tools the tests drive (curl, zstd, gzip). Installed from apt only when missing.
-SYSTEM_TOOLS := curl zstd gzip
+# What the tests drive: curl, zstd, gzip, headless Chromium (dashboard), PostgreSQL (store
+# tests), npm (vendoring the dashboard's plot library). Installed from apt only when missing.
+SYSTEM_TOOLS := curl zstd gzip npm
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -25,9 +29,9 @@ system-deps:
 	fi
 
 demo: install
-	$(BIN)/verge demo
+	$(BIN)/verge up
 
-test: install system-deps
+test: system-deps install
 	$(BIN)/ruff check verge tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

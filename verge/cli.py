@@ -102,10 +102,11 @@ def control(
         help="Admin API token to create on first start (default: a random one, printed once).")] = None,
 ) -> None:
     """Run the control plane: REST API, dashboard, config and purge distribution to edges."""
-    from verge.control.server import run_control
+    from verge.control.server import main as run_control_main
 
-    host, port = _split_hostport(listen, "--listen")
-    run_control(host=host, port=port, db_url=db, admin_token=admin_token)
+    _split_hostport(listen, "--listen")
+    token_args = ["--admin-token", admin_token] if admin_token else []
+    raise typer.Exit(run_control_main(["--listen", listen, "--db", db, *token_args]))
 
 
 @app.command()
@@ -169,10 +170,11 @@ def purge(
 
 def _purge_through_control(ctx: typer.Context, control: str | None) -> bool:
     """--control wins unless --admin is on the command line; flags beat environment variables."""
-    from click.core import ParameterSource
+    def given_as_flag(name: str) -> bool:  # typer vendors click: compare the source by name
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name == "COMMANDLINE"
 
-    on_command_line = {name for name in ("admin", "control")
-                       if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    on_command_line = {name for name in ("admin", "control") if given_as_flag(name)}
     if on_command_line == {"admin", "control"}:
         _fail("give --admin (one edge) or --control (all edges), not both")
     return bool(control) and "admin" not in on_command_line

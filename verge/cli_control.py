@@ -1,0 +1,730 @@
+"""Operator commands for the control plane: `verge tenant|token|service|origin|node ...`.
+
+An operator runs these against `verge control` instead of editing YAML on every edge. Each
+command is a thin shell over `verge.control.client.ControlClient`: read flags (and files), make
+one or a few API calls, print rich tables for people or `--json` for scripts. Any failure is
+one line on stderr (the control plane's own message, with the field it names) and a non-zero
+exit, never a traceback. `verge purge --control` also lives here (`purge_via_control`) so that
+cli.py only wires it up. Heavy imports (httpx, rich, yaml) happen inside the commands so that
+`verge edge` does not pay for them at start.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from verge.control.client import ControlClient, ControlError, Page
+
+DEFAULT_CONTROL = "http://127.0.0.1:7000"
+POLL_INTERVAL = 0.2
+"""Seconds between purge-status polls in `verge purge --control`."""
+
+EXIT_FAILED = 1
+"""The control plane refused or could not be reached."""
+EXIT_USAGE = 2
+"""The operator's input (flags, files) is wrong before anything was sent."""
+
+ControlUrl = Annotated[
+    str,
+    typer.Option(
+        "--control",
+        envvar="VERGE_CONTROL",
+        help="Base URL of the control plane (`verge control`).",
+    ),
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="VERGE_TOKEN",
+        help="API token (vrg_...) sent as Authorization: Bearer.",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class Role(StrEnum):
+    admin = "admin"
+    tenant_admin = "tenant_admin"
+    read_only = "read_only"
+    join = "join"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared plumbing: errors, the client session, output
+# ---------------------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """One line on stderr and a non-zero exit."""
+    line = " ".join(message.split())
+    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _session(control: str, token: str | None) -> Iterator[ControlClient]:
+    """A ControlClient whose errors end the command with the server's message."""
+    from verge.control.client import ControlClient, ControlError
+
+    if not token:
+        _fail("a control-plane token is required (--token or VERGE_TOKEN)", EXIT_USAGE)
+    client = ControlClient(control, token)
+    try:
+        yield client
+    except ControlError as exc:
+        _fail(_explain(exc))
+    finally:
+        client.close()
+
+
+def _explain(exc: ControlError) -> str:
+    """The server's message, with the field and a hint for the statuses operators meet."""
+    text = str(exc)
+    if exc.status == 401:
+        return f"the control plane refused the token: {text}"
+    if exc.status == 403:
+        return f"this token may not do that: {text}"
+    return text
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; wide when piped so that tables are not wrapped at 80 columns."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    console = Console(file=stream, stderr=stderr)
+    if not console.is_terminal:
+        console = Console(file=stream, stderr=stderr, width=200)
+    return console
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(_cell(item) for item in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _table(title: str, items: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
+    """Print `items` as a table with (key, heading) columns; missing values show as '-'."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if not items:
+        typer.echo(f"(no {title[0].lower()}{title[1:]})")
+        return
+    table = Table(title=title, title_justify="left")
+    for _key, heading in columns:
+        table.add_column(heading, overflow="fold")
+    for item in items:
+        values = (item.get(key) for key, _heading in columns)
+        table.add_row(*(v if isinstance(v, Text) else Text(_cell(v)) for v in values))
+    _console().print(table)
+
+
+def _every(fetch: Callable[[int, int], Page]) -> list[dict[str, Any]]:
+    from verge.control.client import iter_all
+
+    return list(iter_all(fetch))
+
+
+def _done(message: str) -> None:
+    """A success line (plain text: names and URLs such as http://[::1]/ are not markup)."""
+    typer.echo(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# verge tenant
+# ---------------------------------------------------------------------------------------------
+
+tenant_app = typer.Typer(
+    help="Tenants: the owners of services and tokens (only admins create them).",
+    no_args_is_help=True,
+)
+
+
+@tenant_app.command("add")
+def tenant_add(
+    name: Annotated[str, typer.Argument(help="Tenant name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create a tenant."""
+    with _session(control, token) as client:
+        tenant = client.create_tenant(name)
+    if as_json:
+        _print_json(tenant)
+    else:
+        _done(f"tenant {tenant.get('name', name)} created (id {tenant.get('id', '-')})")
+
+
+@tenant_app.command("list")
+def tenant_list(
+    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List tenants."""
+    with _session(control, token) as client:
+        tenants = _every(client.list_tenants)
+    if as_json:
+        _print_json(tenants)
+    else:
+        _table("Tenants", tenants, [("id", "ID"), ("name", "NAME"), ("created_at", "CREATED")])
+
+
+# ---------------------------------------------------------------------------------------------
+# verge token
+# ---------------------------------------------------------------------------------------------
+
+token_app = typer.Typer(
+    help="API tokens: admin, tenant_admin, read_only, and join tokens for edge nodes.",
+    no_args_is_help=True,
+)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[Role, typer.Option(help="What the token may do.")],
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            help="Tenant it is limited to: required for tenant_admin; a read_only token "
+            "without one reads every tenant; admin and join tokens have none. A tenant "
+            "admin's tokens are always of its own tenant."
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="A label to recognise the token by.")] = None,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create a token. The secret is printed once, on stdout: store it now."""
+    with _session(control, token) as client:
+        created = client.create_token(role.value, tenant=tenant, name=name)
+    if as_json:
+        _print_json(created)
+        return
+    scope = f"tenant {created['tenant']}" if created.get("tenant") else "all tenants"
+    typer.echo(
+        f"token {created.get('id', '-')} ({created.get('role', role.value)}, {scope}); "
+        "the secret below is shown only once:",
+        err=True,
+    )
+    typer.echo(created["token"])
+
+
+@token_app.command("list")
+def token_list(
+    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List tokens (never their secrets)."""
+    with _session(control, token) as client:
+        tokens = _every(client.list_tokens)
+    if as_json:
+        _print_json(tokens)
+        return
+    columns = [
+        ("id", "ID"),
+        ("name", "NAME"),
+        ("role", "ROLE"),
+        ("tenant", "TENANT"),
+        ("created_at", "CREATED"),
+        ("revoked", "REVOKED"),
+    ]
+    _table("Tokens", tokens, columns)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(metavar="ID", help="Token id (from token list).")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Revoke a token: every call made with it is refused (401) from now on."""
+    with _session(control, token) as client:
+        client.revoke_token(token_id)
+    if as_json:
+        _print_json({"revoked": token_id})
+    else:
+        _done(f"token {token_id} revoked")
+
+
+# ---------------------------------------------------------------------------------------------
+# verge service
+# ---------------------------------------------------------------------------------------------
+
+service_app = typer.Typer(
+    help="Services: host names, origins and rules, served by every edge.", no_args_is_help=True
+)
+
+BOOKKEEPING_KEYS = ("id", "version", "created_at", "updated_at")
+"""Keys the control plane adds to a service it returns; dropped before sending a file back."""
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"{path}: cannot read {what}: {exc.strerror or exc}", EXIT_USAGE)
+    except UnicodeDecodeError:
+        _fail(f"{path}: {what} is not UTF-8 text", EXIT_USAGE)
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        _fail(f"{where}: invalid YAML: {exc.problem}", EXIT_USAGE)
+    except yaml.YAMLError as exc:
+        _fail(f"{path}: invalid YAML: {exc}", EXIT_USAGE)
+
+
+def _service_file(path: Path, name: str) -> dict[str, Any]:
+    """A service spec from YAML/JSON; its name, if any, must be NAME."""
+    data = _read_yaml(path, "service file")
+    if not isinstance(data, dict):
+        _fail(f"{path}: a service file is a mapping (name, hosts, origins, rules, ...)", EXIT_USAGE)
+    if data.get("name", name) != name:
+        _fail(f"{path}: the file describes service {data['name']!r}, not {name!r}", EXIT_USAGE)
+    spec = {key: value for key, value in data.items() if key not in BOOKKEEPING_KEYS}
+    spec["name"] = name
+    return spec
+
+
+def _rule_file(path: Path) -> list[Any]:
+    """Rules from YAML: a list of rules, or a mapping with a `rules:` list."""
+    data = _read_yaml(path, "rule file")
+    if isinstance(data, dict) and set(data) == {"rules"}:
+        data = data["rules"]
+    if not isinstance(data, list):
+        _fail(f"{path}: a rule file is a list of rules (or `rules:` with a list)", EXIT_USAGE)
+    return data
+
+
+def _service_spec(
+    name: str,
+    hosts: list[str] | None,
+    origins: list[str] | None,
+    tenant: str | None,
+    default: bool,
+    rule_file: Path | None,
+    from_file: Path | None,
+) -> dict[str, Any]:
+    """The POST body: the file (if any), then the flags given on the command line on top."""
+    if rule_file and from_file:
+        _fail("give --rule-file or --from-file, not both (put the rules in the file)", EXIT_USAGE)
+    spec = _service_file(from_file, name) if from_file else {"name": name}
+    if hosts:
+        spec["hosts"] = hosts
+    if origins:
+        spec["origins"] = [{"url": url} for url in origins]
+    if default:
+        spec["default"] = True
+    if tenant:
+        spec["tenant"] = tenant
+    if rule_file:
+        spec["rules"] = _rule_file(rule_file)
+    missing = [
+        flag for flag, key in (("--host", "hosts"), ("--origin", "origins")) if not spec.get(key)
+    ]
+    if missing:
+        _fail(
+            f"a service needs {' and '.join(missing)} (or a --from-file that has them)", EXIT_USAGE
+        )
+    return spec
+
+
+def _hosts_and_origins(service: dict[str, Any]) -> dict[str, Any]:
+    origins = [o.get("url") if isinstance(o, dict) else o for o in service.get("origins", [])]
+    return {**service, "origins": origins, "rules": len(service.get("rules") or [])}
+
+
+def _service_yaml(service: dict[str, Any]) -> str:
+    """The service as YAML that `service edit --from-file` accepts back."""
+    import yaml
+
+    spec = {key: value for key, value in service.items() if key not in BOOKKEEPING_KEYS}
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
+
+
+@service_app.command("add")
+def service_add(
+    name: Annotated[str, typer.Argument(help="Service name: lower-case letters, digits, '-'.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host name it serves (repeat; '*.example.com' for subdomains)."),
+    ] = None,
+    origin: Annotated[
+        list[str] | None, typer.Option(help="Origin URL, e.g. http://10.0.0.5:8080 (repeat).")
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Owning tenant (admin tokens; others use their own).")
+    ] = None,
+    default: Annotated[
+        bool, typer.Option("--default", help="Also serve requests whose Host matches no service.")
+    ] = False,
+    rule_file: Annotated[
+        Path | None, typer.Option(help="YAML list of rules (paths, TTLs, bypass, redirects...).")
+    ] = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML service spec (as in verge.yaml); --host/--origin etc. override it."
+        ),
+    ] = None,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create a service; every edge starts serving it once it fetches the new config."""
+    spec = _service_spec(name, host, origin, tenant, default, rule_file, from_file)
+    with _session(control, token) as client:
+        created = client.create_service(spec)
+    if as_json:
+        _print_json(created.data)
+    else:
+        _done(
+            f"service {name} created (version {created.version or '-'}): "
+            f"{_cell(spec['hosts'])} -> {_cell(_hosts_and_origins(spec)['origins'])}"
+        )
+
+
+@service_app.command("list")
+def service_list(
+    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List the services this token can see."""
+    with _session(control, token) as client:
+        services = _every(client.list_services)
+    if as_json:
+        _print_json(services)
+        return
+    columns = [
+        ("name", "NAME"),
+        ("tenant", "TENANT"),
+        ("hosts", "HOSTS"),
+        ("origins", "ORIGINS"),
+        ("rules", "RULES"),
+        ("default", "DEFAULT"),
+        ("version", "VERSION"),
+    ]
+    _table("Services", [_hosts_and_origins(s) for s in services], columns)
+
+
+@service_app.command("show")
+def service_show(
+    name: Annotated[str, typer.Argument(help="Service name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Print a service as YAML, ready to edit and feed to `service edit --from-file`."""
+    with _session(control, token) as client:
+        service = client.get_service(name)
+    if as_json:
+        _print_json(service.data)
+        return
+    typer.echo(f"# service {name}, version {service.version or service.etag or '-'}")
+    typer.echo(_service_yaml(service.data), nl=False)
+
+
+@service_app.command("rm")
+def service_rm(
+    name: Annotated[str, typer.Argument(help="Service name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete a service; edges stop serving its hosts with their next config."""
+    with _session(control, token) as client:
+        client.delete_service(name)
+    if as_json:
+        _print_json({"deleted": name})
+    else:
+        _done(f"service {name} deleted")
+
+
+@service_app.command("edit")
+def service_edit(
+    name: Annotated[str, typer.Argument(help="Service name.")],
+    from_file: Annotated[
+        Path, typer.Option(help="The whole new service spec (YAML, as `service show` prints).")
+    ],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Replace a service with the file, unless someone else changed it since it was read."""
+    from verge.control.client import ControlError
+
+    spec = _service_file(from_file, name)
+    with _session(control, token) as client:
+        current = client.get_service(name)
+        try:
+            updated = client.update_service(name, spec, current.etag)
+        except ControlError as exc:
+            if exc.status != 412:
+                raise
+            _fail(
+                f"service {name!r} was changed by someone else while you edited it; "
+                f"run `verge service show {name}` and apply your change again"
+            )
+    if as_json:
+        _print_json(updated.data)
+    else:
+        _done(
+            f"service {name} updated (version {current.version or '-'} -> {updated.version or '-'})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# verge origin
+# ---------------------------------------------------------------------------------------------
+
+origin_app = typer.Typer(
+    help="A service's origins (the servers edges fetch from).", no_args_is_help=True
+)
+
+
+@origin_app.command("add")
+def origin_add(
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    url: Annotated[str, typer.Argument(help="Origin URL, e.g. http://10.0.0.6:8080.")],
+    weight: Annotated[int, typer.Option(min=1, help="Share of requests relative to others.")] = 1,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Add an origin to a service."""
+    with _session(control, token) as client:
+        result = client.add_origin(service, url, weight)
+    if as_json:
+        _print_json(result)
+    else:
+        _done(f"origin {url} (weight {weight}) added to service {service}")
+
+
+@origin_app.command("rm")
+def origin_rm(
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    url: Annotated[str, typer.Argument(help="Origin URL exactly as listed.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Remove an origin from a service (a service keeps at least one)."""
+    with _session(control, token) as client:
+        result = client.remove_origin(service, url)
+    if as_json:
+        _print_json(result)
+    else:
+        _done(f"origin {url} removed from service {service}")
+
+
+@origin_app.command("list")
+def origin_list(
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List a service's origins."""
+    with _session(control, token) as client:
+        data = client.get_service(service).data
+    origins = [o if isinstance(o, dict) else {"url": o} for o in data.get("origins", [])]
+    if as_json:
+        _print_json(origins)
+    else:
+        columns = [("url", "URL"), ("weight", "WEIGHT"), ("host_header", "HOST HEADER")]
+        _table(f"Origins of {service}", origins, columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# verge node
+# ---------------------------------------------------------------------------------------------
+
+node_app = typer.Typer(help="Edge nodes registered with the control plane.", no_args_is_help=True)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An ISO 8601 string or epoch seconds as an aware datetime (naive ones are UTC)."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str) and value:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return None
+
+
+def _age(value: Any, now: datetime | None = None) -> str:
+    """'4s ago', '3m 10s ago', '2h 5m ago', '3d ago'; 'never' without a heartbeat."""
+    moment = _timestamp(value)
+    if moment is None:
+        return "never" if not value else str(value)
+    seconds = max(0, int(((now or datetime.now(UTC)) - moment).total_seconds()))
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if seconds < 60:
+        text = f"{seconds}s"
+    elif seconds < 3600:
+        text = f"{minutes}m {seconds % 60}s"
+    elif seconds < 86400:
+        text = f"{hours}h {minutes % 60}m"
+    else:
+        text = f"{days}d"
+    return f"{text} ago"
+
+
+STATUS_STYLE = {"up": "green", "down": "red", "revoked": "dim"}
+
+
+def _node_row(node: dict[str, Any]) -> dict[str, Any]:
+    from rich.text import Text
+
+    status = str(node.get("status", "-"))
+    return {
+        **node,
+        "status": Text(status, style=STATUS_STYLE.get(status, "")),
+        "heartbeat": _age(node.get("last_heartbeat")),
+    }
+
+
+@node_app.command("list")
+def node_list(
+    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List edge nodes: status, last heartbeat, config version and purge sequence they run."""
+    with _session(control, token) as client:
+        nodes = _every(client.list_nodes)
+    if as_json:
+        _print_json(nodes)
+        return
+    columns = [
+        ("name", "NAME"),
+        ("url", "URL"),
+        ("region", "REGION"),
+        ("status", "STATUS"),
+        ("heartbeat", "LAST HEARTBEAT"),
+        ("config_version", "CONFIG"),
+        ("purge_seq", "PURGE SEQ"),
+    ]
+    _table("Nodes", [_node_row(node) for node in nodes], columns)
+
+
+@node_app.command("revoke")
+def node_revoke(
+    name: Annotated[str, typer.Argument(help="Node name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Revoke a node's credential: no more config or purges until it joins again (join token)."""
+    with _session(control, token) as client:
+        client.revoke_node(name)
+    if as_json:
+        _print_json({"revoked": name})
+    else:
+        _done(f"node {name} revoked")
+
+
+# ---------------------------------------------------------------------------------------------
+# verge purge --control
+# ---------------------------------------------------------------------------------------------
+
+
+def _wait_for_acks(
+    client: ControlClient, seq: int, expected: int, timeout: float, show: bool
+) -> dict[str, Any]:
+    """Poll GET /purge/{seq} until nothing is pending or `timeout` passes; the last status."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    columns = (
+        TextColumn(f"purge #{seq}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("edges acknowledged"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=_console(stderr=True), disable=not show) as progress:
+        task = progress.add_task("purge", total=expected)
+        while True:
+            status = client.purge_status(seq)
+            acked, pending = status.get("acked", []), status.get("pending", [])
+            progress.update(task, completed=len(acked), total=len(acked) + len(pending))
+            if not pending or time.monotonic() >= deadline:
+                return status
+            time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+
+
+def purge_via_control(
+    control: str,
+    token: str | None,
+    *,
+    urls: list[str],
+    prefixes: list[str],
+    tags: list[str],
+    soft: bool,
+    service: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """`verge purge --control`: queue the purge, then follow the edges' acknowledgements."""
+    with _session(control, token) as client:
+        job = client.purge(urls=urls, prefixes=prefixes, tags=tags, soft=soft, service=service)
+        seq, expected = int(job["seq"]), len(job.get("nodes", []))
+        show = not as_json and expected > 0
+        status = _wait_for_acks(client, seq, expected, timeout, show)
+    acked, pending = status.get("acked", []), status.get("pending", [])
+    if as_json:
+        _print_json({**status, "seq": seq, "complete": not pending})
+    elif not pending:
+        kind = "soft purge (mark stale)" if soft else "purge"
+        if acked:
+            _done(f"{kind} #{seq} acknowledged by all {len(acked)} edges")
+        else:
+            _done(f"{kind} #{seq} queued; no edge is up now (edges apply it when they reconnect)")
+    if pending:
+        _fail(
+            f"purge #{seq}: {len(pending)} of {len(acked) + len(pending)} edges did not "
+            f"acknowledge within {timeout:g}s: {', '.join(sorted(pending))}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    """Add the control-plane sub-commands to the `verge` command."""
+    app.add_typer(tenant_app, name="tenant")
+    app.add_typer(token_app, name="token")
+    app.add_typer(service_app, name="service")
+    app.add_typer(origin_app, name="origin")
+    app.add_typer(node_app, name="node")

@@ -1,0 +1,722 @@
+"""The control plane's HTTP API (FastAPI): operators manage tenants, tokens, services and
+purges; edge nodes join, long-poll for config and purges, and report heartbeats and stats.
+
+``create_app(store, settings)`` builds the app; the contract is .notes/CONTROL_API.md. Every
+``/api/v1`` call carries ``Authorization: Bearer TOKEN``. Who may call an endpoint at all is
+decided here by role (a dependency per gate); what a tenant may see inside it is decided by
+the store, which answers 404 for another tenant's service exactly as for a missing one.
+
+Blocking database work never runs on the event loop: plain ``def`` endpoints run in the thread
+pool, and the two long-poll endpoints (``async``) call the store through it. A long poll holds
+no thread while it waits: it sleeps on a :class:`VersionWatch`, woken at once by a change
+committed in this process, and by a change another replica committed (same database) within
+``poll_interval``, because while anyone waits one poller per watch re-reads the counter.
+
+Errors are JSON ``{"error": "...", "field": "..."}``; pydantic errors name the field the way
+the config file errors do (``origins[0].url``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, TextIO, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from verge import config as vconfig
+from verge.control.auth import Principal
+from verge.control.store import Store, StoreError, pydantic_error
+
+log = logging.getLogger("verge.control")
+
+API = "/api/v1"
+T = TypeVar("T")
+
+
+@dataclass
+class Settings:
+    max_wait: float = 60.0
+    """Longest long poll a node may ask for (seconds)."""
+    poll_interval: float = 0.5
+    """How often waiting long polls re-check the database (changes by other replicas)."""
+    stats_retention_days: float = 7.0
+    prune_interval: float = 3600.0
+    """Seconds between deletions of stats older than the retention."""
+    access_log: TextIO | None = None
+    """Where to write one JSON line per request (None: no access log)."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+# ---------------------------------------------------------------------------------------------
+# Long-poll wake-ups
+# ---------------------------------------------------------------------------------------------
+
+
+class VersionWatch:
+    """Wakes long-poll waiters when a counter (config version, purge seq) may have moved.
+
+    ``notify()`` (any thread) wakes every waiter at once: this process committed a change.
+    While anyone waits, one poller task reads the counter every ``interval`` seconds and
+    wakes the waiters when it differs from the last reading: another replica committed.
+    Waiters re-check with their own query, so a spurious wake-up costs one read.
+    """
+
+    def __init__(self, read: Callable[[], int], interval: float) -> None:
+        self._read, self._interval = read, interval
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event = asyncio.Event()
+        self._waiters = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def notify(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+            loop.call_soon_threadsafe(self._wake)
+
+    def close(self) -> None:
+        """Release every waiter now (shutdown); later waits return at once."""
+        self._closed = True
+        self._wake()
+        if self._poller is not None:
+            self._poller.cancel()
+
+    def _wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new loop (the app was restarted)
+            self._loop, self._event, self._poller = loop, asyncio.Event(), None
+            self._closed = False
+        return loop
+
+    async def wait(self, check: Callable[[], Awaitable[T | None]], timeout: float) -> T | None:
+        """``await check()`` now and after each wake-up until it gives something or time is up."""
+        loop = self._attach()
+        deadline = loop.time() + timeout
+        self._waiters += 1
+        try:
+            while True:
+                event = self._event  # taken before checking: a wake-up in between is not lost
+                result = await check()
+                remaining = deadline - loop.time()
+                if result is not None or remaining <= 0 or self._closed:
+                    return result
+                self._start_poller()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            self._waiters -= 1
+
+    def _start_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        last: int | None = None
+        while self._waiters > 0 and not self._closed:
+            try:
+                value = await run_in_threadpool(self._read)
+            except Exception as exc:  # database briefly away: keep waiting, try again
+                log.warning("long-poll check failed: %s", exc)
+                value = last
+            if value != last:  # the first reading wakes too: a change may predate the poller
+                self._wake()
+                last = value
+            await asyncio.sleep(self._interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------------------------
+
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)]
+NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)]
+HttpUrl = Annotated[str, StringConstraints(pattern=r"^https?://\S+$", max_length=500)]
+NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantIn(_Body):
+    name: Slug
+
+
+class TokenIn(_Body):
+    role: str
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    tenant: str | None = None
+
+
+class ServiceIn(vconfig.Service):
+    """A ``verge.config.Service`` plus where it belongs."""
+
+    tenant: str | None = None
+    """Tenant name (admins only; tenant tokens always write to their own tenant)."""
+    version: int | None = None
+    """Ignored (as returned by GET); If-Match carries the version a change is based on."""
+
+    def spec(self) -> vconfig.Service:
+        return vconfig.Service.model_validate(self.model_dump(exclude={"tenant", "version"}))
+
+
+class PurgeIn(_Body):
+    service: str | None = None
+    urls: list[NonEmpty] = Field(default_factory=list, max_length=10000)
+    prefixes: list[NonEmpty] = Field(default_factory=list, max_length=1000)
+    tags: list[NonEmpty] = Field(default_factory=list, max_length=1000)
+    soft: bool = False
+
+
+class JoinIn(_Body):
+    name: NodeName
+    url: HttpUrl
+    admin_url: HttpUrl
+    region: Annotated[str, StringConstraints(max_length=63)] | None = None
+
+
+class HeartbeatIn(_Body):
+    health: dict[str, Any] = Field(default_factory=dict)
+    load: dict[str, Any] = Field(default_factory=dict)
+    config_version: int = Field(0, ge=0)
+    purge_seq: int = Field(0, ge=0)
+
+
+class AckIn(_Body):
+    seq: int = Field(ge=0)
+
+
+class SampleIn(BaseModel):
+    """One node's counters for one service over a few seconds (unknown keys ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    t: float = Field(ge=0)
+    service: Annotated[str, StringConstraints(min_length=1, max_length=63)]
+    requests: int = Field(0, ge=0)
+    hits: int = Field(0, ge=0)
+    bytes: int = Field(0, ge=0)
+    status_2xx: int = Field(0, ge=0)
+    status_3xx: int = Field(0, ge=0)
+    status_4xx: int = Field(0, ge=0)
+    status_5xx: int = Field(0, ge=0)
+    origin_ms_sum: float = Field(0.0, ge=0)
+    origin_count: int = Field(0, ge=0)
+
+
+class StatsIn(BaseModel):
+    samples: list[SampleIn] = Field(max_length=100_000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies: the store, the caller, role gates, paging, ETags
+# ---------------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="An API token or node credential (vrg_...)")
+
+
+def _store(request: Request) -> Store:
+    return request.app.state.store
+
+
+StoreDep = Annotated[Store, Depends(_store)]
+
+
+def authenticated(
+    store: StoreDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise ApiError(401, "missing token: send Authorization: Bearer TOKEN")
+    principal = store.authenticate(credentials.credentials)
+    if principal is None:
+        raise ApiError(401, "unknown or revoked token")
+    return principal
+
+
+def _gate(allowed: Callable[[Principal], bool], what: str) -> Any:
+    def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if not allowed(principal):
+            raise ApiError(403, f"a {principal.role} token cannot {what}")
+        return principal
+
+    return Depends(dependency)
+
+
+Reader = Annotated[Principal, _gate(lambda p: p.is_operator, "use the operator API")]
+Writer = Annotated[Principal, _gate(lambda p: p.can_write, "change anything")]
+Admin = Annotated[Principal, _gate(lambda p: p.role == "admin", "do this (admins only)")]
+FleetReader = Annotated[Principal, _gate(lambda p: p.sees_all, "see the fleet (admins only)")]
+Joiner = Annotated[Principal, _gate(lambda p: p.role in ("join", "admin"), "join nodes")]
+NodeCaller = Annotated[Principal, _gate(lambda p: p.role == "node", "use the node API")]
+
+Limit = Annotated[int, Query(ge=1, le=1000, description="Page size")]
+Offset = Annotated[int, Query(ge=0, description="Items to skip")]
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _if_match(value: str | None, required: bool) -> int | None:
+    """The version an If-Match header names; None for "*" (any) or, if allowed, absent."""
+    if value is None:
+        if required:
+            raise ApiError(
+                428, 'this change needs If-Match: "<version>" (the ETag from GET)', "If-Match"
+            )
+        return None
+    first = value.split(",")[0].strip()
+    if first == "*":
+        return None
+    text = first.removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise ApiError(400, f'If-Match must be an ETag like "3", got {value!r}', "If-Match")
+    return int(text)
+
+
+def _versioned(response: Response, service: dict) -> dict:
+    response.headers["ETag"] = _etag(service["version"])
+    return service
+
+
+# ---------------------------------------------------------------------------------------------
+# Routers
+# ---------------------------------------------------------------------------------------------
+
+health = APIRouter(tags=["health"])
+tenants = APIRouter(prefix=API, tags=["tenants"])
+tokens = APIRouter(prefix=API, tags=["tokens"])
+services = APIRouter(prefix=API, tags=["services"])
+purges = APIRouter(prefix=API, tags=["purge"])
+fleet = APIRouter(prefix=API, tags=["nodes"])
+reports = APIRouter(prefix=API, tags=["audit and stats"])
+edge = APIRouter(prefix=API, tags=["edge nodes"])
+
+
+@health.get("/healthz")
+@health.get(API + "/healthz", include_in_schema=False)
+def healthz(store: StoreDep) -> JSONResponse:
+    """Liveness and database reachability (no token)."""
+    try:
+        store.config_version()
+    except Exception as exc:
+        return JSONResponse({"status": "error", "error": f"store unreachable: {exc}"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+@tenants.post("/tenants", status_code=201)
+def create_tenant(body: TenantIn, store: StoreDep, principal: Admin) -> dict:
+    return store.create_tenant(principal, body.name)
+
+
+@tenants.get("/tenants")
+def list_tenants(store: StoreDep, principal: Reader, limit: Limit = 50, offset: Offset = 0) -> dict:
+    return store.list_tenants(principal, limit, offset)
+
+
+@tokens.post("/tokens", status_code=201)
+def create_token(body: TokenIn, store: StoreDep, principal: Writer) -> dict:
+    """A new token; its secret (``token``) is shown only in this answer."""
+    return store.create_token(principal, body.role, body.name, body.tenant)
+
+
+@tokens.get("/tokens")
+def list_tokens(store: StoreDep, principal: Reader, limit: Limit = 50, offset: Offset = 0) -> dict:
+    return store.list_tokens(principal, limit, offset)
+
+
+@tokens.delete("/tokens/{token_id}", status_code=204)
+def revoke_token(token_id: str, store: StoreDep, principal: Writer) -> Response:
+    store.revoke_token(principal, token_id)
+    return Response(status_code=204)
+
+
+@services.post("/services", status_code=201)
+def create_service(body: ServiceIn, response: Response, store: StoreDep, principal: Writer) -> dict:
+    return _versioned(response, store.create_service(principal, body.spec(), body.tenant))
+
+
+@services.get("/services")
+def list_services(
+    store: StoreDep, principal: Reader, limit: Limit = 50, offset: Offset = 0
+) -> dict:
+    return store.list_services(principal, limit, offset)
+
+
+@services.get("/services/{name}", response_model=None)
+def get_service(
+    name: str,
+    response: Response,
+    store: StoreDep,
+    principal: Reader,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> dict | Response:
+    service = store.get_service(principal, name)
+    if if_none_match is not None and _etag(service["version"]) in if_none_match:
+        return Response(status_code=304, headers={"ETag": _etag(service["version"])})
+    return _versioned(response, service)
+
+
+@services.put("/services/{name}")
+def update_service(
+    name: str,
+    body: ServiceIn,
+    response: Response,
+    store: StoreDep,
+    principal: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> dict:
+    """Replace the service; needs ``If-Match`` with the ETag of the version it is based on."""
+    expected = _if_match(if_match, required=True)
+    updated = store.update_service(principal, name, body.spec(), expected, body.tenant)
+    return _versioned(response, updated)
+
+
+@services.delete("/services/{name}", status_code=204)
+def delete_service(
+    name: str, store: StoreDep, principal: Writer, if_match: Annotated[str | None, Header()] = None
+) -> Response:
+    store.delete_service(principal, name, _if_match(if_match, required=False))
+    return Response(status_code=204)
+
+
+@services.post("/services/{name}/origins", status_code=201)
+def add_origin(
+    name: str,
+    body: vconfig.OriginSpec,
+    response: Response,
+    store: StoreDep,
+    principal: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> dict:
+    origin = body.model_dump(mode="json")
+    service = store.add_origin(principal, name, origin, _if_match(if_match, required=False))
+    return _versioned(response, service)
+
+
+@services.delete("/services/{name}/origins")
+def remove_origin(
+    name: str,
+    url: Annotated[str, Query(min_length=1)],
+    response: Response,
+    store: StoreDep,
+    principal: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> dict:
+    service = store.remove_origin(principal, name, url, _if_match(if_match, required=False))
+    return _versioned(response, service)
+
+
+@purges.post("/purge", status_code=202)
+def create_purge(body: PurgeIn, store: StoreDep, principal: Writer) -> dict:
+    """Queue a purge for every edge: ``{"seq", "nodes": [names expected to ack]}``."""
+    return store.create_purge(
+        principal,
+        service=body.service,
+        urls=body.urls,
+        prefixes=body.prefixes,
+        tags=body.tags,
+        soft=body.soft,
+    )
+
+
+@purges.get("/purge/{seq}")
+def purge_status(seq: int, store: StoreDep, principal: Reader) -> dict:
+    return store.purge_status(principal, seq)
+
+
+@fleet.get("/nodes")
+def list_nodes(
+    store: StoreDep, principal: FleetReader, limit: Limit = 50, offset: Offset = 0
+) -> dict:
+    return store.list_nodes(limit, offset)
+
+
+@fleet.delete("/nodes/{name}", status_code=204)
+def revoke_node(name: str, store: StoreDep, principal: Admin) -> Response:
+    store.revoke_node(principal, name)
+    return Response(status_code=204)
+
+
+@reports.get("/audit")
+def list_audit(store: StoreDep, principal: Reader, limit: Limit = 50, offset: Offset = 0) -> dict:
+    return store.list_audit(principal, limit, offset)
+
+
+@reports.get("/stats")
+def query_stats(
+    store: StoreDep,
+    principal: Reader,
+    service: str | None = None,
+    node: str | None = None,
+    since: Annotated[float | None, Query(description="Epoch seconds (default: 1 h ago)")] = None,
+    until: Annotated[float | None, Query(description="Epoch seconds")] = None,
+    step: Annotated[int, Query(ge=1, le=86400, description="Seconds per point")] = 10,
+) -> dict:
+    return store.query_stats(
+        principal, service=service, node=node, since=since, until=until, step=step
+    )
+
+
+@edge.post("/nodes/join")
+def join(body: JoinIn, store: StoreDep, principal: Joiner) -> dict:
+    """Register a node: ``{"node", "credential"}``; joining again replaces the credential."""
+    if body.name == "self":
+        raise ApiError(400, "'self' cannot be a node name", "name")
+    return store.join_node(principal, body.name, body.url, body.admin_url, body.region)
+
+
+@edge.post("/nodes/self/heartbeat")
+def heartbeat(body: HeartbeatIn, store: StoreDep, principal: NodeCaller) -> dict:
+    store.heartbeat(
+        principal,
+        health=body.health,
+        load=body.load,
+        config_version=body.config_version,
+        purge_seq=body.purge_seq,
+    )
+    return {}
+
+
+def _wait(request: Request, wait: float) -> float:
+    return min(wait, request.app.state.settings.max_wait)
+
+
+@edge.get(
+    "/nodes/self/config",
+    response_model=None,
+    responses={204: {"description": "No newer bundle within `wait` seconds"}},
+)
+async def node_config(
+    request: Request,
+    store: StoreDep,
+    principal: NodeCaller,
+    after: Annotated[int, Query(description="The bundle version the node has")] = 0,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
+) -> dict | Response:
+    """The whole config bundle once its version is greater than ``after``."""
+
+    async def newer() -> dict | None:
+        bundle = await run_in_threadpool(store.bundle)
+        return bundle if bundle["version"] > after else None
+
+    bundle = await request.app.state.watches["config"].wait(newer, _wait(request, wait))
+    return Response(status_code=204) if bundle is None else bundle
+
+
+@edge.get("/nodes/self/purges")
+async def node_purges(
+    request: Request,
+    store: StoreDep,
+    principal: NodeCaller,
+    after: Annotated[int, Query(ge=0, description="The last purge seq the node applied")] = 0,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
+) -> dict:
+    """Purges with seq > ``after`` (``[]`` when none came within ``wait`` seconds)."""
+
+    async def newer() -> list[dict] | None:
+        return await run_in_threadpool(store.purges_after, after) or None
+
+    jobs = await request.app.state.watches["purges"].wait(newer, _wait(request, wait))
+    return {"purges": jobs or []}
+
+
+@edge.post("/nodes/self/purges/ack")
+def ack_purges(body: AckIn, store: StoreDep, principal: NodeCaller) -> dict:
+    store.ack_purges(principal, body.seq)
+    return {}
+
+
+@edge.post("/nodes/self/stats")
+def ingest_stats(
+    body: StatsIn,
+    store: StoreDep,
+    principal: NodeCaller,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> dict:
+    samples = [sample.model_dump() for sample in body.samples]
+    return store.ingest_stats(principal, samples, idempotency_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, access log, the app
+# ---------------------------------------------------------------------------------------------
+
+
+def _error(
+    status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return JSONResponse(body, status, headers=headers)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    """422 naming the first bad field (``origins[0].url``), all problems under "errors"."""
+    errors = list(exc.errors())
+    if not errors:
+        return _error(422, "invalid request")
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        return _error(422, f"request body is not valid JSON: {reason}".rstrip(": "))
+    if tuple(first["loc"]) == ("body",):
+        if first["type"] == "missing":
+            return _error(422, "a JSON request body is required")
+        if first["type"] in ("model_attributes_type", "model_type", "dict_type"):
+            return _error(422, "the request body must be a JSON object (application/json)")
+    problems = [pydantic_error(error, _error_loc(error)) for error in errors]
+    body: dict[str, Any] = {"error": problems[0].message}
+    if problems[0].field:
+        body["field"] = problems[0].field
+    body["errors"] = [{"field": p.field, "error": p.message} for p in problems]
+    return JSONResponse(body, 422)
+
+
+def _error_loc(error: dict) -> tuple:
+    """The error's location without FastAPI's "body"/"query" prefix, plus a conflict's "at"."""
+    loc = tuple(error["loc"])
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    return (*loc, *(error.get("ctx") or {}).get("at", ()))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StoreError)
+    async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.field)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _error(exc.status, exc.message, exc.field, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+
+class AccessLog:
+    """ASGI middleware: one JSON line per request (method, path, status, duration)."""
+
+    def __init__(self, app: Any, stream: TextIO) -> None:
+        self.app, self.stream = app, stream
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client")
+            line = {
+                "t": round(time.time(), 3),
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+                "client": client[0] if client else None,
+            }
+            self.stream.write(json.dumps(line) + "\n")
+            self.stream.flush()
+
+
+async def _prune_forever(store: Store, settings: Settings) -> None:
+    """Delete stats older than the retention now and then every ``prune_interval``."""
+    while True:
+        try:
+            removed = await run_in_threadpool(store.prune_stats, settings.stats_retention_days)
+            if removed:
+                log.info("pruned %d old stats rows", removed)
+        except Exception as exc:
+            log.warning("stats pruning failed: %s", exc)
+        await asyncio.sleep(settings.prune_interval)
+
+
+def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
+    """The control-plane API over ``store`` (already migrated)."""
+    settings = settings or Settings()
+    watches = {
+        "config": VersionWatch(store.config_version, settings.poll_interval),
+        "purges": VersionWatch(store.purge_seq, settings.poll_interval),
+    }
+    store.subscribe(lambda topic: watches[topic].notify())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        pruner = asyncio.create_task(_prune_forever(store, settings))
+        try:
+            yield
+        finally:
+            for watch in watches.values():
+                watch.close()
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+
+    app = FastAPI(
+        title="Verge control plane",
+        version="1",
+        lifespan=lifespan,
+        description="Tenants, services, purges and the edge fleet. See CONTROL_API.md.",
+    )
+    app.state.store, app.state.settings, app.state.watches = store, settings, watches
+    for router in (health, tenants, tokens, services, purges, fleet, reports, edge):
+        app.include_router(router)
+    _install_error_handlers(app)
+    if settings.access_log is not None:
+        app.add_middleware(AccessLog, stream=settings.access_log)
+    return app
+
+
+def release_waiters(app: FastAPI) -> None:
+    """Answer every waiting long poll now (call before shutting the server down)."""
+    for watch in app.state.watches.values():
+        watch.close()
+
+
+__all__ = ["API", "ApiError", "Settings", "VersionWatch", "create_app", "release_waiters"]

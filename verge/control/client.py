@@ -1,0 +1,352 @@
+"""A thin, synchronous client for the control-plane REST API (see .notes/CONTROL_API.md).
+
+The operator CLI and the edge agent talk to the control plane through this one class so that
+the wire details live in one place: the `/api/v1` prefix, the bearer token, pagination, ETags
+and how errors come back. Every method is one API call; a non-2xx answer (or no answer at all)
+raises `ControlError` carrying the server's own error text and the field it names, so callers
+can print it as is. It is synchronous on purpose: the CLI is, and the agent runs its long polls
+in threads (`asyncio.to_thread`) so one slow call never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+API_PREFIX = "/api/v1"
+NO_RESPONSE = 0
+"""`ControlError.status` when no HTTP answer arrived (refused, timed out, bad URL)."""
+
+Json = dict[str, Any]
+
+
+class ControlError(Exception):
+    """A failed API call: HTTP status (0: no response), the server's message, the field it names."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    def __repr__(self) -> str:
+        return f"ControlError({self.status!r}, {self.message!r}, {self.field!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a list endpoint."""
+
+    items: list[Json]
+    total: int
+    limit: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A resource with the ETag to send back as If-Match when changing it."""
+
+    data: Json
+    etag: str
+
+    @property
+    def version(self) -> int | None:
+        """The version number inside the ETag (`"7"` -> 7), None if it is not a number."""
+        text = self.etag.removeprefix("W/").strip('"')
+        return int(text) if text.isdigit() else None
+
+
+def _error_from_response(response: httpx.Response) -> ControlError:
+    """The server's `{"error", "field"}` body; FastAPI's `{"detail"}`; else the status line."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("error"), str):
+            return ControlError(response.status_code, body["error"], body.get("field"))
+        detail = body.get("detail")
+        if isinstance(detail, str):
+            return ControlError(response.status_code, detail)
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            first = detail[0]
+            field = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+            return ControlError(response.status_code, str(first.get("msg", detail)), field or None)
+    text = response.text.strip()
+    reason = response.reason_phrase or "error"
+    message = f"HTTP {response.status_code} {reason}" + (f": {text[:200]}" if text else "")
+    return ControlError(response.status_code, message)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+class ControlClient:
+    """`ControlClient(url, token)`: one method per control-plane API call.
+
+    `url` is the control plane's base URL (http://127.0.0.1:7000); `token` the bearer token
+    (an operator token, a join token, or a node credential). `timeout` applies to each call;
+    long polls wait that much longer than the `wait` they ask the server for.
+    """
+
+    def __init__(self, url: str, token: str | None, timeout: float = 10) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        api: bool = True,
+    ) -> httpx.Response:
+        """One request; any status >= 300 or transport failure becomes a ControlError."""
+        url = (API_PREFIX + path) if api else path
+        try:
+            response = self._http.request(
+                method,
+                url,
+                json=body,
+                params=_drop_none(params or {}),
+                headers=headers,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
+        except httpx.TimeoutException:
+            raise ControlError(NO_RESPONSE, f"{self.url}: no answer within the timeout") from None
+        except httpx.HTTPError as exc:
+            raise ControlError(NO_RESPONSE, f"cannot reach {self.url}: {exc}") from None
+        if response.status_code >= 300:
+            raise _error_from_response(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return {}
+        try:
+            return response.json()
+        except ValueError:
+            raise ControlError(
+                response.status_code, f"{method} {path}: the answer is not JSON"
+            ) from None
+
+    def _page(self, path: str, limit: int, offset: int, **params: Any) -> Page:
+        body = self._json("GET", path, params={"limit": limit, "offset": offset, **params})
+        items = body.get("items", [])
+        return Page(
+            items,
+            body.get("total", len(items)),
+            body.get("limit", limit),
+            body.get("offset", offset),
+        )
+
+    def _versioned(self, method: str, path: str, **kwargs: Any) -> Versioned:
+        response = self._send(method, path, **kwargs)
+        return Versioned(response.json(), response.headers.get("etag", ""))
+
+    # -- health ------------------------------------------------------------------------------
+
+    def healthz(self) -> Json:
+        """GET /healthz (no token needed)."""
+        return self._json("GET", "/healthz", api=False)
+
+    # -- tenants -----------------------------------------------------------------------------
+
+    def create_tenant(self, name: str) -> Json:
+        """POST /tenants -> {"id", "name"}."""
+        return self._json("POST", "/tenants", body={"name": name})
+
+    def list_tenants(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/tenants", limit, offset)
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def create_token(self, role: str, tenant: str | None = None, name: str | None = None) -> Json:
+        """POST /tokens -> {"id", "token", "role", "tenant"}; the secret is only shown here."""
+        return self._json(
+            "POST", "/tokens", body=_drop_none({"role": role, "tenant": tenant, "name": name})
+        )
+
+    def list_tokens(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/tokens", limit, offset)
+
+    def revoke_token(self, token_id: str) -> None:
+        """DELETE /tokens/{id}: the token is refused (401) from now on."""
+        self._send("DELETE", f"/tokens/{_segment(token_id)}")
+
+    # -- services ----------------------------------------------------------------------------
+
+    def create_service(self, spec: Json) -> Versioned:
+        """POST /services with a verge.config.Service body (+ "tenant" for admins)."""
+        return self._versioned("POST", "/services", body=spec)
+
+    def list_services(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/services", limit, offset)
+
+    def get_service(self, name: str) -> Versioned:
+        return self._versioned("GET", f"/services/{_segment(name)}")
+
+    def update_service(self, name: str, spec: Json, etag: str) -> Versioned:
+        """PUT /services/{name} with If-Match: a 412 ControlError means someone changed it."""
+        return self._versioned(
+            "PUT", f"/services/{_segment(name)}", body=spec, headers={"If-Match": etag}
+        )
+
+    def delete_service(self, name: str) -> None:
+        self._send("DELETE", f"/services/{_segment(name)}")
+
+    def add_origin(self, service: str, url: str, weight: int = 1) -> Json:
+        return self._json(
+            "POST", f"/services/{_segment(service)}/origins", body={"url": url, "weight": weight}
+        )
+
+    def remove_origin(self, service: str, url: str) -> Json:
+        return self._json("DELETE", f"/services/{_segment(service)}/origins", params={"url": url})
+
+    # -- purge -------------------------------------------------------------------------------
+
+    def purge(
+        self,
+        urls: list[str] | None = None,
+        prefixes: list[str] | None = None,
+        tags: list[str] | None = None,
+        soft: bool = False,
+        service: str | None = None,
+    ) -> Json:
+        """POST /purge -> {"seq", "nodes": [names expected to acknowledge]}."""
+        body = {"urls": urls or [], "prefixes": prefixes or [], "tags": tags or [], "soft": soft}
+        if service is not None:
+            body["service"] = service
+        return self._json("POST", "/purge", body=body)
+
+    def purge_status(self, seq: int) -> Json:
+        """GET /purge/{seq} -> {"seq", "acked": [names], "pending": [names], "created_at"}."""
+        return self._json("GET", f"/purge/{int(seq)}")
+
+    # -- nodes, audit, stats -----------------------------------------------------------------
+
+    def list_nodes(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/nodes", limit, offset)
+
+    def revoke_node(self, name: str) -> None:
+        self._send("DELETE", f"/nodes/{_segment(name)}")
+
+    def list_audit(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/audit", limit, offset)
+
+    def stats(
+        self,
+        service: str | None = None,
+        node: str | None = None,
+        since: float | str | None = None,
+        step: int = 10,
+    ) -> Json:
+        """GET /stats -> {"series": [{"t", "requests", "hits", "bytes", ...}]}."""
+        return self._json(
+            "GET", "/stats", params={"service": service, "node": node, "since": since, "step": step}
+        )
+
+    # -- edge side (join token, then the node credential) ------------------------------------
+
+    def join(self, name: str, url: str, admin_url: str, region: str | None = None) -> Json:
+        """POST /nodes/join (join token) -> {"node", "credential"}."""
+        return self._json(
+            "POST",
+            "/nodes/join",
+            body=_drop_none({"name": name, "url": url, "admin_url": admin_url, "region": region}),
+        )
+
+    def heartbeat(
+        self,
+        config_version: int,
+        purge_seq: int,
+        health: Json | None = None,
+        load: Json | None = None,
+    ) -> Json:
+        return self._json(
+            "POST",
+            "/nodes/self/heartbeat",
+            body={
+                "health": health or {},
+                "load": load or {},
+                "config_version": config_version,
+                "purge_seq": purge_seq,
+            },
+        )
+
+    def node_config(self, after: int = 0, wait: float = 25) -> Json | None:
+        """Long poll: {"version", "config"} once the bundle is newer than `after`, else None."""
+        response = self._send(
+            "GET",
+            "/nodes/self/config",
+            params={"after": after, "wait": wait},
+            timeout=wait + self.timeout,
+        )
+        return None if response.status_code == 204 else response.json()
+
+    def node_purges(self, after: int = 0, wait: float = 25) -> list[Json]:
+        """Long poll: purges with seq > `after` ([] when none arrived within `wait`)."""
+        response = self._send(
+            "GET",
+            "/nodes/self/purges",
+            params={"after": after, "wait": wait},
+            timeout=wait + self.timeout,
+        )
+        if response.status_code == 204 or not response.content:
+            return []
+        return list(response.json().get("purges", []))
+
+    def ack_purges(self, seq: int) -> None:
+        """Acknowledge every purge up to and including `seq`."""
+        self._send("POST", "/nodes/self/purges/ack", body={"seq": seq})
+
+    def send_stats(self, samples: list[Json], idempotency_key: str) -> None:
+        """Upload samples; a retry with the same key is ignored by the server."""
+        self._send(
+            "POST",
+            "/nodes/self/stats",
+            body={"samples": samples},
+            headers={"Idempotency-Key": idempotency_key},
+        )
+
+
+def iter_all(fetch: Callable[[int, int], Page], page_size: int = 200) -> Iterator[Json]:
+    """Every item of a list endpoint, page by page: `iter_all(client.list_services)`."""
+    offset = 0
+    while True:
+        page = fetch(page_size, offset)
+        yield from page.items
+        offset += len(page.items)
+        if not page.items or offset >= page.total:
+            return
+
+
+def _segment(value: str) -> str:
+    """A path segment with '/', '?', '#' and '%' escaped, so a name never changes the route."""
+    return quote(str(value), safe="")

@@ -1,0 +1,261 @@
+"""The control plane's state as SQLAlchemy 2 models: one schema for SQLite and PostgreSQL.
+
+What must hold whatever the API does is enforced here, by the database, so that several
+control-plane replicas on one PostgreSQL cannot break it with a race:
+
+* a host belongs to one service (``service_hosts.host`` is the primary key), across tenants;
+* ``counters`` holds the global config version and the last purge sequence number. Both are
+  bumped with ``UPDATE ... RETURNING`` inside the writing transaction, which locks the row
+  until commit: numbers are handed out in commit order without gaps, so a node that has seen
+  number N can never miss a change that commits later with a smaller number (a plain
+  autoincrement/sequence would allow exactly that);
+* a stats batch is counted once per (node, idempotency key).
+
+Times are timezone-aware UTC (:class:`UTCDateTime` also on SQLite, which stores no zone).
+The migrations in ``verge/control/migrations`` create exactly these tables; a test compares
+the two.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+CONFIG_VERSION = "config_version"
+PURGE_SEQ = "purge_seq"
+COUNTERS = (CONFIG_VERSION, PURGE_SEQ)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JsonType, list[Any]: JsonType}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Token(Base):
+    """An operator or join token; only the sha256 of its secret is kept."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(300))
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    tenant: Mapped[Tenant | None] = relationship(lazy="joined")
+
+
+class Service(Base):
+    """One service: its spec is a validated ``verge.config.Service`` as JSON."""
+
+    __tablename__ = "services"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    spec: Mapped[dict[str, Any]]
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
+    hosts: Mapped[list[ServiceHost]] = relationship(
+        back_populates="service", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ServiceHost(Base):
+    """host -> service; the primary key makes a host unique across all tenants."""
+
+    __tablename__ = "service_hosts"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    service_id: Mapped[int] = mapped_column(
+        ForeignKey("services.id", ondelete="CASCADE"), index=True
+    )
+
+    service: Mapped[Service] = relationship(back_populates="hosts")
+
+
+class Counter(Base):
+    """Global counters (config version, purge sequence), bumped under a row lock."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Node(Base):
+    """An edge node: where it is, what it last reported, and its credential's digest."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    url: Mapped[str] = mapped_column(String(500))
+    admin_url: Mapped[str] = mapped_column(String(500))
+    region: Mapped[str | None] = mapped_column(String(63))
+    credential_id: Mapped[str] = mapped_column(String(32), unique=True)
+    credential_sha256: Mapped[str] = mapped_column(String(64))
+    joined_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(default=None)
+    config_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    """The bundle version the node last reported running."""
+    purge_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    """The purge sequence the node last reported having applied."""
+    acked_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Highest purge acknowledged (acks below it are recorded in purge_acks)."""
+    load: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    health: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class PurgeJob(Base):
+    """A purge for every edge; ``seq`` comes from the purge_seq counter (commit order)."""
+
+    __tablename__ = "purge_jobs"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="SET NULL"), index=True
+    )
+    service: Mapped[str | None] = mapped_column(String(63))
+    targets: Mapped[list[Any]]
+    """[[kind, value], ...] with kind url|prefix|tag; url values are cache keys."""
+    soft: Mapped[bool] = mapped_column(Boolean, default=False)
+    expected: Mapped[list[Any]]
+    """Names of the nodes that were up when the purge was queued."""
+    created_by: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PurgeAck(Base):
+    __tablename__ = "purge_acks"
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("purge_jobs.seq", ondelete="CASCADE"), primary_key=True
+    )
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    acked_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """One change, written in the transaction that made it. No FKs: the log outlives rows."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(300))
+    action: Mapped[str] = mapped_column(String(64))
+    object: Mapped[str] = mapped_column(String(300))
+    tenant_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class StatsSample(Base):
+    """Counters of one node for one service in one time bucket (sums of what it sent)."""
+
+    __tablename__ = "stats_samples"
+    __table_args__ = (Index("ix_stats_samples_bucket_service", "bucket", "service"),)
+
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    service: Mapped[str] = mapped_column(String(63), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    """Start of the bucket, epoch seconds."""
+    tenant_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    status_2xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    status_3xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    status_4xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    status_5xx: Mapped[int] = mapped_column(BigInteger, default=0)
+    origin_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    origin_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StatsBatch(Base):
+    """Idempotency keys of accepted stats uploads (a retried upload is not counted twice)."""
+
+    __tablename__ = "stats_batches"
+
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+STAT_COUNTERS = (
+    "requests",
+    "hits",
+    "bytes",
+    "status_2xx",
+    "status_3xx",
+    "status_4xx",
+    "status_5xx",
+    "origin_ms_sum",
+    "origin_count",
+)

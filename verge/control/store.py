@@ -1,0 +1,1237 @@
+"""The control-plane store: every read and change the API makes, on SQLite or PostgreSQL.
+
+``Store(url)`` owns the engine. SQLite (the default, one file, WAL) suits a single control
+plane; PostgreSQL lets several replicas share one database. Each domain operation is one
+transaction that also writes its audit entry, so a change and its record commit together or
+not at all. Writes on SQLite start with ``BEGIN IMMEDIATE`` (one writer at a time, waiting
+instead of failing with "database is locked" halfway through); on PostgreSQL the rows that
+must not change underneath (a service being edited, the counters) are locked ``FOR UPDATE``.
+
+Operations take the calling :class:`~verge.control.auth.Principal` and apply tenant scoping
+themselves: a tenant token never sees, changes or purges another tenant's service, and what
+it cannot see answers "not found", exactly like what does not exist. Role gates (who may call
+an endpoint at all) are the API's job. Results are plain JSON-ready dicts in the API's shapes.
+
+After a commit that changes the config bundle or queues a purge the store calls its
+subscribers (``subscribe``) with "config" or "purges", from whatever thread committed; the API
+uses that to wake long-polling nodes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from pydantic import ValidationError
+from sqlalchemy import Engine, Select, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from verge import config as vconfig
+from verge.cache import keys
+from verge.control import auth
+from verge.control.auth import Principal
+from verge.control.models import (
+    CONFIG_VERSION,
+    PURGE_SEQ,
+    STAT_COUNTERS,
+    AuditEntry,
+    Counter,
+    Node,
+    PurgeAck,
+    PurgeJob,
+    Service,
+    ServiceHost,
+    StatsBatch,
+    StatsSample,
+    Tenant,
+    Token,
+    utcnow,
+)
+
+log = logging.getLogger("verge.control.store")
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+DEFAULT_TENANT = "default"
+"""Where an admin's service goes when the request names no tenant (made by the first migration)."""
+STATS_BUCKET = 10
+"""Seconds per stored stats bucket."""
+PURGE_BATCH = 500
+"""Most purges handed to a node in one answer."""
+_MIGRATION_LOCK = 0x76657267  # "verg": pg_advisory_xact_lock key while migrating
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: each carries the HTTP status the API answers with, and the field it is about
+# ---------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class Invalid(StoreError):
+    status = 400
+
+
+class Forbidden(StoreError):
+    status = 403
+
+
+class NotFound(StoreError):
+    status = 404
+
+
+class Conflict(StoreError):
+    status = 409
+
+
+class PreconditionFailed(StoreError):
+    status = 412
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_url(url: str) -> str:
+    """A SQLAlchemy URL: postgresql:// means psycopg 3; a bare path means a SQLite file."""
+    if "://" not in url:
+        return f"sqlite:///{url}"
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def field_path(loc: Iterable[str | int]) -> str | None:
+    """A pydantic error location as the config errors spell it: ``origins[0].url``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part != "[key]":
+            text += f".{part}" if text else str(part)
+    return text or None
+
+
+def pydantic_error(error: Mapping[str, Any], loc: Sequence[str | int]) -> Invalid:
+    """One pydantic error dict as Invalid naming the field at ``loc``."""
+    if error["type"] == "missing":
+        message = "required but missing"
+    elif error["type"] == "extra_forbidden":
+        message = "unknown field"
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+    return Invalid(message, field_path(loc))
+
+
+def validation_error(exc: ValidationError, prefix: Sequence[str | int] = ()) -> Invalid:
+    """The first error of a ValidationError, with config conflicts pointing at their field."""
+    error = exc.errors()[0]
+    return pydantic_error(error, (*prefix, *error["loc"], *(error.get("ctx") or {}).get("at", ())))
+
+
+def _page(items: list[dict], total: int, limit: int, offset: int) -> dict:
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+
+def _sqlite_engine(url: str) -> Engine:
+    database = url.split(":///", 1)[1] if ":///" in url else ""
+    if database in ("", ":memory:"):
+        raise ValueError("an in-memory SQLite store is not supported; give a file: sqlite:///PATH")
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "journal_mode=WAL",
+            "foreign_keys=ON",
+            "synchronous=NORMAL",
+            "busy_timeout=30000",
+        ):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        writing = connection.get_execution_options().get("verge_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+
+    return engine
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+class Store:
+    """All control-plane state behind one object; thread-safe (one session per call)."""
+
+    def __init__(self, url: str, *, heartbeat_interval: float = 2.0) -> None:
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.down_after = 3 * heartbeat_interval
+        """Seconds without a heartbeat after which a node counts as down."""
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(
+            self.engine.execution_options(verge_write=True), expire_on_commit=False
+        )
+        self._listeners: list[Callable[[str], None]] = []
+        self._cache_lock = threading.Lock()
+        self._config_cache: tuple[int, vconfig.Config, dict] | None = None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema, sessions, notifications ----------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (safe when several replicas start at once)."""
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+        with self.engine.execution_options(verge_write=True).begin() as connection:
+            if self.is_postgres:
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener("config" | "purges")`` after such a change commits (any thread)."""
+        self._listeners.append(listener)
+
+    def _emit(self, topic: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(topic)
+            except Exception:  # the change is committed; a broken listener must not undo that
+                log.exception("store listener failed for %r", topic)
+
+    @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with self._reader() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """One write transaction; a unique-key race with another writer becomes a 409."""
+        try:
+            with self._writer() as session, session.begin():
+                yield session
+        except IntegrityError as exc:
+            reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+            raise Conflict(f"conflicts with a concurrent change ({reason}); try again") from exc
+
+    def _bump(self, session: Session, name: str) -> int:
+        """Increment a counter; the row stays locked until commit (numbers in commit order)."""
+        return session.execute(
+            update(Counter)
+            .where(Counter.name == name)
+            .values(value=Counter.value + 1)
+            .returning(Counter.value)
+        ).scalar_one()
+
+    def _counter(self, session: Session, name: str) -> int:
+        return session.execute(select(Counter.value).where(Counter.name == name)).scalar_one()
+
+    def _audit(
+        self,
+        session: Session,
+        actor: Principal | str,
+        action: str,
+        obj: str,
+        tenant_id: int | None,
+        detail: dict | None = None,
+    ) -> None:
+        name = actor.actor if isinstance(actor, Principal) else actor
+        session.add(
+            AuditEntry(
+                at=utcnow(),
+                actor=name,
+                action=action,
+                object=obj,
+                tenant_id=tenant_id,
+                detail=detail or {},
+            )
+        )
+
+    def _paged(
+        self, session: Session, query: Select, limit: int, offset: int, view: Callable[[Any], dict]
+    ) -> dict:
+        total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+        rows = session.scalars(query.limit(limit).offset(offset)).all()
+        return _page([view(row) for row in rows], total or 0, limit, offset)
+
+    # -- tokens and authentication ------------------------------------------------------------
+
+    def authenticate(self, text: str) -> Principal | None:
+        """The caller behind a bearer token, or None (unknown, wrong secret, revoked)."""
+        token_id, secret = auth.parse(text)
+        with self._reading() as session:
+            node = None
+            if auth.is_node_id(token_id):
+                node = session.scalar(select(Node).where(Node.credential_id == token_id))
+            if node is not None:
+                if node.revoked or not auth.matches(secret, node.credential_sha256):
+                    return None
+                return Principal(token_id, node.name, "node", node_id=node.id)
+            token = session.get(Token, token_id)
+            if token is None or token.revoked_at is not None:
+                return None
+            if not auth.matches(secret, token.secret_sha256):
+                return None
+            tenant = token.tenant.name if token.tenant else None
+            return Principal(token.id, token.name, token.role, token.tenant_id, tenant)  # type: ignore[arg-type]
+
+    def ensure_admin_token(self, given: str | None = None) -> str | None:
+        """Make sure an admin can log in; returns the token text only when one was generated.
+
+        ``given`` (``--admin-token``) is added as an admin token unless it exists already.
+        Without it, a random admin token is made when the store has no active admin token.
+        """
+        with self._writing() as session:
+            if given:
+                issued = auth.from_text(given)
+                existing = session.get(Token, issued.id)
+                if existing is None:
+                    self._add_token(session, "bootstrap", issued, "admin", "admin", None)
+                elif existing.role != "admin" or existing.secret_sha256 != issued.digest:
+                    raise Conflict("the given admin token collides with another token")
+                elif existing.revoked_at is not None:
+                    raise Conflict("the given admin token has been revoked; choose another")
+                return None
+            active = session.scalar(
+                select(func.count())
+                .select_from(Token)
+                .where(Token.role == "admin", Token.revoked_at.is_(None))
+            )
+            if active:
+                return None
+            issued = auth.issue()
+            self._add_token(session, "bootstrap", issued, "admin", "admin", None)
+            return issued.text
+
+    def _add_token(
+        self,
+        session: Session,
+        actor: Principal | str,
+        issued: auth.IssuedToken,
+        name: str,
+        role: str,
+        tenant: Tenant | None,
+    ) -> Token:
+        created_by = actor.actor if isinstance(actor, Principal) else actor
+        token = Token(
+            id=issued.id,
+            name=name,
+            role=role,
+            tenant_id=tenant.id if tenant else None,
+            secret_sha256=issued.digest,
+            created_by=created_by,
+            created_at=utcnow(),
+        )
+        token.tenant = tenant
+        session.add(token)
+        self._audit(
+            session,
+            actor,
+            "token.create",
+            f"token:{issued.id}",
+            tenant.id if tenant else None,
+            {"name": name, "role": role},
+        )
+        return token
+
+    def create_token(
+        self, principal: Principal, role: str, name: str | None = None, tenant: str | None = None
+    ) -> dict:
+        if role not in auth.TOKEN_ROLES:
+            raise Invalid(
+                f"role must be one of {', '.join(auth.TOKEN_ROLES)} (node credentials "
+                "come from POST /nodes/join)",
+                "role",
+            )
+        with self._writing() as session:
+            tenant_row = self._token_tenant(session, principal, role, tenant)
+            issued = auth.issue()
+            token = self._add_token(session, principal, issued, name or role, role, tenant_row)
+            return {**_token_view(token), "token": issued.text}
+
+    def _token_tenant(
+        self, session: Session, principal: Principal, role: str, tenant: str | None
+    ) -> Tenant | None:
+        """Which tenant a new token belongs to, and whether the caller may make it."""
+        if principal.role != "admin":
+            if role not in ("tenant_admin", "read_only"):
+                raise Forbidden(f"a tenant admin cannot create {role} tokens", "role")
+            if tenant not in (None, principal.tenant):
+                raise Forbidden("a tenant admin can only create tokens of its tenant", "tenant")
+            return session.get(Tenant, principal.tenant_id)
+        if role in ("admin", "join"):
+            if tenant is not None:
+                raise Invalid(f"{role} tokens belong to no tenant", "tenant")
+            return None
+        if tenant is None:
+            if role == "tenant_admin":
+                raise Invalid("a tenant_admin token needs a tenant", "tenant")
+            return None
+        return self._tenant_named(session, tenant)
+
+    def list_tokens(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        query = select(Token).order_by(Token.created_at, Token.id)
+        if not principal.sees_all:
+            query = query.where(Token.tenant_id == principal.tenant_id)
+        with self._reading() as session:
+            return self._paged(session, query, limit, offset, _token_view)
+
+    def revoke_token(self, principal: Principal, token_id: str) -> None:
+        with self._writing() as session:
+            token = session.get(Token, token_id)
+            if token is None or not principal.can_see_tenant(token.tenant_id):
+                raise NotFound(f"no token with id {token_id!r}")
+            if token.revoked_at is not None:
+                return
+            if token.role == "admin":
+                others = session.scalar(
+                    select(func.count())
+                    .select_from(Token)
+                    .where(Token.role == "admin", Token.revoked_at.is_(None), Token.id != token_id)
+                )
+                if not others:
+                    raise Conflict("this is the last admin token; create another one first")
+            token.revoked_at = utcnow()
+            self._audit(
+                session,
+                principal,
+                "token.revoke",
+                f"token:{token_id}",
+                token.tenant_id,
+                {"name": token.name, "role": token.role},
+            )
+
+    # -- tenants -------------------------------------------------------------------------------
+
+    def create_tenant(self, principal: Principal, name: str) -> dict:
+        with self._writing() as session:
+            if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
+                raise Conflict(f"a tenant named {name!r} already exists", "name")
+            tenant = Tenant(name=name, created_at=utcnow())
+            session.add(tenant)
+            session.flush()
+            self._audit(session, principal, "tenant.create", f"tenant:{name}", tenant.id)
+            return _tenant_view(tenant)
+
+    def list_tenants(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        query = select(Tenant).order_by(Tenant.name)
+        if not principal.sees_all:
+            query = query.where(Tenant.id == principal.tenant_id)
+        with self._reading() as session:
+            return self._paged(session, query, limit, offset, _tenant_view)
+
+    def _tenant_named(self, session: Session, name: str) -> Tenant:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+        if tenant is None:
+            raise Invalid(f"no tenant named {name!r}", "tenant")
+        return tenant
+
+    def _tenant_for_service(
+        self, session: Session, principal: Principal, tenant: str | None
+    ) -> Tenant:
+        """The tenant a service is written to: the caller's own, or any for an admin."""
+        if principal.role != "admin":
+            if tenant not in (None, principal.tenant):
+                raise Forbidden("a tenant token can only use its own tenant", "tenant")
+            return session.get_one(Tenant, principal.tenant_id)
+        if tenant is not None:
+            return self._tenant_named(session, tenant)
+        found = session.scalar(select(Tenant).where(Tenant.name == DEFAULT_TENANT))
+        if found is None:
+            found = Tenant(name=DEFAULT_TENANT, created_at=utcnow())
+            session.add(found)
+            session.flush()
+            self._audit(session, principal, "tenant.create", f"tenant:{DEFAULT_TENANT}", found.id)
+        return found
+
+    # -- services ------------------------------------------------------------------------------
+
+    def create_service(
+        self, principal: Principal, spec: vconfig.Service, tenant: str | None = None
+    ) -> dict:
+        _check_spec_rights(principal, spec)
+        with self._writing() as session:
+            owner = self._tenant_for_service(session, principal, tenant)
+            if session.scalar(select(Service.id).where(Service.name == spec.name)) is not None:
+                raise Conflict(f"a service named {spec.name!r} already exists", "name")
+            self._check_hosts(session, principal, spec, None)
+            self._check_default(session, spec, None)
+            now = utcnow()
+            row = Service(
+                name=spec.name,
+                tenant=owner,
+                spec=spec.model_dump(mode="json"),
+                version=1,
+                is_default=spec.default,
+                created_at=now,
+                updated_at=now,
+                hosts=[ServiceHost(host=host) for host in spec.hosts],
+            )
+            session.add(row)
+            session.flush()
+            config_version = self._bump(session, CONFIG_VERSION)
+            self._audit(
+                session,
+                principal,
+                "service.create",
+                f"service:{spec.name}",
+                owner.id,
+                {"version": 1, "config_version": config_version, "hosts": spec.hosts},
+            )
+            view = _service_view(row)
+        self._emit("config")
+        return view
+
+    def list_services(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        query = select(Service).order_by(Service.name)
+        if not principal.sees_all:
+            query = query.where(Service.tenant_id == principal.tenant_id)
+        with self._reading() as session:
+            return self._paged(session, query, limit, offset, _service_view)
+
+    def get_service(self, principal: Principal, name: str) -> dict:
+        with self._reading() as session:
+            return _service_view(self._visible_service(session, principal, name))
+
+    def update_service(
+        self,
+        principal: Principal,
+        name: str,
+        spec: vconfig.Service,
+        expected_version: int | None,
+        tenant: str | None = None,
+    ) -> dict:
+        """Replace a service's spec; ``expected_version`` (from If-Match) None means any."""
+        if spec.name != name:
+            raise Invalid(
+                f"the body names service {spec.name!r} but the URL {name!r}; "
+                "services cannot be renamed",
+                "name",
+            )
+        _check_spec_rights(principal, spec)
+        with self._writing() as session:
+            row = self._visible_service(session, principal, name, lock=True)
+            _check_version(row, expected_version)
+            owner = row.tenant
+            if tenant is not None and tenant != owner.name:
+                owner = self._tenant_for_service(session, principal, tenant)
+            view = self._replace_spec(session, principal, row, spec, owner, "service.update")
+        self._emit("config")
+        return view
+
+    def delete_service(
+        self, principal: Principal, name: str, expected_version: int | None = None
+    ) -> None:
+        with self._writing() as session:
+            row = self._visible_service(session, principal, name, lock=True)
+            _check_version(row, expected_version)
+            tenant_id = row.tenant_id
+            session.delete(row)
+            session.flush()
+            config_version = self._bump(session, CONFIG_VERSION)
+            self._audit(
+                session,
+                principal,
+                "service.delete",
+                f"service:{name}",
+                tenant_id,
+                {"config_version": config_version},
+            )
+        self._emit("config")
+
+    def add_origin(
+        self, principal: Principal, name: str, origin: dict, expected_version: int | None = None
+    ) -> dict:
+        with self._writing() as session:
+            row = self._visible_service(session, principal, name, lock=True)
+            _check_version(row, expected_version)
+            new = _validate_origin(origin)
+            if any(_same_origin(existing["url"], new["url"]) for existing in row.spec["origins"]):
+                raise Conflict(f"origin {new['url']} is already in service {name!r}", "url")
+            spec = _revalidate(row.spec, origins=[*row.spec["origins"], new])
+            view = self._replace_spec(
+                session, principal, row, spec, row.tenant, "origin.add", {"url": new["url"]}
+            )
+        self._emit("config")
+        return view
+
+    def remove_origin(
+        self, principal: Principal, name: str, url: str, expected_version: int | None = None
+    ) -> dict:
+        with self._writing() as session:
+            row = self._visible_service(session, principal, name, lock=True)
+            _check_version(row, expected_version)
+            kept = [o for o in row.spec["origins"] if not _same_origin(o["url"], url)]
+            if len(kept) == len(row.spec["origins"]):
+                raise NotFound(f"service {name!r} has no origin {url}", "url")
+            if not kept:
+                raise Conflict(f"{url} is the only origin of {name!r}; a service needs one", "url")
+            spec = _revalidate(row.spec, origins=kept)
+            view = self._replace_spec(
+                session, principal, row, spec, row.tenant, "origin.remove", {"url": url}
+            )
+        self._emit("config")
+        return view
+
+    def _visible_service(
+        self, session: Session, principal: Principal, name: str, lock: bool = False
+    ) -> Service:
+        query = select(Service).where(Service.name == name)
+        if lock:
+            query = query.with_for_update(of=Service)
+        row = session.scalar(query)
+        if row is None or not principal.can_see_tenant(row.tenant_id):
+            raise NotFound(f"no service named {name!r}")
+        return row
+
+    def _replace_spec(
+        self,
+        session: Session,
+        principal: Principal,
+        row: Service,
+        spec: vconfig.Service,
+        owner: Tenant,
+        action: str,
+        detail: dict | None = None,
+    ) -> dict:
+        """Write a new spec (hosts, version, config version, audit) to a locked service row."""
+        self._check_hosts(session, principal, spec, row.id)
+        self._check_default(session, spec, row.id)
+        wanted = set(spec.hosts)
+        for host_row in list(row.hosts):
+            if host_row.host not in wanted:
+                row.hosts.remove(host_row)
+        have = {host_row.host for host_row in row.hosts}
+        session.flush()  # removed hosts go before new ones may take them over
+        row.hosts.extend(ServiceHost(host=host) for host in spec.hosts if host not in have)
+        previous_tenant = row.tenant_id
+        row.tenant = owner
+        row.spec = spec.model_dump(mode="json")
+        row.is_default = spec.default
+        row.version += 1
+        row.updated_at = utcnow()
+        session.flush()
+        config_version = self._bump(session, CONFIG_VERSION)
+        detail = {**(detail or {}), "version": row.version, "config_version": config_version}
+        if previous_tenant != owner.id:
+            detail["moved_from_tenant_id"] = previous_tenant
+        self._audit(session, principal, action, f"service:{row.name}", owner.id, detail)
+        return _service_view(row)
+
+    def _check_hosts(
+        self, session: Session, principal: Principal, spec: vconfig.Service, own_id: int | None
+    ) -> None:
+        clashes = session.execute(
+            select(ServiceHost.host, Service.name, Service.tenant_id)
+            .join(Service, ServiceHost.service_id == Service.id)
+            .where(ServiceHost.host.in_(spec.hosts))
+        ).all()
+        for host, owner, tenant_id in clashes:
+            if own_id is not None and owner == spec.name:
+                continue
+            visible = principal.can_see_tenant(tenant_id)
+            where = f"service {owner!r}" if visible else "another tenant's service"
+            raise Conflict(
+                f"host {host!r} already belongs to {where}", f"hosts[{spec.hosts.index(host)}]"
+            )
+
+    def _check_default(self, session: Session, spec: vconfig.Service, own_id: int | None) -> None:
+        if not spec.default:
+            return
+        query = select(Service.name).where(Service.is_default.is_(True))
+        if own_id is not None:
+            query = query.where(Service.id != own_id)
+        other = session.scalar(query)
+        if other is not None:
+            raise Conflict(f"service {other!r} is already the default service", "default")
+
+    # -- the config bundle ----------------------------------------------------------------------
+
+    def config_version(self) -> int:
+        with self._reading() as session:
+            return self._counter(session, CONFIG_VERSION)
+
+    def bundle(self) -> dict:
+        """``{"version": V, "config": Config JSON}``: every service of every tenant."""
+        with self._reading() as session:
+            return self._current_config(session)[2]
+
+    def _current_config(self, session: Session) -> tuple[int, vconfig.Config, dict]:
+        """(version, Config, bundle), built once per version.
+
+        The version is read before the services: if a change commits in between, the bundle
+        holds content newer than its number (the node fetches it again, harmless), never older.
+        """
+        version = self._counter(session, CONFIG_VERSION)
+        cached = self._config_cache
+        if cached is not None and cached[0] == version:
+            return cached
+        specs = session.scalars(select(Service.spec).order_by(Service.name)).all()
+        config = vconfig.config_from_data({"services": list(specs)}, "<control-plane bundle>")
+        built = (version, config, {"version": version, "config": config.model_dump(mode="json")})
+        with self._cache_lock:
+            if self._config_cache is None or self._config_cache[0] <= version:
+                self._config_cache = built
+        return built
+
+    # -- purges ---------------------------------------------------------------------------------
+
+    def purge_seq(self) -> int:
+        with self._reading() as session:
+            return self._counter(session, PURGE_SEQ)
+
+    def create_purge(
+        self,
+        principal: Principal,
+        *,
+        service: str | None = None,
+        urls: Sequence[str] = (),
+        prefixes: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        soft: bool = False,
+    ) -> dict:
+        """Queue a purge for every edge: ``{"seq": N, "nodes": [names expected to ack]}``."""
+        if not (urls or prefixes or tags):
+            raise Invalid("nothing to purge: give urls, prefixes or tags", "urls")
+        with self._writing() as session:
+            scope = self._visible_service(session, principal, service) if service else None
+            if scope is None and not principal.sees_all and (prefixes or tags):
+                raise Invalid("name the service whose prefixes or tags to purge", "service")
+            resolver = _PurgeResolver(
+                self._current_config(session)[1],
+                principal,
+                scope,
+                dict(session.execute(select(Service.name, Service.tenant_id)).all()),
+            )
+            targets = resolver.targets(urls, prefixes, tags)
+            seq = self._bump(session, PURGE_SEQ)
+            expected = self._up_node_names(session)
+            tenant_id = scope.tenant_id if scope else principal.tenant_id
+            session.add(
+                PurgeJob(
+                    seq=seq,
+                    tenant_id=tenant_id,
+                    service=service,
+                    targets=targets,
+                    soft=soft,
+                    expected=expected,
+                    created_by=principal.actor,
+                    created_at=utcnow(),
+                )
+            )
+            self._audit(
+                session,
+                principal,
+                "purge.create",
+                f"purge:{seq}",
+                tenant_id,
+                {
+                    "service": service,
+                    "urls": list(urls),
+                    "prefixes": list(prefixes),
+                    "tags": list(tags),
+                    "soft": soft,
+                },
+            )
+        self._emit("purges")
+        return {"seq": seq, "nodes": expected}
+
+    def purge_status(self, principal: Principal, seq: int) -> dict:
+        with self._reading() as session:
+            job = session.get(PurgeJob, seq)
+            if job is None or not (principal.sees_all or job.tenant_id == principal.tenant_id):
+                raise NotFound(f"no purge #{seq}")
+            acked = set(
+                session.scalars(
+                    select(Node.name)
+                    .join(PurgeAck, PurgeAck.node_id == Node.id)
+                    .where(PurgeAck.seq == seq)
+                ).all()
+            )
+            revoked = set(session.scalars(select(Node.name).where(Node.revoked.is_(True))).all())
+            pending = [name for name in job.expected if name not in acked and name not in revoked]
+            return {
+                "seq": job.seq,
+                "acked": sorted(acked),
+                "pending": sorted(pending),
+                "created_at": iso(job.created_at),
+                "service": job.service,
+                "soft": job.soft,
+                "done": not pending,
+            }
+
+    def purges_after(self, after: int, limit: int = PURGE_BATCH) -> list[dict]:
+        """Purges with seq > after, oldest first (what a node has not applied yet)."""
+        with self._reading() as session:
+            jobs = session.scalars(
+                select(PurgeJob).where(PurgeJob.seq > after).order_by(PurgeJob.seq).limit(limit)
+            ).all()
+            return [{"seq": job.seq, "targets": job.targets, "soft": job.soft} for job in jobs]
+
+    def ack_purges(self, principal: Principal, seq: int) -> None:
+        """The node has applied every purge up to ``seq``."""
+        with self._writing() as session:
+            node = session.get_one(Node, principal.node_id, with_for_update=True)
+            top = min(seq, self._counter(session, PURGE_SEQ))
+            if top <= node.acked_seq:
+                return
+            now = utcnow()
+            seqs = session.scalars(
+                select(PurgeJob.seq).where(PurgeJob.seq > node.acked_seq, PurgeJob.seq <= top)
+            ).all()
+            session.add_all(PurgeAck(seq=s, node_id=node.id, acked_at=now) for s in seqs)
+            node.acked_seq = top
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def join_node(
+        self, principal: Principal, name: str, url: str, admin_url: str, region: str | None = None
+    ) -> dict:
+        """Register a node (or re-register it: a new credential replaces the old one)."""
+        issued = auth.issue(node=True)
+        with self._writing() as session:
+            node = session.scalar(select(Node).where(Node.name == name).with_for_update())
+            top = self._counter(session, PURGE_SEQ)
+            rejoin = node is not None
+            if node is None:
+                node = Node(
+                    name=name,
+                    acked_seq=top,
+                    purge_seq=0,
+                    config_version=0,
+                    load={},
+                    health={},
+                    revoked=False,
+                )
+                session.add(node)
+            node.url, node.admin_url, node.region = url, admin_url, region
+            node.credential_id, node.credential_sha256 = issued.id, issued.digest
+            node.joined_at, node.revoked = utcnow(), False
+            self._audit(
+                session,
+                principal,
+                "node.join",
+                f"node:{name}",
+                None,
+                {"url": url, "admin_url": admin_url, "region": region, "rejoin": rejoin},
+            )
+            config_version = self._counter(session, CONFIG_VERSION)
+        return {
+            "node": name,
+            "credential": issued.text,
+            "config_version": config_version,
+            "purge_seq": top,
+        }
+
+    def heartbeat(
+        self, principal: Principal, *, health: dict, load: dict, config_version: int, purge_seq: int
+    ) -> None:
+        with self._writing() as session:
+            session.execute(
+                update(Node)
+                .where(Node.id == principal.node_id)
+                .values(
+                    last_heartbeat=utcnow(),
+                    health=health,
+                    load=load,
+                    config_version=config_version,
+                    purge_seq=purge_seq,
+                )
+            )
+
+    def list_nodes(self, limit: int = 50, offset: int = 0) -> dict:
+        now = utcnow()
+        with self._reading() as session:
+            return self._paged(
+                session,
+                select(Node).order_by(Node.name),
+                limit,
+                offset,
+                lambda node: self._node_view(node, now),
+            )
+
+    def revoke_node(self, principal: Principal, name: str) -> None:
+        with self._writing() as session:
+            node = session.scalar(select(Node).where(Node.name == name))
+            if node is None:
+                raise NotFound(f"no node named {name!r}")
+            if node.revoked:
+                return
+            node.revoked = True
+            self._audit(session, principal, "node.revoke", f"node:{name}", None)
+
+    def _status(self, node: Node, now: datetime) -> str:
+        if node.revoked:
+            return "revoked"
+        seen = node.last_heartbeat or node.joined_at
+        return "up" if now - seen <= timedelta(seconds=self.down_after) else "down"
+
+    def _up_node_names(self, session: Session) -> list[str]:
+        now = utcnow()
+        nodes = session.scalars(
+            select(Node).where(Node.revoked.is_(False)).order_by(Node.name)
+        ).all()
+        return [node.name for node in nodes if self._status(node, now) == "up"]
+
+    def _node_view(self, node: Node, now: datetime) -> dict:
+        return {
+            "name": node.name,
+            "url": node.url,
+            "admin_url": node.admin_url,
+            "region": node.region,
+            "status": self._status(node, now),
+            "last_heartbeat": iso(node.last_heartbeat),
+            "joined_at": iso(node.joined_at),
+            "config_version": node.config_version,
+            "purge_seq": node.purge_seq,
+            "load": node.load,
+            "health": node.health,
+        }
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    def list_audit(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        query = select(AuditEntry).order_by(AuditEntry.id.desc())
+        if not principal.sees_all:
+            query = query.where(AuditEntry.tenant_id == principal.tenant_id)
+        with self._reading() as session:
+            return self._paged(session, query, limit, offset, _audit_view)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def ingest_stats(
+        self, principal: Principal, samples: Sequence[dict], idempotency_key: str | None = None
+    ) -> dict:
+        """Add a node's samples to their buckets; a batch key seen before is ignored."""
+        try:
+            return self._ingest_stats(principal, samples, idempotency_key)
+        except Conflict:  # the same batch, sent twice at once: the other copy counted it
+            if idempotency_key and self._batch_seen(principal, idempotency_key):
+                return {"accepted": 0, "duplicate": True}
+            raise
+
+    def _batch_seen(self, principal: Principal, key: str) -> bool:
+        with self._reading() as session:
+            return session.get(StatsBatch, (principal.node_id, key)) is not None
+
+    def _ingest_stats(
+        self, principal: Principal, samples: Sequence[dict], idempotency_key: str | None
+    ) -> dict:
+        with self._writing() as session:
+            if idempotency_key:
+                if session.get(StatsBatch, (principal.node_id, idempotency_key)) is not None:
+                    return {"accepted": 0, "duplicate": True}
+                session.add(
+                    StatsBatch(node_id=principal.node_id, key=idempotency_key, received_at=utcnow())
+                )
+            tenants = dict(session.execute(select(Service.name, Service.tenant_id)).all())
+            buckets = _sum_buckets(samples)
+            for (service, bucket), counts in buckets.items():
+                self._add_sample(
+                    session, principal.node_id, service, bucket, tenants.get(service), counts
+                )
+        return {"accepted": len(samples), "duplicate": False}
+
+    def _add_sample(
+        self,
+        session: Session,
+        node_id: int | None,
+        service: str,
+        bucket: int,
+        tenant_id: int | None,
+        counts: dict[str, float],
+    ) -> None:
+        dialect = postgresql if self.is_postgres else sqlite
+        statement = dialect.insert(StatsSample).values(
+            node_id=node_id, service=service, bucket=bucket, tenant_id=tenant_id, **counts
+        )
+        table = StatsSample.__table__.c
+        statement = statement.on_conflict_do_update(
+            index_elements=["node_id", "service", "bucket"],
+            set_={name: table[name] + statement.excluded[name] for name in STAT_COUNTERS},
+        )
+        session.execute(statement)
+
+    def query_stats(
+        self,
+        principal: Principal,
+        *,
+        service: str | None = None,
+        node: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        step: int = STATS_BUCKET,
+    ) -> dict:
+        """Sums per ``step`` seconds over the filter: ``{"series": [{"t", "requests", ...}]}``."""
+        now = utcnow().timestamp()
+        since = now - 3600 if since is None else since
+        step = max(int(step), 1)
+        t = (StatsSample.bucket - StatsSample.bucket % step).label("start")
+        sums = [func.sum(getattr(StatsSample, name)).label(name) for name in STAT_COUNTERS]
+        query = (
+            select(t, *sums)
+            .where(StatsSample.bucket >= int(since) - int(since) % STATS_BUCKET)
+            .group_by(t)
+            .order_by(t)
+        )
+        if until is not None:
+            query = query.where(StatsSample.bucket <= until)
+        if not principal.sees_all:
+            query = query.where(StatsSample.tenant_id == principal.tenant_id)
+        with self._reading() as session:
+            if service is not None:
+                self._check_stats_service(session, principal, service)
+                query = query.where(StatsSample.service == service)
+            if node is not None:
+                query = query.join(Node, Node.id == StatsSample.node_id).where(Node.name == node)
+            rows = session.execute(query).all()
+        return {"series": [_series_point(row) for row in rows], "step": step}
+
+    def _check_stats_service(self, session: Session, principal: Principal, name: str) -> None:
+        tenant_id = session.scalar(select(Service.tenant_id).where(Service.name == name))
+        if tenant_id is not None and not principal.can_see_tenant(tenant_id):
+            raise NotFound(f"no service named {name!r}")
+
+    def prune_stats(self, retention_days: float, now: datetime | None = None) -> int:
+        """Delete samples and idempotency keys older than ``retention_days``; rows deleted."""
+        cutoff = (now or utcnow()) - timedelta(days=retention_days)
+        with self._writing() as session:
+            samples = session.execute(
+                delete(StatsSample).where(StatsSample.bucket < int(cutoff.timestamp()))
+            )
+            batches = session.execute(delete(StatsBatch).where(StatsBatch.received_at < cutoff))
+            return (samples.rowcount or 0) + (batches.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# Purge targets: what the edges match (cache keys, key prefixes, tags)
+# ---------------------------------------------------------------------------------------------
+
+
+class _PurgeResolver:
+    """Turns purge URLs and prefixes into edge targets, checking the caller owns them.
+
+    URLs become cache keys as the edge's admin API makes them (``keys.key_for_url``, plus the
+    variant a matching rule's ``sort_query``/``ignore_query`` produces, plus the prefix that
+    covers variants keyed by rule headers).
+    """
+
+    def __init__(
+        self,
+        config: vconfig.Config,
+        principal: Principal,
+        scope: Service | None,
+        tenants: dict[str, int],
+    ) -> None:
+        self.config, self.principal, self.scope, self.tenants = config, principal, scope, tenants
+
+    def targets(
+        self, urls: Sequence[str], prefixes: Sequence[str], tags: Sequence[str]
+    ) -> list[list[str]]:
+        out: list[list[str]] = []
+        for index, url in enumerate(urls):
+            for key in self._url_keys(url, f"urls[{index}]"):
+                out.append(["url", key])
+                out.append(["prefix", key + "\n"])
+        for index, prefix in enumerate(prefixes):
+            key = keys.key_for_url(prefix)
+            self._service_of(key.partition("/")[0], prefix, f"prefixes[{index}]")
+            out.append(["prefix", key])
+        out.extend(["tag", tag] for tag in tags)
+        return out
+
+    def _url_keys(self, url: str, field: str) -> list[str]:
+        base = keys.key_for_url(url)
+        host, _, rest = base.partition("/")
+        path, _, query = ("/" + rest).partition("?")
+        found = {base}
+        service = self._service_of(host, url, field)
+        rule = service.match_rule(path) if service is not None else None
+        if rule is not None:
+            found.add(
+                keys.cache_key(
+                    host, path, query, sort_query=rule.sort_query, ignore_query=rule.ignore_query
+                )
+            )
+        return sorted(found)
+
+    def _service_of(self, host: str, url: str, field: str) -> vconfig.Service | None:
+        """The service serving ``host``, after checking the caller may purge it."""
+        if not host:
+            raise Invalid(f"{url!r} has no host; give http://host/path", field)
+        service = self.config.service_for_host(host)
+        if self.scope is not None:
+            if service is None or service.name != self.scope.name:
+                raise Invalid(f"{url} is not served by service {self.scope.name!r}", field)
+            return service
+        if self.principal.sees_all:
+            return service
+        owner = self.tenants.get(service.name) if service is not None else None
+        if service is None or owner != self.principal.tenant_id:
+            raise Invalid(f"{url} is not served by any of your services", field)
+        return service
+
+
+# ---------------------------------------------------------------------------------------------
+# Views and checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _tenant_view(tenant: Tenant) -> dict:
+    return {"id": tenant.id, "name": tenant.name, "created_at": iso(tenant.created_at)}
+
+
+def _token_view(token: Token) -> dict:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "role": token.role,
+        "tenant": token.tenant.name if token.tenant else None,
+        "created_at": iso(token.created_at),
+        "created_by": token.created_by,
+        "revoked": token.revoked_at is not None,
+    }
+
+
+def _service_view(row: Service) -> dict:
+    return {**row.spec, "tenant": row.tenant.name, "version": row.version}
+
+
+def _audit_view(entry: AuditEntry) -> dict:
+    return {
+        "id": entry.id,
+        "at": iso(entry.at),
+        "actor": entry.actor,
+        "action": entry.action,
+        "object": entry.object,
+        "detail": entry.detail,
+    }
+
+
+def _series_point(row: Any) -> dict:
+    values = row._mapping
+    point = {"t": int(values["start"])}
+    for name in STAT_COUNTERS[:-2]:
+        point[name] = int(values[name] or 0)
+    count = int(values["origin_count"] or 0)
+    point["origin_ms_avg"] = round(float(values["origin_ms_sum"] or 0) / count, 3) if count else 0.0
+    return point
+
+
+def _sum_buckets(samples: Sequence[dict]) -> dict[tuple[str, int], dict[str, float]]:
+    """Samples added up per (service, bucket start)."""
+    buckets: dict[tuple[str, int], dict[str, float]] = {}
+    for sample in samples:
+        t = int(sample["t"])
+        key = (sample["service"], t - t % STATS_BUCKET)
+        counts = buckets.setdefault(key, dict.fromkeys(STAT_COUNTERS, 0))
+        for name in STAT_COUNTERS:
+            counts[name] += sample.get(name, 0) or 0
+    return buckets
+
+
+def _check_version(row: Service, expected: int | None) -> None:
+    if expected is not None and row.version != expected:
+        raise PreconditionFailed(
+            f"service {row.name!r} is at version {row.version}, not {expected}: someone changed "
+            "it; fetch it again"
+        )
+
+
+def _check_spec_rights(principal: Principal, spec: vconfig.Service) -> None:
+    """Tenant tokens may not take traffic meant for everyone (default service, host "*")."""
+    if principal.role == "admin":
+        return
+    if spec.default:
+        raise Forbidden("only an admin can make a service the default", "default")
+    if "*" in spec.hosts:
+        raise Forbidden(
+            "only an admin can serve every host ('*')", f"hosts[{spec.hosts.index('*')}]"
+        )
+
+
+def _validate_origin(origin: dict) -> dict:
+    try:
+        return vconfig.OriginSpec.model_validate(origin).model_dump(mode="json")
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _same_origin(a: str, b: str) -> bool:
+    """Whether two origin URLs name the same server (http://h and http://h:80 do)."""
+
+    def identity(url: str) -> tuple | str:
+        try:
+            origin = vconfig.OriginSpec.model_validate(url)
+        except ValidationError:
+            return url
+        return origin.scheme, origin.host, origin.port
+
+    return identity(a) == identity(b)
+
+
+def _revalidate(spec: dict, **changes: Any) -> vconfig.Service:
+    try:
+        return vconfig.Service.model_validate({**spec, **changes})
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "PreconditionFailed",
+    "Store",
+    "StoreError",
+    "field_path",
+    "iso",
+    "normalize_url",
+    "pydantic_error",
+    "validation_error",
+]
