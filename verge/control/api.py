@@ -446,8 +446,24 @@ def create_purge(body: PurgeIn, store: StoreDep, principal: Writer) -> dict:
 
 
 @purges.get("/purge/{seq}")
-def purge_status(seq: int, store: StoreDep, principal: Reader) -> dict:
-    return store.purge_status(principal, seq)
+async def purge_status(
+    request: Request,
+    seq: int,
+    store: StoreDep,
+    principal: Reader,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait until every node acked")] = 0,
+) -> dict:
+    """Who has and has not acknowledged; with ``wait``, answers as soon as nobody is pending."""
+    status = await run_in_threadpool(store.purge_status, principal, seq)
+    if not status["pending"] or not wait:
+        return status
+
+    async def complete() -> dict | None:
+        current = await run_in_threadpool(store.purge_status, principal, seq)
+        return None if current["pending"] else current
+
+    done = await request.app.state.watches["acks"].wait(complete, _wait(request, wait))
+    return done or await run_in_threadpool(store.purge_status, principal, seq)
 
 
 @fleet.get("/nodes")
@@ -683,6 +699,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     watches = {
         "config": VersionWatch(store.config_version, settings.poll_interval),
         "purges": VersionWatch(store.purge_seq, settings.poll_interval),
+        "acks": VersionWatch(store.ack_count, settings.poll_interval),
     }
     store.subscribe(lambda topic: watches[topic].notify())
 

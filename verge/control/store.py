@@ -19,6 +19,7 @@ uses that to wake long-polling nodes at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -214,6 +215,7 @@ class Store:
         )
         self._listeners: list[Callable[[str], None]] = []
         self._cache_lock = threading.Lock()
+        self._sqlite_write_lock = threading.Lock()
         self._config_cache: tuple[int, vconfig.Config, dict] | None = None
 
     def close(self) -> None:
@@ -232,7 +234,7 @@ class Store:
             command.upgrade(config, "head")
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener("config" | "purges")`` after such a change commits (any thread)."""
+        """Call ``listener("config" | "purges" | "acks")`` after such a change commits (any thread)."""
         self._listeners.append(listener)
 
     def _emit(self, topic: str) -> None:
@@ -249,9 +251,14 @@ class Store:
 
     @contextmanager
     def _writing(self) -> Iterator[Session]:
-        """One write transaction; a unique-key race with another writer becomes a 409."""
+        """One write transaction; a unique-key race with another writer becomes a 409.
+
+        On SQLite, this process's writers queue on a lock instead of colliding in SQLite,
+        whose busy handler sleeps 10-100 ms between retries (that alone tripled purge latency).
+        """
+        lock = self._sqlite_write_lock if not self.is_postgres else contextlib.nullcontext()
         try:
-            with self._writer() as session, session.begin():
+            with lock, self._writer() as session, session.begin():
                 yield session
         except IntegrityError as exc:
             reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
@@ -824,6 +831,12 @@ class Store:
             ).all()
             session.add_all(PurgeAck(seq=s, node_id=node.id, acked_at=now) for s in seqs)
             node.acked_seq = top
+        self._emit("acks")
+
+    def ack_count(self) -> int:
+        """A number that changes whenever any node acknowledges (for the status long poll)."""
+        with self._reading() as session:
+            return session.scalar(select(func.count()).select_from(PurgeAck)) or 0
 
     # -- nodes ----------------------------------------------------------------------------------
 

@@ -48,12 +48,14 @@ class AgentError(Exception):
     """The control plane refused us (bad join token, revoked credential)."""
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """temp + rename; ``durable`` also fsyncs (not needed where a lost update is harmless)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -221,7 +223,8 @@ class ControlAgent:
             if not result["ok"]:
                 raise RuntimeError(f"purge {job['seq']} failed on a worker: {result['errors']}")
             self.purge_seq = max(self.purge_seq, int(job["seq"]))
-            write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode())
+            # no fsync: after a crash an older seq only means re-applying purges (idempotent)
+            write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
             await self._call("POST", "/api/v1/nodes/self/purges/ack", json={"seq": self.purge_seq})
 
     # ----- heartbeat and stats -----------------------------------------------------------------------
