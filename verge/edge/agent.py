@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from verge.cache.store import purge_disk
 from verge.config import Config
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class ControlAgent:
         self.node_name = node.options.node
         self.config_version = 0
         self.purge_seq = self._read_int("purge_seq")
+        self.acked_seq = 0  # what the control plane has been told (this process's lifetime)
         self.spool = StatsSpool(self.dir / "spool.db")
         self._last_snapshot: dict[str, list[int]] = {}
         self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
@@ -214,7 +216,13 @@ class ControlAgent:
         self.config_version = version
 
     # ----- purges ---------------------------------------------------------------------------------
+    async def _ack(self) -> None:
+        await self._call("POST", "/api/v1/nodes/self/purges/ack", json={"seq": self.purge_seq})
+        self.acked_seq = self.purge_seq
+
     async def _purges_once(self) -> None:
+        if self.acked_seq < self.purge_seq:  # e.g. applied at start-up but never acknowledged
+            await self._ack()
         response = await self._call("GET", "/api/v1/nodes/self/purges",
                                     params={"after": self.purge_seq, "wait": LONG_POLL})
         for job in response.json().get("purges", []):
@@ -225,7 +233,30 @@ class ControlAgent:
             self.purge_seq = max(self.purge_seq, int(job["seq"]))
             # no fsync: after a crash an older seq only means re-applying purges (idempotent)
             write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
-            await self._call("POST", "/api/v1/nodes/self/purges/ack", json={"seq": self.purge_seq})
+            await self._ack()
+
+    async def catch_up(self, timeout: float = 3.0) -> None:
+        """Before the workers serve from cache: apply purges missed while this edge was down.
+
+        Only the disk tier exists at this point (worker memory is empty), so the purges are
+        applied there directly. If the control plane cannot be reached within ``timeout``, the
+        edge serves anyway (offline autonomy) and the purge loop catches up on reconnect.
+        """
+        if not self._load_credential():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._call("GET", "/api/v1/nodes/self/purges",
+                                            params={"after": self.purge_seq, "wait": 0})
+                for job in response.json().get("purges", []):
+                    for kind, value in job["targets"]:
+                        purge_disk(self.node.disk, kind, value, bool(job.get("soft")))
+                    self.purge_seq = max(self.purge_seq, int(job["seq"]))
+                write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
+                if self.purge_seq:
+                    await self._ack()
+        except (TimeoutError, httpx.HTTPError, AgentError) as exc:
+            log.warning("could not catch up on purges before serving (%r); will retry", exc)
 
     # ----- heartbeat and stats -----------------------------------------------------------------------
     async def _heartbeat_once(self) -> None:

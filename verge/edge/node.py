@@ -144,6 +144,8 @@ class Node:
         admin_sock = reuseport_socket(self.options.admin_host, self.options.admin_port)
         self.options.admin_port = admin_sock.getsockname()[1]
         reservation = self.reserve_listen_port()
+        if self.agent is not None:
+            await self.agent.catch_up()
         await asyncio.gather(*(w.start(self.init_payload(w.index)) for w in self.workers))
         admin = AdminApp(self)
         await serve(admin, admin_sock, ServerLimits(max_body_bytes=1 << 20))
