@@ -553,7 +553,13 @@ async def node_purges(
     after: Annotated[int, Query(ge=0, description="The last purge seq the node applied")] = 0,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
 ) -> dict:
-    """Purges with seq > ``after`` (``[]`` when none came within ``wait`` seconds)."""
+    """Purges with seq > ``after`` (``[]`` when none came within ``wait`` seconds).
+
+    Asking for purges after N also acknowledges N: a node polls again as soon as it has
+    applied a batch, so the acknowledgement costs no request of its own.
+    """
+    if after:
+        await run_in_threadpool(store.ack_purges, principal, after)
 
     async def newer() -> list[dict] | None:
         return await run_in_threadpool(store.purges_after, after) or None

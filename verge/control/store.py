@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -59,6 +60,8 @@ from verge.control.models import (
 )
 
 log = logging.getLogger("verge.control.store")
+
+AUTH_CACHE_SECONDS = 1.0
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DEFAULT_TENANT = "default"
@@ -216,6 +219,7 @@ class Store:
         self._listeners: list[Callable[[str], None]] = []
         self._cache_lock = threading.Lock()
         self._sqlite_write_lock = threading.Lock()
+        self._auth_cache: dict[str, tuple[Principal, float]] = {}
         self._config_cache: tuple[int, vconfig.Config, dict] | None = None
 
     def close(self) -> None:
@@ -307,7 +311,24 @@ class Store:
     # -- tokens and authentication ------------------------------------------------------------
 
     def authenticate(self, text: str) -> Principal | None:
-        """The caller behind a bearer token, or None (unknown, wrong secret, revoked)."""
+        """The caller behind a bearer token, or None (unknown, wrong secret, revoked).
+
+        Valid answers are remembered for AUTH_CACHE_SECONDS: every edge request carries a
+        credential, and a read per request was a good part of a global purge's cost. This
+        process forgets them at once on any revocation or re-join; another replica's
+        revocation takes effect here within AUTH_CACHE_SECONDS.
+        """
+        cached = self._auth_cache.get(text)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        principal = self._authenticate(text)
+        if principal is not None:
+            if len(self._auth_cache) > 10_000:
+                self._auth_cache.clear()
+            self._auth_cache[text] = (principal, time.monotonic() + AUTH_CACHE_SECONDS)
+        return principal
+
+    def _authenticate(self, text: str) -> Principal | None:
         token_id, secret = auth.parse(text)
         with self._reading() as session:
             node = None
@@ -442,6 +463,7 @@ class Store:
                 if not others:
                     raise Conflict("this is the last admin token; create another one first")
             token.revoked_at = utcnow()
+            self._auth_cache.clear()
             self._audit(
                 session,
                 principal,
@@ -862,6 +884,7 @@ class Store:
                 session.add(node)
             node.url, node.admin_url, node.region = url, admin_url, region
             node.credential_id, node.credential_sha256 = issued.id, issued.digest
+            self._auth_cache.clear()
             node.joined_at, node.revoked = utcnow(), False
             self._audit(
                 session,
@@ -914,6 +937,7 @@ class Store:
             if node.revoked:
                 return
             node.revoked = True
+            self._auth_cache.clear()
             self._audit(session, principal, "node.revoke", f"node:{name}", None)
 
     def _status(self, node: Node, now: datetime) -> str:

@@ -95,7 +95,6 @@ class ControlAgent:
         self.node_name = node.options.node
         self.config_version = 0
         self.purge_seq = self._read_int("purge_seq")
-        self.acked_seq = 0  # what the control plane has been told (this process's lifetime)
         self.spool = StatsSpool(self.dir / "spool.db")
         self._last_snapshot: dict[str, list[int]] = {}
         self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
@@ -216,13 +215,8 @@ class ControlAgent:
         self.config_version = version
 
     # ----- purges ---------------------------------------------------------------------------------
-    async def _ack(self) -> None:
-        await self._call("POST", "/api/v1/nodes/self/purges/ack", json={"seq": self.purge_seq})
-        self.acked_seq = self.purge_seq
-
     async def _purges_once(self) -> None:
-        if self.acked_seq < self.purge_seq:  # e.g. applied at start-up but never acknowledged
-            await self._ack()
+        """Poll for purges after the last applied one; the poll itself acknowledges that one."""
         response = await self._call("GET", "/api/v1/nodes/self/purges",
                                     params={"after": self.purge_seq, "wait": LONG_POLL})
         for job in response.json().get("purges", []):
@@ -233,7 +227,6 @@ class ControlAgent:
             self.purge_seq = max(self.purge_seq, int(job["seq"]))
             # no fsync: after a crash an older seq only means re-applying purges (idempotent)
             write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
-            await self._ack()
 
     async def catch_up(self, timeout: float = 3.0) -> None:
         """Before the workers serve from cache: apply purges missed while this edge was down.
@@ -253,8 +246,7 @@ class ControlAgent:
                         purge_disk(self.node.disk, kind, value, bool(job.get("soft")))
                     self.purge_seq = max(self.purge_seq, int(job["seq"]))
                 write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
-                if self.purge_seq:
-                    await self._ack()
+            # the purge loop's first poll (after=purge_seq) acknowledges them
         except (TimeoutError, httpx.HTTPError, AgentError) as exc:
             log.warning("could not catch up on purges before serving (%r); will retry", exc)
 
