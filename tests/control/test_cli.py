@@ -83,9 +83,17 @@ class ControlPlane:
         return ControlClient(self.url, token)
 
 
-@pytest.fixture(scope="module")
-def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def control(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A real `verge control` process, on SQLite and on PostgreSQL (the same CLI tests)."""
     workdir = tmp_path_factory.mktemp("control")
+    db = f"sqlite:///{workdir / 'control.db'}"
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        if not hasattr(cluster, "new_database"):
+            pytest.skip(f"PostgreSQL unavailable: {cluster}")
+        db = cluster.new_database(request.getfixturevalue("pg_template"))
     proc = subprocess.Popen(
         [
             *VERGE,
@@ -93,7 +101,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
             "--listen",
             "127.0.0.1:0",
             "--db",
-            f"sqlite:///{workdir / 'control.db'}",
+            db,
             "--admin-token",
             ADMIN,
         ],
