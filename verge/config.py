@@ -589,6 +589,35 @@ def _split_origin_url(url: str) -> tuple[str, str, int | None]:
     return scheme, _ip_literal(host) or host, port
 
 
+class Certificate(_Model):
+    """A PEM certificate (chain) and its key, for the hostnames it serves (SNI)."""
+
+    cert: str
+    key: str
+    hosts: list[str] = Field(default_factory=list)
+    """Host names or "*.example.com" wildcards picked by SNI; empty: only as the default."""
+
+
+class TlsSettings(_Model):
+    certificates: list[Certificate] = Field(default_factory=list)
+    default: Certificate | None = None
+    """Served when the client's SNI matches no certificate (none: the handshake fails)."""
+
+
+class Hsts(_Model):
+    max_age: Duration = 31536000.0
+    include_subdomains: bool = False
+    preload: bool = False
+
+    def header(self) -> str:
+        value = f"max-age={int(self.max_age)}"
+        if self.include_subdomains:
+            value += "; includeSubDomains"
+        if self.preload:
+            value += "; preload"
+        return value
+
+
 class Service(_Model):
     name: str
     """A slug: lower-case letters, digits and "-"."""
@@ -602,6 +631,10 @@ class Service(_Model):
     """Tried in order; the first match applies."""
     headers: HeaderRules = Field(default_factory=HeaderRules)
     """Service-wide header edits, applied before the matching rule's."""
+    https_redirect: bool = False
+    """Answer plain-HTTP requests with a 308 to the same URL over HTTPS."""
+    hsts: Hsts | None = None
+    """Strict-Transport-Security on HTTPS responses."""
 
     _matchers: tuple[tuple[str, re.Pattern[str] | None, Rule], ...] = PrivateAttr(())
 
@@ -657,6 +690,7 @@ class Config(_Model):
     compression: Compression = Field(default_factory=Compression)
     access_log: str | None = None
     """"-" for stdout, a file path, or null for no access log."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     services: list[Service] = Field(default_factory=list)
 
     _hosts: _HostIndex = PrivateAttr(default_factory=_HostIndex)

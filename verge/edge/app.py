@@ -66,7 +66,7 @@ class ServiceRuntime:
 
     service: object
     origins: OriginSet
-    plans: dict  # rule index (or None) -> HeaderPlan
+    plans: dict  # (rule index or None, secure) -> HeaderPlan
 
 
 class EdgeApp:
@@ -77,6 +77,7 @@ class EdgeApp:
         self.metrics = metrics
         self.access_log = access_log
         self.node = node
+        self.https_port: int | None = None  # where plain-HTTP requests are redirected to
         self.generation = 0
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.fetcher = Fetcher(self)
@@ -92,9 +93,10 @@ class EdgeApp:
             origins = OriginSet(service.origins, self.pool, service.health_check)
             if previous is not None and _same_origins(previous.service, service):
                 origins = previous.origins
-            plans = {None: self._plan(config, service, None)}
-            for i, rule in enumerate(service.rules):
-                plans[i] = self._plan(config, service, rule)
+            plans = {}
+            for index, rule in [(None, None), *enumerate(service.rules)]:
+                for secure in (False, True):
+                    plans[index, secure] = self._plan(config, service, rule, secure)
             runtimes[service.name] = ServiceRuntime(service, origins, plans)
         self.config = config
         self.runtimes = runtimes
@@ -109,9 +111,12 @@ class EdgeApp:
         for runtime in self.runtimes.values():
             runtime.origins.start_health_checks()
 
-    def _plan(self, config, service, rule) -> HeaderPlan:
+    def _plan(self, config, service, rule, secure: bool) -> HeaderPlan:
+        """Response header edits of a service + rule; HSTS only over HTTPS (RFC 6797 §7.2)."""
         remove = [*service.headers.response_remove]
         add = list(service.headers.response_add.items())
+        if secure and service.hsts is not None:
+            add.append(("Strict-Transport-Security", service.hsts.header()))
         if rule is not None:
             remove += rule.headers.response_remove
             add += list(rule.headers.response_add.items())
@@ -127,6 +132,8 @@ class EdgeApp:
         if service is None:
             return simple_response(404, b"no service is configured for this host\n")
         runtime = self.runtimes[service.name]
+        if service.https_redirect and request.scheme == "http":
+            return self._to_https(request)
         rule = service.match_rule(request.path)
         index = service.rules.index(rule) if rule is not None else None
         if rule is not None and rule.redirect is not None:
@@ -141,7 +148,8 @@ class EdgeApp:
                 key_headers=rule.key_headers if rule else (),
                 request_headers=request.hmap,
             )
-        route = Route(service, rule, key, runtime.plans[index], runtime.origins)
+        route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
+                      runtime.origins)
         if rule is not None:
             if rule.micro_cache:
                 route.rule_ttl, route.rule_override = rule.micro_cache, True
@@ -149,6 +157,12 @@ class EdgeApp:
                 route.rule_ttl, route.rule_override = rule.ttl, rule.override
             route.strip_cookies = rule.ignore_cookies
         return route
+
+    def _to_https(self, request) -> bytes:
+        port = "" if self.https_port in (None, 443) else f":{self.https_port}"
+        location = f"https://{request.host}{port}{request.target}"
+        return simple_response(308, f"use {location}\n".encode(),
+                               extra=b"Location: " + location.encode("latin-1") + b"\r\n")
 
     def _redirect(self, request, redirect) -> bytes:
         location = redirect.location(request.path, request.query)
@@ -168,7 +182,7 @@ class EdgeApp:
             if type(route) is not bytes:
                 request.service = route.service.name
             return route
-        memo_key = (request.hmap.get("host"), request.target)
+        memo_key = (request.hmap.get("host"), request.target, request.scheme)
         route = self._routes.get(memo_key)
         if route is None:
             route = self.route(request)
@@ -210,7 +224,7 @@ class EdgeApp:
         if body is not None and request.method == "GET" and not (
                 "if-none-match" in hmap or "if-modified-since" in hmap or "range" in hmap
                 or "connection" in hmap):
-            generation, head, tail = entry_head(entry, route.plan, self.generation, self.node)
+            head, tail = entry_head(entry, route.plan, self.generation, self.node)[1:3]
             age = now - freshness.response_time + freshness.corrected_initial_age
             head = head + b"Age: %d\r\n" % (age if age < MAX_AGE else MAX_AGE) + tail
             response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)

@@ -65,18 +65,18 @@ def render_head(status: int, reason: str, headers: Headers) -> bytes:
 
 
 def entry_head(entry: CacheEntry, plan: HeaderPlan, generation: int, node: str) -> tuple:
-    """(generation, head, hit_tail), cached on the entry per config generation.
+    """(generation, head, hit_tail, plan), cached on the entry per generation and plan.
 
     ``head`` is the status line and stored headers after the plan; ``hit_tail`` is what a
     plain full hit adds after ``Age``: Cache-Status, Content-Length and the blank line.
     """
     rendered = entry.rendered
-    if rendered is not None and rendered[0] == generation:
+    if rendered is not None and rendered[0] == generation and rendered[3] is plan:
         return rendered
     head = render_head(entry.status, entry.reason, apply_plan(entry.headers, plan))
     length = b"" if entry.status in (204, 304) else b"Content-Length: %d\r\n" % entry.body_size
     tail = cache_status_value(entry.headers, f"{node}; hit") + length + b"\r\n"
-    entry.rendered = rendered = (generation, head, tail)
+    entry.rendered = rendered = (generation, head, tail, plan)
     return rendered
 
 

@@ -82,7 +82,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "_path", "_query", "headers", "version", "client", "body",
-                 "_map", "keep_alive", "_host", "service")
+                 "_map", "keep_alive", "_host", "service", "scheme")
 
     def __init__(self, method: str, target: str, path: str | None = None,
                  query: str | None = None, headers: Headers | None = None, version: str = "1.1",
@@ -100,6 +100,7 @@ class Request:
         self.keep_alive = True
         self._host: str | None = None
         self.service = ""  # the name of the service it was routed to (for stats)
+        self.scheme = "http"  # "https" when it arrived over TLS
 
     def __repr__(self) -> str:
         return f"Request({self.method} {self.target} HTTP/{self.version})"

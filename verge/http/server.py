@@ -304,6 +304,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client = ""
+        self.scheme = "http"
         self._queue: deque[Request] = deque()
         self._busy = False
         self._closing = False
@@ -325,6 +326,7 @@ class HttpServerProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else ""
+        self.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
         HttpServerProtocol.connections.add(self)
 
     def connection_lost(self, exc) -> None:
@@ -400,6 +402,7 @@ class HttpServerProtocol(asyncio.Protocol):
         request = Request(parser.get_method().decode("ascii"), self._url.decode("latin-1"), None,
                           None, self._headers, parser.get_http_version(), self.client, None, hmap)
         request.keep_alive = parser.should_keep_alive()
+        request.scheme = self.scheme
         if "transfer-encoding" in hmap or "content-length" in hmap:
             self._check_body_headers(request, hmap)
         elif "host" not in hmap and request.version == "1.1":
@@ -588,7 +591,7 @@ class HttpServerProtocol(asyncio.Protocol):
         when the transport holds no buffered bytes. On EAGAIN we wait for writability on a
         dup of the socket (uvloop refuses readers/writers on a transport's own fd).
         """
-        if not self.limits.zero_copy:
+        if not self.limits.zero_copy or self.scheme == "https":  # no sendfile through TLS
             await self._copy_file(fd, offset, count)
             return
         await self._wait_flushed()
