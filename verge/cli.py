@@ -55,6 +55,8 @@ def edge(
         envvar="VERGE_JOIN_TOKEN", help="Join token (first start with --control).")] = None,
     name: Annotated[str | None, typer.Option(help="Node name in the fleet (default: host name).")] = None,
     region: Annotated[str | None, typer.Option(help="Region (cache group) this edge belongs to.")] = None,
+    https: Annotated[str | None, typer.Option(
+        help="HOST:PORT for HTTPS (TLS 1.2/1.3, HTTP/2 and HTTP/1.1 by ALPN); certificates from the config's tls section.")] = None,
 ) -> None:
     """Run an edge cache node in front of one or more origins."""
     from verge.config import ConfigError
@@ -70,6 +72,8 @@ def edge(
         admin_port=admin_port, admin_token=token, cache_dir=str(cache_dir.resolve()),
         workers=workers or os.cpu_count() or 1, config_path=str(config) if config else None,
         origin=origin, control=control, join_token=join_token, region=region,
+        https_host=_split_hostport(https, "--https")[0] if https else None,
+        https_port=_split_hostport(https, "--https")[1] if https else 0,
         node=name or socket.gethostname(),
     )
     try:
@@ -81,7 +85,10 @@ def edge(
     if not cfg.services and not control:
         _fail("no services: give --origin URL, a --config file with services, or --control")
     options.access_log = access_log if access_log is not None else cfg.access_log
-    for host, port, what in ((listen_host, listen_port, "--listen"), (admin_host, admin_port, "--admin")):
+    checks = [(listen_host, listen_port, "--listen"), (admin_host, admin_port, "--admin")]
+    if options.https_host:
+        checks.append((options.https_host, options.https_port, "--https"))
+    for host, port, what in checks:
         try:
             check_port_free(host, port)
         except OSError as exc:

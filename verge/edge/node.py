@@ -49,6 +49,8 @@ class NodeOptions:
     origin: str | None = None
     access_log: str | None = None
     node: str = "verge"
+    https_host: str | None = None   # TLS listener (verge edge --https)
+    https_port: int = 0
     control: str | None = None      # control plane URL (verge edge --control)
     join_token: str | None = None
     region: str | None = None
@@ -138,12 +140,21 @@ class Node:
         opts.listen_port = sock.getsockname()[1]
         return sock
 
+    def reserve_https_port(self) -> socket.socket | None:
+        opts = self.options
+        if not opts.https_host:
+            return None
+        sock = reuseport_socket(opts.https_host, opts.https_port, listen=False)
+        opts.https_port = sock.getsockname()[1]
+        return sock
+
     async def run(self) -> None:
         Path(self.options.cache_dir).mkdir(parents=True, exist_ok=True)
         self.disk = DiskStore(self.options.cache_dir, self.config.cache.disk_bytes)
         admin_sock = reuseport_socket(self.options.admin_host, self.options.admin_port)
         self.options.admin_port = admin_sock.getsockname()[1]
         reservation = self.reserve_listen_port()
+        https_reservation = self.reserve_https_port()
         if self.agent is not None:
             await self.agent.catch_up()
         await asyncio.gather(*(w.start(self.init_payload(w.index)) for w in self.workers))
@@ -157,8 +168,11 @@ class Node:
         log.warning("verge edge listening on http://%s:%d (admin http://%s:%d, %d workers)",
                     self.options.listen_host, self.options.listen_port, self.options.admin_host,
                     self.options.admin_port, len(self.workers))
+        https = (f" https https://{self.options.https_host}:{self.options.https_port}"
+                 if self.options.https_host else "")
         print(f"verge edge ready: http://{self.options.listen_host}:{self.options.listen_port} "
-              f"admin http://{self.options.admin_host}:{self.options.admin_port}", flush=True)
+              f"admin http://{self.options.admin_host}:{self.options.admin_port}{https}",
+              flush=True)
         background = [loop.create_task(self._watch_workers()), loop.create_task(self._janitor())]
         if self.agent is not None:
             background.append(loop.create_task(self.agent.run()))
@@ -170,6 +184,8 @@ class Node:
         for worker in self.workers:
             worker.stop()
         reservation.close()
+        if https_reservation is not None:
+            https_reservation.close()
         self.disk.close()
 
     async def _watch_workers(self) -> None:

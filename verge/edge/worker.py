@@ -53,11 +53,23 @@ def server_limits(config: Config) -> ServerLimits:
     )
 
 
+def tls_certs(config: Config):
+    """(certificates, default) for verge.http.tls.TlsStore from the config's tls section."""
+    from verge.http.tls import CertSpec
+
+    def spec(cert) -> CertSpec:
+        return CertSpec(cert.cert, cert.key, tuple(cert.hosts))
+
+    tls = config.tls
+    return [spec(c) for c in tls.certificates], (spec(tls.default) if tls.default else None)
+
+
 class Worker:
     def __init__(self, init: dict) -> None:
         self.index = init["index"]
         self.options = init["options"]
         config = Config.model_validate(init["config"])
+        self.config = config
         workers = max(1, self.options["workers"])
         cache_settings = config.cache
         memory = MemoryStore(cache_settings.memory_bytes // workers, cache_settings.eviction,
@@ -77,6 +89,8 @@ class Worker:
         host, port = self.options["listen_host"], self.options["listen_port"]
         sock = reuseport_socket(host, port)
         self.server = await serve(self.app, sock, self.limits)
+        if self.options.get("https_port"):
+            await self._serve_https()
         self.app.start()
         loop = asyncio.get_running_loop()
         loop.create_task(sweep_forever())
@@ -112,13 +126,26 @@ class Worker:
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
+    async def _serve_https(self) -> None:
+        """The TLS listener: SNI picks the certificate, ALPN the protocol (h2 or http/1.1)."""
+        from verge.http.alpn import serve_tls
+        from verge.http.tls import TlsStore
+
+        self.tls = TlsStore(*tls_certs(self.config))
+        sock = reuseport_socket(self.options["https_host"], self.options["https_port"])
+        self.app.https_port = self.options["https_port"]
+        await serve_tls(self.app, sock, self.limits, self.tls.server_context())
+
     def apply_config(self, config: Config) -> None:
         """A reload: routing, rules, limits and origin timeouts change in place.
 
         Cache sizes and the eviction policy are fixed at start (they need a restart).
         """
+        self.config = config
         self.app.apply_config(config)
         self.app.start()
+        if getattr(self, "tls", None) is not None:  # certificates rotate without a restart
+            self.tls.reload(*tls_certs(config))
         new_limits = server_limits(config)
         for name in new_limits.__dataclass_fields__:  # the protocols share this object
             setattr(self.limits, name, getattr(new_limits, name))
