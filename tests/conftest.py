@@ -32,7 +32,8 @@ class EdgeProcess:
     """`verge edge` as a child process, ready when it prints its ready line."""
 
     def __init__(self, workdir: Path, *, origin_url: str | None = None, config: str | None = None,
-                 workers: int = 1, token: str = "test-token", access_log: bool = False) -> None:
+                 workers: int = 1, token: str = "test-token", access_log: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = 0  # the edge picks free ports and prints them in its ready line
         self.admin_port = 0
@@ -50,6 +51,8 @@ class EdgeProcess:
         if access_log:
             self.access_log = workdir / "access.log"
             self.args += ["--access-log", str(self.access_log)]
+        self.args += list(extra_args)
+        self.https_port = 0
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
 
@@ -86,6 +89,9 @@ class EdgeProcess:
             raise RuntimeError("edge did not start:\n" + "".join(self.output))
         match = re.search(r"ready: http://[\d.]+:(\d+) admin http://[\d.]+:(\d+)", seen[0])
         self.port, self.admin_port = int(match.group(1)), int(match.group(2))
+        https = re.search(r"https https://[\d.]+:(\d+)", seen[0])
+        if https:
+            self.https_port = int(https.group(1))
         return self
 
     def client(self, **kw) -> httpx.Client:

@@ -243,6 +243,15 @@ def config_check(path: Annotated[Path, typer.Argument(help="YAML config file.")]
 register_control_commands(app)
 
 
+def _register_subcommands() -> None:
+    from verge.cli_cert import register as register_cert
+
+    register_cert(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,179 @@
+"""TLS termination building blocks: safe contexts, SNI certificate selection, origin TLS.
+
+One listener serves many sites, so the certificate is picked per connection from the
+ClientHello's server name (SNI). ``TlsStore`` keeps one ``ssl.SSLContext`` per certificate
+and hands the listener a single front context whose ``sni_callback`` switches the
+connection to the matching one. The front context never changes, so ``reload()`` can rotate
+or add certificates under a running server: new handshakes see the new table, connections
+already open keep theirs.
+
+Session tickets are encrypted with the front context's keys (OpenSSL keeps the original
+context as the session context), so TLS 1.3 resumption works whichever certificate served.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only. TLS 1.3 suites
+# are all AEAD + (EC)DHE already and are not affected by set_ciphers().
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class CertSpec:
+    cert_file: str
+    key_file: str
+    hosts: tuple[str, ...]  # exact names, or "*.example.com" for one label under example.com
+
+
+def _tune(ctx: ssl.SSLContext, alpn: Sequence[str]) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options &= ~ssl.OP_NO_TICKET  # session tickets on: TLS 1.3 (and 1.2) resumption
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def _bare_server_context(alpn: Sequence[str]) -> ssl.SSLContext:
+    return _tune(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), alpn)
+
+
+def safe_server_context(
+    cert_file: str, key_file: str, alpn: Sequence[str] = ("h2", "http/1.1")
+) -> ssl.SSLContext:
+    """A server context with one certificate and today's safe defaults.
+
+    TLS 1.2 minimum (SSLv3, TLS 1.0 and 1.1 refused); for TLS 1.2 only ECDHE (forward
+    secret) AEAD suites; no TLS compression (CRIME); the server's cipher order wins; session
+    tickets on for resumption; ALPN offers ``alpn`` in order of preference.
+
+    OCSP stapling is not available: Python's ``ssl`` module exposes no API to staple an
+    OCSP response on the server side. Clients fall back to their own revocation checks.
+    """
+    ctx = _bare_server_context(alpn)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def origin_client_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
+    """A client context for HTTPS origins.
+
+    ``ca_file`` pins the trust to that CA bundle only (not the system store); without it the
+    system CAs are used. ``verify=False`` turns off certificate and host name checks (for an
+    origin with a self-signed certificate on a trusted network). TLS 1.2 minimum.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols(["http/1.1"])
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def normalise_host(name: str) -> str:
+    """Lower case, no trailing dot, IDNA A-labels (as they appear in certificates)."""
+    name = name.strip().rstrip(".").lower()
+    if not name.isascii():
+        name = name.encode("idna").decode("ascii")
+    return name
+
+
+@dataclass(frozen=True)
+class _Table:
+    """An immutable snapshot: swapped as a whole by reload(), read lock-free by handshakes."""
+
+    exact: dict[str, ssl.SSLContext]
+    wildcard: dict[str, ssl.SSLContext]  # "example.com" for "*.example.com"
+    default: ssl.SSLContext | None
+
+    def lookup(self, server_name: str | None) -> ssl.SSLContext | None:
+        if server_name:
+            name = normalise_host(server_name)
+            ctx = self.exact.get(name)
+            if ctx is not None:
+                return ctx
+            _, dot, parent = name.partition(".")
+            if dot and (ctx := self.wildcard.get(parent)) is not None:
+                return ctx
+        return self.default
+
+
+class TlsStore:
+    """SNI-selected server contexts: one ssl.SSLContext per certificate, plus a default."""
+
+    def __init__(
+        self,
+        certs: Sequence[CertSpec],
+        default: CertSpec | None = None,
+        alpn: Sequence[str] = ("h2", "http/1.1"),
+    ) -> None:
+        self.alpn = tuple(alpn)
+        self._lock = threading.Lock()
+        self._table = self._build(certs, default)
+        self._front = _bare_server_context(self.alpn)
+        self._front.sni_callback = self._on_server_name
+
+    def server_context(self) -> ssl.SSLContext:
+        """The context for ``loop.create_server(ssl=...)``; the same object across reloads."""
+        return self._front
+
+    def reload(self, certs: Sequence[CertSpec], default: CertSpec | None = None) -> None:
+        """Rotate or add certificates: new handshakes use them, open connections are kept.
+
+        Every file is loaded before anything is swapped, so a bad certificate or key raises
+        (``ssl.SSLError`` / ``OSError``) and leaves the running table in force.
+        """
+        table = self._build(certs, default)
+        with self._lock:
+            self._table = table
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The context a handshake with this SNI would use (None: it would be refused)."""
+        return self._table.lookup(server_name)
+
+    def _build(self, certs: Sequence[CertSpec], default: CertSpec | None) -> _Table:
+        loaded: dict[tuple[str, str], ssl.SSLContext] = {}
+
+        def context(spec: CertSpec) -> ssl.SSLContext:
+            key = (spec.cert_file, spec.key_file)
+            if key not in loaded:
+                loaded[key] = safe_server_context(spec.cert_file, spec.key_file, self.alpn)
+            return loaded[key]
+
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        for spec in certs:
+            ctx = context(spec)
+            for host in spec.hosts:
+                host = normalise_host(host)
+                if host.startswith("*."):
+                    wildcard.setdefault(host[2:], ctx)
+                else:
+                    exact.setdefault(host, ctx)  # the first certificate listed wins
+        return _Table(exact, wildcard, context(default) if default is not None else None)
+
+    def _on_server_name(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, _front: ssl.SSLContext
+    ) -> int | None:
+        ctx = self._table.lookup(server_name)
+        if ctx is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        ssl_object.context = ctx
+        return None
