@@ -1,0 +1,857 @@
+"""HTTP/2 server: the h2 sans-I/O state machine behind a thin asyncio.Protocol.
+
+Why: the edge pipeline is written once against the HTTP/1.1 application interface of
+:mod:`verge.http.server` (``handle_fast`` returning wire bytes, ``handle`` writing through a
+ResponseWriter). This module serves that SAME application over HTTP/2, so TLS+ALPN ``h2``
+and cleartext prior-knowledge ``h2c`` need no change in the edge:
+
+* every stream becomes a :class:`~verge.http.message.Request` (version ``"2"``, ``host``
+  from ``:authority``); request bodies stream through :class:`H2RequestBody`, which gives
+  flow-control credit back only as the application consumes (bounded memory per stream);
+* ``handle_fast`` results (HTTP/1.1 wire bytes, ``(head, body)`` or :class:`FileResponse`)
+  are re-framed: the status line and header block become HEADERS, the rest DATA;
+* :class:`H2ResponseWriter` has the ResponseWriter methods; outgoing DATA respects the
+  peer's stream and connection windows and max frame size, waiting for WINDOW_UPDATE.
+
+Protections (DoS): SETTINGS_MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE (HPACK bombs), a cap
+on buffered header-block bytes and h2's CONTINUATION backlog (CONTINUATION flood), rate caps
+on client RST_STREAM (rapid reset, CVE-2023-44487), PING and SETTINGS frames, each answered
+with GOAWAY ENHANCE_YOUR_CALM. Any protocol error becomes GOAWAY + close; nothing escapes
+into the event loop. :meth:`H2ServerProtocol.close_gracefully` drains for reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
+
+from verge.http.message import Request
+from verge.http.server import (
+    CLOCK,
+    NO_BODY_STATUSES,
+    FileResponse,
+    HttpServerProtocol,
+    ProtocolLimitError,
+    ServerLimits,
+    simple_response,
+)
+
+# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 §8.2.2).
+DROPPED_RESPONSE_FIELDS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
+FILE_CHUNK = 64 * 1024
+
+
+class RateCap:
+    """Counts events in one-second windows; ``hit()`` is True once the cap is exceeded."""
+
+    __slots__ = ("limit", "count", "start")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.start = time.monotonic()
+
+    def hit(self) -> bool:
+        now = time.monotonic()
+        if now - self.start >= 1.0:
+            self.start, self.count = now, 0
+        self.count += 1
+        return self.count > self.limit
+
+
+def parse_wire_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """(status, lower-cased HTTP/2-legal fields) of an HTTP/1.1 status line + header block."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    fields = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name not in DROPPED_RESPONSE_FIELDS:
+            fields.append((name, value.strip()))
+    return status, fields
+
+
+class H2RequestBody:
+    """A stream's request body: same interface as :class:`verge.http.server.RequestBody`.
+
+    Flow-control credit is returned (WINDOW_UPDATE) only when the consumer reads a chunk, so
+    a peer can never buffer more than the stream window in this process.
+    """
+
+    def __init__(self, proto: H2ServerProtocol, stream_id: int) -> None:
+        self._proto = proto
+        self._stream_id = stream_id
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._waiter: asyncio.Future | None = None
+        self.unacked = 0
+        self.received = 0
+        self.complete = False
+        self.error: Exception | None = None
+
+    def feed(self, data: bytes, flow_length: int) -> None:
+        self.received += len(data)
+        if not data:
+            self._proto.acknowledge(self._stream_id, flow_length)
+            return
+        self._chunks.append((data, flow_length))
+        self.unacked += flow_length
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    def discard(self) -> int:
+        """Drop buffered chunks; returns their flow-controlled length (to acknowledge)."""
+        pending, self.unacked = self.unacked, 0
+        self._chunks.clear()
+        return pending
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk, or b'' at the end of the body."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            self._waiter = self._proto.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data, flow_length = self._chunks.popleft()
+        self.unacked -= flow_length
+        self._proto.acknowledge(self._stream_id, flow_length)
+        return data
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        parts, size = [], 0
+        async for chunk in self:
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolLimitError(413, "request body too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class _Stream:
+    """Per-stream state: the request, its body and the outgoing DATA not yet sent."""
+
+    __slots__ = (
+        "id",
+        "request",
+        "body",
+        "outbox",
+        "out_bytes",
+        "end_pending",
+        "ended",
+        "reset",
+        "waiter",
+        "task",
+        "rst_after_end",
+    )
+
+    def __init__(self, stream_id: int, request: Request, body: H2RequestBody | None) -> None:
+        self.id = stream_id
+        self.request = request
+        self.body = body
+        self.outbox: deque[memoryview] = deque()
+        self.out_bytes = 0
+        self.end_pending = False
+        self.ended = False  # END_STREAM sent
+        self.reset = False  # RST_STREAM sent or received
+        self.waiter: asyncio.Future | None = None
+        self.task: asyncio.Task | None = None
+        self.rst_after_end = False  # request body unread: RST(NO_ERROR) after the response
+
+
+class H2ResponseWriter:
+    """The HTTP/2 counterpart of :class:`verge.http.server.ResponseWriter`."""
+
+    __slots__ = (
+        "_proto",
+        "_stream",
+        "started",
+        "finished",
+        "status",
+        "bytes_sent",
+        "keep_alive",
+        "_no_body",
+    )
+
+    def __init__(self, proto: H2ServerProtocol, stream: _Stream) -> None:
+        self._proto = proto
+        self._stream = stream
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.keep_alive = True
+        self._no_body = False
+
+    def start(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        *,
+        content_length: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Send HEADERS. ``reason`` does not exist in HTTP/2 and is ignored."""
+        self.started = True
+        self.status = status
+        self._no_body = self._stream.request.method == "HEAD" or status in NO_BODY_STATUSES
+        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        fields = [
+            (n, v) for n, v in fields if n not in DROPPED_RESPONSE_FIELDS and n != b"content-length"
+        ]
+        if content_length is not None and status not in NO_BODY_STATUSES:
+            fields.append((b"content-length", b"%d" % content_length))
+        self._proto.send_head(self._stream, status, fields, end_stream=self._no_body)
+        if self._no_body:
+            self.finished = True
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._no_body:
+            return
+        self.bytes_sent += len(data)
+        self._proto.queue_data(self._stream, data)
+        await self._proto.wait_room(self._stream)
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Send ``count`` bytes of ``fd`` from ``offset`` (pread in chunks; no zero-copy:
+        HTTP/2 frames every piece)."""
+        if self._no_body:
+            return
+        await self._proto.send_file_range(self._stream, fd, offset, count)
+        self.bytes_sent += count
+
+    def send_prepared(
+        self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int
+    ) -> None:
+        """Send a response rendered whole as HTTP/1.1 wire bytes."""
+        self.started = self.finished = True
+        self.status = status
+        self.bytes_sent = body_bytes
+        self._proto.send_wire(self._stream, data)
+
+    async def send_file_response(self, status: int, response: FileResponse) -> None:
+        self.started = True
+        self.status = status
+        await self._proto.send_file_response(self._stream, response)
+        self.finished = True
+        self.bytes_sent = response.count
+
+    async def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._proto.queue_end(self._stream)
+        await self._proto.wait_room(self._stream, 0)
+
+
+class H2ServerProtocol(asyncio.Protocol):
+    """One HTTP/2 connection (TLS with ALPN h2, or cleartext prior knowledge)."""
+
+    MAX_CONCURRENT_STREAMS = 100
+    STREAM_WINDOW = 256 * 1024  # per-stream receive window (request bodies)
+    CONNECTION_WINDOW = 1024 * 1024
+    MAX_RESETS_PER_SECOND = 100  # client RST_STREAMs (rapid reset)
+    MAX_PINGS_PER_SECOND = 50
+    MAX_SETTINGS_PER_SECOND = 20
+    HIGH_WATER = 64 * 1024  # per-stream bytes queued before an async writer waits
+
+    def __init__(self, app, limits: ServerLimits, loop: asyncio.AbstractEventLoop) -> None:
+        self.app = app
+        self.limits = limits
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.scheme = "http"
+        self.max_header_list_size = limits.max_header_bytes + 4096
+        self.conn = self._new_connection()
+        self._streams: dict[int, _Stream] = {}
+        self._blocked: set[int] = set()
+        self._closing = False
+        self._draining = False
+        self._last_accepted = 2**31 - 1
+        self._write_paused = False
+        self._paused_since = 0.0
+        self._since = CLOCK.mono
+        self._resets = RateCap(self.MAX_RESETS_PER_SECOND)
+        self._pings = RateCap(self.MAX_PINGS_PER_SECOND)
+        self._settings = RateCap(self.MAX_SETTINGS_PER_SECOND)
+
+    def _new_connection(self) -> h2.connection.H2Connection:
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        conn = h2.connection.H2Connection(config=config)
+        codes = h2.settings.SettingCodes
+        conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                codes.MAX_CONCURRENT_STREAMS: self.MAX_CONCURRENT_STREAMS,
+                codes.MAX_HEADER_LIST_SIZE: self.max_header_list_size,
+                codes.INITIAL_WINDOW_SIZE: self.STREAM_WINDOW,
+                codes.ENABLE_PUSH: 0,
+            },
+        )
+        conn.decoder.max_header_list_size = self.max_header_list_size
+        return conn
+
+    # ----- connection lifecycle -------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if peer else ""
+        self.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+        HttpServerProtocol.connections.add(self)  # the shared sweeper enforces our timeouts
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(self.CONNECTION_WINDOW - 65535)
+        self._flush()
+
+    def connection_lost(self, exc) -> None:
+        HttpServerProtocol.connections.discard(self)
+        self._closing = True
+        for stream in list(self._streams.values()):
+            self._kill_stream(stream, ConnectionResetError("client closed the connection"))
+        self._streams.clear()
+
+    def close(self) -> None:
+        if not self._closing and self.transport is not None:
+            self._closing = True
+            self._flush()
+            self.transport.close()
+
+    def close_gracefully(self) -> None:
+        """GOAWAY(NO_ERROR): finish the streams already accepted, refuse new ones, close."""
+        if self._closing or self._draining:
+            return
+        self._draining = True
+        self._last_accepted = self.conn.highest_inbound_stream_id
+        self._flush()
+        self._write_goaway(self._last_accepted, ErrorCodes.NO_ERROR)
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self._draining and not self._streams:
+            self.close()
+
+    def _write_goaway(self, last_stream_id: int, code: int, debug: bytes = b"") -> None:
+        """A raw GOAWAY frame: h2's own close_connection() would refuse all later frames."""
+        frame = GoAwayFrame(
+            0, last_stream_id=last_stream_id, error_code=code, additional_data=debug
+        )
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame.serialize())
+
+    def _abort(self, code: int, message: str) -> None:
+        """GOAWAY with an error and close (protocol errors, floods)."""
+        if self._closing:
+            return
+        report = getattr(self.app, "report_protocol_error", None)
+        if report is not None:
+            with contextlib.suppress(Exception):
+                report(self.client, 400, f"http2: {message}")
+        with contextlib.suppress(Exception):
+            self.conn.data_to_send()  # drop half-built output of the failed state machine
+        self._write_goaway(self.conn.highest_inbound_stream_id, code, message.encode()[:200])
+        self._closing = True
+        for stream in list(self._streams.values()):
+            self._kill_stream(stream, ConnectionResetError(message))
+        self._streams.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ----- input --------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._since = CLOCK.mono
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._abort(int(exc.error_code), str(exc) or type(exc).__name__)
+            return
+        except Exception as exc:  # hpack and frame decoding errors not wrapped by h2
+            self._abort(ErrorCodes.PROTOCOL_ERROR, f"bad frame: {exc}")
+            return
+        try:
+            for event in events:
+                self._on_event(event)
+                if self._closing:
+                    return
+        except h2.exceptions.ProtocolError as exc:
+            self._abort(int(exc.error_code), str(exc))
+            return
+        except Exception as exc:  # our bug: lose the connection, not the worker
+            self._abort(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r}")
+            return
+        if self._header_block_bytes() > self.max_header_list_size:
+            self._abort(ErrorCodes.ENHANCE_YOUR_CALM, "header block too large")
+            return
+        self._flush()
+
+    def _header_block_bytes(self) -> int:
+        """Bytes of a HEADERS + CONTINUATION sequence still waiting for END_HEADERS."""
+        frames = getattr(self.conn.incoming_buffer, "_headers_buffer", None) or ()
+        return sum(len(f.data) for f in frames)
+
+    def _on_event(self, event) -> None:
+        kind = type(event)
+        if kind is h2.events.RequestReceived:
+            self._on_request(event)
+        elif kind is h2.events.DataReceived:
+            self._on_data(event)
+        elif kind is h2.events.StreamEnded:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and stream.body is not None:
+                stream.body.finish()
+                if stream.ended:
+                    self._streams.pop(stream.id, None)
+                    self._close_if_drained()
+        elif kind is h2.events.WindowUpdated:
+            self._on_window_update(event.stream_id)
+        elif kind is h2.events.StreamReset:
+            self._on_reset(event)
+        elif kind is h2.events.PingReceived:
+            if self._pings.hit():
+                self._abort(ErrorCodes.ENHANCE_YOUR_CALM, "PING flood")
+        elif kind is h2.events.RemoteSettingsChanged:
+            if self._settings.hit():
+                self._abort(ErrorCodes.ENHANCE_YOUR_CALM, "SETTINGS flood")
+            else:
+                self._on_window_update(0)  # window size or frame size may have grown
+        elif kind is h2.events.ConnectionTerminated:
+            self._draining = True
+            self._last_accepted = min(self._last_accepted, self.conn.highest_inbound_stream_id)
+            self._close_if_drained()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self._draining and stream_id > self._last_accepted:
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        request, authority_ok = self._build_request(event)
+        body = None if event.stream_ended is not None else H2RequestBody(self, stream_id)
+        request.body = body
+        stream = _Stream(stream_id, request, body)
+        self._streams[stream_id] = stream
+        if request.target is None or not authority_ok:
+            self._reject(stream, 400, "request needs :path and :authority or host")
+            return
+        length = request.header("content-length")
+        if (
+            body is not None
+            and length
+            and length.isdigit()
+            and int(length) > self.limits.max_body_bytes
+        ):
+            self._reject(stream, 413, "request body too large")
+            return
+        self._dispatch(stream)
+
+    def _build_request(self, event: h2.events.RequestReceived) -> tuple[Request, bool]:
+        pseudo: dict[bytes, bytes] = {}
+        fields: list[tuple[str, str]] = []
+        cookies: list[str] = []
+        for name, value in event.headers:
+            if name[:1] == b":":
+                pseudo[name] = value
+            elif name == b"cookie":
+                cookies.append(value.decode("latin-1"))
+            else:
+                fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        if cookies:  # RFC 9113 §8.2.3: crumbs are joined with "; "
+            fields.append(("cookie", "; ".join(cookies)))
+        has_host = any(n == "host" for n, _ in fields)
+        authority = pseudo.get(b":authority")
+        if authority is not None and not has_host:
+            fields.insert(0, ("host", authority.decode("latin-1")))
+        path = pseudo.get(b":path")
+        request = Request(
+            pseudo.get(b":method", b"GET").decode("latin-1"),
+            path.decode("latin-1") if path is not None else None,
+            headers=fields,
+            version="2",
+            client=self.client,
+        )
+        request.scheme = self.scheme
+        return request, authority is not None or has_host
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        body = stream.body if stream is not None else None
+        if body is None or body.error is not None or stream.reset:
+            self.acknowledge(event.stream_id, event.flow_controlled_length)
+            return
+        if body.received + len(event.data) > self.limits.max_body_bytes:
+            self.acknowledge(event.stream_id, event.flow_controlled_length + body.discard())
+            body.fail(ProtocolLimitError(413, "request body too large"))
+            return
+        body.feed(event.data, event.flow_controlled_length)
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self._streams.pop(event.stream_id, None)
+        if stream is not None:
+            stream.reset = True
+            self._kill_stream(stream, ConnectionResetError("stream reset by the client"))
+        if event.remote_reset and self._resets.hit():
+            self._abort(ErrorCodes.ENHANCE_YOUR_CALM, "RST_STREAM flood (rapid reset)")
+        self._close_if_drained()
+
+    def _kill_stream(self, stream: _Stream, exc: Exception) -> None:
+        """Fail the body reader and writer of a stream that is gone, and cancel its task."""
+        self._blocked.discard(stream.id)
+        stream.reset = True
+        if stream.body is not None:
+            pending = stream.body.discard()
+            stream.body.fail(exc)
+            if pending and not self._closing:
+                self.acknowledge(stream.id, pending)
+        if stream.waiter is not None and not stream.waiter.done():
+            stream.waiter.set_exception(exc)
+            stream.waiter.exception()  # mark retrieved: the task may be cancelled below
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        """Return flow-control credit for consumed request-body bytes."""
+        if length <= 0 or self._closing:
+            return
+        try:
+            self.conn.acknowledge_received_data(length, stream_id)
+        except h2.exceptions.ProtocolError:
+            return
+        self._flush()
+
+    # ----- dispatch -----------------------------------------------------------------------
+    def _dispatch(self, stream: _Stream) -> None:
+        request = stream.request
+        if stream.body is None:
+            try:
+                result = self.app.handle_fast(request)
+            except Exception as exc:  # an app bug must not kill the worker
+                self._report_error(request, exc)
+                result = simple_response(500, b"internal error\n")
+            if result is not None:
+                self._send_fast(stream, result)
+                return
+        stream.task = self.loop.create_task(self._run(stream))
+
+    def _send_fast(self, stream: _Stream, result) -> None:
+        if isinstance(result, FileResponse):
+            stream.task = self.loop.create_task(self._run_file(stream, result))
+        else:
+            self.send_wire(stream, result)
+
+    async def _run_file(self, stream: _Stream, result: FileResponse) -> None:
+        try:
+            await self.send_file_response(stream, result)
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+
+    async def _run(self, stream: _Stream) -> None:
+        writer = H2ResponseWriter(self, stream)
+        request = stream.request
+        try:
+            await self.app.handle(request, writer)
+            if writer.started:
+                await writer.end()
+            else:
+                self.send_wire(stream, simple_response(500, b"no response\n"))
+        except asyncio.CancelledError:
+            self.reset(stream, ErrorCodes.CANCEL)
+        except ConnectionError:
+            self.reset(stream, ErrorCodes.CANCEL)
+        except ProtocolLimitError as exc:
+            self._answer_error(stream, writer, exc.status, f"{exc}\n".encode())
+        except Exception as exc:
+            self._report_error(request, exc)
+            self._answer_error(stream, writer, 500, b"internal error\n")
+        self._after_handler(stream)
+
+    def _answer_error(
+        self, stream: _Stream, writer: H2ResponseWriter, status: int, body: bytes
+    ) -> None:
+        if writer.started or stream.reset:
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+        else:
+            self.send_wire(stream, simple_response(status, body))
+
+    def _after_handler(self, stream: _Stream) -> None:
+        """Unread request body: give its credit back and end the stream once answered."""
+        body = stream.body
+        if body is None or body.complete or stream.reset:
+            return
+        self.acknowledge(stream.id, body.discard())
+        body.fail(ConnectionResetError("response already sent"))
+        if stream.ended:
+            self.reset(stream, ErrorCodes.NO_ERROR)
+        else:
+            stream.rst_after_end = True
+
+    def _reject(self, stream: _Stream, status: int, message: str) -> None:
+        self.send_wire(stream, simple_response(status, f"{message}\n".encode()))
+        if stream.body is not None:
+            self._after_handler(stream)
+
+    def _report_error(self, request: Request, exc: Exception) -> None:
+        report = getattr(self.app, "report_error", None)
+        if report is not None:
+            with contextlib.suppress(Exception):
+                report(request, exc)
+
+    # ----- output -----------------------------------------------------------------------------
+    def send_head(
+        self, stream: _Stream, status: int, fields: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        if stream.reset or self._closing:
+            raise ConnectionResetError("stream closed")
+        try:
+            self.conn.send_headers(
+                stream.id, [(b":status", b"%d" % status), *fields], end_stream=end_stream
+            )
+        except h2.exceptions.ProtocolError as exc:
+            self._lost_stream(stream)
+            raise ConnectionResetError("stream closed") from exc
+        if end_stream:
+            self._stream_done(stream)
+        self._flush()
+
+    def send_wire(
+        self, stream: _Stream, data: bytes | tuple[bytes, bytes], end_stream: bool = True
+    ) -> None:
+        """Send an HTTP/1.1-rendered response (head + optional body) as HEADERS + DATA."""
+        try:
+            self._send_wire(stream, data, end_stream)
+        except ConnectionResetError:
+            return
+
+    def _send_wire(
+        self, stream: _Stream, data: bytes | tuple[bytes, bytes], end_stream: bool
+    ) -> None:
+        if stream.reset or self._closing:
+            return
+        extra = b""
+        if type(data) is tuple:
+            data, extra = data
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, fields = parse_wire_head(head)
+        no_body = stream.request.method == "HEAD" or status in NO_BODY_STATUSES
+        if no_body or (not body and not extra):
+            self.send_head(stream, status, fields, end_stream=end_stream or no_body)
+            return
+        self.send_head(stream, status, fields, end_stream=False)
+        if body:
+            self.queue_data(stream, body)
+        if extra:
+            self.queue_data(stream, extra)
+        if end_stream:
+            self.queue_end(stream)
+
+    async def send_file_response(self, stream: _Stream, response: FileResponse) -> None:
+        try:
+            self.send_wire(stream, response.head, end_stream=False)
+            if not stream.ended:
+                await self.send_file_range(stream, response.fd, response.offset, response.count)
+                self.queue_end(stream)
+        finally:
+            if response.close_fd:
+                os.close(response.fd)
+
+    async def send_file_range(self, stream: _Stream, fd: int, offset: int, count: int) -> None:
+        while count > 0:
+            data = os.pread(fd, min(count, FILE_CHUNK), offset)
+            if not data:
+                raise ConnectionResetError("file shorter than expected")
+            self.queue_data(stream, data)
+            offset += len(data)
+            count -= len(data)
+            await self.wait_room(stream)
+
+    def queue_data(self, stream: _Stream, data: bytes) -> None:
+        if stream.reset or self._closing:
+            raise ConnectionResetError("stream closed")
+        stream.outbox.append(memoryview(data))
+        stream.out_bytes += len(data)
+        self._pump(stream)
+        self._flush()
+
+    def queue_end(self, stream: _Stream) -> None:
+        if stream.reset or stream.ended or self._closing:
+            return
+        stream.end_pending = True
+        self._pump(stream)
+        self._flush()
+
+    async def wait_room(self, stream: _Stream, high: int | None = None) -> None:
+        """Wait until at most ``high`` bytes of the stream are queued (default HIGH_WATER)."""
+        limit = self.HIGH_WATER if high is None else high
+        while not stream.ended and (
+            stream.out_bytes > limit or self._write_paused or (limit == 0 and stream.end_pending)
+        ):
+            if stream.reset or self._closing:
+                raise ConnectionResetError("stream closed")
+            stream.waiter = self.loop.create_future()
+            try:
+                await stream.waiter
+            finally:
+                stream.waiter = None
+        if stream.reset and not stream.ended:
+            raise ConnectionResetError("stream closed")
+
+    def _pump(self, stream: _Stream) -> None:
+        """Move queued DATA into h2 as far as the windows, frame size and socket allow."""
+        try:
+            self._pump_frames(stream)
+        except h2.exceptions.ProtocolError:  # the peer closed the stream meanwhile
+            self._lost_stream(stream)
+            return
+        self._wake(stream)
+
+    def _lost_stream(self, stream: _Stream) -> None:
+        self._streams.pop(stream.id, None)
+        self._kill_stream(stream, ConnectionResetError("stream closed"))
+        self._close_if_drained()
+
+    def _pump_frames(self, stream: _Stream) -> None:
+        conn = self.conn
+        while stream.outbox and not self._write_paused:
+            window = min(conn.local_flow_control_window(stream.id), conn.max_outbound_frame_size)
+            if window <= 0:
+                break
+            chunk = stream.outbox[0]
+            if len(chunk) <= window:
+                stream.outbox.popleft()
+            else:
+                stream.outbox[0] = chunk[window:]
+                chunk = chunk[:window]
+            stream.out_bytes -= len(chunk)
+            last = stream.end_pending and not stream.outbox
+            conn.send_data(stream.id, chunk, end_stream=last)
+            if last:
+                self._stream_done(stream)
+        if stream.outbox:
+            self._blocked.add(stream.id)
+        else:
+            self._blocked.discard(stream.id)
+            if stream.end_pending and not stream.ended:
+                conn.end_stream(stream.id)
+                self._stream_done(stream)
+
+    def _wake(self, stream: _Stream) -> None:
+        waiter = stream.waiter
+        if waiter is None or waiter.done():
+            return
+        if stream.ended or (stream.out_bytes <= self.HIGH_WATER and not self._write_paused):
+            waiter.set_result(None)
+
+    def _stream_done(self, stream: _Stream) -> None:
+        """END_STREAM sent: forget the stream unless its request body is still arriving."""
+        stream.ended = True
+        self._blocked.discard(stream.id)
+        if stream.rst_after_end:
+            self.reset(stream, ErrorCodes.NO_ERROR)
+        body = stream.body
+        if body is None or body.complete or stream.reset:
+            self._streams.pop(stream.id, None)
+        self._close_if_drained()
+
+    def reset(self, stream: _Stream, code: int) -> None:
+        """Send RST_STREAM for a stream we give up on (or whose body we will not read)."""
+        self._streams.pop(stream.id, None)
+        if stream.reset or self._closing:
+            return
+        stream.reset = True
+        self._blocked.discard(stream.id)
+        with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            self.conn.reset_stream(stream.id, code)
+        self._flush()
+        self._close_if_drained()
+
+    def _on_window_update(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.id in self._blocked:
+                self._pump(stream)
+            return
+        for blocked_id in list(self._blocked):
+            stream = self._streams.get(blocked_id)
+            if stream is None:
+                self._blocked.discard(blocked_id)
+            else:
+                self._pump(stream)
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # ----- transport back-pressure ---------------------------------------------------------
+    def pause_writing(self) -> None:
+        """The socket is full: stop producing DATA and stop reading (no PING/SETTINGS acks
+        pile up for a peer that does not read)."""
+        self._write_paused = True
+        self._paused_since = CLOCK.mono
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+        self._on_window_update(0)
+        for stream in list(self._streams.values()):
+            self._wake(stream)
+        self._flush()
+
+    # ----- timeouts --------------------------------------------------------------------------
+    def check_timeouts(self, now: float) -> None:
+        """Called by the shared sweeper (verge.http.server.sweep_forever) once a second."""
+        limits = self.limits
+        if self._write_paused and now - self._paused_since > limits.send_timeout:
+            self._abort(ErrorCodes.NO_ERROR, "send timeout")
+        elif self._header_block_bytes() and now - self._since > limits.header_timeout:
+            self._abort(ErrorCodes.NO_ERROR, "header timeout")
+        elif not self._streams and now - self._since > limits.keepalive_timeout:
+            self.close_gracefully()
