@@ -57,6 +57,8 @@ def edge(
     region: Annotated[str | None, typer.Option(help="Region (cache group) this edge belongs to.")] = None,
     https: Annotated[str | None, typer.Option(
         help="HOST:PORT for HTTPS (TLS 1.2/1.3, HTTP/2 and HTTP/1.1 by ALPN); certificates from the config's tls section.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Default certificate (PEM chain) for --https.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Key of --tls-cert.")] = None,
 ) -> None:
     """Run an edge cache node in front of one or more origins."""
     from verge.config import ConfigError
@@ -74,6 +76,8 @@ def edge(
         origin=origin, control=control, join_token=join_token, region=region,
         https_host=_split_hostport(https, "--https")[0] if https else None,
         https_port=_split_hostport(https, "--https")[1] if https else 0,
+        tls_cert=str(tls_cert.resolve()) if tls_cert else None,
+        tls_key=str(tls_key.resolve()) if tls_key else None,
         node=name or socket.gethostname(),
     )
     try:
@@ -82,6 +86,10 @@ def edge(
         _fail(str(exc))
     except ValueError as exc:
         _fail(f"--origin: {exc}")
+    if bool(tls_cert) != bool(tls_key):
+        _fail("--tls-cert and --tls-key go together")
+    if https and not (tls_cert or cfg.tls.certificates or cfg.tls.default or control):
+        _fail("--https needs certificates: --tls-cert/--tls-key or the config's tls section")
     if not cfg.services and not control:
         _fail("no services: give --origin URL, a --config file with services, or --control")
     options.access_log = access_log if access_log is not None else cfg.access_log
@@ -216,6 +224,7 @@ def up(
     state_dir: Annotated[Path, typer.Option(help="Where state lives; up.json is written here when ready.")] = Path(".verge-up"),
     control_port: Annotated[int, typer.Option(help="Control plane port on 127.0.0.1.")] = 7000,
     edge_port: Annotated[int, typer.Option(help="Port every edge listens on (127.0.0.2, .3, ...); admin on port+1.")] = 8080,
+    https_port: Annotated[int, typer.Option(help="HTTPS port of every edge (dev CA certificates).")] = 8443,
     origin_port: Annotated[int, typer.Option(help="Sample origin port on 127.0.0.1.")] = 9000,
     edges: Annotated[int, typer.Option(help="How many edges.")] = 2,
 ) -> None:
@@ -225,7 +234,7 @@ def up(
     if not 1 <= edges <= 50:
         _fail("--edges must be between 1 and 50")
     run_up(UpOptions(state_dir=state_dir, control_port=control_port, edge_port=edge_port,
-                     origin_port=origin_port, edges=edges))
+                     origin_port=origin_port, edges=edges, https_port=https_port))
 
 
 @app.command("config-check")

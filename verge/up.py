@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from verge.certs import ensure_ca, issue_cert
+
 DEMO_SERVICE = "demo"
 DEMO_HOSTNAME = "demo.verge.test"
 DEMO_RULES = [
@@ -64,6 +66,7 @@ class UpOptions:
     origin_port: int = 9000
     edges: int = 2
     workers: int = 1
+    https_port: int = 8443
 
 
 class Platform:
@@ -108,11 +111,13 @@ class Platform:
         api = httpx.Client(base_url=control_url, timeout=10,
                            headers={"Authorization": f"Bearer {self.admin_token}"})
         join_token = self._prepare_control(api, origin_url)
+        self.ca, self.cert = self._dev_certificate()
         edges = [self._start_edge(i, control_url, join_token) for i in range(opts.edges)]
         self._wait_edges_configured(api, edges)
         up = {
             "control": control_url, "control_pid": control.proc.pid,
             "admin_token": self.admin_token, "edges": edges, "origin": origin_url,
+            "ca": str(Path(self.ca.cert_file).resolve()),
             "origin_pid": origin.proc.pid, "service": DEMO_SERVICE, "hostname": DEMO_HOSTNAME,
             "join_token": join_token,
         }
@@ -137,6 +142,14 @@ class Platform:
         _check(token, "creating a join token")
         return token.json()["token"]
 
+    def _dev_certificate(self):
+        """A local CA (`verge cert dev`'s) and one certificate for the demo name and every edge."""
+        out = self.options.state_dir / "certs"
+        ca = ensure_ca(out)
+        names = [DEMO_HOSTNAME, "localhost", *(f"127.0.0.{i + 2}" for i in range(self.options.edges))]
+        cert = issue_cert(ca, names, out / "edges.pem", out / "edges-key.pem")
+        return ca, cert
+
     def _start_edge(self, index: int, control_url: str, join_token: str) -> dict:
         opts = self.options
         host = f"127.0.0.{index + 2}"
@@ -147,12 +160,15 @@ class Platform:
             "--listen", f"{host}:{opts.edge_port}", "--admin", f"{host}:{opts.edge_port + 1}",
             "--admin-token", admin_token, "--cache-dir", str((opts.state_dir / name).resolve()),
             "--workers", str(opts.workers), "--name", name, "--region", f"region-{index + 1}",
+            "--https", f"{host}:{opts.https_port}",
+            "--tls-cert", str(self.cert.cert_file), "--tls-key", str(self.cert.key_file),
         ], "verge edge ready")
         ports = edge.ready_line.split("http://")
         url = "http://" + ports[1].split()[0]
         admin_url = "http://" + ports[2].split()[0]
-        return {"name": name, "url": url, "admin_url": admin_url, "admin_token": admin_token,
-                "pid": edge.proc.pid, "region": f"region-{index + 1}"}
+        https_url = "https://" + edge.ready_line.split("https://")[1].split()[0]
+        return {"name": name, "url": url, "https_url": https_url, "admin_url": admin_url,
+                "admin_token": admin_token, "pid": edge.proc.pid, "region": f"region-{index + 1}"}
 
     def _wait_edges_configured(self, api: httpx.Client, edges: list[dict],
                                timeout: float = 30.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -195,7 +196,7 @@ def test_verge_up_writes_up_json(tmp_path):
     port = free_port()
     proc = subprocess.Popen([*VERGE, "up", "--state-dir", str(state), "--control-port",
                              str(free_port()), "--edge-port", str(port), "--origin-port",
-                             str(free_port())], stdout=subprocess.PIPE,
+                             str(free_port()), "--https-port", str(free_port())], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         up_json = state / "up.json"
@@ -210,6 +211,10 @@ def test_verge_up_writes_up_json(tmp_path):
             first = httpx.get(edge["url"] + "/static/app.js", timeout=10)
             again = httpx.get(edge["url"] + "/static/app.js", timeout=10)
             assert first.status_code == 200 and again.headers["cache-status"] == "verge; hit"
+        for edge in up["edges"]:  # HTTPS with the dev CA, HTTP/2 by ALPN
+            with httpx.Client(verify=ssl.create_default_context(cafile=up["ca"]), http2=True) as tls:
+                r = tls.get(edge["https_url"] + "/static/app.js", timeout=10)
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
         nodes = httpx.get(up["control"] + "/api/v1/nodes", timeout=10,
                           headers={"Authorization": f"Bearer {up['admin_token']}"}).json()
         assert len(nodes["items"]) == 2

@@ -51,6 +51,8 @@ class NodeOptions:
     node: str = "verge"
     https_host: str | None = None   # TLS listener (verge edge --https)
     https_port: int = 0
+    tls_cert: str | None = None     # this node's default certificate (PEM) and key
+    tls_key: str | None = None
     control: str | None = None      # control plane URL (verge edge --control)
     join_token: str | None = None
     region: str | None = None
@@ -124,9 +126,22 @@ class Node:
             if saved is not None:  # offline autonomy: serve the last good config at once
                 self.agent.config_version, self.config = saved
 
+    def local_tls(self, config: Config) -> Config:
+        """The config with this node's own --tls-cert/--tls-key as the default certificate.
+
+        A control-plane bundle carries no key material; a node's own certificate (for
+        example from `verge cert dev`) serves every hostname the bundle has none for.
+        """
+        opts = self.options
+        if not opts.tls_cert or config.tls.default is not None:
+            return config
+        data = config.model_dump(mode="json")
+        data["tls"]["default"] = {"cert": opts.tls_cert, "key": opts.tls_key, "hosts": []}
+        return Config.model_validate(data)
+
     def init_payload(self, index: int) -> dict:
         return {"index": index, "options": self.options.public(),
-                "config": self.config.model_dump(mode="json")}
+                "config": self.local_tls(self.config).model_dump(mode="json")}
 
     def reserve_listen_port(self) -> socket.socket:
         """Bind (not listen) the client port with SO_REUSEPORT for the node's lifetime.
@@ -247,7 +262,8 @@ class Node:
     async def apply_config(self, config: Config) -> dict:
         """Switch every worker to a validated config (workers restarted later get it too)."""
         self.config = config
-        replies = await self.broadcast({"op": "config", "config": config.model_dump(mode="json")})
+        replies = await self.broadcast({"op": "config",
+                                        "config": self.local_tls(config).model_dump(mode="json")})
         return {"ok": all(r.get("ok") for r in replies), "workers": len(replies)}
 
 
