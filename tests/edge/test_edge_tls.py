@@ -97,3 +97,22 @@ def test_plain_http_on_the_tls_port_is_closed_and_edge_keeps_serving(tls_edge):
             pass
     assert b"secure page" not in data
     assert curl(tls_edge, "shop.test", "/page").stdout.endswith("secure page")
+
+
+async def test_http3_on_the_same_port_advertised_with_alt_svc(tls_edge, origin):
+    from aioquic.asyncio import connect
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from tests.http.test_h3server import H3Client
+
+    alt_svc = curl(tls_edge, "shop.test", "/page").stdout.lower()
+    assert f'alt-svc: h3=":{tls_edge.https_port}"' in alt_svc
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name="shop.test")
+    config.load_verify_locations(tls_edge.ca)
+    async with connect("127.0.0.1", tls_edge.https_port, configuration=config,
+                       create_protocol=H3Client) as client:
+        headers, body = await client.request("GET", "/page", authority="shop.test")
+    assert headers[b":status"] == b"200" and body == b"secure page"
+    assert headers[b"cache-status"] == b"verge; hit"  # the same cache as HTTP/1.1 and HTTP/2
+    assert origin.hits("/page") == 1

@@ -78,6 +78,7 @@ class EdgeApp:
         self.access_log = access_log
         self.node = node
         self.https_port: int | None = None  # where plain-HTTP requests are redirected to
+        self.alt_svc: str | None = None  # advertised on HTTPS responses when HTTP/3 is up
         self.generation = 0
         self.runtimes: dict[str, ServiceRuntime] = {}
         self.fetcher = Fetcher(self)
@@ -117,6 +118,8 @@ class EdgeApp:
         add = list(service.headers.response_add.items())
         if secure and service.hsts is not None:
             add.append(("Strict-Transport-Security", service.hsts.header()))
+        if secure and self.alt_svc:
+            add.append(("Alt-Svc", self.alt_svc))
         if rule is not None:
             remove += rule.headers.response_remove
             add += list(rule.headers.response_add.items())

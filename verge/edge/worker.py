@@ -132,9 +132,31 @@ class Worker:
         from verge.http.tls import TlsStore
 
         self.tls = TlsStore(*tls_certs(self.config))
-        sock = reuseport_socket(self.options["https_host"], self.options["https_port"])
-        self.app.https_port = self.options["https_port"]
+        host, port = self.options["https_host"], self.options["https_port"]
+        sock = reuseport_socket(host, port)
+        self.app.https_port = port
         await serve_tls(self.app, sock, self.limits, self.tls.server_context())
+        await self._serve_h3(host, port)
+
+    async def _serve_h3(self, host: str, port: int) -> None:
+        """HTTP/3 on the same port number over UDP, advertised with Alt-Svc.
+
+        QUIC here has no SNI switch yet: it serves the default certificate (else the first).
+        """
+        from verge.http.h3server import serve_h3
+
+        certs, default = tls_certs(self.config)
+        cert = default or (certs[0] if certs else None)
+        if cert is None:
+            return
+        try:
+            self.h3 = await serve_h3(self.app, host, port, cert.cert_file, cert.key_file,
+                                     self.limits)
+        except OSError as exc:
+            log.error("HTTP/3 disabled: cannot bind UDP %s:%d: %s", host, port, exc)
+            return
+        self.app.alt_svc = f'h3=":{port}"; ma=86400'
+        self.app.apply_config(self.config)  # re-plan so HTTPS responses carry Alt-Svc
 
     def apply_config(self, config: Config) -> None:
         """A reload: routing, rules, limits and origin timeouts change in place.

@@ -1,0 +1,529 @@
+"""HTTP/3 server: aioquic's QUIC + H3 state machines behind the edge's application interface.
+
+Why: the edge pipeline is written once against the HTTP/1.1 application interface of
+:mod:`verge.http.server` (``handle_fast`` returning wire bytes, ``handle`` writing through a
+ResponseWriter). This module serves that SAME application over HTTP/3 (QUIC, UDP), exactly as
+:mod:`verge.http.h2server` does for HTTP/2, so the edge needs no change:
+
+* every request stream becomes a :class:`~verge.http.message.Request` (version ``"3"``,
+  scheme ``"https"``, ``host`` from ``:authority``); a request body is collected from DATA
+  frames into :class:`H3RequestBody` (same interface as ``RequestBody``), capped at
+  ``ServerLimits.max_body_bytes`` (QUIC flow control itself is managed by aioquic);
+* ``handle_fast`` results (HTTP/1.1 wire bytes, ``(head, body)`` or :class:`FileResponse`)
+  are re-framed with :func:`~verge.http.h2server.parse_wire_head`: HEADERS, then DATA;
+* :class:`H3ResponseWriter` has the ResponseWriter methods; a writer waits while its stream
+  holds more than ``HIGH_WATER`` unacknowledged bytes in aioquic's send buffer.
+
+:func:`serve_h3` binds the UDP socket itself with SO_REUSEPORT so that several worker
+processes can share one port (the kernel spreads datagrams by 4-tuple hash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections import deque
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.h3.exceptions import H3Error
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+
+from verge.http.h2server import DROPPED_RESPONSE_FIELDS, parse_wire_head
+from verge.http.message import Request
+from verge.http.server import (
+    NO_BODY_STATUSES,
+    FileResponse,
+    ProtocolLimitError,
+    ServerLimits,
+    simple_response,
+)
+
+FILE_CHUNK = 64 * 1024
+H3_INTERNAL_ERROR = 0x102  # RFC 9114 §8.1
+H3_REQUEST_CANCELLED = 0x10C
+
+
+class H3RequestBody:
+    """A stream's request body: same interface as :class:`verge.http.server.RequestBody`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future | None = None
+        self.received = 0
+        self.complete = False
+        self.error: Exception | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if data:
+            self._chunks.append(data)
+            self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+        self._chunks.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk, or b'' at the end of the body."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._chunks.popleft()
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        parts, size = [], 0
+        async for chunk in self:
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolLimitError(413, "request body too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class _Stream:
+    """Per-stream state: the request, its body, whether the response ended or was reset."""
+
+    __slots__ = ("id", "request", "body", "ended", "reset", "task")
+
+    def __init__(self, stream_id: int, request: Request, body: H3RequestBody | None) -> None:
+        self.id = stream_id
+        self.request = request
+        self.body = body
+        self.ended = False
+        self.reset = False
+        self.task: asyncio.Task | None = None
+
+
+class H3ResponseWriter:
+    """The HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`."""
+
+    __slots__ = (
+        "_proto",
+        "_stream",
+        "started",
+        "finished",
+        "status",
+        "bytes_sent",
+        "keep_alive",
+        "_no_body",
+    )
+
+    def __init__(self, proto: H3ServerProtocol, stream: _Stream) -> None:
+        self._proto = proto
+        self._stream = stream
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.keep_alive = True
+        self._no_body = False
+
+    def start(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        *,
+        content_length: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Send HEADERS. ``reason`` does not exist in HTTP/3 and is ignored."""
+        self.started = True
+        self.status = status
+        self._no_body = self._stream.request.method == "HEAD" or status in NO_BODY_STATUSES
+        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        fields = [
+            (n, v) for n, v in fields if n not in DROPPED_RESPONSE_FIELDS and n != b"content-length"
+        ]
+        if content_length is not None and status not in NO_BODY_STATUSES:
+            fields.append((b"content-length", b"%d" % content_length))
+        self._proto.send_head(self._stream, status, fields, end_stream=self._no_body)
+        if self._no_body:
+            self.finished = True
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._no_body:
+            return
+        self.bytes_sent += len(data)
+        self._proto.send_body(self._stream, data)
+        await self._proto.wait_room(self._stream)
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Send ``count`` bytes of ``fd`` from ``offset`` (pread in chunks)."""
+        if self._no_body:
+            return
+        await self._proto.send_file_range(self._stream, fd, offset, count)
+        self.bytes_sent += count
+
+    def send_prepared(
+        self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int
+    ) -> None:
+        """Send a response rendered whole as HTTP/1.1 wire bytes."""
+        self.started = self.finished = True
+        self.status = status
+        self.bytes_sent = body_bytes
+        self._proto.send_wire(self._stream, data)
+
+    async def send_file_response(self, status: int, response: FileResponse) -> None:
+        self.started = True
+        self.status = status
+        await self._proto.send_file_response(self._stream, response)
+        self.finished = True
+        self.bytes_sent = response.count
+
+    async def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._proto.send_end(self._stream)
+
+
+class H3ServerProtocol(QuicConnectionProtocol):
+    """One QUIC connection speaking HTTP/3; ``app`` and ``limits`` are set by the factory."""
+
+    HIGH_WATER = 256 * 1024  # unacknowledged bytes per stream before an async writer waits
+    DRAIN_POLL = 0.005  # aioquic has no "data acknowledged" event, so waiting writers poll
+
+    def __init__(self, *args, app, limits: ServerLimits, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = app
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.http = H3Connection(self._quic)
+        self._streams: dict[int, _Stream] = {}
+        self.client = ""
+
+    # ----- input ---------------------------------------------------------------------------
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamReset):
+            self._on_reset(event.stream_id)
+        elif isinstance(event, ConnectionTerminated):
+            for stream_id in list(self._streams):
+                self._on_reset(stream_id)
+        try:
+            h3_events = self.http.handle_event(event)
+        except H3Error:
+            self._quic.close(error_code=H3_INTERNAL_ERROR, reason_phrase="h3 error")
+            self.transmit()
+            return
+        for h3_event in h3_events:
+            self._on_h3_event(h3_event)
+
+    def _on_h3_event(self, event: H3Event) -> None:
+        if isinstance(event, HeadersReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                self._on_request(event)
+            elif event.stream_ended and stream.body is not None:  # trailers end the body
+                stream.body.finish()
+        elif isinstance(event, DataReceived):
+            self._on_data(event)
+
+    def _on_request(self, event: HeadersReceived) -> None:
+        if not self.client:
+            peer = self._transport.get_extra_info("peername") if self._transport else None
+            self.client = peer[0] if peer else ""
+        request, authority_ok = self._build_request(event.headers)
+        body = None if event.stream_ended else H3RequestBody(self.loop)
+        request.body = body
+        stream = _Stream(event.stream_id, request, body)
+        self._streams[event.stream_id] = stream
+        if request.target is None or not authority_ok:
+            self.send_wire(stream, simple_response(400, b"request needs :path and :authority\n"))
+            return
+        length = request.header("content-length")
+        too_long = (
+            length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes
+        )
+        if body is not None and too_long:
+            self.send_wire(stream, simple_response(413, b"request body too large\n"))
+            return
+        self._dispatch(stream)
+
+    def _build_request(self, headers: list[tuple[bytes, bytes]]) -> tuple[Request, bool]:
+        pseudo: dict[bytes, bytes] = {}
+        fields: list[tuple[str, str]] = []
+        cookies: list[str] = []
+        for name, value in headers:
+            if name[:1] == b":":
+                pseudo[name] = value
+            elif name == b"cookie":
+                cookies.append(value.decode("latin-1"))
+            else:
+                fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        if cookies:  # RFC 9114 §4.2.1: crumbs are joined with "; "
+            fields.append(("cookie", "; ".join(cookies)))
+        has_host = any(n == "host" for n, _ in fields)
+        authority = pseudo.get(b":authority")
+        if authority is not None and not has_host:
+            fields.insert(0, ("host", authority.decode("latin-1")))
+        path = pseudo.get(b":path")
+        request = Request(
+            pseudo.get(b":method", b"GET").decode("latin-1"),
+            path.decode("latin-1") if path is not None else None,
+            headers=fields,
+            version="3",
+            client=self.client,
+        )
+        request.scheme = "https"
+        return request, authority is not None or has_host
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        body = stream.body if stream is not None else None
+        if body is None:
+            return
+        if body.error is None:
+            if body.received + len(event.data) > self.limits.max_body_bytes:
+                body.fail(ProtocolLimitError(413, "request body too large"))
+            else:
+                body.feed(event.data)
+        if event.stream_ended:
+            body.finish()
+            if stream.ended:
+                self._streams.pop(stream.id, None)
+
+    def _on_reset(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.reset = True
+        if stream.body is not None:
+            stream.body.fail(ConnectionResetError("stream reset by the client"))
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+
+    # ----- dispatch ------------------------------------------------------------------------
+    def _dispatch(self, stream: _Stream) -> None:
+        request = stream.request
+        if stream.body is None:
+            try:
+                result = self.app.handle_fast(request)
+            except Exception as exc:  # an app bug must not kill the worker
+                self._report_error(request, exc)
+                result = simple_response(500, b"internal error\n")
+            if result is not None:
+                self._send_fast(stream, result)
+                return
+        stream.task = self.loop.create_task(self._run(stream))
+
+    def _send_fast(self, stream: _Stream, result) -> None:
+        if isinstance(result, FileResponse):
+            stream.task = self.loop.create_task(self._run_file(stream, result))
+        else:
+            self.send_wire(stream, result)
+
+    async def _run_file(self, stream: _Stream, result: FileResponse) -> None:
+        try:
+            await self.send_file_response(stream, result)
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            self.reset(stream, H3_INTERNAL_ERROR)
+
+    async def _run(self, stream: _Stream) -> None:
+        writer = H3ResponseWriter(self, stream)
+        request = stream.request
+        try:
+            await self.app.handle(request, writer)
+            if writer.started:
+                await writer.end()
+            else:
+                self.send_wire(stream, simple_response(500, b"no response\n"))
+        except (asyncio.CancelledError, ConnectionError):
+            self.reset(stream, H3_REQUEST_CANCELLED)
+        except ProtocolLimitError as exc:
+            self._answer_error(stream, writer, exc.status, f"{exc}\n".encode())
+        except Exception as exc:
+            self._report_error(request, exc)
+            self._answer_error(stream, writer, 500, b"internal error\n")
+
+    def _answer_error(
+        self, stream: _Stream, writer: H3ResponseWriter, status: int, body: bytes
+    ) -> None:
+        if writer.started or stream.reset:
+            self.reset(stream, H3_INTERNAL_ERROR)
+        else:
+            self.send_wire(stream, simple_response(status, body))
+
+    def _report_error(self, request: Request, exc: Exception) -> None:
+        report = getattr(self.app, "report_error", None)
+        if report is not None:
+            with contextlib.suppress(Exception):
+                report(request, exc)
+
+    # ----- output --------------------------------------------------------------------------
+    def send_head(
+        self, stream: _Stream, status: int, fields: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        if stream.reset:
+            raise ConnectionResetError("stream closed")
+        self.http.send_headers(
+            stream.id, [(b":status", b"%d" % status), *fields], end_stream=end_stream
+        )
+        if end_stream:
+            self._stream_done(stream)
+        self.transmit()
+
+    def send_body(self, stream: _Stream, data: bytes, end_stream: bool = False) -> None:
+        if stream.reset:
+            raise ConnectionResetError("stream closed")
+        self.http.send_data(stream.id, data, end_stream=end_stream)
+        if end_stream:
+            self._stream_done(stream)
+        self.transmit()
+
+    def send_end(self, stream: _Stream) -> None:
+        if not stream.ended and not stream.reset:
+            self.send_body(stream, b"", end_stream=True)
+
+    def send_wire(
+        self, stream: _Stream, data: bytes | tuple[bytes, bytes], end_stream: bool = True
+    ) -> None:
+        """Send an HTTP/1.1-rendered response (head + optional body) as HEADERS + DATA."""
+        if stream.reset:
+            return
+        extra = b""
+        if type(data) is tuple:
+            data, extra = data
+        head, _, body = data.partition(b"\r\n\r\n")
+        status, fields = parse_wire_head(head)
+        no_body = stream.request.method == "HEAD" or status in NO_BODY_STATUSES
+        payload = b"" if no_body else body + extra
+        if not payload:
+            self.send_head(stream, status, fields, end_stream=end_stream or no_body)
+            return
+        self.send_head(stream, status, fields, end_stream=False)
+        self.send_body(stream, payload, end_stream=end_stream)
+
+    async def send_file_response(self, stream: _Stream, response: FileResponse) -> None:
+        try:
+            self.send_wire(stream, response.head, end_stream=False)
+            if not stream.ended:
+                await self.send_file_range(stream, response.fd, response.offset, response.count)
+                self.send_end(stream)
+        finally:
+            if response.close_fd:
+                os.close(response.fd)
+
+    async def send_file_range(self, stream: _Stream, fd: int, offset: int, count: int) -> None:
+        while count > 0:
+            data = os.pread(fd, min(count, FILE_CHUNK), offset)
+            if not data:
+                raise ConnectionResetError("file shorter than expected")
+            self.send_body(stream, data)
+            offset += len(data)
+            count -= len(data)
+            await self.wait_room(stream)
+
+    def _unacked(self, stream: _Stream) -> int:
+        quic_stream = self._quic._streams.get(stream.id)
+        if quic_stream is None:
+            return 0
+        sender = quic_stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    async def wait_room(self, stream: _Stream) -> None:
+        """Wait until at most HIGH_WATER bytes of the stream await acknowledgement."""
+        while self._unacked(stream) > self.HIGH_WATER:
+            if stream.reset:
+                raise ConnectionResetError("stream closed")
+            await asyncio.sleep(self.DRAIN_POLL)
+        if stream.reset:
+            raise ConnectionResetError("stream closed")
+
+    def _stream_done(self, stream: _Stream) -> None:
+        stream.ended = True
+        if stream.body is None or stream.body.complete:
+            self._streams.pop(stream.id, None)
+
+    def reset(self, stream: _Stream, code: int) -> None:
+        """Abandon the response: RESET_STREAM (and STOP_SENDING for an unread body)."""
+        self._streams.pop(stream.id, None)
+        if stream.reset or stream.ended:
+            return
+        stream.reset = True
+        with contextlib.suppress(Exception):
+            self._quic.reset_stream(stream.id, code)
+        self.transmit()
+
+
+def _udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def quic_configuration(ssl_cert_file: str, ssl_key_file: str) -> QuicConfiguration:
+    config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
+    config.load_cert_chain(ssl_cert_file, ssl_key_file)
+    return config
+
+
+async def serve_h3(
+    app,
+    host: str,
+    port: int,
+    ssl_cert_file: str,
+    ssl_key_file: str,
+    limits: ServerLimits,
+    *,
+    reuse_port: bool = True,
+) -> QuicServer:
+    """Serve ``app`` over HTTP/3 on UDP ``host:port``; returns the server (``.close()``)."""
+    configuration = quic_configuration(ssl_cert_file, ssl_key_file)
+
+    def create_protocol(*args, **kwargs) -> H3ServerProtocol:
+        return H3ServerProtocol(*args, app=app, limits=limits, **kwargs)
+
+    loop = asyncio.get_running_loop()
+    sock = _udp_socket(host, port, reuse_port)
+    _, server = await loop.create_datagram_endpoint(
+        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
+        sock=sock,
+    )
+    return server
+
+
+def server_port(server: QuicServer) -> int:
+    """The UDP port a server from :func:`serve_h3` listens on (useful with port 0)."""
+    return server._transport.get_extra_info("sockname")[1]
