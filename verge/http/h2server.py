@@ -41,6 +41,7 @@ from verge.http.message import Request
 from verge.http.server import (
     CLOCK,
     NO_BODY_STATUSES,
+    BodyStream,
     FileResponse,
     HttpServerProtocol,
     ProtocolLimitError,
@@ -88,7 +89,7 @@ def parse_wire_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     return status, fields
 
 
-class H2RequestBody:
+class H2RequestBody(BodyStream):
     """A stream's request body: same interface as :class:`verge.http.server.RequestBody`.
 
     Flow-control credit is returned (WINDOW_UPDATE) only when the consumer reads a chunk, so
@@ -150,24 +151,6 @@ class H2RequestBody:
         self._proto.acknowledge(self._stream_id, flow_length)
         return data
 
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        while True:
-            chunk = await self.read()
-            if not chunk:
-                return
-            yield chunk
-
-    async def read_all(self, limit: int) -> bytes:
-        parts, size = [], 0
-        async for chunk in self:
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolLimitError(413, "request body too large")
-            parts.append(chunk)
-        return b"".join(parts)
 
 
 class _Stream:
@@ -201,8 +184,12 @@ class _Stream:
         self.rst_after_end = False  # request body unread: RST(NO_ERROR) after the response
 
 
-class H2ResponseWriter:
-    """The HTTP/2 counterpart of :class:`verge.http.server.ResponseWriter`."""
+class StreamResponseWriter:
+    """The HTTP/2 and HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`.
+
+    Protocol-neutral: it calls the connection's send_head, queue_data, wait_room,
+    send_file_range, send_wire, send_file_response and queue_end for its stream.
+    """
 
     __slots__ = (
         "_proto",
@@ -215,7 +202,7 @@ class H2ResponseWriter:
         "_no_body",
     )
 
-    def __init__(self, proto: H2ServerProtocol, stream: _Stream) -> None:
+    def __init__(self, proto, stream) -> None:
         self._proto = proto
         self._stream = stream
         self.started = False
@@ -233,7 +220,7 @@ class H2ResponseWriter:
         content_length: int | None = None,
         reason: str | None = None,
     ) -> None:
-        """Send HEADERS. ``reason`` does not exist in HTTP/2 and is ignored."""
+        """Send HEADERS. ``reason`` does not exist in HTTP/2 and /3 and is ignored."""
         self.started = True
         self.status = status
         self._no_body = self._stream.request.method == "HEAD" or status in NO_BODY_STATUSES
@@ -256,7 +243,7 @@ class H2ResponseWriter:
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         """Send ``count`` bytes of ``fd`` from ``offset`` (pread in chunks; no zero-copy:
-        HTTP/2 frames every piece)."""
+        every piece is framed)."""
         if self._no_body:
             return
         await self._proto.send_file_range(self._stream, fd, offset, count)
@@ -286,7 +273,77 @@ class H2ResponseWriter:
         await self._proto.wait_room(self._stream, 0)
 
 
-class H2ServerProtocol(asyncio.Protocol):
+H2ResponseWriter = StreamResponseWriter
+
+
+class StreamDispatch:
+    """Per-stream request handling shared by HTTP/2 and HTTP/3 connections.
+
+    The connection class provides ``app``, ``loop``, ``send_wire``, ``send_file_response``,
+    ``reset(stream, code)``, ``_after_handler(stream)`` and the two error codes.
+    """
+
+    CANCEL_CODE: int
+    INTERNAL_ERROR_CODE: int
+
+    def _dispatch(self, stream) -> None:
+        request = stream.request
+        if stream.body is None:
+            try:
+                result = self.app.handle_fast(request)
+            except Exception as exc:  # an app bug must not kill the worker
+                self._report_error(request, exc)
+                result = simple_response(500, b"internal error\n")
+            if result is not None:
+                self._send_fast(stream, result)
+                return
+        stream.task = self.loop.create_task(self._run(stream))
+
+    def _send_fast(self, stream, result) -> None:
+        if isinstance(result, FileResponse):
+            stream.task = self.loop.create_task(self._run_file(stream, result))
+        else:
+            self.send_wire(stream, result)
+
+    async def _run_file(self, stream, result: FileResponse) -> None:
+        try:
+            await self.send_file_response(stream, result)
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            self.reset(stream, self.INTERNAL_ERROR_CODE)
+
+    async def _run(self, stream) -> None:
+        writer = StreamResponseWriter(self, stream)
+        request = stream.request
+        try:
+            await self.app.handle(request, writer)
+            if writer.started:
+                await writer.end()
+            else:
+                self.send_wire(stream, simple_response(500, b"no response\n"))
+        except (asyncio.CancelledError, ConnectionError):
+            self.reset(stream, self.CANCEL_CODE)
+        except ProtocolLimitError as exc:
+            self._answer_error(stream, writer, exc.status, f"{exc}\n".encode())
+        except Exception as exc:
+            self._report_error(request, exc)
+            self._answer_error(stream, writer, 500, b"internal error\n")
+        self._after_handler(stream)
+
+    def _answer_error(self, stream, writer: StreamResponseWriter, status: int,
+                      body: bytes) -> None:
+        if writer.started or stream.reset:
+            self.reset(stream, self.INTERNAL_ERROR_CODE)
+        else:
+            self.send_wire(stream, simple_response(status, body))
+
+    def _report_error(self, request: Request, exc: Exception) -> None:
+        report = getattr(self.app, "report_error", None)
+        if report is not None:
+            with contextlib.suppress(Exception):
+                report(request, exc)
+
+
+class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
     """One HTTP/2 connection (TLS with ALPN h2, or cleartext prior knowledge)."""
 
     MAX_CONCURRENT_STREAMS = 100
@@ -564,59 +621,9 @@ class H2ServerProtocol(asyncio.Protocol):
             return
         self._flush()
 
-    # ----- dispatch -----------------------------------------------------------------------
-    def _dispatch(self, stream: _Stream) -> None:
-        request = stream.request
-        if stream.body is None:
-            try:
-                result = self.app.handle_fast(request)
-            except Exception as exc:  # an app bug must not kill the worker
-                self._report_error(request, exc)
-                result = simple_response(500, b"internal error\n")
-            if result is not None:
-                self._send_fast(stream, result)
-                return
-        stream.task = self.loop.create_task(self._run(stream))
-
-    def _send_fast(self, stream: _Stream, result) -> None:
-        if isinstance(result, FileResponse):
-            stream.task = self.loop.create_task(self._run_file(stream, result))
-        else:
-            self.send_wire(stream, result)
-
-    async def _run_file(self, stream: _Stream, result: FileResponse) -> None:
-        try:
-            await self.send_file_response(stream, result)
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
-
-    async def _run(self, stream: _Stream) -> None:
-        writer = H2ResponseWriter(self, stream)
-        request = stream.request
-        try:
-            await self.app.handle(request, writer)
-            if writer.started:
-                await writer.end()
-            else:
-                self.send_wire(stream, simple_response(500, b"no response\n"))
-        except asyncio.CancelledError:
-            self.reset(stream, ErrorCodes.CANCEL)
-        except ConnectionError:
-            self.reset(stream, ErrorCodes.CANCEL)
-        except ProtocolLimitError as exc:
-            self._answer_error(stream, writer, exc.status, f"{exc}\n".encode())
-        except Exception as exc:
-            self._report_error(request, exc)
-            self._answer_error(stream, writer, 500, b"internal error\n")
-        self._after_handler(stream)
-
-    def _answer_error(
-        self, stream: _Stream, writer: H2ResponseWriter, status: int, body: bytes
-    ) -> None:
-        if writer.started or stream.reset:
-            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
-        else:
-            self.send_wire(stream, simple_response(status, body))
+    # ----- dispatch: StreamDispatch, with these codes -------------------------------------
+    CANCEL_CODE = ErrorCodes.CANCEL
+    INTERNAL_ERROR_CODE = ErrorCodes.INTERNAL_ERROR
 
     def _after_handler(self, stream: _Stream) -> None:
         """Unread request body: give its credit back and end the stream once answered."""
@@ -634,12 +641,6 @@ class H2ServerProtocol(asyncio.Protocol):
         self.send_wire(stream, simple_response(status, f"{message}\n".encode()))
         if stream.body is not None:
             self._after_handler(stream)
-
-    def _report_error(self, request: Request, exc: Exception) -> None:
-        report = getattr(self.app, "report_error", None)
-        if report is not None:
-            with contextlib.suppress(Exception):
-                report(request, exc)
 
     # ----- output -----------------------------------------------------------------------------
     def send_head(

@@ -34,10 +34,11 @@ from aioquic.h3.exceptions import H3Error
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
 
-from verge.http.h2server import DROPPED_RESPONSE_FIELDS, parse_wire_head
+from verge.http.h2server import StreamDispatch, StreamResponseWriter, parse_wire_head
 from verge.http.message import Request
 from verge.http.server import (
     NO_BODY_STATUSES,
+    BodyStream,
     FileResponse,
     ProtocolLimitError,
     ServerLimits,
@@ -49,7 +50,7 @@ H3_INTERNAL_ERROR = 0x102  # RFC 9114 §8.1
 H3_REQUEST_CANCELLED = 0x10C
 
 
-class H3RequestBody:
+class H3RequestBody(BodyStream):
     """A stream's request body: same interface as :class:`verge.http.server.RequestBody`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -94,24 +95,6 @@ class H3RequestBody:
                 self._waiter = None
         return self._chunks.popleft()
 
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        while True:
-            chunk = await self.read()
-            if not chunk:
-                return
-            yield chunk
-
-    async def read_all(self, limit: int) -> bytes:
-        parts, size = [], 0
-        async for chunk in self:
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolLimitError(413, "request body too large")
-            parts.append(chunk)
-        return b"".join(parts)
 
 
 class _Stream:
@@ -128,90 +111,12 @@ class _Stream:
         self.task: asyncio.Task | None = None
 
 
-class H3ResponseWriter:
-    """The HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`."""
-
-    __slots__ = (
-        "_proto",
-        "_stream",
-        "started",
-        "finished",
-        "status",
-        "bytes_sent",
-        "keep_alive",
-        "_no_body",
-    )
-
-    def __init__(self, proto: H3ServerProtocol, stream: _Stream) -> None:
-        self._proto = proto
-        self._stream = stream
-        self.started = False
-        self.finished = False
-        self.status = 0
-        self.bytes_sent = 0
-        self.keep_alive = True
-        self._no_body = False
-
-    def start(
-        self,
-        status: int,
-        headers: list[tuple[str, str]],
-        *,
-        content_length: int | None = None,
-        reason: str | None = None,
-    ) -> None:
-        """Send HEADERS. ``reason`` does not exist in HTTP/3 and is ignored."""
-        self.started = True
-        self.status = status
-        self._no_body = self._stream.request.method == "HEAD" or status in NO_BODY_STATUSES
-        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-        fields = [
-            (n, v) for n, v in fields if n not in DROPPED_RESPONSE_FIELDS and n != b"content-length"
-        ]
-        if content_length is not None and status not in NO_BODY_STATUSES:
-            fields.append((b"content-length", b"%d" % content_length))
-        self._proto.send_head(self._stream, status, fields, end_stream=self._no_body)
-        if self._no_body:
-            self.finished = True
-
-    async def write(self, data: bytes) -> None:
-        if not data or self._no_body:
-            return
-        self.bytes_sent += len(data)
-        self._proto.send_body(self._stream, data)
-        await self._proto.wait_room(self._stream)
-
-    async def sendfile(self, fd: int, offset: int, count: int) -> None:
-        """Send ``count`` bytes of ``fd`` from ``offset`` (pread in chunks)."""
-        if self._no_body:
-            return
-        await self._proto.send_file_range(self._stream, fd, offset, count)
-        self.bytes_sent += count
-
-    def send_prepared(
-        self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int
-    ) -> None:
-        """Send a response rendered whole as HTTP/1.1 wire bytes."""
-        self.started = self.finished = True
-        self.status = status
-        self.bytes_sent = body_bytes
-        self._proto.send_wire(self._stream, data)
-
-    async def send_file_response(self, status: int, response: FileResponse) -> None:
-        self.started = True
-        self.status = status
-        await self._proto.send_file_response(self._stream, response)
-        self.finished = True
-        self.bytes_sent = response.count
-
-    async def end(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._proto.send_end(self._stream)
+# The writer is protocol-neutral: it drives the protocol's send_head / queue_data / wait_room /
+# send_file_range / send_wire / send_file_response / queue_end, which H3ServerProtocol provides.
+H3ResponseWriter = StreamResponseWriter
 
 
-class H3ServerProtocol(QuicConnectionProtocol):
+class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
     """One QUIC connection speaking HTTP/3; ``app`` and ``limits`` are set by the factory."""
 
     HIGH_WATER = 256 * 1024  # unacknowledged bytes per stream before an async writer waits
@@ -326,62 +231,12 @@ class H3ServerProtocol(QuicConnectionProtocol):
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
 
-    # ----- dispatch ------------------------------------------------------------------------
-    def _dispatch(self, stream: _Stream) -> None:
-        request = stream.request
-        if stream.body is None:
-            try:
-                result = self.app.handle_fast(request)
-            except Exception as exc:  # an app bug must not kill the worker
-                self._report_error(request, exc)
-                result = simple_response(500, b"internal error\n")
-            if result is not None:
-                self._send_fast(stream, result)
-                return
-        stream.task = self.loop.create_task(self._run(stream))
+    # ----- dispatch: StreamDispatch, with these codes --------------------------------------
+    CANCEL_CODE = H3_REQUEST_CANCELLED
+    INTERNAL_ERROR_CODE = H3_INTERNAL_ERROR
 
-    def _send_fast(self, stream: _Stream, result) -> None:
-        if isinstance(result, FileResponse):
-            stream.task = self.loop.create_task(self._run_file(stream, result))
-        else:
-            self.send_wire(stream, result)
-
-    async def _run_file(self, stream: _Stream, result: FileResponse) -> None:
-        try:
-            await self.send_file_response(stream, result)
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            self.reset(stream, H3_INTERNAL_ERROR)
-
-    async def _run(self, stream: _Stream) -> None:
-        writer = H3ResponseWriter(self, stream)
-        request = stream.request
-        try:
-            await self.app.handle(request, writer)
-            if writer.started:
-                await writer.end()
-            else:
-                self.send_wire(stream, simple_response(500, b"no response\n"))
-        except (asyncio.CancelledError, ConnectionError):
-            self.reset(stream, H3_REQUEST_CANCELLED)
-        except ProtocolLimitError as exc:
-            self._answer_error(stream, writer, exc.status, f"{exc}\n".encode())
-        except Exception as exc:
-            self._report_error(request, exc)
-            self._answer_error(stream, writer, 500, b"internal error\n")
-
-    def _answer_error(
-        self, stream: _Stream, writer: H3ResponseWriter, status: int, body: bytes
-    ) -> None:
-        if writer.started or stream.reset:
-            self.reset(stream, H3_INTERNAL_ERROR)
-        else:
-            self.send_wire(stream, simple_response(status, body))
-
-    def _report_error(self, request: Request, exc: Exception) -> None:
-        report = getattr(self.app, "report_error", None)
-        if report is not None:
-            with contextlib.suppress(Exception):
-                report(request, exc)
+    def _after_handler(self, stream: _Stream) -> None:
+        """Nothing to do: QUIC ends or resets the stream on its own."""
 
     # ----- output --------------------------------------------------------------------------
     def send_head(
@@ -454,8 +309,19 @@ class H3ServerProtocol(QuicConnectionProtocol):
         sender = quic_stream.sender
         return sender._buffer_stop - sender._buffer_start
 
-    async def wait_room(self, stream: _Stream) -> None:
-        """Wait until at most HIGH_WATER bytes of the stream await acknowledgement."""
+    def queue_data(self, stream: _Stream, data: bytes) -> None:
+        self.send_body(stream, data)
+
+    def queue_end(self, stream: _Stream) -> None:
+        self.send_end(stream)
+
+    async def wait_room(self, stream: _Stream, high: int | None = None) -> None:
+        """Wait until at most ``high`` (default HIGH_WATER) bytes await acknowledgement.
+
+        ``high=0`` (the end of a response) does not wait: QUIC retransmits on its own.
+        """
+        if high == 0:
+            return
         while self._unacked(stream) > self.HIGH_WATER:
             if stream.reset:
                 raise ConnectionResetError("stream closed")

@@ -115,7 +115,33 @@ def simple_response(status: int, body: bytes, *, close: bool = False,
     ))
 
 
-class RequestBody:
+class BodyStream:
+    """What every protocol's request body offers on top of ``read()``: iteration, read_all."""
+
+    async def read(self) -> bytes:  # pragma: no cover - provided by subclasses
+        raise NotImplementedError
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        parts, size = [], 0
+        async for chunk in self:
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolLimitError(413, "request body too large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class RequestBody(BodyStream):
     """The request body as an async stream of chunks, with back-pressure on the socket.
 
     Sends ``100 Continue`` on first read when the client asked for it, so clients that wait
@@ -173,24 +199,6 @@ class RequestBody:
             self._proto.resume_reading_for_body()
         return data
 
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        while True:
-            chunk = await self.read()
-            if not chunk:
-                return
-            yield chunk
-
-    async def read_all(self, limit: int) -> bytes:
-        parts, size = [], 0
-        async for chunk in self:
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolLimitError(413, "request body too large")
-            parts.append(chunk)
-        return b"".join(parts)
 
 
 class ResponseWriter:
