@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-zipf bench-purge conformance clean system-deps
+.PHONY: install demo test lint bench bench-zipf bench-purge bench-dns bench-tls conformance demo-regions clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,11 +16,12 @@ install: $(STAMP)
 	bash scripts/vendor-web.sh
 
 # What the tests drive: curl, zstd, gzip, headless Chromium (dashboard), PostgreSQL (store
-# tests), npm (vendoring the dashboard's plot library). Installed from apt only when missing.
-SYSTEM_TOOLS := curl zstd gzip npm
+# tests), npm (vendoring the dashboard's plot library), dig (DNS router), openssl (TLS),
+# ffmpeg/ffprobe (streaming). Installed from apt only when missing; COMMAND:PACKAGE pairs.
+SYSTEM_TOOLS := curl:curl zstd:zstd gzip:gzip npm:npm dig:dnsutils openssl:openssl \
+                ffmpeg:ffmpeg ffprobe:ffmpeg ip:iproute2 chromedriver:chromium-driver chromium:chromium
 system-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
-	command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -45,6 +46,16 @@ bench: install
 
 bench-purge: install
 	$(BIN)/python bench/purge_bench.py
+
+bench-dns: install
+	$(BIN)/python bench/dns_bench.py
+
+bench-tls: install
+	$(BIN)/python bench/tls_bench.py
+
+# Three regions in network namespaces with user-space delays; needs root (ip netns).
+demo-regions: install
+	$(BIN)/python -m verge.demo.regions
 
 conformance: install
 	bash bench/conformance/run.sh

@@ -30,6 +30,15 @@ def _split_hostport(value: str, option: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
+def _parent_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise typer.BadParameter(f"expected http://HOST:PORT, got {url!r}", param_hint="--parent")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -55,6 +64,8 @@ def edge(
         envvar="VERGE_JOIN_TOKEN", help="Join token (first start with --control).")] = None,
     name: Annotated[str | None, typer.Option(help="Node name in the fleet (default: host name).")] = None,
     region: Annotated[str | None, typer.Option(help="Region (cache group) this edge belongs to.")] = None,
+    parent: Annotated[list[str] | None, typer.Option(
+        help="Parent (shield) edge URL for cache misses; repeat for several (chosen per object by rendezvous hashing, failing over, then the origin).")] = None,
     https: Annotated[str | None, typer.Option(
         help="HOST:PORT for HTTPS (TLS 1.2/1.3, HTTP/2 and HTTP/1.1 by ALPN); certificates from the config's tls section.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Default certificate (PEM chain) for --https.")] = None,
@@ -79,6 +90,7 @@ def edge(
         tls_cert=str(tls_cert.resolve()) if tls_cert else None,
         tls_key=str(tls_key.resolve()) if tls_key else None,
         node=name or socket.gethostname(),
+        parents=[_parent_url(url) for url in parent or []],
     )
     try:
         cfg = build_config(options)
@@ -227,6 +239,8 @@ def up(
     https_port: Annotated[int, typer.Option(help="HTTPS port of every edge (dev CA certificates).")] = 8443,
     origin_port: Annotated[int, typer.Option(help="Sample origin port on 127.0.0.1.")] = 9000,
     edges: Annotated[int, typer.Option(help="How many edges.")] = 2,
+    dns_port: Annotated[int, typer.Option(help="Router's DNS port (UDP and TCP) on 127.0.0.1.")] = 5353,
+    router_port: Annotated[int, typer.Option(help="Router's HTTP redirect port on 127.0.0.1.")] = 8053,
 ) -> None:
     """The whole platform locally: control plane, edges, a sample origin; prints URLs and an admin token."""
     from verge.up import UpOptions, run_up
@@ -234,7 +248,41 @@ def up(
     if not 1 <= edges <= 50:
         _fail("--edges must be between 1 and 50")
     run_up(UpOptions(state_dir=state_dir, control_port=control_port, edge_port=edge_port,
-                     origin_port=origin_port, edges=edges, https_port=https_port))
+                     origin_port=origin_port, edges=edges, https_port=https_port,
+                     dns_port=dns_port, router_port=router_port))
+
+
+@app.command()
+def router(
+    config: Annotated[Path, typer.Option(help="Router YAML: zone, regions (CIDRs, neighbours), health; edges without --control.")],
+    dns: Annotated[str, typer.Option(help="HOST:PORT of the authoritative DNS server (UDP and TCP).")] = "127.0.0.1:5353",
+    http: Annotated[str | None, typer.Option(help="HOST:PORT of the HTTP 302 router (off when not given).")] = None,
+    control: Annotated[str | None, typer.Option(
+        envvar="VERGE_CONTROL", help="Control plane URL: edges, health and hostnames from it.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="VERGE_TOKEN", help="Control-plane token (read-only is enough).")] = None,
+) -> None:
+    """Route users to the nearest healthy edge: GeoDNS (ECS-aware) and HTTP redirects."""
+    import uvloop
+
+    from verge.config import ConfigError
+    from verge.routing.router import RouterOptions, run_router
+    from verge.routing.settings import load_router_config
+
+    try:
+        cfg = load_router_config(config)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    if control and not token:
+        _fail("--control needs --token (or VERGE_TOKEN)")
+    if not control and not cfg.edges:
+        _fail(f"{config}: no edges listed and no --control to take them from")
+    dns_host, dns_port = _split_hostport(dns, "--dns")
+    http_host, http_port = _split_hostport(http, "--http") if http else (None, 0)
+    options = RouterOptions(dns_host, dns_port, http_host, http_port, control, token)
+    try:
+        uvloop.run(run_router(cfg, options))
+    except OSError as exc:
+        _fail(f"cannot listen: {exc}")
 
 
 @app.command("config-check")

@@ -1,4 +1,8 @@
-"""``verge cert ...``: certificate helpers for operators (the logic lives in verge.certs)."""
+"""``verge cert ...``: certificate helpers for operators (the logic lives in verge.certs).
+
+``verge cert dev`` works offline; ``verge cert add|rotate|list|rm`` manage certificates on
+the control plane (they live in verge.cli_control with the other control-plane commands).
+"""
 
 from __future__ import annotations
 
@@ -38,8 +42,12 @@ def cert_dev(
 
 def register(app: typer.Typer) -> None:
     """Add the ``cert`` command group to the ``verge`` app."""
+    from verge.cli_control import register_cert_commands
+
     cert_app = typer.Typer(
-        help="TLS certificates: a local dev CA and certificates.", no_args_is_help=True
+        help="TLS certificates: a local dev CA, and certificates on the control plane.",
+        no_args_is_help=True,
     )
     cert_app.command("dev")(cert_dev)
+    register_cert_commands(cert_app)
     app.add_typer(cert_app, name="cert")

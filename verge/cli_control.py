@@ -655,6 +655,107 @@ def node_revoke(
 
 
 # ---------------------------------------------------------------------------------------------
+# verge cert add|rotate|list|rm (registered under `verge cert` by verge.cli_cert)
+# ---------------------------------------------------------------------------------------------
+
+CertFile = Annotated[Path, typer.Option("--cert", help="Certificate chain (PEM), server first.")]
+KeyFile = Annotated[Path, typer.Option("--key", help="Its private key (PEM, unencrypted).")]
+CERT_COLUMNS = [
+    ("name", "NAME"),
+    ("tenant", "TENANT"),
+    ("hosts", "HOSTS"),
+    ("not_after", "NOT AFTER"),
+    ("fingerprint_sha256", "SHA-256"),
+    ("warning", "WARNING"),
+]
+
+
+def _read_pems(cert: Path, key: Path) -> tuple[str, str]:
+    try:
+        return cert.read_text(), key.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {getattr(exc, 'filename', None) or 'file'}: {exc}", EXIT_USAGE)
+
+
+def _show_certificate(done: str, cert: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(cert)
+        return
+    _done(f"{done} {cert['name']}: {', '.join(cert.get('hosts', []))} "
+          f"(until {cert.get('not_after')}, sha256 {cert.get('fingerprint_sha256', '')[:16]}...)")
+    if cert.get("warning"):
+        typer.secho(f"warning: {cert['warning']}", fg=typer.colors.YELLOW, err=True)
+
+
+def cert_add(
+    name: Annotated[str, typer.Argument(help="Certificate name: lower-case letters, digits, '-'.")],
+    cert: CertFile,
+    key: KeyFile,
+    tenant: Annotated[
+        str | None, typer.Option(help="Owning tenant (admin tokens; others use their own).")
+    ] = None,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a certificate and key; every edge serves it by SNI within seconds, no restart."""
+    cert_pem, key_pem = _read_pems(cert, key)
+    with _session(control, token) as client:
+        created = client.add_certificate(name, cert_pem, key_pem, tenant)
+    _show_certificate("certificate added:", created, as_json)
+
+
+def cert_rotate(
+    name: Annotated[str, typer.Argument(help="Certificate name.")],
+    cert: CertFile,
+    key: KeyFile,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Replace a certificate's chain and key (new handshakes get it; open connections keep theirs)."""
+    cert_pem, key_pem = _read_pems(cert, key)
+    with _session(control, token) as client:
+        rotated = client.rotate_certificate(name, cert_pem, key_pem)
+    _show_certificate("certificate rotated:", rotated, as_json)
+
+
+def cert_list(
+    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List certificates (names, hosts, expiry; never keys)."""
+    with _session(control, token) as client:
+        certs = _every(client.list_certificates)
+    if as_json:
+        _print_json(certs)
+    else:
+        _table("Certificates", certs, CERT_COLUMNS)
+
+
+def cert_rm(
+    name: Annotated[str, typer.Argument(help="Certificate name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete a certificate; edges stop offering it with the next config bundle."""
+    with _session(control, token) as client:
+        client.delete_certificate(name)
+    if as_json:
+        _print_json({"deleted": name})
+    else:
+        _done(f"certificate {name} deleted")
+
+
+def register_cert_commands(cert_app: typer.Typer) -> None:
+    """Add the control-plane certificate commands to the `verge cert` group."""
+    cert_app.command("add")(cert_add)
+    cert_app.command("rotate")(cert_rotate)
+    cert_app.command("list")(cert_list)
+    cert_app.command("rm")(cert_rm)
+
+
+# ---------------------------------------------------------------------------------------------
 # verge purge --control
 # ---------------------------------------------------------------------------------------------
 

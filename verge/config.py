@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -515,6 +515,14 @@ class OriginSpec(_Model):
     weight: int = Field(1, ge=1)
     host_header: str | None = None
     """Host header sent to this origin (default: the client's)."""
+    tls_ca: str | None = None
+    """https only: PEM file of the CA(s) to trust for this origin, instead of the system store."""
+    tls_verify: bool = True
+    """https only: check the origin's certificate and name. false is UNSAFE (anyone on the path
+    can pose as the origin); only for a self-signed origin on a network you trust."""
+    tls_server_name: str | None = None
+    """https only: name sent as SNI and checked in the certificate (default: host_header
+    without its port, else the URL's host)."""
 
     _scheme: str = PrivateAttr("http")
     _host: str = PrivateAttr("")
@@ -539,12 +547,37 @@ class OriginSpec(_Model):
             raise ValueError(f"host_header {value!r} must be a non-empty name without spaces")
         return value
 
+    @field_validator("tls_server_name")
+    @classmethod
+    def _check_server_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() or c in "/:" for c in value)):
+            raise ValueError(f"tls_server_name {value!r} must be a host name")
+        return value
+
     @model_validator(mode="after")
     def _remember_parts(self) -> OriginSpec:
         scheme, host, port = _split_origin_url(self.url)
         self._scheme, self._host = scheme, host
         self._port = port if port is not None else (443 if scheme == "https" else 80)
+        tls_set = self.tls_ca is not None or not self.tls_verify or self.tls_server_name
+        if scheme != "https" and tls_set:
+            raise ValueError(
+                "tls_ca, tls_verify and tls_server_name apply to https:// origins only"
+            )
         return self
+
+    def tls_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``verge.http.client.Origin.parse``: CA, verification, SNI."""
+        if not self.tls:
+            return {}
+        server_name = self.tls_server_name
+        if server_name is None and self.host_header:
+            server_name = urlsplit(f"//{self.host_header}").hostname
+        return {
+            "tls_ca": self.tls_ca,
+            "tls_verify": self.tls_verify,
+            "tls_server_name": server_name,
+        }
 
     @property
     def scheme(self) -> str:
@@ -590,12 +623,33 @@ def _split_origin_url(url: str) -> tuple[str, str, int | None]:
 
 
 class Certificate(_Model):
-    """A PEM certificate (chain) and its key, for the hostnames it serves (SNI)."""
+    """A PEM certificate (chain) and its key, for the hostnames it serves (SNI).
 
-    cert: str
-    key: str
+    Either file paths (``cert`` + ``key``) or the PEM text inline (``cert_pem`` + ``key_pem``,
+    as the control-plane bundle carries them; the edge writes them to private files).
+    """
+
+    cert: str | None = None
+    """Path of the PEM chain (server certificate first)."""
+    key: str | None = None
+    """Path of its private key."""
+    cert_pem: str | None = None
+    """The PEM chain itself, instead of ``cert``."""
+    key_pem: str | None = Field(default=None, repr=False)
+    """The private key PEM itself, instead of ``key`` (never logged)."""
+    name: str | None = None
+    """A label (the control plane's certificate name)."""
     hosts: list[str] = Field(default_factory=list)
     """Host names or "*.example.com" wildcards picked by SNI; empty: only as the default."""
+    ocsp_response: str | None = None
+    """Path of a DER OCSP response to staple (re-read when the file changes)."""
+
+    @model_validator(mode="after")
+    def _files_or_inline(self) -> Certificate:
+        files, inline = (self.cert, self.key), (self.cert_pem, self.key_pem)
+        if all(files) and not any(inline) or all(inline) and not any(files):
+            return self
+        raise ValueError("give either cert + key (file paths) or cert_pem + key_pem (PEM text)")
 
 
 class TlsSettings(_Model):
@@ -876,9 +930,9 @@ def _strip_optional(annotation: Any) -> Any:
             return annotation
 
 
-def _model_at(loc: Loc) -> type[BaseModel] | None:
+def _model_at(loc: Loc, root: type[BaseModel]) -> type[BaseModel] | None:
     """The model class that the mapping at `loc` is validated as (for 'did you mean')."""
-    annotation: Any = Config
+    annotation: Any = root
     for part in loc:
         annotation = _strip_optional(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -894,8 +948,8 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
     )
 
 
-def _unknown_key_reason(loc: Loc) -> str:
-    model = _model_at(loc[:-1])
+def _unknown_key_reason(loc: Loc, root: type[BaseModel]) -> str:
+    model = _model_at(loc[:-1], root)
     if model is None:
         return "unknown key"
     allowed = list(model.model_fields)
@@ -905,12 +959,12 @@ def _unknown_key_reason(loc: Loc) -> str:
     return "unknown key; expected one of: " + ", ".join(allowed)
 
 
-def _reason(error: Mapping[str, Any], loc: Loc) -> str:
+def _reason(error: Mapping[str, Any], loc: Loc, root: type[BaseModel] | None = None) -> str:
     kind = error["type"]
     if kind == "missing":
         return "required but missing"
     if kind == "extra_forbidden":
-        return _unknown_key_reason(loc)
+        return _unknown_key_reason(loc, root or Config)
     if kind == "model_type":
         return f"expected a mapping of settings, got {type(error.get('input')).__name__}"
     message = str(error["msg"]).removeprefix("Value error, ")
@@ -924,13 +978,15 @@ def _reason(error: Mapping[str, Any], loc: Loc) -> str:
     return message
 
 
-def _issue_from_error(error: Mapping[str, Any], source: str, root: yaml.Node | None) -> ConfigIssue:
+def _issue_from_error(
+    error: Mapping[str, Any], source: str, root: yaml.Node | None, model: type[BaseModel]
+) -> ConfigIssue:
     loc: Loc = tuple(error["loc"]) + tuple((error.get("ctx") or {}).get("at", ()))
     line = column = None
     if root is not None:
         mark = _node_at(root, loc, at_key=error["type"] == "extra_forbidden").start_mark
         line, column = mark.line + 1, mark.column + 1
-    return ConfigIssue(source, line, column, _format_path(loc), _reason(error, loc))
+    return ConfigIssue(source, line, column, _format_path(loc), _reason(error, loc, model))
 
 
 def _duplicate_keys(root: yaml.Node, source: str) -> list[ConfigIssue]:
@@ -965,8 +1021,12 @@ def _sorted(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 
 
 def _validate(
-    data: object, source: str, root: yaml.Node | None, issues: Sequence[ConfigIssue] = ()
-) -> Config:
+    data: object,
+    source: str,
+    root: yaml.Node | None,
+    issues: Sequence[ConfigIssue] = (),
+    model: type[M] = Config,  # type: ignore[assignment]
+) -> M:
     """Validate parsed data; every problem (with its position when `root` is known) is reported."""
     if data is None:
         data = {}
@@ -975,9 +1035,11 @@ def _validate(
         reason = f"the top level must be a mapping of settings, not {type(data).__name__}"
         raise ConfigError.from_issues([ConfigIssue(source, position, position, "", reason)])
     try:
-        config = Config.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as exc:
-        issues = [*issues, *(_issue_from_error(error, source, root) for error in exc.errors())]
+        issues = [
+            *issues, *(_issue_from_error(error, source, root, model) for error in exc.errors())
+        ]
     else:
         if not issues:
             return config
@@ -989,6 +1051,7 @@ def _validate(
 # ---------------------------------------------------------------------------------------------
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+M = TypeVar("M", bound=BaseModel)
 
 
 def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
@@ -1030,13 +1093,19 @@ def load_config(path: str | Path | None) -> Config:
     """Read and validate a config file; None gives the defaults."""
     if path is None:
         return Config()
+    return load_model_file(path, Config)
+
+
+def load_model_file(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file and validate it as `model`, with load_config's file:line errors."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: config file is not UTF-8 text ({exc.reason})") from None
-    return parse_config(text, str(path))
+    root, data, duplicates = _load_yaml(text, str(path))
+    return _validate(data, str(path), root, duplicates, model)
 
 
 def config_from_data(data: Mapping[str, Any], source: str = "<bundle>") -> Config:

@@ -27,6 +27,9 @@ from verge.certs import ensure_ca, issue_cert
 
 DEMO_SERVICE = "demo"
 DEMO_HOSTNAME = "demo.verge.test"
+DEMO_ZONE = "verge.test"
+# The demo's client networks: they only appear inside DNS queries as client subnets (ECS).
+DEMO_REGION_CIDRS = ["10.1.0.0/16", "10.2.0.0/16"]
 DEMO_RULES = [
     {"path": "/static/", "kind": "static"},
     {"path": "/api/", "kind": "api"},
@@ -67,6 +70,8 @@ class UpOptions:
     edges: int = 2
     workers: int = 1
     https_port: int = 8443
+    dns_port: int = 5353
+    router_port: int = 8053
 
 
 class Platform:
@@ -84,6 +89,23 @@ class Platform:
         if not child.ready.wait(timeout) or proc.poll() is not None or not child.ready_line:
             raise UpError(f"{name} did not start:\n" + "".join(child.output[-30:]))
         return child
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Run until stopped. An edge that exits is reported and the rest go on (the router
+        sends its users elsewhere, as in production); anything else exiting ends the demo."""
+        reported: set[str] = set()
+        while not stop.is_set():
+            for child in self.children:
+                code = child.proc.poll()
+                if code is None or child.name in reported:
+                    continue
+                if not child.name.startswith("edge-"):
+                    print(f"  {child.name} exited (code {code}); stopping", flush=True)
+                    return
+                reported.add(child.name)
+                print(f"  {child.name} exited (code {code}); the router routes around it",
+                      flush=True)
+            stop.wait(0.5)
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -114,12 +136,13 @@ class Platform:
         self.ca, self.cert = self._dev_certificate()
         edges = [self._start_edge(i, control_url, join_token) for i in range(opts.edges)]
         self._wait_edges_configured(api, edges)
+        dns, router_url = self._start_router(api, control_url, edges)
         up = {
             "control": control_url, "control_pid": control.proc.pid,
             "admin_token": self.admin_token, "edges": edges, "origin": origin_url,
             "ca": str(Path(self.ca.cert_file).resolve()),
             "origin_pid": origin.proc.pid, "service": DEMO_SERVICE, "hostname": DEMO_HOSTNAME,
-            "join_token": join_token,
+            "join_token": join_token, "dns": dns, "zone": DEMO_ZONE, "router": router_url,
         }
         path = opts.state_dir / "up.json"
         tmp = path.with_suffix(".tmp")
@@ -170,6 +193,27 @@ class Platform:
         return {"name": name, "url": url, "https_url": https_url, "admin_url": admin_url,
                 "admin_token": admin_token, "pid": edge.proc.pid, "region": f"region-{index + 1}"}
 
+    def _start_router(self, api: httpx.Client, control_url: str,
+                      edges: list[dict]) -> tuple[str, str]:
+        """The request router over the demo regions; ready once its DNS answers with an edge."""
+        opts = self.options
+        regions = sorted({edge["region"] for edge in edges})
+        config = {"zone": DEMO_ZONE, "ttl": 5, "regions": [
+            {"name": name, "cidrs": DEMO_REGION_CIDRS[i:i + 1],
+             "neighbours": [other for other in regions if other != name]}
+            for i, name in enumerate(regions)]}
+        path = opts.state_dir / "router.yaml"
+        path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+        token = api.post("/api/v1/tokens", json={"name": "verge-up-router", "role": "read_only"})
+        _check(token, "creating the router's token")
+        dns = f"127.0.0.1:{opts.dns_port}"
+        self.spawn("router", [*VERGE, "router", "--dns", dns, "--http",
+                              f"127.0.0.1:{opts.router_port}", "--config", str(path),
+                              "--control", control_url, "--token", token.json()["token"]],
+                   "verge router ready")
+        _wait_dns(opts.dns_port, DEMO_HOSTNAME, {e["url"].split("//")[1].split(":")[0] for e in edges})
+        return dns, f"http://127.0.0.1:{opts.router_port}"
+
     def _wait_edges_configured(self, api: httpx.Client, edges: list[dict],
                                timeout: float = 30.0) -> None:
         """Ready means: every edge serves the demo service (its bundle has arrived)."""
@@ -187,6 +231,23 @@ class Platform:
                 time.sleep(0.1)
         if pending:
             raise UpError(f"edges never received the demo service: {', '.join(pending)}")
+
+
+def _wait_dns(port: int, name: str, addresses: set[str], timeout: float = 30.0) -> None:
+    """Until the router answers `name` with one of the edges (it has read the fleet)."""
+    import dnslib
+
+    deadline = time.monotonic() + timeout
+    query = dnslib.DNSRecord.question(name)
+    while time.monotonic() < deadline:
+        try:
+            reply = dnslib.DNSRecord.parse(query.send("127.0.0.1", port, timeout=1))
+            if {str(rr.rdata) for rr in reply.rr} & addresses:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise UpError(f"the router never answered {name} with an edge")
 
 
 def _check(response: httpx.Response, what: str) -> None:
@@ -210,14 +271,15 @@ def run_up(options: UpOptions) -> None:
     control       {up['control']}/        admin token {up['admin_token']}
 {edges}
     origin        {up['origin']}/
+    router        DNS {up['dns']} (zone {up['zone']}), HTTP {up['router']}/
     service       {up['service']} ({up['hostname']}, the default service on every edge)
     state         {options.state_dir / 'up.json'}
   Try: curl -i {up['edges'][0]['url']}/static/app.js   (twice)
+       dig @127.0.0.1 -p {up['dns'].split(':')[1]} +subnet=10.2.0.0/24 {up['hostname']}   (region-2's edge)
   Ctrl-C stops everything.
 """, flush=True)
     try:
-        while not stop.is_set() and all(c.proc.poll() is None for c in platform.children):
-            stop.wait(0.5)
+        platform.supervise(stop)
     except KeyboardInterrupt:
         pass
     finally:

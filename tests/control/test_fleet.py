@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -83,11 +84,13 @@ class Fleet:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
-    def start_edge(self, name: str, token: str | None) -> None:
-        args = [*VERGE, "edge", "--control", self.control_url, "--listen",
-                f"127.0.0.1:{free_port() if name not in self.edge_urls else self.edge_urls[name].rsplit(':', 1)[1]}",
-                "--admin", "127.0.0.1:0", "--admin-token", "t", "--cache-dir",
-                str(self.tmp / name), "--workers", "1", "--name", name]
+    def start_edge(self, name: str, token: str | None, host: str = "127.0.0.1",
+                   extra: tuple[str, ...] = ()) -> None:
+        port = (free_port(host) if name not in self.edge_urls
+                else self.edge_urls[name].rsplit(":", 1)[1])
+        args = [*VERGE, "edge", "--control", self.control_url, "--listen", f"{host}:{port}",
+                "--admin", f"{host}:0", "--admin-token", "t", "--cache-dir",
+                str(self.tmp / name), "--workers", "1", "--name", name, *extra]
         if token:
             args += ["--join-token", token]
         proc = Proc(args, "verge edge ready")
@@ -193,10 +196,12 @@ def test_missed_purge_applied_after_reconnect(fleet, origin):
 
 def test_verge_up_writes_up_json(tmp_path):
     state = tmp_path / "up"
-    port = free_port()
+    port, dns_port = free_port(), free_port()
     proc = subprocess.Popen([*VERGE, "up", "--state-dir", str(state), "--control-port",
                              str(free_port()), "--edge-port", str(port), "--origin-port",
-                             str(free_port()), "--https-port", str(free_port())], stdout=subprocess.PIPE,
+                             str(free_port()), "--https-port", str(free_port()),
+                             "--dns-port", str(dns_port), "--router-port", str(free_port())],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         up_json = state / "up.json"
@@ -218,6 +223,19 @@ def test_verge_up_writes_up_json(tmp_path):
         nodes = httpx.get(up["control"] + "/api/v1/nodes", timeout=10,
                           headers={"Authorization": f"Bearer {up['admin_token']}"}).json()
         assert len(nodes["items"]) == 2
+        # the router: DNS for the demo zone, a region per edge, client subnets from the CIDR map
+        assert up["dns"] == f"127.0.0.1:{dns_port}" and up["zone"] == "verge.test"
+        assert [e["region"] for e in up["edges"]] == ["region-1", "region-2"]
+        if shutil.which("dig"):
+            for subnet, edge in (("10.1.0.0/24", "127.0.0.2"), ("10.2.0.0/24", "127.0.0.3")):
+                out = subprocess.run(["dig", "@127.0.0.1", "-p", str(dns_port), "+short",
+                                      f"+subnet={subnet}", up["hostname"]],
+                                     capture_output=True, text=True, timeout=10)
+                assert out.stdout.split() == [edge]
+        redirect = httpx.get(up["router"] + "/static/app.js?v=1", timeout=10,
+                             headers={"Host": up["hostname"]})
+        assert redirect.status_code == 302
+        assert redirect.headers["location"].endswith(f".demo.verge.test:{port}/static/app.js?v=1")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

@@ -346,3 +346,20 @@ def test_access_log_has_one_json_line_per_request(edge_factory, origin):
     assert [line["cache"] for line in lines] == ["miss", "miss", "hit"]
     assert lines[1]["uri"] == "/logged?x=%22quoted%22"  # httpx percent-encodes
     assert all(line["status"] == 200 and line["method"] == "GET" for line in lines)
+
+
+def test_http10_request_without_host_reaches_the_origin_with_one(edge, origin):
+    """HTTP/1.0 clients may omit Host; the origin (HTTP/1.1) still gets one, and it caches."""
+    import socket
+
+    origin.route("/old", headers=[("Cache-Control", "max-age=60")], body=b"old client\n")
+    for expected in ("verge; fwd=miss; stored", "verge; hit"):
+        with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+            sock.sendall(b"GET /old HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"old client\n")
+        assert f"Cache-Status: {expected}".encode() in reply
+    assert origin.hits("/old") == 1
+    assert origin.requests[-1].headers["host"] == origin.url.split("//")[1]

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from verge import config as vconfig
 from verge.control.auth import Principal
 from verge.control.store import Store, StoreError, pydantic_error
+from verge.routing.health import HealthMonitor, Target
 
 log = logging.getLogger("verge.control")
 
@@ -57,6 +58,13 @@ class Settings:
     """Seconds between deletions of stats older than the retention."""
     access_log: TextIO | None = None
     """Where to write one JSON line per request (None: no access log)."""
+    monitor_interval: float = 1.0
+    """Seconds between health checks of every edge (0: no health monitor)."""
+    monitor_timeout: float = 1.0
+    monitor_fails: int = 2
+    """Failed checks in a row that mark an edge down for the routers."""
+    monitor_passes: int = 2
+    """Good checks in a row that bring it back."""
 
 
 class ApiError(Exception):
@@ -184,6 +192,24 @@ class ServiceIn(vconfig.Service):
         return vconfig.Service.model_validate(self.model_dump(exclude={"tenant", "version"}))
 
 
+Pem = Annotated[str, StringConstraints(min_length=1, max_length=256 * 1024)]
+
+
+class CertificateIn(_Body):
+    name: Slug
+    cert_pem: Pem
+    """The certificate chain, PEM: the server certificate first, then its issuers."""
+    key_pem: Pem = Field(repr=False)
+    """The private key, PEM (unencrypted). Stored sealed; never returned."""
+    tenant: str | None = None
+    """Owning tenant (admins only; tenant tokens always use their own)."""
+
+
+class CertificateRotateIn(_Body):
+    cert_pem: Pem
+    key_pem: Pem = Field(repr=False)
+
+
 class PurgeIn(_Body):
     service: str | None = None
     urls: list[NonEmpty] = Field(default_factory=list, max_length=10000)
@@ -204,6 +230,9 @@ class HeartbeatIn(_Body):
     load: dict[str, Any] = Field(default_factory=dict)
     config_version: int = Field(0, ge=0)
     purge_seq: int = Field(0, ge=0)
+    url: HttpUrl | None = None
+    admin_url: HttpUrl | None = None
+    region: Annotated[str, StringConstraints(max_length=63)] | None = None
 
 
 class AckIn(_Body):
@@ -313,6 +342,7 @@ tenants = APIRouter(prefix=API, tags=["tenants"])
 tokens = APIRouter(prefix=API, tags=["tokens"])
 services = APIRouter(prefix=API, tags=["services"])
 purges = APIRouter(prefix=API, tags=["purge"])
+certificates = APIRouter(prefix=API, tags=["certificates"])
 fleet = APIRouter(prefix=API, tags=["nodes"])
 reports = APIRouter(prefix=API, tags=["audit and stats"])
 edge = APIRouter(prefix=API, tags=["edge nodes"])
@@ -432,6 +462,42 @@ def remove_origin(
     return _versioned(response, service)
 
 
+@certificates.post("/certificates", status_code=201)
+def create_certificate(body: CertificateIn, store: StoreDep, principal: Writer) -> dict:
+    """Add a certificate + key: ``{"name", "hosts" (SAN DNS names), "not_after",
+    "fingerprint_sha256", "warning"?}``. Edges serve it by SNI with the next bundle."""
+    return store.create_certificate(
+        principal, body.name, body.cert_pem, body.key_pem, body.tenant
+    )
+
+
+@certificates.get("/certificates")
+def list_certificates(
+    store: StoreDep, principal: Reader, limit: Limit = 50, offset: Offset = 0
+) -> dict:
+    """Certificates the caller can see (no key material)."""
+    return store.list_certificates(principal, limit, offset)
+
+
+@certificates.get("/certificates/{name}")
+def get_certificate(name: str, store: StoreDep, principal: Reader) -> dict:
+    return store.get_certificate(principal, name)
+
+
+@certificates.put("/certificates/{name}")
+def rotate_certificate(
+    name: str, body: CertificateRotateIn, store: StoreDep, principal: Writer
+) -> dict:
+    """Rotate: a new chain and key; edges switch new handshakes without a restart."""
+    return store.update_certificate(principal, name, body.cert_pem, body.key_pem)
+
+
+@certificates.delete("/certificates/{name}", status_code=204)
+def delete_certificate(name: str, store: StoreDep, principal: Writer) -> Response:
+    store.delete_certificate(principal, name)
+    return Response(status_code=204)
+
+
 @purges.post("/purge", status_code=202)
 def create_purge(body: PurgeIn, store: StoreDep, principal: Writer) -> dict:
     """Queue a purge for every edge: ``{"seq", "nodes": [names expected to ack]}``."""
@@ -515,6 +581,7 @@ def heartbeat(body: HeartbeatIn, store: StoreDep, principal: NodeCaller) -> dict
         load=body.load,
         config_version=body.config_version,
         purge_seq=body.purge_seq,
+        whereabouts=body.model_dump(include={"url", "admin_url", "region"}, exclude_none=True),
     )
     return {}
 
@@ -699,6 +766,43 @@ async def _prune_forever(store: Store, settings: Settings) -> None:
         await asyncio.sleep(settings.prune_interval)
 
 
+async def _monitor_forever(store: Store, settings: Settings) -> None:
+    """The fleet's health monitor: check every edge's /healthz, store verdicts that change.
+
+    The in-memory streaks live here; the stored verdict is what routers and the dashboard
+    read, written only when it differs (also after a restart of the control plane).
+    """
+    monitor = HealthMonitor(interval=settings.monitor_interval, timeout=settings.monitor_timeout,
+                            fails=settings.monitor_fails, passes=settings.monitor_passes)
+    since: dict[str, float] = {}
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                await _monitor_round(store, monitor, since)
+            except Exception as exc:
+                log.warning("health monitor round failed: %r", exc)
+            await asyncio.sleep(max(0.0, settings.monitor_interval - (time.monotonic() - started)))
+    finally:
+        await monitor.close()
+
+
+async def _monitor_round(store: Store, monitor: HealthMonitor, since: dict[str, float]) -> None:
+    nodes = await run_in_threadpool(store.monitor_targets)
+    monitor.set_targets({name: Target(name, admin_url.rstrip("/") + "/healthz", admin_url)
+                         for name, admin_url, _ in nodes})
+    await monitor.check_all()
+    for name, _, stored in nodes:
+        state = monitor.states.get(name)
+        if state is None:
+            continue
+        verdict = "up" if state.up else "down"
+        if stored.get("state") != verdict:
+            since[name] = time.time()
+            await run_in_threadpool(store.record_monitor, name, {
+                "state": verdict, "since": since[name], "error": state.error})
+
+
 def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     """The control-plane API over ``store`` (already migrated)."""
     settings = settings or Settings()
@@ -712,9 +816,15 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         pruner = asyncio.create_task(_prune_forever(store, settings))
+        monitor = (asyncio.create_task(_monitor_forever(store, settings))
+                   if settings.monitor_interval > 0 else None)
         try:
             yield
         finally:
+            if monitor is not None:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
             for watch in watches.values():
                 watch.close()
             pruner.cancel()
@@ -728,7 +838,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         description="Tenants, services, purges and the edge fleet. See CONTROL_API.md.",
     )
     app.state.store, app.state.settings, app.state.watches = store, settings, watches
-    for router in (health, tenants, tokens, services, purges, fleet, reports, edge):
+    for router in (health, tenants, tokens, services, certificates, purges, fleet, reports, edge):
         app.include_router(router)
     _install_error_handlers(app)
     if settings.access_log is not None:

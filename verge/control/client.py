@@ -229,6 +229,32 @@ class ControlClient:
     def remove_origin(self, service: str, url: str) -> Json:
         return self._json("DELETE", f"/services/{_segment(service)}/origins", params={"url": url})
 
+    # -- TLS certificates ----------------------------------------------------------------------
+
+    def add_certificate(
+        self, name: str, cert_pem: str, key_pem: str, tenant: str | None = None
+    ) -> Json:
+        """POST /certificates -> {"name", "hosts", "not_after", "fingerprint_sha256", ...}."""
+        body = _drop_none({"name": name, "cert_pem": cert_pem, "key_pem": key_pem,
+                           "tenant": tenant})
+        return self._json("POST", "/certificates", body=body)
+
+    def list_certificates(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/certificates", limit, offset)
+
+    def get_certificate(self, name: str) -> Json:
+        return self._json("GET", f"/certificates/{_segment(name)}")
+
+    def rotate_certificate(self, name: str, cert_pem: str, key_pem: str) -> Json:
+        """PUT /certificates/{name}: a new chain and key under the same name."""
+        return self._json(
+            "PUT", f"/certificates/{_segment(name)}",
+            body={"cert_pem": cert_pem, "key_pem": key_pem},
+        )
+
+    def delete_certificate(self, name: str) -> None:
+        self._send("DELETE", f"/certificates/{_segment(name)}")
+
     # -- purge -------------------------------------------------------------------------------
 
     def purge(

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     TypeDecorator,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -164,6 +165,9 @@ class Node(Base):
     """Highest purge acknowledged (acks below it are recorded in purge_acks)."""
     load: Mapped[dict[str, Any]] = mapped_column(default=dict)
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """What the node says of itself in heartbeats (workers alive)."""
+    monitor: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    """The health monitor's verdict from outside: state up/down, since, error."""
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
@@ -234,6 +238,28 @@ class StatsSample(Base):
     status_5xx: Mapped[int] = mapped_column(BigInteger, default=0)
     origin_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
     origin_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TlsCertificate(Base):
+    """A TLS certificate chain and its key (sealed: see verge.control.certificates)."""
+
+    __tablename__ = "certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key_sealed: Mapped[str] = mapped_column(Text)
+    """The private key PEM as a Fernet token; never in clear, never in an API answer."""
+    hosts: Mapped[list[Any]]
+    """DNS names from the certificate's subjectAltName."""
+    not_after: Mapped[datetime]
+    fingerprint_sha256: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
 
 
 class StatsBatch(Base):

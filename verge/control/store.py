@@ -41,6 +41,16 @@ from verge import config as vconfig
 from verge.cache import keys
 from verge.control import auth
 from verge.control.auth import Principal
+from verge.control.certificates import (
+    CertificateError,
+    KeySealer,
+    SecretUnavailable,
+    expiry_warning,
+    host_owner,
+    parse_certificate,
+    sealer_for,
+    sni_assignment,
+)
 from verge.control.models import (
     CONFIG_VERSION,
     PURGE_SEQ,
@@ -55,6 +65,7 @@ from verge.control.models import (
     StatsBatch,
     StatsSample,
     Tenant,
+    TlsCertificate,
     Token,
     utcnow,
 )
@@ -105,6 +116,10 @@ class Conflict(StoreError):
 
 class PreconditionFailed(StoreError):
     status = 412
+
+
+class Unavailable(StoreError):
+    status = 503
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +236,7 @@ class Store:
         self._sqlite_write_lock = threading.Lock()
         self._auth_cache: dict[str, tuple[Principal, float]] = {}
         self._config_cache: tuple[int, vconfig.Config, dict] | None = None
+        self._sealer: KeySealer | None = None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -739,12 +755,160 @@ class Store:
         if cached is not None and cached[0] == version:
             return cached
         specs = session.scalars(select(Service.spec).order_by(Service.name)).all()
-        config = vconfig.config_from_data({"services": list(specs)}, "<control-plane bundle>")
+        data = {"services": list(specs), "tls": self._tls_section(session)}
+        config = vconfig.config_from_data(data, "<control-plane bundle>")
         built = (version, config, {"version": version, "config": config.model_dump(mode="json")})
         with self._cache_lock:
             if self._config_cache is None or self._config_cache[0] <= version:
                 self._config_cache = built
         return built
+
+    # -- TLS certificates -----------------------------------------------------------------------
+
+    def create_certificate(
+        self,
+        principal: Principal,
+        name: str,
+        cert_pem: str,
+        key_pem: str,
+        tenant: str | None = None,
+    ) -> dict:
+        """Store a checked certificate + sealed key; edges get it with the next bundle."""
+        parsed = _parse_certificate(cert_pem, key_pem)
+        sealed = self._key_sealer().seal(parsed.key_pem)
+        with self._writing() as session:
+            owner = self._tenant_for_service(session, principal, tenant)
+            if session.scalar(select(TlsCertificate.id).where(TlsCertificate.name == name)):
+                raise Conflict(f"a certificate named {name!r} already exists", "name")
+            self._check_cert_hosts(session, principal, parsed.hosts)
+            now = utcnow()
+            row = TlsCertificate(name=name, tenant=owner, version=1, created_at=now,
+                                 updated_at=now, **_cert_columns(parsed, sealed))
+            session.add(row)
+            session.flush()
+            self._cert_changed(session, principal, "certificate.create", row)
+            view = _certificate_view(row)
+        self._emit("config")
+        return view
+
+    def list_certificates(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        query = select(TlsCertificate).order_by(TlsCertificate.name)
+        if not principal.sees_all:
+            query = query.where(TlsCertificate.tenant_id == principal.tenant_id)
+        with self._reading() as session:
+            return self._paged(session, query, limit, offset, _certificate_view)
+
+    def get_certificate(self, principal: Principal, name: str) -> dict:
+        with self._reading() as session:
+            return _certificate_view(self._visible_certificate(session, principal, name))
+
+    def update_certificate(
+        self, principal: Principal, name: str, cert_pem: str, key_pem: str
+    ) -> dict:
+        """Rotate: a new chain and key under the same name (hosts follow the new SAN)."""
+        parsed = _parse_certificate(cert_pem, key_pem)
+        sealed = self._key_sealer().seal(parsed.key_pem)
+        with self._writing() as session:
+            row = self._visible_certificate(session, principal, name, lock=True)
+            self._check_cert_hosts(session, principal, parsed.hosts)
+            for column, value in _cert_columns(parsed, sealed).items():
+                setattr(row, column, value)
+            row.version += 1
+            row.updated_at = utcnow()
+            session.flush()
+            self._cert_changed(session, principal, "certificate.update", row)
+            view = _certificate_view(row)
+        self._emit("config")
+        return view
+
+    def delete_certificate(self, principal: Principal, name: str) -> None:
+        with self._writing() as session:
+            row = self._visible_certificate(session, principal, name, lock=True)
+            session.delete(row)
+            session.flush()
+            config_version = self._bump(session, CONFIG_VERSION)
+            self._audit(session, principal, "certificate.delete", f"certificate:{name}",
+                        row.tenant_id, {"config_version": config_version})
+        self._emit("config")
+
+    def _key_sealer(self) -> KeySealer:
+        if self._sealer is None:
+            try:
+                self._sealer = sealer_for(self.url)
+            except SecretUnavailable as exc:
+                raise Unavailable(str(exc)) from None
+        return self._sealer
+
+    def _visible_certificate(
+        self, session: Session, principal: Principal, name: str, lock: bool = False
+    ) -> TlsCertificate:
+        query = select(TlsCertificate).where(TlsCertificate.name == name)
+        if lock:
+            query = query.with_for_update(of=TlsCertificate)
+        row = session.scalar(query)
+        if row is None or not principal.can_see_tenant(row.tenant_id):
+            raise NotFound(f"no certificate named {name!r}")
+        return row
+
+    def _check_cert_hosts(self, session: Session, principal: Principal, hosts: list[str]) -> None:
+        """A tenant's certificate must name its own hostnames, none of another tenant's."""
+        if principal.role == "admin":
+            return
+        owners = self._host_owners(session)
+        mine = False
+        for host in hosts:
+            owner = host_owner(host, owners)
+            if owner is not None and owner != principal.tenant_id:
+                raise Forbidden(f"host {host!r} belongs to another tenant's service", "cert_pem")
+            mine = mine or owner == principal.tenant_id
+        if not mine:
+            raise Forbidden(
+                f"the certificate names none of your services' hosts ({', '.join(hosts)})",
+                "cert_pem",
+            )
+
+    def _host_owners(self, session: Session) -> dict[str, int]:
+        """Every service host -> the tenant of its service."""
+        rows = session.execute(
+            select(ServiceHost.host, Service.tenant_id).join(
+                Service, ServiceHost.service_id == Service.id
+            )
+        ).all()
+        return {host: tenant_id for host, tenant_id in rows}
+
+    def _cert_changed(
+        self, session: Session, principal: Principal, action: str, row: TlsCertificate
+    ) -> None:
+        config_version = self._bump(session, CONFIG_VERSION)
+        detail = {
+            "version": row.version,
+            "config_version": config_version,
+            "hosts": list(row.hosts),
+            "fingerprint_sha256": row.fingerprint_sha256,
+            "not_after": iso(row.not_after),
+        }
+        self._audit(session, principal, action, f"certificate:{row.name}", row.tenant_id, detail)
+
+    def _tls_section(self, session: Session) -> dict:
+        """The bundle's ``tls``: certificates with their keys opened (node credentials only)."""
+        rows = session.scalars(select(TlsCertificate).order_by(TlsCertificate.name)).all()
+        if not rows:
+            return {}
+        assigned = sni_assignment(
+            [(row.name, row.tenant_id, list(row.hosts)) for row in rows], self._host_owners(session)
+        )
+        entries = []
+        for row in rows:
+            if row.name not in assigned:
+                continue
+            try:
+                key_pem = self._key_sealer().open(row.key_sealed)
+            except (ValueError, StoreError) as exc:
+                log.error("certificate %r left out of the config bundle: %s", row.name, exc)
+                continue
+            entries.append({"name": row.name, "cert_pem": row.cert_pem, "key_pem": key_pem,
+                            "hosts": assigned[row.name]})
+        return {"certificates": entries}
 
     # -- purges ---------------------------------------------------------------------------------
 
@@ -903,8 +1067,16 @@ class Store:
         }
 
     def heartbeat(
-        self, principal: Principal, *, health: dict, load: dict, config_version: int, purge_seq: int
+        self,
+        principal: Principal,
+        *,
+        health: dict,
+        load: dict,
+        config_version: int,
+        purge_seq: int,
+        whereabouts: dict | None = None,
     ) -> None:
+        """Record a heartbeat; `whereabouts` (url, admin_url, region) as the node reports them."""
         with self._writing() as session:
             session.execute(
                 update(Node)
@@ -915,8 +1087,22 @@ class Store:
                     load=load,
                     config_version=config_version,
                     purge_seq=purge_seq,
+                    **(whereabouts or {}),
                 )
             )
+
+    def monitor_targets(self) -> list[tuple[str, str, dict]]:
+        """(name, admin URL, stored verdict) of every node the health monitor checks."""
+        with self._reading() as session:
+            rows = session.execute(
+                select(Node.name, Node.admin_url, Node.monitor).where(Node.revoked.is_(False))
+            ).all()
+        return [(name, admin_url, monitor or {}) for name, admin_url, monitor in rows]
+
+    def record_monitor(self, name: str, verdict: dict) -> None:
+        """Store the monitor's verdict for one node (on a change of state, not every check)."""
+        with self._writing() as session:
+            session.execute(update(Node).where(Node.name == name).values(monitor=verdict))
 
     def list_nodes(self, limit: int = 50, offset: int = 0) -> dict:
         now = utcnow()
@@ -966,6 +1152,7 @@ class Store:
             "purge_seq": node.purge_seq,
             "load": node.load,
             "health": node.health,
+            "monitor": node.monitor,
         }
 
     # -- audit ----------------------------------------------------------------------------------
@@ -1177,6 +1364,41 @@ def _service_view(row: Service) -> dict:
     return {**row.spec, "tenant": row.tenant.name, "version": row.version}
 
 
+def _certificate_view(row: TlsCertificate) -> dict:
+    """What the API shows of a certificate: never the key, not even sealed."""
+    view = {
+        "name": row.name,
+        "tenant": row.tenant.name,
+        "hosts": list(row.hosts),
+        "not_after": iso(row.not_after),
+        "fingerprint_sha256": row.fingerprint_sha256,
+        "version": row.version,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+    warning = expiry_warning(row.not_after)
+    if warning:
+        view["warning"] = warning
+    return view
+
+
+def _parse_certificate(cert_pem: str, key_pem: str):  # noqa: ANN202
+    try:
+        return parse_certificate(cert_pem, key_pem)
+    except CertificateError as exc:
+        raise Invalid(exc.message, exc.field) from None
+
+
+def _cert_columns(parsed: Any, sealed: str) -> dict:
+    return {
+        "cert_pem": parsed.cert_pem,
+        "key_sealed": sealed,
+        "hosts": parsed.hosts,
+        "not_after": parsed.not_after,
+        "fingerprint_sha256": parsed.fingerprint_sha256,
+    }
+
+
 def _audit_view(entry: AuditEntry) -> dict:
     return {
         "id": entry.id,
@@ -1266,6 +1488,7 @@ __all__ = [
     "PreconditionFailed",
     "Store",
     "StoreError",
+    "Unavailable",
     "field_path",
     "iso",
     "normalize_url",

@@ -163,14 +163,18 @@ class ControlAgent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def whereabouts(self) -> dict:
+        """Where this node serves and in which region: sent on join and with every heartbeat,
+        so a restart on new ports (or a move) reaches the health monitor and the routers."""
+        opts = self.node.options
+        return {"url": f"http://{opts.listen_host}:{opts.listen_port}",
+                "admin_url": f"http://{opts.admin_host}:{opts.admin_port}",
+                "region": opts.region}
+
     async def join(self) -> None:
         if not self.join_token:
             raise AgentError("no credential saved and no --join-token given")
-        opts = self.node.options
-        body = {"name": self.node_name or socket.gethostname(),
-                "url": f"http://{opts.listen_host}:{opts.listen_port}",
-                "admin_url": f"http://{opts.admin_host}:{opts.admin_port}",
-                "region": opts.region}
+        body = {"name": self.node_name or socket.gethostname(), **self.whereabouts()}
         response = await self.http.post("/api/v1/nodes/join", json=body,
                                         headers={"Authorization": f"Bearer {self.join_token}"})
         if response.status_code in (401, 403):
@@ -260,7 +264,8 @@ class ControlAgent:
         await self._call("POST", "/api/v1/nodes/self/heartbeat", json={
             "health": {"workers": alive, "workers_expected": len(self.node.workers),
                        "status": "ok" if alive == len(self.node.workers) else "degraded"},
-            "load": load, "config_version": self.config_version, "purge_seq": self.purge_seq})
+            "load": load, "config_version": self.config_version, "purge_seq": self.purge_seq,
+            **self.whereabouts()})
 
     async def _stats_once(self) -> None:
         """Spool this interval's counters, then send everything spooled (oldest first)."""

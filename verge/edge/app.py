@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from verge.cache import keys, policy
@@ -24,13 +25,14 @@ from verge.edge.compress import choose_encoding, compress_bytes, is_compressible
 from verge.edge.deliver import (
     HeaderPlan,
     add_vary,
+    after_upstream,
     cache_status_value,
     connection_field,
     entry_head,
     plan_delivery,
 )
 from verge.edge.fetch import Fetcher, proxy_request_headers, relay
-from verge.edge.origins import OriginSet
+from verge.edge.origins import OriginSet, ParentSet
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
 from verge.observe.accesslog import AccessLog
@@ -71,12 +73,16 @@ class ServiceRuntime:
 
 class EdgeApp:
     def __init__(self, config, cache: TieredCache, pool: OriginPool, *, metrics: EdgeMetrics,
-                 access_log: AccessLog, node: str = "verge") -> None:
+                 access_log: AccessLog, node: str = "verge", name: str | None = None,
+                 parents: Sequence[str] = ()) -> None:
         self.cache = cache
         self.pool = pool
         self.metrics = metrics
         self.access_log = access_log
-        self.node = node
+        self.node = node  # the Cache-Status identifier
+        self.name = name or node  # this node's name in the fleet (Via, EDGE.HOST names)
+        self._name_prefix = self.name + "."
+        self.parents = ParentSet(parents, pool, self.name) if parents else None
         self.https_port: int | None = None  # where plain-HTTP requests are redirected to
         self.alt_svc: str | None = None  # advertised on HTTPS responses when HTTP/3 is up
         self.generation = 0
@@ -180,6 +186,9 @@ class EdgeApp:
         Routes whose cache key depends on request headers (rule key_headers) are not memoised.
         Also records the service on the request, for per-service stats.
         """
+        host = request.hmap.get("host")
+        if host is not None and host.startswith(self._name_prefix):
+            _drop_node_label(request, host[len(self._name_prefix):])
         if request.method not in CACHEABLE_METHODS:  # the route's key depends on the method
             route = self.route(request)
             if type(route) is not bytes:
@@ -379,7 +388,7 @@ class EdgeApp:
     # ----- pass-through ----------------------------------------------------------------------------
     async def _proxy(self, request, writer: ResponseWriter, route: Route, started: float) -> None:
         """Forward a request that must not be cached, bodies streamed both ways."""
-        headers = proxy_request_headers(request, route, conditional=True)
+        headers = proxy_request_headers(request, route, conditional=True, via=self.name)
         body = request.body
         result = "bypass" if request.method in CACHEABLE_METHODS else "pass"
         t0 = time.perf_counter()
@@ -392,7 +401,8 @@ class EdgeApp:
             return
         self.metrics.origin_latency(time.perf_counter() - t0, request.service)
         fwd = "bypass" if result == "bypass" else "method"
-        await relay(request, writer, response, route.plan, f"{self.node}; fwd={fwd}")
+        await relay(request, writer, response, route.plan,
+                    after_upstream(response.headers, f"{self.node}; fwd={fwd}"))
         if request.method not in SAFE_METHODS and response.status < 400:
             self._invalidate(request, response.headers)
         self._log(request, response.status, writer.bytes_sent, result, started)
@@ -455,3 +465,11 @@ def _suffixed_etag(etag: str, encoding: str) -> str:
 def _same_origins(old_service, new_service) -> bool:
     return old_service.origins == new_service.origins and \
         old_service.health_check == new_service.health_check
+
+
+def _drop_node_label(request, host: str) -> None:
+    """EDGE.SERVICE-HOST (where the HTTP router sends users) is served as SERVICE-HOST: same
+    service, same cache entries, and the origin sees the service's own Host."""
+    request.headers = [(n, host) if n.lower() == "host" else (n, v) for n, v in request.headers]
+    request.hmap["host"] = host  # type: ignore[index]  # the map is a plain dict
+    request._host = None

@@ -21,7 +21,7 @@ from verge.http.server import CLOCK, REASONS
 NOT_STORED = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
     "upgrade", "proxy-authenticate", "proxy-authorization", "content-length", "age",
-    "surrogate-control",
+    "surrogate-control", "cache-status",  # an upstream tier's verdict belongs to that response
 })
 
 
@@ -90,6 +90,12 @@ def connection_field(version: str, connection: str | None) -> bytes:
     if version == "1.0" and "keep-alive" in conn:
         return b"Connection: keep-alive\r\n"
     return b""
+
+
+def after_upstream(upstream_headers: Headers, ours: str) -> str:
+    """Our Cache-Status member after those of the tiers nearer the origin (RFC 9211 §2)."""
+    upstream = get_header(upstream_headers, "cache-status")
+    return f"{upstream}, {ours}" if upstream else ours
 
 
 def cache_status_value(entry_headers: Headers, ours: str) -> bytes:

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 from verge.cache import policy
 from verge.cache.store import CacheEntry, tags_of
 from verge.edge.compress import Compressor, choose_encoding, is_compressible
-from verge.edge.deliver import HeaderPlan, add_vary, apply_plan, storable_headers
+from verge.edge.deliver import (
+    HeaderPlan,
+    add_vary,
+    after_upstream,
+    apply_plan,
+    storable_headers,
+)
 from verge.edge.fill import Fill, FillAborted, FillHead
 from verge.http.client import UpstreamError
 from verge.http.message import header_map, strip_hop_by_hop
@@ -33,11 +39,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("verge.fetch")
 
 # Request fields not sent on a cache fill: the edge wants the full, unconditional object.
+MAX_HOPS = 8  # Via entries beyond which a request is taken for a loop
+
 FILL_DROP = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                        "if-range", "range"})
 
 
-def proxy_request_headers(request, route: Route, *, conditional: bool) -> list[tuple[str, str]]:
+def proxy_request_headers(request, route: Route, *, conditional: bool,
+                          via: str = "verge") -> list[tuple[str, str]]:
     """Client request headers as sent to the origin: hop-by-hop removed, rules applied."""
     headers = strip_hop_by_hop(request.headers)
     if not conditional:
@@ -57,16 +66,26 @@ def proxy_request_headers(request, route: Route, *, conditional: bool) -> list[t
     client = request.client or "unknown"
     headers = [(n, v) for n, v in headers if n.lower() != "x-forwarded-for"]
     headers.append(("X-Forwarded-For", f"{forwarded}, {client}" if forwarded else client))
-    via = request.hmap.get("via")
+    upstream_via = request.hmap.get("via")
     headers = [(n, v) for n, v in headers if n.lower() != "via"]
-    headers.append(("Via", f"{via}, 1.1 verge" if via else "1.1 verge"))
+    headers.append(("Via", f"{upstream_via}, 1.1 {via}" if upstream_via else f"1.1 {via}"))
     return headers
+
+
+def visited(request, name: str) -> bool:
+    """Has this request already passed through the node `name` (a tier loop), or through
+    implausibly many proxies? Via (RFC 9110 §7.6.3) lists every hop's received-by."""
+    via = request.hmap.get("via")
+    if not via:
+        return False
+    hops = via.split(",")
+    return len(hops) > MAX_HOPS or any(hop.split()[1:2] == [name] for hop in hops)
 
 
 def response_headers_for_client(headers, plan: HeaderPlan) -> list[tuple[str, str]]:
     """Origin response headers minus hop-by-hop and framing, with the plan's edits."""
     return apply_plan([(n, v) for n, v in strip_hop_by_hop(headers)
-                       if n.lower() != "content-length"], plan)
+                       if n.lower() not in ("content-length", "cache-status")], plan)
 
 
 async def relay(request, writer, response, plan: HeaderPlan, cache_status: str) -> None:
@@ -100,6 +119,10 @@ class Fetcher:
         'request', the RFC 9211 fwd reason): join or start the key's fill, then deliver."""
         fill = self.fills.get(route.key)
         collapsed = fill is not None
+        if collapsed and visited(request, self.app.name):
+            # A tier loop came back to us: joining our own fill would wait for ourselves.
+            await self._own_fetch(request, writer, route, started)
+            return
         if fill is None:
             fill = self._start_fill(request, route, stale, why)
         head = await asyncio.shield(fill.head)
@@ -137,13 +160,13 @@ class Fetcher:
                         why: str = "stale") -> None:
         app = self.app
         fwd = why if stale is not None else "miss"
-        headers = proxy_request_headers(request, route, conditional=False)
+        headers = proxy_request_headers(request, route, conditional=False, via=app.name)
         if stale is not None:
             headers.extend(policy.revalidation_headers(stale.freshness))
         request_time = time.time()
         t0 = time.perf_counter()
         try:
-            response, _ = await route.origins.request("GET", request.target, headers)
+            response = await self._upstream(request, route, headers)
         except UpstreamError as exc:
             app.metrics.origin_errors += 1
             self._origin_failed(fill, request, stale, exc, exc.status)
@@ -172,11 +195,32 @@ class Fetcher:
         if freshness is None:
             fill.set_head(FillHead("uncacheable", response.status, response.reason,
                                    response.headers, response=response,
-                                   cache_status=f"{app.node}; fwd={fwd}"
-                                   + (f"; fwd-status={response.status}" if stale else "")))
+                                   cache_status=after_upstream(
+                                       response.headers, f"{app.node}; fwd={fwd}"
+                                       + (f"; fwd-status={response.status}" if stale else ""))))
             fill.finish(None)
             return
         await self._store(fill, request, route, response, freshness, stale, fwd)
+
+    async def _upstream(self, request, route: Route, headers):
+        """A fill's request: to the shield tier (parent chosen by the cache key, failing over
+        to the next) unless this request already passed through us, then to the origin."""
+        parents = self.app.parents
+        if parents is not None and not visited(request, self.app.name):
+            candidates = parents.order_for(route.key)
+            if candidates:
+                try:
+                    response, _ = await parents.request("GET", request.target, headers,
+                                                        candidates=candidates)
+                except UpstreamError as exc:
+                    log.warning("no parent could fill %s (%s); going to the origin",
+                                request.target, exc)
+                else:
+                    if response.status < 500:
+                        return response
+                    response.close()
+        response, _ = await route.origins.request("GET", request.target, headers)
+        return response
 
     def _origin_failed(self, fill: Fill, request, stale, exc, status: int) -> None:
         now = time.time()
@@ -216,7 +260,8 @@ class Fetcher:
         status_note = f"; fwd-status={response.status}" if stale is not None else ""
         fill.set_head(FillHead("stream", response.status, response.reason, headers, variant,
                                freshness.vary, length,
-                               cache_status=f"{app.node}; fwd={fwd}{status_note}; stored"))
+                               cache_status=after_upstream(
+                                   response.headers, f"{app.node}; fwd={fwd}{status_note}; stored")))
         try:
             async for chunk in response:
                 fill.append(chunk)

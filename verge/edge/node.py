@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvloop
@@ -32,6 +32,7 @@ from verge.config import Config, ConfigError, load_config
 from verge.edge.admin import AdminApp
 from verge.edge.agent import ControlAgent
 from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
+from verge.http.tls_tickets import TicketKeySchedule
 
 log = logging.getLogger("verge.node")
 
@@ -53,9 +54,11 @@ class NodeOptions:
     https_port: int = 0
     tls_cert: str | None = None     # this node's default certificate (PEM) and key
     tls_key: str | None = None
+    ticket_rotation: float = 3600.0  # seconds between TLS session ticket key rotations
     control: str | None = None      # control plane URL (verge edge --control)
     join_token: str | None = None
     region: str | None = None
+    parents: list[str] = field(default_factory=list)  # shield edges' URLs (tiered cache)
 
     def public(self) -> dict:
         """Options as sent to workers (the admin token stays in the supervisor)."""
@@ -120,6 +123,7 @@ class Node:
         self.workers = [WorkerHandle(i) for i in range(options.workers)]
         self._stopping = asyncio.Event()
         self.agent: ControlAgent | None = None
+        self.ticket_keys = TicketKeySchedule()  # shared by all workers; never logged
         if options.control:
             self.agent = ControlAgent(self, options.control, options.join_token)
             saved = self.agent.saved_bundle()
@@ -141,7 +145,8 @@ class Node:
 
     def init_payload(self, index: int) -> dict:
         return {"index": index, "options": self.options.public(),
-                "config": self.local_tls(self.config).model_dump(mode="json")}
+                "config": self.local_tls(self.config).model_dump(mode="json"),
+                "tls_tickets": self.ticket_keys.encoded()}
 
     def reserve_listen_port(self) -> socket.socket:
         """Bind (not listen) the client port with SO_REUSEPORT for the node's lifetime.
@@ -191,6 +196,8 @@ class Node:
         background = [loop.create_task(self._watch_workers()), loop.create_task(self._janitor())]
         if self.agent is not None:
             background.append(loop.create_task(self.agent.run()))
+        if self.options.https_host:
+            background.append(loop.create_task(self._rotate_ticket_keys()))
         await self._stopping.wait()
         for task in background:
             task.cancel()
@@ -215,6 +222,22 @@ class Node:
                         await asyncio.sleep(1.0)
                     with contextlib.suppress(Exception):
                         await worker.start(self.init_payload(worker.index))
+
+    async def _rotate_ticket_keys(self) -> None:
+        """Rotate the shared TLS session ticket keys on schedule (the previous key still
+        decrypts, so recent tickets keep resuming)."""
+        while True:
+            await asyncio.sleep(self.options.ticket_rotation)
+            await self.rotate_ticket_keys()
+
+    async def rotate_ticket_keys(self) -> dict:
+        """Next key becomes current, current becomes previous; every worker gets the set."""
+        self.ticket_keys.rotate()
+        replies = await self.broadcast({"op": "tls_tickets", "keys": self.ticket_keys.encoded()})
+        failed = sum(1 for r in replies if not r.get("ok"))
+        if failed:
+            log.error("TLS ticket key rotation did not reach %d worker(s)", failed)
+        return {"ok": not failed, "workers": len(replies)}
 
     async def _janitor(self) -> None:
         """Keep the shared disk tier within its byte bound."""

@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from verge.http.client import ConnectError, Origin, OriginPool, UpstreamError, UpstreamResponse
+from verge.routing.hashing import rank
 
 log = logging.getLogger("verge.origins")
 
@@ -36,7 +38,8 @@ class OriginSet:
         self.pool = pool
         self.health_check = health_check
         self.states = [
-            OriginState(Origin.parse(spec.url), spec.weight, spec.host_header) for spec in specs
+            OriginState(Origin.parse(spec.url, **spec.tls_options()), spec.weight, spec.host_header)
+            for spec in specs
         ]
         ring = [i for i, s in enumerate(self.states) for _ in range(s.weight)]
         self._ring = itertools.cycle(ring or [0])
@@ -53,10 +56,12 @@ class OriginSet:
 
     async def request(self, method: str, target: str, headers: list[tuple[str, str]],
                       body: bytes | AsyncIterator[bytes] | None = None,
+                      candidates: list[OriginState] | None = None,
                       ) -> tuple[UpstreamResponse, OriginState]:
-        """Send to the best origin, failing over; raises the last UpstreamError when all fail."""
+        """Send to the best origin (or the given candidates in order), failing over; raises
+        the last UpstreamError when all fail."""
         replayable = body is None or isinstance(body, bytes)
-        candidates = self.order()
+        candidates = candidates if candidates is not None else self.order()
         last_error: UpstreamError | None = None
         for i, state in enumerate(candidates):
             is_last = i == len(candidates) - 1
@@ -84,8 +89,12 @@ class OriginSet:
         raise last_error
 
     def _with_host(self, headers: list[tuple[str, str]], state: OriginState) -> list[tuple[str, str]]:
+        """The origin's host_header if set; the client's Host; or (an HTTP/1.0 client sent
+        none) the origin's own authority, since HTTP/1.1 requires one (RFC 9112 §3.2)."""
         if state.host_header is None:
-            return headers
+            if any(n.lower() == "host" for n, _ in headers):
+                return headers
+            return [*headers, ("Host", state.origin.authority)]
         return [(n, v) for n, v in headers if n.lower() != "host"] + [("Host", state.host_header)]
 
     def _record(self, state: OriginState, ok: bool) -> None:
@@ -129,3 +138,48 @@ class OriginSet:
                 response.release()
                 ok = check.is_healthy_status(response.status)
         self._record(state, ok)
+
+
+@dataclass(frozen=True, slots=True)
+class _ParentSpec:
+    url: str
+    weight: int = 1
+    host_header: str | None = None
+
+    def tls_options(self) -> dict:
+        return {}  # https parents: verified against the system CAs, SNI = the parent's host
+
+
+class ParentSet(OriginSet):
+    """The shield tier: which parent edge fills a cache key, and the failover order after it.
+
+    Rendezvous hashing of the cache key picks the parent, so every child sends a given
+    object to the same shield, which collapses their misses into one origin request. A
+    parent that fails is skipped for ``RETRY_AFTER`` seconds (there are no active checks:
+    a parent is another edge, and live fills are checks enough), then tried again.
+    """
+
+    RETRY_AFTER = 5.0
+
+    def __init__(self, urls: Sequence[str], pool: OriginPool, own_name: str) -> None:
+        super().__init__([_ParentSpec(url) for url in urls], pool, None)
+        self.own_name = own_name
+        self._fails = 1  # one failed fill marks a parent down (until RETRY_AFTER)
+        self._down_since: dict[str, float] = {}
+
+    def order_for(self, key: str) -> list[OriginState]:
+        now = time.monotonic()
+        for state in self.states:
+            since = self._down_since.get(state.origin.authority)
+            if not state.healthy and since is not None and now - since > self.RETRY_AFTER:
+                state.healthy, state.fail_streak = True, 0  # half-open: try it again
+        ranked = rank(key, self.states, name=lambda s: s.origin.authority)
+        return [s for s in ranked if s.healthy]
+
+    def _record(self, state: OriginState, ok: bool) -> None:
+        was_healthy = state.healthy
+        super()._record(state, ok)
+        if was_healthy and not state.healthy:
+            self._down_since[state.origin.authority] = time.monotonic()
+        if ok:
+            state.healthy = True

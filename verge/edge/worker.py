@@ -3,8 +3,9 @@
 Started by the node supervisor (:mod:`verge.edge.node`) as ``python -m verge.edge.worker
 --fd N``: a fresh interpreter rather than a fork, so no event loop, SQLite connection or
 thread state leaks from the parent. File descriptor N is the worker's end of a socketpair;
-the supervisor sends one JSON line per command (init, purge, stats, config) and the worker
-answers each with one JSON line. When the supervisor goes away, the worker exits.
+the supervisor sends one JSON line per command (init, purge, stats, config, tls_tickets)
+and the worker answers each with one JSON line. When the supervisor goes away, the worker
+exits.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ class Worker:
         self.metrics = EdgeMetrics()
         self.access_log = AccessLog(self.options.get("access_log"))
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
-                           access_log=self.access_log, node="verge")
+                           access_log=self.access_log, node="verge",
+                           name=self.options["node"], parents=self.options.get("parents") or ())
         self.limits = server_limits(config)
+        self.ticket_keys: list[str] = init.get("tls_tickets") or []  # encoded; never logged
 
     async def run(self, ctrl: socket.socket) -> None:
         host, port = self.options["listen_host"], self.options["listen_port"]
@@ -122,6 +125,8 @@ class Worker:
         if op == "config":
             self.apply_config(Config.model_validate(msg["config"]))
             return {"ok": True, "generation": self.app.generation}
+        if op == "tls_tickets":
+            return self.set_ticket_keys(msg["keys"])
         if op == "ping":
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
@@ -132,11 +137,21 @@ class Worker:
         from verge.http.tls import TlsStore
 
         self.tls = TlsStore(*tls_certs(self.config))
+        self.set_ticket_keys(self.ticket_keys)
         host, port = self.options["https_host"], self.options["https_port"]
         sock = reuseport_socket(host, port)
         self.app.https_port = port
         await serve_tls(self.app, sock, self.limits, self.tls.server_context())
         await self._serve_h3(host, port)
+
+    def set_ticket_keys(self, encoded: list[str]) -> dict:
+        """The node's shared session ticket keys (first encrypts), so any worker resumes."""
+        from verge.http.tls_tickets import decode_keys
+
+        self.ticket_keys = encoded
+        if getattr(self, "tls", None) is None or not encoded:
+            return {"ok": True, "installed": False}
+        return {"ok": True, "installed": self.tls.set_ticket_keys(decode_keys(encoded))}
 
     async def _serve_h3(self, host: str, port: int) -> None:
         """HTTP/3 on the same port number over UDP, advertised with Alt-Svc.

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from verge.http.message import Headers, header_map
+from verge.http.tls import origin_client_context
 
 __all__ = [
     "ConnectError",
@@ -66,14 +67,29 @@ Framing = Literal["none", "length", "chunked", "eof"]
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where to connect: scheme, host and port (the pool key)."""
+    """Where to connect: scheme, host and port, and for https how to trust it (the pool key).
+
+    ``tls_ca`` pins trust to that PEM CA file (default: the system store); ``tls_verify=False``
+    checks nothing (unsafe: for a self-signed origin on a trusted network only);
+    ``tls_server_name`` is sent as SNI and checked in the certificate (default: ``host``).
+    """
 
     scheme: str
     host: str
     port: int
+    tls_ca: str | None = None
+    tls_verify: bool = True
+    tls_server_name: str | None = None
 
     @classmethod
-    def parse(cls, url: str) -> Origin:
+    def parse(
+        cls,
+        url: str,
+        *,
+        tls_ca: str | None = None,
+        tls_verify: bool = True,
+        tls_server_name: str | None = None,
+    ) -> Origin:
         """``http://host[:port][/...]`` or ``https://...``; ValueError on anything else."""
         parts = urlsplit(url.strip())
         scheme = parts.scheme.lower()
@@ -90,7 +106,14 @@ class Origin:
             raise ValueError(f"origin URL has an invalid port: {url!r}") from None
         if port == 0:
             raise ValueError(f"origin URL has an invalid port: {url!r}")
-        return cls(scheme, host, port or DEFAULT_PORTS[scheme])
+        if scheme != "https":
+            return cls(scheme, host, port or DEFAULT_PORTS[scheme])
+        return cls(scheme, host, port or DEFAULT_PORTS[scheme], tls_ca, tls_verify, tls_server_name)
+
+    @property
+    def server_name(self) -> str:
+        """The name sent as SNI and verified in the origin's certificate."""
+        return self.tls_server_name or self.host
 
     @property
     def authority(self) -> str:
@@ -686,7 +709,8 @@ class OriginPool:
         self.idle_timeout = idle_timeout
         self.max_idle_per_origin = max_idle_per_origin
         self.keepalive_expiry = keepalive_expiry
-        self.ssl = ssl
+        self.ssl = ssl  # for https origins with default trust settings
+        self._tls_contexts: dict[tuple[str | None, int, bool], _ssl.SSLContext] = {}
         self.stats: dict[str, int] = {
             "connects": 0,
             "reuses": 0,
@@ -762,7 +786,14 @@ class OriginPool:
 
     async def _connect(self, origin: Origin) -> _Connection:
         loop = asyncio.get_running_loop()
-        context = self._ssl_context(origin)
+        try:
+            context = self._ssl_context(origin)
+        except (OSError, _ssl.SSLError) as exc:  # tls_ca missing or not a PEM CA file
+            self.stats["connect_errors"] += 1
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise ConnectError(
+                f"cannot load tls_ca {origin.tls_ca!r} for origin {origin}: {reason}"
+            ) from exc
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
@@ -770,7 +801,7 @@ class OriginPool:
                     origin.host,
                     origin.port,
                     ssl=context,
-                    server_hostname=origin.host if context is not None else None,
+                    server_hostname=origin.server_name if context is not None else None,
                 )
         except TimeoutError:
             self.stats["connect_errors"] += 1
@@ -785,11 +816,23 @@ class OriginPool:
         return conn
 
     def _ssl_context(self, origin: Origin) -> _ssl.SSLContext | None:
+        """One client context per trust setting; a changed ``tls_ca`` file is re-read."""
         if origin.scheme != "https":
             return None
-        if self.ssl is None:
-            self.ssl = _ssl.create_default_context()
-        return self.ssl
+        if origin.tls_ca is None and origin.tls_verify:
+            if self.ssl is None:
+                self.ssl = origin_client_context()
+            return self.ssl
+        mtime = os.stat(origin.tls_ca).st_mtime_ns if origin.tls_ca else 0
+        key = (origin.tls_ca, mtime, origin.tls_verify)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            context = origin_client_context(origin.tls_ca, origin.tls_verify)
+            self._tls_contexts = {  # forget contexts made from an older version of the file
+                k: v for k, v in self._tls_contexts.items() if k[0] != key[0] or k[1] == mtime
+            }
+            self._tls_contexts[key] = context
+        return context
 
     def _release(self, conn: _Connection, exchange: _Exchange) -> None:
         reusable = (
@@ -851,6 +894,8 @@ class OriginPool:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"DNS lookup failed ({exc.strerror})"
+    if isinstance(exc, _ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed ({exc.verify_message})"
     if isinstance(exc, _ssl.SSLError):
         return f"TLS handshake failed ({exc.reason or exc})"
     errno = getattr(exc, "errno", None)

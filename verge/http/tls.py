@@ -9,14 +9,30 @@ already open keep theirs.
 
 Session tickets are encrypted with the front context's keys (OpenSSL keeps the original
 context as the session context), so TLS 1.3 resumption works whichever certificate served.
+``set_ticket_keys()`` puts keys shared by all workers of a node on that front context (see
+:mod:`verge.http.tls_tickets`), so a ticket from one worker resumes on any other. A
+certificate with an ``ocsp_response`` file gets that response stapled (see
+:mod:`verge.http.tls_ocsp`).
+
+Certificates that arrive as PEM text (the control plane's bundle) become files first:
+``ssl`` only loads chains and keys from files. :class:`InlinePemFiles` writes them, private
+(0600 in a 0700 directory), atomically and named by their content's digest, so every worker
+and every reload of the same certificate share one pair of files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from verge.http.tls_ocsp import install_ocsp_stapling
+from verge.http.tls_tickets import TicketKey, TicketKeyRing, install_ticket_keys
 
 # TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only. TLS 1.3 suites
 # are all AEAD + (EC)DHE already and are not affected by set_ciphers().
@@ -37,6 +53,60 @@ class CertSpec:
     cert_file: str
     key_file: str
     hosts: tuple[str, ...]  # exact names, or "*.example.com" for one label under example.com
+    ocsp_response: str | None = None  # DER OCSP response file to staple
+
+
+class InlinePemFiles:
+    """PEM text as private files for ``load_cert_chain``: ``directory/<digest>.crt|.key``.
+
+    The name is a digest of the certificate and key, so writing the same pair again (another
+    worker, another reload) finds the files in place; a new pair never overwrites a file a
+    context is loading. :meth:`prune` removes pairs no config uses any more.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def files_for(self, cert_pem: str, key_pem: str) -> tuple[str, str]:
+        """(cert path, key path) holding these PEMs, written if they are not there yet."""
+        digest = hashlib.sha256(f"{cert_pem}\0{key_pem}".encode()).hexdigest()[:40]
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths = []
+        for suffix, text in ((".crt", cert_pem), (".key", key_pem)):
+            path = self.directory / f"{digest}{suffix}"
+            if not path.exists():
+                _write_private(path, text.encode())
+            paths.append(str(path))
+        return paths[0], paths[1]
+
+    def prune(self, in_use: Iterable[str]) -> int:
+        """Delete the files of this directory not in ``in_use``; how many went."""
+        keep = {str(Path(p)) for p in in_use}
+        removed = 0
+        if not self.directory.is_dir():
+            return 0
+        for path in self.directory.iterdir():
+            if path.suffix in (".crt", ".key") and str(path) not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """temp (0600) + fsync + rename: readers see the whole file or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def _tune(ctx: ssl.SSLContext, alpn: Sequence[str]) -> ssl.SSLContext:
@@ -62,8 +132,8 @@ def safe_server_context(
     secret) AEAD suites; no TLS compression (CRIME); the server's cipher order wins; session
     tickets on for resumption; ALPN offers ``alpn`` in order of preference.
 
-    OCSP stapling is not available: Python's ``ssl`` module exposes no API to staple an
-    OCSP response on the server side. Clients fall back to their own revocation checks.
+    OCSP stapling: Python's ``ssl`` has no server-side API for it; :class:`TlsStore` adds
+    it with :func:`verge.http.tls_ocsp.install_ocsp_stapling` when a response file is given.
     """
     ctx = _bare_server_context(alpn)
     ctx.load_cert_chain(cert_file, key_file)
@@ -129,6 +199,7 @@ class TlsStore:
         self._table = self._build(certs, default)
         self._front = _bare_server_context(self.alpn)
         self._front.sni_callback = self._on_server_name
+        self._tickets: TicketKeyRing | None = None
 
     def server_context(self) -> ssl.SSLContext:
         """The context for ``loop.create_server(ssl=...)``; the same object across reloads."""
@@ -144,17 +215,32 @@ class TlsStore:
         with self._lock:
             self._table = table
 
+    def set_ticket_keys(self, keys: Sequence[TicketKey]) -> bool:
+        """Encrypt session tickets with ``keys[0]``, accept tickets from any of ``keys``.
+
+        Call again to rotate. False (logged once) when the keys cannot be installed in this
+        process; OpenSSL's own per-process key stays in use then.
+        """
+        if self._tickets is None:
+            self._tickets = install_ticket_keys(self._front, keys)
+        else:
+            self._tickets.set_keys(keys)
+        return self._tickets is not None
+
     def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
         """The context a handshake with this SNI would use (None: it would be refused)."""
         return self._table.lookup(server_name)
 
     def _build(self, certs: Sequence[CertSpec], default: CertSpec | None) -> _Table:
-        loaded: dict[tuple[str, str], ssl.SSLContext] = {}
+        loaded: dict[tuple[str, str, str | None], ssl.SSLContext] = {}
 
         def context(spec: CertSpec) -> ssl.SSLContext:
-            key = (spec.cert_file, spec.key_file)
+            key = (spec.cert_file, spec.key_file, spec.ocsp_response)
             if key not in loaded:
-                loaded[key] = safe_server_context(spec.cert_file, spec.key_file, self.alpn)
+                ctx = safe_server_context(spec.cert_file, spec.key_file, self.alpn)
+                if spec.ocsp_response:
+                    install_ocsp_stapling(ctx, spec.ocsp_response)
+                loaded[key] = ctx
             return loaded[key]
 
         exact: dict[str, ssl.SSLContext] = {}

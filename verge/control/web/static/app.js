@@ -281,6 +281,15 @@
       .join(" ");
   }
 
+  // The health monitor's verdict (what the routers act on): up/down since when, and why.
+  function healthCell(monitor) {
+    const state = (monitor && monitor.state) || "unchecked";
+    const since = monitor && monitor.since ? `since ${clock(new Date(monitor.since * 1000))}` : "";
+    const why = monitor && monitor.error ? ` (${monitor.error})` : "";
+    return h("td", { title: `${since}${why}`, dataset: { health: state } },
+      h("span", { class: `status ${state === "unchecked" ? "revoked" : state}` }, state));
+  }
+
   function nodeRow(node) {
     const heartbeat = epochSeconds(node.last_heartbeat);
     const status = node.status || "down";
@@ -289,6 +298,7 @@
       { dataset: { node: node.name, status } },
       h("td", {}, h("b", {}, node.name)),
       h("td", {}, h("span", { class: `status ${status}` }, status)),
+      healthCell(node.monitor),
       h("td", {}, node.region || "–"),
       h("td", {}, h("code", {}, node.url || "")),
       h("td", { title: heartbeat ? new Date(heartbeat * 1000).toISOString() : "" }, ago(heartbeat)),
