@@ -658,6 +658,57 @@ class TlsSettings(_Model):
     """Served when the client's SNI matches no certificate (none: the handshake fails)."""
 
 
+class Rendition(_Model):
+    """One rung of an ABR ladder; `height: null` is the source, passed through (no re-encode)."""
+
+    name: str
+    height: int | None = Field(None, ge=64, le=4320)
+    video_bitrate: int = Field(0, ge=0, le=100_000_000)
+    """Bits per second of the encoded video (0 for the source)."""
+    audio_bitrate: int = Field(128_000, ge=8_000, le=512_000)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _SLUG_RE.fullmatch(name):
+            raise ValueError(f"rendition name {name!r} must be a slug (e.g. 720p)")
+        return name
+
+
+def _default_ladder() -> list[Rendition]:
+    return [Rendition(name="source"),
+            Rendition(name="720p", height=720, video_bitrate=2_800_000, audio_bitrate=128_000),
+            Rendition(name="480p", height=480, video_bitrate=1_400_000, audio_bitrate=96_000),
+            Rendition(name="360p", height=360, video_bitrate=800_000, audio_bitrate=96_000)]
+
+
+class StreamApp(_Model):
+    """An RTMP application (rtmp://HOST/APP/NAME?key=KEY) and how its streams are packaged."""
+
+    name: str = "live"
+    keys: dict[str, str] = Field(default_factory=dict)
+    """Stream name -> publish key; "*" matches any name. Empty: publishing needs no key."""
+    ladder: list[Rendition] = Field(default_factory=_default_ladder, min_length=1)
+    record: bool = True
+    """Keep the stream as VOD when it ends."""
+
+
+class StreamSettings(_Model):
+    """`verge stream`: live ingest, packaging (LL-HLS, HLS, DASH, HTTP-FLV) and VOD."""
+
+    apps: list[StreamApp] = Field(default_factory=lambda: [StreamApp()], min_length=1)
+    part_target: Duration = 0.5
+    """LL-HLS part duration target (seconds)."""
+    segment_target: Duration = 2.0
+    """Segment duration target: segments start at the first keyframe past it."""
+    dvr_window: Duration = 120.0
+    """How much of a live stream stays in the playlists."""
+    grace: Duration = 10.0
+    """A publisher gone this long ends the stream (EXT-X-ENDLIST); back sooner: a discontinuity."""
+    data_dir: str = "./stream-data"
+    """Where recordings and VOD live."""
+
+
 class Hsts(_Model):
     max_age: Duration = 31536000.0
     include_subdomains: bool = False
@@ -745,6 +796,7 @@ class Config(_Model):
     access_log: str | None = None
     """"-" for stdout, a file path, or null for no access log."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     services: list[Service] = Field(default_factory=list)
 
     _hosts: _HostIndex = PrivateAttr(default_factory=_HostIndex)

@@ -127,3 +127,14 @@ async def test_client_address_routes_without_ecs(fleet):
     assert addresses(await ask(router, "demo.verge.test")) == ["127.0.0.2"]
     nx = await ask(router, "missing.verge.test")
     assert nx.rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_http_router_answers_garbage_with_400_and_keeps_serving(fleet):
+    router, _ = fleet
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.http_port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: demo.verge.test\r\nno colon here\r\n\r\n")
+    reply = await reader.read()
+    writer.close()
+    assert reply.startswith(b"HTTP/1.1 400")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.http_port}") as client:
+        assert (await client.get("/", headers={"Host": "demo.verge.test"})).status_code == 302

@@ -16,7 +16,7 @@ import json
 from typing import TYPE_CHECKING
 
 from verge.cache import keys
-from verge.http.server import simple_response
+from verge.http.server import HttpApp, simple_response
 from verge.observe.metrics import merge, render
 
 if TYPE_CHECKING:
@@ -29,13 +29,10 @@ def _json(status: int, data: dict) -> bytes:
     return simple_response(status, json.dumps(data).encode() + b"\n", content_type=JSON)
 
 
-class AdminApp:
+class AdminApp(HttpApp):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.token = node.options.admin_token.encode()
-
-    def handle_fast(self, request):
-        return None
 
     async def handle(self, request, writer) -> None:
         response = await self.dispatch(request)

@@ -6,6 +6,7 @@ autonomy, as KubeEdge/OpenYurt promise):
 
 * ``control/node.json``   the node credential received when joining;
 * ``control/bundle.json`` the last good config bundle (version + Config), applied at start;
+                          it holds certificate keys, so like node.json it is mode 0600;
 * ``control/purge_seq``   the last purge sequence number applied; missed purges are fetched
                           and applied on reconnect, before their acknowledgement;
 * ``control/spool.db``    stats samples not yet accepted by the control plane (SQLite WAL),
@@ -50,9 +51,12 @@ class AgentError(Exception):
 
 
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """temp + rename; ``durable`` also fsyncs (not needed where a lost update is harmless)."""
+    """temp + rename; ``durable`` also fsyncs (not needed where a lost update is harmless).
+
+    Files are private (0600): the credential and the bundle (certificate keys) are secrets.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         if durable:
             f.flush()

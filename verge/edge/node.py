@@ -32,6 +32,7 @@ from verge.config import Config, ConfigError, load_config
 from verge.edge.admin import AdminApp
 from verge.edge.agent import ControlAgent
 from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
+from verge.http.tls import InlinePemFiles
 from verge.http.tls_tickets import TicketKeySchedule
 
 log = logging.getLogger("verge.node")
@@ -124,6 +125,7 @@ class Node:
         self._stopping = asyncio.Event()
         self.agent: ControlAgent | None = None
         self.ticket_keys = TicketKeySchedule()  # shared by all workers; never logged
+        self.pem_files = InlinePemFiles(Path(options.cache_dir) / "control" / "certs")
         if options.control:
             self.agent = ControlAgent(self, options.control, options.join_token)
             saved = self.agent.saved_bundle()
@@ -131,17 +133,39 @@ class Node:
                 self.agent.config_version, self.config = saved
 
     def local_tls(self, config: Config) -> Config:
-        """The config with this node's own --tls-cert/--tls-key as the default certificate.
+        """The config as workers get it: inline certificates as files, plus this node's own
+        --tls-cert/--tls-key as the default certificate.
 
-        A control-plane bundle carries no key material; a node's own certificate (for
-        example from `verge cert dev`) serves every hostname the bundle has none for.
+        A control-plane bundle carries certificates as PEM text; ``ssl`` loads files, so they
+        are written (0600) under CACHE_DIR/control/certs. The node's own certificate (for
+        example from `verge cert dev`) serves every hostname the config has none for.
         """
         opts = self.options
-        if not opts.tls_cert or config.tls.default is not None:
+        tls = config.tls
+        inline = any(c.cert_pem for c in tls.certificates) or bool(tls.default and tls.default.cert_pem)
+        own_default = bool(opts.tls_cert) and tls.default is None
+        if not inline and not own_default:
             return config
         data = config.model_dump(mode="json")
-        data["tls"]["default"] = {"cert": opts.tls_cert, "key": opts.tls_key, "hosts": []}
+        data["tls"]["certificates"] = [self._as_files(c) for c in data["tls"]["certificates"]]
+        if data["tls"].get("default"):
+            data["tls"]["default"] = self._as_files(data["tls"]["default"])
+        if own_default:
+            data["tls"]["default"] = {"cert": opts.tls_cert, "key": opts.tls_key, "hosts": []}
         return Config.model_validate(data)
+
+    def _as_files(self, cert: dict) -> dict:
+        if not cert.get("cert_pem"):
+            return cert
+        cert_file, key_file = self.pem_files.files_for(cert.pop("cert_pem"), cert.pop("key_pem"))
+        return {**cert, "cert": cert_file, "key": key_file}
+
+    def prune_pem_files(self, local: Config) -> None:
+        """Remove certificate files the running config no longer uses."""
+        tls = local.tls
+        used = [p for c in [*tls.certificates, *([tls.default] if tls.default else [])]
+                for p in (c.cert, c.key) if p]
+        self.pem_files.prune(used)
 
     def init_payload(self, index: int) -> dict:
         return {"index": index, "options": self.options.public(),
@@ -285,9 +309,12 @@ class Node:
     async def apply_config(self, config: Config) -> dict:
         """Switch every worker to a validated config (workers restarted later get it too)."""
         self.config = config
-        replies = await self.broadcast({"op": "config",
-                                        "config": self.local_tls(config).model_dump(mode="json")})
-        return {"ok": all(r.get("ok") for r in replies), "workers": len(replies)}
+        local = self.local_tls(config)
+        replies = await self.broadcast({"op": "config", "config": local.model_dump(mode="json")})
+        ok = all(r.get("ok") for r in replies)
+        if ok:  # every worker has loaded the new files; older ones are unused now
+            self.prune_pem_files(local)
+        return {"ok": ok, "workers": len(replies)}
 
 
 def build_config(options: NodeOptions) -> Config:

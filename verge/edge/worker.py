@@ -59,7 +59,8 @@ def tls_certs(config: Config):
     from verge.http.tls import CertSpec
 
     def spec(cert) -> CertSpec:
-        return CertSpec(cert.cert, cert.key, tuple(cert.hosts))
+        # inline PEMs were written to files by the supervisor (Node.local_tls)
+        return CertSpec(cert.cert, cert.key, tuple(cert.hosts), cert.ocsp_response)
 
     tls = config.tls
     return [spec(c) for c in tls.certificates], (spec(tls.default) if tls.default else None)

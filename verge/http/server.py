@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import time
@@ -113,6 +114,28 @@ def simple_response(status: int, body: bytes, *, close: bool = False,
         b"Content-Length: %d\r\n" % len(body), extra,
         b"Connection: close\r\n" if close else b"", b"\r\n", body,
     ))
+
+
+class HttpApp:
+    """What the server calls on an application; defaults for small apps (admin, routers).
+
+    ``handle_fast`` answers synchronously or returns None; ``handle`` writes through a
+    :class:`ResponseWriter`; the two ``report_*`` hooks hear about failures.
+    """
+
+    log = logging.getLogger("verge.http")
+
+    def handle_fast(self, request):
+        return None
+
+    async def handle(self, request, writer) -> None:
+        raise NotImplementedError
+
+    def report_error(self, request, exc: BaseException) -> None:
+        self.log.error("error serving %s %s", request.method, request.target, exc_info=exc)
+
+    def report_protocol_error(self, client: str, status: int, message: str) -> None:
+        self.log.info("bad request from %s: %d %s", client, status, message)
 
 
 class BodyStream:

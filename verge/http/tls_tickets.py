@@ -14,7 +14,8 @@ and picks the key for a presented one, which allows several keys at once (the cu
 encrypts, older ones still decrypt, so a rotation does not void recent tickets). It needs the
 ``SSL_CTX *`` of a Python context: CPython's ``PySSLContext`` (Modules/_ssl.c) holds it as its
 first field, right after ``PyObject_HEAD``; the functions come from the libssl/libcrypto that
-``_ssl`` itself loaded (found in /proc/self/maps, else ``libssl.so.3``).
+``_ssl`` itself loaded (found in /proc/self/maps, else ``libssl.so.3``). Finding and checking
+the libraries and the pointer is shared with OCSP stapling in :mod:`verge.http.openssl_ctypes`.
 
 Fail safe: before using the pointer, this module checks that it runs on CPython, that the
 libraries' version equals ``ssl.OPENSSL_VERSION_NUMBER``, that every symbol exists and that
@@ -35,13 +36,14 @@ import ctypes
 import logging
 import os
 import ssl
-import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from verge.http.openssl_ctypes import BindingError, OpenSslLibraries
 
 __all__ = [
+    "BindingError",
     "TicketKey",
     "TicketKeyRing",
     "TicketKeySchedule",
@@ -156,47 +158,16 @@ class _OsslParam(ctypes.Structure):
     ]
 
 
-class BindingError(RuntimeError):
-    """This process's OpenSSL or CPython is not what the ctypes binding expects."""
-
-
-def _loaded_library(stem: str) -> str:
-    """The path of ``stem`` (e.g. "libssl.so") as mapped into this process by ``_ssl``."""
-    import _ssl  # noqa: F401  (make sure the libraries are mapped)
-
-    try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            path = line.split(maxsplit=5)[-1]
-            if Path(path).name.startswith(stem):
-                return path
-    except OSError:
-        pass
-    return f"{stem}.3"
-
-
-class _OpenSsl:
-    """The few libssl/libcrypto functions used, with their C signatures."""
+class _OpenSsl(OpenSslLibraries):
+    """The few libssl/libcrypto functions the ticket callback uses, with their C signatures."""
 
     def __init__(self) -> None:
-        if sys.implementation.name != "cpython":
-            raise BindingError(f"needs CPython's ssl module, not {sys.implementation.name}")
-        try:
-            self.ssl = ctypes.CDLL(_loaded_library("libssl.so"))
-            self.crypto = ctypes.CDLL(_loaded_library("libcrypto.so"))
-            self._declare()
-        except (OSError, AttributeError) as exc:
-            raise BindingError(str(exc)) from None
-        version = self.crypto.OpenSSL_version_num()
-        if version != ssl.OPENSSL_VERSION_NUMBER:
-            raise BindingError(
-                f"libcrypto version {version:#x} is not ssl's {ssl.OPENSSL_VERSION_NUMBER:#x}"
-            )
+        super().__init__()
         self.cipher = self.crypto.EVP_aes_256_cbc()
 
     def _declare(self) -> None:
+        super()._declare()
         vp, c_int = ctypes.c_void_p, ctypes.c_int
-        self.crypto.OpenSSL_version_num.restype = ctypes.c_ulong
-        self.crypto.OpenSSL_version_num.argtypes = []
         self.crypto.EVP_aes_256_cbc.restype = vp
         self.crypto.EVP_aes_256_cbc.argtypes = []
         for name in ("EVP_EncryptInit_ex", "EVP_DecryptInit_ex"):
@@ -204,21 +175,8 @@ class _OpenSsl:
             func.restype, func.argtypes = c_int, [vp, vp, vp, vp, vp]
         self.crypto.EVP_MAC_CTX_set_params.restype = c_int
         self.crypto.EVP_MAC_CTX_set_params.argtypes = [vp, vp]
-        self.ssl.SSL_CTX_get_options.restype = ctypes.c_uint64
-        self.ssl.SSL_CTX_get_options.argtypes = [vp]
         self.ssl.SSL_CTX_set_tlsext_ticket_key_evp_cb.restype = c_int
         self.ssl.SSL_CTX_set_tlsext_ticket_key_evp_cb.argtypes = [vp, _TicketCallback]
-
-    def ctx_pointer(self, ctx: ssl.SSLContext) -> int:
-        """The ``SSL_CTX *`` inside ``ctx``; BindingError unless it checks out."""
-        if not isinstance(ctx, ssl.SSLContext):
-            raise BindingError("not an ssl.SSLContext")
-        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-        if not pointer or pointer % ctypes.sizeof(ctypes.c_void_p):
-            raise BindingError("unexpected PySSLContext layout (no SSL_CTX pointer)")
-        if self.ssl.SSL_CTX_get_options(pointer) != ctx.options:
-            raise BindingError("unexpected PySSLContext layout (options do not match)")
-        return pointer
 
 
 _binding: _OpenSsl | None = None

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from verge.http.message import Request
-from verge.http.server import ServerLimits, reuseport_socket, serve, simple_response
+from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
 from verge.routing.dns import start_dns_server
 from verge.routing.geo import RegionMap
 from verge.routing.health import HealthMonitor, Target
@@ -176,7 +176,7 @@ def _edges_from_nodes(nodes: list[dict]) -> list[Edge]:
     return edges
 
 
-class RedirectApp:
+class RedirectApp(HttpApp):
     """The HTTP router: 302 to the chosen edge, same path and query (Traffic Router's HTTP mode).
 
     The Location names the edge as ``EDGE.SERVICE-HOST`` (``redirect: name``), which this
@@ -219,9 +219,6 @@ class RedirectApp:
     async def handle(self, request, writer) -> None:  # every request is answered fast
         response = self.handle_fast(request)
         writer.send_prepared(int(response[9:12]), response, 0)
-
-    def report_error(self, request, exc: BaseException) -> None:
-        log.error("HTTP router failed on %s %s", request.method, request.target, exc_info=exc)
 
 
 def _text(status: int, message: str) -> bytes:

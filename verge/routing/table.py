@@ -46,15 +46,19 @@ class Edge:
         return tuple(str(a) for a in self.addresses if a.version == 6)
 
 
+ANSWER_MEMO_SIZE = 65536
+
 # Without affinity, clients spread over a region's edges by network of this size (so the
 # DNS answer's ECS scope can say which clients share it).
 SPREAD_PREFIX = {4: 24, 6: 56}
 
 
 def _client_network(client: IPAddress | None) -> str:
+    """The client's spreading network as a hash key (its /24 or /56 prefix bits)."""
     if client is None:
         return ""
-    return str(ipaddress.ip_network(f"{client}/{SPREAD_PREFIX[client.version]}", strict=False))
+    bits = 32 if client.version == 4 else 128
+    return f"{client.version}/{int(client) >> (bits - SPREAD_PREFIX[client.version])}"
 
 
 def _spread_within(candidates: list[Edge]) -> bool:
@@ -95,6 +99,7 @@ class RoutingTable:
         self._region_order = {region: self._order_from(region, neighbours)
                               for region in [*regions.names, None]}
         self._ns_addresses = {name: addrs for name, addrs in self.nameservers}
+        self._answers: dict[tuple[str, IPAddress | None], DnsAnswer | None] = {}
 
     def _order_from(self, region: str | None, neighbours: dict[str, list[str]]) -> list[str | None]:
         order: list[str | None] = [] if region is None else [region]
@@ -133,7 +138,22 @@ class RoutingTable:
 
     # ----- DNS -------------------------------------------------------------------------------
     def resolve(self, name: str, client: IPAddress | None) -> DnsAnswer | None:
-        """A/AAAA for a name in the zone; None when it does not exist (NXDOMAIN)."""
+        """A/AAAA for a name in the zone; None when it does not exist (NXDOMAIN).
+
+        Memoised per (name, client) for the life of this snapshot: a table never changes,
+        and a router answers the same few names for the same resolvers over and over.
+        """
+        key = (name, client)
+        try:
+            return self._answers[key]
+        except KeyError:
+            pass
+        if len(self._answers) >= ANSWER_MEMO_SIZE:
+            self._answers.clear()
+        answer = self._answers[key] = self._resolve(name, client)
+        return answer
+
+    def _resolve(self, name: str, client: IPAddress | None) -> DnsAnswer | None:
         if name == self.zone:
             return DnsAnswer((), ())
         if name in self._ns_addresses:
