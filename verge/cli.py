@@ -285,6 +285,29 @@ def router(
         _fail(f"cannot listen: {exc}")
 
 
+@app.command()
+def stream(
+    rtmp: Annotated[str, typer.Option(help="HOST:PORT of the RTMP ingest (publish to rtmp://HOST:PORT/APP/NAME?key=KEY).")] = "127.0.0.1:1935",
+    http: Annotated[str, typer.Option(help="HOST:PORT serving HTTP-FLV, HLS and DASH (the edges' origin).")] = "127.0.0.1:8090",
+    config: Annotated[Path | None, typer.Option(help="YAML config; its `stream` section (apps, keys, ladder, part/segment targets).")] = None,
+) -> None:
+    """Run the streaming server: RTMP ingest, ABR transcoding, LL-HLS/HLS/DASH/HTTP-FLV."""
+    import uvloop
+
+    from verge.config import ConfigError, load_config
+    from verge.stream.server import run_stream
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+    rtmp_at, http_at = _split_hostport(rtmp, "--rtmp"), _split_hostport(http, "--http")
+    try:
+        uvloop.run(run_stream(cfg.stream, rtmp_at, http_at))
+    except OSError as exc:
+        _fail(f"cannot listen: {exc}")
+
+
 @app.command("config-check")
 def config_check(path: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
     """Validate a config file: prints file:line: reason and exits non-zero when it is wrong."""

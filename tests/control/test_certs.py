@@ -170,7 +170,8 @@ def test_key_file_next_to_sqlite_database(api: Api, ca: Ca) -> None:
         ("expired", 400, "cert_pem", "expired"),
         ("future", 400, "cert_pem", "not valid before"),
         ("no_san", 400, "cert_pem", "subjectAltName"),
-        ("wrong_order", 400, "cert_pem", "did not issue"),
+        ("wrong_order", 400, "cert_pem", "wrong chain order"),
+        ("foreign_issuer", 400, "cert_pem", "did not issue"),
         ("missing_key", 422, "key_pem", "required"),
         ("bad_name", 422, "name", ""),
     ],
@@ -195,6 +196,8 @@ def test_validation_errors_name_the_field(
     elif case == "wrong_order":
         body["cert_pem"] = ca.files.cert_file.read_text() + cert
         body["key_pem"] = key
+    elif case == "foreign_issuer":
+        body["cert_pem"] = cert + ca.issue("unrelated.test")[0]
     elif case == "missing_key":
         del body["key_pem"]
     elif case == "bad_name":

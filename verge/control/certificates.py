@@ -79,6 +79,12 @@ def parse_certificate(
     key = _load_key(key_pem)
     leaf = chain[0]
     if _spki(key.public_key()) != _spki(leaf.public_key()):
+        if any(_spki(key.public_key()) == _spki(c.public_key()) for c in chain[1:]):
+            raise CertificateError(
+                "wrong chain order: the server certificate (the one matching the key) must "
+                "come first in cert_pem, then each issuer",
+                "cert_pem",
+            )
         raise CertificateError(
             "the key does not belong to the certificate (the first one in cert_pem)", "key_pem"
         )
