@@ -681,8 +681,10 @@ def _show_certificate(done: str, cert: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(cert)
         return
-    _done(f"{done} {cert['name']}: {', '.join(cert.get('hosts', []))} "
-          f"(until {cert.get('not_after')}, sha256 {cert.get('fingerprint_sha256', '')[:16]}...)")
+    _done(
+        f"{done} {cert['name']}: {', '.join(cert.get('hosts', []))} "
+        f"(until {cert.get('not_after')}, sha256 {cert.get('fingerprint_sha256', '')[:16]}...)"
+    )
     if cert.get("warning"):
         typer.secho(f"warning: {cert['warning']}", fg=typer.colors.YELLOW, err=True)
 

@@ -405,6 +405,8 @@ class Rule(_Model):
     """Request headers that become part of the cache key."""
     headers: HeaderRules = Field(default_factory=HeaderRules)
     redirect: Redirect | None = None
+    origins: list[OriginSpec] | None = None
+    """Send this path to these origins instead of the service's (e.g. /live/ to a stream server)."""
 
     _glob: re.Pattern[str] | None = PrivateAttr(None)
 

@@ -79,7 +79,9 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Ca:
 @pytest.fixture(autouse=True)
 def _secret_for_postgres(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL stores need VERGE_SECRET; SQLite ones use the key file next to the DB."""
-    if "db_url" in request.fixturenames and request.getfixturevalue("db_url").startswith("postgres"):
+    if "db_url" in request.fixturenames and request.getfixturevalue("db_url").startswith(
+        "postgres"
+    ):
         monkeypatch.setenv("VERGE_SECRET", "test-secret")
     else:
         monkeypatch.delenv("VERGE_SECRET", raising=False)
@@ -136,7 +138,9 @@ def test_no_key_material_in_answers_audit_or_database(api: Api, ca: Ca) -> None:
     pems = ca.issue("shop.test")
     created = add(api, "shop", pems)
     rotated_pems = ca.issue("shop.test")
-    api.put(f"{V1}/certificates/shop", json={"cert_pem": rotated_pems[0], "key_pem": rotated_pems[1]})
+    api.put(
+        f"{V1}/certificates/shop", json={"cert_pem": rotated_pems[0], "key_pem": rotated_pems[1]}
+    )
     for text in (
         created.text,
         api.get(f"{V1}/certificates").text,
@@ -238,7 +242,9 @@ def test_tenant_isolation(api: Api, ca: Ca) -> None:
     assert api.get(f"{V1}/certificates", other).json()["total"] == 0
     assert api.get(f"{V1}/certificates/acme", other).status_code == 404
     new = ca.issue("other.test")
-    replaced = api.put(f"{V1}/certificates/acme", other, json={"cert_pem": new[0], "key_pem": new[1]})
+    replaced = api.put(
+        f"{V1}/certificates/acme", other, json={"cert_pem": new[0], "key_pem": new[1]}
+    )
     assert replaced.status_code == 404
     assert api.delete(f"{V1}/certificates/acme", other).status_code == 404
     # the owner sees it, read-only tokens of the tenant too, and admins see everything
@@ -249,11 +255,13 @@ def test_tenant_isolation(api: Api, ca: Ca) -> None:
     assert api.get(f"{V1}/certificates").json()["total"] == 1
     # a rotation to another tenant's host is refused too
     hijack = ca.issue("other.test")
-    moved = api.put(f"{V1}/certificates/acme", acme, json={"cert_pem": hijack[0], "key_pem": hijack[1]})
+    moved = api.put(
+        f"{V1}/certificates/acme", acme, json={"cert_pem": hijack[0], "key_pem": hijack[1]}
+    )
     assert moved.status_code == 403
     # tenant audit shows its own certificate events only
     other_audit = api.get(f"{V1}/audit", other).json()["items"]
-    assert all("certificate:acme" != e["object"] for e in other_audit)
+    assert all(e["object"] != "certificate:acme" for e in other_audit)
 
 
 def test_node_bundle_only_for_node_credentials(api: Api, ca: Ca) -> None:
@@ -269,10 +277,17 @@ def test_node_bundle_only_for_node_credentials(api: Api, ca: Ca) -> None:
 
 def test_sni_prefers_the_certificate_of_the_hosts_tenant() -> None:
     owners = {"shop.test": 1, "*.img.test": 2}
-    certs = [("a-early", 2, ["shop.test", "free.test"]), ("b-shop", 1, ["shop.test"]),
-             ("c-img", 2, ["x.img.test"]), ("d-dup", 3, ["free.test"])]
+    certs = [
+        ("a-early", 2, ["shop.test", "free.test"]),
+        ("b-shop", 1, ["shop.test"]),
+        ("c-img", 2, ["x.img.test"]),
+        ("d-dup", 3, ["free.test"]),
+    ]
     assert sni_assignment(certs, owners) == {
-        "a-early": ["free.test"], "b-shop": ["shop.test"], "c-img": ["x.img.test"]}
+        "a-early": ["free.test"],
+        "b-shop": ["shop.test"],
+        "c-img": ["x.img.test"],
+    }
 
 
 def test_sealer_rotation_and_wrong_secret() -> None:
@@ -289,9 +304,11 @@ def test_sealer_rotation_and_wrong_secret() -> None:
 
 def _served_certificate(port: int, host: str, ca_file: Path) -> x509.Certificate:
     context = ssl.create_default_context(cafile=str(ca_file))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der)
 
 
@@ -311,14 +328,24 @@ def test_edge_serves_added_and_rotated_certificate_without_restart(tmp_path, ori
         service = {"name": "shop", "hosts": ["shop.test"], "origins": [{"url": origin.url}]}
         assert fleet.api.post("/api/v1/services", json=service).status_code == 201
         first = ca.issue("shop.test", cn="shop v1")
-        r = fleet.api.post("/api/v1/certificates",
-                           json={"name": "shop", "cert_pem": first[0], "key_pem": first[1]})
+        r = fleet.api.post(
+            "/api/v1/certificates", json={"name": "shop", "cert_pem": first[0], "key_pem": first[1]}
+        )
         assert r.status_code == 201, r.text
         first_print = r.json()["fingerprint_sha256"]
 
-        fleet.start_edge("e1", fleet.join_token(), extra=(
-            "--https", "127.0.0.1:0", "--tls-cert", str(own.hosts["localhost"].cert_file),
-            "--tls-key", str(own.hosts["localhost"].key_file)))
+        fleet.start_edge(
+            "e1",
+            fleet.join_token(),
+            extra=(
+                "--https",
+                "127.0.0.1:0",
+                "--tls-cert",
+                str(own.hosts["localhost"].cert_file),
+                "--tls-key",
+                str(own.hosts["localhost"].key_file),
+            ),
+        )
         proc = fleet.edges["e1"]
         https_port = int(proc.ready_line.rsplit(":", 1)[1])
         pid = proc.proc.pid
@@ -343,14 +370,69 @@ def test_edge_serves_added_and_rotated_certificate_without_restart(tmp_path, ori
         assert stat.S_IMODE(bundle_file.stat().st_mode) == 0o600
 
         second = ca.issue("shop.test", cn="shop v2")
-        r = fleet.api.put("/api/v1/certificates/shop",
-                          json={"cert_pem": second[0], "key_pem": second[1]})
+        r = fleet.api.put(
+            "/api/v1/certificates/shop", json={"cert_pem": second[0], "key_pem": second[1]}
+        )
         assert r.status_code == 200, r.text
         wait_until(lambda: serves(r.json()["fingerprint_sha256"]), what="the rotated certificate")
         assert proc.proc.poll() is None and proc.proc.pid == pid  # no restart
         wait_until(lambda: len(list(cert_dir.glob("*.key"))) == 1, what="old key file pruned")
-        assert not any(first[1].strip() in line for line in proc.lines)
+        key_lines = {line for pem in (first[1], second[1]) for line in pem.splitlines()[1:-1]}
+        assert not any(k in line for k in key_lines for line in proc.lines)  # never logged
         saved = json.loads(bundle_file.read_text())
         assert saved["config"]["tls"]["certificates"][0]["name"] == "shop"
+    finally:
+        fleet.stop()
+
+
+def test_postgresql_needs_verge_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verge.control.certificates import SecretUnavailable, sealer_for
+
+    monkeypatch.delenv("VERGE_SECRET", raising=False)
+    with pytest.raises(SecretUnavailable, match="VERGE_SECRET"):
+        sealer_for("postgresql+psycopg://db/verge")
+    monkeypatch.setenv("VERGE_SECRET", "a, b")
+    assert sealer_for("postgresql+psycopg://db/verge").open(KeySealer([b"b"]).seal("K")) == "K"
+
+
+@pytest.mark.timeout(120)
+def test_cli_cert_add_list_rm(tmp_path, origin, ca) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.control.test_fleet import ADMIN, Fleet
+
+    fleet = Fleet(tmp_path, origin.url)
+    fleet.start_control()
+    try:
+        cert, key = ca.issue("cli.test")
+        (tmp_path / "c.pem").write_text(cert)
+        (tmp_path / "k.pem").write_text(key)
+        env = {**os.environ, "VERGE_CONTROL": fleet.control_url, "VERGE_TOKEN": ADMIN}
+
+        def verge(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "verge.cli", "cert", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        added = verge(
+            "add", "cli", "--cert", str(tmp_path / "c.pem"), "--key", str(tmp_path / "k.pem")
+        )
+        assert added.returncode == 0, added.stderr
+        assert "cli.test" in added.stdout and "PRIVATE" not in added.stdout
+        listed = verge("list", "--json")
+        assert json.loads(listed.stdout)[0]["hosts"] == ["cli.test"]
+        bad = verge(
+            "add", "bad", "--cert", str(tmp_path / "k.pem"), "--key", str(tmp_path / "k.pem")
+        )
+        assert bad.returncode == 1 and "cert_pem" in bad.stderr
+        assert verge("rm", "cli").returncode == 0
+        assert verge("list", "--json").stdout.strip() == "[]"
+        assert verge("dev", "--help").returncode == 0
     finally:
         fleet.stop()

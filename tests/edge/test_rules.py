@@ -747,3 +747,28 @@ def test_reload_applies_changed_limits(edge_factory, origin):
     with edge.admin() as admin:
         assert admin.post("/config/reload").status_code == 200
     assert fresh_get(edge, long_path).status_code == 414
+
+
+def test_a_rule_can_send_its_paths_to_other_origins(edge_factory, origin):
+    """/live/ on a stream server, the rest on the site's origin — one service, one hostname."""
+    streams = make_origin()
+    try:
+        config = f"""
+services:
+  - name: site
+    hosts: ["*"]
+    origins: ["{origin.url}"]
+    rules:
+      - path: /live/
+        origins: ["{streams.url}"]
+"""
+        edge = edge_factory(config=config)
+        origin.route("/page", headers=MAX_AGE, body=b"page\n")
+        streams.route("/live/a.m3u8", headers=[("Cache-Control", "max-age=1")], body=b"#EXTM3U\n")
+        with edge.client() as client:
+            assert client.get("/page").content == b"page\n"
+            assert client.get("/live/a.m3u8").content == b"#EXTM3U\n"
+        assert origin.hits("/live/a.m3u8") == 0 and streams.hits("/live/a.m3u8") == 1
+        assert streams.hits("/page") == 0
+    finally:
+        streams.stop()

@@ -99,8 +99,9 @@ def serve(certs: DevCertificates) -> Iterator:
 
     def start(ocsp_file: Path | None) -> TlsServer:
         leaf = certs.hosts[HOST]
-        spec = CertSpec(str(leaf.cert_file), str(leaf.key_file), (HOST,),
-                        str(ocsp_file) if ocsp_file else None)
+        spec = CertSpec(
+            str(leaf.cert_file), str(leaf.key_file), (HOST,), str(ocsp_file) if ocsp_file else None
+        )
         plain = certs.hosts["plain.test"]
         other = CertSpec(str(plain.cert_file), str(plain.key_file), ("plain.test",))
         server = TlsServer(TlsStore([spec, other]))
@@ -114,9 +115,21 @@ def serve(certs: DevCertificates) -> Iterator:
 
 def s_client(port: int, host: str = HOST, *extra: str) -> str:
     out = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", host, "-status",
-         *extra],
-        input="", capture_output=True, text=True, timeout=20)
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-servername",
+            host,
+            "-status",
+            *extra,
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     return out.stdout
 
 
@@ -142,8 +155,9 @@ def test_response_file_change_is_picked_up(serve, certs, tmp_path, monkeypatch) 
     assert "Cert Status: revoked" in s_client(server.port)
 
 
-def test_missing_bad_or_stale_response_is_not_stapled(serve, certs, tmp_path, monkeypatch,
-                                                      caplog) -> None:
+def test_missing_bad_or_stale_response_is_not_stapled(
+    serve, certs, tmp_path, monkeypatch, caplog
+) -> None:
     monkeypatch.setattr(tls_ocsp, "RECHECK_SECONDS", 0.0)
     response = tmp_path / "ocsp.der"
     server = serve(response)  # no file yet
@@ -163,8 +177,9 @@ def test_missing_bad_or_stale_response_is_not_stapled(serve, certs, tmp_path, mo
     assert any("nextUpdate" in m for m in problems)
 
 
-def test_untrusted_binding_logs_once_and_staples_nothing(certs, tmp_path, monkeypatch,
-                                                         caplog) -> None:
+def test_untrusted_binding_logs_once_and_staples_nothing(
+    certs, tmp_path, monkeypatch, caplog
+) -> None:
     def mismatch(self, ctx):
         raise BindingError("unexpected PySSLContext layout")
 
@@ -182,8 +197,20 @@ def test_untrusted_binding_logs_once_and_staples_nothing(certs, tmp_path, monkey
 def test_edge_config_accepts_ocsp_response(tmp_path) -> None:
     from verge.config import config_from_data
 
-    config = config_from_data({"tls": {"certificates": [
-        {"cert": "a.pem", "key": "a-key.pem", "hosts": ["a.test"], "ocsp_response": "a.ocsp"}]}})
+    config = config_from_data(
+        {
+            "tls": {
+                "certificates": [
+                    {
+                        "cert": "a.pem",
+                        "key": "a-key.pem",
+                        "hosts": ["a.test"],
+                        "ocsp_response": "a.ocsp",
+                    }
+                ]
+            }
+        }
+    )
     assert config.tls.certificates[0].ocsp_response == "a.ocsp"
     with pytest.raises(Exception, match="either cert"):
         config_from_data({"tls": {"certificates": [{"cert": "a.pem", "hosts": ["a.test"]}]}})

@@ -466,9 +466,7 @@ def remove_origin(
 def create_certificate(body: CertificateIn, store: StoreDep, principal: Writer) -> dict:
     """Add a certificate + key: ``{"name", "hosts" (SAN DNS names), "not_after",
     "fingerprint_sha256", "warning"?}``. Edges serve it by SNI with the next bundle."""
-    return store.create_certificate(
-        principal, body.name, body.cert_pem, body.key_pem, body.tenant
-    )
+    return store.create_certificate(principal, body.name, body.cert_pem, body.key_pem, body.tenant)
 
 
 @certificates.get("/certificates")

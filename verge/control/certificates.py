@@ -93,7 +93,9 @@ def parse_certificate(
     return ParsedCertificate(
         hosts=_san_hosts(leaf),
         not_after=leaf.not_valid_after_utc,
-        fingerprint_sha256=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        fingerprint_sha256=hashlib.sha256(
+            leaf.public_bytes(serialization.Encoding.DER)
+        ).hexdigest(),
         cert_pem="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain),
         key_pem=key.private_bytes(
             serialization.Encoding.PEM,
@@ -104,7 +106,7 @@ def parse_certificate(
 
 
 def expiry_warning(not_after: datetime, now: datetime | None = None) -> str | None:
-    """"expires in N days" when fewer than 14 days are left, else None."""
+    """A warning ("expires in N days") when fewer than 14 days are left, else None."""
     left = not_after - (now or datetime.now(UTC))
     if left >= EXPIRY_WARNING:
         return None
@@ -134,8 +136,10 @@ def _load_key(text: str):  # noqa: ANN202 (one of several private key types)
         raise CertificateError(
             "the key is encrypted with a passphrase; upload it unencrypted", "key_pem"
         ) from None
-    except (ValueError, Exception):  # noqa: BLE001 - the message must not echo the key
-        raise CertificateError("not a PEM private key, or one that does not parse", "key_pem") from None
+    except Exception:  # any parse failure; the message must not echo the key
+        raise CertificateError(
+            "not a PEM private key, or one that does not parse", "key_pem"
+        ) from None
     if not hasattr(key, "public_key"):
         raise CertificateError("unsupported private key type", "key_pem")
     return key
@@ -215,7 +219,9 @@ class KeySealer:
         try:
             return self._fernet.decrypt(sealed.encode("ascii")).decode()
         except InvalidToken:
-            raise ValueError("no configured secret opens this key (VERGE_SECRET changed?)") from None
+            raise ValueError(
+                "no configured secret opens this key (VERGE_SECRET changed?)"
+            ) from None
 
 
 def sealer_for(database_url: str) -> KeySealer:

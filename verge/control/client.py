@@ -235,8 +235,9 @@ class ControlClient:
         self, name: str, cert_pem: str, key_pem: str, tenant: str | None = None
     ) -> Json:
         """POST /certificates -> {"name", "hosts", "not_after", "fingerprint_sha256", ...}."""
-        body = _drop_none({"name": name, "cert_pem": cert_pem, "key_pem": key_pem,
-                           "tenant": tenant})
+        body = _drop_none(
+            {"name": name, "cert_pem": cert_pem, "key_pem": key_pem, "tenant": tenant}
+        )
         return self._json("POST", "/certificates", body=body)
 
     def list_certificates(self, limit: int = 50, offset: int = 0) -> Page:
@@ -248,7 +249,8 @@ class ControlClient:
     def rotate_certificate(self, name: str, cert_pem: str, key_pem: str) -> Json:
         """PUT /certificates/{name}: a new chain and key under the same name."""
         return self._json(
-            "PUT", f"/certificates/{_segment(name)}",
+            "PUT",
+            f"/certificates/{_segment(name)}",
             body={"cert_pem": cert_pem, "key_pem": key_pem},
         )
 

@@ -782,8 +782,14 @@ class Store:
                 raise Conflict(f"a certificate named {name!r} already exists", "name")
             self._check_cert_hosts(session, principal, parsed.hosts)
             now = utcnow()
-            row = TlsCertificate(name=name, tenant=owner, version=1, created_at=now,
-                                 updated_at=now, **_cert_columns(parsed, sealed))
+            row = TlsCertificate(
+                **_cert_columns(parsed, sealed),
+                name=name,
+                tenant=owner,
+                version=1,
+                created_at=now,
+                updated_at=now,
+            )
             session.add(row)
             session.flush()
             self._cert_changed(session, principal, "certificate.create", row)
@@ -827,8 +833,14 @@ class Store:
             session.delete(row)
             session.flush()
             config_version = self._bump(session, CONFIG_VERSION)
-            self._audit(session, principal, "certificate.delete", f"certificate:{name}",
-                        row.tenant_id, {"config_version": config_version})
+            self._audit(
+                session,
+                principal,
+                "certificate.delete",
+                f"certificate:{name}",
+                row.tenant_id,
+                {"config_version": config_version},
+            )
         self._emit("config")
 
     def _key_sealer(self) -> KeySealer:
@@ -906,8 +918,14 @@ class Store:
             except (ValueError, StoreError) as exc:
                 log.error("certificate %r left out of the config bundle: %s", row.name, exc)
                 continue
-            entries.append({"name": row.name, "cert_pem": row.cert_pem, "key_pem": key_pem,
-                            "hosts": assigned[row.name]})
+            entries.append(
+                {
+                    "name": row.name,
+                    "cert_pem": row.cert_pem,
+                    "key_pem": key_pem,
+                    "hosts": assigned[row.name],
+                }
+            )
         return {"certificates": entries}
 
     # -- purges ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+from pydantic import ValidationError
 
 from verge.cache.store import purge_disk
 from verge.config import Config
@@ -212,9 +213,9 @@ class ControlAgent:
         """Validate, save as the last good bundle, then switch every worker to it."""
         try:
             config = Config.model_validate(raw)
-        except ValueError as exc:
+        except ValueError as exc:  # reasons only: the input may hold certificate keys
             log.error("config bundle %d rejected, keeping version %d: %s",
-                      version, self.config_version, exc)
+                      version, self.config_version, _reasons(exc))
             self.config_version = version  # do not fetch the same bad bundle again
             return
         write_atomic(self.dir / "bundle.json",
@@ -299,6 +300,13 @@ class ControlAgent:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.http.aclose()
+
+
+def _reasons(exc: ValueError) -> str:
+    """A validation error's locations and messages, without the offending input."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return str(exc)
 
 
 # order of the per-service counters kept by verge.observe.metrics.EdgeMetrics.services

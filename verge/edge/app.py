@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from verge.cache import keys, policy
 from verge.cache.store import CacheEntry, TieredCache
@@ -69,6 +69,10 @@ class ServiceRuntime:
     service: object
     origins: OriginSet
     plans: dict  # (rule index or None, secure) -> HeaderPlan
+    rule_origins: dict = field(default_factory=dict)  # rule index -> OriginSet (rule.origins)
+
+    def all_origin_sets(self) -> list[OriginSet]:
+        return [self.origins, *self.rule_origins.values()]
 
 
 class EdgeApp:
@@ -104,19 +108,26 @@ class EdgeApp:
             for index, rule in [(None, None), *enumerate(service.rules)]:
                 for secure in (False, True):
                     plans[index, secure] = self._plan(config, service, rule, secure)
-            runtimes[service.name] = ServiceRuntime(service, origins, plans)
+            rule_origins = {index: OriginSet(rule.origins, self.pool, service.health_check)
+                            for index, rule in enumerate(service.rules) if rule.origins}
+            if previous is not None and _same_origins(previous.service, service):
+                rule_origins = previous.rule_origins or rule_origins
+            runtimes[service.name] = ServiceRuntime(service, origins, plans, rule_origins)
         self.config = config
         self.runtimes = runtimes
         self._routes: dict[tuple[str, str], Route | bytes] = {}
         self.generation += 1
         self.compression = config.compression
-        for name, runtime in old.items():
-            if runtimes.get(name) is None or runtimes[name].origins is not runtime.origins:
-                runtime.origins.stop()
+        kept = {id(o) for r in runtimes.values() for o in r.all_origin_sets()}
+        for runtime in old.values():
+            for origins in runtime.all_origin_sets():
+                if id(origins) not in kept:
+                    origins.stop()
 
     def start(self) -> None:
         for runtime in self.runtimes.values():
-            runtime.origins.start_health_checks()
+            for origins in runtime.all_origin_sets():
+                origins.start_health_checks()
 
     def _plan(self, config, service, rule, secure: bool) -> HeaderPlan:
         """Response header edits of a service + rule; HSTS only over HTTPS (RFC 6797 §7.2)."""
@@ -158,7 +169,7 @@ class EdgeApp:
                 request_headers=request.hmap,
             )
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
-                      runtime.origins)
+                      runtime.rule_origins.get(index, runtime.origins))
         if rule is not None:
             if rule.micro_cache:
                 route.rule_ttl, route.rule_override = rule.micro_cache, True
@@ -464,7 +475,8 @@ def _suffixed_etag(etag: str, encoding: str) -> str:
 
 def _same_origins(old_service, new_service) -> bool:
     return old_service.origins == new_service.origins and \
-        old_service.health_check == new_service.health_check
+        old_service.health_check == new_service.health_check and \
+        [r.origins for r in old_service.rules] == [r.origins for r in new_service.rules]
 
 
 def _drop_node_label(request, host: str) -> None:

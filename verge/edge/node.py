@@ -142,9 +142,10 @@ class Node:
         """
         opts = self.options
         tls = config.tls
-        inline = any(c.cert_pem for c in tls.certificates) or bool(tls.default and tls.default.cert_pem)
+        default_inline = bool(tls.default and tls.default.cert_pem)
+        inline = default_inline or any(c.cert_pem for c in tls.certificates)
         own_default = bool(opts.tls_cert) and tls.default is None
-        if not inline and not own_default:
+        if not opts.https_host or (not inline and not own_default):  # no keys on disk for nothing
             return config
         data = config.model_dump(mode="json")
         data["tls"]["certificates"] = [self._as_files(c) for c in data["tls"]["certificates"]]
@@ -163,8 +164,8 @@ class Node:
     def prune_pem_files(self, local: Config) -> None:
         """Remove certificate files the running config no longer uses."""
         tls = local.tls
-        used = [p for c in [*tls.certificates, *([tls.default] if tls.default else [])]
-                for p in (c.cert, c.key) if p]
+        certs = [*tls.certificates, *([tls.default] if tls.default else [])]
+        used = [path for cert in certs for path in (cert.cert, cert.key) if path]
         self.pem_files.prune(used)
 
     def init_payload(self, index: int) -> dict:

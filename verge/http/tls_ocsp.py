@@ -191,7 +191,10 @@ def install_ocsp_stapling(ctx: ssl.SSLContext, path: str | Path) -> OcspStapler 
         _warn(str(exc))
         return None
     stapler = OcspStapler(lib, path)
-    if lib.ssl.SSL_CTX_callback_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, stapler.callback) != 1:
+    if (
+        lib.ssl.SSL_CTX_callback_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, stapler.callback)
+        != 1
+    ):
         _warn("SSL_CTX_set_tlsext_status_cb failed")
         return None
     ctx._verge_ocsp_stapler = stapler  # type: ignore[attr-defined]

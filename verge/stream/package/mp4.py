@@ -109,7 +109,12 @@ class BoxReader:
             size = self._box_size(pos)
             if size is None or len(self._buf) - pos < size:
                 break
-            boxes.append(Box(bytes(self._buf[pos + 4 : pos + 8]).decode("latin-1"), bytes(self._buf[pos : pos + size])))
+            boxes.append(
+                Box(
+                    bytes(self._buf[pos + 4 : pos + 8]).decode("latin-1"),
+                    bytes(self._buf[pos : pos + size]),
+                )
+            )
             pos += size
         del self._buf[:pos]
         return boxes
@@ -134,7 +139,9 @@ class BoxReader:
         return size
 
 
-def iter_boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int, int]]:
+def iter_boxes(
+    data: bytes, start: int = 0, end: int | None = None
+) -> Iterator[tuple[str, int, int]]:
     """Child boxes in ``data[start:end]`` as (type, payload_start, box_end)."""
     end = len(data) if end is None else end
     pos = start
@@ -183,11 +190,7 @@ def parse_init(data: bytes) -> InitInfo:
     if moov is None:
         raise Mp4Error("no moov box in init segment")
     trex = _trex_defaults(data, *moov)
-    tracks = [
-        _parse_trak(data, s, e, trex)
-        for t, s, e in iter_boxes(data, *moov)
-        if t == "trak"
-    ]
+    tracks = [_parse_trak(data, s, e, trex) for t, s, e in iter_boxes(data, *moov) if t == "trak"]
     return InitInfo(tuple(tracks))
 
 
@@ -406,7 +409,9 @@ def _parse_tfhd(data: bytes, s: int) -> tuple[int, int | None, int | None]:
     return track_id, duration, flags_value
 
 
-def _parse_trun(data: bytes, s: int, default_duration: int, default_flags: int) -> tuple[int, int, int]:
+def _parse_trun(
+    data: bytes, s: int, default_duration: int, default_flags: int
+) -> tuple[int, int, int]:
     """(sample_count, total duration, first sample's flags)."""
     flags = _u32.unpack_from(data, s)[0] & 0xFFFFFF
     count = _u32.unpack_from(data, s + 4)[0]
@@ -418,7 +423,11 @@ def _parse_trun(data: bytes, s: int, default_duration: int, default_flags: int) 
     fields = [bit for bit in (0x100, 0x200, 0x400, 0x800) if flags & bit]
     stride = 4 * len(fields)
     if not fields:
-        return count, count * default_duration, default_flags if first_flags is None else first_flags
+        return (
+            count,
+            count * default_duration,
+            default_flags if first_flags is None else first_flags,
+        )
     total = 0
     for i in range(count):
         off = pos + i * stride

@@ -1,0 +1,411 @@
+"""The transcoder with the real ffmpeg: FLV made by ffmpeg in, fragmented MP4 out, checked by ffprobe.
+
+Inputs are generated at test time (lavfi test sources). Most tests feed the FLV as fast as
+possible; the latency and restart tests feed it at its own pace (real time), like a publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from verge.stream import flv
+from verge.stream import transcode as tc
+
+pytestmark = pytest.mark.timeout(60)
+FFMPEG = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
+LADDER = tc.ladder_from_config(["source", "720p", "480p", "360p", "240p"])
+
+
+def _make_flv(path: Path, *args: str) -> bytes:
+    subprocess.run([*FFMPEG, *args, "-f", "flv", "-y", str(path)], check=True, timeout=30)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def av_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("in") / "av.flv"
+    return _make_flv(
+        path,
+        *("-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"),
+        *("-f", "lavfi", "-i", "sine", "-t", "4"),
+        *("-c:v", "libx264", "-preset", "veryfast", "-g", "25", "-c:a", "aac"),
+    )
+
+
+@pytest.fixture(scope="module")
+def audio_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("in") / "audio.flv"
+    return _make_flv(path, "-f", "lavfi", "-i", "sine", "-t", "3", "-c:a", "aac")
+
+
+@pytest.fixture(scope="module")
+def video_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("in") / "video.flv"
+    return _make_flv(
+        path,
+        *("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25", "-t", "2"),
+        *("-c:v", "libx264", "-preset", "veryfast", "-g", "25"),
+    )
+
+
+# Reading what comes out.
+
+
+@dataclass
+class Track:
+    """One output byte stream, split into top-level boxes as it arrives."""
+
+    data: bytearray = field(default_factory=bytearray)
+    pending: bytearray = field(default_factory=bytearray)
+    boxes: list[tuple[str, float]] = field(default_factory=list)  # (type, arrival time)
+    timescale: int = 0
+    fragments: list[tuple[int, float]] = field(default_factory=list)  # (tfdt, arrival)
+
+    def feed(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.data += data
+        self.pending += data
+        while len(self.pending) >= 8:
+            size, kind = struct.unpack(">I4s", self.pending[:8])
+            if len(self.pending) < size:
+                break
+            box = bytes(self.pending[:size])
+            del self.pending[:size]
+            self.boxes.append((kind.decode(), now))
+            if kind == b"moov":
+                self.timescale = _mdhd_timescale(box)
+            elif kind == b"moof":
+                self.fragments.append((_tfdt(box), now))
+
+
+def _mdhd_timescale(moov: bytes) -> int:
+    at = moov.index(b"mdhd")
+    offset = at + 16 if moov[at + 4] == 0 else at + 24  # version 0 / 1
+    return struct.unpack(">I", moov[offset : offset + 4])[0]
+
+
+def _tfdt(moof: bytes) -> int:
+    at = moof.index(b"tfdt")
+    size = 8 if moof[at + 4] == 1 else 4
+    return int.from_bytes(moof[at + 8 : at + 8 + size], "big")
+
+
+@dataclass
+class Collector:
+    tracks: dict[str, Track] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    plans: list[list[tc.OutputTrack]] = field(default_factory=list)
+    restarts: list[tc.Discontinuity] = field(default_factory=list)
+    exits: list[tuple[bool, str]] = field(default_factory=list)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def job(self, ladder: list[tc.Rendition] = LADDER, **options: object) -> tc.TranscodeJob:
+        return tc.TranscodeJob(
+            ladder,
+            on_output=self.on_output,
+            on_plan=self.plans.append,
+            on_restart=self.restarts.append,
+            on_exit=self.on_exit,
+            **options,  # type: ignore[arg-type]
+        )
+
+    def on_output(self, name: str, kind: str, data: bytes) -> None:
+        self.kinds[name] = kind
+        self.tracks.setdefault(name, Track()).feed(data)
+
+    def on_exit(self, ok: bool, reason: str) -> None:
+        self.exits.append((ok, reason))
+        self.exited.set()
+
+
+def _probe(path: Path, *entries: str) -> dict:
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-of", "json", *entries, str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return json.loads(result.stdout)
+
+
+def _save(track: Track, path: Path) -> Path:
+    path.write_bytes(track.data)
+    return path
+
+
+async def _feed_paced(job: tc.TranscodeJob, data: bytes, during=None) -> dict[int, float]:
+    """Feeds tag by tag at the stream's own pace; returns when each video tag was fed."""
+    tags = list(flv.read_tags(data))
+    job.feed(data[:13])
+    fed: dict[int, float] = {}
+    start = time.monotonic()
+    for tag in tags:
+        delay = start + tag.timestamp / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if during is not None:
+            during(tag.timestamp)
+        job.feed(flv.tag(tag.tag_type, tag.timestamp, tag.body))
+        if tag.tag_type == flv.VIDEO:
+            fed.setdefault(tag.timestamp, time.monotonic())
+    return fed
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+# The ladder and the command line (no process).
+
+
+def test_plan_never_upscales() -> None:
+    source = tc.SourceInfo(True, True, 640, 360, 25.0, video_codec=7, audio_codec=10)
+    tracks = tc.plan_outputs(LADDER, source)
+    assert [(t.name, t.kind, t.copy) for t in tracks] == [
+        ("source", "video", True),
+        ("360p", "video", False),
+        ("240p", "video", False),
+        ("audio", "audio", True),
+    ]
+    assert (tracks[2].width, tracks[2].height) == (426, 240)
+    small = tc.SourceInfo(True, False, 320, 240, None, video_codec=7)
+    assert [t.name for t in tc.plan_outputs(tc.DEFAULT_LADDER, small)] == ["source"]
+
+
+def test_plan_for_audio_only_and_other_codecs() -> None:
+    assert [t.name for t in tc.plan_outputs(LADDER, tc.SourceInfo(False, True, audio_codec=10))] == [
+        "audio"
+    ]
+    mp3_vp6 = tc.SourceInfo(True, True, 640, 480, 30.0, video_codec=4, audio_codec=2)
+    tracks = {t.name: t for t in tc.plan_outputs(LADDER, mp3_vp6)}
+    assert not tracks["source"].copy and not tracks["audio"].copy
+    assert tracks["audio"].bitrate == 128_000  # the ladder's highest audio bitrate
+
+
+def test_variants_give_bandwidth_and_resolution() -> None:
+    source = tc.SourceInfo(True, True, 1280, 720, 30.0, 7, 10, video_bitrate=3_000_000)
+    found = {v.name: v for v in tc.variants(tc.plan_outputs(tc.DEFAULT_LADDER, source))}
+    assert list(found) == ["source", "720p", "480p", "360p"]
+    audio = 128_000
+    assert found["source"].bandwidth == 3_000_000 + audio
+    assert found["480p"] == tc.Variant("480p", 854, 480, 30.0, 1_498_000 + audio, "480p", "audio")
+    only_audio = tc.variants(tc.plan_outputs(LADDER, tc.SourceInfo(False, True, audio_codec=10)))
+    assert only_audio == [tc.Variant("audio", None, None, None, 128_000, None, "audio")]
+
+
+def test_ladder_from_config() -> None:
+    ladder = tc.ladder_from_config(
+        ["source", {"name": "720p", "video_bitrate": 2_000_000}, {"name": "540p", "height": 540, "video_bitrate": 2_000_000, "fps": 30}]
+    )
+    assert ladder[1] == tc.Rendition("720p", 720, 2_000_000, 128_000)
+    assert ladder[2].fps == 30
+    with pytest.raises(ValueError, match="unknown rendition"):
+        tc.ladder_from_config(["4k"])
+    with pytest.raises(ValueError, match="duplicate"):
+        tc.ladder_from_config(["360p", "360p"])
+    with pytest.raises(ValueError, match="even"):
+        tc.Rendition("odd", 361, 1000)
+
+
+def test_command_line() -> None:
+    source = tc.SourceInfo(True, True, 1280, 720, 30.0, video_codec=7, audio_codec=10)
+    tracks = tc.plan_outputs(tc.ladder_from_config(["source", "480p"]), source)
+    command = tc.ffmpeg_command("/usr/bin/ffmpeg", tracks, [7, 8, 9])
+    text = " ".join(command)
+    assert "-f flv -i pipe:0" in text
+    assert "-map 0:v:0 -c:v copy -f mp4" in text
+    assert "-vf scale=-2:480 -c:v libx264 -preset veryfast -tune zerolatency" in text
+    assert "-g 30 -keyint_min 30 -sc_threshold 0" in text
+    assert "-map 0:a:0 -c:a copy" in text
+    assert text.count(" ".join(tc.FMP4_FLAGS)) == 3
+    assert command[-1] == "pipe:9"
+
+
+def test_flv_prefix_and_splitter(av_flv: bytes) -> None:
+    tags = list(flv.read_tags(av_flv))
+    splitter = tc.FlvSplitter()
+    parsed = []
+    for offset in range(0, len(av_flv), 997):  # odd chunk sizes cut through headers and bodies
+        parsed += splitter.feed(av_flv[offset : offset + 997])
+    assert parsed == [(t.tag_type, t.timestamp, t.body) for t in tags]
+    video_seq = next(t.body for t in tags if t.tag_type == flv.VIDEO)
+    prefix = tc.flv_prefix({"width": 640.0, "audiocodecid": 10.0}, video_seq, None)
+    assert prefix[4] == 0x01  # video only
+    assert [t.tag_type for t in flv.read_tags(prefix)] == [flv.SCRIPT, flv.VIDEO]
+    assert tc.avc_dimensions(video_seq) == (640, 360)  # SPS with cropping (368 -> 360)
+
+
+def test_missing_ffmpeg_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(tc.FfmpegNotFound, match="VERGE_FFMPEG"):
+        tc.resolve_ffmpeg("/nonexistent/ffmpeg")
+    monkeypatch.setenv("VERGE_FFMPEG", "/nonexistent/ffmpeg-env")
+    with pytest.raises(tc.FfmpegNotFound, match="ffmpeg-env"):
+        tc.resolve_ffmpeg()
+    monkeypatch.delenv("VERGE_FFMPEG")
+    assert tc.resolve_ffmpeg().endswith("ffmpeg")
+
+
+async def test_job_with_missing_ffmpeg_raises() -> None:
+    with pytest.raises(tc.FfmpegNotFound):
+        tc.TranscodeJob(LADDER, ffmpeg="/nonexistent/ffmpeg", on_output=lambda *_: None)
+
+
+# Real transcoding.
+
+
+async def test_ladder_output_is_fragmented_mp4(av_flv: bytes, tmp_path: Path) -> None:
+    got = Collector()
+    job = got.job(max_lag=60.0)
+    for offset in range(0, len(av_flv), 4096):
+        job.feed(av_flv[offset : offset + 4096])
+    while job.pid is None:
+        await asyncio.sleep(0.01)
+    pid = job.pid
+    await job.close()
+    assert got.exits == [(True, "closed")] and _gone(pid)
+    assert [t.name for t in got.plans[0]] == ["source", "360p", "240p", "audio"]
+    assert got.kinds == {"source": "video", "360p": "video", "240p": "video", "audio": "audio"}
+    expected = {"source": (640, 360), "360p": (640, 360), "240p": (426, 240)}
+    for name, track in got.tracks.items():
+        assert [kind for kind, _ in track.boxes[:3]] == ["ftyp", "moov", "moof"]
+        assert {kind for kind, _ in track.boxes[2:]} == {"moof", "mdat"}
+        path = _save(track, tmp_path / f"{name}.mp4")
+        stream = _probe(path, "-show_streams")["streams"]
+        assert len(stream) == 1  # one track per output
+        assert float(stream[0]["duration"]) == pytest.approx(4.0, abs=0.1)
+        starts = [tfdt / track.timescale for tfdt, _ in track.fragments]
+        steps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        assert statistics.median(steps) == pytest.approx(0.2, abs=0.03)
+        if name == "audio":
+            assert stream[0]["codec_name"] == "aac"
+            continue
+        assert stream[0]["codec_name"] == "h264"
+        assert (stream[0]["width"], stream[0]["height"]) == expected[name]
+        packets = _probe(path, "-show_packets", "-select_streams", "v")["packets"]
+        keys = [float(p["pts_time"]) for p in packets if "K" in p["flags"]]
+        assert len(packets) == 100
+        assert [round(b - a, 2) for a, b in zip(keys, keys[1:], strict=False)] == [1.0] * 3
+
+
+async def test_audio_only_input_gives_audio_only_output(audio_flv: bytes, tmp_path: Path) -> None:
+    got = Collector()
+    job = got.job(max_lag=60.0)
+    job.feed(audio_flv)
+    await job.close()
+    assert list(got.tracks) == ["audio"] and got.kinds == {"audio": "audio"}
+    assert job.source is not None and not job.source.has_video
+    streams = _probe(_save(got.tracks["audio"], tmp_path / "a.mp4"), "-show_streams")["streams"]
+    assert [s["codec_name"] for s in streams] == ["aac"]
+    assert float(streams[0]["duration"]) == pytest.approx(3.0, abs=0.1)
+
+
+async def test_video_only_input_gives_no_audio(video_flv: bytes, tmp_path: Path) -> None:
+    got = Collector()
+    job = got.job(max_lag=60.0)
+    job.feed(video_flv)
+    await job.close()
+    assert sorted(got.tracks) == ["240p", "source"]  # 320x240: nothing taller
+    streams = _probe(_save(got.tracks["240p"], tmp_path / "v.mp4"), "-show_streams")["streams"]
+    assert (streams[0]["width"], streams[0]["height"]) == (320, 240)
+
+
+async def test_ingest_style_input(av_flv: bytes) -> None:
+    """Metadata and tag bodies as the RTMP ingest delivers them (no FLV byte stream)."""
+    got = Collector()
+    job = got.job(tc.ladder_from_config(["source"]), max_lag=60.0)
+    for tag in flv.read_tags(av_flv):
+        if tag.tag_type == flv.SCRIPT:
+            from verge.stream.rtmp import amf0
+
+            job.write_metadata(dict(amf0.decode(tag.body)[1]))
+        elif tag.tag_type == flv.VIDEO:
+            job.write_video(tag.timestamp, tag.body)
+        else:
+            job.write_audio(tag.timestamp, tag.body)
+    await job.close()
+    assert sorted(got.tracks) == ["audio", "source"]
+    assert job.source is not None and (job.source.width, job.source.height) == (640, 360)
+
+
+async def test_falling_behind_drops_until_a_keyframe(av_flv: bytes, tmp_path: Path) -> None:
+    got = Collector()
+    job = got.job(tc.ladder_from_config(["source"]), max_lag=2.5)
+    job.feed(av_flv)  # 4 s at once: more than 2.5 s of lag
+    assert job._queued_bytes <= job.max_queue_bytes
+    await job.close()
+    assert job.stats.drops >= 1 and job.stats.dropped_tags > 0
+    path = _save(got.tracks["source"], tmp_path / "s.mp4")
+    packets = _probe(path, "-show_packets")["packets"]
+    assert "K" in packets[0]["flags"]  # what is left starts at a keyframe
+    assert 0 < len(packets) < 100
+
+
+async def test_gives_up_after_bounded_restarts(tmp_path: Path) -> None:
+    script = tmp_path / "bad-ffmpeg"
+    script.write_text("#!/bin/sh\necho 'boom: no such filter' >&2\nexit 3\n")
+    script.chmod(0o755)
+    got = Collector()
+    job = got.job(ffmpeg=str(script), max_restarts=2, backoff=0.01)
+    job.feed(tc.flv_prefix(None, None, bytes.fromhex("af001210")))
+    job.write_audio(0, bytes.fromhex("af01") + b"\0" * 10)
+    job.write_audio(2000, bytes.fromhex("af01") + b"\0" * 10)  # past the decision window
+    async with asyncio.timeout(10):
+        await got.exited.wait()
+    [(ok, reason)] = got.exits
+    assert not ok and "3 times" in reason and "status 3" in reason
+    assert [r.attempt for r in got.restarts] == [1, 2]
+    assert list(job.stderr_tail) == ["boom: no such filter"]
+    await job.close()
+
+
+async def test_restart_after_ffmpeg_dies_and_latency(av_flv: bytes, tmp_path: Path) -> None:
+    got = Collector()
+    job = got.job(tc.ladder_from_config(["source", "240p"]), backoff=0.05)
+    killed: list[int] = []
+
+    def kill_once(timestamp: int) -> None:
+        if timestamp >= 2000 and not killed and job.pid is not None:
+            killed.append(job.pid)
+            os.kill(job.pid, signal.SIGKILL)
+
+    fed = await _feed_paced(job, av_flv, during=kill_once)
+    await job.close()
+    assert killed and _gone(killed[0])
+    assert job.stats.processes == 2
+    [restart] = got.restarts
+    assert restart.attempt == 1 and "status -9" in restart.reason
+    assert restart.input_timestamp is not None and restart.input_timestamp % 1000 in (0, 40)
+    for name in ("source", "240p", "audio"):
+        kinds = [kind for kind, _ in got.tracks[name].boxes]
+        assert kinds.count("ftyp") == 2  # a new init segment after the restart
+        second = kinds.index("ftyp", 1)
+        assert kinds[second : second + 3] == ["ftyp", "moov", "moof"]
+        assert kinds.count("moof") - second / 2 > 2  # output continued
+    # Latency: feeding a fragment's first frame -> that fragment's moof arriving, before the kill.
+    report = {}
+    for name in ("source", "240p"):
+        track = got.tracks[name]
+        delays = [
+            arrival - fed[round(tfdt * 1000 / track.timescale)]
+            for tfdt, arrival in track.fragments[: 2000 // 200 - 1]
+            if round(tfdt * 1000 / track.timescale) in fed
+        ]
+        assert delays
+        report[name] = round(statistics.median(delays) * 1000)
+        assert statistics.median(delays) < 0.8
+    print(f"\nframe in -> fragment out (median, ms; includes the 200 ms fragment): {report}")
