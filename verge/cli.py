@@ -241,6 +241,8 @@ def up(
     edges: Annotated[int, typer.Option(help="How many edges.")] = 2,
     dns_port: Annotated[int, typer.Option(help="Router's DNS port (UDP and TCP) on 127.0.0.1.")] = 5353,
     router_port: Annotated[int, typer.Option(help="Router's HTTP redirect port on 127.0.0.1.")] = 8053,
+    rtmp_port: Annotated[int, typer.Option(help="Stream server's RTMP port on 127.0.0.1.")] = 1935,
+    stream_port: Annotated[int, typer.Option(help="Stream server's HTTP port on 127.0.0.1 (the edges' origin for /live/).")] = 8090,
 ) -> None:
     """The whole platform locally: control plane, edges, a sample origin; prints URLs and an admin token."""
     from verge.up import UpOptions, run_up
@@ -249,7 +251,8 @@ def up(
         _fail("--edges must be between 1 and 50")
     run_up(UpOptions(state_dir=state_dir, control_port=control_port, edge_port=edge_port,
                      origin_port=origin_port, edges=edges, https_port=https_port,
-                     dns_port=dns_port, router_port=router_port))
+                     dns_port=dns_port, router_port=router_port, rtmp_port=rtmp_port,
+                     stream_port=stream_port))
 
 
 @app.command()

@@ -35,6 +35,7 @@ DEMO_RULES = [
     {"path": "/api/", "kind": "api"},
     {"path": "/dynamic/", "kind": "dynamic", "micro_cache": 1},
 ]
+STREAM_APP = "live"
 VERGE = [sys.executable, "-m", "verge.cli"]
 
 
@@ -72,6 +73,8 @@ class UpOptions:
     https_port: int = 8443
     dns_port: int = 5353
     router_port: int = 8053
+    rtmp_port: int = 1935
+    stream_port: int = 8090
 
 
 class Platform:
@@ -79,6 +82,7 @@ class Platform:
         self.options = options
         self.children: list[Child] = []
         self.admin_token = os.environ.get("VERGE_ADMIN_TOKEN") or "vrg_admin_" + secrets.token_urlsafe(24)
+        self.stream_key = secrets.token_urlsafe(12)
 
     # ----- processes --------------------------------------------------------------------------
     def spawn(self, name: str, args: list[str], marker: str, timeout: float = 60.0) -> Child:
@@ -125,6 +129,7 @@ class Platform:
         origin_url = f"http://127.0.0.1:{opts.origin_port}"
         origin = self.spawn("origin", [*VERGE, "demo-origin", "--listen",
                                        f"127.0.0.1:{opts.origin_port}"], '"listening"')
+        stream_url, rtmp_url = self._start_stream()
         control = self.spawn("control plane", [
             *VERGE, "control", "--listen", f"127.0.0.1:{opts.control_port}",
             "--db", f"sqlite:///{(opts.state_dir / 'control.db').resolve()}",
@@ -132,7 +137,7 @@ class Platform:
         control_url = control.ready_line.split("ready:", 1)[1].split()[0].rstrip("/")
         api = httpx.Client(base_url=control_url, timeout=10,
                            headers={"Authorization": f"Bearer {self.admin_token}"})
-        join_token = self._prepare_control(api, origin_url)
+        join_token = self._prepare_control(api, origin_url, stream_url)
         self.ca, self.cert = self._dev_certificate()
         edges = [self._start_edge(i, control_url, join_token) for i in range(opts.edges)]
         self._wait_edges_configured(api, edges)
@@ -143,6 +148,8 @@ class Platform:
             "ca": str(Path(self.ca.cert_file).resolve()),
             "origin_pid": origin.proc.pid, "service": DEMO_SERVICE, "hostname": DEMO_HOSTNAME,
             "join_token": join_token, "dns": dns, "zone": DEMO_ZONE, "router": router_url,
+            "rtmp": rtmp_url, "stream_key": self.stream_key, "stream": stream_url,
+            "watch": f"{edges[0]['url']}/{STREAM_APP}",
         }
         path = opts.state_dir / "up.json"
         tmp = path.with_suffix(".tmp")
@@ -150,13 +157,28 @@ class Platform:
         os.replace(tmp, path)
         return up
 
-    def _prepare_control(self, api: httpx.Client, origin_url: str) -> str:
+    def _start_stream(self) -> tuple[str, str]:
+        """The stream server, with one publish key for the demo; its HTTP side is the demo
+        service's origin for /live/."""
+        opts = self.options
+        path = opts.state_dir / "stream.yaml"
+        path.write_text(json.dumps({"stream": {
+            "apps": [{"name": STREAM_APP, "keys": {"*": self.stream_key}}],
+            "data_dir": str((opts.state_dir / "stream-data").resolve())}}, indent=2) + "\n")
+        self.spawn("stream", [*VERGE, "stream", "--rtmp", f"127.0.0.1:{opts.rtmp_port}",
+                              "--http", f"127.0.0.1:{opts.stream_port}", "--config", str(path)],
+                   "verge stream ready")
+        return (f"http://127.0.0.1:{opts.stream_port}",
+                f"rtmp://127.0.0.1:{opts.rtmp_port}/{STREAM_APP}")
+
+    def _prepare_control(self, api: httpx.Client, origin_url: str, stream_url: str) -> str:
         """The demo service and a join token, created through the API (idempotent)."""
         existing = api.get(f"/api/v1/services/{DEMO_SERVICE}")
         if existing.status_code == 404:
+            rules = [*DEMO_RULES, {"path": f"/{STREAM_APP}/", "origins": [{"url": stream_url}]}]
             created = api.post("/api/v1/services", json={
                 "name": DEMO_SERVICE, "hosts": [DEMO_HOSTNAME], "default": True,
-                "origins": [{"url": origin_url}], "rules": DEMO_RULES,
+                "origins": [{"url": origin_url}], "rules": rules,
                 "health_check": {"path": "/", "interval": 2}})
             _check(created, "creating the demo service")
         else:
@@ -272,6 +294,7 @@ def run_up(options: UpOptions) -> None:
 {edges}
     origin        {up['origin']}/
     router        DNS {up['dns']} (zone {up['zone']}), HTTP {up['router']}/
+    stream        publish to {up['rtmp']}/NAME?key={up['stream_key']}   watch {up['watch']}/NAME.flv
     service       {up['service']} ({up['hostname']}, the default service on every edge)
     state         {options.state_dir / 'up.json'}
   Try: curl -i {up['edges'][0]['url']}/static/app.js   (twice)

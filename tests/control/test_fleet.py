@@ -200,7 +200,8 @@ def test_verge_up_writes_up_json(tmp_path):
     proc = subprocess.Popen([*VERGE, "up", "--state-dir", str(state), "--control-port",
                              str(free_port()), "--edge-port", str(port), "--origin-port",
                              str(free_port()), "--https-port", str(free_port()),
-                             "--dns-port", str(dns_port), "--router-port", str(free_port())],
+                             "--dns-port", str(dns_port), "--router-port", str(free_port()),
+                             "--rtmp-port", str(free_port()), "--stream-port", str(free_port())],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -232,6 +233,22 @@ def test_verge_up_writes_up_json(tmp_path):
                                       f"+subnet={subnet}", up["hostname"]],
                                      capture_output=True, text=True, timeout=10)
                 assert out.stdout.split() == [edge]
+        # the stream server: publish with the demo key, watch through the first edge
+        assert up["rtmp"].startswith("rtmp://127.0.0.1:") and up["rtmp"].endswith("/live")
+        if shutil.which("ffmpeg"):
+            publisher = subprocess.Popen([
+                "ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25",
+                "-t", "30", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-f", "flv",
+                f"{up['rtmp']}/cam?key={up['stream_key']}"])
+            try:
+                probe = wait_until(lambda: subprocess.run(
+                    ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv",
+                     up["watch"] + "/cam.flv"], capture_output=True, text=True, timeout=20
+                ).stdout.strip(), timeout=30, what="the stream through the edge")
+                assert "h264" in probe
+            finally:
+                publisher.kill()
+                publisher.wait()
         redirect = httpx.get(up["router"] + "/static/app.js?v=1", timeout=10,
                              headers={"Host": up["hostname"]})
         assert redirect.status_code == 302

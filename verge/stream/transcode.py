@@ -940,12 +940,6 @@ class TranscodeJob:
 
     async def _attend(self, process: asyncio.subprocess.Process, read_fds: list[int]) -> str:
         readers = await self._open_readers(read_fds)
-        restart = self._pending_restart
-        if restart is not None:
-            self._pending_restart = None
-            first = self._queue[0].timestamp if self._queue else None
-            if self.on_restart is not None:
-                self.on_restart(replace(restart, input_timestamp=first))
         tasks = [
             asyncio.create_task(self._pump(process)),
             asyncio.create_task(self._read_stderr(process)),
@@ -1021,12 +1015,20 @@ class TranscodeJob:
                     await self._wakeup.wait()
                 tag = self._queue.popleft()
                 self._queued_bytes -= len(tag.body)
+                self._announce_restart(tag)
                 if tag.is_sequence_header and tag.body in (video_seq, audio_seq):
                     continue  # already in the prefix
                 stdin.write(flv.tag(tag.tag_type, tag.timestamp, tag.body))
                 await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             return  # ffmpeg is gone; _attend sees the exit
+
+    def _announce_restart(self, first: _Tag) -> None:
+        """Tells the packager about a restart just before the new process gets its first tag
+        (ffmpeg writes nothing before that), so the notice precedes the new init segments."""
+        restart, self._pending_restart = self._pending_restart, None
+        if restart is not None and self.on_restart is not None:
+            self.on_restart(replace(restart, input_timestamp=first.timestamp))
 
     async def _read_stderr(self, process: asyncio.subprocess.Process) -> None:
         stderr = process.stderr
