@@ -50,6 +50,17 @@ def audio_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @pytest.fixture(scope="module")
+def small_av_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("in") / "small.flv"
+    return _make_flv(
+        path,
+        *("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25"),
+        *("-f", "lavfi", "-i", "sine", "-t", "2"),
+        *("-c:v", "libx264", "-preset", "veryfast", "-g", "25", "-c:a", "aac"),
+    )
+
+
+@pytest.fixture(scope="module")
 def video_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("in") / "video.flv"
     return _make_flv(
@@ -71,6 +82,7 @@ class Track:
     boxes: list[tuple[str, float]] = field(default_factory=list)  # (type, arrival time)
     timescale: int = 0
     fragments: list[tuple[int, float]] = field(default_factory=list)  # (tfdt, arrival)
+    inits: list[int] = field(default_factory=list)  # where each init segment (ftyp) starts
 
     def feed(self, data: bytes) -> None:
         now = time.monotonic()
@@ -82,6 +94,8 @@ class Track:
                 break
             box = bytes(self.pending[:size])
             del self.pending[:size]
+            if kind == b"ftyp":
+                self.inits.append(len(self.data) - len(self.pending) - size)
             self.boxes.append((kind.decode(), now))
             if kind == b"moov":
                 self.timescale = _mdhd_timescale(box)
@@ -396,11 +410,18 @@ async def test_restart_after_ffmpeg_dies_and_latency(av_flv: bytes, tmp_path: Pa
     assert restart.attempt == 1 and "status -9" in restart.reason
     assert restart.input_timestamp is not None and restart.input_timestamp % 1000 in (0, 40)
     for name in ("source", "240p", "audio"):
-        kinds = [kind for kind, _ in got.tracks[name].boxes]
+        track = got.tracks[name]
+        kinds = [kind for kind, _ in track.boxes]
         assert kinds.count("ftyp") == 2  # a new init segment after the restart
         second = kinds.index("ftyp", 1)
         assert kinds[second : second + 3] == ["ftyp", "moov", "moof"]
-        assert kinds.count("moof") - second / 2 > 2  # output continued
+        path = tmp_path / f"{name}-after.mp4"
+        path.write_bytes(track.data[track.inits[1] :])
+        [stream] = _probe(path, "-show_streams")["streams"]
+        assert 1.0 <= float(stream["duration"]) <= 2.1  # output continued to the end
+        if name != "audio":
+            packets = _probe(path, "-show_packets")["packets"]
+            assert "K" in packets[0]["flags"]  # from a keyframe on
     # Latency: feeding a fragment's first frame -> that fragment's moof arriving, before the kill.
     report = {}
     for name in ("source", "240p"):
@@ -414,3 +435,34 @@ async def test_restart_after_ffmpeg_dies_and_latency(av_flv: bytes, tmp_path: Pa
         report[name] = round(statistics.median(delays) * 1000)
         assert statistics.median(delays) < 0.8
     print(f"\nframe in -> fragment out (median, ms; includes the 200 ms fragment): {report}")
+
+
+async def test_new_sequence_header_replans(
+    av_flv: bytes, small_av_flv: bytes, tmp_path: Path
+) -> None:
+    """A publisher switching to 320x240 mid-stream: new process, new plan, no 360p."""
+    got = Collector()
+    job = got.job(max_lag=60.0)
+    job.feed(av_flv)
+    for tag in flv.read_tags(small_av_flv):
+        if tag.tag_type != flv.SCRIPT:
+            job.feed(flv.tag(tag.tag_type, tag.timestamp + 4040, tag.body))
+    await job.close()
+    assert [[t.name for t in plan] for plan in got.plans] == [
+        ["source", "360p", "240p", "audio"],
+        ["source", "240p", "audio"],
+    ]
+    [change] = got.restarts
+    assert change.attempt == 0 and "video sequence header changed" in change.reason
+    assert change.input_timestamp == 4040
+    assert job.stats.processes == 2
+    source = got.tracks["source"]
+    assert len(source.inits) == 2 and len(got.tracks["360p"].inits) == 1
+    before, after = tmp_path / "before.mp4", tmp_path / "after.mp4"
+    before.write_bytes(source.data[: source.inits[1]])
+    after.write_bytes(source.data[source.inits[1] :])
+    [old] = _probe(before, "-show_streams")["streams"]
+    [new] = _probe(after, "-show_streams")["streams"]
+    assert (old["width"], old["height"], new["width"], new["height"]) == (640, 360, 320, 240)
+    assert float(old["duration"]) == pytest.approx(4.0, abs=0.1)
+    assert float(new["duration"]) == pytest.approx(2.0, abs=0.1)

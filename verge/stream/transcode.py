@@ -28,8 +28,11 @@ Supervision: if ffmpeg exits while the stream is live, it is restarted (at most
 ``max_restarts`` times in a row, with exponential backoff; a process that ran ``stable_after``
 seconds resets the count). The new process gets the FLV prefix again (header, metadata,
 sequence headers) and media from the next video keyframe; ``on_restart`` tells the packager
-there is a discontinuity (new init segments follow, timestamps restart near 0). ffmpeg's stderr
-is kept as its last lines only and logged when it fails.
+there is a discontinuity (new init segments follow, timestamps restart at 0: with empty_moov
+the muxer starts every track at decode time 0). A changed sequence header (the publisher
+switched resolution or audio format) ends the running process after the tags before it and
+starts a new one with a new plan: same notice, ``attempt`` 0. ffmpeg's stderr is kept as its
+last lines only and logged when it fails.
 
 Back-pressure: tags wait in a queue bounded by media time (``max_lag``) and bytes; if ffmpeg
 falls further behind, the queue is dropped and input is skipped until the next video keyframe
@@ -417,6 +420,18 @@ class _Tag:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class _Barrier:
+    """In the queue where the input format changed: the process reading up to here ends, the
+    next one starts with these sequence headers."""
+
+    timestamp: int
+    reason: str
+    video_seq: bytes | None
+    audio_seq: bytes | None
+    body: bytes = b""
+
+
 class FlvSplitter:
     """Incremental FLV parser: bytes in, complete tags out (holds at most one partial tag)."""
 
@@ -599,8 +614,10 @@ class TranscodeJob:
     event loop. Callbacks (all synchronous, called on the loop):
 
     - ``on_output(track_name, kind, data)``: fragmented MP4 bytes of one track, in order
-    - ``on_plan(tracks)``: once, when the job has decided what to produce
-    - ``on_restart(Discontinuity)``: before a restarted process's output begins
+    - ``on_plan(tracks)``: when the job has decided what to produce (again after a change of
+      input format, e.g. a new resolution)
+    - ``on_restart(Discontinuity)``: before a new process's output begins (``attempt`` >= 1
+      after ffmpeg died, 0 after a change of input format)
     - ``on_exit(ok, reason)``: once, when the job is over (closed, or ffmpeg gave up)
     """
 
@@ -649,7 +666,8 @@ class TranscodeJob:
         self._audio_seq: bytes | None = None
         self._seen: dict[int, int] = {}  # tag type -> FLV codec id of the first tag
         self._first_ts: int | None = None
-        self._queue: deque[_Tag] = deque()
+        self._queue: deque[_Tag | _Barrier] = deque()
+        self._prefix_seq: tuple[bytes | None, bytes | None] = (None, None)  # for the next process
         self._queued_bytes = 0
         self._need_keyframe = False
         self._wakeup = asyncio.Event()
@@ -659,6 +677,7 @@ class TranscodeJob:
         self._process: asyncio.subprocess.Process | None = None
         self._splitter: FlvSplitter | None = None
         self._pending_restart: Discontinuity | None = None
+        self._reconfigure: str | None = None  # why the running process must make way
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     # Input (synchronous; from the ingest sink).
@@ -674,7 +693,7 @@ class TranscodeJob:
         return variants(self.tracks)
 
     def feed(self, data: bytes) -> None:
-        """An FLV byte stream (header first), in chunks of any size."""
+        """An FLV byte stream (header first), in chunks of any size; FlvError if it is not."""
         if self._splitter is None:
             self._splitter = FlvSplitter()
         for tag_type, timestamp, body in self._splitter.feed(data):
@@ -717,7 +736,8 @@ class TranscodeJob:
         if tag.tag_type == flv.SCRIPT:
             self._note_metadata(tag)
         elif tag.tag_type in (flv.VIDEO, flv.AUDIO) and tag.body:
-            self._note_media(tag)
+            if self._note_media(tag):
+                return
         else:
             return
         if not self._decided.is_set():
@@ -733,16 +753,35 @@ class TranscodeJob:
                 if isinstance(value, Mapping):
                     self._metadata = dict(value)
 
-    def _note_media(self, tag: _Tag) -> None:
+    def _note_media(self, tag: _Tag) -> bool:
+        """Records codecs and sequence headers; True if the tag changes the input format."""
         codec = tag.body[0] & 0x0F if tag.tag_type == flv.VIDEO else tag.body[0] >> 4
         self._seen.setdefault(tag.tag_type, codec)
         if self._first_ts is None:
             self._first_ts = tag.timestamp
-        if tag.is_sequence_header:
-            if tag.tag_type == flv.VIDEO:
-                self._video_seq = tag.body
-            else:
-                self._audio_seq = tag.body
+        if not tag.is_sequence_header:
+            return False
+        video = tag.tag_type == flv.VIDEO
+        old = self._video_seq if video else self._audio_seq
+        if video:
+            self._video_seq = tag.body
+        else:
+            self._audio_seq = tag.body
+        if old is None or old == tag.body or not self._decided.is_set():
+            return False
+        self._input_changed(
+            f"{'video' if video else 'audio'} sequence header changed", tag.timestamp
+        )
+        return True
+
+    def _input_changed(self, why: str, timestamp: int) -> None:
+        """New codec parameters (say a new resolution): a stream copy cannot follow and the
+        ladder may differ, so the running ffmpeg gets EOF after the tags queued so far, and a
+        new one starts at the next keyframe with the new sequence headers and plan."""
+        log.info("transcode %s: %s; ffmpeg will restart with the new parameters", self.name, why)
+        self._queue.append(_Barrier(timestamp, why, self._video_seq, self._audio_seq))
+        self._need_keyframe = True
+        self._wakeup.set()
 
     def _wanted(self, tag: _Tag) -> bool:
         """After the decision: only declared tracks, and nothing until a keyframe when needed."""
@@ -774,6 +813,7 @@ class TranscodeJob:
         return lag > self.max_lag_ms or self._queued_bytes + len(tag.body) > self.max_queue_bytes
 
     def _drop_queue(self, why: str) -> None:
+        barriers = [item for item in self._queue if isinstance(item, _Barrier)]
         self.stats.drops += 1
         self.stats.dropped_tags += len(self._queue)
         log.warning(
@@ -786,6 +826,8 @@ class TranscodeJob:
         self._queue.clear()
         self._queued_bytes = 0
         self._need_keyframe = True
+        if barriers:  # the format change still has to happen
+            self._queue.append(barriers[-1])
 
     # Deciding what the stream carries.
 
@@ -815,24 +857,24 @@ class TranscodeJob:
     def _decide(self, video: bool, audio: bool) -> None:
         self.source = self._source_info(video, audio)
         self.tracks = plan_outputs(self.ladder, self.source)
+        self._prefix_seq = (self._video_seq, self._audio_seq)
         self._trim_queue()
         self._decided.set()
-        log.info(
-            "transcode %s: input %s; outputs %s",
-            self.name,
-            self.source,
-            ", ".join(
-                f"{t.name}({'copy' if t.copy else t.height or t.bitrate})" for t in self.tracks
-            ),
-        )
+        self._log_plan()
         if self.on_plan is not None:
             self.on_plan(list(self.tracks))
 
+    def _log_plan(self) -> None:
+        outputs = ", ".join(
+            f"{t.name}({'copy' if t.copy else t.height or t.bitrate})" for t in self.tracks
+        )
+        log.info("transcode %s: input %s; outputs %s", self.name, self.source, outputs)
+
     def _source_info(self, video: bool, audio: bool) -> SourceInfo:
         metadata = self._metadata or {}
-        width, height = _number(metadata.get("width")), _number(metadata.get("height"))
-        if video and self._video_seq and not (width and height):
-            width, height = avc_dimensions(self._video_seq) or (None, None)
+        video_seq = self._prefix_seq[0] if self._decided.is_set() else self._video_seq
+        coded = avc_dimensions(video_seq) if video and video_seq else None
+        width, height = coded or (_number(metadata.get("width")), _number(metadata.get("height")))
         fps = metadata.get("framerate") or metadata.get("videoframerate")
         return SourceInfo(
             has_video=video,
@@ -879,8 +921,13 @@ class TranscodeJob:
             return (self._closing, "no audio or video in the stream")
         failures = 0
         while True:
+            if self._reconfigure is not None:
+                self._replan()
             started = time.monotonic()
             reason = await self._run_process()
+            if self._reconfigure is not None and (self._queue or not self._closing):
+                self._pending_restart = Discontinuity(0, self._reconfigure)
+                continue  # the input format changed: on with a new process and plan
             if self._closing:
                 return True, "closed"
             if time.monotonic() - started >= self.stable_after:
@@ -902,8 +949,22 @@ class TranscodeJob:
                     self._wakeup.clear()
                     await self._wakeup.wait()
 
+    def _replan(self) -> None:
+        source = self.source
+        assert source is not None
+        self._reconfigure = None
+        self.source = self._source_info(source.has_video, source.has_audio)
+        self.tracks = plan_outputs(self.ladder, self.source)
+        self._log_plan()
+        if self.on_plan is not None:
+            self.on_plan(list(self.tracks))
+
     def _restart(self, attempt: int, reason: str) -> None:
         self.stats.restarts += 1
+        barriers = [item for item in self._queue if isinstance(item, _Barrier)]
+        if barriers:  # a format change was queued: plan again for the new format
+            self._reconfigure = barriers[-1].reason
+        self._prefix_seq = (self._video_seq, self._audio_seq)
         self._queue.clear()
         self._queued_bytes = 0
         self._need_keyframe = True
@@ -964,22 +1025,28 @@ class TranscodeJob:
         waiter = asyncio.create_task(process.wait())
         try:
             while not waiter.done():
-                closing = asyncio.create_task(self._until_closing())
-                await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
-                closing.cancel()
-                if not waiter.done() and self._closing:
+                stopping = asyncio.create_task(self._until_stopping())
+                await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not waiter.done() and self._stopping:
                     await self._finish(process, waiter)
             return waiter.result()
         finally:
             waiter.cancel()
 
-    async def _until_closing(self) -> None:
-        while not self._closing:
+    @property
+    def _stopping(self) -> bool:
+        """The running process should end: the job is closing, or the input changed."""
+        return self._closing or self._reconfigure is not None
+
+    async def _until_stopping(self) -> None:
+        while not self._stopping:
             self._wakeup.clear()
             await self._wakeup.wait()
 
     async def _finish(self, process: asyncio.subprocess.Process, waiter: asyncio.Task) -> None:
-        """Closing: the pump ends stdin after the queue; give ffmpeg time to flush, then kill."""
+        """Stopping: the pump ends stdin (after the queue if closing); give ffmpeg time to
+        flush, then kill it."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.close_timeout):
                 await asyncio.shield(waiter)
@@ -996,14 +1063,10 @@ class TranscodeJob:
         source = self.source
         assert source is not None
         metadata = self._metadata
+        video_seq, audio_seq = self._prefix_seq
         prefix = flv_prefix(
-            metadata,
-            self._video_seq,
-            self._audio_seq,
-            audio=source.has_audio,
-            video=source.has_video,
+            metadata, video_seq, audio_seq, audio=source.has_audio, video=source.has_video
         )
-        video_seq, audio_seq = self._video_seq, self._audio_seq
         try:
             stdin.write(prefix)
             while True:
@@ -1014,10 +1077,16 @@ class TranscodeJob:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                 tag = self._queue.popleft()
+                if isinstance(tag, _Barrier):
+                    self._prefix_seq = (tag.video_seq, tag.audio_seq)
+                    self._reconfigure = tag.reason
+                    self._wakeup.set()
+                    stdin.write_eof()
+                    return
                 self._queued_bytes -= len(tag.body)
+                if tag.is_sequence_header:
+                    continue  # the same as in the prefix (a changed one is a barrier)
                 self._announce_restart(tag)
-                if tag.is_sequence_header and tag.body in (video_seq, audio_seq):
-                    continue  # already in the prefix
                 stdin.write(flv.tag(tag.tag_type, tag.timestamp, tag.body))
                 await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
