@@ -232,6 +232,11 @@ def test_ladder_from_config() -> None:
     )
     assert ladder[1] == tc.Rendition("720p", 720, 2_000_000, 128_000)
     assert ladder[2].fps == 30
+    # the shape of verge.config's Rendition (model_dump()): the source has video_bitrate 0
+    dumped = {"name": "source", "height": None, "video_bitrate": 0, "audio_bitrate": 128_000}
+    [source] = tc.ladder_from_config([dumped])
+    tracks = tc.plan_outputs([source], tc.SourceInfo(True, False, 640, 360, 25.0, video_codec=7))
+    assert tracks[0].copy and tracks[0].bitrate and tracks[0].bitrate > 0
     with pytest.raises(ValueError, match="unknown rendition"):
         tc.ladder_from_config(["4k"])
     with pytest.raises(ValueError, match="duplicate"):

@@ -94,7 +94,6 @@ _AAC = 10
 _DEFAULT_FPS = 30.0
 _STDERR_LINES = 40
 _STDERR_LINE_MAX = 400
-_READ_SIZE = 256 * 1024
 
 
 class FfmpegNotFound(RuntimeError):

@@ -257,14 +257,14 @@ class Segmenter:
         self._part = frag
 
     def _boundary(self) -> int:
-        """The first grid point after the open segment's start.
+        """The grid point after the one nearest the open segment's start.
 
         A keyframe fragment cuts when its middle is past the grid point: segments average the
         target even when fragments do not divide it (AAC's 1024-sample frames).
         """
         assert self._anchor is not None and self._seg_start is not None
         step = self._ts(self.segment_target)
-        k = (self._seg_start - self._anchor) // step + 1
+        k = (self._seg_start - self._anchor + step // 2) // step + 1  # grid index after the start
         return self._anchor + k * step
 
     def _emit_part(self, events: list[Event]) -> None:

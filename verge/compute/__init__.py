@@ -1,0 +1,1 @@
+"""Edge compute: function runtime, edge KV and store-and-forward data ingestion."""

@@ -1,0 +1,335 @@
+"""The WAGI ABI between the edge and a function: CGI environment in, CGI response out.
+
+Why CGI: any program that targets wasm32-wasi (C, Rust, Go, Zig...) is already a function;
+it needs no SDK, only ``getenv``, ``stdin`` and ``stdout``. This module is sans-I/O: it
+turns a request into an environment, and a function's stdout bytes into a result.
+The runtime (``runtime.py``) moves the bytes; nothing here touches wasm or sockets.
+
+Input (WAGI / RFC 3875)
+-----------------------
+Environment: ``REQUEST_METHOD``, ``PATH_INFO`` (decoded path), ``X_RAW_PATH_INFO`` (as
+sent), ``QUERY_STRING``, ``REQUEST_URI``, ``SCRIPT_NAME`` (empty), ``SERVER_NAME``,
+``SERVER_PORT``, ``SERVER_PROTOCOL``, ``SERVER_SOFTWARE``, ``GATEWAY_INTERFACE``,
+``REMOTE_ADDR``/``REMOTE_HOST``, ``CONTENT_TYPE``, ``CONTENT_LENGTH``, one ``HTTP_*``
+per request header (repeats joined with ", "), ``X_MATCHED_ROUTE`` and ``X_FULL_URL``
+like WAGI, ``VERGE_REQUEST_ID``, ``VERGE_PHASE`` (``request`` or ``response``), then the
+function's own variables and secrets declared at deploy time (these win on a clash).
+Stdin: the request body.
+
+Output (what a function prints on stdout)
+----------------------------------------
+CGI header lines (``Name: value``, LF or CRLF), one blank line, then the body.
+
+* **Answer**: ``Status: 404 Not Found`` (default 200), ``Content-Type``, any other header.
+  ``Location`` without ``Status`` means ``302 Found`` (WAGI's redirect rule). At least one
+  of ``Content-Type``, ``Location``, ``Status`` must be present (as in WAGI). Hop-by-hop
+  fields and ``Content-Length`` are dropped: the edge frames the body itself.
+* **Pass** (continue to the cache / origin): ``X-Verge-Pass: 1``. Optional edits of the
+  request that continues:
+  ``X-Verge-Rewrite-Path: /new/path?q=1`` (new request-target, origin-form),
+  ``X-Verge-Set-Header: Name: value`` (repeatable; replaces every ``Name``),
+  ``X-Verge-Remove-Header: Name`` (repeatable). The body of a pass is ignored.
+
+Response editing (``VERGE_PHASE=response``)
+-------------------------------------------
+The function runs after the origin answered: stdin is the origin response in the same
+CGI form (``Status: 200 OK``, headers, blank line, body; see :func:`encode_response`).
+It prints either a full answer (which replaces the response) or ``X-Verge-Pass: 1``,
+meaning "deliver the origin response", with ``X-Verge-Set-Header`` /
+``X-Verge-Remove-Header`` applied to the response headers (the body is left as is and
+need not be copied through the function).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from verge.http.message import HOP_BY_HOP, Headers
+
+PASS_HEADER = "x-verge-pass"
+REWRITE_PATH_HEADER = "x-verge-rewrite-path"
+SET_HEADER = "x-verge-set-header"
+REMOVE_HEADER = "x-verge-remove-header"
+_CONTROL_HEADERS = frozenset({PASS_HEADER, REWRITE_PATH_HEADER, SET_HEADER, REMOVE_HEADER})
+_DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "status"}
+_TRUTHY = frozenset({"1", "true", "yes", "on"})
+
+MAX_HEAD_BYTES = 64 * 1024  # the CGI header block of a function's output
+MAX_HEADER_LINES = 200
+
+REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class BadOutput(ValueError):
+    """A function's stdout is not a valid CGI response."""
+
+
+@dataclass(slots=True)
+class CgiRequest:
+    """What the edge knows about a request, in the shape the environment needs.
+
+    ``target`` is the raw origin-form request-target (``/path?query``, still
+    percent-encoded); ``host`` is the Host header value (may carry a port).
+    """
+
+    method: str
+    target: str
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    scheme: str = "http"
+    host: str = ""
+    server_port: int = 80
+    remote_addr: str = ""
+    route: str = ""
+    protocol: str = "HTTP/1.1"
+
+
+@dataclass(slots=True)
+class Answer:
+    """The function answered: the edge sends this response to the client."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(slots=True)
+class Pass:
+    """The function passed: the request (or origin response) continues, possibly edited."""
+
+    target: str | None = None
+    set_headers: Headers = field(default_factory=list)
+    remove_headers: tuple[str, ...] = ()
+
+    def edit_headers(self, headers: Headers) -> Headers:
+        """``headers`` with the removals and replacements applied (a new list)."""
+        drop = {n.lower() for n in self.remove_headers}
+        drop.update(n.lower() for n, _ in self.set_headers)
+        out = [(n, v) for n, v in headers if n.lower() not in drop]
+        out.extend(self.set_headers)
+        return out
+
+    def edit_request(self, target: str, headers: Headers) -> tuple[str, Headers]:
+        """The request-target and headers the pipeline continues with."""
+        return (self.target or target), self.edit_headers(headers)
+
+
+Result = Answer | Pass
+
+
+def build_environ(
+    req: CgiRequest,
+    *,
+    request_id: str = "",
+    phase: str = "request",
+    function_env: tuple[tuple[str, str], ...] = (),
+) -> list[tuple[str, str]]:
+    """The CGI environment (name, value) pairs for one invocation."""
+    raw_path, _, query = req.target.partition("?")
+    raw_path = raw_path or "/"
+    host = req.host or "localhost"
+    server_name = _strip_port(host)
+    env = [
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+        ("SERVER_SOFTWARE", "Verge"),
+        ("SERVER_PROTOCOL", req.protocol),
+        ("SERVER_NAME", server_name),
+        ("SERVER_PORT", str(req.server_port)),
+        ("REQUEST_METHOD", req.method),
+        ("SCRIPT_NAME", ""),
+        ("PATH_INFO", unquote(raw_path, errors="replace")),
+        ("X_RAW_PATH_INFO", raw_path),
+        ("PATH_TRANSLATED", raw_path),
+        ("QUERY_STRING", query),
+        ("REQUEST_URI", req.target),
+        ("REMOTE_ADDR", req.remote_addr),
+        ("REMOTE_HOST", req.remote_addr),
+        ("CONTENT_LENGTH", str(len(req.body))),
+        ("X_MATCHED_ROUTE", req.route),
+        ("X_FULL_URL", f"{req.scheme}://{host}{req.target}"),
+        ("VERGE_REQUEST_ID", request_id),
+        ("VERGE_PHASE", phase),
+    ]
+    env.extend(_header_environ(req.headers))
+    if function_env:
+        declared = {name for name, _ in function_env}
+        env = [(n, v) for n, v in env if n not in declared]
+        env.extend(function_env)
+    return env
+
+
+def _header_environ(headers: Headers) -> list[tuple[str, str]]:
+    merged: dict[str, str] = {}
+    for name, value in headers:
+        key = name.upper().replace("-", "_")
+        if key == "CONTENT_TYPE":
+            merged["CONTENT_TYPE"] = value
+            continue
+        if key == "CONTENT_LENGTH" or not key.replace("_", "").isalnum():
+            continue
+        key = "HTTP_" + key
+        merged[key] = merged[key] + ", " + value if key in merged else value
+    return list(merged.items())
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+def encode_response(status: int, headers: Headers, body: bytes) -> bytes:
+    """An HTTP response in CGI form: the input of response editing and of ``fetch``."""
+    lines = [f"Status: {status} {REASONS.get(status, '')}".rstrip()]
+    lines.extend(f"{n}: {v}" for n, v in headers)
+    head = "\n".join(lines) + "\n\n"
+    return head.encode("latin-1", "replace") + body
+
+
+def split_head(data: bytes) -> tuple[list[tuple[str, str]], int]:
+    """Parse the CGI header block: ([(name, value)], offset of the body)."""
+    end, sep = _head_end(data)
+    if end < 0:
+        raise BadOutput("no blank line after the CGI headers")
+    head = data[:end].decode("latin-1")
+    lines = head.split("\n")
+    if len(lines) > MAX_HEADER_LINES:
+        raise BadOutput(f"more than {MAX_HEADER_LINES} header lines")
+    fields = []
+    for line in lines:
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        name = name.strip()
+        if not colon or not name or " " in name:
+            raise BadOutput(f"malformed header line {line[:80]!r}")
+        fields.append((name, value.strip()))
+    return fields, end + sep
+
+
+def _head_end(data: bytes) -> tuple[int, int]:
+    """(index of the blank line, its length), or (-1, 0) when the head is incomplete."""
+    if data[:1] == b"\n":
+        return 0, 1
+    if data[:2] == b"\r\n":
+        return 0, 2
+    lf = data.find(b"\n\n", 0, MAX_HEAD_BYTES)
+    crlf = data.find(b"\n\r\n", 0, MAX_HEAD_BYTES)
+    if lf < 0 and crlf < 0:
+        if len(data) > MAX_HEAD_BYTES:
+            raise BadOutput(f"CGI header block over {MAX_HEAD_BYTES} bytes")
+        return -1, 0
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf + 1, 2
+    return lf + 1, 1
+
+
+def parse_status(value: str) -> int:
+    """The code of a CGI ``Status`` value such as ``404 Not Found``."""
+    code = value.split(None, 1)[0] if value.strip() else ""
+    if not (len(code) == 3 and code.isdigit() and 100 <= int(code) <= 599):
+        raise BadOutput(f"bad Status {value[:40]!r}")
+    return int(code)
+
+
+def parse_output(data: bytes) -> Result:
+    """A function's stdout -> :class:`Answer` or :class:`Pass` (raises :class:`BadOutput`)."""
+    fields, body_at = split_head(data)
+    names = {n.lower() for n, _ in fields}
+    if PASS_HEADER in names and _is_pass(fields):
+        return _parse_pass(fields)
+    if not names & {"content-type", "location", "status"}:
+        raise BadOutput("output has none of Content-Type, Location, Status")
+    status = 0
+    headers: Headers = []
+    for name, value in fields:
+        low = name.lower()
+        if low == "status":
+            status = parse_status(value)
+        elif low not in _DROPPED_RESPONSE_HEADERS and low not in _CONTROL_HEADERS:
+            headers.append((name, value))
+    if not status:
+        status = 302 if "location" in names else 200
+    return Answer(status, headers, data[body_at:])
+
+
+def _is_pass(fields: list[tuple[str, str]]) -> bool:
+    return any(n.lower() == PASS_HEADER and v.lower() in _TRUTHY for n, v in fields)
+
+
+def _parse_pass(fields: list[tuple[str, str]]) -> Pass:
+    result = Pass()
+    removes = []
+    for name, value in fields:
+        low = name.lower()
+        if low == REWRITE_PATH_HEADER:
+            if not value.startswith("/") or any(c in value for c in " \t\r\n"):
+                raise BadOutput(f"bad {name} {value[:80]!r}: must be an origin-form target")
+            result.target = value
+        elif low == SET_HEADER:
+            hname, colon, hvalue = value.partition(":")
+            if not colon or not hname.strip():
+                raise BadOutput(f"bad {name} {value[:80]!r}: expected 'Name: value'")
+            result.set_headers.append((hname.strip(), hvalue.strip()))
+        elif low == REMOVE_HEADER:
+            removes.append(value.strip())
+    result.remove_headers = tuple(removes)
+    return result
+
+
+def parse_response(data: bytes) -> Answer:
+    """A CGI-form HTTP response (a ``fetch`` answer or an origin response) -> Answer."""
+    fields, body_at = split_head(data)
+    status = 200
+    headers: Headers = []
+    for name, value in fields:
+        if name.lower() == "status":
+            status = parse_status(value)
+        else:
+            headers.append((name, value))
+    return Answer(status, headers, data[body_at:])
+
+
+def encode_request(method: str, url: str, headers: Headers, body: bytes = b"") -> bytes:
+    """A ``fetch`` sub-request as the guest writes it: ``METHOD URL``, headers, blank line, body."""
+    lines = [f"{method} {url}", *(f"{n}: {v}" for n, v in headers)]
+    return ("\n".join(lines) + "\n\n").encode("latin-1") + body
+
+
+def parse_request(data: bytes) -> tuple[str, str, Headers, bytes]:
+    """The inverse of :func:`encode_request` (raises :class:`BadOutput`)."""
+    nl = data.find(b"\n")
+    if nl < 0:
+        data += b"\n\n"
+        nl = data.find(b"\n")
+    first = data[:nl].decode("latin-1").strip()
+    method, _, url = first.partition(" ")
+    url = url.strip()
+    if not method.isalpha() or not url:
+        raise BadOutput(f"bad request line {first[:80]!r}")
+    rest = data[nl + 1 :]
+    if not rest.strip():
+        return method.upper(), url, [], b""
+    fields, body_at = split_head(rest)
+    return method.upper(), url, fields, rest[body_at:]
