@@ -25,7 +25,6 @@ is stopped and reported as ``subrequest_limit``. Out-of-bounds pointers trap.
 from __future__ import annotations
 
 import ctypes
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -120,10 +119,20 @@ class Capabilities:
     kv_write: bool = False
 
     @classmethod
-    def of(cls, *, env: dict[str, str] | None = None, fetch_hosts: Iterable[str] = (),
-           kv_namespace: str | None = None, kv_write: bool = False) -> Capabilities:
-        return cls(tuple((env or {}).items()), frozenset(h.lower() for h in fetch_hosts),
-                   kv_namespace, kv_write)
+    def of(
+        cls,
+        *,
+        env: dict[str, str] | None = None,
+        fetch_hosts: Iterable[str] = (),
+        kv_namespace: str | None = None,
+        kv_write: bool = False,
+    ) -> Capabilities:
+        return cls(
+            tuple((env or {}).items()),
+            frozenset(h.lower() for h in fetch_hosts),
+            kv_namespace,
+            kv_write,
+        )
 
     def may_fetch(self, url: str) -> bool:
         """True when ``url`` is http(s) to a host on the allow-list."""
@@ -168,7 +177,10 @@ class HostState:
         if not key or len(key) > MAX_KEY_BYTES:
             return E_INVALID
         self.kv_reads += 1
-        value = self._timed(self.services.kv.get, self.caps.kv_namespace, key)
+        try:
+            value = self._timed(self.services.kv.get, self.caps.kv_namespace, key)
+        except Exception:  # a failing KV backend is the function's error code
+            return E_UNAVAILABLE
         return E_NOT_FOUND if value is None else value
 
     def kv_put(self, key: bytes, value: bytes) -> int:
@@ -181,7 +193,10 @@ class HostState:
         if len(value) > MAX_VALUE_BYTES:
             return E_TOO_LARGE
         self.kv_writes += 1
-        self._timed(self.services.kv.put, self.caps.kv_namespace, key, value)
+        try:
+            self._timed(self.services.kv.put, self.caps.kv_namespace, key, value)
+        except Exception:
+            return E_UNAVAILABLE
         return 0
 
     def fetch(self, raw: bytes) -> bytes | int:
@@ -197,7 +212,8 @@ class HostState:
             return E_UNAVAILABLE
         if self.subrequests >= self.max_subrequests:
             self.violation = Violation(
-                "subrequest_limit", f"more than {self.max_subrequests} sub-requests")
+                "subrequest_limit", f"more than {self.max_subrequests} sub-requests"
+            )
             raise self.violation
         self.subrequests += 1
         request = FetchRequest(method, url, headers, body, self.subrequest_timeout)
@@ -237,10 +253,7 @@ class HostState:
         n = min(len(data), cap)
         if n:
             ctypes.memmove(self._base(ptr, n), data, n)
-        return len(data)
-
-    def write_u32(self, ptr: int, value: int) -> None:
-        ctypes.memmove(self._base(ptr, 4), struct.pack("<I", value), 4)
+        return min(len(data), 0x7FFFFFFF)
 
 
 StateGetter = Callable[[], HostState]

@@ -30,8 +30,9 @@ the GIL while wasm runs, so the edge calls it from a small thread pool
 
 from __future__ import annotations
 
-import ctypes
 import array
+import contextlib
+import ctypes
 import enum
 import hashlib
 import importlib.metadata
@@ -53,7 +54,7 @@ from wasmtime import _ffi as ffi
 from wasmtime._extern import wrap_extern
 
 from verge.compute import wagi
-from verge.compute.host import Capabilities, HostServices, HostState, Violation, define_host_functions
+from verge.compute.host import Capabilities, HostServices, HostState, define_host_functions
 from verge.http.message import Headers
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ class Outcome(enum.StrEnum):
     ERROR = "error"  # the module could not be instantiated
 
 
-_LIMIT_OUTCOMES = frozenset({Outcome.TIMEOUT, Outcome.MEMORY_LIMIT,
-                             Outcome.RESPONSE_TOO_LARGE, Outcome.SUBREQUEST_LIMIT})
+_LIMIT_OUTCOMES = frozenset(
+    {Outcome.TIMEOUT, Outcome.MEMORY_LIMIT, Outcome.RESPONSE_TOO_LARGE, Outcome.SUBREQUEST_LIMIT}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,12 +163,19 @@ class Invocation:
     def log_record(self) -> dict[str, object]:
         """A JSON-ready line for the access/function log."""
         return {
-            "function": self.function, "request_id": self.request_id,
-            "outcome": str(self.outcome), "error": self.error, "exit_code": self.exit_code,
-            "duration_ms": round(self.duration_ms, 3), "cpu_ms": round(self.cpu_ms, 3),
-            "peak_memory": self.peak_memory, "stdout_bytes": self.stdout_bytes,
-            "subrequests": self.subrequests, "kv_reads": self.kv_reads,
-            "kv_writes": self.kv_writes, "denied": self.denied,
+            "function": self.function,
+            "request_id": self.request_id,
+            "outcome": str(self.outcome),
+            "error": self.error,
+            "exit_code": self.exit_code,
+            "duration_ms": round(self.duration_ms, 3),
+            "cpu_ms": round(self.cpu_ms, 3),
+            "peak_memory": self.peak_memory,
+            "stdout_bytes": self.stdout_bytes,
+            "subrequests": self.subrequests,
+            "kv_reads": self.kv_reads,
+            "kv_writes": self.kv_writes,
+            "denied": self.denied,
             "stderr": self.stderr.decode("utf-8", "replace"),
         }
 
@@ -201,8 +210,13 @@ class Function:
 class ModuleCache:
     """Compiled modules: in memory, then on disk as serialized artefacts, then compile."""
 
-    def __init__(self, engine: wasmtime.Engine, linker: wasmtime.Linker,
-                 cache_dir: Path | None, fingerprint: object = ENGINE_SETTINGS) -> None:
+    def __init__(
+        self,
+        engine: wasmtime.Engine,
+        linker: wasmtime.Linker,
+        cache_dir: Path | None,
+        fingerprint: object = ENGINE_SETTINGS,
+    ) -> None:
         self.engine = engine
         self.linker = linker
         self.dir = cache_dir
@@ -348,10 +362,8 @@ class _Scratch:
 
     def __del__(self) -> None:
         for fd in (self.stdout_fd, self.stderr_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _output_file(name: str) -> tuple[int, str]:
@@ -397,8 +409,9 @@ def _c_string_arrays(env: list[tuple[str, str]]) -> tuple[object, object, tuple[
     return names, values, (blob, pointers)
 
 
-def _wasi_config(env: list[tuple[str, str]], argv: tuple[object, object], stdin: bytes,
-                 scratch: _Scratch) -> wasmtime.WasiConfig:
+def _wasi_config(
+    env: list[tuple[str, str]], argv: tuple[object, object], stdin: bytes, scratch: _Scratch
+) -> wasmtime.WasiConfig:
     config = wasmtime.WasiConfig()
     ptr = config.ptr()
     names, values, _keep = _c_string_arrays(env)
@@ -407,11 +420,13 @@ def _wasi_config(env: list[tuple[str, str]], argv: tuple[object, object], stdin:
     ffi.wasi_config_set_argv(ptr, 1, argv[0])
     if stdin:
         vec = ffi.wasm_byte_vec_t()
-        buf = (ctypes.c_uint8 * len(stdin)).from_buffer_copy(stdin)
-        ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), buf)
+        data = ctypes.cast(ctypes.c_char_p(stdin), ctypes.POINTER(ctypes.c_uint8))
+        ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), data)  # copies
         ffi.wasi_config_set_stdin_bytes(ptr, ctypes.byref(vec))  # takes ownership
-    if not (ffi.wasi_config_set_stdout_file(ptr, scratch.stdout_path)
-            and ffi.wasi_config_set_stderr_file(ptr, scratch.stderr_path)):
+    if not (
+        ffi.wasi_config_set_stdout_file(ptr, scratch.stdout_path)
+        and ffi.wasi_config_set_stderr_file(ptr, scratch.stderr_path)
+    ):
         raise OSError("cannot open the output files")
     return config
 
@@ -423,7 +438,9 @@ def _argv(name: str) -> tuple[object, object]:
     return ctypes.cast(array_, _CharPP), (arg, array_)
 
 
-_EXTERN_FAST = hasattr(wasmtime.Instance, "_from_raw") and hasattr(ffi, "wasmtime_instance_export_get")
+_EXTERN_FAST = hasattr(wasmtime.Instance, "_from_raw") and hasattr(
+    ffi, "wasmtime_instance_export_get"
+)
 
 
 def _export(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> object:
@@ -431,8 +448,9 @@ def _export(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> 
     if not _EXTERN_FAST:
         return instance.exports(store)[name.decode()]
     item = ffi.wasmtime_extern_t()
-    found = ffi.wasmtime_instance_export_get(store._context(), ctypes.byref(instance._instance),
-                                             name, len(name), ctypes.byref(item))
+    found = ffi.wasmtime_instance_export_get(
+        store._context(), ctypes.byref(instance._instance), name, len(name), ctypes.byref(item)
+    )
     if not found:
         raise KeyError(name.decode())
     return wrap_extern(item)
@@ -441,17 +459,25 @@ def _export(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> 
 class Runtime:
     """One per edge worker process: an engine, a module cache and the epoch ticker."""
 
-    def __init__(self, cache_dir: str | Path | None = None, *, tick_ms: float = 2.0,
-                 pooling: PoolSettings | bool = True,
-                 hook: Callable[[Invocation], None] | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        *,
+        tick_ms: float = 2.0,
+        pooling: PoolSettings | bool = True,
+        hook: Callable[[Invocation], None] | None = None,
+    ) -> None:
         self.pool = PoolSettings() if pooling is True else (pooling or None)
         self.engine = make_engine(self.pool)
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         define_host_functions(self.linker, self._state)
-        self.modules = ModuleCache(self.engine, self.linker,
-                                   Path(cache_dir) if cache_dir is not None else None,
-                                   fingerprint=[ENGINE_SETTINGS, self.pool and asdict(self.pool)])
+        self.modules = ModuleCache(
+            self.engine,
+            self.linker,
+            Path(cache_dir) if cache_dir is not None else None,
+            fingerprint=[ENGINE_SETTINGS, self.pool and asdict(self.pool)],
+        )
         self.tick = tick_ms / 1000.0
         self.ticker = EpochTicker(self.engine, self.tick)
         self.hook = hook
@@ -466,8 +492,14 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def load(self, wasm: bytes | str, *, name: str = "function",
-             caps: Capabilities | None = None, limits: Limits | None = None) -> Function:
+    def load(
+        self,
+        wasm: bytes | str,
+        *,
+        name: str = "function",
+        caps: Capabilities | None = None,
+        limits: Limits | None = None,
+    ) -> Function:
         """Compile (or fetch from the cache) and bind capabilities and limits.
 
         Raises ValueError for a module that is not a WASI command, cannot be linked (an
@@ -475,8 +507,10 @@ class Runtime:
         """
         limits = limits or Limits()
         if self.pool is not None and limits.memory_bytes > self.pool.max_memory_bytes:
-            raise ValueError(f"memory limit {limits.memory_bytes} over this runtime's "
-                             f"maximum of {self.pool.max_memory_bytes}")
+            raise ValueError(
+                f"memory limit {limits.memory_bytes} over this runtime's "
+                f"maximum of {self.pool.max_memory_bytes}"
+            )
         try:
             fn = Function(name, self.modules.load(wasm), caps or Capabilities(), limits)
         except wasmtime.WasmtimeError as exc:
@@ -501,13 +535,20 @@ class Runtime:
         finally:
             store.close()
 
-    def invoke(self, fn: Function, request: wagi.CgiRequest, *,
-               services: HostServices | None = None, request_id: str = "",
-               response: tuple[int, Headers, bytes] | None = None) -> Invocation:
+    def invoke(
+        self,
+        fn: Function,
+        request: wagi.CgiRequest,
+        *,
+        services: HostServices | None = None,
+        request_id: str = "",
+        response: tuple[int, Headers, bytes] | None = None,
+    ) -> Invocation:
         """Run ``fn`` once for ``request``; with ``response`` it edits that origin response."""
         phase = "request" if response is None else "response"
-        env = wagi.build_environ(request, request_id=request_id, phase=phase,
-                                 function_env=fn.caps.env)
+        env = wagi.build_environ(
+            request, request_id=request_id, phase=phase, function_env=fn.caps.env
+        )
         stdin = request.body if response is None else wagi.encode_response(*response)
         run = _Run(self, fn, request_id, services or HostServices())
         inv = run.execute(env, stdin)
@@ -546,14 +587,14 @@ def _describe(exc: BaseException, code: wasmtime.TrapCode | None) -> str:
 class _Run:
     """The life of one invocation (kept out of Runtime.invoke to keep each step short)."""
 
-    def __init__(self, rt: Runtime, fn: Function, request_id: str,
-                 services: HostServices) -> None:
+    def __init__(self, rt: Runtime, fn: Function, request_id: str, services: HostServices) -> None:
         self.rt = rt
         self.fn = fn
         self.limits = fn.limits
         self.inv = Invocation(fn.name, request_id, Outcome.ERROR)
-        self.state = HostState(fn.caps, services, fn.limits.max_subrequests,
-                               fn.limits.subrequest_timeout_s)
+        self.state = HostState(
+            fn.caps, services, fn.limits.max_subrequests, fn.limits.subrequest_timeout_s
+        )
         self.store: wasmtime.Store | None = None
         self.started = 0.0
 
@@ -624,9 +665,6 @@ class _Run:
         if violation is not None:
             inv.outcome, inv.error = Outcome(violation.outcome), str(violation)
             return
-        if isinstance(exc, Violation):
-            inv.outcome, inv.error = Outcome(exc.outcome), str(exc)
-            return
         code = getattr(exc, "trap_code", None) if isinstance(exc, wasmtime.Trap) else None
         message = _describe(exc, code)
         if code == wasmtime.TrapCode.INTERRUPT:
@@ -638,20 +676,30 @@ class _Run:
             inv.error = f"instantiation failed: {message}"
         else:
             inv.outcome, inv.error = Outcome.TRAP, f"trap: {message}"
-        if not instantiating and inv.outcome != Outcome.SUBREQUEST_LIMIT \
-                and self._near_memory_limit():
+        if (
+            not instantiating
+            and inv.outcome != Outcome.SUBREQUEST_LIMIT
+            and self._near_memory_limit()
+        ):
             inv.outcome = Outcome.MEMORY_LIMIT
             inv.error = f"memory limit of {self.limits.memory_bytes} bytes reached ({message})"
 
     def _near_memory_limit(self) -> bool:
-        """A failed run whose memory got within one growth step of the limit ran out."""
-        slack = max(self.limits.memory_bytes // 16, 64 * 1024)
+        """A failed run whose memory got within one big allocation of the limit ran out.
+
+        A heuristic: wasmtime does not report failed ``memory.grow``s (malloc just returns
+        NULL), so a run that failed near the limit is counted as a memory failure.
+        """
+        slack = max(self.limits.memory_bytes // 16, 2 * MiB)
         return self.inv.peak_memory >= self.limits.memory_bytes - slack
 
     def _collect(self, scratch: _Scratch) -> None:
         inv, state = self.inv, self.state
         inv.subrequests, inv.kv_reads, inv.kv_writes = (
-            state.subrequests, state.kv_reads, state.kv_writes)
+            state.subrequests,
+            state.kv_reads,
+            state.kv_writes,
+        )
         inv.denied = state.denied
         err = _read_capped(scratch.stderr_fd, self.limits.max_stderr_bytes)
         inv.stderr_truncated = len(err) > self.limits.max_stderr_bytes

@@ -334,6 +334,9 @@ def check_port_free(host: str, port: int) -> None:
     sock = reuseport_socket(host, port)
     sock.close()
     probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # SO_REUSEADDR: connections of an earlier run in TIME_WAIT must not count as "taken";
+    # a listening socket (ours with SO_REUSEPORT or anyone's) still makes the bind fail.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
     except OSError as exc:

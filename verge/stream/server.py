@@ -24,37 +24,88 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 from verge.config import StreamApp, StreamSettings
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
 from verge.stream.fanout import FlvFanout
 from verge.stream.ingest import RtmpServer
+from verge.stream.package.live import (
+    BlockingRequestError,
+    LiveStream,
+    StreamNaming,
+    parse_blocking_query,
+)
 from verge.stream.rtmp.session import AudioTag, Publish, VideoTag
+from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg
 
 log = logging.getLogger("verge.stream")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 NO_STORE = ("Cache-Control", "no-store")
 CORS = ("Access-Control-Allow-Origin", "*")
+IMMUTABLE = ("Cache-Control", "public, max-age=31536000, immutable")
+SHORT = ("Cache-Control", "public, max-age=1")  # live playlists: the edge collapses and reuses
+BLOCKED = ("Cache-Control", "public, max-age=6")  # the answer for one _HLS_msn/_HLS_part
+M3U8 = "application/vnd.apple.mpegurl"
+MPD = "application/dash+xml"
+STARTUP_WAIT = 8.0  # seconds a first request may wait for a new stream's first segment
+STREAM_DOC_RE = re.compile(r"/(?P<stream>[^/]+/[^/.]+)\.(?P<kind>m3u8|mpd)")
+RENDITION_RE = re.compile(r"/(?P<stream>[^/]+/[^/.]+)/(?P<rendition>[a-z0-9-]+)/(?P<file>[\w.-]+)")
 
 
 @dataclass
 class Channel:
-    """One live stream: its FLV fan-out and (when packaging runs) its packager state."""
+    """One live stream: FLV fan-out, transcoder, packager, and a condition that wakes the
+    requests blocked on the next part (LL-HLS blocking reload, preload hints)."""
 
     path: str  # "APP/NAME"
     app: StreamApp
+    packager: LiveStream
     fanout: FlvFanout = field(default_factory=FlvFanout)
     live: bool = True
     ending: asyncio.TimerHandle | None = None
     publishes: int = 0
+    job: TranscodeJob | None = None
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def on_output(self, rendition: str, kind: str, data: bytes) -> None:
+        """Transcoder bytes (one fMP4 output) into the packager; wake the waiters."""
+        target = self.packager.renditions.get(rendition)
+        if target is None:
+            variant = next((v for v in (self.job.variants if self.job else ()) if v.name == rendition),
+                           None)
+            target = self.packager.add_rendition(rendition, variant.bandwidth if variant else 0)
+        target.feed(data)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    def on_restart(self, discontinuity) -> None:
+        log.warning("stream %s: transcoder restarted (%s); discontinuity", self.path,
+                    discontinuity.reason)
+        self.packager.restart()
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_for(self, ready, timeout: float) -> bool:
+        """Until ready() or the timeout; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout), self.changed:
+                await self.changed.wait_for(ready)
+            return True
+        except TimeoutError:
+            return ready()
 
 
 class StreamServer:
     """The ingest sink and the HTTP application of `verge stream`."""
 
-    def __init__(self, settings: StreamSettings) -> None:
+    def __init__(self, settings: StreamSettings, *, transcode: bool = True,
+                 ffmpeg: str | None = None) -> None:
         self.settings = settings
+        self.transcode = transcode
+        self.ffmpeg = resolve_ffmpeg(ffmpeg) if transcode else None
         self.apps = {app.name: app for app in settings.apps}
         self.channels: dict[str, Channel] = {}
         self.rtmp: RtmpServer | None = None
@@ -78,20 +129,38 @@ class StreamServer:
             channel.ending = None
             log.info("stream %s: publisher back, continuing", stream)
         elif channel is None or not channel.live:
-            channel = self.channels[stream] = Channel(stream, self.apps[publish.app])
+            channel = self.channels[stream] = self._new_channel(stream, self.apps[publish.app])
             log.info("stream %s: live", stream)
         channel.live = True
         channel.publishes += 1
+
+    def _new_channel(self, stream: str, app: StreamApp) -> Channel:
+        settings = self.settings
+        name = stream.rsplit("/", 1)[1]  # documents at /APP/NAME.m3u8, renditions at /APP/NAME/R/
+        naming = StreamNaming(playlist=f"{name}/{{rendition}}/index.m3u8",
+                              directory=f"{name}/{{rendition}}/")
+        channel = Channel(stream, app, LiveStream(
+            part_target=settings.part_target, segment_target=settings.segment_target,
+            window=settings.dvr_window, stream_naming=naming))
+        if self.transcode:
+            channel.job = TranscodeJob(
+                ladder_from_config(r.model_dump() for r in app.ladder), ffmpeg=self.ffmpeg,
+                on_output=channel.on_output, on_restart=channel.on_restart, name=stream)
+        return channel
 
     def on_metadata(self, stream: str, metadata: dict) -> None:
         channel = self.channels.get(stream)
         if channel is not None:
             channel.fanout.on_metadata(metadata)
+            if channel.job is not None:
+                channel.job.write_metadata(metadata)
 
     def on_media(self, stream: str, tag: VideoTag | AudioTag) -> None:
         channel = self.channels.get(stream)
         if channel is not None:
             channel.fanout.on_tag(tag)
+            if channel.job is not None:
+                channel.job.write_media(tag)
 
     def on_unpublish(self, stream: str, reason: str) -> None:
         channel = self.channels.get(stream)
@@ -106,7 +175,15 @@ class StreamServer:
         channel.ending = None
         channel.live = False
         channel.fanout.end()
+        if channel.job is not None:
+            asyncio.get_running_loop().create_task(self._finish(channel))
         log.info("stream %s: ended", channel.path)
+
+    async def _finish(self, channel: Channel) -> None:
+        """Let ffmpeg flush what it has, then close the playlists (EXT-X-ENDLIST)."""
+        await channel.job.close()
+        channel.packager.end()
+        await channel._notify()
 
     # ----- serving ----------------------------------------------------------------------------
     async def start(self, rtmp: tuple[str, int], http: tuple[str, int]) -> None:
@@ -123,6 +200,8 @@ class StreamServer:
             if channel.ending is not None:
                 channel.ending.cancel()
             channel.fanout.end()
+            if channel.job is not None:
+                await channel.job.close()
         if self.http is not None:
             self.http.close()
 
@@ -147,7 +226,71 @@ class StreamHttp(HttpApp):
         if path.endswith(".flv"):
             await self.http_flv(request, writer, path[1:-4])
             return
-        writer.send_prepared(404, simple_response(404, b"no such stream resource\n"), 0)
+        resource = _resource(path)
+        channel = self.server.channels.get(resource[0]) if resource else None
+        if channel is None:
+            await _send(writer, 404, b"no such stream\n", "text/plain", NO_STORE)
+            return
+        stream, rendition, name = resource
+        if rendition is None:
+            await self.stream_document(request, writer, channel, name)
+        else:
+            await self.rendition_resource(request, writer, channel, rendition, name)
+
+    async def stream_document(self, request, writer, channel: Channel, name: str) -> None:
+        """The multivariant playlist or the MPD, once every rendition has its init segment."""
+        packager = channel.packager
+        await channel.wait_for(lambda: packager.ready or packager.ended, STARTUP_WAIT)
+        if not packager.renditions or not packager.ready:
+            await _send(writer, 404, b"stream is starting\n", "text/plain", NO_STORE)
+        elif name == "m3u8":
+            await _send(writer, 200, packager.multivariant().encode(), M3U8, SHORT)
+        else:
+            await _send(writer, 200, packager.mpd().encode(), MPD, SHORT)
+
+    async def rendition_resource(self, request, writer, channel: Channel, rendition: str,
+                                 name: str) -> None:
+        packager = channel.packager
+        await channel.wait_for(lambda: rendition in packager.renditions or packager.ended,
+                               STARTUP_WAIT)
+        target = packager.renditions.get(rendition)
+        if target is None:
+            await _send(writer, 404, b"no such rendition\n", "text/plain", NO_STORE)
+        elif name in ("index.m3u8", "classic.m3u8"):
+            await self.media_playlist(request, writer, channel, target, name == "index.m3u8")
+        else:
+            await self.media_file(writer, channel, target, name)
+
+    async def media_playlist(self, request, writer, channel: Channel, target, ll: bool) -> None:
+        """LL-HLS blocking reload: with _HLS_msn (and _HLS_part) wait until that part exists."""
+        query = parse_qs(request.query)
+        try:
+            msn, part = parse_blocking_query(_first(query, "_HLS_msn"), _first(query, "_HLS_part"))
+            target.check_blocking(msn, part)
+        except BlockingRequestError as exc:
+            await _send(writer, 400, f"{exc}\n".encode(), "text/plain", NO_STORE)
+            return
+        wait = 3 * max(target.target_duration, 1)
+        if not await channel.wait_for(lambda: target.ready and target.blocking_ready(msn, part),
+                                      wait if msn is not None else STARTUP_WAIT):
+            await _send(writer, 503, b"the stream did not reach that part in time\n", "text/plain",
+                  NO_STORE)
+            return
+        text = channel.packager.media_playlist(target.name, ll=ll)
+        await _send(writer, 200, text.encode(), M3U8, BLOCKED if msn is not None else SHORT)
+
+    async def media_file(self, writer, channel: Channel, target, name: str) -> None:
+        """Init, segment or part bytes; a hinted part not there yet is waited for."""
+        data = target.resolve(name)
+        if data is None and target.pending(name):
+            wait = 3 * max(target.target_duration, 1)
+            await channel.wait_for(lambda: target.resolve(name) is not None or target.ended, wait)
+            data = target.resolve(name)
+        if data is None:
+            await _send(writer, 404, b"no such media\n", "text/plain", NO_STORE)
+        else:
+            await _send(writer, 200, data, "video/mp4" if name.endswith(".mp4") else "video/iso.segment",
+                  IMMUTABLE)
 
     async def http_flv(self, request, writer, stream: str) -> None:
         channel = self.server.channels.get(stream)
@@ -163,6 +306,28 @@ class StreamHttp(HttpApp):
                 await writer.write(data)
         finally:
             channel.fanout.unsubscribe(viewer)
+
+
+def _resource(path: str) -> tuple[str, str | None, str] | None:
+    """/APP/NAME.m3u8|.mpd -> (stream, None, kind); /APP/NAME/REND/FILE -> (stream, rend, file)."""
+    match = STREAM_DOC_RE.fullmatch(path)
+    if match:
+        return match["stream"], None, match["kind"]
+    match = RENDITION_RE.fullmatch(path)
+    if match:
+        return match["stream"], match["rendition"], match["file"]
+    return None
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+async def _send(writer, status: int, body: bytes, content_type: str,
+                cache: tuple[str, str]) -> None:
+    writer.start(status, [("Content-Type", content_type), cache, CORS], content_length=len(body))
+    await writer.write(body)
 
 
 async def run_stream(settings: StreamSettings, rtmp: tuple[str, int], http: tuple[str, int]) -> None:

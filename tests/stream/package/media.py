@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 FRAG_FLAGS = ["-movflags", "+empty_moov+default_base_moof+frag_keyframe"]
-VIDEO = ["-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0"]
+VIDEO = [
+    "-c:v",
+    "libx264",
+    "-preset",
+    "ultrafast",
+    "-g",
+    "25",
+    "-keyint_min",
+    "25",
+    "-sc_threshold",
+    "0",
+]
 AUDIO = ["-c:a", "aac", "-ac", "2"]
 SOURCES = [
     "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25",

@@ -70,7 +70,9 @@ def test_parse_moof_timing_is_contiguous():
     assert syncs == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-def _moof(tfhd_flags: int, tfhd_fields: bytes, trun_flags: int, trun_fields: bytes, count: int) -> bytes:
+def _moof(
+    tfhd_flags: int, tfhd_fields: bytes, trun_flags: int, trun_fields: bytes, count: int
+) -> bytes:
     tfhd = full("tfhd", 0, tfhd_flags, struct.pack(">I", 7) + tfhd_fields)
     tfdt = full("tfdt", 1, 0, struct.pack(">Q", 2**40))
     trun = full("trun", 0, trun_flags, struct.pack(">I", count) + trun_fields)

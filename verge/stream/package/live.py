@@ -105,6 +105,7 @@ class LiveRendition:
         self._clock = clock
         self._init: InitSegment | None = None
         self._parts_by_seq: dict[int, tuple[MediaSegment, MediaPart]] = {}
+        self._segment_data: dict[int, bytes] = {}  # complete segments, joined once
         self._max_target = max(1, math.ceil(segment_target - 1e-9))
         self._bytes = 0
         self._seconds = 0.0
@@ -141,7 +142,7 @@ class LiveRendition:
         for event in self.segmenter.flush():
             self.add(event, now)
         if self.segments and not self.segments[-1].complete:
-            self.segments.pop()  # a segment that never closed (no parts) is not listable
+            self._complete(self.segments[-1])  # events came from outside, without the last end
         self.ended = True
 
     def _add_part(self, part: Part, now: float) -> None:
@@ -167,10 +168,13 @@ class LiveRendition:
 
     def _end_segment(self, end: SegmentEnd) -> None:
         seg = next((s for s in reversed(self.segments) if s.msn == end.msn), None)
-        if seg is None:
-            return
+        if seg is not None:
+            seg.duration_ts = end.duration_ts
+            self._complete(seg)
+
+    def _complete(self, seg: MediaSegment) -> None:
         seg.complete = True
-        seg.duration_ts = end.duration_ts
+        self._segment_data[seg.msn] = seg.data
         size = seg.size
         self._bytes += size
         self._seconds += seg.duration
@@ -186,6 +190,7 @@ class LiveRendition:
             self.retired.append(self.segments.popleft())
         while self.retired and sum(s.duration for s in self.retired) > keep:
             old = self.retired.popleft()
+            self._segment_data.pop(old.msn, None)
             for p in old.parts:
                 self._parts_by_seq.pop(p.seq, None)
             if not any(
@@ -271,8 +276,7 @@ class LiveRendition:
         return init.data if init else None
 
     def segment_bytes(self, msn: int) -> bytes | None:
-        seg = self._segment(msn)
-        return seg.data if seg is not None and seg.complete else None
+        return self._segment_data.get(msn)
 
     def part_bytes(self, msn: int, index: int) -> bytes | None:
         seg = self._segment(msn)
