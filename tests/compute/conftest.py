@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from verge.compute.runtime import Runtime
-
 EXAMPLES = Path(__file__).parent / "examples"
 CLANG_CANDIDATES = ("clang-14", "clang", "clang-16", "clang-19")
 SYSROOT_HINTS = (Path("/usr/lib/wasm32-wasi/libc.a"), Path("/usr/share/wasi-sysroot"))
@@ -82,6 +80,8 @@ def artefact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def runtime(artefact_dir: Path):
+    from verge.compute.runtime import Runtime  # imported lazily: other tests here need no wasm
+
     rt = Runtime(artefact_dir)
     yield rt
     rt.close()

@@ -326,7 +326,7 @@ def parse_request(data: bytes) -> tuple[str, str, Headers, bytes]:
     first = data[:nl].decode("latin-1").strip()
     method, _, url = first.partition(" ")
     url = url.strip()
-    if not method.isalpha() or not url:
+    if not method.isalpha() or not url or any(c.isspace() for c in url):
         raise BadOutput(f"bad request line {first[:80]!r}")
     rest = data[nl + 1 :]
     if not rest.strip():

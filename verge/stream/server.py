@@ -36,6 +36,7 @@ from verge.stream.package.live import (
     StreamNaming,
     parse_blocking_query,
 )
+from verge.stream.package.mp4 import Mp4Error
 from verge.stream.rtmp.session import AudioTag, Publish, VideoTag
 from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg
 
@@ -76,8 +77,25 @@ class Channel:
             variant = next((v for v in (self.job.variants if self.job else ()) if v.name == rendition),
                            None)
             target = self.packager.add_rendition(rendition, variant.bandwidth if variant else 0)
-        target.feed(data)
+        try:
+            target.feed(data)
+        except Mp4Error as exc:  # ffmpeg wrote something we cannot package: start over
+            log.error("stream %s: rendition %s: bad fragmented MP4 (%s); restarting it",
+                      self.path, rendition, exc)
+            target.restart()
         asyncio.get_running_loop().create_task(self._notify())
+
+    def on_plan(self, tracks) -> None:
+        """The transcoder's outputs are known: every rendition exists before its first byte,
+        so the multivariant playlist never lists a partial ladder."""
+        for track in tracks:
+            if track.name not in self.packager.renditions:
+                self.packager.add_rendition(track.name, track.bitrate or 0)
+
+    def startable(self) -> bool:
+        """Every rendition has a complete segment: what a player (or ffprobe) needs to start."""
+        renditions = self.packager.renditions.values()
+        return bool(renditions) and all(_has_segment(r) for r in renditions)
 
     def on_restart(self, discontinuity) -> None:
         log.warning("stream %s: transcoder restarted (%s); discontinuity", self.path,
@@ -145,7 +163,8 @@ class StreamServer:
         if self.transcode:
             channel.job = TranscodeJob(
                 ladder_from_config(r.model_dump() for r in app.ladder), ffmpeg=self.ffmpeg,
-                on_output=channel.on_output, on_restart=channel.on_restart, name=stream)
+                on_output=channel.on_output, on_restart=channel.on_restart,
+                on_plan=channel.on_plan, name=stream)
         return channel
 
     def on_metadata(self, stream: str, metadata: dict) -> None:
@@ -240,8 +259,8 @@ class StreamHttp(HttpApp):
     async def stream_document(self, request, writer, channel: Channel, name: str) -> None:
         """The multivariant playlist or the MPD, once every rendition has its init segment."""
         packager = channel.packager
-        await channel.wait_for(lambda: packager.ready or packager.ended, STARTUP_WAIT)
-        if not packager.renditions or not packager.ready:
+        await channel.wait_for(lambda: channel.startable() or packager.ended, STARTUP_WAIT)
+        if not channel.startable():
             await _send(writer, 404, b"stream is starting\n", "text/plain", NO_STORE)
         elif name == "m3u8":
             await _send(writer, 200, packager.multivariant().encode(), M3U8, SHORT)
@@ -271,7 +290,8 @@ class StreamHttp(HttpApp):
             await _send(writer, 400, f"{exc}\n".encode(), "text/plain", NO_STORE)
             return
         wait = 3 * max(target.target_duration, 1)
-        if not await channel.wait_for(lambda: target.ready and target.blocking_ready(msn, part),
+        if not await channel.wait_for(lambda: _has_segment(target) and
+                                      target.blocking_ready(msn, part),
                                       wait if msn is not None else STARTUP_WAIT):
             await _send(writer, 503, b"the stream did not reach that part in time\n", "text/plain",
                   NO_STORE)
@@ -317,6 +337,10 @@ def _resource(path: str) -> tuple[str, str | None, str] | None:
     if match:
         return match["stream"], match["rendition"], match["file"]
     return None
+
+
+def _has_segment(rendition) -> bool:
+    return rendition.ended or any(segment.complete for segment in rendition.segments)
 
 
 def _first(query: dict[str, list[str]], name: str) -> str | None:

@@ -105,3 +105,13 @@ def test_iter_boxes_rejects_truncation():
     with pytest.raises(Mp4Error):
         list(iter_boxes(box("moov", b"abc")[:-1]))
     assert [t for t, _, _ in iter_boxes(box("free") + box("skip", b"xy"))] == ["free", "skip"]
+
+
+def test_corrupt_boxes_raise_mp4_error():
+    truncated_trun = box(
+        "moof", box("traf", full("tfhd", 0, 0, struct.pack(">I", 1)) + full("trun", 0, 0x100, b""))
+    )
+    with pytest.raises(Mp4Error):
+        parse_moof(truncated_trun)
+    with pytest.raises(Mp4Error):
+        parse_init(box("moov", box("trak", box("tkhd", b"\x00"))))

@@ -186,6 +186,13 @@ def box_payload(box: Box) -> tuple[int, int]:
 
 def parse_init(data: bytes) -> InitInfo:
     """Tracks of an init segment (``ftyp`` + ``moov``) or of a bare ``moov`` box."""
+    try:
+        return _parse_init(data)
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise Mp4Error(f"corrupt init segment: {exc}") from exc
+
+
+def _parse_init(data: bytes) -> InitInfo:
     moov = _child(data, 0, len(data), "moov")
     if moov is None:
         raise Mp4Error("no moov box in init segment")
@@ -351,6 +358,13 @@ def _parse_esds(data: bytes, start: int, end: int) -> tuple[str, int, int]:
 
 def parse_moof(data: bytes, init: InitInfo | None = None) -> MoofInfo:
     """Sequence number and per-track timing of a ``moof`` box (its bytes, header included)."""
+    try:
+        return _parse_moof(data, init)
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise Mp4Error(f"corrupt moof: {exc}") from exc
+
+
+def _parse_moof(data: bytes, init: InitInfo | None) -> MoofInfo:
     moof = _child(data, 0, len(data), "moof")
     if moof is None:
         raise Mp4Error("not a moof box")
