@@ -19,9 +19,15 @@ install: $(STAMP)
 # tests), npm (vendoring the dashboard's plot library), dig (DNS router), openssl (TLS),
 # ffmpeg/ffprobe (streaming). Installed from apt only when missing; COMMAND:PACKAGE pairs.
 SYSTEM_TOOLS := curl:curl zstd:zstd gzip:gzip npm:npm dig:dnsutils openssl:openssl \
-                ffmpeg:ffmpeg ffprobe:ffmpeg ip:iproute2 chromedriver:chromium-driver chromium:chromium
+                ffmpeg:ffmpeg ffprobe:ffmpeg ip:iproute2 chromedriver:chromium-driver chromium:chromium \
+                clang-14:clang-14 wasm-ld-14:lld-14
+# Files that packages provide without a command: wasi-libc and the wasm32 builtins (edge
+# functions in C are compiled at test time with clang --target=wasm32-wasi).
+SYSTEM_FILES := /usr/lib/wasm32-wasi/libc.a:wasi-libc \
+                /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a:libclang-rt-14-dev-wasm32
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	for pair in $(SYSTEM_FILES); do test -e $${pair%%:*} || missing="$$missing $${pair#*:}"; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
