@@ -660,6 +660,52 @@ class TlsSettings(_Model):
     """Served when the client's SNI matches no certificate (none: the handshake fails)."""
 
 
+class EdgeFunction(_Model):
+    """A WebAssembly function (WASI, WAGI-style CGI) run on the edge for matching requests.
+
+    Capabilities are what the deployment grants, nothing more: environment variables, the
+    hosts `fetch` may reach, a KV namespace (read; write only with `kv_write`)."""
+
+    name: str
+    service: str
+    """The service whose requests it sees."""
+    routes: list[str] = Field(min_length=1)
+    """Path prefixes ("/api/") or globs matching the whole path ("/api/hello*")."""
+    module: str
+    """Path of the .wasm (or .wat) file."""
+    env: dict[str, str] = Field(default_factory=dict)
+    fetch_hosts: list[str] = Field(default_factory=list)
+    kv_namespace: str | None = None
+    kv_write: bool = False
+    cpu_ms: float = Field(50.0, gt=0, le=60_000)
+    memory_mb: int = Field(64, ge=1, le=4096)
+    max_subrequests: int = Field(8, ge=0, le=100)
+
+    @field_validator("name", "service")
+    @classmethod
+    def _check_slug(cls, value: str) -> str:
+        if not _SLUG_RE.fullmatch(value):
+            raise ValueError(f"{value!r} must be a slug: lower-case letters, digits and '-'")
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, routes: list[str]) -> list[str]:
+        for route in routes:
+            if not route.startswith("/"):
+                raise ValueError(f"route {route!r} must start with '/'")
+        return routes
+
+    def matches(self, path: str) -> bool:
+        for route in self.routes:
+            if any(c in route for c in "*?["):
+                if re.fullmatch(_glob_regex(route), path):
+                    return True
+            elif path.startswith(route):
+                return True
+        return False
+
+
 class Rendition(_Model):
     """One rung of an ABR ladder; `height: null` is the source, passed through (no re-encode)."""
 
@@ -799,6 +845,8 @@ class Config(_Model):
     """"-" for stdout, a file path, or null for no access log."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    functions: list[EdgeFunction] = Field(default_factory=list)
+    """Edge functions (WebAssembly), run before the cache for the routes they claim."""
     services: list[Service] = Field(default_factory=list)
 
     _hosts: _HostIndex = PrivateAttr(default_factory=_HostIndex)

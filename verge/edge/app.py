@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 from verge.cache import keys, policy
 from verge.cache.store import CacheEntry, TieredCache
+from verge.compute.wagi import Answer, Pass
 from verge.edge.compress import choose_encoding, compress_bytes, is_compressible
+from verge.edge.compute import FUNCTION_BODY_LIMIT, EdgeCompute
 from verge.edge.deliver import (
     HeaderPlan,
     add_vary,
@@ -60,6 +62,7 @@ class Route:
     rule_ttl: float | None = None
     rule_override: bool = False
     strip_cookies: bool = False
+    function: object | None = None  # the edge function that claims this request, if any
 
 
 @dataclass(slots=True)
@@ -78,7 +81,7 @@ class ServiceRuntime:
 class EdgeApp:
     def __init__(self, config, cache: TieredCache, pool: OriginPool, *, metrics: EdgeMetrics,
                  access_log: AccessLog, node: str = "verge", name: str | None = None,
-                 parents: Sequence[str] = ()) -> None:
+                 parents: Sequence[str] = (), compute: EdgeCompute | None = None) -> None:
         self.cache = cache
         self.pool = pool
         self.metrics = metrics
@@ -87,6 +90,8 @@ class EdgeApp:
         self.name = name or node  # this node's name in the fleet (Via, EDGE.HOST names)
         self._name_prefix = self.name + "."
         self.parents = ParentSet(parents, pool, self.name) if parents else None
+        self.compute = compute
+        self._functions: list | None = None
         self.https_port: int | None = None  # where plain-HTTP requests are redirected to
         self.alt_svc: str | None = None  # advertised on HTTPS responses when HTTP/3 is up
         self.generation = 0
@@ -115,6 +120,9 @@ class EdgeApp:
             runtimes[service.name] = ServiceRuntime(service, origins, plans, rule_origins)
         self.config = config
         self.runtimes = runtimes
+        if self.compute is not None and config.functions != self._functions:
+            self.compute.apply(config.functions)
+            self._functions = list(config.functions)
         self._routes: dict[tuple[str, str], Route | bytes] = {}
         self.generation += 1
         self.compression = config.compression
@@ -170,6 +178,8 @@ class EdgeApp:
             )
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
                       runtime.rule_origins.get(index, runtime.origins))
+        if self.compute is not None and self.compute.by_service:
+            route.function = self.compute.match(service.name, request.path)
         if rule is not None:
             if rule.micro_cache:
                 route.rule_ttl, route.rule_override = rule.micro_cache, True
@@ -227,7 +237,7 @@ class EdgeApp:
             self._log(request, route[9:12], len(route), "none", started)
             return route
         key = route.key
-        if key is None:
+        if key is None or route.function is not None:
             return None
         hmap = request.hmap
         entry = self.cache.lookup_memory(key, hmap)
@@ -341,10 +351,45 @@ class EdgeApp:
             await self._send_bytes(writer, route)
             self._log(request, int(route[9:12]), len(route), "none", started)
             return
+        body = None
+        if route.function is not None:
+            passed = await self._compute(request, writer, route, started)
+            if passed is None:
+                return
+            route, body = passed
         if route.key is None:
-            await self._proxy(request, writer, route, started)
+            await self._proxy(request, writer, route, started, body)
             return
         await self._cached(request, writer, route, started)
+
+    async def _compute(self, request, writer, route: Route, started: float):
+        """The compute phase. Returns None when the function answered (or failed: a 5xx was
+        sent), else the request's new route and its body, read for the function."""
+        body = b""
+        if request.body is not None:
+            body = await request.body.read_all(limit=FUNCTION_BODY_LIMIT)
+        deployed = route.function
+        invocation = await self.compute.invoke(deployed, request, body, self.new_request_id())
+        result = invocation.result
+        if isinstance(result, Answer):
+            headers = [*result.headers, ("Cache-Status", f"{self.node}; detail=function")]
+            writer.start(result.status, headers, content_length=len(result.body))
+            await writer.write(result.body)
+            self._log(request, result.status, len(result.body), "function", started)
+            return None
+        if not isinstance(result, Pass):
+            await self._error(request, writer, invocation.error_status,
+                              f"edge function {deployed.spec.name} failed: {invocation.error}",
+                              started)
+            return None
+        request.target, request.headers = result.edit_request(request.target, request.headers)
+        request._path = request._query = request._map = request._host = None
+        route = self.route(request)
+        if type(route) is bytes:
+            await self._send_bytes(writer, route)
+            return None
+        route.function = None
+        return route, body
 
     async def _cached(self, request, writer, route: Route, started: float) -> None:
         hmap = request.hmap
@@ -397,10 +442,12 @@ class EdgeApp:
         self._log(request, status, 0, "error", started)
 
     # ----- pass-through ----------------------------------------------------------------------------
-    async def _proxy(self, request, writer: ResponseWriter, route: Route, started: float) -> None:
-        """Forward a request that must not be cached, bodies streamed both ways."""
+    async def _proxy(self, request, writer: ResponseWriter, route: Route, started: float,
+                     body: bytes | None = None) -> None:
+        """Forward a request that must not be cached, bodies streamed both ways (or the body
+        an edge function already read)."""
         headers = proxy_request_headers(request, route, conditional=True, via=self.name)
-        body = request.body
+        body = request.body if body is None else body
         result = "bypass" if request.method in CACHEABLE_METHODS else "pass"
         t0 = time.perf_counter()
         try:

@@ -26,6 +26,7 @@ from verge.cache.memory import MemoryStore
 from verge.cache.store import TieredCache
 from verge.config import Config
 from verge.edge.app import EdgeApp
+from verge.edge.compute import EdgeCompute
 from verge.http.client import OriginPool
 from verge.http.server import (
     CLOCK,
@@ -85,7 +86,8 @@ class Worker:
         self.access_log = AccessLog(self.options.get("access_log"))
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
                            access_log=self.access_log, node="verge",
-                           name=self.options["node"], parents=self.options.get("parents") or ())
+                           name=self.options["node"], parents=self.options.get("parents") or (),
+                           compute=EdgeCompute(self.options["cache_dir"]))
         self.limits = server_limits(config)
         self.ticket_keys: list[str] = init.get("tls_tickets") or []  # encoded; never logged
 

@@ -13,7 +13,9 @@ hands each request to an application with two entry points:
   :class:`ResponseWriter` (streaming, chunked framing, sendfile, back-pressure).
 
 Pipelined requests are answered in order: while one response is produced asynchronously the
-following requests wait in a queue. Timeouts are enforced by one sweeper per process that
+following requests wait in a queue. An ``Upgrade`` request (WebSocket) may be accepted by
+``handle`` with :meth:`ResponseWriter.upgrade`: after the 101 the connection is an
+:class:`UpgradedStream` of raw bytes both ways; a refused upgrade closes the connection. Timeouts are enforced by one sweeper per process that
 visits all connections once a second, instead of a timer per request.
 """
 
@@ -224,6 +226,69 @@ class RequestBody(BodyStream):
 
 
 
+class UpgradedStream:
+    """The connection after ``101 Switching Protocols``: raw bytes both ways, no HTTP framing.
+
+    ``read()`` returns the next bytes (b'' once the client has gone); reading pauses the
+    socket while more than HIGH_WATER bytes wait unread. ``write()`` queues, ``drain()``
+    waits for the socket (safe from several tasks at once).
+    """
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, proto: HttpServerProtocol, initial: bytes) -> None:
+        self._proto = proto
+        self._chunks: deque[bytes] = deque([initial] if initial else [])
+        self._buffered = len(initial)
+        self._eof = False
+        self._waiter: asyncio.Future | None = None
+        self._drain_lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._proto._closing
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > self.HIGH_WATER:
+            self._proto.pause_reading_for_body()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = self._proto.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._buffered <= self.HIGH_WATER // 2:
+            self._proto.resume_reading_for_body()
+        return data
+
+    def write(self, data: bytes) -> None:
+        self._proto.write_raw(data)
+
+    async def drain(self) -> None:
+        async with self._drain_lock:
+            await self._proto.drain()
+
+    def close(self) -> None:
+        self._proto.close()
+
+
 class ResponseWriter:
     """Writes one response: head, then body by write()/sendfile(), then end().
 
@@ -314,6 +379,19 @@ class ResponseWriter:
         self.finished = True
         self.bytes_sent = response.count
 
+    def upgrade(self, headers: list[tuple[str, str]]) -> UpgradedStream:
+        """Accept the request's ``Upgrade``: send the 101 with ``headers`` and take over the
+        connection. RuntimeError if the request was not an upgrade or a response started."""
+        if self.started or not self._proto.upgrade_pending(self._request):
+            raise RuntimeError("not an upgrade request, or the response has started")
+        self.started = self.finished = True
+        self.status = 101
+        self.keep_alive = False  # when handle() returns the connection is closed
+        lines = ["HTTP/1.1 101 Switching Protocols\r\n", *(f"{n}: {v}\r\n" for n, v in headers),
+                 "\r\n"]
+        self._proto.write_raw("".join(lines).encode("latin-1"))
+        return self._proto.take_over()
+
     async def end(self) -> None:
         if self.finished:
             return
@@ -347,6 +425,9 @@ class HttpServerProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future | None = None
         self._paused_since = 0.0
         self._reading_paused_body = False
+        self._upgrade_request: Request | None = None  # the request that asked to switch
+        self._upgrade_tail: bytearray | None = None  # bytes after it, until accepted
+        self._upgraded: UpgradedStream | None = None
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -367,6 +448,8 @@ class HttpServerProtocol(asyncio.Protocol):
             self._body.fail(ConnectionResetError("client closed the connection"))
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(ConnectionResetError("client gone"))
+        if self._upgraded is not None:
+            self._upgraded.feed_eof()
 
     def close(self) -> None:
         if not self._closing and self.transport is not None:
@@ -384,12 +467,21 @@ class HttpServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._upgraded is not None:
+            self._upgraded.feed(data)
+            return
+        if self._upgrade_tail is not None:  # the app has not decided yet: hold the bytes
+            self._upgrade_tail += data
+            self.pause_reading_for_body()
+            return
         try:
             self.parser.feed_data(data)
         except ProtocolLimitError as exc:
             self._fail(exc.status, str(exc))
-        except httptools.HttpParserUpgrade:
-            self._fail(501, "protocol upgrade is not supported on this port")
+        except httptools.HttpParserUpgrade as exc:
+            # the upgrade request is dispatched (or answered and closing); no more HTTP here
+            if not self._closing:
+                self._upgrade_tail = bytearray(data[exc.args[0]:])
         except httptools.HttpParserError as exc:
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, ProtocolLimitError):  # raised by one of our callbacks
@@ -434,6 +526,9 @@ class HttpServerProtocol(asyncio.Protocol):
                           None, self._headers, parser.get_http_version(), self.client, None, hmap)
         request.keep_alive = parser.should_keep_alive()
         request.scheme = self.scheme
+        if parser.should_upgrade():  # unless accepted, the answer closes the connection
+            request.keep_alive = False
+            self._upgrade_request = request
         if "transfer-encoding" in hmap or "content-length" in hmap:
             self._check_body_headers(request, hmap)
         elif "host" not in hmap and request.version == "1.1":
@@ -550,6 +645,18 @@ class HttpServerProtocol(asyncio.Protocol):
             if self.transport is not None and len(self._queue) == self.limits.max_pipelined:
                 self.transport.resume_reading()
             self._dispatch(request)
+
+    def upgrade_pending(self, request: Request) -> bool:
+        return request is self._upgrade_request and self._upgrade_tail is not None \
+            and not self._closing
+
+    def take_over(self) -> UpgradedStream:
+        """Hand the connection to an UpgradedStream, with the bytes that followed the head."""
+        stream = UpgradedStream(self, bytes(self._upgrade_tail or b""))
+        self._upgrade_tail = None
+        self._upgraded = stream
+        self.resume_reading_for_body()
+        return stream
 
     def _fail(self, status: int, message: str) -> None:
         """Answer a protocol error (if nothing is being answered) and close."""

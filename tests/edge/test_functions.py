@@ -1,0 +1,120 @@
+"""Edge functions in the pipeline of a real `verge edge`: answer, pass with rewrite, limits."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.compute.conftest import build_examples
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    return build_examples(tmp_path_factory.mktemp("fn"))
+
+
+@pytest.fixture
+def fn_edge(edge_factory, origin, modules):
+    config = f"""
+services:
+  - name: shop
+    hosts: ["*"]
+    origins: ["{origin.url}"]
+functions:
+  - name: hello
+    service: shop
+    routes: ["/api/hello*"]
+    module: {modules["hello"]}
+  - name: echo
+    service: shop
+    routes: [/echo/, /pass]
+    module: {modules["echo"]}
+    env: {{GREETING: hi}}
+  - name: spin
+    service: shop
+    routes: [/spin]
+    module: {modules["loop"]}
+    cpu_ms: 50
+  - name: bomb
+    service: shop
+    routes: [/bomb]
+    module: {modules["membomb"]}
+    memory_mb: 16
+  - name: sandbox
+    service: shop
+    routes: [/sandbox]
+    module: {modules["sandbox"]}
+"""
+    return edge_factory(config=config, workers=1)
+
+
+def test_a_c_function_answers_through_the_edge(fn_edge, origin):
+    with fn_edge.client() as client:
+        r = client.get("/api/hello/world")
+        assert r.status_code == 200 and r.text == "hello from wasm\n"
+        assert r.headers["cache-status"] == "verge; detail=function"
+        posted = client.post("/echo/x?a=1", content=b"payload")
+        assert posted.status_code == 201 and posted.headers["x-method"] == "POST"
+        assert "GREETING=hi" in posted.text and posted.text.endswith("--body--\npayload")
+        assert "QUERY_STRING=a=1" in posted.text
+    assert origin.hits("/api/hello/world") == 0
+
+
+def test_pass_rewrites_the_request_and_continues_to_the_origin(fn_edge, origin):
+    origin.route("/rewritten?from=GET", headers=[("Cache-Control", "max-age=60")], body=b"origin\n")
+    with fn_edge.client() as client:
+        r = client.get("/pass", headers={"Cookie": "secret=1"})
+        assert r.status_code == 200 and r.text == "origin\n"
+        assert client.get("/pass").headers["cache-status"] == "verge; hit"
+    seen = [req for req in origin.requests if req.path == "/rewritten?from=GET"]
+    assert len(seen) == 1
+    assert seen[0].headers["x-from-function"] == "yes" and "cookie" not in seen[0].headers
+
+
+def test_runaway_functions_get_a_5xx_and_others_keep_their_latency(fn_edge):
+    with fn_edge.client() as client:
+        client.get("/api/hello")  # warm
+        with ThreadPoolExecutor(3) as pool:
+            spinning = [pool.submit(client.get, "/spin") for _ in range(2)]
+            t0 = time.perf_counter()
+            quick = client.get("/api/hello")
+            quick_ms = (time.perf_counter() - t0) * 1000
+            results = [f.result() for f in spinning]
+        assert quick.status_code == 200 and quick_ms < 200
+        for r in results:
+            assert r.status_code == 503 and "spin" in r.text
+        t0 = time.perf_counter()
+        assert client.get("/spin").status_code == 503
+        assert (time.perf_counter() - t0) * 1000 < 50 + 20 + 100  # limit + 20 ms + HTTP slack
+        bomb = client.get("/bomb")
+        assert bomb.status_code == 503 and "bomb" in bomb.text
+        sandbox = client.get("/sandbox")
+        assert sandbox.status_code == 200
+        assert "passwd=NULL" in sandbox.text and "create=NULL" in sandbox.text
+        assert "recv=-1" in sandbox.text
+        assert client.get("/api/hello").status_code == 200  # the node is unaffected
+
+
+def test_a_bad_module_is_reported_and_the_rest_deploys(edge_factory, origin, modules, tmp_path):
+    broken = tmp_path / "broken.wasm"
+    broken.write_bytes(b"\0asm not really")
+    config = f"""
+services:
+  - name: shop
+    hosts: ["*"]
+    origins: ["{origin.url}"]
+functions:
+  - {{name: broken, service: shop, routes: [/broken], module: {broken}}}
+  - {{name: hello, service: shop, routes: [/hello], module: {modules["hello"]}}}
+"""
+    edge = edge_factory(config=config)
+    origin.route("/broken", body=b"from origin\n")
+    with httpx.Client(base_url=edge.url, timeout=10) as client:
+        assert client.get("/hello").text == "hello from wasm\n"
+        assert client.get("/broken").text == "from origin\n"
+    assert any("broken not deployed" in line for line in edge.output)
