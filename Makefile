@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-zipf bench-purge bench-dns bench-tls conformance demo-regions clean system-deps
+.PHONY: install demo test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,13 @@ bench-dns: install
 
 bench-tls: install
 	$(BIN)/python bench/tls_bench.py
+
+bench-compute: install
+	bash bench/setup.sh
+	$(BIN)/python bench/compute_bench.py
+
+bench-stream: install
+	$(BIN)/python bench/stream_bench.py
 
 # Three regions in network namespaces with user-space delays; needs root (ip netns).
 demo-regions: install
