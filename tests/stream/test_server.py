@@ -94,6 +94,15 @@ async def test_hls_dash_and_ll_hls_through_an_edge(stream_server, tmp_path):
         assert {"h264", "aac"} <= {s["codec_name"] for s in dash}
         async with httpx.AsyncClient(base_url=edge.url, timeout=20) as client:
             await check_ll_hls(client, "/live/show/source/index.m3u8")
+        async with httpx.AsyncClient(base_url=origin, timeout=10) as client:
+            metrics = (await client.get("/metrics")).text
+        assert "verge_stream_live 1.0" in metrics and "verge_stream_publishers 1.0" in metrics
+        assert 'verge_stream_ingest_bitrate_bps{stream="live/show"}' in metrics
+        count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("verge_stream_ingest_to_playlist_seconds_count"))
+        total = next(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("verge_stream_ingest_to_playlist_seconds_sum"))
+        assert count > 5 and 0 < total / count < 2.0  # parts listed well within a second or two
     finally:
         publisher.kill()
         await publisher.wait()

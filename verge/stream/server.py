@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
@@ -30,6 +31,8 @@ from verge.config import StreamApp, StreamSettings
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
 from verge.stream.fanout import FlvFanout
 from verge.stream.ingest import RtmpServer
+from verge.stream.metrics import IngestClock, StreamMetrics
+from verge.stream.package.cmaf import Part
 from verge.stream.package.live import (
     BlockingRequestError,
     LiveStream,
@@ -39,6 +42,7 @@ from verge.stream.package.live import (
 from verge.stream.package.mp4 import Mp4Error
 from verge.stream.rtmp.session import AudioTag, Publish, VideoTag
 from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg
+from verge.stream.vod import VodLibrary
 
 log = logging.getLogger("verge.stream")
 
@@ -69,6 +73,9 @@ class Channel:
     publishes: int = 0
     job: TranscodeJob | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    clock: IngestClock = field(default_factory=IngestClock)
+    metrics: StreamMetrics | None = None
+    timed: str | None = None  # the rendition whose parts' ingest-to-playlist latency is measured
 
     def on_output(self, rendition: str, kind: str, data: bytes) -> None:
         """Transcoder bytes (one fMP4 output) into the packager; wake the waiters."""
@@ -78,16 +85,28 @@ class Channel:
                            None)
             target = self.packager.add_rendition(rendition, variant.bandwidth if variant else 0)
         try:
-            target.feed(data)
+            events = target.feed(data)
         except Mp4Error as exc:  # ffmpeg wrote something we cannot package: start over
             log.error("stream %s: rendition %s: bad fragmented MP4 (%s); restarting it",
                       self.path, rendition, exc)
             target.restart()
+            events = []
+        if rendition == self.timed and self.metrics is not None:
+            self._time_parts(events)
         asyncio.get_running_loop().create_task(self._notify())
+
+    def _time_parts(self, events) -> None:
+        now = time.time()
+        for event in events:
+            if isinstance(event, Part):
+                arrived = self.clock.arrival_of(event.start / event.timescale)
+                if arrived is not None:
+                    self.metrics.part_listed(max(0.0, now - arrived))
 
     def on_plan(self, tracks) -> None:
         """The transcoder's outputs are known: every rendition exists before its first byte,
         so the multivariant playlist never lists a partial ladder."""
+        self.timed = next((t.name for t in tracks if t.kind == "video"), None)
         for track in tracks:
             if track.name not in self.packager.renditions:
                 self.packager.add_rendition(track.name, track.bitrate or 0)
@@ -100,6 +119,7 @@ class Channel:
     def on_restart(self, discontinuity) -> None:
         log.warning("stream %s: transcoder restarted (%s); discontinuity", self.path,
                     discontinuity.reason)
+        self.clock.restarted()
         self.packager.restart()
 
     async def _notify(self) -> None:
@@ -126,9 +146,11 @@ class StreamServer:
         self.ffmpeg = resolve_ffmpeg(ffmpeg) if transcode else None
         self.apps = {app.name: app for app in settings.apps}
         self.channels: dict[str, Channel] = {}
+        self.metrics = StreamMetrics()
         self.rtmp: RtmpServer | None = None
         self.http: asyncio.AbstractServer | None = None
         self.http_port = 0
+        self.vod = VodLibrary(settings)
 
     # ----- publishing -------------------------------------------------------------------------
     def authorize(self, app: str, name: str, key: str | None) -> bool:
@@ -159,7 +181,7 @@ class StreamServer:
                               directory=f"{name}/{{rendition}}/")
         channel = Channel(stream, app, LiveStream(
             part_target=settings.part_target, segment_target=settings.segment_target,
-            window=settings.dvr_window, stream_naming=naming))
+            window=settings.dvr_window, stream_naming=naming), metrics=self.metrics)
         if self.transcode:
             channel.job = TranscodeJob(
                 ladder_from_config(r.model_dump() for r in app.ladder), ffmpeg=self.ffmpeg,
@@ -177,6 +199,9 @@ class StreamServer:
     def on_media(self, stream: str, tag: VideoTag | AudioTag) -> None:
         channel = self.channels.get(stream)
         if channel is not None:
+            video = isinstance(tag, VideoTag)
+            channel.clock.frame(tag.timestamp, len(tag.data), video and tag.is_keyframe and
+                                not tag.is_sequence_header, video)
             channel.fanout.on_tag(tag)
             if channel.job is not None:
                 channel.job.write_media(tag)
@@ -210,9 +235,11 @@ class StreamServer:
         await self.rtmp.start()
         sock = reuseport_socket(*http)
         self.http_port = sock.getsockname()[1]
-        self.http = await serve(StreamHttp(self), sock, ServerLimits(max_body_bytes=1 << 20))
+        self.http = await serve(StreamHttp(self), sock, ServerLimits(
+            max_body_bytes=max(1 << 20, self.settings.max_upload_bytes)))
 
     async def close(self) -> None:
+        await self.vod.close()
         if self.rtmp is not None:
             await self.rtmp.close()
         for channel in self.channels.values():
@@ -239,6 +266,14 @@ class StreamHttp(HttpApp):
 
     async def handle(self, request, writer) -> None:
         path = request.path
+        if path.startswith("/vod/"):
+            await self.server.vod.handle(request, writer)
+            return
+        if path == "/metrics" and request.method == "GET":
+            body = self.server.metrics.render(self.server)
+            await _send(writer, 200, body, "text/plain; version=0.0.4", NO_STORE)
+            return
+        self.server.metrics.request(_kind(path))
         if request.method not in ("GET", "HEAD"):
             writer.send_prepared(405, simple_response(405, b"method not allowed\n"), 0)
             return
@@ -337,6 +372,15 @@ def _resource(path: str) -> tuple[str, str | None, str] | None:
     if match:
         return match["stream"], match["rendition"], match["file"]
     return None
+
+
+def _kind(path: str) -> str:
+    """A request's resource kind, for the request counter (a small fixed label set)."""
+    for suffix, kind in ((".flv", "flv"), (".m3u8", "playlist"), (".mpd", "mpd"),
+                         (".m4s", "media"), (".mp4", "media")):
+        if path.endswith(suffix):
+            return kind
+    return "other"
 
 
 def _has_segment(rendition) -> bool:
