@@ -330,6 +330,9 @@ def _register_subcommands() -> None:
     from verge.cli_cert import register as register_cert
 
     register_cert(app)
+    from verge.cli_vod import register as register_vod
+
+    register_vod(app)
 
 
 _register_subcommands()

@@ -755,6 +755,10 @@ class StreamSettings(_Model):
     """A publisher gone this long ends the stream (EXT-X-ENDLIST); back sooner: a discontinuity."""
     data_dir: str = "./stream-data"
     """Where recordings and VOD live."""
+    max_upload_bytes: ByteSize = 4 * GiB
+    """Largest file accepted by the VOD upload API (POST /vod/NAME)."""
+    upload_token: str | None = Field(default=None, repr=False)
+    """Bearer token for the VOD upload API; unset: uploads are disabled."""
 
 
 class Hsts(_Model):

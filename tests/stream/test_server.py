@@ -22,8 +22,10 @@ KEY = "s3cret"
 
 
 @pytest.fixture
-async def stream_server():
-    settings = StreamSettings(apps=[StreamApp(name="live", keys={"*": KEY})], grace=0.5)
+async def stream_server(tmp_path):
+    settings = StreamSettings(apps=[StreamApp(name="live", keys={"*": KEY}, ladder=[
+        {"name": "source"}, {"name": "180p", "height": 180, "video_bitrate": 300_000}])],
+        grace=0.5, data_dir=str(tmp_path / "data"))
     server = StreamServer(settings)
     await server.start(("127.0.0.1", 0), ("127.0.0.1", 0))
     yield server
@@ -161,15 +163,21 @@ async def test_wrong_key_is_refused_and_unknown_streams_are_404(stream_server):
     writer.close()
 
 
-async def test_stream_ends_after_the_grace_period(stream_server):
-    publisher = await publish(stream_server, "short", 1.5)
+async def test_stream_ends_after_the_grace_period_and_is_recorded(stream_server):
+    publisher = await publish(stream_server, "short", 4)
     await wait_live(stream_server, "live/short")
     await publisher.wait()
-    for _ in range(100):
-        if not stream_server.channels["live/short"].live:
+    for _ in range(200):
+        if stream_server.vod.entries():
             break
         await asyncio.sleep(0.05)
-    assert not stream_server.channels["live/short"].live
+    channel = stream_server.channels["live/short"]
+    assert not channel.live and channel.packager.ended
+    playlist = channel.packager.media_playlist("source")
+    assert playlist.rstrip().endswith("#EXT-X-ENDLIST")
+    [entry] = stream_server.vod.entries()
+    streams = await probe(f"http://127.0.0.1:{stream_server.http_port}/vod/{entry.name}.m3u8")
+    assert {"h264", "aac"} <= {s["codec_name"] for s in streams}
 
 
 def test_cli_help_names_the_interfaces():

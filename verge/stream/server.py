@@ -12,6 +12,7 @@ URLs (SRS / MediaMTX conventions), relative to the HTTP listener:
     /APP/NAME.m3u8            multivariant playlist (LL-HLS capable players use it too)
     /APP/NAME.mpd             DASH
     /APP/NAME/...             renditions' playlists, init segments, segments and parts
+    /APP/NAME                 the player page; /APP/NAME/chat its chat (verge.stream.web)
 
 Cache semantics for the CDN: segments and parts are immutable (a year), playlists live a
 second or less, HTTP-FLV is not stored. A publisher that disconnects has ``grace`` seconds to
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs
 
 from verge.config import StreamApp, StreamSettings
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
+from verge.stream.chat import ChatHub
 from verge.stream.fanout import FlvFanout
 from verge.stream.ingest import RtmpServer
 from verge.stream.metrics import IngestClock, StreamMetrics
@@ -42,7 +44,8 @@ from verge.stream.package.live import (
 from verge.stream.package.mp4 import Mp4Error
 from verge.stream.rtmp.session import AudioTag, Publish, VideoTag
 from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg
-from verge.stream.vod import VodLibrary
+from verge.stream.vod import VodLibrary, recording_from_live, recording_name
+from verge.stream.web import serve_web
 
 log = logging.getLogger("verge.stream")
 
@@ -150,6 +153,7 @@ class StreamServer:
         self.rtmp: RtmpServer | None = None
         self.http: asyncio.AbstractServer | None = None
         self.http_port = 0
+        self.chat = ChatHub()
         self.vod = VodLibrary(settings)
 
     # ----- publishing -------------------------------------------------------------------------
@@ -228,6 +232,13 @@ class StreamServer:
         await channel.job.close()
         channel.packager.end()
         await channel._notify()
+        if channel.app.record and channel.packager.ready:
+            name = recording_name(channel.path)
+            try:
+                await self.vod.record(name, recording_from_live(channel.packager))
+                log.info("stream %s: recorded as /vod/%s", channel.path, name)
+            except Exception as exc:  # a failed recording must not take the server down
+                log.error("stream %s: recording failed: %r", channel.path, exc)
 
     # ----- serving ----------------------------------------------------------------------------
     async def start(self, rtmp: tuple[str, int], http: tuple[str, int]) -> None:
@@ -239,6 +250,7 @@ class StreamServer:
             max_body_bytes=max(1 << 20, self.settings.max_upload_bytes)))
 
     async def close(self) -> None:
+        await self.chat.close()
         await self.vod.close()
         if self.rtmp is not None:
             await self.rtmp.close()
@@ -279,6 +291,8 @@ class StreamHttp(HttpApp):
             return
         if path.endswith(".flv"):
             await self.http_flv(request, writer, path[1:-4])
+            return
+        if await serve_web(request, writer, path, apps=self.server.apps, chat=self.server.chat):
             return
         resource = _resource(path)
         channel = self.server.channels.get(resource[0]) if resource else None
