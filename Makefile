@@ -16,7 +16,7 @@ install: $(STAMP)
 	bash scripts/vendor-web.sh
 
 # What the tests drive: curl, zstd, gzip, headless Chromium (dashboard), PostgreSQL (store
-# tests), npm (vendoring the dashboard's plot library), dig (DNS router), openssl (TLS),
+# tests), npm (vendoring uPlot for the dashboard and hls.js for the player), dig (DNS router), openssl (TLS),
 # ffmpeg/ffprobe (streaming). Installed from apt only when missing; COMMAND:PACKAGE pairs.
 SYSTEM_TOOLS := curl:curl zstd:zstd gzip:gzip npm:npm dig:dnsutils openssl:openssl \
                 ffmpeg:ffmpeg ffprobe:ffmpeg ip:iproute2 chromedriver:chromium-driver chromium:chromium \

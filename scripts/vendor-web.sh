@@ -1,41 +1,50 @@
 #!/usr/bin/env bash
-# Vendor the dashboard's plotting library (uPlot) at build time; the files are not committed.
+# Vendor the browser libraries of our web pages at build time; the files are not committed.
 #
-# Copies uPlot.iife.min.js and uPlot.min.css from the npm package `uplot@1` into
-# verge/control/web/static/vendor/. Idempotent: when both files are already there it does
-# nothing (no network). Set FORCE=1 to fetch again. Needs `npm` (the npm registry); without
-# npm it only warns, and the dashboard shows its numbers without plots.
+#   uplot@1   uPlot.iife.min.js, uPlot.min.css -> verge/control/web/static/vendor/  (dashboard plots)
+#   hls.js@1  hls.min.js                       -> verge/stream/web/vendor/          (player page)
+#
+# Idempotent: a package whose files are all there already is skipped (no network). Set FORCE=1
+# to fetch again; UPLOT_VERSION / HLSJS_VERSION pick other versions. Needs `npm` (the npm
+# registry); without npm it only warns: the dashboard shows numbers without plots, and the
+# player page falls back to the browser's own HLS (Safari) or says what to run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEST="$ROOT/verge/control/web/static/vendor"
-FILES=(uPlot.iife.min.js uPlot.min.css)
-VERSION="${UPLOT_VERSION:-1}"
 
-have_all() {
-  local f
-  for f in "${FILES[@]}"; do [ -s "$DEST/$f" ] || return 1; done
+have_all() {  # DEST FILE...
+  local dest="$1" f
+  shift
+  for f in "$@"; do [ -s "$dest/$f" ] || return 1; done
 }
 
-if [ "${FORCE:-0}" != 1 ] && have_all; then
-  exit 0
-fi
+# vendor NAME SPEC DEST FILE...: copy package/dist/FILE of the npm package SPEC into DEST
+vendor() {
+  local name="$1" spec="$2" dest="$3" tmp tarball f
+  shift 3
+  if [ "${FORCE:-0}" != 1 ] && have_all "$dest" "$@"; then
+    return 0
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "vendor-web: warning: npm not found, $name not vendored (apt-get install npm," \
+         "then run this script again)" >&2
+    return 0
+  fi
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack "$spec" --silent >/dev/null)
+  tarball="$(ls "$tmp"/*.tgz)"
+  tar -xzf "$tarball" -C "$tmp" package/dist
+  mkdir -p "$dest"
+  for f in "$@"; do
+    # temp file + rename: a half-copied file is never left in place
+    cp "$tmp/package/dist/$f" "$dest/.$f.tmp"
+    mv -f "$dest/.$f.tmp" "$dest/$f"
+  done
+  echo "vendor-web: $(basename "$tarball" .tgz) -> ${dest#"$ROOT"/}"
+  rm -rf "$tmp"
+}
 
-if ! command -v npm >/dev/null 2>&1; then
-  # Not fatal: the dashboard works without plots and says how to get them.
-  echo "vendor-web: warning: npm not found, dashboard plots disabled (apt-get install npm," \
-       "then run this script again)" >&2
-  exit 0
-fi
-
-TMP="$(mktemp -d)"
-trap 'rm -rf "$TMP"' EXIT
-(cd "$TMP" && npm pack "uplot@$VERSION" --silent >/dev/null)
-tar -xzf "$TMP"/uplot-*.tgz -C "$TMP" package/dist
-mkdir -p "$DEST"
-for f in "${FILES[@]}"; do
-  # temp file + rename: a half-copied file is never left in place
-  cp "$TMP/package/dist/$f" "$DEST/.$f.tmp"
-  mv -f "$DEST/.$f.tmp" "$DEST/$f"
-done
-echo "vendor-web: uPlot $(basename "$TMP"/uplot-*.tgz .tgz | sed 's/^uplot-//') -> ${DEST#"$ROOT"/}"
+vendor uPlot "uplot@${UPLOT_VERSION:-1}" "$ROOT/verge/control/web/static/vendor" \
+  uPlot.iife.min.js uPlot.min.css
+vendor hls.js "hls.js@${HLSJS_VERSION:-1}" "$ROOT/verge/stream/web/vendor" \
+  hls.min.js

@@ -1,4 +1,4 @@
-"""Operator commands for the control plane: `verge tenant|token|service|origin|node ...`.
+"""Operator commands for the control plane: `verge tenant|token|service|origin|node|fn|kv ...`.
 
 An operator runs these against `verge control` instead of editing YAML on every edge. Each
 command is a thin shell over `verge.control.client.ControlClient`: read flags (and files), make
@@ -758,6 +758,309 @@ def register_cert_commands(cert_app: typer.Typer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# verge fn deploy|list|show|logs|rollback|rm
+# ---------------------------------------------------------------------------------------------
+
+fn_app = typer.Typer(
+    help="Edge functions (WebAssembly, WASI/WAGI): deployed to every edge, versioned.",
+    no_args_is_help=True,
+)
+FN_COLUMNS = [
+    ("name", "NAME"),
+    ("tenant", "TENANT"),
+    ("service", "SERVICE"),
+    ("version", "VERSION"),
+    ("routes", "ROUTES"),
+    ("sha", "MODULE SHA-256"),
+    ("size", "BYTES"),
+    ("created_at", "DEPLOYED"),
+]
+
+
+def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            _fail(f"--env takes NAME=VALUE, got {pair!r}", EXIT_USAGE)
+        env[name] = value
+    return env
+
+
+def _read_module(path: Path) -> bytes:
+    try:
+        module = path.read_bytes()
+    except OSError as exc:
+        _fail(f"{path}: cannot read the module: {exc.strerror or exc}", EXIT_USAGE)
+    if not module.startswith(b"\0asm"):
+        _fail(f"{path}: not a WebAssembly binary (compile to wasm32-wasi first)", EXIT_USAGE)
+    return module
+
+
+def _fn_row(fn: dict[str, Any]) -> dict[str, Any]:
+    return {**fn, "sha": str(fn.get("module_sha256", ""))[:16]}
+
+
+@fn_app.command("deploy")
+def fn_deploy(
+    name: Annotated[str, typer.Argument(help="Function name: lower-case letters, digits, '-'.")],
+    module: Annotated[Path, typer.Argument(help="The .wasm file (wasm32-wasi, WAGI-style).")],
+    service: Annotated[str, typer.Option(help="The service whose requests it sees.")],
+    route: Annotated[
+        list[str], typer.Option(help="Path prefix or glob it claims, e.g. '/api/hello*' (repeat).")
+    ],
+    cpu_ms: Annotated[float | None, typer.Option(help="CPU time per request (ms).")] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Memory limit (MiB).")] = None,
+    max_subrequests: Annotated[
+        int | None, typer.Option(help="Most fetch sub-requests per request.")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option(help="Environment variable NAME=VALUE (repeat).")
+    ] = None,
+    fetch_host: Annotated[
+        list[str] | None, typer.Option(help="Host fetch may reach: host, host:port, *.suffix.")
+    ] = None,
+    kv: Annotated[str | None, typer.Option("--kv", help="KV namespace it may read.")] = None,
+    kv_write: Annotated[
+        bool, typer.Option("--kv-write", help="Also let it write its KV namespace.")
+    ] = False,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Deploy a new version; every edge switches to it at once with its next config poll."""
+    wasm = _read_module(module)
+    with _session(control, token) as client:
+        deployed = client.deploy_function(
+            name,
+            wasm,
+            service,
+            route,
+            env=_env_pairs(env),
+            fetch_hosts=fetch_host or [],
+            kv_namespace=kv,
+            kv_write=kv_write,
+            cpu_ms=cpu_ms,
+            memory_mb=memory_mb,
+            max_subrequests=max_subrequests,
+        )
+    if as_json:
+        _print_json(deployed)
+    else:
+        _done(
+            f"function {name} version {deployed.get('version')} deployed to service {service} "
+            f"({len(wasm)} bytes, sha256 {str(deployed.get('module_sha256', ''))[:16]}...)"
+        )
+
+
+@fn_app.command("list")
+def fn_list(
+    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
+) -> None:
+    """List functions (the active version of each)."""
+    with _session(control, token) as client:
+        functions = _every(client.list_functions)
+    if as_json:
+        _print_json(functions)
+    else:
+        _table("Functions", [_fn_row(fn) for fn in functions], FN_COLUMNS)
+
+
+@fn_app.command("show")
+def fn_show(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """A function's active version and every stored version."""
+    with _session(control, token) as client:
+        fn = client.get_function(name)
+    if as_json:
+        _print_json(fn)
+        return
+    _table("Function", [_fn_row(fn)], FN_COLUMNS)
+    versions = [{**v, "sha": str(v.get("module_sha256", ""))[:16]} for v in fn["versions"]]
+    columns = [("version", "VERSION"), ("active", "ACTIVE"), ("service", "SERVICE")]
+    columns += [("sha", "MODULE SHA-256"), ("size", "BYTES"), ("created_at", "DEPLOYED")]
+    _table("Versions", versions, [*columns, ("created_by", "BY")])
+
+
+@fn_app.command("logs")
+def fn_logs(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    limit: Annotated[int, typer.Option(help="How many of the newest records.")] = 100,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """What edges reported of the function: failures, its stderr, modules that did not load."""
+    with _session(control, token) as client:
+        records = client.function_logs(name, limit)
+    if as_json:
+        _print_json(records)
+        return
+    if not records:
+        _done(f"(no log records for {name})")
+    for record in records:
+        _done(_log_line(record))
+
+
+def _log_line(record: dict[str, Any]) -> str:
+    parts = [str(record.get("at", "-")), str(record.get("node", "-")), str(record.get("outcome"))]
+    if record.get("request_id"):
+        parts.append(f"request={record['request_id']}")
+    if record.get("error"):
+        parts.append(f"error={record['error']}")
+    stderr = str(record.get("stderr") or "").rstrip("\n")
+    if stderr:
+        parts.append(f"stderr={stderr}")
+    return " ".join(parts)
+
+
+@fn_app.command("rollback")
+def fn_rollback(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    version: Annotated[
+        int | None, typer.Option(help="Version to make active (default: the previous one).")
+    ] = None,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Make an earlier version active again on every edge."""
+    with _session(control, token) as client:
+        active = client.rollback_function(name, version)
+    if as_json:
+        _print_json(active)
+    else:
+        _done(f"function {name} rolled back: version {active.get('version')} is active")
+
+
+@fn_app.command("rm")
+def fn_rm(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete a function and all its versions; edges stop running it."""
+    with _session(control, token) as client:
+        client.delete_function(name)
+    if as_json:
+        _print_json({"deleted": name})
+    else:
+        _done(f"function {name} deleted")
+
+
+# ---------------------------------------------------------------------------------------------
+# verge kv put|get|list|rm
+# ---------------------------------------------------------------------------------------------
+
+kv_app = typer.Typer(
+    help="Edge KV: namespaces replicated to every edge, read by functions locally.",
+    no_args_is_help=True,
+)
+Namespace = Annotated[str, typer.Argument(help="KV namespace (lower-case slug).")]
+Key = Annotated[str, typer.Argument(help="Key (UTF-8, up to 512 bytes).")]
+
+
+@kv_app.command("put")
+def kv_put(
+    namespace: Namespace,
+    key: Key,
+    value: Annotated[
+        str | None, typer.Argument(help="The value (text); or use --file, or '-' for stdin.")
+    ] = None,
+    file: Annotated[Path | None, typer.Option(help="Read the value from this file.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Owner of a new namespace (admin tokens).")
+    ] = None,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Write a value; every edge has it within seconds (eventual consistency)."""
+    data = _kv_value(value, file)
+    with _session(control, token) as client:
+        written = client.kv_put(namespace, key, data, tenant)
+    if as_json:
+        _print_json(written)
+    else:
+        _done(f"{namespace}/{key} = {len(data)} bytes (seq {written.get('seq')})")
+
+
+def _kv_value(value: str | None, file: Path | None) -> bytes:
+    if (value is None) == (file is None):
+        _fail("give the value as an argument or with --file (one of them)", EXIT_USAGE)
+    if file is not None:
+        try:
+            return file.read_bytes()
+        except OSError as exc:
+            _fail(f"{file}: cannot read: {exc.strerror or exc}", EXIT_USAGE)
+    if value == "-":
+        return sys.stdin.buffer.read()
+    return str(value).encode()
+
+
+@kv_app.command("get")
+def kv_get(
+    namespace: Namespace,
+    key: Key,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+) -> None:
+    """Print a value (raw bytes on stdout)."""
+    with _session(control, token) as client:
+        value = client.kv_get(namespace, key)
+    sys.stdout.buffer.write(value)
+    sys.stdout.flush()
+
+
+@kv_app.command("list")
+def kv_list(
+    namespace: Annotated[
+        str | None, typer.Argument(help="Namespace whose keys to list; none: list namespaces.")
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List namespaces, or the keys of one."""
+    with _session(control, token) as client:
+        if namespace is None:
+            items = _every(client.kv_namespaces)
+            columns = [("namespace", "NAMESPACE"), ("tenant", "TENANT"), ("keys", "KEYS")]
+            title = "KV namespaces"
+        else:
+            items = _every(lambda limit, offset: client.kv_keys(namespace, prefix, limit, offset))
+            columns = [("key", "KEY"), ("size", "BYTES"), ("seq", "SEQ"), ("updated_at", "UPDATED")]
+            title = f"Keys in {namespace}"
+    if as_json:
+        _print_json(items)
+    else:
+        _table(title, items, columns)
+
+
+@kv_app.command("rm")
+def kv_rm(
+    namespace: Namespace,
+    key: Key,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete a key (edges drop it with the next change they apply)."""
+    with _session(control, token) as client:
+        deleted = client.kv_delete(namespace, key)
+    if as_json:
+        _print_json(deleted)
+    else:
+        _done(f"{namespace}/{key} deleted (seq {deleted.get('seq')})")
+
+
+# ---------------------------------------------------------------------------------------------
 # verge purge --control
 # ---------------------------------------------------------------------------------------------
 
@@ -831,3 +1134,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(service_app, name="service")
     app.add_typer(origin_app, name="origin")
     app.add_typer(node_app, name="node")
+    app.add_typer(fn_app, name="fn")
+    app.add_typer(kv_app, name="kv")

@@ -672,7 +672,8 @@ class EdgeFunction(_Model):
     routes: list[str] = Field(min_length=1)
     """Path prefixes ("/api/") or globs matching the whole path ("/api/hello*")."""
     module: str
-    """Path of the .wasm (or .wat) file."""
+    """Path of the .wasm (or .wat) file; or ``sha256:<hex>`` for a module deployed through the
+    control plane (the edge fetches it into CACHE_DIR/control/modules before using it)."""
     env: dict[str, str] = Field(default_factory=dict)
     fetch_hosts: list[str] = Field(default_factory=list)
     kv_namespace: str | None = None

@@ -19,6 +19,8 @@ the config file errors do (``origins[0].url``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -38,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verge import config as vconfig
 from verge.control.auth import Principal
+from verge.control.functions import MAX_MODULE_BYTES, MAX_VALUE_BYTES, FunctionStore, TooLarge
 from verge.control.store import Store, StoreError, pydantic_error
 from verge.routing.health import HealthMonitor, Target
 
@@ -218,6 +221,41 @@ class PurgeIn(_Body):
     soft: bool = False
 
 
+class FunctionIn(_Body):
+    """A deployment: an EdgeFunction's fields plus the module, base64 (at most 16 MiB)."""
+
+    name: Slug
+    service: Slug
+    routes: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] = Field(
+        min_length=1, max_length=100
+    )
+    module_base64: Annotated[str, StringConstraints(min_length=1)] = Field(repr=False)
+    env: dict[str, str] = Field(default_factory=dict, repr=False)
+    fetch_hosts: list[NonEmpty] = Field(default_factory=list, max_length=100)
+    kv_namespace: str | None = None
+    kv_write: bool = False
+    cpu_ms: float | None = None
+    memory_mb: int | None = None
+    max_subrequests: int | None = None
+
+    def module(self) -> bytes:
+        if len(self.module_base64) > (MAX_MODULE_BYTES // 3 + 1) * 4 + 64:
+            raise TooLarge(f"the module is over {MAX_MODULE_BYTES} bytes", "module_base64")
+        try:
+            return base64.b64decode(self.module_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "module_base64 is not valid base64", "module_base64") from None
+
+
+class RollbackIn(_Body):
+    version: int | None = Field(None, ge=1)
+    """The version to make active; absent: the one before the active one."""
+
+
+class LogsIn(BaseModel):
+    records: list[dict[str, Any]] = Field(max_length=10_000)
+
+
 class JoinIn(_Body):
     name: NodeName
     url: HttpUrl
@@ -272,7 +310,12 @@ def _store(request: Request) -> Store:
     return request.app.state.store
 
 
+def _functions(request: Request) -> FunctionStore:
+    return request.app.state.functions
+
+
 StoreDep = Annotated[Store, Depends(_store)]
+FunctionsDep = Annotated[FunctionStore, Depends(_functions)]
 
 
 def authenticated(
@@ -345,6 +388,8 @@ purges = APIRouter(prefix=API, tags=["purge"])
 certificates = APIRouter(prefix=API, tags=["certificates"])
 fleet = APIRouter(prefix=API, tags=["nodes"])
 reports = APIRouter(prefix=API, tags=["audit and stats"])
+functions = APIRouter(prefix=API, tags=["edge functions"])
+kv = APIRouter(prefix=API, tags=["edge KV"])
 edge = APIRouter(prefix=API, tags=["edge nodes"])
 
 
@@ -563,6 +608,110 @@ def query_stats(
     )
 
 
+@functions.post("/functions", status_code=201)
+def deploy_function(body: FunctionIn, fns: FunctionsDep, principal: Writer) -> dict:
+    """Deploy a new version (it becomes active; edges switch with the next config poll)."""
+    fields = body.model_dump(exclude={"module_base64"})
+    return fns.deploy(principal, fields, body.module())
+
+
+@functions.get("/functions")
+def list_functions(
+    fns: FunctionsDep, principal: Reader, limit: Limit = 50, offset: Offset = 0
+) -> dict:
+    """The active version of every function the caller can see."""
+    return fns.list(principal, limit, offset)
+
+
+@functions.get("/functions/{name}")
+def get_function(name: str, fns: FunctionsDep, principal: Reader) -> dict:
+    """The active version and ``versions`` (newest first)."""
+    return fns.get(principal, name)
+
+
+@functions.post("/functions/{name}/rollback")
+def rollback_function(
+    name: str, fns: FunctionsDep, principal: Writer, body: RollbackIn | None = None
+) -> dict:
+    """Make an earlier version active again (``{"version": N}``, default: the previous one)."""
+    return fns.rollback(principal, name, body.version if body else None)
+
+
+@functions.delete("/functions/{name}", status_code=204)
+def delete_function(name: str, fns: FunctionsDep, principal: Writer) -> Response:
+    fns.delete(principal, name)
+    return Response(status_code=204)
+
+
+@functions.get("/functions/{name}/logs")
+def function_logs(
+    name: str,
+    fns: FunctionsDep,
+    principal: Reader,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    """What edges reported: failed invocations, stderr, load errors (oldest first)."""
+    return fns.logs(principal, name, limit)
+
+
+@kv.get("/kv")
+def list_namespaces(
+    fns: FunctionsDep, principal: Reader, limit: Limit = 50, offset: Offset = 0
+) -> dict:
+    return fns.kv_namespaces(principal, limit, offset)
+
+
+@kv.get("/kv/{namespace}")
+def list_keys(
+    namespace: str,
+    fns: FunctionsDep,
+    principal: Reader,
+    prefix: str = "",
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> dict:
+    return fns.kv_keys(principal, namespace, prefix, limit, offset)
+
+
+@kv.put("/kv/{namespace}/{key:path}")
+async def put_key(
+    request: Request,
+    namespace: str,
+    key: str,
+    fns: FunctionsDep,
+    principal: Writer,
+    tenant: Annotated[str | None, Query(description="Owner of a new namespace (admins)")] = None,
+) -> dict:
+    """Store the raw request body (at most 1 MiB) as the value; edges get it within seconds."""
+    value = await _bounded_body(request, MAX_VALUE_BYTES)
+    return await run_in_threadpool(fns.kv_put, principal, namespace, key, value, tenant)
+
+
+@kv.get("/kv/{namespace}/{key:path}", response_model=None)
+def get_key(namespace: str, key: str, fns: FunctionsDep, principal: Reader) -> Response:
+    value, seq = fns.kv_get(principal, namespace, key)
+    return Response(value, media_type="application/octet-stream", headers={"ETag": _etag(seq)})
+
+
+@kv.delete("/kv/{namespace}/{key:path}")
+def delete_key(namespace: str, key: str, fns: FunctionsDep, principal: Writer) -> dict:
+    return fns.kv_delete(principal, namespace, key)
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is over ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the value is over {limit} bytes", "value")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the value is over {limit} bytes", "value")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @edge.post("/nodes/join")
 def join(body: JoinIn, store: StoreDep, principal: Joiner) -> dict:
     """Register a node: ``{"node", "credential"}``; joining again replaces the credential."""
@@ -637,6 +786,34 @@ async def node_purges(
 def ack_purges(body: AckIn, store: StoreDep, principal: NodeCaller) -> dict:
     store.ack_purges(principal, body.seq)
     return {}
+
+
+@edge.get("/nodes/self/modules/{sha256}", response_model=None)
+def node_module(sha256: str, fns: FunctionsDep, principal: NodeCaller) -> Response:
+    """A function's module by its sha256 (named ``sha256:<hex>`` in the bundle)."""
+    return Response(fns.module(sha256), media_type="application/wasm")
+
+
+@edge.get("/nodes/self/kv")
+async def node_kv(
+    request: Request,
+    fns: FunctionsDep,
+    principal: NodeCaller,
+    after: Annotated[int, Query(ge=0, description="The last KV seq the node applied")] = 0,
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
+) -> dict:
+    """KV changes with seq > ``after``, oldest first (``[]`` when none came within ``wait``)."""
+
+    async def newer() -> list[dict] | None:
+        return await run_in_threadpool(fns.kv_changes, after) or None
+
+    changes = await request.app.state.watches["kv"].wait(newer, _wait(request, wait))
+    return {"changes": changes or []}
+
+
+@edge.post("/nodes/self/function-logs")
+def node_function_logs(body: LogsIn, fns: FunctionsDep, principal: NodeCaller) -> dict:
+    return fns.add_logs(principal, body.records)
 
 
 @edge.post("/nodes/self/stats")
@@ -804,10 +981,12 @@ async def _monitor_round(store: Store, monitor: HealthMonitor, since: dict[str, 
 def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     """The control-plane API over ``store`` (already migrated)."""
     settings = settings or Settings()
+    function_store = FunctionStore(store)
     watches = {
         "config": VersionWatch(store.config_version, settings.poll_interval),
         "purges": VersionWatch(store.purge_seq, settings.poll_interval),
         "acks": VersionWatch(store.ack_count, settings.poll_interval),
+        "kv": VersionWatch(function_store.kv_seq, settings.poll_interval),
     }
     store.subscribe(lambda topic: watches[topic].notify())
 
@@ -836,7 +1015,9 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
         description="Tenants, services, purges and the edge fleet. See CONTROL_API.md.",
     )
     app.state.store, app.state.settings, app.state.watches = store, settings, watches
-    for router in (health, tenants, tokens, services, certificates, purges, fleet, reports, edge):
+    app.state.functions = function_store
+    routers = (health, tenants, tokens, services, certificates, purges, functions, kv)
+    for router in (*routers, fleet, reports, edge):
         app.include_router(router)
     _install_error_handlers(app)
     if settings.access_log is not None:

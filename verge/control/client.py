@@ -10,6 +10,7 @@ in threads (`asyncio.to_thread`) so one slow call never stalls the event loop.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -125,14 +126,18 @@ class ControlClient:
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
         api: bool = True,
+        content: bytes | None = None,
     ) -> httpx.Response:
-        """One request; any status >= 300 or transport failure becomes a ControlError."""
+        """One request; any status >= 300 or transport failure becomes a ControlError.
+
+        ``body`` is sent as JSON, ``content`` as raw bytes (KV values)."""
         url = (API_PREFIX + path) if api else path
         try:
             response = self._http.request(
                 method,
                 url,
                 json=body,
+                content=content,
                 params=_drop_none(params or {}),
                 headers=headers,
                 timeout=timeout if timeout is not None else self.timeout,
@@ -277,6 +282,85 @@ class ControlClient:
         """GET /purge/{seq} -> {"seq", "acked": [names], "pending": [names], "created_at"}."""
         return self._json("GET", f"/purge/{int(seq)}")
 
+    # -- edge functions ----------------------------------------------------------------------
+
+    def deploy_function(
+        self,
+        name: str,
+        module: bytes,
+        service: str,
+        routes: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        fetch_hosts: list[str] | None = None,
+        kv_namespace: str | None = None,
+        kv_write: bool = False,
+        cpu_ms: float | None = None,
+        memory_mb: int | None = None,
+        max_subrequests: int | None = None,
+    ) -> Json:
+        """POST /functions: a new active version -> {"name", "version", "module_sha256", ...}."""
+        body = _drop_none(
+            {
+                "name": name,
+                "service": service,
+                "routes": routes,
+                "module_base64": base64.b64encode(module).decode("ascii"),
+                "env": env or {},
+                "fetch_hosts": fetch_hosts or [],
+                "kv_namespace": kv_namespace,
+                "kv_write": kv_write,
+                "cpu_ms": cpu_ms,
+                "memory_mb": memory_mb,
+                "max_subrequests": max_subrequests,
+            }
+        )
+        return self._json("POST", "/functions", body=body, timeout=max(self.timeout, 60))
+
+    def list_functions(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/functions", limit, offset)
+
+    def get_function(self, name: str) -> Json:
+        """GET /functions/{name}: the active version plus "versions" (newest first)."""
+        return self._json("GET", f"/functions/{_segment(name)}")
+
+    def rollback_function(self, name: str, version: int | None = None) -> Json:
+        """Make `version` (default: the one before the active one) active again."""
+        body = {} if version is None else {"version": version}
+        return self._json("POST", f"/functions/{_segment(name)}/rollback", body=body)
+
+    def delete_function(self, name: str) -> None:
+        self._send("DELETE", f"/functions/{_segment(name)}")
+
+    def function_logs(self, name: str, limit: int = 100) -> list[Json]:
+        """What edges reported (failures, stderr, load errors), oldest first."""
+        body = self._json("GET", f"/functions/{_segment(name)}/logs", params={"limit": limit})
+        return list(body.get("items", []))
+
+    # -- edge KV -----------------------------------------------------------------------------
+
+    def kv_put(self, namespace: str, key: str, value: bytes, tenant: str | None = None) -> Json:
+        """PUT /kv/{ns}/{key} with the raw value -> {"namespace", "key", "seq", "size"}."""
+        return self._json(
+            "PUT",
+            f"/kv/{_segment(namespace)}/{_segment(key)}",
+            content=value,
+            params={"tenant": tenant},
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    def kv_get(self, namespace: str, key: str) -> bytes:
+        return self._send("GET", f"/kv/{_segment(namespace)}/{_segment(key)}").content
+
+    def kv_delete(self, namespace: str, key: str) -> Json:
+        return self._json("DELETE", f"/kv/{_segment(namespace)}/{_segment(key)}")
+
+    def kv_keys(self, namespace: str, prefix: str = "", limit: int = 50, offset: int = 0) -> Page:
+        return self._page(f"/kv/{_segment(namespace)}", limit, offset, prefix=prefix or None)
+
+    def kv_namespaces(self, limit: int = 50, offset: int = 0) -> Page:
+        return self._page("/kv", limit, offset)
+
     # -- nodes, audit, stats -----------------------------------------------------------------
 
     def list_nodes(self, limit: int = 50, offset: int = 0) -> Page:
@@ -353,6 +437,25 @@ class ControlClient:
     def ack_purges(self, seq: int) -> None:
         """Acknowledge every purge up to and including `seq`."""
         self._send("POST", "/nodes/self/purges/ack", body={"seq": seq})
+
+    def node_module(self, sha256: str) -> bytes:
+        """A function module by sha256 (node credential)."""
+        return self._send(
+            "GET", f"/nodes/self/modules/{_segment(sha256)}", timeout=max(self.timeout, 60)
+        ).content
+
+    def node_kv(self, after: int = 0, wait: float = 25) -> list[Json]:
+        """Long poll: KV changes with seq > `after` ([] when none arrived within `wait`)."""
+        body = self._json(
+            "GET",
+            "/nodes/self/kv",
+            params={"after": after, "wait": wait},
+            timeout=wait + self.timeout,
+        )
+        return list(body.get("changes", []))
+
+    def send_function_logs(self, records: list[Json]) -> None:
+        self._send("POST", "/nodes/self/function-logs", body={"records": records})
 
     def send_stats(self, samples: list[Json], idempotency_key: str) -> None:
         """Upload samples; a retry with the same key is ignored by the server."""

@@ -30,16 +30,19 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 CONFIG_VERSION = "config_version"
 PURGE_SEQ = "purge_seq"
-COUNTERS = (CONFIG_VERSION, PURGE_SEQ)
+KV_SEQ = "kv_seq"
+COUNTERS = (CONFIG_VERSION, PURGE_SEQ, KV_SEQ)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -272,6 +275,74 @@ class StatsBatch(Base):
     )
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class FunctionVersion(Base):
+    """One deployed version of an edge function; the ``active`` one is in the config bundle.
+
+    ``spec`` is a validated ``verge.config.EdgeFunction`` whose module is ``sha256:<hex>``:
+    edges fetch the bytes once (``GET /nodes/self/modules/{sha256}``) and keep them.
+    """
+
+    __tablename__ = "functions"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_functions_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    service: Mapped[str] = mapped_column(String(63))
+    version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]]
+    module_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    module: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    """The module itself; loaded only when asked for (lists must not read megabytes)."""
+    size: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(300))
+
+    tenant: Mapped[Tenant] = relationship(lazy="joined")
+
+
+class FunctionLog(Base):
+    """What an edge reported of one invocation (failure, stderr) or a failed load."""
+
+    __tablename__ = "function_logs"
+    __table_args__ = (Index("ix_function_logs_name_id", "name", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(63))
+    node: Mapped[str] = mapped_column(String(63))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    record: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class KvNamespace(Base):
+    """An edge KV namespace and the tenant that owns it (made by its first write or grant)."""
+
+    __tablename__ = "kv_namespaces"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KvEntry(Base):
+    """The newest value of one key; ``seq`` (the kv_seq counter, commit order) orders changes.
+
+    A deletion keeps the row as a tombstone (``deleted``) so that edges behind it learn of it.
+    """
+
+    __tablename__ = "kv"
+
+    namespace: Mapped[str] = mapped_column(
+        ForeignKey("kv_namespaces.name", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 STAT_COUNTERS = (

@@ -57,6 +57,7 @@ from verge.control.models import (
     STAT_COUNTERS,
     AuditEntry,
     Counter,
+    FunctionVersion,
     Node,
     PurgeAck,
     PurgeJob,
@@ -755,7 +756,16 @@ class Store:
         if cached is not None and cached[0] == version:
             return cached
         specs = session.scalars(select(Service.spec).order_by(Service.name)).all()
-        data = {"services": list(specs), "tls": self._tls_section(session)}
+        functions = session.scalars(
+            select(FunctionVersion.spec)
+            .where(FunctionVersion.active.is_(True))
+            .order_by(FunctionVersion.name)
+        ).all()
+        data = {
+            "services": list(specs),
+            "tls": self._tls_section(session),
+            "functions": list(functions),
+        }
         config = vconfig.config_from_data(data, "<control-plane bundle>")
         built = (version, config, {"version": version, "config": config.model_dump(mode="json")})
         with self._cache_lock:

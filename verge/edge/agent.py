@@ -10,7 +10,13 @@ autonomy, as KubeEdge/OpenYurt promise):
 * ``control/purge_seq``   the last purge sequence number applied; missed purges are fetched
                           and applied on reconnect, before their acknowledgement;
 * ``control/spool.db``    stats samples not yet accepted by the control plane (SQLite WAL),
-                          sent with idempotency keys so a retry never counts twice.
+                          sent with idempotency keys so a retry never counts twice;
+* ``control/modules/``    edge function modules (``<sha256>.wasm``, checked against their
+                          name) of the saved bundle: fetched before a bundle reaches the
+                          workers, so a function keeps running on a restart without the
+                          control plane; modules no bundle uses any more are removed;
+* ``control/kv.db``       the edge KV replica (SQLite WAL): every change up to the last
+                          sequence number applied; workers read it into memory.
 
 Every file is written atomically (temp + rename) so a ``kill -9`` leaves the old or the new
 version, never a torn one. Long polls (config and purges) wake on change; a failed call
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +43,7 @@ from pydantic import ValidationError
 
 from verge.cache.store import purge_disk
 from verge.config import Config
+from verge.edge.compute import KV_FILE, MODULE_PREFIX, EdgeKV
 
 if TYPE_CHECKING:
     from verge.edge.node import Node
@@ -45,6 +53,25 @@ log = logging.getLogger("verge.agent")
 HEARTBEAT_INTERVAL = 2.0
 STATS_INTERVAL = 5.0
 LONG_POLL = 25.0
+MAX_PENDING_LOGS = 2000
+"""Function log records held while the control plane is away (the oldest are dropped)."""
+
+
+def modules_dir(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "control" / "modules"
+
+
+def module_file(cache_dir: str | Path, digest: str) -> Path:
+    """Where the module named ``sha256:<digest>`` in a bundle is kept on this node."""
+    if len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise ValueError(f"not a sha256 module name: {digest!r}")
+    return modules_dir(cache_dir) / f"{digest}.wasm"
+
+
+def bundle_modules(config: Config) -> set[str]:
+    """The sha256 digests of the control-plane modules a config uses."""
+    return {fn.module.removeprefix(MODULE_PREFIX) for fn in config.functions
+            if fn.module.startswith(MODULE_PREFIX)}
 
 
 class AgentError(Exception):
@@ -101,6 +128,8 @@ class ControlAgent:
         self.config_version = 0
         self.purge_seq = self._read_int("purge_seq")
         self.spool = StatsSpool(self.dir / "spool.db")
+        self.kv = EdgeKV(self.dir / KV_FILE, writer=True)
+        self.pending_logs: list[dict] = []
         self._last_snapshot: dict[str, list[int]] = {}
         self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
         self.connected = False
@@ -145,6 +174,7 @@ class ControlAgent:
                 log.warning("control plane unreachable (%s); retrying", exc)
                 await asyncio.sleep(1)
         await asyncio.gather(self._loop(self._config_once), self._loop(self._purges_once),
+                             self._loop(self._kv_once),
                              self._loop(self._heartbeat_once, HEARTBEAT_INTERVAL),
                              self._loop(self._stats_once, STATS_INTERVAL))
 
@@ -218,10 +248,53 @@ class ControlAgent:
                       version, self.config_version, _reasons(exc))
             self.config_version = version  # do not fetch the same bad bundle again
             return
+        await self.fetch_modules(config)
         write_atomic(self.dir / "bundle.json",
                      json.dumps({"version": version, "config": raw}).encode())
-        await self.node.apply_config(config)
+        result = await self.node.apply_config(config)
         self.config_version = version
+        if result.get("ok"):
+            self.prune_modules(config)
+
+    async def fetch_modules(self, config: Config) -> None:
+        """Download the bundle's modules this node lacks, each checked against its sha256.
+
+        Raises (the config loop retries) rather than hand workers a config whose modules
+        are missing: the running config stays in force meanwhile.
+        """
+        for digest in sorted(bundle_modules(config)):
+            path = module_file(self.node.options.cache_dir, digest)
+            if path.exists():
+                continue
+            response = await self._call("GET", f"/api/v1/nodes/self/modules/{digest}")
+            if hashlib.sha256(response.content).hexdigest() != digest:
+                raise RuntimeError(f"module {digest} arrived corrupted; fetching it again")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, response.content)
+            log.info("fetched edge function module %s (%d bytes)", digest, len(response.content))
+
+    def prune_modules(self, config: Config) -> None:
+        """Remove modules the running (and saved) bundle no longer uses."""
+        keep = bundle_modules(config)
+        folder = modules_dir(self.node.options.cache_dir)
+        for path in folder.glob("*.wasm") if folder.exists() else ():
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+
+    # ----- edge KV --------------------------------------------------------------------------------
+    async def _kv_once(self) -> None:
+        """Follow the KV change feed: persist each batch, then have every worker load it."""
+        response = await self._call("GET", "/api/v1/nodes/self/kv",
+                                    params={"after": self.kv.seq, "wait": LONG_POLL})
+        changes = response.json().get("changes", [])
+        if not changes:
+            return
+        await asyncio.to_thread(self.kv.apply, changes)
+        replies = await self.node.broadcast({"op": "kv"})
+        failed = [r.get("error") for r in replies if not r.get("ok")]
+        if failed:  # a worker restarting reads the file at start anyway
+            log.warning("KV update (seq %d) did not reach %d worker(s): %s",
+                        self.kv.seq, len(failed), failed)
 
     # ----- purges ---------------------------------------------------------------------------------
     async def _purges_once(self) -> None:
@@ -268,7 +341,8 @@ class ControlAgent:
         alive = sum(1 for w in self.node.workers if w.alive())
         await self._call("POST", "/api/v1/nodes/self/heartbeat", json={
             "health": {"workers": alive, "workers_expected": len(self.node.workers),
-                       "status": "ok" if alive == len(self.node.workers) else "degraded"},
+                       "status": "ok" if alive == len(self.node.workers) else "degraded",
+                       "kv_seq": self.kv.seq},
             "load": load, "config_version": self.config_version, "purge_seq": self.purge_seq,
             **self.whereabouts()})
 
@@ -279,6 +353,19 @@ class ControlAgent:
             await self._call("POST", "/api/v1/nodes/self/stats", content=body,
                              headers={"Idempotency-Key": key, "Content-Type": "application/json"})
             self.spool.done(key)
+        await self._ship_function_logs()
+
+    async def _ship_function_logs(self) -> None:
+        """Collect the workers' function log records and send them (kept until accepted)."""
+        replies = await self.node.broadcast({"op": "function_logs"})
+        for reply in replies:
+            self.pending_logs.extend(reply.get("records", []))
+        del self.pending_logs[:-MAX_PENDING_LOGS]
+        if self.pending_logs:
+            batch = self.pending_logs[:500]
+            await self._call("POST", "/api/v1/nodes/self/function-logs",
+                             json={"records": batch})
+            del self.pending_logs[:len(batch)]
 
     def _samples(self, stats: list[dict]) -> list[dict]:
         """Per-service deltas since the previous call (worker counters are cumulative)."""
@@ -300,6 +387,7 @@ class ControlAgent:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.http.aclose()
+        self.kv.close()
 
 
 def _reasons(exc: ValueError) -> str:

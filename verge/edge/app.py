@@ -35,6 +35,7 @@ from verge.edge.deliver import (
 )
 from verge.edge.fetch import Fetcher, proxy_request_headers, relay
 from verge.edge.origins import OriginSet, ParentSet
+from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
 from verge.observe.accesslog import AccessLog
@@ -237,8 +238,8 @@ class EdgeApp:
             self._log(request, route[9:12], len(route), "none", started)
             return route
         key = route.key
-        if key is None or route.function is not None:
-            return None
+        if key is None or route.function is not None or "upgrade" in request.hmap:
+            return None  # (Upgrade: a WebSocket is tunnelled by handle())
         hmap = request.hmap
         entry = self.cache.lookup_memory(key, hmap)
         if entry is None:
@@ -350,6 +351,9 @@ class EdgeApp:
             writer.keep_alive = False
             await self._send_bytes(writer, route)
             self._log(request, int(route[9:12]), len(route), "none", started)
+            return
+        if wants_tunnel(request, writer):
+            await self._tunnel(request, writer, route, started)
             return
         body = None
         if route.function is not None:
@@ -464,6 +468,17 @@ class EdgeApp:
         if request.method not in SAFE_METHODS and response.status < 400:
             self._invalidate(request, response.headers)
         self._log(request, response.status, writer.bytes_sent, result, started)
+
+    async def _tunnel(self, request, writer: ResponseWriter, route: Route, started: float) -> None:
+        """A WebSocket upgrade: spliced to an origin of the route, never cached."""
+        headers = proxy_request_headers(request, route, conditional=True, via=self.name)
+        try:
+            result = await open_tunnel(request, writer, route.origins, headers)
+        except TunnelError as exc:
+            self.metrics.origin_errors += 1
+            await self._error(request, writer, exc.status, f"origin unavailable: {exc}", started)
+            return
+        self._log(request, result.status, result.to_client, "pass", started)
 
     def _invalidate(self, request, response_headers) -> None:
         """RFC 9111 §4.4: the target URI and same-host Location/Content-Location."""

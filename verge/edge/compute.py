@@ -9,19 +9,31 @@ and its stderr, and counted. Nothing it does can reach the node: see :mod:`verge
 
 Invocations run on a small thread pool, never on the event loop: a function may use its whole
 CPU budget, and ``fetch`` sub-requests are synchronous HTTP calls made from that thread.
+
+The edge KV (:class:`EdgeKV`) is the control plane's KV replicated to this node: the agent
+writes changes to ``CACHE_DIR/control/kv.db`` (SQLite WAL, with the last sequence number) and
+tells the workers, which read the new rows into an in-memory dict: a function's read is one
+dict lookup, and a node restarted without the control plane starts from the file.
+
+Each worker keeps the last ``LOGS_KEPT`` log records (failures, stderr, load errors) that the
+agent collects and ships to the control plane (``verge fn logs``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import sqlite3
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from verge.compute.host import Capabilities, DictKV, FetchRequest, FetchResponse, HostServices
+from verge.compute.host import Capabilities, FetchRequest, FetchResponse, HostServices
 from verge.compute.wagi import CgiRequest
 
 log = logging.getLogger("verge.compute")
@@ -29,6 +41,103 @@ log = logging.getLogger("verge.compute")
 MiB = 1024 * 1024
 FUNCTION_THREADS = 2
 FUNCTION_BODY_LIMIT = 8 * MiB  # a request body a function reads on stdin (larger: 413)
+LOGS_KEPT = 200  # log records a worker holds until the agent collects them
+MODULE_PREFIX = "sha256:"  # a module the agent fetches from the control plane
+KV_FILE = "kv.db"  # under CACHE_DIR/control
+
+
+class EdgeKV:
+    """The node's replica of the control plane's KV: SQLite on disk, a dict in memory.
+
+    The agent (``writer=True``) applies changes from the control plane with :meth:`apply`,
+    in one transaction with the new last sequence number. Workers read the same file:
+    :meth:`refresh` loads rows newer than what they hold. Function reads (:meth:`get`) touch
+    only the dict. A function's own writes (``kv_write``) stay in its worker's memory until
+    the control plane writes the same key: the control plane is the source of truth.
+    """
+
+    def __init__(self, path: str | Path, writer: bool = False) -> None:
+        self.path = Path(path)
+        self.writer = writer
+        self.seq = 0
+        self.data: dict[tuple[str, bytes], bytes] = {}
+        self._db: sqlite3.Connection | None = None
+        self.refresh()
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._db is None and (self.writer or self.path.exists()):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            if self.writer:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("CREATE TABLE IF NOT EXISTS kv (namespace TEXT NOT NULL, key BLOB "
+                           "NOT NULL, value BLOB, seq INTEGER NOT NULL, "
+                           "PRIMARY KEY (namespace, key))")
+                db.execute("CREATE INDEX IF NOT EXISTS kv_by_seq ON kv (seq)")
+            self._db = db
+        return self._db
+
+    # ----- what functions see (KVStore protocol) ----------------------------------------
+    def get(self, namespace: str, key: bytes) -> bytes | None:
+        return self.data.get((namespace, key))
+
+    def put(self, namespace: str, key: bytes, value: bytes) -> None:
+        self.data[(namespace, key)] = value
+
+    # ----- replication ------------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Load rows with a newer seq than this replica holds (workers); the new seq."""
+        db = self._connect()
+        if db is None:
+            return self.seq
+        try:
+            if self.writer:  # the agent keeps no copy in memory, only the position
+                self.seq = db.execute("SELECT coalesce(max(seq), 0) FROM kv").fetchone()[0]
+                return self.seq
+            rows = db.execute("SELECT namespace, key, value, seq FROM kv WHERE seq > ? "
+                              "ORDER BY seq", (self.seq,)).fetchall()
+        except sqlite3.OperationalError as exc:  # no table yet: the agent has not written
+            log.debug("edge KV not readable yet: %s", exc)
+            return self.seq
+        for namespace, key, value, seq in rows:
+            self._set(namespace, bytes(key), None if value is None else bytes(value))
+            self.seq = max(self.seq, seq)
+        return self.seq
+
+    def apply(self, changes: list[dict]) -> int:
+        """Persist control-plane changes (``{"seq","namespace","key","value": base64|null}``)
+        in one transaction (agent); returns the new last seq. Workers then :meth:`refresh`."""
+        db = self._connect()
+        assert db is not None and self.writer
+        fresh = [c for c in changes if int(c["seq"]) > self.seq]
+        if not fresh:
+            return self.seq
+        rows = [(c["namespace"], c["key"].encode(),
+                 None if c["value"] is None else base64.b64decode(c["value"]), int(c["seq"]))
+                for c in fresh]
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO kv VALUES (?, ?, ?, ?) ON CONFLICT (namespace, key) "
+                           "DO UPDATE SET value = excluded.value, seq = excluded.seq", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.seq = max(seq for *_, seq in rows)
+        return self.seq
+
+    def _set(self, namespace: str, key: bytes, value: bytes | None) -> None:
+        if value is None:  # a deletion (tombstone)
+            self.data.pop((namespace, key), None)
+        else:
+            self.data[(namespace, key)] = value
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 @dataclass
@@ -53,7 +162,8 @@ class EdgeCompute:
         self.cache_dir = Path(cache_dir) / "functions"
         self.runtime = None  # created on the first deployment: wasmtime only when used
         self.by_service: dict[str, list[Deployed]] = {}
-        self.kv = DictKV()
+        self.kv = EdgeKV(Path(cache_dir) / "control" / KV_FILE)
+        self.logs: deque[dict] = deque(maxlen=LOGS_KEPT)
         self._pool: ThreadPoolExecutor | None = None
         self._http: httpx.Client | None = None
 
@@ -67,6 +177,8 @@ class EdgeCompute:
                 deployed = Deployed(spec, self._load(spec))
             except (OSError, ValueError) as exc:
                 log.error("edge function %s not deployed: %s", spec.name, exc)
+                self.logs.append({"function": spec.name, "t": time.time(),
+                                  "outcome": "load_error", "error": str(exc)})
                 continue
             by_service.setdefault(spec.service, []).append(deployed)
         self.by_service = by_service
@@ -77,6 +189,8 @@ class EdgeCompute:
         if self.runtime is None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self.runtime = Runtime(self.cache_dir)
+        if spec.module.startswith(MODULE_PREFIX):  # the node supervisor resolves these
+            raise ValueError(f"module {spec.module} was not fetched from the control plane")
         module = Path(spec.module)
         source = module.read_text() if module.suffix == ".wat" else module.read_bytes()
         caps = Capabilities.of(env=spec.env, fetch_hosts=spec.fetch_hosts,
@@ -115,10 +229,25 @@ class EdgeCompute:
         stats.peak_memory = max(stats.peak_memory, invocation.peak_memory or 0)
         if not invocation.ok:
             stats.errors += 1
-            log.warning("edge function %s failed: %s", deployed.spec.name,
-                        invocation.log_record())
+            record = self._remember(deployed, invocation)
+            log.warning("edge function %s failed: %s", deployed.spec.name, record)
         elif invocation.stderr:
-            log.info("edge function %s stderr: %s", deployed.spec.name, invocation.log_record())
+            record = self._remember(deployed, invocation)
+            log.info("edge function %s stderr: %s", deployed.spec.name, record)
+
+    def _remember(self, deployed: Deployed, invocation) -> dict:
+        """Keep a failure's or stderr's log record for the control plane (verge fn logs)."""
+        record = invocation.log_record()
+        record["t"] = time.time()
+        record["module_sha256"] = getattr(deployed.function, "digest", None)
+        self.logs.append(record)
+        return record
+
+    def take_logs(self) -> list[dict]:
+        """The log records kept since the last call (the agent ships them)."""
+        taken = list(self.logs)
+        self.logs.clear()
+        return taken
 
     def _fetch(self, request: FetchRequest) -> FetchResponse:
         """A function's sub-request (already checked against its allow-list by the runtime)."""
@@ -139,3 +268,4 @@ class EdgeCompute:
             self._http.close()
         if self.runtime is not None:
             self.runtime.close()
+        self.kv.close()

@@ -30,7 +30,8 @@ from verge.cache.disk import DiskStore
 from verge.cache.store import purge_disk
 from verge.config import Config, ConfigError, load_config
 from verge.edge.admin import AdminApp
-from verge.edge.agent import ControlAgent
+from verge.edge.agent import ControlAgent, module_file
+from verge.edge.compute import MODULE_PREFIX
 from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
 from verge.http.tls import InlinePemFiles
 from verge.http.tls_tickets import TicketKeySchedule
@@ -155,6 +156,23 @@ class Node:
             data["tls"]["default"] = {"cert": opts.tls_cert, "key": opts.tls_key, "hosts": []}
         return Config.model_validate(data)
 
+    def local_config(self, config: Config) -> Config:
+        """The config as workers get it: certificates and function modules as local files."""
+        return self.local_functions(self.local_tls(config))
+
+    def local_functions(self, config: Config) -> Config:
+        """Functions deployed through the control plane name their module ``sha256:<hex>``;
+        the agent has fetched each into CACHE_DIR/control/modules before the config gets
+        here, so workers load local files (also after a restart without the control plane)."""
+        if not any(fn.module.startswith(MODULE_PREFIX) for fn in config.functions):
+            return config
+        data = config.model_dump(mode="json")
+        for fn in data["functions"]:
+            if fn["module"].startswith(MODULE_PREFIX):
+                digest = fn["module"].removeprefix(MODULE_PREFIX)
+                fn["module"] = str(module_file(self.options.cache_dir, digest))
+        return Config.model_validate(data)
+
     def _as_files(self, cert: dict) -> dict:
         if not cert.get("cert_pem"):
             return cert
@@ -170,7 +188,7 @@ class Node:
 
     def init_payload(self, index: int) -> dict:
         return {"index": index, "options": self.options.public(),
-                "config": self.local_tls(self.config).model_dump(mode="json"),
+                "config": self.local_config(self.config).model_dump(mode="json"),
                 "tls_tickets": self.ticket_keys.encoded()}
 
     def reserve_listen_port(self) -> socket.socket:
@@ -310,7 +328,7 @@ class Node:
     async def apply_config(self, config: Config) -> dict:
         """Switch every worker to a validated config (workers restarted later get it too)."""
         self.config = config
-        local = self.local_tls(config)
+        local = self.local_config(config)
         replies = await self.broadcast({"op": "config", "config": local.model_dump(mode="json")})
         ok = all(r.get("ok") for r in replies)
         if ok:  # every worker has loaded the new files; older ones are unused now

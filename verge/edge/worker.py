@@ -3,7 +3,8 @@
 Started by the node supervisor (:mod:`verge.edge.node`) as ``python -m verge.edge.worker
 --fd N``: a fresh interpreter rather than a fork, so no event loop, SQLite connection or
 thread state leaks from the parent. File descriptor N is the worker's end of a socketpair;
-the supervisor sends one JSON line per command (init, purge, stats, config, tls_tickets)
+the supervisor sends one JSON line per command (init, purge, stats, config, tls_tickets,
+kv, function_logs)
 and the worker answers each with one JSON line. When the supervisor goes away, the worker
 exits.
 """
@@ -84,10 +85,11 @@ class Worker:
                                first_byte_timeout=timeouts.first_byte, idle_timeout=timeouts.idle)
         self.metrics = EdgeMetrics()
         self.access_log = AccessLog(self.options.get("access_log"))
+        self.compute = EdgeCompute(self.options["cache_dir"])
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
-                           compute=EdgeCompute(self.options["cache_dir"]))
+                           compute=self.compute)
         self.limits = server_limits(config)
         self.ticket_keys: list[str] = init.get("tls_tickets") or []  # encoded; never logged
 
@@ -128,6 +130,10 @@ class Worker:
         if op == "config":
             self.apply_config(Config.model_validate(msg["config"]))
             return {"ok": True, "generation": self.app.generation}
+        if op == "kv":  # the agent wrote KV changes to CACHE_DIR/control/kv.db
+            return {"ok": True, "seq": self.compute.kv.refresh()}
+        if op == "function_logs":
+            return {"ok": True, "records": self.compute.take_logs()}
         if op == "tls_tickets":
             return self.set_ticket_keys(msg["keys"])
         if op == "ping":

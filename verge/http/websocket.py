@@ -80,8 +80,9 @@ async def refuse(writer, status: int, reason: str) -> None:
     await writer.write(body)
 
 
-async def accept(request, writer, *, limits: WebSocketLimits | None = None,
-                 subprotocol: str | None = None) -> WebSocket | None:
+async def accept(
+    request, writer, *, limits: WebSocketLimits | None = None, subprotocol: str | None = None
+) -> WebSocket | None:
     """Complete the opening handshake, or refuse it (400/426 sent) and return None.
 
     ``subprotocol`` is echoed only if the client offered it.
@@ -91,8 +92,11 @@ async def accept(request, writer, *, limits: WebSocketLimits | None = None,
         await refuse(writer, *problem)
         return None
     key = request.hmap["sec-websocket-key"].strip()
-    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-               ("Sec-WebSocket-Accept", generate_accept_token(key.encode()).decode())]
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", generate_accept_token(key.encode()).decode()),
+    ]
     offered = {p.strip() for p in request.hmap.get("sec-websocket-protocol", "").split(",")}
     if subprotocol is not None and subprotocol in offered:
         headers.append(("Sec-WebSocket-Protocol", subprotocol))
@@ -135,7 +139,7 @@ class WebSocket:
                 self._gone(1006)
                 return None
             self._last_heard = time.monotonic()
-                self.conn.receive_data(data)
+            self.conn.receive_data(data)
 
     async def _read(self) -> bytes | None:
         """Bytes from the peer; None after a keep-alive ping or an idle close."""
@@ -196,7 +200,9 @@ class WebSocket:
         """Send one message; ConnectionError if the WebSocket is closed or closing."""
         if not self.open:
             raise ConnectionResetError("websocket closed")
-        event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        event = (
+            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        )
         await self._send_event(event)
 
     async def ping(self, payload: bytes = b"") -> None:

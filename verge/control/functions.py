@@ -1,0 +1,566 @@
+"""Edge functions and the edge KV in the control-plane store (the part of the store for issue 7).
+
+Kept out of ``store.py`` so that file does not grow further; :class:`FunctionStore` wraps a
+:class:`~verge.control.store.Store` and uses its transactions, counters, audit log and
+notifications the same way the store's own operations do (same package, same rules).
+
+Functions: every deploy stores a new *version* (spec + module bytes); exactly one version of
+a name is ``active`` and only that one is in the config bundle, with its module named
+``sha256:<hex>``. Deploy and rollback flip the active flag and bump the config version in
+one transaction, so edges switch with the next long poll, all functions at once. A function
+belongs to the tenant of its service: a tenant deploys only onto services it can see.
+
+KV: one row per (namespace, key) holds the newest value; each write or deletion takes the next
+number of the ``kv_seq`` counter (in commit order, like purges), and deletions stay as
+tombstones, so an edge that has applied everything up to N asks for ``seq > N`` and converges
+(eventual consistency, last writer wins). A namespace belongs to the tenant that first wrote
+it or first granted it to a function.
+
+Logs: edges report failed invocations, stderr and load errors; the newest ``LOGS_KEPT`` per
+function are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from verge import config as vconfig
+from verge.control.auth import Principal
+from verge.control.models import (
+    CONFIG_VERSION,
+    KV_SEQ,
+    FunctionLog,
+    FunctionVersion,
+    KvEntry,
+    KvNamespace,
+    Tenant,
+    utcnow,
+)
+from verge.control.store import (
+    Conflict,
+    Invalid,
+    NotFound,
+    Store,
+    StoreError,
+    iso,
+    validation_error,
+)
+
+MiB = 1024 * 1024
+MAX_MODULE_BYTES = 16 * MiB
+WASM_MAGIC = b"\0asm"
+MAX_KEY_BYTES = 512
+MAX_VALUE_BYTES = 1 * MiB
+"""The same bounds as the edge's host API (verge.compute.host), so every stored value fits."""
+KV_BATCH = 1000
+"""Most KV changes handed to a node in one answer."""
+LOGS_KEPT = 300
+"""Log records kept per function (the newest)."""
+MAX_LOG_RECORDS = 1000
+"""Most log records one node upload may carry."""
+_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_SPEC_FIELDS = (
+    "name",
+    "service",
+    "routes",
+    "env",
+    "fetch_hosts",
+    "kv_namespace",
+    "kv_write",
+    "cpu_ms",
+    "memory_mb",
+    "max_subrequests",
+)
+
+
+class TooLarge(StoreError):
+    status = 413
+
+
+def module_ref(digest: str) -> str:
+    """How the bundle names a module the edge fetches from the control plane."""
+    return f"sha256:{digest}"
+
+
+def check_module(module: bytes) -> str:
+    """The module's sha256 (hex) after the size and WebAssembly magic checks."""
+    if len(module) > MAX_MODULE_BYTES:
+        raise TooLarge(f"the module is {len(module)} bytes; at most {MAX_MODULE_BYTES}", "module")
+    if not module.startswith(WASM_MAGIC):
+        raise Invalid("not a WebAssembly binary (no \\0asm magic); upload the .wasm", "module")
+    return hashlib.sha256(module).hexdigest()
+
+
+def check_namespace(name: str, field: str = "namespace") -> str:
+    if len(name) > 63 or not _NAMESPACE_RE.fullmatch(name):
+        raise Invalid(
+            f"namespace {name!r} must be a slug: lower-case letters, digits and '-'", field
+        )
+    return name
+
+
+def check_key(key: str) -> str:
+    if not key or len(key.encode()) > MAX_KEY_BYTES:
+        raise Invalid(f"a key is 1 to {MAX_KEY_BYTES} bytes (UTF-8)", "key")
+    return key
+
+
+class FunctionStore:
+    """Functions, their logs and the edge KV, on top of ``store``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- functions ------------------------------------------------------------------------------
+
+    def deploy(self, principal: Principal, fields: dict[str, Any], module: bytes) -> dict:
+        """A new active version of ``fields["name"]`` (an EdgeFunction without ``module``)."""
+        digest = check_module(module)
+        spec = _function_spec(fields, digest)
+        store = self.store
+        with store._writing() as session:
+            service = store._visible_service(session, principal, spec.service)
+            tenant_id = service.tenant_id
+            rows = self._versions(session, spec.name, lock=True)
+            if rows and rows[0].tenant_id != tenant_id:
+                where = "" if principal.can_see_tenant(rows[0].tenant_id) else " another tenant's"
+                raise Conflict(f"the name {spec.name!r} is taken by{where} function", "name")
+            if spec.kv_namespace:
+                self._claim_namespace(
+                    session, principal, spec.kv_namespace, tenant_id, "kv_namespace"
+                )
+            for row in rows:
+                row.active = False
+            version = max((row.version for row in rows), default=0) + 1
+            row = FunctionVersion(
+                name=spec.name,
+                tenant_id=tenant_id,
+                service=spec.service,
+                version=version,
+                spec=spec.model_dump(mode="json"),
+                module_sha256=digest,
+                module=module,
+                size=len(module),
+                active=True,
+                created_at=utcnow(),
+                created_by=principal.actor,
+            )
+            session.add(row)
+            session.flush()
+            config_version = store._bump(session, CONFIG_VERSION)
+            store._audit(
+                session,
+                principal,
+                "function.deploy",
+                f"function:{spec.name}",
+                tenant_id,
+                {
+                    "version": version,
+                    "service": spec.service,
+                    "module_sha256": digest,
+                    "size": len(module),
+                    "routes": spec.routes,
+                    "env": sorted(spec.env),
+                    "config_version": config_version,
+                },
+            )
+            view = _function_view(row, service.tenant.name)
+        store._emit("config")
+        return view
+
+    def list(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        query = (
+            select(FunctionVersion)
+            .where(FunctionVersion.active.is_(True))
+            .order_by(FunctionVersion.name)
+        )
+        if not principal.sees_all:
+            query = query.where(FunctionVersion.tenant_id == principal.tenant_id)
+        with self.store._reading() as session:
+            return self.store._paged(
+                session, query, limit, offset, lambda row: _function_view(row, row.tenant.name)
+            )
+
+    def get(self, principal: Principal, name: str) -> dict:
+        """``{..active version.., "versions": [{"version", "module_sha256", ...}]}``."""
+        with self.store._reading() as session:
+            rows = self._visible(session, principal, name)
+            active = next(row for row in rows if row.active)
+            return {
+                **_function_view(active, active.tenant.name),
+                "versions": [_version_view(row) for row in rows],
+            }
+
+    def rollback(self, principal: Principal, name: str, version: int | None = None) -> dict:
+        """Make ``version`` (default: the one before the active one) the active version."""
+        store = self.store
+        with store._writing() as session:
+            rows = self._visible(session, principal, name, lock=True)
+            active = next(row for row in rows if row.active)
+            target = _rollback_target(rows, active, version)
+            if target is not active:
+                active.active, target.active = False, True
+                session.flush()
+                config_version = store._bump(session, CONFIG_VERSION)
+                store._audit(
+                    session,
+                    principal,
+                    "function.rollback",
+                    f"function:{name}",
+                    target.tenant_id,
+                    {
+                        "from": active.version,
+                        "to": target.version,
+                        "config_version": config_version,
+                    },
+                )
+            view = _function_view(target, target.tenant.name)
+        if target is not active:
+            store._emit("config")
+        return view
+
+    def delete(self, principal: Principal, name: str) -> None:
+        store = self.store
+        with store._writing() as session:
+            rows = self._visible(session, principal, name, lock=True)
+            tenant_id = rows[0].tenant_id
+            for row in rows:
+                session.delete(row)
+            session.execute(delete(FunctionLog).where(FunctionLog.name == name))
+            session.flush()
+            config_version = store._bump(session, CONFIG_VERSION)
+            store._audit(
+                session,
+                principal,
+                "function.delete",
+                f"function:{name}",
+                tenant_id,
+                {"versions": len(rows), "config_version": config_version},
+            )
+        store._emit("config")
+
+    def module(self, digest: str) -> bytes:
+        """The bytes of a module by sha256 (for nodes)."""
+        with self.store._reading() as session:
+            found = session.scalar(
+                select(FunctionVersion.module)
+                .where(FunctionVersion.module_sha256 == digest.lower())
+                .limit(1)
+            )
+        if found is None:
+            raise NotFound(f"no module with sha256 {digest}")
+        return found
+
+    def _versions(self, session: Session, name: str, lock: bool = False) -> list[FunctionVersion]:
+        query = (
+            select(FunctionVersion)
+            .where(FunctionVersion.name == name)
+            .order_by(FunctionVersion.version.desc())
+        )
+        if lock:
+            query = query.with_for_update(of=FunctionVersion)
+        return list(session.scalars(query).unique().all())
+
+    def _visible(
+        self, session: Session, principal: Principal, name: str, lock: bool = False
+    ) -> list[FunctionVersion]:
+        rows = self._versions(session, name, lock)
+        if not rows or not principal.can_see_tenant(rows[0].tenant_id):
+            raise NotFound(f"no function named {name!r}")
+        return rows
+
+    # -- logs -------------------------------------------------------------------------------------
+
+    def add_logs(self, principal: Principal, records: Sequence[dict]) -> dict:
+        """Store a node's log records (``{"function", "t"?, ...}``), keeping LOGS_KEPT each."""
+        records = list(records)[:MAX_LOG_RECORDS]
+        names: set[str] = set()
+        with self.store._writing() as session:
+            for record in records:
+                name = str(record.get("function", ""))[:63]
+                if not name:
+                    continue
+                names.add(name)
+                session.add(
+                    FunctionLog(
+                        name=name, node=principal.name, at=_record_time(record), record=record
+                    )
+                )
+            session.flush()
+            for name in names:
+                self._prune_logs(session, name)
+        return {"accepted": len(records)}
+
+    def _prune_logs(self, session: Session, name: str) -> None:
+        oldest_kept = session.scalar(
+            select(FunctionLog.id)
+            .where(FunctionLog.name == name)
+            .order_by(FunctionLog.id.desc())
+            .offset(LOGS_KEPT - 1)
+            .limit(1)
+        )
+        if oldest_kept is not None:
+            session.execute(
+                delete(FunctionLog).where(FunctionLog.name == name, FunctionLog.id < oldest_kept)
+            )
+
+    def logs(self, principal: Principal, name: str, limit: int = 100) -> dict:
+        """The newest ``limit`` records, oldest first: ``{"items": [{"at", "node", ...}]}``."""
+        with self.store._reading() as session:
+            self._visible(session, principal, name)
+            rows = session.scalars(
+                select(FunctionLog)
+                .where(FunctionLog.name == name)
+                .order_by(FunctionLog.id.desc())
+                .limit(limit)
+            ).all()
+        return {
+            "items": [{**row.record, "at": iso(row.at), "node": row.node} for row in reversed(rows)]
+        }
+
+    # -- KV -----------------------------------------------------------------------------------------
+
+    def kv_seq(self) -> int:
+        with self.store._reading() as session:
+            return self.store._counter(session, KV_SEQ)
+
+    def kv_put(
+        self,
+        principal: Principal,
+        namespace: str,
+        key: str,
+        value: bytes,
+        tenant: str | None = None,
+    ) -> dict:
+        check_namespace(namespace)
+        check_key(key)
+        if len(value) > MAX_VALUE_BYTES:
+            raise TooLarge(f"the value is {len(value)} bytes; at most {MAX_VALUE_BYTES}", "value")
+        store = self.store
+        with store._writing() as session:
+            ns = session.get(KvNamespace, namespace)
+            if ns is None:
+                owner = store._tenant_for_service(session, principal, tenant)
+                ns = self._claim_namespace(session, principal, namespace, owner.id, "namespace")
+            elif not principal.can_see_tenant(ns.tenant_id):
+                raise Conflict(f"KV namespace {namespace!r} belongs to another tenant", "namespace")
+            seq = store._bump(session, KV_SEQ)
+            entry = session.get(KvEntry, (namespace, key), with_for_update=True)
+            if entry is None:
+                entry = KvEntry(namespace=namespace, key=key)
+                session.add(entry)
+            entry.value, entry.seq, entry.deleted, entry.updated_at = value, seq, False, utcnow()
+            store._audit(
+                session,
+                principal,
+                "kv.put",
+                f"kv:{namespace}/{key}",
+                ns.tenant_id,
+                {"seq": seq, "size": len(value)},
+            )
+        store._emit("kv")
+        return {"namespace": namespace, "key": key, "seq": seq, "size": len(value)}
+
+    def kv_get(self, principal: Principal, namespace: str, key: str) -> tuple[bytes, int]:
+        """(value, seq) of a live key."""
+        with self.store._reading() as session:
+            self._visible_namespace(session, principal, namespace)
+            entry = session.get(KvEntry, (namespace, key))
+            if entry is None or entry.deleted:
+                raise NotFound(f"no key {key!r} in namespace {namespace!r}", "key")
+            return entry.value, entry.seq
+
+    def kv_delete(self, principal: Principal, namespace: str, key: str) -> dict:
+        store = self.store
+        with store._writing() as session:
+            ns = self._visible_namespace(session, principal, namespace)
+            entry = session.get(KvEntry, (namespace, key), with_for_update=True)
+            if entry is None or entry.deleted:
+                raise NotFound(f"no key {key!r} in namespace {namespace!r}", "key")
+            seq = store._bump(session, KV_SEQ)
+            entry.value, entry.seq, entry.deleted, entry.updated_at = b"", seq, True, utcnow()
+            store._audit(
+                session, principal, "kv.delete", f"kv:{namespace}/{key}", ns.tenant_id, {"seq": seq}
+            )
+        store._emit("kv")
+        return {"namespace": namespace, "key": key, "seq": seq}
+
+    def kv_keys(
+        self,
+        principal: Principal,
+        namespace: str,
+        prefix: str = "",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict:
+        query = (
+            select(
+                KvEntry.key,
+                KvEntry.seq,
+                func.length(KvEntry.value).label("size"),
+                KvEntry.updated_at,
+            )
+            .where(KvEntry.namespace == namespace, KvEntry.deleted.is_(False))
+            .order_by(KvEntry.key)
+        )
+        if prefix:
+            query = query.where(KvEntry.key.startswith(prefix, autoescape=True))
+        with self.store._reading() as session:
+            self._visible_namespace(session, principal, namespace)
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.execute(query.limit(limit).offset(offset)).all()
+        items = [
+            {"key": key, "seq": seq, "size": size, "updated_at": iso(updated)}
+            for key, seq, size, updated in rows
+        ]
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    def kv_namespaces(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
+        live = (
+            select(func.count())
+            .where(KvEntry.namespace == KvNamespace.name, KvEntry.deleted.is_(False))
+            .correlate(KvNamespace)
+            .scalar_subquery()
+        )
+        query = (
+            select(KvNamespace.name, Tenant.name.label("tenant"), live.label("keys"))
+            .join(Tenant, Tenant.id == KvNamespace.tenant_id)
+            .order_by(KvNamespace.name)
+        )
+        if not principal.sees_all:
+            query = query.where(KvNamespace.tenant_id == principal.tenant_id)
+        with self.store._reading() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.execute(query.limit(limit).offset(offset)).all()
+        items = [{"namespace": name, "tenant": tenant, "keys": keys} for name, tenant, keys in rows]
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+    def kv_changes(self, after: int, limit: int = KV_BATCH) -> list[dict]:
+        """Changes with seq > after, oldest first; values base64, ``null`` for a deletion."""
+        with self.store._reading() as session:
+            rows = session.scalars(
+                select(KvEntry).where(KvEntry.seq > after).order_by(KvEntry.seq).limit(limit)
+            ).all()
+            return [_change_view(row) for row in rows]
+
+    def _claim_namespace(
+        self, session: Session, principal: Principal, name: str, tenant_id: int, field: str
+    ) -> KvNamespace:
+        """The namespace, made for ``tenant_id`` when new; another tenant's is a conflict."""
+        check_namespace(name, field)
+        ns = session.get(KvNamespace, name)
+        if ns is None:
+            ns = KvNamespace(name=name, tenant_id=tenant_id, created_at=utcnow())
+            session.add(ns)
+            session.flush()
+            self.store._audit(session, principal, "kv.namespace.create", f"kv:{name}", tenant_id)
+        elif ns.tenant_id != tenant_id:
+            raise Conflict(f"KV namespace {name!r} belongs to another tenant", field)
+        return ns
+
+    def _visible_namespace(self, session: Session, principal: Principal, name: str) -> KvNamespace:
+        ns = session.get(KvNamespace, name)
+        if ns is None or not principal.can_see_tenant(ns.tenant_id):
+            raise NotFound(f"no KV namespace named {name!r}", "namespace")
+        return ns
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and views
+# ---------------------------------------------------------------------------------------------
+
+
+def _function_spec(fields: dict[str, Any], digest: str) -> vconfig.EdgeFunction:
+    data = {key: fields[key] for key in _SPEC_FIELDS if fields.get(key) is not None}
+    try:
+        spec = vconfig.EdgeFunction.model_validate({**data, "module": module_ref(digest)})
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if spec.kv_write and not spec.kv_namespace:
+        raise Invalid("kv_write needs a kv_namespace", "kv_write")
+    return spec
+
+
+def _rollback_target(
+    rows: list[FunctionVersion], active: FunctionVersion, version: int | None
+) -> FunctionVersion:
+    if version is None:
+        earlier = [row for row in rows if row.version < active.version]
+        if not earlier:
+            raise Conflict(
+                f"{active.name!r} has no version before {active.version} to roll back to",
+                "version",
+            )
+        return max(earlier, key=lambda row: row.version)
+    for row in rows:
+        if row.version == version:
+            return row
+    raise NotFound(f"{active.name!r} has no version {version}", "version")
+
+
+def _function_view(row: FunctionVersion, tenant: str) -> dict:
+    """The active version as the API shows it: env names only (values may be secrets)."""
+    spec = row.spec
+    return {
+        "name": row.name,
+        "tenant": tenant,
+        "service": row.service,
+        "version": row.version,
+        "module_sha256": row.module_sha256,
+        "size": row.size,
+        "routes": spec["routes"],
+        "env": sorted(spec.get("env") or {}),
+        "fetch_hosts": spec.get("fetch_hosts") or [],
+        "kv_namespace": spec.get("kv_namespace"),
+        "kv_write": bool(spec.get("kv_write")),
+        "cpu_ms": spec.get("cpu_ms"),
+        "memory_mb": spec.get("memory_mb"),
+        "max_subrequests": spec.get("max_subrequests"),
+        "created_at": iso(row.created_at),
+        "created_by": row.created_by,
+    }
+
+
+def _version_view(row: FunctionVersion) -> dict:
+    return {
+        "version": row.version,
+        "active": row.active,
+        "service": row.service,
+        "module_sha256": row.module_sha256,
+        "size": row.size,
+        "created_at": iso(row.created_at),
+        "created_by": row.created_by,
+    }
+
+
+def _change_view(row: KvEntry) -> dict:
+    value = None if row.deleted else base64.b64encode(row.value).decode("ascii")
+    return {"seq": row.seq, "namespace": row.namespace, "key": row.key, "value": value}
+
+
+def _record_time(record: dict):  # noqa: ANN202 (datetime)
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromtimestamp(float(record["t"]), UTC)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return utcnow()
+
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "MAX_MODULE_BYTES",
+    "MAX_VALUE_BYTES",
+    "FunctionStore",
+    "TooLarge",
+    "check_module",
+    "module_ref",
+]
