@@ -294,7 +294,8 @@ def run_up(options: UpOptions) -> None:
 {edges}
     origin        {up['origin']}/
     router        DNS {up['dns']} (zone {up['zone']}), HTTP {up['router']}/
-    stream        publish to {up['rtmp']}/NAME?key={up['stream_key']}   watch {up['watch']}/NAME.flv
+    stream        publish to {up['rtmp']}/NAME?key={up['stream_key']}
+                  watch {up['watch']}/NAME (player), NAME.m3u8, NAME.mpd, NAME.flv
     service       {up['service']} ({up['hostname']}, the default service on every edge)
     state         {options.state_dir / 'up.json'}
   Try: curl -i {up['edges'][0]['url']}/static/app.js   (twice)
