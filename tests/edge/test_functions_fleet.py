@@ -103,6 +103,18 @@ def test_deploy_rollback_kv_and_offline_autonomy(fleet, modules, origin):
         what="function logs shipped",
     )
 
+    # a version the edge cannot load: the running one stays, the error is in the logs
+    broken = fleet.tmp / "broken.wasm"
+    broken.write_bytes(b"\0asm\x01\0\0\0not really a module")
+    assert "version 3 deployed" in verge(fleet, "fn", "deploy", "hello", str(broken), *hello[3:])
+    wait_until(
+        lambda: "load_error" in verge(fleet, "fn", "logs", "hello"),
+        timeout=30,
+        what="load error reported",
+    )
+    assert answer(url, "/api/hello/x") == "hello from wasm\n"
+    verge(fleet, "fn", "rollback", "hello", "--version", "1")
+
     # the control plane goes away: functions keep answering, with their KV
     fleet.control.kill()
     assert answer(url, "/api/hello/x") == "hello from wasm\n"

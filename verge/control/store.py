@@ -255,7 +255,7 @@ class Store:
             command.upgrade(config, "head")
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
-        """Call ``listener("config" | "purges" | "acks")`` after such a change commits (any thread)."""
+        """Call ``listener("config" | "purges" | "acks" | "kv")`` after such a commit (any thread)."""
         self._listeners.append(listener)
 
     def _emit(self, topic: str) -> None:

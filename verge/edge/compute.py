@@ -169,18 +169,23 @@ class EdgeCompute:
 
     # ----- deployment ----------------------------------------------------------------------
     def apply(self, specs) -> None:
-        """Load the config's functions (compiling only what is new); a function that fails
-        to load is left out with an error in the log, the others deploy."""
+        """Load the config's functions (compiling only what is new) and switch to them in one
+        assignment. A function that fails to load keeps its running version if it has one,
+        else it is left out; either way the error is logged and kept for `verge fn logs`."""
+        running = {d.spec.name: d for ds in self.by_service.values() for d in ds}
         by_service: dict[str, list[Deployed]] = {}
         for spec in specs:
             try:
                 deployed = Deployed(spec, self._load(spec))
             except (OSError, ValueError) as exc:
-                log.error("edge function %s not deployed: %s", spec.name, exc)
+                deployed = running.get(spec.name)
+                kept = "; the running version stays" if deployed is not None else ""
+                log.error("edge function %s not deployed: %s%s", spec.name, exc, kept)
                 self.logs.append({"function": spec.name, "t": time.time(),
-                                  "outcome": "load_error", "error": str(exc)})
-                continue
-            by_service.setdefault(spec.service, []).append(deployed)
+                                  "outcome": "load_error", "error": str(exc) + kept})
+                if deployed is None:
+                    continue
+            by_service.setdefault(deployed.spec.service, []).append(deployed)
         self.by_service = by_service
 
     def _load(self, spec):
