@@ -62,6 +62,16 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def probe_streams(url: str) -> str:
+    """The codecs ffprobe finds at url ('' when not yet: the caller retries)."""
+    try:
+        return subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_name",
+                               "-of", "csv", url], capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+    except subprocess.TimeoutExpired:
+        return ""
+
+
 class Fleet:
     def __init__(self, tmp: Path, origin_url: str) -> None:
         self.tmp = tmp
@@ -238,14 +248,12 @@ def test_verge_up_writes_up_json(tmp_path):
         if shutil.which("ffmpeg"):
             publisher = subprocess.Popen([
                 "ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25",
-                "-t", "30", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-f", "flv",
-                f"{up['rtmp']}/cam?key={up['stream_key']}"])
+                "-f", "lavfi", "-i", "sine", "-t", "40", "-c:v", "libx264", "-preset", "ultrafast",
+                "-g", "25", "-c:a", "aac", "-f", "flv", f"{up['rtmp']}/cam?key={up['stream_key']}"])
             try:
-                probe = wait_until(lambda: subprocess.run(
-                    ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv",
-                     up["watch"] + "/cam.flv"], capture_output=True, text=True, timeout=20
-                ).stdout.strip(), timeout=30, what="the stream through the edge")
-                assert "h264" in probe
+                probe = wait_until(lambda: probe_streams(up["watch"] + "/cam.flv"), timeout=45,
+                                   what="the stream through the edge")
+                assert "h264" in probe and "aac" in probe
             finally:
                 publisher.kill()
                 publisher.wait()
