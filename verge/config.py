@@ -707,6 +707,49 @@ class EdgeFunction(_Model):
         return False
 
 
+class IngestRoute(_Model):
+    """Devices POST readings here; they are spooled durably on the edge and forwarded in
+    batches to a central sink (store and forward: nothing lost across outages or crashes)."""
+
+    name: str
+    service: str
+    path: str = "/ingest"
+    sink: str
+    """URL the batches are POSTed to (with an Idempotency-Key per batch)."""
+    aggregate: str = "identity"
+    """"identity" (every reading), or "window:SECONDS" (per-device averages per window)."""
+    function: str | None = None
+    """An edge function (from `functions`) that filters/transforms each POST's readings:
+    NDJSON readings on stdin, NDJSON readings to keep on stdout."""
+    quota_records: int = Field(1_000_000, ge=1)
+    quota_bytes: ByteSize = 256 * MiB
+    """Spool size beyond which the route answers 429 (per worker)."""
+    batch_records: int = Field(500, ge=1, le=100_000)
+    max_age: PositiveDuration = 1.0
+    """Longest a reading waits for its batch to fill."""
+
+    @field_validator("name", "service")
+    @classmethod
+    def _check_slug(cls, value: str) -> str:
+        if not _SLUG_RE.fullmatch(value):
+            raise ValueError(f"{value!r} must be a slug: lower-case letters, digits and '-'")
+        return value
+
+    @field_validator("sink")
+    @classmethod
+    def _check_sink(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ValueError(f"sink must be an http(s) URL, got {url!r}")
+        return url
+
+    @field_validator("aggregate")
+    @classmethod
+    def _check_aggregate(cls, value: str) -> str:
+        if value != "identity" and not re.fullmatch(r"window:\d+(\.\d+)?(:\d+(\.\d+)?)?", value):
+            raise ValueError('aggregate must be "identity" or "window:SECONDS[:GRACE]"')
+        return value
+
+
 class Rendition(_Model):
     """One rung of an ABR ladder; `height: null` is the source, passed through (no re-encode)."""
 
@@ -851,6 +894,8 @@ class Config(_Model):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     functions: list[EdgeFunction] = Field(default_factory=list)
+    ingest: list[IngestRoute] = Field(default_factory=list)
+    """Store-and-forward routes for device data."""
     """Edge functions (WebAssembly), run before the cache for the routes they claim."""
     services: list[Service] = Field(default_factory=list)
 

@@ -41,8 +41,10 @@ import random
 import signal
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 import uvloop
@@ -289,6 +291,10 @@ def _log(level: str, message: str, **fields) -> None:
     getattr(log, level)(json.dumps({"msg": message, **fields}, default=str))
 
 
+# An edge function's filter/transform of one POST's readings (raises IngestError to refuse).
+Transform = Callable[[Any, list[dict]], Awaitable[list[dict]]]
+
+
 class IngestApp(HttpApp):
     """``POST /ingest`` plus ``GET /stats``, ``/metrics`` and ``/healthz``."""
 
@@ -298,11 +304,13 @@ class IngestApp(HttpApp):
         forwarder: Forwarder | None = None,
         limits: IngestLimits | None = None,
         path: str = "/ingest",
+        transform: Transform | None = None,
     ) -> None:
         self.spool = spool
         self.forwarder = forwarder
         self.limits = limits or IngestLimits()
         self.path = path
+        self.transform = transform
         self.answers: dict[int, int] = {}
 
     def handle_fast(self, request):
@@ -334,6 +342,8 @@ class IngestApp(HttpApp):
             return _json(400, {"error": "Idempotency-Key must be 1 to 200 characters"})
         try:
             readings = parse_readings(body, request.header("content-type") or "", self.limits)
+            if self.transform is not None:
+                readings = await self.transform(request, readings)
             result = await self.spool.append(readings, key)
         except IngestError as exc:
             return _json(exc.status, {"error": str(exc)})

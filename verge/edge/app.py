@@ -13,6 +13,7 @@ with their bodies streamed both ways, and unsafe methods invalidate the URL (§4
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ from verge.edge.deliver import (
     plan_delivery,
 )
 from verge.edge.fetch import Fetcher, proxy_request_headers, relay
+from verge.edge.ingest import EdgeIngest
 from verge.edge.origins import OriginSet, ParentSet
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
@@ -82,7 +84,8 @@ class ServiceRuntime:
 class EdgeApp:
     def __init__(self, config, cache: TieredCache, pool: OriginPool, *, metrics: EdgeMetrics,
                  access_log: AccessLog, node: str = "verge", name: str | None = None,
-                 parents: Sequence[str] = (), compute: EdgeCompute | None = None) -> None:
+                 parents: Sequence[str] = (), compute: EdgeCompute | None = None,
+                 ingest: EdgeIngest | None = None) -> None:
         self.cache = cache
         self.pool = pool
         self.metrics = metrics
@@ -93,6 +96,8 @@ class EdgeApp:
         self.parents = ParentSet(parents, pool, self.name) if parents else None
         self.compute = compute
         self._functions: list | None = None
+        self.ingest = ingest
+        self._ingest_routes: list | None = None
         self.https_port: int | None = None  # where plain-HTTP requests are redirected to
         self.alt_svc: str | None = None  # advertised on HTTPS responses when HTTP/3 is up
         self.generation = 0
@@ -124,6 +129,7 @@ class EdgeApp:
         if self.compute is not None and config.functions != self._functions:
             self.compute.apply(config.functions)
             self._functions = list(config.functions)
+        self._mount_ingest()
         self._routes: dict[tuple[str, str], Route | bytes] = {}
         self.generation += 1
         self.compression = config.compression
@@ -133,7 +139,20 @@ class EdgeApp:
                 if id(origins) not in kept:
                     origins.stop()
 
+    def _mount_ingest(self) -> None:
+        """(Re)mount the ingest routes when they changed; needs the running loop (spools and
+        forwarders are tasks), so before start() this waits for it."""
+        if self.ingest is None or self.config.ingest == self._ingest_routes:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # start() mounts them
+        self._ingest_routes = list(self.config.ingest)
+        loop.create_task(self.ingest.apply(self._ingest_routes))
+
     def start(self) -> None:
+        self._mount_ingest()
         for runtime in self.runtimes.values():
             for origins in runtime.all_origin_sets():
                 origins.start_health_checks()
@@ -355,6 +374,12 @@ class EdgeApp:
         if wants_tunnel(request, writer):
             await self._tunnel(request, writer, route, started)
             return
+        if self.ingest is not None and self.ingest.routes and request.method == "POST":
+            ingest = self.ingest.match(route.service.name, request.path)
+            if ingest is not None:
+                await ingest.handle(request, writer)
+                self._log(request, writer.status, 0, "ingest", started)
+                return
         body = None
         if route.function is not None:
             passed = await self._compute(request, writer, route, started)

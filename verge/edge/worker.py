@@ -28,6 +28,7 @@ from verge.cache.store import TieredCache
 from verge.config import Config
 from verge.edge.app import EdgeApp
 from verge.edge.compute import EdgeCompute
+from verge.edge.ingest import EdgeIngest
 from verge.http.client import OriginPool
 from verge.http.server import (
     CLOCK,
@@ -89,7 +90,8 @@ class Worker:
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
-                           compute=self.compute)
+                           compute=self.compute,
+                           ingest=EdgeIngest(self.options["cache_dir"], self.index, self.compute))
         self.limits = server_limits(config)
         self.ticket_keys: list[str] = init.get("tls_tickets") or []  # encoded; never logged
 
