@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,7 @@ __all__ = [
     "Redirect",
     "Rule",
     "Service",
+    "SignedUrls",
     "config_for_origin",
     "config_from_data",
     "load_config",
@@ -385,6 +387,53 @@ def _glob_regex(pattern: str) -> str:
     )
 
 
+_PARAM_RE = re.compile(r"[A-Za-z0-9_.~-]+")
+
+
+class SignedUrls(_Model):
+    """A rule's signed-URL check (verge.edge.signing): 403 without a valid HMAC token."""
+
+    secret: str | None = Field(default=None, repr=False)
+    """The HMAC secret (at least 16 characters); or give secret_env."""
+    secret_env: str | None = None
+    """Read the secret from this environment variable of the edge instead."""
+    param: str = "token"
+    """The query parameter that carries the token (removed before the cache and the origin)."""
+    cookie: bool = True
+    """Also accept the token in the verge_token cookie, and set it from a query token."""
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, secret: str | None) -> str | None:
+        if secret is not None and len(secret) < 16:  # (a value_error: the secret is not echoed)
+            raise ValueError("the secret must be at least 16 characters")
+        return secret
+
+    @field_validator("param")
+    @classmethod
+    def _check_param(cls, param: str) -> str:
+        if not _PARAM_RE.fullmatch(param):
+            raise ValueError(f"param {param!r} must be a plain query parameter name")
+        return param
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> SignedUrls:
+        if (self.secret is None) == (self.secret_env is None):
+            raise _conflict(("secret",), "give the secret inline (secret) or by name (secret_env)")
+        value = os.environ.get(self.secret_env) if self.secret_env else None
+        if value is not None and len(value) < 16:
+            raise _conflict(("secret_env",), f"${self.secret_env} must be at least 16 characters")
+        return self
+
+    def secret_value(self) -> str | None:
+        """The secret; None when secret_env names a variable this process does not have
+        (requests are then refused: the check fails closed)."""
+        if self.secret is not None:
+            return self.secret
+        value = os.environ.get(self.secret_env or "")
+        return value if value and len(value) >= 16 else None
+
+
 class Rule(_Model):
     path: str
     """A prefix ("/static/") or a glob matching the whole path ("/api/*.json")."""
@@ -407,6 +456,8 @@ class Rule(_Model):
     redirect: Redirect | None = None
     origins: list[OriginSpec] | None = None
     """Send this path to these origins instead of the service's (e.g. /live/ to a stream server)."""
+    signed: SignedUrls | None = None
+    """Require a signed token (query parameter or cookie) for this path: see verge.edge.signing."""
 
     _glob: re.Pattern[str] | None = PrivateAttr(None)
 
@@ -783,6 +834,9 @@ class StreamApp(_Model):
     ladder: list[Rendition] = Field(default_factory=_default_ladder, min_length=1)
     record: bool = True
     """Keep the stream as VOD when it ends."""
+    encrypt: bool = False
+    """AES-128 HLS: segments and parts encrypted with a per-stream key served at /APP/NAME/key
+    (protect it with a signed rule at the edge). DASH and HTTP-FLV stay in the clear."""
 
 
 class StreamSettings(_Model):

@@ -14,6 +14,7 @@ with their bodies streamed both ways, and unsafe methods invalidate the URL (§4
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -37,6 +38,7 @@ from verge.edge.deliver import (
 from verge.edge.fetch import Fetcher, proxy_request_headers, relay
 from verge.edge.ingest import EdgeIngest
 from verge.edge.origins import OriginSet, ParentSet
+from verge.edge.signing import admit, take_param
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
@@ -66,6 +68,8 @@ class Route:
     rule_override: bool = False
     strip_cookies: bool = False
     function: object | None = None  # the edge function that claims this request, if any
+    signed: object | None = None  # the rule's SignedUrls: every request is checked (_signed)
+    admission: object | None = None  # a signed request's admission (verge.edge.signing)
 
 
 @dataclass(slots=True)
@@ -187,17 +191,21 @@ class EdgeApp:
         if rule is not None and rule.redirect is not None:
             return self._redirect(request, rule.redirect)
         cacheable = request.method in CACHEABLE_METHODS and not (rule is not None and rule.bypass)
+        signed = rule.signed if rule is not None else None
         key = None
         if cacheable:
+            query = request.query
+            if signed is not None:  # every viewer's token maps to the same entry
+                query = take_param(query, signed.param)[1]
             key = keys.cache_key(
-                request.host, request.path, request.query,
+                request.host, request.path, query,
                 sort_query=bool(rule and rule.sort_query),
                 ignore_query=bool(rule and rule.ignore_query),
                 key_headers=rule.key_headers if rule else (),
                 request_headers=request.hmap,
             )
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
-                      runtime.rule_origins.get(index, runtime.origins))
+                      runtime.rule_origins.get(index, runtime.origins), signed=signed)
         if self.compute is not None and self.compute.by_service:
             route.function = self.compute.match(service.name, request.path)
         if rule is not None:
@@ -234,6 +242,8 @@ class EdgeApp:
             route = self.route(request)
             if type(route) is not bytes:
                 request.service = route.service.name
+                if route.signed is not None:
+                    return self._signed(request, route)
             return route
         memo_key = (request.hmap.get("host"), request.target, request.scheme)
         route = self._routes.get(memo_key)
@@ -245,7 +255,35 @@ class EdgeApp:
                 self._routes[memo_key] = route
         if type(route) is not bytes:
             request.service = route.service.name
+            if route.signed is not None:
+                return self._signed(request, route)
         return route
+
+    def _signed(self, request, route: Route) -> Route | bytes:
+        """The signed-URL check of the route phase, per request (routes are memoised): 403
+        before any cache lookup, else a route of the request's own that sets the cookie when
+        the token came in the query. The request itself is left alone (handle_fast and then
+        handle may both route it); handle() takes the token out before anything goes upstream."""
+        admission = admit(route.signed, request.path, request.query, request.headers, time.time())
+        if type(admission) is str:
+            _, query = take_param(request.query, route.signed.param)  # keep it out of the log
+            request.target = f"{request.path}?{query}" if query else request.path
+            request._path = request._query = None
+            return simple_response(403, f"forbidden: {admission}\n".encode())
+        plan = route.plan
+        if admission.set_cookie is not None:
+            plan = dataclasses.replace(plan, add=(*plan.add, ("Set-Cookie", admission.set_cookie)))
+        return dataclasses.replace(route, plan=plan, admission=admission)
+
+    @staticmethod
+    def _drop_token(request, admission) -> None:
+        """Neither the token parameter nor the token cookie goes to a parent or the origin."""
+        if admission.target is not None:
+            request.target = admission.target
+            request._path = request._query = None
+        if admission.headers is not None:
+            request.headers = admission.headers
+            request._map = None
 
     def handle_fast(self, request):
         """Answer a fresh memory hit without a task; None sends the request down the async path."""
@@ -281,12 +319,16 @@ class EdgeApp:
             age = now - freshness.response_time + freshness.corrected_initial_age
             head = head + b"Age: %d\r\n" % (age if age < MAX_AGE else MAX_AGE) + tail
             response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)
+            if route.admission is not None:
+                self._drop_token(request, route.admission)  # answered: keep it out of the log
             self._log(request, entry.status, len(body), "hit", started)
             return response
         result = self._entry_response(entry, request, route, now, "hit")
         if result is None:
             return None
         status, response, sent = result
+        if route.admission is not None:
+            self._drop_token(request, route.admission)
         self._log(request, status, sent, "hit", started)
         return response
 
@@ -371,6 +413,8 @@ class EdgeApp:
             await self._send_bytes(writer, route)
             self._log(request, int(route[9:12]), len(route), "none", started)
             return
+        if route.admission is not None:
+            self._drop_token(request, route.admission)
         if wants_tunnel(request, writer):
             await self._tunnel(request, writer, route, started)
             return

@@ -29,6 +29,7 @@ from verge.edge.deliver import (
     storable_headers,
 )
 from verge.edge.fill import Fill, FillAborted, FillHead
+from verge.edge.signing import COOKIE
 from verge.http.client import UpstreamError
 from verge.http.message import header_map, strip_hop_by_hop
 from verge.http.ranges import Unsatisfiable, content_range, parse_range
@@ -210,7 +211,8 @@ class Fetcher:
             candidates = parents.order_for(route.key)
             if candidates:
                 try:
-                    response, _ = await parents.request("GET", request.target, headers,
+                    response, _ = await parents.request("GET", request.target,
+                                                        _with_token(headers, route),
                                                         candidates=candidates)
                 except UpstreamError as exc:
                     log.warning("no parent could fill %s (%s); going to the origin",
@@ -382,6 +384,14 @@ class Fetcher:
         response = head.response
         await relay(request, writer, response, route.plan, head.cache_status)
         self.app._log(request, response.status, writer.bytes_sent, "miss", started)
+
+
+def _with_token(headers, route: Route):
+    """A parent edge checks signed URLs too: hand it the token the client was admitted with
+    (as the cookie, so that it answers without a Set-Cookie the child would not store)."""
+    if route.admission is None:
+        return headers
+    return [*headers, ("Cookie", f"{COOKIE}={route.admission.token}")]
 
 
 def _discard_uncacheable(fut: asyncio.Future) -> None:

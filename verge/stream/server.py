@@ -13,16 +13,22 @@ URLs (SRS / MediaMTX conventions), relative to the HTTP listener:
     /APP/NAME.mpd             DASH
     /APP/NAME/...             renditions' playlists, init segments, segments and parts
     /APP/NAME                 the player page; /APP/NAME/chat its chat (verge.stream.web)
+    /APP/NAME/key             the AES-128 key of an app with ``encrypt: true`` (never cached)
 
 Cache semantics for the CDN: segments and parts are immutable (a year), playlists live a
 second or less, HTTP-FLV is not stored. A publisher that disconnects has ``grace`` seconds to
 come back (the stream continues with a discontinuity); after that the stream ends.
+
+With ``encrypt: true`` the HLS playlists name AES-128 segments and parts, under a random key
+per stream served at /APP/NAME/key with ``private, no-store`` (see verge.stream.package.hls).
+DASH and HTTP-FLV stay in the clear: protect them, and the key, with a signed edge rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ from verge.stream.fanout import FlvFanout
 from verge.stream.ingest import RtmpServer
 from verge.stream.metrics import IngestClock, StreamMetrics
 from verge.stream.package.cmaf import Part
+from verge.stream.package.hls import Encryption, aes128_encrypt
 from verge.stream.package.live import (
     BlockingRequestError,
     LiveStream,
@@ -55,6 +62,8 @@ CORS = ("Access-Control-Allow-Origin", "*")
 IMMUTABLE = ("Cache-Control", "public, max-age=31536000, immutable")
 SHORT = ("Cache-Control", "public, max-age=1")  # live playlists: the edge collapses and reuses
 BLOCKED = ("Cache-Control", "public, max-age=6")  # the answer for one _HLS_msn/_HLS_part
+PRIVATE = ("Cache-Control", "private, no-store")  # the AES key: no cache may keep it
+ENCRYPTION = Encryption()
 M3U8 = "application/vnd.apple.mpegurl"
 MPD = "application/dash+xml"
 STARTUP_WAIT = 8.0  # seconds a first request may wait for a new stream's first segment
@@ -79,6 +88,11 @@ class Channel:
     clock: IngestClock = field(default_factory=IngestClock)
     metrics: StreamMetrics | None = None
     timed: str | None = None  # the rendition whose parts' ingest-to-playlist latency is measured
+    key: bytes | None = None  # the AES-128 key of an encrypting app (one per stream)
+
+    @property
+    def encryption(self) -> Encryption | None:
+        return ENCRYPTION if self.key is not None else None
 
     def on_output(self, rendition: str, kind: str, data: bytes) -> None:
         """Transcoder bytes (one fMP4 output) into the packager; wake the waiters."""
@@ -185,7 +199,8 @@ class StreamServer:
                               directory=f"{name}/{{rendition}}/")
         channel = Channel(stream, app, LiveStream(
             part_target=settings.part_target, segment_target=settings.segment_target,
-            window=settings.dvr_window, stream_naming=naming), metrics=self.metrics)
+            window=settings.dvr_window, stream_naming=naming), metrics=self.metrics,
+            key=os.urandom(16) if app.encrypt else None)
         if self.transcode:
             channel.job = TranscodeJob(
                 ladder_from_config(r.model_dump() for r in app.ladder), ffmpeg=self.ffmpeg,
@@ -294,6 +309,9 @@ class StreamHttp(HttpApp):
             return
         if await serve_web(request, writer, path, apps=self.server.apps, chat=self.server.chat):
             return
+        if path.endswith("/key"):
+            await self.stream_key(writer, path[1:-4])
+            return
         resource = _resource(path)
         channel = self.server.channels.get(resource[0]) if resource else None
         if channel is None:
@@ -345,16 +363,32 @@ class StreamHttp(HttpApp):
             await _send(writer, 503, b"the stream did not reach that part in time\n", "text/plain",
                   NO_STORE)
             return
-        text = channel.packager.media_playlist(target.name, ll=ll)
+        text = channel.packager.media_playlist(target.name, ll=ll, encryption=channel.encryption)
         await _send(writer, 200, text.encode(), M3U8, BLOCKED if msn is not None else SHORT)
 
+    async def stream_key(self, writer, stream: str) -> None:
+        channel = self.server.channels.get(stream)
+        if channel is None or channel.key is None:
+            await _send(writer, 404, b"no key for this stream\n", "text/plain", NO_STORE)
+            return
+        await _send(writer, 200, channel.key, "application/octet-stream", PRIVATE)
+
     async def media_file(self, writer, channel: Channel, target, name: str) -> None:
-        """Init, segment or part bytes; a hinted part not there yet is waited for."""
+        """Init, segment or part bytes; a hinted part not there yet is waited for. The names
+        of encrypted ones (AES-128 apps) stand for the clear bytes, encrypted on the way out."""
+        clear = ENCRYPTION.clear_name(name) if channel.key is not None else None
+        if clear is not None:
+            name = clear
         data = target.resolve(name)
         if data is None and target.pending(name):
             wait = 3 * max(target.target_duration, 1)
             await channel.wait_for(lambda: target.resolve(name) is not None or target.ended, wait)
             data = target.resolve(name)
+        msn = target.msn_of(name) if clear is not None and data is not None else None
+        if clear is not None and msn is not None:
+            data = aes128_encrypt(channel.key, msn, data)
+        elif clear is not None:
+            data = None  # an init segment is never encrypted
         if data is None:
             await _send(writer, 404, b"no such media\n", "text/plain", NO_STORE)
         else:

@@ -8,6 +8,15 @@ segment in progress, ``EXT-X-PRELOAD-HINT`` for the next part, ``EXT-X-RENDITION
 the sibling renditions. The classic playlist lists the same completed segments and nothing
 else, for players that predate LL-HLS. URIs come from a :class:`Naming`, relative to the
 playlist.
+
+AES-128 (:class:`Encryption`, RFC 8216bis 4.4.4.4 and 5.2): every segment gets its own
+``EXT-X-KEY`` with an explicit IV, the segment's Media Sequence Number as a 128-bit
+big-endian integer (what the default rule would give a segment, stated so that its parts use
+it too). The segment resource and each of its part resources are encrypted independently
+(AES-128-CBC, PKCS7) with that key and IV, which is how LL-HLS players decrypt parts (hls.js
+decrypts each part on its own with its segment's IV). Encrypted resources have their own names
+(``aes-seg7.m4s``, ``aes-part42.m4s``) so that DASH keeps the clear ones; init segments stay in
+the clear (an ``EXT-X-KEY:METHOD=NONE`` precedes every ``EXT-X-MAP`` after the first key).
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from verge.stream.package.cmaf import MediaSegment, Naming
 
@@ -63,6 +75,39 @@ class AudioMedia:
     language: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Encryption:
+    """AES-128 for the media playlists: where the key is, how encrypted resources are named."""
+
+    key_uri: str = "../key"  # relative to a media playlist: /APP/NAME/key
+    prefix: str = "aes-"  # an encrypted segment or part is the clear one's name with this before
+
+    def key_line(self, msn: int) -> str:
+        return f'#EXT-X-KEY:METHOD=AES-128,URI="{self.key_uri}",IV=0x{msn:032x}'
+
+    def clear_name(self, name: str) -> str | None:
+        """The clear resource an encrypted name stands for; None for any other name."""
+        return name[len(self.prefix) :] if name.startswith(self.prefix) else None
+
+
+def segment_iv(msn: int) -> bytes:
+    return msn.to_bytes(16, "big")
+
+
+def aes128_encrypt(key: bytes, msn: int, data: bytes) -> bytes:
+    """One segment or part resource, AES-128-CBC with PKCS7 padding, IV = its segment's msn."""
+    padder = padding.PKCS7(128).padder()
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(segment_iv(msn))).encryptor()
+    return encryptor.update(padder.update(data) + padder.finalize()) + encryptor.finalize()
+
+
+def aes128_decrypt(key: bytes, msn: int, data: bytes) -> bytes:
+    """The inverse of :func:`aes128_encrypt` (what a player does; for tests and tools)."""
+    decryptor = Cipher(algorithms.AES(key), modes.CBC(segment_iv(msn))).decryptor()
+    unpadder = padding.PKCS7(128).unpadder()
+    return unpadder.update(decryptor.update(data) + decryptor.finalize()) + unpadder.finalize()
+
+
 def target_duration(segments: Sequence[MediaSegment], segment_target: float) -> int:
     """EXT-X-TARGETDURATION: every EXTINF rounded to the nearest integer must fit under it."""
     longest = max((s.duration for s in segments if s.complete), default=0.0)
@@ -80,11 +125,12 @@ def media_playlist(
     reports: Sequence[RenditionReport] = (),
     hold_back: float | None = None,
     part_hold_back: float | None = None,
+    encryption: Encryption | None = None,
 ) -> str:
     """A media playlist; LL-HLS when ``part_target`` is given, classic otherwise.
 
     ``segments`` is the window, oldest first; the last one may be in progress (listed as parts
-    only, and only in LL-HLS).
+    only, and only in LL-HLS). With ``encryption``, segments and parts are AES-128 ones.
     """
     low_latency = part_target is not None
     listed = [s for s in segments if s.complete or (low_latency and s.parts)]
@@ -106,10 +152,14 @@ def media_playlist(
     with_parts = _segments_with_parts(listed, target) if low_latency else set()
     previous: MediaSegment | None = None
     for seg in listed:
-        lines += _segment_lines(seg, previous, naming, seg.msn in with_parts)
+        lines += _segment_lines(seg, previous, naming, seg.msn in with_parts, encryption)
         previous = seg
     if low_latency and preload is not None and not ended:
         uri = naming.part_uri(preload.msn, preload.index, preload.seq)
+        if encryption is not None:
+            if previous is None or previous.msn != preload.msn:  # the hint opens a segment
+                lines.append(encryption.key_line(preload.msn))
+            uri = encryption.prefix + uri
         lines.append(f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="{uri}"')
     if low_latency:
         lines += [_report_line(r) for r in reports]
@@ -131,23 +181,32 @@ def _segments_with_parts(listed: Sequence[MediaSegment], target: int) -> set[int
 
 
 def _segment_lines(
-    seg: MediaSegment, previous: MediaSegment | None, naming: Naming, parts: bool
+    seg: MediaSegment,
+    previous: MediaSegment | None,
+    naming: Naming,
+    parts: bool,
+    encryption: Encryption | None = None,
 ) -> list[str]:
     lines: list[str] = []
     new_period = previous is None or previous.discontinuity != seg.discontinuity
+    prefix = encryption.prefix if encryption is not None else ""
     if previous is not None and new_period:
         lines.append("#EXT-X-DISCONTINUITY")
     if new_period:
+        if encryption is not None and previous is not None:
+            lines.append("#EXT-X-KEY:METHOD=NONE")  # the init segment is not encrypted
         lines.append(f'#EXT-X-MAP:URI="{naming.init_uri(seg.discontinuity)}"')
         lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{format_pdt(seg.pdt)}")
+    if encryption is not None:
+        lines.append(encryption.key_line(seg.msn))
     if parts:
         for p in seg.parts:
             independent = ",INDEPENDENT=YES" if p.independent else ""
-            uri = naming.part_uri(seg.msn, p.index, p.seq)
+            uri = prefix + naming.part_uri(seg.msn, p.index, p.seq)
             lines.append(f'#EXT-X-PART:DURATION={_num(p.duration)},URI="{uri}"{independent}')
     if seg.complete:
         lines.append(f"#EXTINF:{_num(seg.duration)},")
-        lines.append(naming.segment_uri(seg.msn))
+        lines.append(prefix + naming.segment_uri(seg.msn))
     return lines
 
 

@@ -301,6 +301,18 @@ class LiveRendition:
             return self.part_bytes_by_seq(f["seq"])
         return self.part_bytes(f["msn"], f["part"])
 
+    def msn_of(self, name: str) -> int | None:
+        """The Media Sequence Number of the segment a segment or part name belongs to (the
+        AES-128 IV of both); None for other names and parts not (or no longer) there."""
+        parsed = self.naming.parse(name)
+        if parsed is None or parsed[0] == "init":
+            return None
+        f = parsed[1]
+        if "msn" in f:
+            return f["msn"]
+        found = self._parts_by_seq.get(f["seq"])
+        return found[0].msn if found else None
+
     def pending(self, name: str) -> bool:
         """A name not available yet that the stream will produce soon: worth blocking on.
 
@@ -363,7 +375,12 @@ class LiveRendition:
         last = self.last_msn_part()
         return hls.RenditionReport(uri, last[0], last[1]) if last else None
 
-    def playlist(self, ll: bool = True, reports: tuple[hls.RenditionReport, ...] = ()) -> str:
+    def playlist(
+        self,
+        ll: bool = True,
+        reports: tuple[hls.RenditionReport, ...] = (),
+        encryption: hls.Encryption | None = None,
+    ) -> str:
         return hls.media_playlist(
             list(self.segments),
             naming=self.naming,
@@ -372,6 +389,7 @@ class LiveRendition:
             ended=self.ended,
             preload=self.next_part() if ll else None,
             reports=reports,
+            encryption=encryption,
         )
 
 
@@ -439,7 +457,9 @@ class LiveStream:
         for rendition in self.renditions.values():
             rendition.restart(now)
 
-    def media_playlist(self, name: str, ll: bool = True) -> str:
+    def media_playlist(
+        self, name: str, ll: bool = True, encryption: hls.Encryption | None = None
+    ) -> str:
         """A rendition's playlist; LL-HLS ones carry reports of the siblings."""
         reports = tuple(
             report
@@ -447,7 +467,9 @@ class LiveStream:
             if other != name
             and (report := r.report(self.stream_naming.report.format(rendition=other))) is not None
         )
-        return self.renditions[name].playlist(ll=ll, reports=reports if ll else ())
+        return self.renditions[name].playlist(
+            ll=ll, reports=reports if ll else (), encryption=encryption
+        )
 
     def multivariant(self) -> str:
         ready = [r for r in self.renditions.values() if r.init is not None]
