@@ -184,3 +184,29 @@ def test_cli_help_names_the_interfaces():
     out = subprocess.run([*VERGE, "stream", "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"})
     assert "--rtmp" in out.stdout and "--http" in out.stdout
+
+
+async def test_a_publisher_back_within_the_grace_period_continues_after_a_discontinuity(tmp_path):
+    settings = StreamSettings(apps=[StreamApp(name="live", keys={"*": KEY},
+                                              ladder=[{"name": "source"}])],
+                              grace=8, data_dir=str(tmp_path / "data"))
+    server = StreamServer(settings)
+    await server.start(("127.0.0.1", 0), ("127.0.0.1", 0))
+    try:
+        first = await publish(server, "again", 4)
+        await wait_live(server, "live/again")
+        await first.wait()
+        channel = server.channels["live/again"]
+        assert channel.ending is not None  # in its grace period
+        second = await publish(server, "again", 5)
+        source = channel.packager.renditions["source"]
+        for _ in range(200):  # the new publisher's media reaches the playlist
+            if "#EXT-X-DISCONTINUITY" in source.playlist() and source.init_bytes(1):
+                break
+            await asyncio.sleep(0.05)
+        playlist = channel.packager.media_playlist("source")
+        assert "#EXT-X-DISCONTINUITY" in playlist and "#EXT-X-ENDLIST" not in playlist
+        assert server.channels["live/again"] is channel and channel.live
+        await second.wait()
+    finally:
+        await server.close()

@@ -185,12 +185,38 @@ class StreamServer:
         if channel is not None and channel.ending is not None:  # back within the grace period
             channel.ending.cancel()
             channel.ending = None
-            log.info("stream %s: publisher back, continuing", stream)
+            self._resume(channel)
+            log.info("stream %s: publisher back, continuing after a discontinuity", stream)
         elif channel is None or not channel.live:
             channel = self.channels[stream] = self._new_channel(stream, self.apps[publish.app])
             log.info("stream %s: live", stream)
         channel.live = True
         channel.publishes += 1
+
+    def _resume(self, channel: Channel) -> None:
+        """A new publish of a stream in its grace period: its timestamps start over, so a new
+        transcoder starts and the playlists continue after EXT-X-DISCONTINUITY (a new init)."""
+        channel.packager.restart()
+        channel.clock.restarted()
+        channel.fanout.end()  # new sequence headers: HTTP-FLV viewers reconnect
+        channel.fanout = FlvFanout()
+        if channel.job is not None:
+            old, channel.job = channel.job, self._transcoder(channel)
+            asyncio.get_running_loop().create_task(old.close())
+
+    def _transcoder(self, channel: Channel) -> TranscodeJob:
+        """A transcoder whose output counts only while it is the channel's current one (a job
+        being replaced may still flush fragments of the old timeline)."""
+        job: TranscodeJob | None = None
+
+        def current(callback):
+            return lambda *args: callback(*args) if channel.job is job else None
+
+        job = TranscodeJob(
+            ladder_from_config(r.model_dump() for r in channel.app.ladder), ffmpeg=self.ffmpeg,
+            on_output=current(channel.on_output), on_restart=current(channel.on_restart),
+            on_plan=current(channel.on_plan), name=channel.path)
+        return job
 
     def _new_channel(self, stream: str, app: StreamApp) -> Channel:
         settings = self.settings
@@ -202,10 +228,7 @@ class StreamServer:
             window=settings.dvr_window, stream_naming=naming), metrics=self.metrics,
             key=os.urandom(16) if app.encrypt else None)
         if self.transcode:
-            channel.job = TranscodeJob(
-                ladder_from_config(r.model_dump() for r in app.ladder), ffmpeg=self.ffmpeg,
-                on_output=channel.on_output, on_restart=channel.on_restart,
-                on_plan=channel.on_plan, name=stream)
+            channel.job = self._transcoder(channel)
         return channel
 
     def on_metadata(self, stream: str, metadata: dict) -> None:
