@@ -98,6 +98,10 @@ def test_runaway_functions_get_a_5xx_and_others_keep_their_latency(fn_edge):
         assert "passwd=NULL" in sandbox.text and "create=NULL" in sandbox.text
         assert "recv=-1" in sandbox.text
         assert client.get("/api/hello").status_code == 200  # the node is unaffected
+    metrics = fn_edge.admin().get("/metrics").text
+    assert 'verge_function_errors_total{function="spin"} 3.0' in metrics
+    assert 'verge_function_invocations_total{function="hello"}' in metrics
+    assert 'verge_function_cpu_seconds_total{function="spin"}' in metrics
 
 
 def test_a_bad_module_is_reported_and_the_rest_deploys(edge_factory, origin, modules, tmp_path):

@@ -128,6 +128,7 @@ class Worker:
             snap = self.metrics.snapshot()
             snap.update(self.app.cache.stats())
             snap["connections"] = len(HttpServerProtocol.connections)
+            snap["functions"] = self.compute.stats()
             return {"ok": True, "stats": snap}
         if op == "config":
             self.apply_config(Config.model_validate(msg["config"]))

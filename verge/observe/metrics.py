@@ -77,6 +77,7 @@ class EdgeMetrics:
 
 def merge(snapshots: Iterable[dict]) -> dict:
     """Sum worker snapshots into one."""
+    snapshots = list(snapshots)
     total = EdgeMetrics().snapshot()
     requests: dict[tuple[str, int], int] = {}
     for snap in snapshots:
@@ -86,7 +87,21 @@ def merge(snapshots: Iterable[dict]) -> dict:
             total[name] += snap[name]
         total["latency"] = [a + b for a, b in zip(total["latency"], snap["latency"], strict=True)]
     total["requests"] = [[r, s, n] for (r, s), n in sorted(requests.items())]
+    total["functions"] = _merge_functions(snap.get("functions") or {} for snap in snapshots)
     return total
+
+
+def _merge_functions(per_worker: Iterable[dict]) -> dict[str, dict]:
+    """Edge function counters summed over workers (peak memory: the largest)."""
+    merged: dict[str, dict] = {}
+    for functions in per_worker:
+        for name, stats in functions.items():
+            into = merged.setdefault(name, {"invocations": 0, "errors": 0, "cpu_ms": 0.0,
+                                            "peak_memory": 0})
+            for field in ("invocations", "errors", "cpu_ms"):
+                into[field] += stats.get(field, 0)
+            into["peak_memory"] = max(into["peak_memory"], stats.get("peak_memory", 0))
+    return merged
 
 
 class _SnapshotCollector:
@@ -121,6 +136,27 @@ class _SnapshotCollector:
         )
         for name, value in self.gauges.items():
             yield GaugeMetricFamily(f"verge_{name}", name.replace("_", " "), value=value)
+        yield from _function_families(snap.get("functions") or {})
+
+
+def _function_families(functions: dict[str, dict]):
+    """Per edge function: invocations, errors (limits, crashes), CPU time, peak memory."""
+    families = {
+        "invocations": CounterMetricFamily("verge_function_invocations", "Edge function runs",
+                                           labels=["function"]),
+        "errors": CounterMetricFamily("verge_function_errors",
+                                      "Edge function runs that failed or broke a limit",
+                                      labels=["function"]),
+        "cpu_ms": CounterMetricFamily("verge_function_cpu_seconds",
+                                      "CPU time used by edge functions", labels=["function"]),
+        "peak_memory": GaugeMetricFamily("verge_function_peak_memory_bytes",
+                                         "Largest linear memory a run used", labels=["function"]),
+    }
+    for name, stats in sorted(functions.items()):
+        for field, family in families.items():
+            value = stats.get(field, 0)
+            family.add_metric([name], value / 1000 if field == "cpu_ms" else value)
+    yield from families.values()
 
 
 def render(snapshot: dict, gauges: dict[str, float]) -> bytes:
