@@ -732,6 +732,9 @@ class EdgeFunction(_Model):
     cpu_ms: float = Field(50.0, gt=0, le=60_000)
     memory_mb: int = Field(64, ge=1, le=4096)
     max_subrequests: int = Field(8, ge=0, le=100)
+    phase: Literal["request", "response"] = "request"
+    """request: sees the request before the cache (answer or pass); response: sees the response
+    (from the cache or the origin) before the client does, and may replace or edit it."""
 
     @field_validator("name", "service")
     @classmethod

@@ -49,6 +49,11 @@ functions:
     service: shop
     routes: [/sandbox]
     module: {modules["sandbox"]}
+  - name: edit
+    service: shop
+    routes: [/pages/]
+    module: {modules["edit"]}
+    phase: response
 """
     return edge_factory(config=config, workers=1)
 
@@ -122,3 +127,20 @@ functions:
         assert client.get("/hello").text == "hello from wasm\n"
         assert client.get("/broken").text == "from origin\n"
     assert any("broken not deployed" in line for line in edge.output)
+
+
+def test_a_response_function_edits_what_the_cache_or_origin_answered(fn_edge, origin):
+    origin.route("/pages/a.html", headers=[("Cache-Control", "max-age=60"),
+                                           ("Content-Type", "text/html")], body=b"<h1>a</h1>")
+    origin.route("/pages/b.txt", headers=[("Cache-Control", "max-age=60"),
+                                          ("Content-Type", "text/plain")], body=b"plain\n")
+    with fn_edge.client() as client:
+        for _ in range(2):  # a miss, then a cache hit: both edited
+            html = client.get("/pages/a.html")
+            assert html.status_code == 200 and html.headers["x-edited"] == "yes"
+            assert html.text == "<h1>a</h1><p>edited at the edge</p>"
+        text = client.get("/pages/b.txt")
+        assert text.text == "plain\n" and text.headers["x-edited"] == "no"
+        again = client.get("/pages/b.txt")
+        assert "hit" in again.headers["cache-status"]  # the pipeline's own headers pass through
+    assert origin.hits("/pages/a.html") == 1 and origin.hits("/pages/b.txt") == 1

@@ -25,7 +25,12 @@ from verge.cache import keys, policy
 from verge.cache.store import CacheEntry, TieredCache
 from verge.compute.wagi import Answer, Pass
 from verge.edge.compress import choose_encoding, compress_bytes, is_compressible
-from verge.edge.compute import FUNCTION_BODY_LIMIT, EdgeCompute
+from verge.edge.compute import (
+    FUNCTION_BODY_LIMIT,
+    CapturedResponse,
+    EdgeCompute,
+    ResponseTooLarge,
+)
 from verge.edge.deliver import (
     HeaderPlan,
     add_vary,
@@ -426,14 +431,49 @@ class EdgeApp:
                 return
         body = None
         if route.function is not None:
+            if route.function.spec.phase == "response":
+                await self._response_phase(request, writer, route, started)
+                return
             passed = await self._compute(request, writer, route, started)
             if passed is None:
                 return
             route, body = passed
+        await self._fetch_or_proxy(request, writer, route, started, body)
+
+    async def _fetch_or_proxy(self, request, writer, route: Route, started: float,
+                              body: bytes | None = None) -> None:
         if route.key is None:
             await self._proxy(request, writer, route, started, body)
             return
         await self._cached(request, writer, route, started)
+
+    async def _response_phase(self, request, writer, route: Route, started: float) -> None:
+        """A response-phase function: the pipeline answers into a capture, the function sees
+        that response and answers instead (Answer) or edits its headers (Pass)."""
+        deployed = route.function
+        capture = CapturedResponse(deployed.function.limits.max_response_bytes)
+        try:
+            await self._fetch_or_proxy(request, capture, route, started)
+        except ResponseTooLarge as exc:
+            await self._error(request, writer, 502, f"edge function {deployed.spec.name}: {exc}",
+                              started)
+            return
+        response = (capture.status, capture.headers, bytes(capture.body))
+        invocation = await self.compute.invoke(deployed, request, b"", self.new_request_id(),
+                                               response=response)
+        result = invocation.result
+        if isinstance(result, Answer):
+            status, headers, body = result.status, result.headers, result.body
+        elif isinstance(result, Pass):
+            status, headers, body = capture.status, result.edit_headers(capture.headers), \
+                response[2]
+        else:
+            await self._error(request, writer, invocation.error_status,
+                              f"edge function {deployed.spec.name} failed: {invocation.error}",
+                              started)
+            return
+        writer.start(status, headers, content_length=len(body))
+        await writer.write(body)
 
     async def _compute(self, request, writer, route: Route, started: float):
         """The compute phase. Returns None when the function answered (or failed: a 5xx was

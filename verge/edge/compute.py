@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import sqlite3
 import time
 from collections import deque
@@ -211,8 +212,10 @@ class EdgeCompute:
         return None
 
     # ----- invocation ------------------------------------------------------------------------
-    async def invoke(self, deployed: Deployed, request, body: bytes, request_id: str):
-        """Run the function for one request on the pool; returns the runtime's Invocation."""
+    async def invoke(self, deployed: Deployed, request, body: bytes, request_id: str,
+                     response: tuple[int, list, bytes] | None = None):
+        """Run the function for one request on the pool; returns the runtime's Invocation.
+        With `response` (status, headers, body) it runs in response-editing mode."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(FUNCTION_THREADS, thread_name_prefix="verge-fn")
         cgi = CgiRequest(method=request.method, target=request.target,
@@ -223,7 +226,7 @@ class EdgeCompute:
         loop = asyncio.get_running_loop()
         invocation = await loop.run_in_executor(
             self._pool, lambda: self.runtime.invoke(deployed.function, cgi, services=services,
-                                                    request_id=request_id))
+                                                    request_id=request_id, response=response))
         self._count(deployed, invocation)
         return invocation
 
@@ -274,3 +277,69 @@ class EdgeCompute:
         if self.runtime is not None:
             self.runtime.close()
         self.kv.close()
+
+
+class ResponseTooLarge(Exception):
+    """The response is bigger than a response-phase function may see."""
+
+
+class CapturedResponse:
+    """Stands in for the client's ResponseWriter while a response-phase function is pending:
+    the pipeline (cache hit, fill, pass-through) writes its response here, whole, and the
+    function then sees it. Bounded: past `limit` body bytes the capture gives up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.body = bytearray()
+        self.started = False
+        self.keep_alive = True
+        self.bytes_sent = 0
+
+    def start(self, status: int, headers, *, content_length: int | None = None,
+              reason: str | None = None) -> None:
+        self.status, self.headers, self.started = status, list(headers), True
+
+    async def write(self, data: bytes) -> None:
+        self._add(data)
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        self._add(os.pread(fd, count, offset))
+
+    def send_prepared(self, status: int, data, body_bytes: int) -> None:
+        head, body = data if isinstance(data, tuple) else _split_prepared(data)
+        self.start(status, _parse_head(head))
+        self._add(body)
+
+    async def send_file_response(self, status: int, response) -> None:
+        self.start(status, _parse_head(response.head))
+        try:
+            self._add(os.pread(response.fd, response.count, response.offset))
+        finally:
+            if response.close_fd:
+                os.close(response.fd)
+
+    async def end(self) -> None:
+        return None
+
+    def _add(self, data: bytes) -> None:
+        self.body += data
+        self.bytes_sent = len(self.body)
+        if len(self.body) > self.limit:
+            raise ResponseTooLarge(f"response over {self.limit} bytes")
+
+
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+def _split_prepared(data: bytes) -> tuple[bytes, bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", body
+
+
+def _parse_head(head: bytes) -> list[tuple[str, str]]:
+    """Header fields of a rendered HTTP/1.1 response head, minus framing (re-done on output)."""
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    fields = [line.split(":", 1) for line in lines if ":" in line]
+    return [(n.strip(), v.strip()) for n, v in fields if n.strip().lower() not in _FRAMING]
