@@ -711,14 +711,23 @@ class TlsSettings(_Model):
     """Served when the client's SNI matches no certificate (none: the handshake fails)."""
 
 
+def _slug(value: str) -> str:
+    if not _SLUG_RE.fullmatch(value) or len(value) > 63:
+        raise ValueError(f"{value!r} must be a slug: lower-case letters, digits and '-'")
+    return value
+
+
+Slug = Annotated[str, AfterValidator(_slug)]
+
+
 class EdgeFunction(_Model):
     """A WebAssembly function (WASI, WAGI-style CGI) run on the edge for matching requests.
 
     Capabilities are what the deployment grants, nothing more: environment variables, the
     hosts `fetch` may reach, a KV namespace (read; write only with `kv_write`)."""
 
-    name: str
-    service: str
+    name: Slug
+    service: Slug
     """The service whose requests it sees."""
     routes: list[str] = Field(min_length=1)
     """Path prefixes ("/api/") or globs matching the whole path ("/api/hello*")."""
@@ -735,13 +744,6 @@ class EdgeFunction(_Model):
     phase: Literal["request", "response"] = "request"
     """request: sees the request before the cache (answer or pass); response: sees the response
     (from the cache or the origin) before the client does, and may replace or edit it."""
-
-    @field_validator("name", "service")
-    @classmethod
-    def _check_slug(cls, value: str) -> str:
-        if not _SLUG_RE.fullmatch(value):
-            raise ValueError(f"{value!r} must be a slug: lower-case letters, digits and '-'")
-        return value
 
     @field_validator("routes")
     @classmethod
@@ -765,8 +767,8 @@ class IngestRoute(_Model):
     """Devices POST readings here; they are spooled durably on the edge and forwarded in
     batches to a central sink (store and forward: nothing lost across outages or crashes)."""
 
-    name: str
-    service: str
+    name: Slug
+    service: Slug
     path: str = "/ingest"
     sink: str
     """URL the batches are POSTed to (with an Idempotency-Key per batch)."""
@@ -781,13 +783,6 @@ class IngestRoute(_Model):
     batch_records: int = Field(500, ge=1, le=100_000)
     max_age: PositiveDuration = 1.0
     """Longest a reading waits for its batch to fill."""
-
-    @field_validator("name", "service")
-    @classmethod
-    def _check_slug(cls, value: str) -> str:
-        if not _SLUG_RE.fullmatch(value):
-            raise ValueError(f"{value!r} must be a slug: lower-case letters, digits and '-'")
-        return value
 
     @field_validator("sink")
     @classmethod

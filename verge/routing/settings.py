@@ -29,10 +29,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from verge.config import Duration, _config_host, _conflict, _Model, load_model_file
+from verge.config import Duration, Slug, _config_host, _conflict, _Model, load_model_file
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def _dns_name(value: str) -> str:
@@ -44,13 +43,6 @@ def _dns_name(value: str) -> str:
     return name
 
 
-def _slug(value: str) -> str:
-    if not _SLUG_RE.fullmatch(value):
-        raise ValueError(f"{value!r} must be a slug: lower-case letters, digits and '-'")
-    return value
-
-
-Slug = Annotated[str, AfterValidator(_slug)]
 DnsName = Annotated[str, AfterValidator(_dns_name)]
 
 
