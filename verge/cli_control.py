@@ -824,6 +824,9 @@ def fn_deploy(
     kv_write: Annotated[
         bool, typer.Option("--kv-write", help="Also let it write its KV namespace.")
     ] = False,
+    phase: Annotated[
+        str, typer.Option(help="request: before the cache; response: edits the response.")
+    ] = "request",
     control: ControlUrl = DEFAULT_CONTROL,
     token: Token = None,
     as_json: AsJson = False,
@@ -843,6 +846,7 @@ def fn_deploy(
             cpu_ms=cpu_ms,
             memory_mb=memory_mb,
             max_subrequests=max_subrequests,
+            phase=phase,
         )
     if as_json:
         _print_json(deployed)

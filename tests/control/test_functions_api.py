@@ -255,3 +255,13 @@ def test_function_logs_from_nodes(api: Api, monkeypatch: pytest.MonkeyPatch) -> 
     assert (
         api.post("/api/v1/nodes/self/function-logs", alice, json={"records": []}).status_code == 403
     )
+
+
+def test_response_phase_reaches_the_bundle(api: Api) -> None:
+    api.service("shop")
+    deployed = deploy(api, name="editor", phase="response")
+    assert deployed["phase"] == "response"
+    (spec,) = bundle_functions(api)
+    assert spec["phase"] == "response"
+    bad = api.post("/api/v1/functions", None, json=deploy_body(name="x", phase="later"))
+    assert bad.status_code == 422 and "phase" in bad.text

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TextIO, TypeVar
+from typing import Annotated, Any, Literal, TextIO, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -237,6 +237,7 @@ class FunctionIn(_Body):
     cpu_ms: float | None = None
     memory_mb: int | None = None
     max_subrequests: int | None = None
+    phase: Literal["request", "response"] = "request"
 
     def module(self) -> bytes:
         if len(self.module_base64) > (MAX_MODULE_BYTES // 3 + 1) * 4 + 64:

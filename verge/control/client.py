@@ -298,6 +298,7 @@ class ControlClient:
         cpu_ms: float | None = None,
         memory_mb: int | None = None,
         max_subrequests: int | None = None,
+        phase: str = "request",
     ) -> Json:
         """POST /functions: a new active version -> {"name", "version", "module_sha256", ...}."""
         body = _drop_none(
@@ -313,6 +314,7 @@ class ControlClient:
                 "cpu_ms": cpu_ms,
                 "memory_mb": memory_mb,
                 "max_subrequests": max_subrequests,
+                "phase": phase,
             }
         )
         return self._json("POST", "/functions", body=body, timeout=max(self.timeout, 60))

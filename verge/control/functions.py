@@ -78,6 +78,7 @@ _SPEC_FIELDS = (
     "cpu_ms",
     "memory_mb",
     "max_subrequests",
+    "phase",
 )
 
 
@@ -524,6 +525,7 @@ def _function_view(row: FunctionVersion, tenant: str) -> dict:
         "cpu_ms": spec.get("cpu_ms"),
         "memory_mb": spec.get("memory_mb"),
         "max_subrequests": spec.get("max_subrequests"),
+        "phase": spec.get("phase", "request"),
         "created_at": iso(row.created_at),
         "created_by": row.created_by,
     }
