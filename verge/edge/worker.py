@@ -42,6 +42,7 @@ from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
 
 log = logging.getLogger("verge.worker")
+DRAIN_SECONDS = 3.0  # SIGTERM: how long requests in flight may take (the supervisor waits 5 s)
 
 
 def server_limits(config: Config) -> ServerLimits:
@@ -105,6 +106,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.create_task(sweep_forever())
         loop.create_task(self._housekeeping())
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
         reader, writer = await asyncio.open_unix_connection(sock=ctrl)
         writer.write(b'{"ok": true, "ready": true}\n')
         while True:
@@ -117,6 +119,21 @@ class Worker:
                 log.exception("control command failed")
                 reply = {"ok": False, "error": str(exc)}
             writer.write(json.dumps(reply).encode() + b"\n")
+
+    async def shutdown(self, grace: float = DRAIN_SECONDS) -> None:
+        """SIGTERM: stop accepting, let the requests in flight finish (HTTP/2 clients get a
+        GOAWAY, idle keep-alive connections close), then exit — within `grace` seconds."""
+        for server in (self.server, getattr(self, "tls_server", None)):
+            if server is not None:
+                server.close()
+        for conn in list(HttpServerProtocol.connections):
+            conn.close_gracefully()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while HttpServerProtocol.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # connections close on their own schedule
+        self.access_log.flush()
+        os._exit(0)
 
     def command(self, msg: dict) -> dict:
         op = msg.get("op")
@@ -153,7 +170,7 @@ class Worker:
         host, port = self.options["https_host"], self.options["https_port"]
         sock = reuseport_socket(host, port)
         self.app.https_port = port
-        await serve_tls(self.app, sock, self.limits, self.tls.server_context())
+        self.tls_server = await serve_tls(self.app, sock, self.limits, self.tls.server_context())
         await self._serve_h3(host, port)
 
     def set_ticket_keys(self, encoded: list[str]) -> dict:

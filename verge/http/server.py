@@ -417,6 +417,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._busy = False
         self._closing = False
+        self._shutting_down = False
         self._reset_message()
         # parser state for timeouts: "idle" (between requests), "head", "body"; since = entry time
         self._state = "idle"
@@ -634,8 +635,14 @@ class HttpServerProtocol(asyncio.Protocol):
         self._busy = False
         self._after_response(writer.keep_alive)
 
+    def close_gracefully(self) -> None:
+        """Shutting down: close now if idle, else once the response in progress is sent."""
+        self._shutting_down = True
+        if not self._busy and not self._queue:
+            self.close()
+
     def _after_response(self, keep_alive: bool) -> None:
-        if not keep_alive:
+        if not keep_alive or self._shutting_down:
             self.close()
             return
         if self._state == "idle":
