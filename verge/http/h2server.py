@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections import deque
 
@@ -46,6 +45,7 @@ from verge.http.server import (
     HttpServerProtocol,
     ProtocolLimitError,
     ServerLimits,
+    adopt_transport,
     simple_response,
 )
 
@@ -276,6 +276,50 @@ class StreamResponseWriter:
 H2ResponseWriter = StreamResponseWriter
 
 
+def request_from_fields(headers, version: str, client: str,
+                        scheme: str) -> tuple[Request, bool]:
+    """A Request from HTTP/2 or HTTP/3 header fields (pseudo-headers, cookie crumbs joined
+    with "; " — RFC 9113 §8.2.3, RFC 9114 §4.2.1), and whether it named its authority."""
+    pseudo: dict[bytes, bytes] = {}
+    fields: list[tuple[str, str]] = []
+    cookies: list[str] = []
+    for name, value in headers:
+        if name[:1] == b":":
+            pseudo[name] = value
+        elif name == b"cookie":
+            cookies.append(value.decode("latin-1"))
+        else:
+            fields.append((name.decode("latin-1"), value.decode("latin-1")))
+    if cookies:
+        fields.append(("cookie", "; ".join(cookies)))
+    has_host = any(n == "host" for n, _ in fields)
+    authority = pseudo.get(b":authority")
+    if authority is not None and not has_host:
+        fields.insert(0, ("host", authority.decode("latin-1")))
+    path = pseudo.get(b":path")
+    request = Request(
+        pseudo.get(b":method", b"GET").decode("latin-1"),
+        path.decode("latin-1") if path is not None else None,
+        headers=fields,
+        version=version,
+        client=client,
+    )
+    request.scheme = scheme
+    return request, authority is not None or has_host
+
+
+def request_problem(request: Request, authority_ok: bool,
+                    limits: ServerLimits) -> tuple[int, str] | None:
+    """(status, reason) when a stream's request must be refused before it is dispatched."""
+    if request.target is None or not authority_ok:
+        return 400, "request needs :path and :authority or host"
+    length = request.header("content-length")
+    if request.body is not None and length and length.isdigit() and \
+            int(length) > limits.max_body_bytes:
+        return 413, "request body too large"
+    return None
+
+
 class StreamDispatch:
     """Per-stream request handling shared by HTTP/2 and HTTP/3 connections.
 
@@ -393,15 +437,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.client = peer[0] if peer else ""
-        self.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
-        HttpServerProtocol.connections.add(self)  # the shared sweeper enforces our timeouts
+        adopt_transport(self, transport)  # the shared sweeper enforces our timeouts
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(self.CONNECTION_WINDOW - 65535)
         self._flush()
@@ -528,52 +564,16 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
         if self._draining and stream_id > self._last_accepted:
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        request, authority_ok = self._build_request(event)
+        request, authority_ok = request_from_fields(event.headers, "2", self.client, self.scheme)
         body = None if event.stream_ended is not None else H2RequestBody(self, stream_id)
         request.body = body
         stream = _Stream(stream_id, request, body)
         self._streams[stream_id] = stream
-        if request.target is None or not authority_ok:
-            self._reject(stream, 400, "request needs :path and :authority or host")
-            return
-        length = request.header("content-length")
-        if (
-            body is not None
-            and length
-            and length.isdigit()
-            and int(length) > self.limits.max_body_bytes
-        ):
-            self._reject(stream, 413, "request body too large")
+        problem = request_problem(request, authority_ok, self.limits)
+        if problem is not None:
+            self._reject(stream, *problem)
             return
         self._dispatch(stream)
-
-    def _build_request(self, event: h2.events.RequestReceived) -> tuple[Request, bool]:
-        pseudo: dict[bytes, bytes] = {}
-        fields: list[tuple[str, str]] = []
-        cookies: list[str] = []
-        for name, value in event.headers:
-            if name[:1] == b":":
-                pseudo[name] = value
-            elif name == b"cookie":
-                cookies.append(value.decode("latin-1"))
-            else:
-                fields.append((name.decode("latin-1"), value.decode("latin-1")))
-        if cookies:  # RFC 9113 §8.2.3: crumbs are joined with "; "
-            fields.append(("cookie", "; ".join(cookies)))
-        has_host = any(n == "host" for n, _ in fields)
-        authority = pseudo.get(b":authority")
-        if authority is not None and not has_host:
-            fields.insert(0, ("host", authority.decode("latin-1")))
-        path = pseudo.get(b":path")
-        request = Request(
-            pseudo.get(b":method", b"GET").decode("latin-1"),
-            path.decode("latin-1") if path is not None else None,
-            headers=fields,
-            version="2",
-            client=self.client,
-        )
-        request.scheme = self.scheme
-        return request, authority is not None or has_host
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)

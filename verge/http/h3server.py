@@ -34,7 +34,13 @@ from aioquic.h3.exceptions import H3Error
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
 
-from verge.http.h2server import StreamDispatch, StreamResponseWriter, parse_wire_head
+from verge.http.h2server import (
+    StreamDispatch,
+    StreamResponseWriter,
+    parse_wire_head,
+    request_from_fields,
+    request_problem,
+)
 from verge.http.message import Request
 from verge.http.server import (
     NO_BODY_STATUSES,
@@ -161,50 +167,17 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         if not self.client:
             peer = self._transport.get_extra_info("peername") if self._transport else None
             self.client = peer[0] if peer else ""
-        request, authority_ok = self._build_request(event.headers)
+        request, authority_ok = request_from_fields(event.headers, "3", self.client, "https")
         body = None if event.stream_ended else H3RequestBody(self.loop)
         request.body = body
         stream = _Stream(event.stream_id, request, body)
         self._streams[event.stream_id] = stream
-        if request.target is None or not authority_ok:
-            self.send_wire(stream, simple_response(400, b"request needs :path and :authority\n"))
-            return
-        length = request.header("content-length")
-        too_long = (
-            length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes
-        )
-        if body is not None and too_long:
-            self.send_wire(stream, simple_response(413, b"request body too large\n"))
+        problem = request_problem(request, authority_ok, self.limits)
+        if problem is not None:
+            status, reason = problem
+            self.send_wire(stream, simple_response(status, f"{reason}\n".encode()))
             return
         self._dispatch(stream)
-
-    def _build_request(self, headers: list[tuple[bytes, bytes]]) -> tuple[Request, bool]:
-        pseudo: dict[bytes, bytes] = {}
-        fields: list[tuple[str, str]] = []
-        cookies: list[str] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                pseudo[name] = value
-            elif name == b"cookie":
-                cookies.append(value.decode("latin-1"))
-            else:
-                fields.append((name.decode("latin-1"), value.decode("latin-1")))
-        if cookies:  # RFC 9114 §4.2.1: crumbs are joined with "; "
-            fields.append(("cookie", "; ".join(cookies)))
-        has_host = any(n == "host" for n, _ in fields)
-        authority = pseudo.get(b":authority")
-        if authority is not None and not has_host:
-            fields.insert(0, ("host", authority.decode("latin-1")))
-        path = pseudo.get(b":path")
-        request = Request(
-            pseudo.get(b":method", b"GET").decode("latin-1"),
-            path.decode("latin-1") if path is not None else None,
-            headers=fields,
-            version="3",
-            client=self.client,
-        )
-        request.scheme = "https"
-        return request, authority is not None or has_host
 
     def _on_data(self, event: DataReceived) -> None:
         stream = self._streams.get(event.stream_id)

@@ -21,6 +21,7 @@ visits all connections once a second, instead of a timer per request.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno
@@ -118,7 +119,7 @@ def simple_response(status: int, body: bytes, *, close: bool = False,
     ))
 
 
-class HttpApp:
+class HttpApp(abc.ABC):
     """What the server calls on an application; defaults for small apps (admin, routers).
 
     ``handle_fast`` answers synchronously or returns None; ``handle`` writes through a
@@ -130,8 +131,9 @@ class HttpApp:
     def handle_fast(self, request):
         return None
 
+    @abc.abstractmethod
     async def handle(self, request, writer) -> None:
-        raise NotImplementedError
+        """Answer one request through the writer (the async path)."""
 
     def report_error(self, request, exc: BaseException) -> None:
         self.log.error("error serving %s %s", request.method, request.target, exc_info=exc)
@@ -140,11 +142,12 @@ class HttpApp:
         self.log.info("bad request from %s: %d %s", client, status, message)
 
 
-class BodyStream:
+class BodyStream(abc.ABC):
     """What every protocol's request body offers on top of ``read()``: iteration, read_all."""
 
-    async def read(self) -> bytes:  # pragma: no cover - provided by subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The next chunk of the body, or b'' at its end."""
 
     def __aiter__(self):
         return self._iterate()
@@ -401,6 +404,20 @@ class ResponseWriter:
         await self._proto.drain()
 
 
+def adopt_transport(proto, transport) -> None:
+    """What every TCP protocol (HTTP/1.1, HTTP/2) does first: no Nagle delay, note the peer
+    and the scheme, and join the set the shared sweeper visits for timeouts."""
+    proto.transport = transport
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    peer = transport.get_extra_info("peername")
+    proto.client = peer[0] if peer else ""
+    proto.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+    HttpServerProtocol.connections.add(proto)
+
+
 class HttpServerProtocol(asyncio.Protocol):
     """One client connection. See the module docstring for the request flow."""
 
@@ -432,15 +449,7 @@ class HttpServerProtocol(asyncio.Protocol):
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.client = peer[0] if peer else ""
-        self.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
-        HttpServerProtocol.connections.add(self)
+        adopt_transport(self, transport)
 
     def connection_lost(self, exc) -> None:
         HttpServerProtocol.connections.discard(self)
