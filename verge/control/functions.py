@@ -51,6 +51,7 @@ from verge.control.store import (
     Store,
     StoreError,
     iso,
+    scoped,
     validation_error,
 )
 
@@ -183,12 +184,10 @@ class FunctionStore:
             .where(FunctionVersion.active.is_(True))
             .order_by(FunctionVersion.name)
         )
-        if not principal.sees_all:
-            query = query.where(FunctionVersion.tenant_id == principal.tenant_id)
-        with self.store._reading() as session:
-            return self.store._paged(
-                session, query, limit, offset, lambda row: _function_view(row, row.tenant.name)
-            )
+        return self.store._list_scoped(
+            principal, query, FunctionVersion.tenant_id, limit, offset,
+            lambda row: _function_view(row, row.tenant.name),
+        )
 
     def get(self, principal: Principal, name: str) -> dict:
         """``{..active version.., "versions": [{"version", "module_sha256", ...}]}``."""
@@ -436,8 +435,7 @@ class FunctionStore:
             .join(Tenant, Tenant.id == KvNamespace.tenant_id)
             .order_by(KvNamespace.name)
         )
-        if not principal.sees_all:
-            query = query.where(KvNamespace.tenant_id == principal.tenant_id)
+        query = scoped(query, principal, KvNamespace.tenant_id)
         with self.store._reading() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.execute(query.limit(limit).offset(offset)).all()

@@ -170,6 +170,11 @@ def validation_error(exc: ValidationError, prefix: Sequence[str | int] = ()) -> 
     return pydantic_error(error, (*prefix, *error["loc"], *(error.get("ctx") or {}).get("at", ())))
 
 
+def scoped(query: Select, principal: Principal, tenant_column: Any) -> Select:
+    """`query` limited to the caller's tenant unless the caller sees every tenant."""
+    return query if principal.sees_all else query.where(tenant_column == principal.tenant_id)
+
+
 def _page(items: list[dict], total: int, limit: int, offset: int) -> dict:
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
@@ -325,6 +330,25 @@ class Store:
         rows = session.scalars(query.limit(limit).offset(offset)).all()
         return _page([view(row) for row in rows], total or 0, limit, offset)
 
+    def _list_scoped(self, principal: Principal, query: Select, tenant_column: Any, limit: int,
+                     offset: int, view: Callable[[Any], dict]) -> dict:
+        """One page of `query`, limited to the caller's tenant unless it sees all tenants."""
+        with self._reading() as session:
+            return self._paged(session, scoped(query, principal, tenant_column), limit, offset,
+                               view)
+
+    def _visible_named(self, session: Session, principal: Principal, model: Any, name: str,
+                       what: str, lock: bool = False) -> Any:
+        """The row of `model` called `name` if the caller's tenant may see it, else NotFound
+        (not 403: another tenant's names do not leak)."""
+        query = select(model).where(model.name == name)
+        if lock:
+            query = query.with_for_update(of=model)
+        row = session.scalar(query)
+        if row is None or not principal.can_see_tenant(row.tenant_id):
+            raise NotFound(f"no {what} named {name!r}")
+        return row
+
     # -- tokens and authentication ------------------------------------------------------------
 
     def authenticate(self, text: str) -> Principal | None:
@@ -459,10 +483,7 @@ class Store:
 
     def list_tokens(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         query = select(Token).order_by(Token.created_at, Token.id)
-        if not principal.sees_all:
-            query = query.where(Token.tenant_id == principal.tenant_id)
-        with self._reading() as session:
-            return self._paged(session, query, limit, offset, _token_view)
+        return self._list_scoped(principal, query, Token.tenant_id, limit, offset, _token_view)
 
     def revoke_token(self, principal: Principal, token_id: str) -> None:
         with self._writing() as session:
@@ -504,10 +525,7 @@ class Store:
 
     def list_tenants(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         query = select(Tenant).order_by(Tenant.name)
-        if not principal.sees_all:
-            query = query.where(Tenant.id == principal.tenant_id)
-        with self._reading() as session:
-            return self._paged(session, query, limit, offset, _tenant_view)
+        return self._list_scoped(principal, query, Tenant.id, limit, offset, _tenant_view)
 
     def _tenant_named(self, session: Session, name: str) -> Tenant:
         tenant = session.scalar(select(Tenant).where(Tenant.name == name))
@@ -573,10 +591,8 @@ class Store:
 
     def list_services(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         query = select(Service).order_by(Service.name)
-        if not principal.sees_all:
-            query = query.where(Service.tenant_id == principal.tenant_id)
-        with self._reading() as session:
-            return self._paged(session, query, limit, offset, _service_view)
+        return self._list_scoped(principal, query, Service.tenant_id, limit, offset,
+                                 _service_view)
 
     def get_service(self, principal: Principal, name: str) -> dict:
         with self._reading() as session:
@@ -665,13 +681,7 @@ class Store:
     def _visible_service(
         self, session: Session, principal: Principal, name: str, lock: bool = False
     ) -> Service:
-        query = select(Service).where(Service.name == name)
-        if lock:
-            query = query.with_for_update(of=Service)
-        row = session.scalar(query)
-        if row is None or not principal.can_see_tenant(row.tenant_id):
-            raise NotFound(f"no service named {name!r}")
-        return row
+        return self._visible_named(session, principal, Service, name, "service", lock)
 
     def _replace_spec(
         self,
@@ -809,10 +819,8 @@ class Store:
 
     def list_certificates(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         query = select(TlsCertificate).order_by(TlsCertificate.name)
-        if not principal.sees_all:
-            query = query.where(TlsCertificate.tenant_id == principal.tenant_id)
-        with self._reading() as session:
-            return self._paged(session, query, limit, offset, _certificate_view)
+        return self._list_scoped(principal, query, TlsCertificate.tenant_id, limit, offset,
+                                 _certificate_view)
 
     def get_certificate(self, principal: Principal, name: str) -> dict:
         with self._reading() as session:
@@ -864,13 +872,7 @@ class Store:
     def _visible_certificate(
         self, session: Session, principal: Principal, name: str, lock: bool = False
     ) -> TlsCertificate:
-        query = select(TlsCertificate).where(TlsCertificate.name == name)
-        if lock:
-            query = query.with_for_update(of=TlsCertificate)
-        row = session.scalar(query)
-        if row is None or not principal.can_see_tenant(row.tenant_id):
-            raise NotFound(f"no certificate named {name!r}")
-        return row
+        return self._visible_named(session, principal, TlsCertificate, name, "certificate", lock)
 
     def _check_cert_hosts(self, session: Session, principal: Principal, hosts: list[str]) -> None:
         """A tenant's certificate must name its own hostnames, none of another tenant's."""
@@ -1187,10 +1189,8 @@ class Store:
 
     def list_audit(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         query = select(AuditEntry).order_by(AuditEntry.id.desc())
-        if not principal.sees_all:
-            query = query.where(AuditEntry.tenant_id == principal.tenant_id)
-        with self._reading() as session:
-            return self._paged(session, query, limit, offset, _audit_view)
+        return self._list_scoped(principal, query, AuditEntry.tenant_id, limit, offset,
+                                 _audit_view)
 
     # -- stats ----------------------------------------------------------------------------------
 
@@ -1271,8 +1271,7 @@ class Store:
         )
         if until is not None:
             query = query.where(StatsSample.bucket <= until)
-        if not principal.sees_all:
-            query = query.where(StatsSample.tenant_id == principal.tenant_id)
+        query = scoped(query, principal, StatsSample.tenant_id)
         with self._reading() as session:
             if service is not None:
                 self._check_stats_service(session, principal, service)
