@@ -53,7 +53,7 @@ from verge.stream.package.cmaf import (
     SegmentEnd,
     Segmenter,
 )
-from verge.stream.package.mp4 import TrackInfo
+from verge.stream.package.mp4 import DescribedTracks, TrackInfo
 from verge.stream.transcode import (
     AUDIO,
     FMP4_FLAGS,
@@ -346,7 +346,7 @@ def _progress_line(line: bytes, duration: float) -> float | None:
 
 
 @dataclass
-class PackagedTrack:
+class PackagedTrack(DescribedTracks):
     """One CMAF track written to ``directory``: its inits and (complete) segments."""
 
     name: str
@@ -359,18 +359,6 @@ class PackagedTrack:
     def tracks(self) -> tuple[TrackInfo, ...]:
         last = self.inits[max(self.inits)] if self.inits else None
         return last.info.tracks if last else ()
-
-    @property
-    def video(self) -> TrackInfo | None:
-        return next((t for t in self.tracks if t.is_video), None)
-
-    @property
-    def audio(self) -> TrackInfo | None:
-        return next((t for t in self.tracks if t.is_audio), None)
-
-    @property
-    def codecs(self) -> str:
-        return ",".join(t.codec for t in self.tracks if t.is_video or t.is_audio)
 
     @property
     def duration(self) -> float:

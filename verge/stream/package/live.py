@@ -30,7 +30,7 @@ from verge.stream.package.cmaf import (
     SegmentEnd,
     Segmenter,
 )
-from verge.stream.package.mp4 import TrackInfo
+from verge.stream.package.mp4 import DescribedTracks, TrackInfo
 
 
 class BlockingRequestError(ValueError):
@@ -75,7 +75,7 @@ class Timeline:
         return min((a.wall for a in self.anchors.values()), default=None)
 
 
-class LiveRendition:
+class LiveRendition(DescribedTracks):
     """The window of one rendition: segments with their parts, its init segments, its state."""
 
     def __init__(
@@ -343,18 +343,6 @@ class LiveRendition:
         return None
 
     # --- descriptions -------------------------------------------------------------------------
-
-    @property
-    def video(self) -> TrackInfo | None:
-        return next((t for t in self.tracks if t.is_video), None)
-
-    @property
-    def audio(self) -> TrackInfo | None:
-        return next((t for t in self.tracks if t.is_audio), None)
-
-    @property
-    def codecs(self) -> str:
-        return ",".join(t.codec for t in self.tracks if t.is_video or t.is_audio)
 
     @property
     def bandwidth(self) -> int:

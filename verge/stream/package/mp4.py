@@ -60,6 +60,25 @@ class TrackInfo:
         return self.handler == "soun"
 
 
+class DescribedTracks:
+    """The playlist-facing description of a rendition's ``tracks`` (live or on demand)."""
+
+    tracks: tuple[TrackInfo, ...]
+
+    @property
+    def video(self) -> TrackInfo | None:
+        return next((t for t in self.tracks if t.is_video), None)
+
+    @property
+    def audio(self) -> TrackInfo | None:
+        return next((t for t in self.tracks if t.is_audio), None)
+
+    @property
+    def codecs(self) -> str:
+        """HLS CODECS / DASH codecs: the video and audio tracks' codec strings."""
+        return ",".join(t.codec for t in self.tracks if t.is_video or t.is_audio)
+
+
 @dataclass(frozen=True, slots=True)
 class InitInfo:
     tracks: tuple[TrackInfo, ...]
