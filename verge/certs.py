@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from verge.files import write_atomic
 
 DEFAULT_DEV_HOSTS: tuple[str, ...] = (
     "demo.verge.test",
@@ -47,23 +47,13 @@ class DevCertificates:
     hosts: dict[str, CertFiles]  # host name or IP -> its certificate and key
 
 
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data, mode=mode)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -74,6 +64,15 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Signing only (ECDSA needs no key encipherment); a CA also signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
+        key_encipherment=False, data_encipherment=False, key_agreement=False,
+        encipher_only=False, decipher_only=False,
+    )
 
 
 def _general_name(host: str) -> x509.GeneralName:
@@ -119,24 +118,14 @@ def create_ca(cert_file: Path, key_file: Path, name: str | None = None) -> CertF
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(ca=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_atomic(Path(key_file), _key_pem(key), 0o600)
-    _write_atomic(Path(cert_file), _cert_pem(cert))
+    _write_file(Path(key_file), _key_pem(key), 0o600)
+    _write_file(Path(cert_file), _cert_pem(cert), 0o644)
     return CertFiles(Path(cert_file), Path(key_file))
 
 
@@ -175,17 +164,7 @@ def issue_cert(
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(ca=False),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -194,8 +173,8 @@ def issue_cert(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_atomic(Path(key_file), _key_pem(key), 0o600)
-    _write_atomic(Path(cert_file), _cert_pem(cert))
+    _write_file(Path(key_file), _key_pem(key), 0o600)
+    _write_file(Path(cert_file), _cert_pem(cert), 0o644)
     return CertFiles(Path(cert_file), Path(key_file))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from verge.certs import ensure_ca, issue_cert
+from verge.files import write_atomic
 
 DEMO_SERVICE = "demo"
 DEMO_HOSTNAME = "demo.verge.test"
@@ -151,10 +152,8 @@ class Platform:
             "rtmp": rtmp_url, "stream_key": self.stream_key, "stream": stream_url,
             "watch": f"{edges[0]['url']}/{STREAM_APP}",
         }
-        path = opts.state_dir / "up.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(up, indent=2) + "\n")
-        os.replace(tmp, path)
+        # up.json holds the admin token: private, like the edges' credentials
+        write_atomic(opts.state_dir / "up.json", (json.dumps(up, indent=2) + "\n").encode())
         return up
 
     def _start_stream(self) -> tuple[str, str]:

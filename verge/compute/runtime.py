@@ -58,6 +58,7 @@ from wasmtime._extern import wrap_extern
 
 from verge.compute import wagi
 from verge.compute.host import Capabilities, HostServices, HostState, define_host_functions
+from verge.files import write_atomic
 from verge.http.message import Headers
 
 log = logging.getLogger(__name__)
@@ -270,12 +271,7 @@ class ModuleCache:
         module = wasmtime.Module(self.engine, binary)
         path = self.artefact_path(digest)
         if path is not None:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
-            with os.fdopen(fd, "wb") as f:
-                f.write(module.serialize())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, module.serialize(), mode=0o644)
         return module
 
 

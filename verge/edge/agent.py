@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import socket
 import sqlite3
 import time
@@ -44,6 +43,7 @@ from pydantic import ValidationError
 from verge.cache.store import purge_disk
 from verge.config import Config
 from verge.edge.compute import KV_FILE, MODULE_PREFIX, EdgeKV
+from verge.files import write_atomic
 
 if TYPE_CHECKING:
     from verge.edge.node import Node
@@ -76,20 +76,6 @@ def bundle_modules(config: Config) -> set[str]:
 
 class AgentError(Exception):
     """The control plane refused us (bad join token, revoked credential)."""
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """temp + rename; ``durable`` also fsyncs (not needed where a lost update is harmless).
-
-    Files are private (0600): the credential and the bundle (certificate keys) are secrets.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class StatsSpool:

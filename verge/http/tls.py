@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import ssl
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from verge.files import write_atomic
 from verge.http.tls_ocsp import install_ocsp_stapling
 from verge.http.tls_tickets import TicketKey, TicketKeyRing, install_ticket_keys
 
@@ -75,7 +75,7 @@ class InlinePemFiles:
         for suffix, text in ((".crt", cert_pem), (".key", key_pem)):
             path = self.directory / f"{digest}{suffix}"
             if not path.exists():
-                _write_private(path, text.encode())
+                write_atomic(path, text.encode())
             paths.append(str(path))
         return paths[0], paths[1]
 
@@ -91,22 +91,6 @@ class InlinePemFiles:
                     path.unlink()
                     removed += 1
         return removed
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """temp (0600) + fsync + rename: readers see the whole file or none."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _tune(ctx: ssl.SSLContext, alpn: Sequence[str]) -> ssl.SSLContext:

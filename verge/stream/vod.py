@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from verge.config import StreamSettings
+from verge.files import write_atomic
 from verge.http.ranges import Unsatisfiable, content_range, if_range_ok, parse_range
 from verge.stream.package import dash, hls
 from verge.stream.package.cmaf import (
@@ -977,12 +978,7 @@ def _write_documents(staging: Path, name: str, tracks: Sequence[PackagedTrack], 
         (track.directory / PLAYLIST).write_text(media_playlist(track), encoding="utf-8")
     (staging / MASTER).write_text(multivariant(name, tracks), encoding="utf-8")
     (staging / MANIFEST).write_text(manifest(name, tracks, meta["created"]), encoding="utf-8")
-    temp = staging / f"{META}.tmp"
-    with temp.open("w", encoding="utf-8") as file:
-        json.dump(meta, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.rename(temp, staging / META)
+    write_atomic(staging / META, json.dumps(meta, indent=2).encode(), mode=0o644)
 
 
 def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:
