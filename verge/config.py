@@ -802,18 +802,11 @@ class IngestRoute(_Model):
 class Rendition(_Model):
     """One rung of an ABR ladder; `height: null` is the source, passed through (no re-encode)."""
 
-    name: str
+    name: Slug
     height: int | None = Field(None, ge=64, le=4320)
     video_bitrate: int = Field(0, ge=0, le=100_000_000)
     """Bits per second of the encoded video (0 for the source)."""
     audio_bitrate: int = Field(128_000, ge=8_000, le=512_000)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, name: str) -> str:
-        if not _SLUG_RE.fullmatch(name):
-            raise ValueError(f"rendition name {name!r} must be a slug (e.g. 720p)")
-        return name
 
 
 def _default_ladder() -> list[Rendition]:
@@ -1067,7 +1060,8 @@ Loc = tuple[str | int, ...]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _format_path(loc: Loc) -> str:
+def format_path(loc: Loc) -> str:
+    """A setting's location as errors spell it: ``services[0].origins[1].url``."""
     text = ""
     for part in loc:
         if isinstance(part, int):
@@ -1190,7 +1184,7 @@ def _issue_from_error(
     if root is not None:
         mark = _node_at(root, loc, at_key=error["type"] == "extra_forbidden").start_mark
         line, column = mark.line + 1, mark.column + 1
-    return ConfigIssue(source, line, column, _format_path(loc), _reason(error, loc, model))
+    return ConfigIssue(source, line, column, format_path(loc), _reason(error, loc, model))
 
 
 def _duplicate_keys(root: yaml.Node, source: str) -> list[ConfigIssue]:

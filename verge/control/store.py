@@ -144,13 +144,7 @@ def iso(moment: datetime | None) -> str | None:
 
 def field_path(loc: Iterable[str | int]) -> str | None:
     """A pydantic error location as the config errors spell it: ``origins[0].url``."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif part != "[key]":
-            text += f".{part}" if text else str(part)
-    return text or None
+    return vconfig.format_path(tuple(loc)) or None
 
 
 def pydantic_error(error: Mapping[str, Any], loc: Sequence[str | int]) -> Invalid:
