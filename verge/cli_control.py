@@ -156,6 +156,14 @@ def _done(message: str) -> None:
     typer.echo(message)
 
 
+def _report(as_json: bool, result: Any, message: str) -> None:
+    """A command's outcome: the raw result with --json, else one line for people."""
+    if as_json:
+        _print_json(result)
+    else:
+        _done(message)
+
+
 # ---------------------------------------------------------------------------------------------
 # verge tenant
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +184,9 @@ def tenant_add(
     """Create a tenant."""
     with _session(control, token) as client:
         tenant = client.create_tenant(name)
-    if as_json:
-        _print_json(tenant)
-    else:
-        _done(f"tenant {tenant.get('name', name)} created (id {tenant.get('id', '-')})")
+    _report(
+        as_json, tenant, f"tenant {tenant.get('name', name)} created (id {tenant.get('id', '-')})"
+    )
 
 
 @tenant_app.command("list")
@@ -267,10 +274,7 @@ def token_revoke(
     """Revoke a token: every call made with it is refused (401) from now on."""
     with _session(control, token) as client:
         client.revoke_token(token_id)
-    if as_json:
-        _print_json({"revoked": token_id})
-    else:
-        _done(f"token {token_id} revoked")
+    _report(as_json, {"revoked": token_id}, f"token {token_id} revoked")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,13 +409,12 @@ def service_add(
     spec = _service_spec(name, host, origin, tenant, default, rule_file, from_file)
     with _session(control, token) as client:
         created = client.create_service(spec)
-    if as_json:
-        _print_json(created.data)
-    else:
-        _done(
-            f"service {name} created (version {created.version or '-'}): "
-            f"{_cell(spec['hosts'])} -> {_cell(_hosts_and_origins(spec)['origins'])}"
-        )
+    _report(
+        as_json,
+        created.data,
+        f"service {name} created (version {created.version or '-'}): "
+        f"{_cell(spec['hosts'])} -> {_cell(_hosts_and_origins(spec)['origins'])}",
+    )
 
 
 @service_app.command("list")
@@ -463,10 +466,7 @@ def service_rm(
     """Delete a service; edges stop serving its hosts with their next config."""
     with _session(control, token) as client:
         client.delete_service(name)
-    if as_json:
-        _print_json({"deleted": name})
-    else:
-        _done(f"service {name} deleted")
+    _report(as_json, {"deleted": name}, f"service {name} deleted")
 
 
 @service_app.command("edit")
@@ -494,12 +494,11 @@ def service_edit(
                 f"service {name!r} was changed by someone else while you edited it; "
                 f"run `verge service show {name}` and apply your change again"
             )
-    if as_json:
-        _print_json(updated.data)
-    else:
-        _done(
-            f"service {name} updated (version {current.version or '-'} -> {updated.version or '-'})"
-        )
+    _report(
+        as_json,
+        updated.data,
+        f"service {name} updated (version {current.version or '-'} -> {updated.version or '-'})",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,10 +522,7 @@ def origin_add(
     """Add an origin to a service."""
     with _session(control, token) as client:
         result = client.add_origin(service, url, weight)
-    if as_json:
-        _print_json(result)
-    else:
-        _done(f"origin {url} (weight {weight}) added to service {service}")
+    _report(as_json, result, f"origin {url} (weight {weight}) added to service {service}")
 
 
 @origin_app.command("rm")
@@ -540,10 +536,7 @@ def origin_rm(
     """Remove an origin from a service (a service keeps at least one)."""
     with _session(control, token) as client:
         result = client.remove_origin(service, url)
-    if as_json:
-        _print_json(result)
-    else:
-        _done(f"origin {url} removed from service {service}")
+    _report(as_json, result, f"origin {url} removed from service {service}")
 
 
 @origin_app.command("list")
@@ -648,10 +641,7 @@ def node_revoke(
     """Revoke a node's credential: no more config or purges until it joins again (join token)."""
     with _session(control, token) as client:
         client.revoke_node(name)
-    if as_json:
-        _print_json({"revoked": name})
-    else:
-        _done(f"node {name} revoked")
+    _report(as_json, {"revoked": name}, f"node {name} revoked")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,10 +733,7 @@ def cert_rm(
     """Delete a certificate; edges stop offering it with the next config bundle."""
     with _session(control, token) as client:
         client.delete_certificate(name)
-    if as_json:
-        _print_json({"deleted": name})
-    else:
-        _done(f"certificate {name} deleted")
+    _report(as_json, {"deleted": name}, f"certificate {name} deleted")
 
 
 def register_cert_commands(cert_app: typer.Typer) -> None:
@@ -848,13 +835,12 @@ def fn_deploy(
             max_subrequests=max_subrequests,
             phase=phase,
         )
-    if as_json:
-        _print_json(deployed)
-    else:
-        _done(
-            f"function {name} version {deployed.get('version')} deployed to service {service} "
-            f"({len(wasm)} bytes, sha256 {str(deployed.get('module_sha256', ''))[:16]}...)"
-        )
+    _report(
+        as_json,
+        deployed,
+        f"function {name} version {deployed.get('version')} deployed to service {service} "
+        f"({len(wasm)} bytes, sha256 {str(deployed.get('module_sha256', ''))[:16]}...)",
+    )
 
 
 @fn_app.command("list")
@@ -935,10 +921,9 @@ def fn_rollback(
     """Make an earlier version active again on every edge."""
     with _session(control, token) as client:
         active = client.rollback_function(name, version)
-    if as_json:
-        _print_json(active)
-    else:
-        _done(f"function {name} rolled back: version {active.get('version')} is active")
+    _report(
+        as_json, active, f"function {name} rolled back: version {active.get('version')} is active"
+    )
 
 
 @fn_app.command("rm")
@@ -951,10 +936,7 @@ def fn_rm(
     """Delete a function and all its versions; edges stop running it."""
     with _session(control, token) as client:
         client.delete_function(name)
-    if as_json:
-        _print_json({"deleted": name})
-    else:
-        _done(f"function {name} deleted")
+    _report(as_json, {"deleted": name}, f"function {name} deleted")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -988,10 +970,7 @@ def kv_put(
     data = _kv_value(value, file)
     with _session(control, token) as client:
         written = client.kv_put(namespace, key, data, tenant)
-    if as_json:
-        _print_json(written)
-    else:
-        _done(f"{namespace}/{key} = {len(data)} bytes (seq {written.get('seq')})")
+    _report(as_json, written, f"{namespace}/{key} = {len(data)} bytes (seq {written.get('seq')})")
 
 
 def _kv_value(value: str | None, file: Path | None) -> bytes:
@@ -1058,10 +1037,7 @@ def kv_rm(
     """Delete a key (edges drop it with the next change they apply)."""
     with _session(control, token) as client:
         deleted = client.kv_delete(namespace, key)
-    if as_json:
-        _print_json(deleted)
-    else:
-        _done(f"{namespace}/{key} deleted (seq {deleted.get('seq')})")
+    _report(as_json, deleted, f"{namespace}/{key} deleted (seq {deleted.get('seq')})")
 
 
 # ---------------------------------------------------------------------------------------------
