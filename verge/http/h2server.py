@@ -323,8 +323,9 @@ def request_problem(request: Request, authority_ok: bool,
 class StreamDispatch:
     """Per-stream request handling shared by HTTP/2 and HTTP/3 connections.
 
-    The connection class provides ``app``, ``loop``, ``send_wire``, ``send_file_response``,
-    ``reset(stream, code)``, ``_after_handler(stream)`` and the two error codes.
+    The connection class provides ``app``, ``loop``, ``send_wire``, ``queue_data``,
+    ``queue_end``, ``wait_room``, ``reset(stream, code)``, ``_after_handler(stream)`` and the
+    two error codes.
     """
 
     CANCEL_CODE: int
@@ -372,6 +373,27 @@ class StreamDispatch:
             self._report_error(request, exc)
             self._answer_error(stream, writer, 500, b"internal error\n")
         self._after_handler(stream)
+
+    async def send_file_response(self, stream, response: FileResponse) -> None:
+        """A pre-rendered head, then the file range, in flow-controlled chunks."""
+        try:
+            self.send_wire(stream, response.head, end_stream=False)
+            if not stream.ended:
+                await self.send_file_range(stream, response.fd, response.offset, response.count)
+                self.queue_end(stream)
+        finally:
+            if response.close_fd:
+                os.close(response.fd)
+
+    async def send_file_range(self, stream, fd: int, offset: int, count: int) -> None:
+        while count > 0:
+            data = os.pread(fd, min(count, FILE_CHUNK), offset)
+            if not data:
+                raise ConnectionResetError("file shorter than expected")
+            self.queue_data(stream, data)
+            offset += len(data)
+            count -= len(data)
+            await self.wait_room(stream)
 
     def _answer_error(self, stream, writer: StreamResponseWriter, status: int,
                       body: bytes) -> None:
@@ -689,26 +711,6 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
             self.queue_data(stream, extra)
         if end_stream:
             self.queue_end(stream)
-
-    async def send_file_response(self, stream: _Stream, response: FileResponse) -> None:
-        try:
-            self.send_wire(stream, response.head, end_stream=False)
-            if not stream.ended:
-                await self.send_file_range(stream, response.fd, response.offset, response.count)
-                self.queue_end(stream)
-        finally:
-            if response.close_fd:
-                os.close(response.fd)
-
-    async def send_file_range(self, stream: _Stream, fd: int, offset: int, count: int) -> None:
-        while count > 0:
-            data = os.pread(fd, min(count, FILE_CHUNK), offset)
-            if not data:
-                raise ConnectionResetError("file shorter than expected")
-            self.queue_data(stream, data)
-            offset += len(data)
-            count -= len(data)
-            await self.wait_room(stream)
 
     def queue_data(self, stream: _Stream, data: bytes) -> None:
         if stream.reset or self._closing:

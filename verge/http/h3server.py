@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 from collections import deque
 
@@ -45,13 +44,11 @@ from verge.http.message import Request
 from verge.http.server import (
     NO_BODY_STATUSES,
     BodyStream,
-    FileResponse,
     ProtocolLimitError,
     ServerLimits,
     simple_response,
 )
 
-FILE_CHUNK = 64 * 1024
 H3_INTERNAL_ERROR = 0x102  # RFC 9114 §8.1
 H3_REQUEST_CANCELLED = 0x10C
 
@@ -254,26 +251,6 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
             return
         self.send_head(stream, status, fields, end_stream=False)
         self.send_body(stream, payload, end_stream=end_stream)
-
-    async def send_file_response(self, stream: _Stream, response: FileResponse) -> None:
-        try:
-            self.send_wire(stream, response.head, end_stream=False)
-            if not stream.ended:
-                await self.send_file_range(stream, response.fd, response.offset, response.count)
-                self.send_end(stream)
-        finally:
-            if response.close_fd:
-                os.close(response.fd)
-
-    async def send_file_range(self, stream: _Stream, fd: int, offset: int, count: int) -> None:
-        while count > 0:
-            data = os.pread(fd, min(count, FILE_CHUNK), offset)
-            if not data:
-                raise ConnectionResetError("file shorter than expected")
-            self.send_body(stream, data)
-            offset += len(data)
-            count -= len(data)
-            await self.wait_room(stream)
 
     def _unacked(self, stream: _Stream) -> int:
         quic_stream = self._quic._streams.get(stream.id)
