@@ -284,6 +284,8 @@ def router(
     options = RouterOptions(dns_host, dns_port, http_host, http_port, control, token)
     try:
         uvloop.run(run_router(cfg, options))
+    except ValueError as exc:  # e.g. a GeoIP database that cannot be opened
+        _fail(f"{config}: {exc}")
     except OSError as exc:
         _fail(f"cannot listen: {exc}")
 
@@ -303,6 +305,12 @@ def stream(
     try:
         cfg = load_config(config)
     except ConfigError as exc:
+        _fail(str(exc))
+    from verge.stream.transcode import FfmpegNotFound, resolve_ffmpeg
+
+    try:
+        resolve_ffmpeg()  # before listening: a stream server without ffmpeg cannot package
+    except FfmpegNotFound as exc:
         _fail(str(exc))
     rtmp_at, http_at = _split_hostport(rtmp, "--rtmp"), _split_hostport(http, "--http")
     try:

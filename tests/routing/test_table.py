@@ -195,3 +195,16 @@ def test_scope_narrows_when_the_answer_depends_on_the_clients_network():
     # the same /24 always gets the same edge
     table = _table(two_east)
     assert len({table.choose(ip(f"10.1.3.{i}"))[0].name for i in range(1, 50)}) == 1
+
+
+def test_router_cli_reports_an_unreadable_geoip_database(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "router.yaml"
+    config.write_text('zone: verge.test\ngeoip: /nonexistent.mmdb\n'
+                      'edges: [{name: e, url: "http://127.0.0.2:1"}]\n')
+    out = subprocess.run([sys.executable, "-m", "verge.cli", "router", "--config", str(config),
+                          "--dns", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "geoip: cannot open /nonexistent.mmdb" in out.stderr
+    assert "Traceback" not in out.stderr

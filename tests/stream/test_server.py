@@ -210,3 +210,11 @@ async def test_a_publisher_back_within_the_grace_period_continues_after_a_discon
         await second.wait()
     finally:
         await server.close()
+
+
+def test_cli_without_ffmpeg_says_so_and_exits_non_zero():
+    out = subprocess.run([*VERGE, "stream", "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "VERGE_FFMPEG": "/nonexistent/ffmpeg"})
+    assert out.returncode == 2 and "ffmpeg not found" in out.stderr
+    assert "Traceback" not in out.stderr

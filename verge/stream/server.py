@@ -95,12 +95,11 @@ class Channel:
         return ENCRYPTION if self.key is not None else None
 
     def on_output(self, rendition: str, kind: str, data: bytes) -> None:
-        """Transcoder bytes (one fMP4 output) into the packager; wake the waiters."""
+        """Transcoder bytes (one fMP4 output) into the packager; wake the waiters when an
+        init, part or segment came of it (most pipe reads complete none)."""
         target = self.packager.renditions.get(rendition)
-        if target is None:
-            variant = next((v for v in (self.job.variants if self.job else ()) if v.name == rendition),
-                           None)
-            target = self.packager.add_rendition(rendition, variant.bandwidth if variant else 0)
+        if target is None:  # on_plan names every output before its first byte
+            target = self.packager.add_rendition(rendition)
         try:
             events = target.feed(data)
         except Mp4Error as exc:  # ffmpeg wrote something we cannot package: start over
@@ -110,7 +109,8 @@ class Channel:
             events = []
         if rendition == self.timed and self.metrics is not None:
             self._time_parts(events)
-        asyncio.get_running_loop().create_task(self._notify())
+        if events:
+            asyncio.get_running_loop().create_task(self._notify())
 
     def _time_parts(self, events) -> None:
         now = time.time()
