@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from verge.http.message import Request
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
@@ -189,8 +190,7 @@ class RedirectApp(HttpApp):
 
     def handle_fast(self, request: Request) -> bytes:
         table = self.router.table
-        host = (request.header("host") or "").lower()
-        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        hostname = request.host  # lower-case, without the port
         if request.method not in ("GET", "HEAD"):
             return _text(405, "the HTTP router redirects GET and HEAD requests\n")
         if not table.is_service_host(hostname):
@@ -208,8 +208,6 @@ class RedirectApp(HttpApp):
                                b"Cache-Control: no-store\r\n")
 
     def location(self, edge: Edge, hostname: str, target: str) -> str:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(edge.url)
         port = f":{parts.port}" if parts.port else ""
         if self.router.config.redirect == "address":

@@ -27,6 +27,7 @@ DASH and HTTP-FLV stay in the clear: protect them, and the key, with a signed ed
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import re
@@ -303,8 +304,6 @@ class StreamServer:
 
 
 def _same(given: str, expected: str) -> bool:
-    import hmac
-
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
