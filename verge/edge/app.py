@@ -242,7 +242,8 @@ class EdgeApp:
         """
         host = request.hmap.get("host")
         if host is not None and host.startswith(self._name_prefix):
-            _drop_node_label(request, host[len(self._name_prefix):])
+            host = host[len(self._name_prefix):]
+            _drop_node_label(request, host)
         if request.method not in CACHEABLE_METHODS:  # the route's key depends on the method
             route = self.route(request)
             if type(route) is not bytes:
@@ -250,7 +251,7 @@ class EdgeApp:
                 if route.signed is not None:
                     return self._signed(request, route)
             return route
-        memo_key = (request.hmap.get("host"), request.target, request.scheme)
+        memo_key = (host, request.target, request.scheme)
         route = self._routes.get(memo_key)
         if route is None:
             route = self.route(request)
