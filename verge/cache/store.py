@@ -45,6 +45,8 @@ class CacheEntry:
     encoding: str | None = None  # Content-Encoding of this body when the edge made it
     compressible: bool | None = None  # may the edge compress it (decided on first delivery)
     rendered: tuple | None = field(default=None, repr=False)  # deliver phase's head cache
+    # (valid until, plan, generation, response): a plain full hit's bytes while Age holds
+    hot: tuple | None = field(default=None, repr=False)
 
     @property
     def storage_key(self) -> str:
@@ -182,7 +184,7 @@ class TieredCache:
         """After a 304: new headers and freshness for the stored entry (memory and disk)."""
         entry.headers = headers
         entry.freshness = freshness
-        entry.rendered = None
+        entry.rendered = entry.hot = None
         entry.compressible = None
         self._drop_derived(entry.key, entry.variant)
         if entry.disk is not None:
@@ -220,6 +222,7 @@ class TieredCache:
                 entry = self.memory.peek(skey)
                 if entry is not None:
                     entry.freshness.invalidated = True
+                    entry.hot = None
             else:
                 self._remove_skey(skey)
         if not soft and kind == "url":

@@ -49,6 +49,7 @@ from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
+from verge.observe.records import RequestRecords
 
 log = logging.getLogger("verge.edge")
 
@@ -98,7 +99,8 @@ class EdgeApp:
         self.cache = cache
         self.pool = pool
         self.metrics = metrics
-        self.access_log = access_log
+        self.records = RequestRecords(metrics, access_log)
+        self._records = self.records.pending  # the hot path appends here
         self.node = node  # the Cache-Status identifier
         self.name = name or node  # this node's name in the fleet (Via, EDGE.HOST names)
         self._name_prefix = self.name + "."
@@ -321,10 +323,12 @@ class EdgeApp:
         if body is not None and request.method == "GET" and not (
                 "if-none-match" in hmap or "if-modified-since" in hmap or "range" in hmap
                 or "connection" in hmap):
-            head, tail = entry_head(entry, route.plan, self.generation, self.node)[1:3]
-            age = now - freshness.response_time + freshness.corrected_initial_age
-            head = head + b"Age: %d\r\n" % (age if age < MAX_AGE else MAX_AGE) + tail
-            response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)
+            hot = entry.hot
+            if hot is not None and now < hot[0] and hot[1] is route.plan \
+                    and hot[2] == self.generation:
+                response = hot[3]
+            else:
+                response = self._full_hit(entry, freshness, route.plan, now)
             if route.admission is not None:
                 self._drop_token(request, route.admission)  # answered: keep it out of the log
             self._log(request, entry.status, len(body), "hit", started)
@@ -336,6 +340,21 @@ class EdgeApp:
         if route.admission is not None:
             self._drop_token(request, route.admission)
         self._log(request, status, sent, "hit", started)
+        return response
+
+    def _full_hit(self, entry: CacheEntry, freshness, plan, now: float):
+        """The whole response of a plain full hit, memoised on the entry (``entry.hot``) until
+        its Age changes: hits in the same second send the same bytes."""
+        head, tail = entry_head(entry, plan, self.generation, self.node)[1:3]
+        age = now - freshness.response_time + freshness.corrected_initial_age
+        if age < MAX_AGE:
+            valid_until = now + 1.0 - age % 1.0
+        else:
+            age, valid_until = MAX_AGE, now + 1.0
+        head = head + b"Age: %d\r\n" % age + tail
+        body = entry.body
+        response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)
+        entry.hot = (valid_until, plan, self.generation, response)
         return response
 
     def _entry_response(self, entry: CacheEntry, request, route: Route, now: float, result: str,
@@ -376,7 +395,7 @@ class EdgeApp:
             return False
         # identity responses of a compressible type vary by Accept-Encoding too
         entry.headers = add_vary(entry.headers, "Accept-Encoding")
-        entry.rendered = None
+        entry.rendered = entry.hot = None
         return True
 
     def _encoded_variant(self, entry: CacheEntry, route: Route, hmap) -> CacheEntry:
@@ -609,19 +628,19 @@ class EdgeApp:
 
     # ----- reporting ----------------------------------------------------------------------------------
     def _log(self, request, status, sent: int, result: str, started: float) -> None:
-        status = int(status)
-        self.metrics.count(result, status, sent, request.service)
-        if self.access_log.enabled:
-            self.access_log.write(request.client, request.method, request.host, request.target,
-                                  status, sent, result, time.perf_counter() - started)
+        """Record the request (metrics and access log are fed in batches: observe.records)."""
+        pending = self._records
+        pending.append((time.time(), time.perf_counter() - started, request.client,
+                        request.method, request.host, request.target, status, sent, result,
+                        request.service))
+        if len(pending) >= RequestRecords.BATCH:
+            self.records.drain()
 
     def report_error(self, request, exc: BaseException) -> None:
         log.error("error serving %s %s: %r", request.method, request.target, exc, exc_info=exc)
 
     def report_protocol_error(self, client: str, status: int, message: str) -> None:
-        self.metrics.count("error", status, 0)
-        if self.access_log.enabled:
-            self.access_log.write(client, "-", "-", "-", status, 0, "error", 0.0)
+        self.records.add((time.time(), 0.0, client, "-", "-", "-", status, 0, "error", ""))
 
     # helpers used by the fetcher
     def deliver_head_extra(self, request, cache_status: str, upstream_headers) -> bytes:

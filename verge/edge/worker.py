@@ -132,7 +132,7 @@ class Worker:
         deadline = loop.time() + grace
         while HttpServerProtocol.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)  # connections close on their own schedule
-        self.access_log.flush()
+        self.app.records.flush()
         os._exit(0)
 
     def command(self, msg: dict) -> dict:
@@ -142,6 +142,7 @@ class Worker:
                         for kind, value in msg["targets"])
             return {"ok": True, "count": count}
         if op == "stats":
+            self.app.records.drain()
             snap = self.metrics.snapshot()
             snap.update(self.app.cache.stats())
             snap["connections"] = len(HttpServerProtocol.connections)
@@ -223,7 +224,7 @@ class Worker:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.access_log.flush()
+            self.app.records.flush()
             try:
                 self.disk.flush()  # batched access times for the disk tier's LRU
             except Exception:
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(init)
 
     def stop(*_: object) -> None:  # SIGTERM from the supervisor: keep the buffered log lines
-        worker.access_log.flush()
+        worker.app.records.flush()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         uvloop.run(worker.run(ctrl))
     finally:
-        worker.access_log.flush()
+        worker.app.records.flush()
         os._exit(0)
 
 

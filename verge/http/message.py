@@ -131,13 +131,27 @@ class Request:
     def host(self) -> str:
         """The Host field without port, lower-cased ('' when absent), computed once."""
         if self._host is None:
-            host = self.hmap.get("host", "")
-            if host.startswith("["):
-                host = host[: host.find("]") + 1]
-            elif ":" in host:
-                host = host.rsplit(":", 1)[0]
-            self._host = host.lower()
+            field = self.hmap.get("host", "")
+            host = _HOSTS.get(field)
+            if host is None:
+                if len(_HOSTS) >= HOST_MEMO_SIZE:
+                    _HOSTS.clear()
+                host = _HOSTS[field] = host_without_port(field)
+            self._host = host
         return self._host
+
+
+HOST_MEMO_SIZE = 1024
+_HOSTS: dict[str, str] = {}  # Host field -> host_without_port(field): few distinct per edge
+
+
+def host_without_port(field: str) -> str:
+    """'Example.COM:8080' -> 'example.com'; '[::1]:80' -> '[::1]'."""
+    if field.startswith("["):
+        field = field[: field.find("]") + 1]
+    elif ":" in field:
+        field = field.rsplit(":", 1)[0]
+    return field.lower()
 
 
 def split_target(target: str) -> tuple[str, str]:

@@ -532,9 +532,13 @@ class HttpServerProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         hmap = self._hmap
+        keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 is keep-alive only when a Connection field says so: without one, a
+        # keep-alive request is HTTP/1.1 and httptools' version string need not be built
+        version = "1.1" if keep_alive and "connection" not in hmap else parser.get_http_version()
         request = Request(parser.get_method().decode("ascii"), self._url.decode("latin-1"), None,
-                          None, self._headers, parser.get_http_version(), self.client, None, hmap)
-        request.keep_alive = parser.should_keep_alive()
+                          None, self._headers, version, self.client, None, hmap)
+        request.keep_alive = keep_alive
         request.scheme = self.scheme
         if parser.should_upgrade():  # unless accepted, the answer closes the connection
             request.keep_alive = False
@@ -598,13 +602,16 @@ class HttpServerProtocol(asyncio.Protocol):
         self.loop.create_task(self._run(request, keep_alive))
 
     def _send_fast(self, result, keep_alive: bool) -> None:
-        if isinstance(result, FileResponse):
+        kind = type(result)
+        if kind is bytes:
+            self.transport.write(result)
+        elif kind is tuple:  # (head, large body): writev, no copy
+            self.transport.writelines(result)
+        elif kind is FileResponse:
             self._busy = True
             self.loop.create_task(self._send_file_response(result, keep_alive))
             return
-        if type(result) is tuple:  # (head, large body): writev, no copy
-            self.transport.writelines(result)
-        else:
+        else:  # bytearray, memoryview
             self.transport.write(result)
         self._after_response(keep_alive)
 
