@@ -596,7 +596,10 @@ class HttpServerProtocol(asyncio.Protocol):
                 result = simple_response(500, b"internal error\n", close=True)
                 keep_alive = False
             if result is not None:
-                self._send_fast(result, keep_alive)
+                if type(result) is bytes and keep_alive and not self._shutting_down:
+                    self.transport.write(result)  # a small hit: nothing else to do
+                else:
+                    self._send_fast(result, keep_alive)
                 return
         self._busy = True
         self.loop.create_task(self._run(request, keep_alive))

@@ -9,13 +9,17 @@ with json's own encoder.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import TextIO
 
 _escape = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# of a record (layout: verge.observe.records): what the middle of its line is made of
+_MIDDLE_FIELDS = operator.itemgetter(2, 3, 4, 5, 6, 7, 8)
+DURATION_MEMO = 100_000  # durations under one second, in hundredths of a ms, are memoised
 
 
 class AccessLog:
@@ -27,7 +31,8 @@ class AccessLog:
     def __init__(self, target: str | None) -> None:
         self._pending: list[str] = []
         self._middles: dict[tuple, str] = {}
-        self._last_ms, self._ts = -1, ""
+        self._durations: dict[int, str] = {}
+        self._ts = (0.0, 0.0, "")
         self._file: TextIO | None
         if target is None:
             self._file = None
@@ -44,7 +49,7 @@ class AccessLog:
         self.write_records([(time.time(), duration, client, method, host, target, status, sent,
                              cache, service)])
 
-    def write_records(self, records: Iterable[tuple]) -> None:
+    def write_records(self, records: Sequence[tuple]) -> None:
         """Lines for request records (the tuple layout of :mod:`verge.observe.records`).
 
         The part of a line between the timestamp and the duration is memoised: requests
@@ -52,25 +57,38 @@ class AccessLog:
         """
         if self._file is None:
             return
-        lines, middles, last_ms, ts_text = self._pending, self._middles, self._last_ms, self._ts
-        for ts, duration, client, method, host, target, status, sent, cache, _ in records:
-            ms = int(ts * 1000)
-            if ms != last_ms:
-                last_ms, ts_text = ms, f"{ms // 1000}.{ms % 1000:03d}"
-            key = (client, method, host, target, status, sent, cache)
+        lines, middles, durations = self._pending, self._middles, self._durations
+        ts_from, ts_until, ts_text = self._ts  # the millisecond ts_text stands for
+        for record, key in zip(records, map(_MIDDLE_FIELDS, records), strict=True):
+            if not ts_from <= record[0] < ts_until:
+                ms = int(record[0] * 1000)
+                ts_from, ts_until = ms / 1000, (ms + 1) / 1000
+                ts_text = f"{ms // 1000}.{ms % 1000:03d}"
             middle = middles.get(key)
             if middle is None:
-                if len(middles) >= self.MEMO_SIZE:
-                    middles.clear()
-                middle = middles[key] = (
-                    f'"client":"{client}","method":{_escape(method)},"host":{_escape(host)},'
-                    f'"uri":{_escape(target)},"status":{int(status)},"bytes":{sent},'
-                    f'"cache":"{cache}","ms":'
-                )
-            lines.append(f'{{"ts":{ts_text},{middle}{duration * 1000:.2f}}}\n')
-        self._last_ms, self._ts = last_ms, ts_text
+                middle = self._middle(key)
+            hundredths = int(record[1] * 100_000 + 0.5)  # of a millisecond
+            duration = durations.get(hundredths)
+            if duration is None:
+                duration = f"{hundredths // 100}.{hundredths % 100:02d}"
+                if hundredths < DURATION_MEMO:
+                    durations[hundredths] = duration
+            lines.append(f'{{"ts":{ts_text},{middle}{duration}}}\n')
+        self._ts = (ts_from, ts_until, ts_text)
         if len(lines) >= self.FLUSH_LINES:
             self.flush()
+
+    def _middle(self, key: tuple) -> str:
+        middles = self._middles
+        if len(middles) >= self.MEMO_SIZE:
+            middles.clear()
+        client, method, host, target, status, sent, cache = key
+        middles[key] = middle = (
+            f'"client":"{client}","method":{_escape(method)},"host":{_escape(host)},'
+            f'"uri":{_escape(target)},"status":{int(status)},"bytes":{sent},'
+            f'"cache":"{cache}","ms":'
+        )
+        return middle
 
     def flush(self) -> None:
         if self._file is not None:

@@ -10,6 +10,8 @@ renders them with prometheus_client's exposition code.
 from __future__ import annotations
 
 import bisect
+import operator
+from collections import Counter
 from collections.abc import Iterable
 
 from prometheus_client.core import (
@@ -20,6 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+_COUNTED_FIELDS = operator.itemgetter(6, 7, 8, 9)  # of a record: status, sent, result, service
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -43,25 +46,27 @@ class EdgeMetrics:
         self.count_records(((0.0, 0.0, "", "", "", "", status, sent, result, service),))
 
     def count_records(self, records) -> None:
-        """:meth:`count` for a batch of request records (layout: verge.observe.records)."""
+        """:meth:`count` for a batch of request records (layout: verge.observe.records).
+
+        The batch is first tallied by (status, bytes, result, service) in C (Counter over
+        itemgetter): a batch of hits to a few objects has a few distinct keys.
+        """
         requests, services = self.requests, self.services
-        sent_total = 0
-        for _, _, _, _, _, _, status, sent, result, service in records:
+        for (status, sent, result, service), n in Counter(map(_COUNTED_FIELDS, records)).items():
             status = int(status)
             key = (result, status)
-            requests[key] = requests.get(key, 0) + 1
-            sent_total += sent
+            requests[key] = requests.get(key, 0) + n
+            self.bytes_sent += sent * n
             per = services.get(service)
             if per is None:
                 per = services[service] = [0, 0, 0, 0, 0, 0, 0, 0.0, 0]
-            per[0] += 1
+            per[0] += n
             if result == "hit":
-                per[1] += 1
-            per[2] += sent
+                per[1] += n
+            per[2] += sent * n
             klass = status // 100
             if 2 <= klass <= 5:
-                per[klass + 1] += 1
-        self.bytes_sent += sent_total
+                per[klass + 1] += n
 
     def origin_latency(self, seconds: float, service: str = "") -> None:
         self.origin_requests += 1
