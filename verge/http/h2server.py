@@ -432,6 +432,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
         self._streams: dict[int, _Stream] = {}
         self._blocked: set[int] = set()
         self._closing = False
+        self._batching = False  # handling one read's events: _flush waits (see _flush)
         self._draining = False
         self._last_accepted = 2**31 - 1
         self._write_paused = False
@@ -442,7 +443,13 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
         self._settings = RateCap(self.MAX_SETTINGS_PER_SECOND)
 
     def _new_connection(self) -> h2.connection.H2Connection:
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Inbound fields are validated (RFC 9113 §8.2); outbound ones are ours, already
+        # lower-cased and stripped of connection-specific fields (parse_wire_head, start),
+        # so h2 need not check them again on every response.
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None,
+            validate_outbound_headers=False, normalize_outbound_headers=False,
+        )
         conn = h2.connection.H2Connection(config=config)
         codes = h2.settings.SettingCodes
         conn.local_settings = h2.settings.Settings(
@@ -474,7 +481,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
     def close(self) -> None:
         if not self._closing and self.transport is not None:
             self._closing = True
-            self._flush()
+            self._write_out()
             self.transport.close()
 
     def close_gracefully(self) -> None:
@@ -483,7 +490,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
             return
         self._draining = True
         self._last_accepted = self.conn.highest_inbound_stream_id
-        self._flush()
+        self._write_out()
         self._write_goaway(self._last_accepted, ErrorCodes.NO_ERROR)
         self._close_if_drained()
 
@@ -530,6 +537,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
         except Exception as exc:  # hpack and frame decoding errors not wrapped by h2
             self._abort(ErrorCodes.PROTOCOL_ERROR, f"bad frame: {exc}")
             return
+        self._batching = True
         try:
             for event in events:
                 self._on_event(event)
@@ -541,10 +549,12 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
         except Exception as exc:  # our bug: lose the connection, not the worker
             self._abort(ErrorCodes.INTERNAL_ERROR, f"internal error: {exc!r}")
             return
+        finally:
+            self._batching = False
         if self._header_block_bytes() > self.max_header_list_size:
             self._abort(ErrorCodes.ENHANCE_YOUR_CALM, "header block too large")
             return
-        self._flush()
+        self._write_out()
 
     def _header_block_bytes(self) -> int:
         """Bytes of a HEADERS + CONTINUATION sequence still waiting for END_HEADERS."""
@@ -705,12 +715,13 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
             self.send_head(stream, status, fields, end_stream=end_stream or no_body)
             return
         self.send_head(stream, status, fields, end_stream=False)
-        if body:
-            self.queue_data(stream, body)
-        if extra:
-            self.queue_data(stream, extra)
-        if end_stream:
-            self.queue_end(stream)
+        if extra:  # queue the first part unpumped: pumped alone it could end the stream
+            if body:
+                stream.outbox.append(memoryview(body))
+                stream.out_bytes += len(body)
+            body = extra
+        stream.end_pending = end_stream  # END_STREAM rides on the last DATA frame
+        self.queue_data(stream, body)
 
     def queue_data(self, stream: _Stream, data: bytes) -> None:
         if stream.reset or self._closing:
@@ -826,6 +837,13 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
                 self._pump(stream)
 
     def _flush(self) -> None:
+        """Write out what h2 has to send, except while a read's events are being handled:
+        then data_received writes once at the end, so the frames answering one read (often
+        many requests) leave in one write and, over TLS, one record instead of three each."""
+        if not self._batching:
+            self._write_out()
+
+    def _write_out(self) -> None:
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
