@@ -123,7 +123,7 @@ class Worker:
     async def shutdown(self, grace: float = DRAIN_SECONDS) -> None:
         """SIGTERM: stop accepting, let the requests in flight finish (HTTP/2 clients get a
         GOAWAY, idle keep-alive connections close), then exit — within `grace` seconds."""
-        for server in (self.server, getattr(self, "tls_server", None)):
+        for server in (self.server, getattr(self, "tls_server", None), getattr(self, "h3", None)):
             if server is not None:
                 server.close()
         for conn in list(HttpServerProtocol.connections):
@@ -181,24 +181,37 @@ class Worker:
         self.ticket_keys = encoded
         if getattr(self, "tls", None) is None or not encoded:
             return {"ok": True, "installed": False}
-        return {"ok": True, "installed": self.tls.set_ticket_keys(decode_keys(encoded))}
+        keys = decode_keys(encoded)
+        if getattr(self, "h3_tickets", None) is not None:  # HTTP/3 resumption: the same keys
+            self.h3_tickets.set_keys(keys)
+        return {"ok": True, "installed": self.tls.set_ticket_keys(keys)}
 
     async def _serve_h3(self, host: str, port: int) -> None:
         """HTTP/3 on the same port number over UDP, advertised with Alt-Svc.
 
-        QUIC here has no SNI switch yet: it serves the default certificate (else the first).
+        SNI picks the certificate as on TCP; session tickets live in a store every worker
+        of the node shares (CACHE_DIR/control/quic_tickets.db), sealed with the node's keys.
         """
-        from verge.http.h3server import serve_h3
+        import sqlite3
+        from pathlib import Path
+
+        from verge.http.h3server import QuicCertificates, serve_h3
+        from verge.http.quic_tickets import QuicTicketStore
+        from verge.http.tls_tickets import decode_keys
 
         certs, default = tls_certs(self.config)
-        cert = default or (certs[0] if certs else None)
-        if cert is None:
+        if not certs and default is None:
             return
         try:
-            self.h3 = await serve_h3(self.app, host, port, cert.cert_file, cert.key_file,
-                                     self.limits)
-        except OSError as exc:
-            log.error("HTTP/3 disabled: cannot bind UDP %s:%d: %s", host, port, exc)
+            self.h3_certs = QuicCertificates(certs, default)
+            self.h3_tickets = QuicTicketStore(
+                Path(self.options["cache_dir"]) / "control" / "quic_tickets.db",
+                decode_keys(self.ticket_keys),
+            )
+            self.h3 = await serve_h3(self.app, host, port, self.h3_certs, self.limits,
+                                     tickets=self.h3_tickets)
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            log.error("HTTP/3 disabled on UDP %s:%d: %s", host, port, exc)
             return
         self.app.alt_svc = f'h3=":{port}"; ma=86400'
         self.app.apply_config(self.config)  # re-plan so HTTPS responses carry Alt-Svc
@@ -213,6 +226,8 @@ class Worker:
         self.app.start()
         if getattr(self, "tls", None) is not None:  # certificates rotate without a restart
             self.tls.reload(*tls_certs(config))
+        if getattr(self, "h3", None) is not None:  # and for new HTTP/3 connections
+            self.h3_certs.reload(*tls_certs(config))
         new_limits = server_limits(config)
         for name in new_limits.__dataclass_fields__:  # the protocols share this object
             setattr(self.limits, name, getattr(new_limits, name))

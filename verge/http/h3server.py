@@ -14,6 +14,29 @@ ResponseWriter). This module serves that SAME application over HTTP/3 (QUIC, UDP
 * :class:`H3ResponseWriter` has the ResponseWriter methods; a writer waits while its stream
   holds more than ``HIGH_WATER`` unacknowledged bytes in aioquic's send buffer.
 
+Certificates (SNI): aioquic gives a server one ``QuicConfiguration``, so one certificate.
+:class:`QuicCertificates` holds one per name with the TCP listener's rules (exact names,
+``*.example.com`` one-label wildcards, a default; the shared
+:class:`~verge.http.tls.HostTable`), and each connection's TLS context is given the matching
+certificate once its ClientHello is parsed, before the ServerHello is built. An unknown name
+without a default ends that handshake with an ``unrecognized_name`` alert; the server goes
+on. :meth:`QuicCertificates.reload` swaps the table for new connections, without a restart.
+
+Resumption: with ``tickets=`` (a :class:`~verge.http.quic_tickets.QuicTicketStore`) the
+server issues session tickets and resumes them on any worker of the node. A ticket is bound
+to the server name it was issued for; presented under another name it is ignored.
+
+DoS caps, like HTTP/2's: at most ``MAX_CONCURRENT_STREAMS`` request streams per connection
+(QUIC's MAX_STREAMS: a client that opens more is closed with STREAM_LIMIT_ERROR), client
+stream resets (RESET_STREAM / STOP_SENDING) beyond ``MAX_RESETS_PER_SECOND`` close the
+connection with H3_EXCESSIVE_LOAD (rapid reset), a HEADERS frame larger than the advertised
+SETTINGS_MAX_FIELD_SECTION_SIZE (``max_header_bytes`` + 4 KiB) closes it before it is buffered
+or decoded, a decoded header section over ``ServerLimits.max_header_bytes`` gets 431, and no
+QPACK dynamic table is offered (a one-byte reference cannot expand to a 4 KiB entry: decoded
+size stays close to frame size). A worker holds at most ``H3Server.MAX_CONNECTIONS``
+connections; beyond that a new connection's Initial is answered with CONNECTION_REFUSED.
+``retry=True`` makes clients prove their address with a Retry first (one extra round trip).
+
 :func:`serve_h3` binds the UDP socket itself with SO_REUSEPORT so that several worker
 processes can share one port (the kernel spreads datagrams by 4-tuple hash).
 """
@@ -24,16 +47,36 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import pylsqpack
+from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
-from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.buffer import Buffer
+from aioquic.h3.connection import (
+    H3_ALPN,
+    FrameType,
+    H3Connection,
+    H3Stream,
+    ProtocolError,
+    Setting,
+)
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.h3.exceptions import H3Error
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StopSendingReceived, StreamReset
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from verge.http.h2server import (
+    RateCap,
     StreamDispatch,
     StreamResponseWriter,
     parse_wire_head,
@@ -41,6 +84,7 @@ from verge.http.h2server import (
     request_problem,
 )
 from verge.http.message import Request
+from verge.http.quic_tickets import QuicTicketStore
 from verge.http.server import (
     NO_BODY_STATUSES,
     BodyStream,
@@ -48,9 +92,125 @@ from verge.http.server import (
     ServerLimits,
     simple_response,
 )
+from verge.http.tls import CertSpec, HostTable, normalise_host
 
 H3_INTERNAL_ERROR = 0x102  # RFC 9114 §8.1
+H3_EXCESSIVE_LOAD = 0x107
 H3_REQUEST_CANCELLED = 0x10C
+FIELD_SECTION_SLACK = 4096  # frame cap over max_header_bytes, as HTTP/2's header list size
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+@dataclass(frozen=True)
+class QuicCertificate:
+    """A certificate as aioquic's TLS context wants it: leaf, chain and private key."""
+
+    certificate: x509.Certificate
+    chain: list[x509.Certificate]
+    private_key: Any  # an RSA, EC or EdDSA private key from ``cryptography``
+
+
+def load_quic_certificate(spec: CertSpec) -> QuicCertificate:
+    """Load a chain and key; ValueError if the key does not belong to the certificate."""
+    scratch = QuicConfiguration(is_client=False)
+    scratch.load_cert_chain(spec.cert_file, spec.key_file)
+    if _public_bytes(scratch.certificate) != _public_bytes(scratch.private_key):
+        raise ValueError(f"{spec.key_file} is not the key of {spec.cert_file}")
+    return QuicCertificate(
+        scratch.certificate, list(scratch.certificate_chain), scratch.private_key
+    )
+
+
+def _public_bytes(holder: Any) -> bytes:
+    return holder.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+class QuicCertificates:
+    """SNI-selected certificates for HTTP/3: the rules of :class:`~verge.http.tls.TlsStore`."""
+
+    def __init__(self, certs: Sequence[CertSpec] = (), default: CertSpec | None = None) -> None:
+        self._table = self._build(certs, default)
+
+    @classmethod
+    def single(cls, cert_file: str, key_file: str) -> QuicCertificates:
+        """One certificate for every name (the default)."""
+        return cls((), CertSpec(cert_file, key_file, ()))
+
+    def reload(self, certs: Sequence[CertSpec], default: CertSpec | None = None) -> None:
+        """New connections use these; a bad file raises and the running table stays."""
+        self._table = self._build(certs, default)
+
+    def lookup(self, server_name: str | None) -> QuicCertificate | None:
+        """The certificate for this SNI (None: the handshake is refused)."""
+        return self._table.lookup(server_name)
+
+    def any(self) -> QuicCertificate | None:
+        """The default, else some certificate: aioquic's configuration needs one to start."""
+        table = self._table
+        return table.default or next(iter((*table.exact.values(), *table.wildcard.values())), None)
+
+    @staticmethod
+    def _build(certs: Sequence[CertSpec], default: CertSpec | None) -> HostTable[QuicCertificate]:
+        return HostTable.build(certs, default, load_quic_certificate)
+
+
+class AlertUnrecognizedName(tls.Alert):
+    description = tls.AlertDescription.unrecognized_name
+
+
+class _SniSelector:
+    """Makes one server connection take its certificate from the ClientHello's server name.
+
+    aioquic builds a connection's TLS context from the shared configuration in
+    ``QuicConnection._initialize`` (on the first datagram) and reads the certificate only while
+    answering the ClientHello. So ``_initialize`` is wrapped to wrap the context's ClientHello
+    handler: it peeks at the server name, puts the matching certificate, chain and key on the
+    context, then lets aioquic go on (which picks the signature scheme from that key).
+    """
+
+    def __init__(self, quic: QuicConnection, certificates: QuicCertificates) -> None:
+        self.quic = quic
+        self.certificates = certificates
+        self._initialize = quic._initialize
+        self._handle_hello = None
+        quic._initialize = self.initialize
+
+    def initialize(self, peer_cid: bytes) -> None:
+        self._initialize(peer_cid)
+        context = self.quic.tls
+        self._handle_hello = context._server_handle_hello
+        context._server_handle_hello = self.handle_hello
+
+    def handle_hello(self, input_buf: Buffer, initial_buf: Buffer, handshake_buf: Buffer) -> None:
+        start = input_buf.tell()
+        try:
+            server_name = tls.pull_client_hello(input_buf).server_name
+            name = normalise_host(server_name) if server_name else None
+        except ValueError as exc:  # a malformed hello or name: aioquic's own alert
+            raise tls.AlertDecodeError("Could not parse ClientHello") from exc
+        input_buf.seek(start)  # aioquic parses it again, from the start
+        chosen = self.certificates.lookup(name)
+        if chosen is None:
+            raise AlertUnrecognizedName(f"no certificate for {name!r}")
+        context = self.quic.tls
+        context.certificate = chosen.certificate
+        context.certificate_chain = chosen.chain
+        context.certificate_private_key = chosen.private_key
+        context._server_name = name  # recorded in the tickets this connection issues
+        fetch = context.get_session_ticket_cb
+        if fetch is not None:
+            context.get_session_ticket_cb = lambda label: _same_name(fetch(label), name)
+        self._handle_hello(input_buf, initial_buf, handshake_buf)
+
+
+def _same_name(ticket: tls.SessionTicket | None, name: str | None) -> tls.SessionTicket | None:
+    """A ticket resumes only under the server name it was issued for."""
+    return ticket if ticket is not None and ticket.server_name == name else None
+
+
+# --------------------------------------------------------------------------- requests
 
 
 class H3RequestBody(BodyStream):
@@ -99,6 +259,8 @@ class H3RequestBody(BodyStream):
         return self._chunks.popleft()
 
 
+# --------------------------------------------------------------------------- connections
+
 
 class _Stream:
     """Per-stream state: the request, its body, whether the response ended or was reset."""
@@ -119,33 +281,106 @@ class _Stream:
 H3ResponseWriter = StreamResponseWriter
 
 
+class HeaderSectionTooLarge(ProtocolError):
+    """A HEADERS frame over the SETTINGS_MAX_FIELD_SECTION_SIZE we advertised."""
+
+    error_code = H3_EXCESSIVE_LOAD
+
+
+class CappedH3Connection(H3Connection):
+    """aioquic's H3Connection with a bounded header section and no QPACK dynamic table.
+
+    ``max_field_section`` is advertised (SETTINGS_MAX_FIELD_SECTION_SIZE) and enforced on each
+    HEADERS frame as soon as its length is known, before its payload is buffered. The
+    dynamic table capacity is ``QPACK_TABLE_CAPACITY``: 0 (as Cloudflare's quiche) means
+    references only reach the static table, so decoding cannot amplify a small frame.
+    """
+
+    QPACK_TABLE_CAPACITY = 0
+
+    def __init__(self, quic: QuicConnection, max_field_section: int) -> None:
+        self.max_field_section = max_field_section
+        super().__init__(quic)
+
+    def _init_connection(self) -> None:
+        # runs inside H3Connection.__init__, before the SETTINGS frame is sent
+        self._max_table_capacity = self.QPACK_TABLE_CAPACITY
+        self._blocked_streams = 0  # nothing can block without a dynamic table
+        self._decoder = pylsqpack.Decoder(self._max_table_capacity, self._blocked_streams)
+        super()._init_connection()
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section
+        return settings
+
+    def _check_request_or_push_frame_type(self, frame_type: int, stream: H3Stream) -> None:
+        super()._check_request_or_push_frame_type(frame_type, stream)
+        if frame_type == FrameType.HEADERS and stream.frame_size > self.max_field_section:
+            raise HeaderSectionTooLarge("header section too large")
+
+    def reset_sending(self, stream_id: int, code: int) -> None:
+        """RESET_STREAM our half of a request stream, and forget it once both halves ended."""
+        with contextlib.suppress(Exception):  # already finished or discarded: nothing to do
+            self._quic.reset_stream(stream_id, code)
+        stream = self._stream.get(stream_id)
+        if stream is not None:
+            stream.sending_ended = True
+            if stream.is_ended():
+                del self._stream[stream_id]
+
+
+def header_section_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    """Size of a header section as HTTP/1.1 would carry it ("name: value\\r\\n" per field)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
     """One QUIC connection speaking HTTP/3; ``app`` and ``limits`` are set by the factory."""
 
     HIGH_WATER = 256 * 1024  # unacknowledged bytes per stream before an async writer waits
     DRAIN_POLL = 0.005  # aioquic has no "data acknowledged" event, so waiting writers poll
+    MAX_CONCURRENT_STREAMS = 100  # request streams open at once (QUIC MAX_STREAMS)
+    MAX_RESETS_PER_SECOND = 100  # client RESET_STREAM / STOP_SENDING (rapid reset)
 
     def __init__(self, *args, app, limits: ServerLimits, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.app = app
         self.limits = limits
         self.loop = asyncio.get_running_loop()
-        self.http = H3Connection(self._quic)
+        self._cap_request_streams(self.MAX_CONCURRENT_STREAMS)
+        max_field_section = limits.max_header_bytes + FIELD_SECTION_SLACK
+        self.http = CappedH3Connection(self._quic, max_field_section)
         self._streams: dict[int, _Stream] = {}
+        self._resets = RateCap(self.MAX_RESETS_PER_SECOND)
+        self._closing = False
         self.client = ""
+
+    def _cap_request_streams(self, count: int) -> None:
+        """Set the initial MAX_STREAMS (bidi) we announce: runs before the handshake.
+
+        aioquic grants one more stream each time one is fully closed, so this is the number
+        of request streams a client can have open at once.
+        """
+        limit = self._quic._local_max_streams_bidi
+        limit.value = limit.sent = count
 
     # ----- input ---------------------------------------------------------------------------
     def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamReset):
-            self._on_reset(event.stream_id)
+        if self._closing:
+            return
+        if isinstance(event, StreamReset | StopSendingReceived):
+            self._on_client_cancel(event)
+            if self._closing:
+                return
         elif isinstance(event, ConnectionTerminated):
-            for stream_id in list(self._streams):
-                self._on_reset(stream_id)
+            self._closing = True
+            self._kill_all()
+            return
         try:
             h3_events = self.http.handle_event(event)
         except H3Error:
-            self._quic.close(error_code=H3_INTERNAL_ERROR, reason_phrase="h3 error")
-            self.transmit()
+            self._abort(H3_INTERNAL_ERROR, "h3 error")
             return
         for h3_event in h3_events:
             self._on_h3_event(h3_event)
@@ -169,12 +404,19 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         request.body = body
         stream = _Stream(event.stream_id, request, body)
         self._streams[event.stream_id] = stream
-        problem = request_problem(request, authority_ok, self.limits)
+        problem = self._header_problem(event.headers) or request_problem(
+            request, authority_ok, self.limits
+        )
         if problem is not None:
             status, reason = problem
             self.send_wire(stream, simple_response(status, f"{reason}\n".encode()))
             return
         self._dispatch(stream)
+
+    def _header_problem(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+        if header_section_bytes(headers) > self.limits.max_header_bytes:
+            return 431, "request header fields too large"
+        return None
 
     def _on_data(self, event: DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -191,15 +433,42 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
             if stream.ended:
                 self._streams.pop(stream.id, None)
 
-    def _on_reset(self, stream_id: int) -> None:
-        stream = self._streams.pop(stream_id, None)
-        if stream is None:
+    def _on_client_cancel(self, event: StreamReset | StopSendingReceived) -> None:
+        """The client reset a request stream or asked us to stop: drop its work, count it.
+
+        Both halves end here (our RESET_STREAM too), so the stream's slot is free at once;
+        that is what makes rapid reset cheap for the client, hence the cap.
+        """
+        stream_id = event.stream_id
+        if stream_id % 4 != 0:  # not a request stream (control and QPACK streams are uni)
             return
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._kill(stream, ConnectionResetError("stream reset by the client"))
+        if stream is not None or isinstance(event, StreamReset):
+            self.http.reset_sending(stream_id, H3_REQUEST_CANCELLED)
+            if self._resets.hit():
+                self._abort(H3_EXCESSIVE_LOAD, "request stream reset flood (rapid reset)")
+
+    def _kill(self, stream: _Stream, exc: Exception) -> None:
+        """Fail the body reader of a stream that is gone, and cancel its handler."""
         stream.reset = True
         if stream.body is not None:
-            stream.body.fail(ConnectionResetError("stream reset by the client"))
+            stream.body.fail(exc)
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
+
+    def _kill_all(self) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            self._kill(stream, ConnectionResetError("connection closed"))
+
+    def _abort(self, code: int, reason: str) -> None:
+        """Close the whole connection with an HTTP/3 error code."""
+        self._closing = True
+        self._kill_all()
+        self._quic.close(error_code=code, reason_phrase=reason)
+        self.transmit()
 
     # ----- dispatch: StreamDispatch, with these codes --------------------------------------
     CANCEL_CODE = H3_REQUEST_CANCELLED
@@ -287,12 +556,17 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
     def reset(self, stream: _Stream, code: int) -> None:
         """Abandon the response: RESET_STREAM (and STOP_SENDING for an unread body)."""
         self._streams.pop(stream.id, None)
-        if stream.reset or stream.ended:
+        if stream.reset or stream.ended or self._closing:
             return
         stream.reset = True
-        with contextlib.suppress(Exception):
-            self._quic.reset_stream(stream.id, code)
+        if stream.body is not None and not stream.body.complete:
+            with contextlib.suppress(Exception):
+                self._quic.stop_stream(stream.id, code)
+        self.http.reset_sending(stream.id, code)
         self.transmit()
+
+
+# --------------------------------------------------------------------------- the server
 
 
 def _udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -309,33 +583,137 @@ def _udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def quic_configuration(ssl_cert_file: str, ssl_key_file: str) -> QuicConfiguration:
+def server_configuration(certificates: QuicCertificates) -> QuicConfiguration:
+    """The configuration every connection starts from; ValueError without any certificate.
+
+    Its certificate is only a placeholder (aioquic insists on one): each handshake gets the
+    one its server name selects.
+    """
+    placeholder = certificates.any()
+    if placeholder is None:
+        raise ValueError("HTTP/3 needs at least one certificate")
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
-    config.load_cert_chain(ssl_cert_file, ssl_key_file)
+    config.certificate = placeholder.certificate
+    config.certificate_chain = placeholder.chain
+    config.private_key = placeholder.private_key
     return config
+
+
+def _refusal(version: int, source_cid: bytes, destination_cid: bytes) -> bytes:
+    """An Initial packet closing a connection attempt with CONNECTION_REFUSED (RFC 9000 §20.1).
+
+    Initial keys derive from the client's destination connection ID, so no state is needed;
+    the packet is far smaller than the padded Initial it answers (no amplification).
+    """
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=source_cid, is_client=False, version=version)
+    builder = QuicPacketBuilder(
+        host_cid=source_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=destination_cid,
+        version=version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(
+        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY
+    )
+    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
+    buf.push_uint_var(QuicFrameType.PADDING)
+    buf.push_uint_var(0)  # no reason phrase
+    datagrams, _ = builder.flush()
+    return datagrams[0]
+
+
+class H3Server(QuicServer):
+    """aioquic's QuicServer serving ``app`` over HTTP/3: SNI certificates, tickets, caps."""
+
+    MAX_CONNECTIONS = 4096  # per worker; beyond it new connections are refused
+
+    def __init__(
+        self,
+        app,
+        limits: ServerLimits,
+        certificates: QuicCertificates,
+        *,
+        tickets: QuicTicketStore | None = None,
+        retry: bool = False,
+    ) -> None:
+        super().__init__(
+            configuration=server_configuration(certificates),
+            create_protocol=self._new_protocol,
+            session_ticket_fetcher=tickets.pop if tickets is not None else None,
+            session_ticket_handler=tickets.add if tickets is not None else None,
+            retry=retry,
+        )
+        self.app = app
+        self.limits = limits
+        self.certificates = certificates
+        self.tickets = tickets
+        self.connections: set[H3ServerProtocol] = set()
+        self.refused = 0  # connection attempts answered with CONNECTION_REFUSED
+
+    def _new_protocol(self, quic: QuicConnection, **kwargs) -> H3ServerProtocol:
+        _SniSelector(quic, self.certificates)
+        protocol = H3ServerProtocol(quic, app=self.app, limits=self.limits, **kwargs)
+        self.connections.add(protocol)
+        return protocol
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        if len(self.connections) >= self.MAX_CONNECTIONS and self._refused(data, addr):
+            return
+        super().datagram_received(data, addr)
+
+    def _refused(self, data: bytes, addr) -> bool:
+        """At the cap: answer a new connection's first Initial with a refusal (True)."""
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self._configuration.connection_id_length
+            )
+        except ValueError:
+            return False
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+            or header.version not in self._configuration.supported_versions
+            or header.destination_cid in self._protocols
+        ):
+            return False
+        packet = _refusal(header.version, header.destination_cid, header.source_cid)
+        self._transport.sendto(packet, addr)
+        self.refused += 1
+        return True
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        super()._connection_terminated(protocol)
+        self.connections.discard(protocol)
+
+    def close(self) -> None:
+        super().close()
+        self.connections.clear()
 
 
 async def serve_h3(
     app,
     host: str,
     port: int,
-    ssl_cert_file: str,
-    ssl_key_file: str,
+    certificates: QuicCertificates,
     limits: ServerLimits,
     *,
+    tickets: QuicTicketStore | None = None,
+    retry: bool = False,
     reuse_port: bool = True,
-) -> QuicServer:
-    """Serve ``app`` over HTTP/3 on UDP ``host:port``; returns the server (``.close()``)."""
-    configuration = quic_configuration(ssl_cert_file, ssl_key_file)
+) -> H3Server:
+    """Serve ``app`` over HTTP/3 on UDP ``host:port``; returns the server (``.close()``).
 
-    def create_protocol(*args, **kwargs) -> H3ServerProtocol:
-        return H3ServerProtocol(*args, app=app, limits=limits, **kwargs)
-
+    ``certificates`` may be reloaded while serving; ``tickets`` enables resumption (shared
+    by every server using the same store file); ``retry`` validates client addresses first.
+    """
+    server_configuration(certificates)  # fail before binding when there is no certificate
     loop = asyncio.get_running_loop()
     sock = _udp_socket(host, port, reuse_port)
     _, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
-        sock=sock,
+        lambda: H3Server(app, limits, certificates, tickets=tickets, retry=retry), sock=sock
     )
     return server
 

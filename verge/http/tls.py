@@ -6,6 +6,8 @@ and hands the listener a single front context whose ``sni_callback`` switches th
 connection to the matching one. The front context never changes, so ``reload()`` can rotate
 or add certificates under a running server: new handshakes see the new table, connections
 already open keep theirs.
+The name matching itself (:class:`HostTable`) is shared with HTTP/3, whose certificates are
+aioquic key material rather than contexts (:mod:`verge.http.h3server`).
 
 Session tickets are encrypted with the front context's keys (OpenSSL keeps the original
 context as the session context), so TLS 1.3 resumption works whichever certificate served.
@@ -26,9 +28,10 @@ import contextlib
 import hashlib
 import ssl
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from verge.files import write_atomic
 from verge.http.tls_ocsp import install_ocsp_stapling
@@ -149,24 +152,61 @@ def normalise_host(name: str) -> str:
     return name
 
 
+V = TypeVar("V")  # what a HostTable maps names to
+
+
 @dataclass(frozen=True)
-class _Table:
-    """An immutable snapshot: swapped as a whole by reload(), read lock-free by handshakes."""
+class HostTable(Generic[V]):
+    """Certificates by host name: an immutable snapshot, swapped whole on reload, read lock-free.
 
-    exact: dict[str, ssl.SSLContext]
-    wildcard: dict[str, ssl.SSLContext]  # "example.com" for "*.example.com"
-    default: ssl.SSLContext | None
+    The one place that knows how a ClientHello's server name picks a certificate, shared by
+    the TCP listener (:class:`TlsStore`, values are ``ssl.SSLContext``) and HTTP/3
+    (:mod:`verge.http.h3server`, values are aioquic key material): an exact name first, then
+    a ``*.parent`` wildcard for exactly one more label, then the default (None: refuse).
+    """
 
-    def lookup(self, server_name: str | None) -> ssl.SSLContext | None:
+    exact: dict[str, V]
+    wildcard: dict[str, V]  # "example.com" for "*.example.com"
+    default: V | None
+
+    def lookup(self, server_name: str | None) -> V | None:
         if server_name:
             name = normalise_host(server_name)
-            ctx = self.exact.get(name)
-            if ctx is not None:
-                return ctx
+            value = self.exact.get(name)
+            if value is not None:
+                return value
             _, dot, parent = name.partition(".")
-            if dot and (ctx := self.wildcard.get(parent)) is not None:
-                return ctx
+            if dot and (value := self.wildcard.get(parent)) is not None:
+                return value
         return self.default
+
+    @classmethod
+    def build(
+        cls, certs: Sequence[CertSpec], default: CertSpec | None, load: Callable[[CertSpec], V]
+    ) -> HostTable[V]:
+        """A table from specs; ``load`` runs once per distinct certificate (and may raise).
+
+        When two specs name the same host, the first one listed wins.
+        """
+        loaded: dict[tuple[str, str, str | None], V] = {}
+
+        def value(spec: CertSpec) -> V:
+            key = (spec.cert_file, spec.key_file, spec.ocsp_response)
+            if key not in loaded:
+                loaded[key] = load(spec)
+            return loaded[key]
+
+        exact: dict[str, V] = {}
+        wildcard: dict[str, V] = {}
+        for spec in certs:
+            loaded_value = value(spec)
+            for host in spec.hosts:
+                host = normalise_host(host)
+                if host.startswith("*."):
+                    wildcard.setdefault(host[2:], loaded_value)
+                else:
+                    exact.setdefault(host, loaded_value)
+        return cls(exact, wildcard, value(default) if default is not None else None)
 
 
 class TlsStore:
@@ -215,29 +255,16 @@ class TlsStore:
         """The context a handshake with this SNI would use (None: it would be refused)."""
         return self._table.lookup(server_name)
 
-    def _build(self, certs: Sequence[CertSpec], default: CertSpec | None) -> _Table:
-        loaded: dict[tuple[str, str, str | None], ssl.SSLContext] = {}
+    def _build(
+        self, certs: Sequence[CertSpec], default: CertSpec | None
+    ) -> HostTable[ssl.SSLContext]:
+        return HostTable.build(certs, default, self._context)
 
-        def context(spec: CertSpec) -> ssl.SSLContext:
-            key = (spec.cert_file, spec.key_file, spec.ocsp_response)
-            if key not in loaded:
-                ctx = safe_server_context(spec.cert_file, spec.key_file, self.alpn)
-                if spec.ocsp_response:
-                    install_ocsp_stapling(ctx, spec.ocsp_response)
-                loaded[key] = ctx
-            return loaded[key]
-
-        exact: dict[str, ssl.SSLContext] = {}
-        wildcard: dict[str, ssl.SSLContext] = {}
-        for spec in certs:
-            ctx = context(spec)
-            for host in spec.hosts:
-                host = normalise_host(host)
-                if host.startswith("*."):
-                    wildcard.setdefault(host[2:], ctx)
-                else:
-                    exact.setdefault(host, ctx)  # the first certificate listed wins
-        return _Table(exact, wildcard, context(default) if default is not None else None)
+    def _context(self, spec: CertSpec) -> ssl.SSLContext:
+        ctx = safe_server_context(spec.cert_file, spec.key_file, self.alpn)
+        if spec.ocsp_response:
+            install_ocsp_stapling(ctx, spec.ocsp_response)
+        return ctx
 
     def _on_server_name(
         self, ssl_object: ssl.SSLObject, server_name: str | None, _front: ssl.SSLContext
