@@ -144,3 +144,34 @@ def test_a_response_function_edits_what_the_cache_or_origin_answered(fn_edge, or
         again = client.get("/pages/b.txt")
         assert "hit" in again.headers["cache-status"]  # the pipeline's own headers pass through
     assert origin.hits("/pages/a.html") == 1 and origin.hits("/pages/b.txt") == 1
+
+
+async def test_pure_functions_run_inline_and_runaways_fall_back_to_the_pool(modules, tmp_path):
+    from verge.config import EdgeFunction
+    from verge.edge.compute import INLINE_BACKOFF_S, EdgeCompute
+    from verge.http.message import Request
+
+    compute = EdgeCompute(tmp_path)
+    compute.apply([
+        EdgeFunction(name="hello", service="s", routes=["/hello"], module=str(modules["hello"])),
+        EdgeFunction(name="spin", service="s", routes=["/spin"], module=str(modules["loop"]),
+                     cpu_ms=50),
+        EdgeFunction(name="fetcher", service="s", routes=["/f"], module=str(modules["hello"]),
+                     fetch_hosts=["example.test"]),
+    ])
+
+    def request(path: str) -> Request:
+        return Request("GET", path, headers=[("Host", "h")], client="127.0.0.1")
+
+    hello = compute.match("s", "/hello")
+    answered = await compute.invoke(hello, request("/hello"), b"", "id1")
+    assert answered.outcome == "answer" and compute._pool is None  # no thread was needed
+    spin = compute.match("s", "/spin")
+    t0 = time.monotonic()
+    stopped = await compute.invoke(spin, request("/spin"), b"", "id2")
+    assert stopped.outcome == "timeout" and "50 ms" in stopped.error  # the full budget, on the pool
+    assert compute._pool is not None
+    assert t0 < spin.pool_until <= time.monotonic() + INLINE_BACKOFF_S
+    assert spin.stats.invocations == 1 and spin.stats.errors == 1  # the inline try is not counted
+    fetcher = compute.match("s", "/f")
+    assert compute._invoke_inline(fetcher, None, "id3", None) is None  # may fetch: never inline

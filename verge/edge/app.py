@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -101,6 +102,8 @@ class EdgeApp:
         self.metrics = metrics
         self.records = RequestRecords(metrics, access_log)
         self._records = self.records.pending  # the hot path appends here
+        self._id_prefix = os.urandom(4).hex()
+        self._request_ids = itertools.count()
         self.node = node  # the Cache-Status identifier
         self.name = name or node  # this node's name in the fleet (Via, EDGE.HOST names)
         self._name_prefix = self.name + "."
@@ -648,7 +651,9 @@ class EdgeApp:
             request.version, request.hmap.get("connection"))
 
     def new_request_id(self) -> str:
-        return uuid.uuid4().hex[:16]
+        """16 hex digits, unique per worker run: a random prefix and a counter (uuid4 costs
+        several times more, and a request id needs uniqueness, not secrecy)."""
+        return f"{self._id_prefix}{next(self._request_ids) & 0xFFFFFFFF:08x}"
 
 
 def _field(headers, name: str) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -103,6 +104,9 @@ class Worker:
         if self.options.get("https_port"):
             await self._serve_https()
         self.app.start()
+        # What start-up built (config, routes, modules) lives as long as the process: out of
+        # the collector's way, so the periodic full collections stay short (see gc.freeze).
+        gc.freeze()
         loop = asyncio.get_running_loop()
         loop.create_task(sweep_forever())
         loop.create_task(self._housekeeping())
