@@ -22,7 +22,7 @@ from verge.observe.metrics import EdgeMetrics
 class RequestRecords:
     """The records of one worker since the last drain, and where they go."""
 
-    BATCH = 4096
+    BATCH = 256  # a drain holds the loop ~0.2 ms: small enough for p99, big enough to pay
 
     __slots__ = ("pending", "metrics", "access_log")
 
