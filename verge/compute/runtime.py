@@ -28,7 +28,8 @@ Thread model: create the Runtime in the process that uses it (after any fork: th
 is a thread). :meth:`Runtime.invoke` is synchronous and thread-safe. wasmtime releases
 the GIL while wasm runs, so the edge calls it from a small thread pool
 (``loop.run_in_executor``); a ``fetch`` callable may then block on the event loop with
-``asyncio.run_coroutine_threadsafe(...).result()``.
+``asyncio.run_coroutine_threadsafe(...).result()``. Functions without fetch or KV writes are
+first tried on the event loop itself with a smaller ``cpu_ms`` (see verge.edge.compute).
 """
 
 from __future__ import annotations
