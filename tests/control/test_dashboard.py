@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,11 @@ def sample(t: float, service: str, requests: int, hits: int, status_5xx: int = 0
 @pytest.fixture(scope="module")
 def control(tmp_path_factory) -> Iterator[ControlPlane]:
     proc, url = start_control(tmp_path_factory.mktemp("control") / "control.db")
+    # the node's ports: bound, never listening, so the health monitor is refused for sure
+    node_ports = [socket.socket() for _ in range(2)]
+    for sock in node_ports:
+        sock.bind(("127.0.0.1", 0))
+    port, admin_port = (sock.getsockname()[1] for sock in node_ports)
     admin = httpx.Client(base_url=url, timeout=10, headers={"Authorization": f"Bearer {ADMIN}"})
     try:
         for name, host in (("shop", "shop.test"), ("blog", "blog.test")):
@@ -199,8 +205,8 @@ def control(tmp_path_factory) -> Iterator[ControlPlane]:
                 headers={"Authorization": f"Bearer {join['token']}"},
                 json={
                     "name": NODE,
-                    "url": "http://127.0.0.1:18080",
-                    "admin_url": "http://127.0.0.1:18081",
+                    "url": f"http://127.0.0.1:{port}",
+                    "admin_url": f"http://127.0.0.1:{admin_port}",
                     "region": "eu-test",
                 },
             ),
@@ -224,6 +230,8 @@ def control(tmp_path_factory) -> Iterator[ControlPlane]:
             plane.stopped.set()
         admin.close()
         stop_process(proc)
+        for sock in node_ports:
+            sock.close()
 
 
 # ---- the browser -------------------------------------------------------------------------

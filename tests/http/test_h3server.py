@@ -129,18 +129,17 @@ class H3Client(QuicConnectionProtocol):
         stream_id = self._quic.get_next_available_stream_id()
         done = self._loop.create_future()
         self._responses[stream_id] = ([], bytearray(), done)
-        head = [
-            (b":method", method.encode()),
-            (b":scheme", b"https"),
-            (b":authority", authority.encode()),
-            (b":path", path.encode()),
-            *(extra or []),
-        ]
+        head = [*request_head(method, path, authority), *(extra or [])]
         self.http.send_headers(stream_id, head, end_stream=not body)
         if body:
             self.http.send_data(stream_id, body, end_stream=True)
         self.transmit()
         return await done
+
+
+def request_head(method: str, path: str, authority: str = "localhost") -> list:
+    return [(b":method", method.encode()), (b":scheme", b"https"),
+            (b":authority", authority.encode()), (b":path", path.encode())]
 
 
 @pytest.fixture
@@ -421,12 +420,7 @@ async def test_cancelled_requests_give_their_stream_back(tmp_path, monkeypatch):
     app = FakeApp(tmp_path)
     app.want = 2
     server, ca = await local_server(tmp_path, app)
-    head = [
-        (b":method", b"POST"),
-        (b":scheme", b"https"),
-        (b":authority", b"localhost"),
-        (b":path", b"/hold"),
-    ]
+    head = request_head("POST", "/hold")
     try:
         async with h3_client(server, ca=ca) as client:
             for _ in range(3):  # three rounds through two slots
@@ -450,12 +444,7 @@ async def test_reset_flood_closes_that_connection_only(tmp_path, monkeypatch):
     monkeypatch.setattr(H3ServerProtocol, "MAX_RESETS_PER_SECOND", 5)
     app = FakeApp(tmp_path)
     server, ca = await local_server(tmp_path, app)
-    head = [
-        (b":method", b"GET"),
-        (b":scheme", b"https"),
-        (b":authority", b"localhost"),
-        (b":path", b"/hold"),
-    ]
+    head = request_head("GET", "/hold")
     try:
         async with h3_client(server, ca=ca) as bystander, h3_client(server, ca=ca) as flooder:
             for i in range(20):  # open a request, then cancel it at once (rapid reset)
