@@ -17,7 +17,7 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame
 
-from verge.http.h2server import H2ServerProtocol, parse_wire_head
+from verge.http.h2server import H2ServerProtocol, parse_wire_head, request_from_fields
 from verge.http.server import FileResponse, ServerLimits, simple_response
 
 BIG = os.urandom(5 * 1024 * 1024)
@@ -378,3 +378,61 @@ async def test_tls_alpn_h2_transport(tmp_path):
     out, _ = await proc.communicate()
     srv.close()
     assert out == b"hello /async 2"
+
+
+GOOD = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"t"), (b":path", b"/a")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        (GOOD + [(b"Accept", b"*/*")], "invalid field name"),
+        (GOOD + [(b"", b"x")], "invalid field name"),
+        (GOOD + [(b"x y", b"x")], "invalid field name"),
+        (GOOD + [(b"connection", b"keep-alive")], "connection-specific"),
+        (GOOD + [(b"transfer-encoding", b"chunked")], "connection-specific"),
+        (GOOD + [(b"te", b"gzip")], "te other than trailers"),
+        (GOOD + [(b"x-a", b"a\r\nb")], "CR, LF or NUL"),
+        (GOOD + [(b"x-a", b"a\x00")], "CR, LF or NUL"),
+        (GOOD + [(b"x-a", b" padded")], "whitespace"),
+        ([GOOD[0], (b"accept", b"*/*"), *GOOD[1:]], "pseudo-header after"),
+        (GOOD + [(b":path", b"/b")], "repeated pseudo-header"),
+        (GOOD[:3] + [(b":status", b"200"), GOOD[3]], "unknown or repeated"),
+        (GOOD[:3], "needs :method, :scheme and :path"),
+        (GOOD[:3] + [(b":path", b"")], "invalid :path"),
+        (GOOD[:3] + [(b":path", b"a")], "invalid :path"),
+        (GOOD[:2] + [GOOD[3]], "needs :authority or host"),
+        (GOOD + [(b"host", b"other")], "host differs"),
+    ],
+)
+def test_malformed_requests_are_named(fields, reason):
+    _, problem = request_from_fields(fields, "2", "127.0.0.1", "https")
+    assert problem is not None and reason in problem
+
+
+def test_well_formed_requests_pass():
+    fields = [*GOOD, (b"te", b"trailers"), (b"cookie", b"a=1"), (b"cookie", b"b=2"),
+              (b"x-empty", b"")]
+    request, problem = request_from_fields(fields, "2", "127.0.0.1", "https")
+    assert problem is None
+    assert request.hmap["cookie"] == "a=1; b=2" and request.host == "t"
+    options, problem = request_from_fields(
+        [(b":method", b"OPTIONS"), (b":scheme", b"https"), (b":path", b"*"), (b"host", b"t")],
+        "2", "127.0.0.1", "https")
+    assert problem is None and options.target == "*"
+
+
+async def test_a_malformed_request_gets_a_400_and_the_connection_lives_on(server):
+    _, port, _ = server
+    client = await Client().connect(port)
+    client.conn.config.validate_outbound_headers = False  # send what a broken client would
+    client.conn.config.normalize_outbound_headers = False
+    bad = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(bad, [(":method", "GET"), (":path", "/fast"), (":scheme", "http"),
+                                   (":authority", "test"), ("Upper", "x")], end_stream=True)
+    good = client.request("/fast")
+    client.flush()
+    answers = await client.responses([bad, good])
+    assert answers[bad][0] == 400 and b"invalid field name" in answers[bad][1]
+    assert answers[good][0] == 200
+    await client.close()

@@ -399,13 +399,13 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         if not self.client:
             peer = self._transport.get_extra_info("peername") if self._transport else None
             self.client = peer[0] if peer else ""
-        request, authority_ok = request_from_fields(event.headers, "3", self.client, "https")
+        request, malformed = request_from_fields(event.headers, "3", self.client, "https")
         body = None if event.stream_ended else H3RequestBody(self.loop)
         request.body = body
         stream = _Stream(event.stream_id, request, body)
         self._streams[event.stream_id] = stream
         problem = self._header_problem(event.headers) or request_problem(
-            request, authority_ok, self.limits
+            request, malformed, self.limits
         )
         if problem is not None:
             status, reason = problem
