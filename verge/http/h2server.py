@@ -37,6 +37,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from verge.http import hpack_memo
 from verge.http.message import Request
 from verge.http.server import (
     CLOCK,
@@ -517,6 +518,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
             },
         )
         conn.decoder.max_header_list_size = self.max_header_list_size
+        hpack_memo.install(conn)
         return conn
 
     # ----- connection lifecycle -------------------------------------------------------

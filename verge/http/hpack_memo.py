@@ -1,0 +1,85 @@
+"""HPACK that remembers: a header block that repeats is encoded or decoded once per table state.
+
+Why: with h2's own checks replaced (see :func:`verge.http.h2server.request_from_fields`), the
+pure-Python ``hpack`` coder was the largest cost of an HTTP/2 cache hit (~a quarter). HPACK is
+stateful, but a block whose coding leaves the dynamic table as it found it (every field indexed
+or sent without indexing) codes the same way again while the table stays as it is. That is the
+common case on a busy connection: a client repeating the same request fields, the edge repeating
+a hit's response head (it changes once a second, with ``Age``). So each connection's coder keeps
+a small memo of such blocks, valid for one table state; any change to the table (a field added,
+an eviction, a size change) moves on to a new state and old entries stop matching.
+
+:class:`MemoEncoder` and :class:`MemoDecoder` are drop-in subclasses of ``hpack.Encoder`` and
+``hpack.Decoder`` (h2 calls only ``encode``/``decode`` and the table size properties), installed
+on a fresh ``H2Connection`` by :func:`install`.
+"""
+
+from __future__ import annotations
+
+import hpack
+
+MEMO_ENTRIES = 64  # blocks remembered per connection and direction
+
+
+def _table_state(table: hpack.HeaderTable) -> tuple:
+    """What identifies the dynamic table's content: the newest entry (a new tuple on every
+    add), the entry count (evictions), the size limit and a pending size update."""
+    entries = table.dynamic_entries
+    return (id(entries[0]) if entries else 0, len(entries), table.maxsize, table.resized)
+
+
+class MemoEncoder(hpack.Encoder):
+    """``hpack.Encoder`` with a per-table-state memo of blocks that left the table unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._memo: dict[tuple, bytes] = {}
+        self._memo_state: tuple | None = None
+
+    def encode(self, headers, huffman: bool = True) -> bytes:
+        if type(headers) is not list or any(type(h) is not tuple for h in headers):
+            return super().encode(headers, huffman)  # dicts, never-indexed fields: no memo
+        state = _table_state(self.header_table)
+        if state != self._memo_state:
+            self._memo.clear()
+            self._memo_state = state
+        key = (huffman, *headers)
+        block = self._memo.get(key)
+        if block is not None:
+            return block
+        block = super().encode(headers, huffman)
+        if _table_state(self.header_table) == state and len(self._memo) < MEMO_ENTRIES:
+            self._memo[key] = block
+        return block
+
+
+class MemoDecoder(hpack.Decoder):
+    """``hpack.Decoder`` with a per-table-state memo of blocks that left the table unchanged."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self._memo: dict[tuple, list] = {}
+        self._memo_state: tuple | None = None
+
+    def decode(self, data: bytes, raw: bool = False) -> list:
+        state = (_table_state(self.header_table), self.max_header_list_size,
+                 self.max_allowed_table_size)
+        if state != self._memo_state:
+            self._memo.clear()
+            self._memo_state = state
+        key = (raw, bytes(data))
+        headers = self._memo.get(key)
+        if headers is not None:
+            return list(headers)
+        headers = super().decode(data, raw)
+        if _table_state(self.header_table) == state[0] and len(self._memo) < MEMO_ENTRIES:
+            self._memo[key] = tuple(headers)
+        return headers
+
+
+def install(conn) -> None:
+    """Give a new h2 connection (before any frame went either way) memoising coders."""
+    encoder, decoder = MemoEncoder(), MemoDecoder(conn.decoder.max_header_list_size)
+    encoder.header_table_size = conn.encoder.header_table_size
+    decoder.max_allowed_table_size = conn.decoder.max_allowed_table_size
+    conn.encoder, conn.decoder = encoder, decoder
