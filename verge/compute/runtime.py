@@ -390,9 +390,6 @@ def _read_capped(fd: int, cap: int) -> bytes:
 _CharPP = ctypes.POINTER(ctypes.POINTER(ctypes.c_char))
 
 
-_plus_one = (1).__add__
-
-
 def _c_string_arrays(env: list[tuple[str, str]]) -> tuple[object, object, tuple[object, ...]]:
     """(names, values, keep-alive) C arrays for ``wasi_config_set_env``.
 
@@ -403,7 +400,9 @@ def _c_string_arrays(env: list[tuple[str, str]]) -> tuple[object, object, tuple[
     parts += [v.encode("utf-8", "replace") for _, v in env]
     blob = b"\0".join(parts) + b"\0"
     base = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
-    pointers = array.array("Q", itertools.accumulate(map(_plus_one, map(len, parts)), initial=base))
+    # (array from a list: several times faster than from an iterator)
+    pointers = array.array("Q", list(itertools.accumulate([len(p) + 1 for p in parts],
+                                                          initial=base)))
     pointers.pop()  # the address one past the blob
     addr = pointers.buffer_info()[0]
     names = ctypes.cast(ctypes.c_void_p(addr), _CharPP)
