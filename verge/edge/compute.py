@@ -13,8 +13,9 @@ cannot touch the world (no ``fetch``, no KV writes) is first tried right on the 
 with a CPU budget of ``INLINE_CPU_MS``: most answer well within it, and skip the hand-over
 to a thread and back (and the GIL hand-over that comes with it), which is most of what a
 small function costs. One that outruns the budget has had no effect anywhere, so it is run
-again on the pool with its full budget, and for ``INLINE_BACKOFF_S`` it goes straight there:
-the loop is never held for more than a few milliseconds.
+again on the pool with its full budget, and for ``INLINE_BACKOFF_S`` it goes straight there
+(unless a pool run shows it was a one-off, such as a cold first run): the loop is never held
+for more than a few milliseconds.
 
 The edge KV (:class:`EdgeKV`) is the control plane's KV replicated to this node: the agent
 writes changes to ``CACHE_DIR/control/kv.db`` (SQLite WAL, with the last sequence number) and
@@ -47,7 +48,7 @@ log = logging.getLogger("verge.compute")
 
 MiB = 1024 * 1024
 FUNCTION_THREADS = 2
-INLINE_CPU_MS = 2.0  # a first, speculative run on the event loop (epoch ticks: at most ~4 ms)
+INLINE_CPU_MS = 5.0  # a first, speculative run on the event loop (epoch ticks: 6-8 ms at most)
 INLINE_BACKOFF_S = 10.0  # a function that outran it goes to the pool this long
 FUNCTION_BODY_LIMIT = 8 * MiB  # a request body a function reads on stdin (larger: 413)
 LOGS_KEPT = 200  # log records a worker holds until the agent collects them
@@ -240,6 +241,8 @@ class EdgeCompute:
                                                         services=services,
                                                         request_id=request_id,
                                                         response=response))
+            if invocation.cpu_ms < INLINE_CPU_MS / 2:  # it was a one-off (a cold first run)
+                deployed.pool_until = 0.0
         self._count(deployed, invocation)
         return invocation
 
