@@ -116,3 +116,47 @@ async def test_http3_on_the_same_port_advertised_with_alt_svc(tls_edge, origin):
     assert headers[b":status"] == b"200" and body == b"secure page"
     assert headers[b"cache-status"] == b"verge; hit"  # the same cache as HTTP/1.1 and HTTP/2
     assert origin.hits("/page") == 1
+
+
+async def test_http3_picks_each_services_certificate_and_resumes_on_any_worker(
+        edge_factory, origin, tmp_path):
+    import asyncio
+
+    from aioquic.asyncio import connect
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+
+    from tests.http.test_h3server import H3Client
+
+    certs = dev_certificates(tmp_path / "certs", hosts=["shop.test", "blog.test"])
+    shop, blog = certs.hosts["shop.test"], certs.hosts["blog.test"]
+    origin.route("/page", headers=[("Cache-Control", "max-age=60")], body=b"page")
+    edge = edge_factory(config=f"""
+tls:
+  certificates:
+    - {{cert: "{shop.cert_file}", key: "{shop.key_file}", hosts: [shop.test]}}
+    - {{cert: "{blog.cert_file}", key: "{blog.key_file}", hosts: [blog.test]}}
+services:
+  - {{name: shop, hosts: [shop.test, blog.test], origins: ["{origin.url}"]}}
+""", workers=2, extra_args=("--https", "127.0.0.1:0"))
+
+    async def get(host: str, ticket=None) -> tuple[bool, object]:
+        """A verified HTTP/3 request for host: (resumed?, the new session ticket)."""
+        config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host)
+        config.load_verify_locations(str(certs.ca.cert_file))  # checks the name too
+        config.session_ticket = ticket
+        issued = asyncio.get_running_loop().create_future()
+        async with connect("127.0.0.1", edge.https_port, configuration=config,
+                           create_protocol=H3Client,
+                           session_ticket_handler=lambda t: issued.done() or issued.set_result(t),
+                           ) as client:
+            headers, body = await client.request("GET", "/page", authority=host)
+            assert headers[b":status"] == b"200" and body == b"page"
+            return client._quic.tls.session_resumed, await asyncio.wait_for(issued, 5)
+
+    for host in ("shop.test", "blog.test"):
+        resumed, ticket = await get(host)
+        assert not resumed
+        for _ in range(4):  # new source ports: the kernel spreads them over both workers
+            resumed, ticket = await get(host, ticket)
+            assert resumed
