@@ -349,7 +349,7 @@ class EdgeApp:
         """The whole response of a plain full hit, memoised on the entry (``entry.hot``) until
         its Age changes: hits in the same second send the same bytes."""
         head, tail = entry_head(entry, plan, self.generation, self.node)[1:3]
-        age = now - freshness.response_time + freshness.corrected_initial_age
+        age = max(0.0, now - freshness.response_time + freshness.corrected_initial_age)
         if age < MAX_AGE:
             valid_until = now + 1.0 - age % 1.0
         else:
