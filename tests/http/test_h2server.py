@@ -436,3 +436,14 @@ async def test_a_malformed_request_gets_a_400_and_the_connection_lives_on(server
     assert answers[bad][0] == 400 and b"invalid field name" in answers[bad][1]
     assert answers[good][0] == 200
     await client.close()
+
+
+def test_an_over_long_path_is_refused_like_on_http1():
+    from verge.http.h2server import request_problem
+
+    limits = ServerLimits(max_url_bytes=100)
+    long_path = [*GOOD[:3], (b":path", b"/" + b"a" * 100)]
+    request, malformed = request_from_fields(long_path, "2", "127.0.0.1", "https")
+    assert request_problem(request, malformed, limits) == (414, "request URL too long")
+    request, malformed = request_from_fields(GOOD, "2", "127.0.0.1", "https")
+    assert request_problem(request, malformed, limits) is None

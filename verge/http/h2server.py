@@ -368,6 +368,8 @@ def request_problem(request: Request, malformed: str | None,
     """(status, reason) when a stream's request must be refused before it is dispatched."""
     if malformed is not None:
         return 400, f"malformed request: {malformed}"
+    if len(request.target) > limits.max_url_bytes:
+        return 414, "request URL too long"
     length = request.header("content-length")
     if request.body is not None and length and length.isdigit() and \
             int(length) > limits.max_body_bytes:
