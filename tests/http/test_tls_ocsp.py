@@ -184,7 +184,7 @@ def test_untrusted_binding_logs_once_and_staples_nothing(
         raise BindingError("unexpected PySSLContext layout")
 
     monkeypatch.setattr(tls_ocsp._OpenSsl, "ctx_pointer", mismatch)
-    monkeypatch.setattr(tls_ocsp, "_warned", False)
+    monkeypatch.setattr(tls_ocsp._BINDING, "warned", False)
     leaf = certs.hosts[HOST]
     with caplog.at_level(logging.WARNING, logger="verge.tls"):
         for _ in range(2):

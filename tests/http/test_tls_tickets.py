@@ -217,7 +217,7 @@ def test_untrusted_binding_logs_once_and_keeps_openssl_keys(
         raise tls_tickets.BindingError("unexpected PySSLContext layout")
 
     monkeypatch.setattr(tls_tickets._OpenSsl, "ctx_pointer", mismatch)
-    monkeypatch.setattr(tls_tickets, "_warned", False)
+    monkeypatch.setattr(tls_tickets._BINDING, "warned", False)
     client = client_context(certs)
     ctx = server_context(certs)
     with caplog.at_level(logging.WARNING, logger="verge.tls"):

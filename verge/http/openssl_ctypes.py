@@ -13,17 +13,22 @@ they call, so the checks live here once:
   ``options``.
 
 Anything unexpected raises :class:`BindingError`; each user then logs once and leaves the
-context as it was (fail safe).
+context as it was (fail safe): :class:`LazyBinding` is that "make once, warn once" holder.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
-__all__ = ["BindingError", "OpenSslLibraries", "loaded_library"]
+__all__ = ["BindingError", "LazyBinding", "OpenSslLibraries", "loaded_library"]
+
+L = TypeVar("L")
 
 
 class BindingError(RuntimeError):
@@ -79,3 +84,30 @@ class OpenSslLibraries:
         if self.ssl.SSL_CTX_get_options(pointer) != ctx.options:
             raise BindingError("unexpected PySSLContext layout (options do not match)")
         return pointer
+
+
+class LazyBinding(Generic[L]):
+    """A binding made on first use, and one warning (``message % reason``) the first time a
+    feature cannot use it; after that, callers get None and carry on without the feature."""
+
+    def __init__(self, make: Callable[[], L], log: logging.Logger, message: str) -> None:
+        self._make = make
+        self._log = log
+        self._message = message
+        self._lib: L | None = None
+        self._error: str | None = None
+        self.warned = False
+
+    def get(self) -> L | None:
+        if self._lib is None and self._error is None:
+            try:
+                self._lib = self._make()
+            except BindingError as exc:
+                self._error = str(exc)
+                self.warn(self._error)
+        return self._lib
+
+    def warn(self, reason: str) -> None:
+        if not self.warned:
+            self.warned = True
+            self._log.warning(self._message, reason)

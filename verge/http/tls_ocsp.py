@@ -32,7 +32,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from verge.http.openssl_ctypes import BindingError, OpenSslLibraries
+from verge.http.openssl_ctypes import BindingError, LazyBinding, OpenSslLibraries
 
 __all__ = ["OcspStapler", "install_ocsp_stapling"]
 
@@ -61,28 +61,10 @@ class _OpenSsl(OpenSslLibraries):
         self.crypto.CRYPTO_free.argtypes = [vp, ctypes.c_char_p, c_int]
 
 
-_binding: _OpenSsl | None = None
-_binding_error: str | None = None
-_warned = False
-
-
-def _openssl() -> _OpenSsl | None:
-    """The binding, made once; None (after one warning) when it cannot be trusted."""
-    global _binding, _binding_error
-    if _binding is None and _binding_error is None:
-        try:
-            _binding = _OpenSsl()
-        except BindingError as exc:
-            _binding_error = str(exc)
-            _warn(_binding_error)
-    return _binding
-
-
-def _warn(reason: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        log.warning("OCSP stapling unavailable (%s); clients check revocation themselves", reason)
+_BINDING = LazyBinding(
+    _OpenSsl, log, "OCSP stapling unavailable (%s); clients check revocation themselves"
+)
+_openssl, _warn = _BINDING.get, _BINDING.warn
 
 
 class OcspStapler:

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from verge.http.openssl_ctypes import BindingError, OpenSslLibraries
+from verge.http.openssl_ctypes import BindingError, LazyBinding, OpenSslLibraries
 
 __all__ = [
     "BindingError",
@@ -179,34 +179,12 @@ class _OpenSsl(OpenSslLibraries):
         self.ssl.SSL_CTX_set_tlsext_ticket_key_evp_cb.argtypes = [vp, _TicketCallback]
 
 
-_binding: _OpenSsl | None = None
-_binding_error: str | None = None
-
-
-def _openssl() -> _OpenSsl | None:
-    """The binding, made once; None (after one warning) when it cannot be trusted."""
-    global _binding, _binding_error
-    if _binding is None and _binding_error is None:
-        try:
-            _binding = _OpenSsl()
-        except BindingError as exc:
-            _binding_error = str(exc)
-            _warn(_binding_error)
-    return _binding
-
-
-_warned = False
-
-
-def _warn(reason: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        log.warning(
-            "shared TLS session ticket keys unavailable (%s); each worker keeps OpenSSL's own "
-            "keys, so a session resumes only on the worker that issued its ticket",
-            reason,
-        )
+_BINDING = LazyBinding(
+    _OpenSsl, log,
+    "shared TLS session ticket keys unavailable (%s); each worker keeps OpenSSL's own keys, "
+    "so a session resumes only on the worker that issued its ticket",
+)
+_openssl, _warn = _BINDING.get, _BINDING.warn
 
 
 # --------------------------------------------------------------------------- the callback
