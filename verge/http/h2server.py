@@ -42,10 +42,10 @@ from verge.http.message import Request
 from verge.http.server import (
     CLOCK,
     NO_BODY_STATUSES,
-    BodyStream,
     FileResponse,
     HttpServerProtocol,
     ProtocolLimitError,
+    QueuedBody,
     ServerLimits,
     adopt_transport,
     simple_response,
@@ -92,7 +92,7 @@ def parse_wire_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     return status, fields
 
 
-class H2RequestBody(BodyStream):
+class H2RequestBody(QueuedBody):
     """A stream's request body: same interface as :class:`verge.http.server.RequestBody`.
 
     Flow-control credit is returned (WINDOW_UPDATE) only when the consumer reads a chunk, so
@@ -100,14 +100,10 @@ class H2RequestBody(BodyStream):
     """
 
     def __init__(self, proto: H2ServerProtocol, stream_id: int) -> None:
+        super().__init__(proto.loop)
         self._proto = proto
         self._stream_id = stream_id
-        self._chunks: deque[tuple[bytes, int]] = deque()
-        self._waiter: asyncio.Future | None = None
         self.unacked = 0
-        self.received = 0
-        self.complete = False
-        self.error: Exception | None = None
 
     def feed(self, data: bytes, flow_length: int) -> None:
         self.received += len(data)
@@ -118,42 +114,21 @@ class H2RequestBody(BodyStream):
         self.unacked += flow_length
         self._wake()
 
-    def finish(self) -> None:
-        self.complete = True
-        self._wake()
-
-    def fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-        self._wake()
-
     def discard(self) -> int:
         """Drop buffered chunks; returns their flow-controlled length (to acknowledge)."""
         pending, self.unacked = self.unacked, 0
         self._chunks.clear()
         return pending
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
     async def read(self) -> bytes:
         """The next chunk, or b'' at the end of the body."""
-        while not self._chunks:
-            if self.error is not None:
-                raise self.error
-            if self.complete:
-                return b""
-            self._waiter = self._proto.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data, flow_length = self._chunks.popleft()
+        item = await self._next()
+        if item is None:
+            return b""
+        data, flow_length = item
         self.unacked -= flow_length
         self._proto.acknowledge(self._stream_id, flow_length)
         return data
-
 
 
 class _Stream:

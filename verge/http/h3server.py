@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +86,8 @@ from verge.http.message import Request
 from verge.http.quic_tickets import QuicTicketStore
 from verge.http.server import (
     NO_BODY_STATUSES,
-    BodyStream,
     ProtocolLimitError,
+    QueuedBody,
     ServerLimits,
     simple_response,
 )
@@ -213,16 +212,8 @@ def _same_name(ticket: tls.SessionTicket | None, name: str | None) -> tls.Sessio
 # --------------------------------------------------------------------------- requests
 
 
-class H3RequestBody(BodyStream):
+class H3RequestBody(QueuedBody):
     """A stream's request body: same interface as :class:`verge.http.server.RequestBody`."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._chunks: deque[bytes] = deque()
-        self._waiter: asyncio.Future | None = None
-        self.received = 0
-        self.complete = False
-        self.error: Exception | None = None
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -230,33 +221,14 @@ class H3RequestBody(BodyStream):
             self._chunks.append(data)
             self._wake()
 
-    def finish(self) -> None:
-        self.complete = True
-        self._wake()
-
     def fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-        self._chunks.clear()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._chunks.clear()  # what is buffered will not be read
+        super().fail(exc)
 
     async def read(self) -> bytes:
         """The next chunk, or b'' at the end of the body."""
-        while not self._chunks:
-            if self.error is not None:
-                raise self.error
-            if self.complete:
-                return b""
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._chunks.popleft()
+        data = await self._next()
+        return b"" if data is None else data
 
 
 # --------------------------------------------------------------------------- connections

@@ -169,24 +169,62 @@ class BodyStream(abc.ABC):
         return b"".join(parts)
 
 
-class RequestBody(BodyStream):
-    """The request body as an async stream of chunks, with back-pressure on the socket.
+class QueuedBody(BodyStream):
+    """Chunks a protocol callback queues and one task reads: the queue, the wake-up and the
+    end and error states that the body of every protocol (and an upgraded stream) share.
 
-    Sends ``100 Continue`` on first read when the client asked for it, so clients that wait
-    (curl with large uploads) start sending only once the edge actually wants the body.
+    Subclasses queue in their own ``feed`` and take chunks with :meth:`_next`.
     """
 
-    HIGH_WATER = 256 * 1024
-
-    def __init__(self, proto: HttpServerProtocol, expect_continue: bool) -> None:
-        self._proto = proto
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._chunks: deque = deque()
         self._waiter: asyncio.Future | None = None
-        self._expect_continue = expect_continue
         self.received = 0
         self.complete = False
         self.error: Exception | None = None
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        """End the body with an error (the first one stays), raised to the reader."""
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _next(self):
+        """The next queued item, or None at the end; raises the body's error once drained."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._chunks.popleft()
+
+
+class SocketQueue(QueuedBody):
+    """Bytes from an HTTP/1.1 connection, with back-pressure: the socket stops being read
+    while more than HIGH_WATER bytes wait unread, and resumes below half of it."""
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, proto: HttpServerProtocol, initial: bytes = b"") -> None:
+        super().__init__(proto.loop)
+        self._proto = proto
+        self._buffered = 0
+        if initial:
+            self.feed(initial)
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -196,40 +234,37 @@ class RequestBody(BodyStream):
             self._proto.pause_reading_for_body()
         self._wake()
 
-    def finish(self) -> None:
-        self.complete = True
-        self._wake()
-
-    def fail(self, exc: Exception) -> None:
-        self.error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
     async def read(self) -> bytes:
-        """The next chunk, or b'' at the end of the body."""
-        if self._expect_continue:
-            self._expect_continue = False
-            self._proto.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while not self._chunks:
-            if self.error is not None:
-                raise self.error
-            if self.complete:
-                return b""
-            self._waiter = self._proto.loop.create_future()
-            await self._waiter
-            self._waiter = None
-        data = self._chunks.popleft()
+        """The next chunk, or b'' at the end."""
+        data = await self._next()
+        if data is None:
+            return b""
         self._buffered -= len(data)
         if self._buffered <= self.HIGH_WATER // 2:
             self._proto.resume_reading_for_body()
         return data
 
 
+class RequestBody(SocketQueue):
+    """The request body as an async stream of chunks, with back-pressure on the socket.
 
-class UpgradedStream:
+    Sends ``100 Continue`` on first read when the client asked for it, so clients that wait
+    (curl with large uploads) start sending only once the edge actually wants the body.
+    """
+
+    def __init__(self, proto: HttpServerProtocol, expect_continue: bool) -> None:
+        super().__init__(proto)
+        self._expect_continue = expect_continue
+
+    async def read(self) -> bytes:
+        """The next chunk, or b'' at the end of the body."""
+        if self._expect_continue:
+            self._expect_continue = False
+            self._proto.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await super().read()
+
+
+class UpgradedStream(SocketQueue):
     """The connection after ``101 Switching Protocols``: raw bytes both ways, no HTTP framing.
 
     ``read()`` returns the next bytes (b'' once the client has gone); reading pauses the
@@ -237,49 +272,16 @@ class UpgradedStream:
     waits for the socket (safe from several tasks at once).
     """
 
-    HIGH_WATER = 256 * 1024
-
     def __init__(self, proto: HttpServerProtocol, initial: bytes) -> None:
-        self._proto = proto
-        self._chunks: deque[bytes] = deque([initial] if initial else [])
-        self._buffered = len(initial)
-        self._eof = False
-        self._waiter: asyncio.Future | None = None
+        super().__init__(proto, initial)
         self._drain_lock = asyncio.Lock()
 
     @property
     def closed(self) -> bool:
         return self._proto._closing
 
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > self.HIGH_WATER:
-            self._proto.pause_reading_for_body()
-        self._wake()
-
     def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def read(self) -> bytes:
-        while not self._chunks:
-            if self._eof:
-                return b""
-            self._waiter = self._proto.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = self._chunks.popleft()
-        self._buffered -= len(data)
-        if self._buffered <= self.HIGH_WATER // 2:
-            self._proto.resume_reading_for_body()
-        return data
+        self.finish()
 
     def write(self, data: bytes) -> None:
         self._proto.write_raw(data)
