@@ -66,6 +66,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from verge.procs import pid_alive
+
 FAMILY = "vgs-"
 TUN_NAME = "vg0"
 ROUTED_PREFIXES = ("10.200.0.0/24", "10.10.0.0/16", "10.20.0.0/16")
@@ -353,7 +355,7 @@ def _kill_namespace_processes(netns: str, grace: float = 2.0) -> None:
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
         time.sleep(0.02)
-        pids = [pid for pid in pids if _alive(pid)]
+        pids = [pid for pid in pids if pid_alive(pid)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -367,25 +369,12 @@ def delete_namespace(netns: str) -> None:
     _ip("netns", "delete", netns, check=False)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) counts as dead
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    return False
-
-
 def cleanup_stale() -> list[str]:
     """Delete `vgs-<pid>-*` namespaces whose creating process is gone; return their names."""
     removed = []
     for netns in list_namespaces():
         match = re.match(rf"^{FAMILY}(\d+)-", netns)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             delete_namespace(netns)
             removed.append(netns)
     return removed

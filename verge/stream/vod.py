@@ -44,6 +44,7 @@ from urllib.parse import parse_qs
 from verge.config import StreamSettings
 from verge.files import write_atomic
 from verge.http.ranges import Unsatisfiable, content_range, if_range_ok, parse_range
+from verge.procs import pid_alive
 from verge.stream.package import dash, hls
 from verge.stream.package.cmaf import (
     Event,
@@ -650,7 +651,7 @@ class VodLibrary:
             if not path.name.startswith((PARTIAL, UPLOAD)):
                 continue
             pid = path.name.split("-")[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 _remove(path)
 
     def ladder(self, app: str | None = None) -> list[Rendition]:
@@ -992,16 +993,6 @@ def _job_progress(job: VodJob) -> Progress:
         job.progress = done
 
     return update
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:
