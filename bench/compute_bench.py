@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from servers import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "compute.json"
@@ -52,14 +53,6 @@ def build_hello(out: Path) -> Path:
     subprocess.run([clang, "--target=wasm32-wasi", "-O2", "-Wl,--strip-all", str(source), "-o",
                     str(target)], check=True)
     return target
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Edge:

@@ -57,6 +57,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from servers import Server, ServerError, spawn, wait_until
+from tools import BUSY_LOAD, ToolError, add_sbin_to_path, require, tool_version
 
 BENCH_DIR = Path(__file__).resolve().parent
 NSD_DIR = BENCH_DIR / "nsd"
@@ -68,7 +69,6 @@ WARMUP_S = 1.0
 SETTLE_S = 0.3
 LATENCY_SECONDS = 5.0
 SPREAD_SUBNETS = 8192  # twice what the router's packet cache holds
-BUSY_LOAD = 0.5
 TOOLS = {"dnsperf": "dnsperf", "nsd": "nsd", "taskset": "util-linux"}
 
 ZONE = "verge.test"
@@ -159,48 +159,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
-def add_sbin_to_path() -> None:
-    """nsd lives in /usr/sbin, which a non-root user's PATH often lacks."""
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    extra = [d for d in ("/usr/sbin", "/sbin") if d not in path]
-    os.environ["PATH"] = os.pathsep.join([*path, *extra])
-
-
-def install_missing_tools() -> None:
-    """apt-get install what is missing (Debian packages dnsperf, nsd, util-linux)."""
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise BenchError(f"missing {', '.join(missing)} and no apt-get to install them")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    console.print(f"installing {' '.join(missing)} with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([*sudo, "apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(
-        [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-        check=True,
-        env=env,
-    )
-    still = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if still:
-        raise BenchError(f"still missing after apt-get: {', '.join(still)}")
-
-
 def cpu_plan() -> tuple[str | None, str | None]:
     """(server CPUs, dnsperf CPUs): one core each when there are two, else unpinned."""
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         return None, None
     return str(allowed[0]), str(allowed[1])
-
-
-def tool_version(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    for line in (done.stdout + done.stderr).splitlines():
-        if "version" in line.lower():
-            return line.strip()
-    return "unknown"
 
 
 # --- query files ------------------------------------------------------------------------------
@@ -583,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     add_sbin_to_path()
     try:
-        install_missing_tools()
-    except (BenchError, subprocess.CalledProcessError) as exc:
+        require(TOOLS, console.print)
+    except ToolError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
     server_cpus, dnsperf_cpus = cpu_plan()

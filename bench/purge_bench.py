@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,10 @@ import time
 from pathlib import Path
 
 import httpx
+from servers import free_port
 
 VERGE = [sys.executable, "-m", "verge.cli"]
 ADMIN = "vrg_admin_bench-purge"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], marker: str, procs: list) -> str:

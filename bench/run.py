@@ -23,8 +23,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +44,7 @@ from servers import (
     start_origin,
     start_verge,
 )
+from tools import BUSY_LOAD, add_sbin_to_path, install_signal_handlers, tool_version
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_PATH = BENCH_DIR / "results" / "latest.json"
@@ -53,7 +52,6 @@ REQUIRED_TOOLS = ("nginx", "wrk", "taskset")
 WARMUP_S = 1.0
 SETTLE_S = 0.3
 RSS_SAMPLE_S = 0.2
-BUSY_LOAD = 0.5  # 1-minute load average above which other work skews the numbers
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -111,14 +109,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return opts
 
 
-def add_sbin_to_path() -> None:
-    """nginx lives in /usr/sbin, which a non-root user's PATH often lacks."""
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    os.environ["PATH"] = os.pathsep.join(
-        [*path, *(d for d in ("/usr/sbin", "/sbin") if d not in path)]
-    )
-
-
 def missing_tools(opts: argparse.Namespace) -> list[str]:
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if opts.only != "nginx" and not os.access(opts.verge_bin, os.X_OK):
@@ -135,30 +125,12 @@ def plan_cpus() -> CpuPlan:
     return CpuPlan(str(allowed[0]), str(allowed[1]), everything, pinned=True)
 
 
-def tool_version(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0] if text else "unknown"
-
-
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def install_signal_handlers() -> None:
-    """Ctrl-C raises KeyboardInterrupt (even if inherited as ignored) and SIGTERM/SIGHUP
-    raise SystemExit, so the `finally` blocks stop every server and remove the temp dir."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
 
 
 # --- setup -------------------------------------------------------------------------------

@@ -76,6 +76,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 from servers import Server, ServerError, free_port, port_open, spawn, start_verge, wait_until
+from tools import (
+    BUSY_LOAD,
+    ToolError,
+    add_sbin_to_path,
+    apt_install,
+    missing_packages,
+    tool_version,
+)
 
 from verge.stream import flv
 from verge.stream.rtmp import amf0
@@ -92,7 +100,6 @@ VERGE_READY_RE = re.compile(
     r"verge stream ready: rtmp rtmp://[^:]+:(\d+)/\S+ http http://[^:]+:(\d+)"
 )
 READY_TIMEOUT_S = 30.0
-BUSY_LOAD = 0.5
 
 PART_TARGET_S = 0.5
 SEGMENT_TARGET_S = 2.0
@@ -1428,33 +1435,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
-def add_sbin_to_path() -> None:
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    os.environ["PATH"] = os.pathsep.join(
-        [*path, *(d for d in ("/usr/sbin", "/sbin") if d not in path)]
-    )
-
-
 def install_missing_tools() -> None:
     """apt-get install nginx, libnginx-mod-rtmp, ffmpeg, util-linux when missing."""
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
-    if not RTMP_MODULE.exists():
-        missing.append("libnginx-mod-rtmp")
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise BenchError(f"missing {', '.join(missing)} and no apt-get to install them")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    console.print(f"installing {' '.join(missing)} with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([*sudo, "apt-get", "update", "-q"], check=True, env=env)
-    subprocess.run(
-        [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-        check=True,
-        env=env,
-    )
+    rtmp = [] if RTMP_MODULE.exists() else ["libnginx-mod-rtmp"]
+    apt_install(missing_packages(TOOLS) + rtmp, console.print)
     if not RTMP_MODULE.exists() or any(shutil.which(tool) is None for tool in TOOLS):
-        raise BenchError("tools still missing after apt-get")
+        raise ToolError("tools still missing after apt-get")
 
 
 def cpu_plan() -> tuple[str | None, set[int] | None]:
@@ -1468,15 +1454,6 @@ def cpu_plan() -> tuple[str | None, set[int] | None]:
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-
-
-def tool_version(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    return (
-        (done.stdout + done.stderr).strip().splitlines()[0]
-        if (done.stdout + done.stderr).strip()
-        else "?"
-    )
 
 
 async def run_all(opts: argparse.Namespace, servers: StreamServers, tags: list[flv.FlvTag]) -> dict:
@@ -1514,7 +1491,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         install_missing_tools()
         source = source_flv(needed_source_seconds(opts))
-    except (BenchError, subprocess.CalledProcessError) as exc:
+    except (BenchError, ToolError, subprocess.CalledProcessError) as exc:
         console.print(f"[red]{exc}[/]")
         return 2
     tags = list(flv.read_tags(source.read_bytes()))

@@ -37,7 +37,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -52,6 +51,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from servers import Server, ServerError, free_port, port_open, spawn, start_origin, wait_until
+from tools import (
+    BUSY_LOAD,
+    ToolError,
+    add_sbin_to_path,
+    install_signal_handlers,
+    require,
+    tool_version,
+)
 
 from verge.certs import dev_certificates
 
@@ -67,7 +74,6 @@ LABELS = {
     "h2_requests": "HTTP/2 req/s (10 conns × 10 streams)",
 }
 SETTLE_S = 0.5
-BUSY_LOAD = 0.5
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -120,51 +126,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(opts.rounds, opts.workers, opts.clients) < 1 or opts.duration < 1:
         parser.error("--rounds, --duration, --workers and --clients must be at least 1")
     return opts
-
-
-def add_sbin_to_path() -> None:
-    """nginx lives in /usr/sbin, which a non-root user's PATH often lacks."""
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    os.environ["PATH"] = os.pathsep.join(
-        [*path, *(d for d in ("/usr/sbin", "/sbin") if d not in path)]
-    )
-
-
-def ensure_tools() -> None:
-    """Install nginx, h2load and openssl from Debian with apt-get when they are missing."""
-    missing = [package for tool, package in TOOLS.items() if shutil.which(tool) is None]
-    if not missing:
-        return
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    console.print(f"[bold]installing[/bold] {' '.join(missing)} with apt-get …")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        [*sudo, "apt-get", "update", "-qq"],
-        [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-    ):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BenchError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
-    still = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if still:
-        raise BenchError(f"still missing after apt-get: {', '.join(still)}")
-
-
-def tool_version(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    return lines[0] if lines else "unknown"
-
-
-def install_signal_handlers() -> None:
-    """Ctrl-C and SIGTERM/SIGHUP unwind through `finally`, so every server is stopped."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -558,9 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sbin_to_path()
     install_signal_handlers()
     try:
-        ensure_tools()
+        require(TOOLS, console.print)
         document = run(opts)
-    except (BenchError, ServerError, subprocess.TimeoutExpired) as error:
+    except (BenchError, ServerError, ToolError, subprocess.TimeoutExpired) as error:
         console.print(f"[red]benchmark failed:[/red] {error}")
         return 1
     except KeyboardInterrupt:
