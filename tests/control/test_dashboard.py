@@ -15,32 +15,26 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-    pytest.skip(
-        "headless Chromium missing: apt-get install -y chromium chromium-driver",
-        allow_module_level=True,
-    )
+from tests.browser import headless_chromium, missing, wait_for
+
+if missing() is not None:
+    pytest.skip(str(missing()), allow_module_level=True)
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium missing: pip install selenium"
 )
 
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 from verge.control.web import STATIC_DIR  # noqa: E402
 
@@ -51,17 +45,7 @@ NODE = "edge-dash-1"
 VENDORED = all(
     (STATIC_DIR / "vendor" / f).is_file() for f in ("uPlot.iife.min.js", "uPlot.min.css")
 )
-CHROME_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-]
+WINDOW = ("--window-size=1400,1000",)
 
 
 # ---- a real control plane and a node that talks to it ------------------------------------
@@ -239,29 +223,8 @@ def control(tmp_path_factory) -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="verge-chromium-")
-    for flag in [*CHROME_FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # an explicit driver path: Selenium Manager never tries to download anything
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium(WINDOW) as driver:
         yield driver
-    finally:
-        driver.quit()
-        subprocess.run(["rm", "-rf", profile], check=False)
-
-
-def wait_for(driver, condition: Callable, what: str, timeout: float = 15.0):
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition())
-    except TimeoutException:
-        raise AssertionError(
-            f"timed out waiting for {what}; page says:\n"
-            + driver.find_element(By.TAG_NAME, "body").text
-        ) from None
 
 
 def text(driver, css: str) -> str:

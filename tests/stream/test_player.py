@@ -14,15 +14,13 @@ import asyncio
 import json
 import re
 import shutil
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from wsproto.events import CloseConnection
 
+from tests import browser
 from tests.conftest import EdgeProcess
 from tests.http.test_websocket import HandshakeRefused, WsClient
 from tests.stream.test_server import KEY, publish, wait_live
@@ -200,72 +198,28 @@ async def test_page_assets_and_unknown_apps(stream_server):
 
 # ---- the player page in headless Chromium, through an edge ----------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 HLSJS = WEB_DIR / "vendor" / "hls.min.js"
-CHROME_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
+PLAYER_FLAGS = (
     "--autoplay-policy=no-user-gesture-required",
     "--disable-background-media-suspend",
     "--disable-renderer-backgrounding",
     "--disable-background-timer-throttling",
     "--window-size=1200,800",
-]
+)
 
 
 def browser_ready() -> str | None:
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        return "headless Chromium missing: apt-get install -y chromium chromium-driver"
+    if (reason := browser.missing()) is not None:
+        return reason
     if shutil.which("ffmpeg") is None:
         return "ffmpeg not installed"
     if not HLSJS.is_file():
         return "hls.js not vendored: bash scripts/vendor-web.sh"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium missing: pip install selenium"
     return None
 
 
-def open_browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="verge-player-")
-    for flag in [*CHROME_FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.profile_dir = profile
-    return driver
-
-
-def close_browser(driver) -> None:
-    driver.quit()
-    subprocess.run(["rm", "-rf", driver.profile_dir], check=False)
-
-
 def wait_for(driver, condition, what: str, timeout: float = 30.0):
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition())
-    except TimeoutException:
-        logs = "\n".join(entry["message"] for entry in driver.get_log("browser"))
-        body = driver.execute_script("return document.body.innerText")
-        raise AssertionError(
-            f"timed out waiting for {what}; page:\n{body}\nconsole:\n{logs}"
-        ) from None
+    return browser.wait_for(driver, condition, what, timeout, poll=0.1)
 
 
 def current_time(driver) -> float:
@@ -276,8 +230,7 @@ def play_and_chat(url: str) -> None:
     """The browser part (blocking Selenium calls; run in a thread)."""
     from selenium.webdriver.common.by import By
 
-    driver = open_browser()
-    try:
+    with browser.headless_chromium(PLAYER_FLAGS) as driver:
         driver.get(url)
         viewer = driver.current_window_handle
         wait_for(driver, lambda: current_time(driver) > 0, "the video to start", 40)
@@ -315,8 +268,6 @@ def play_and_chat(url: str) -> None:
         names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#messages .name")]
         assert names == ["bob"]
         assert current_time(driver) - start >= 3.0
-    finally:
-        close_browser(driver)
 
 
 @pytest.mark.timeout(180)
