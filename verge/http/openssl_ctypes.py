@@ -86,7 +86,7 @@ class OpenSslLibraries:
         return pointer
 
 
-class LazyBinding(Generic[L]):
+class LazyBinding(Generic[L]):  # L: an OpenSslLibraries subclass
     """A binding made on first use, and one warning (``message % reason``) the first time a
     feature cannot use it; after that, callers get None and carry on without the feature."""
 
@@ -111,3 +111,14 @@ class LazyBinding(Generic[L]):
         if not self.warned:
             self.warned = True
             self._log.warning(self._message, reason)
+
+    def context(self, ctx: ssl.SSLContext) -> tuple[L, int] | None:
+        """(the binding, ``ctx``'s ``SSL_CTX *``), or None after the one warning."""
+        lib = self.get()
+        if lib is None:
+            return None
+        try:
+            return lib, lib.ctx_pointer(ctx)
+        except BindingError as exc:
+            self.warn(str(exc))
+            return None

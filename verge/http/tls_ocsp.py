@@ -32,7 +32,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from verge.http.openssl_ctypes import BindingError, LazyBinding, OpenSslLibraries
+from verge.http.openssl_ctypes import LazyBinding, OpenSslLibraries
 
 __all__ = ["OcspStapler", "install_ocsp_stapling"]
 
@@ -164,14 +164,10 @@ def install_ocsp_stapling(ctx: ssl.SSLContext, path: str | Path) -> OcspStapler 
     is then unchanged. The stapler lives as long as ``ctx`` (an attribute of it), since
     OpenSSL keeps calling its callback.
     """
-    lib = _openssl()
-    if lib is None:
+    bound = _BINDING.context(ctx)
+    if bound is None:
         return None
-    try:
-        pointer = lib.ctx_pointer(ctx)
-    except BindingError as exc:
-        _warn(str(exc))
-        return None
+    lib, pointer = bound
     stapler = OcspStapler(lib, path)
     if (
         lib.ssl.SSL_CTX_callback_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, stapler.callback)

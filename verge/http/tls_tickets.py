@@ -292,14 +292,10 @@ def install_ticket_keys(ctx: ssl.SSLContext, keys: Sequence[TicketKey]) -> Ticke
     For an SNI front context, install on the front one: OpenSSL encrypts and decrypts tickets
     with the context the connection started on, whichever certificate context SNI picked.
     """
-    lib = _openssl()
-    if lib is None:
+    bound = _BINDING.context(ctx)
+    if bound is None:
         return None
-    try:
-        pointer = lib.ctx_pointer(ctx)
-    except BindingError as exc:
-        _warn(str(exc))
-        return None
+    lib, pointer = bound
     ring = _rings.get(pointer)
     if ring is None:
         ring = TicketKeyRing(lib)
