@@ -64,7 +64,7 @@ class _OpenSsl(OpenSslLibraries):
 _BINDING = LazyBinding(
     _OpenSsl, log, "OCSP stapling unavailable (%s); clients check revocation themselves"
 )
-_openssl, _warn = _BINDING.get, _BINDING.warn
+_warn = _BINDING.warn
 
 
 class OcspStapler:
