@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps
+.PHONY: install demo demo-deps test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,21 +26,20 @@ SYSTEM_TOOLS := curl:curl zstd:zstd gzip:gzip npm:npm dig:dnsutils openssl:opens
 SYSTEM_FILES := /usr/lib/wasm32-wasi/libc.a:wasi-libc \
                 /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a:libclang-rt-14-dev-wasm32
 system-deps:
-	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
-	for pair in $(SYSTEM_FILES); do test -e $${pair%%:*} || missing="$$missing $${pair#*:}"; done; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
-	fi
+	@bash scripts/system-deps.sh $(SYSTEM_TOOLS) $(SYSTEM_FILES) postgresql
 
-demo: install
+# What `verge up` needs: ffmpeg for the stream server's transcoder, curl for the banner's examples,
+# npm to vendor hls.js for the player page (scripts/vendor-web.sh).
+DEMO_TOOLS := ffmpeg:ffmpeg ffprobe:ffmpeg curl:curl npm:npm
+demo-deps:
+	@bash scripts/system-deps.sh $(DEMO_TOOLS)
+
+demo: demo-deps install
 	$(BIN)/verge up
 
 test: system-deps install
 	$(BIN)/ruff check verge tests bench
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check verge tests bench
