@@ -68,6 +68,115 @@ __all__ = [
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+TiB = 1024 * GiB
+PiB = 1024 * TiB
+
+# ---------------------------------------------------------------------------------------------
+# Bounds: the most that any config, bundle or control-plane request may ask of an edge
+# ---------------------------------------------------------------------------------------------
+# One table for every number, string, list and map a model accepts: the models below, the
+# control-plane API's request bodies and parameters (verge.control.api) and the edge's Wasm
+# runtime (verge.compute.runtime) all use these names, so what the API accepts is what an
+# edge can run. A tenant writes services and functions through the API: per-service bounds
+# keep one tenant's config from starving every other tenant on the same edge workers.
+# tests/control/test_bounds.py fails for any field of the config or the API without a bound.
+
+# Text
+MAX_NAME = 63
+"""Slugs and names: services, tenants, functions, certificates, nodes, KV namespaces."""
+MAX_LABEL = 200
+"""Short free text and identifiers: token names, variable and parameter names, media types
+(200: the control plane's label columns)."""
+MAX_HOST = 255
+"""A host name (253) with a "*." wildcard prefix; also Host headers and TLS server names."""
+MAX_URL = 8 * KiB
+"""An absolute URL or a URL to purge (the edge's default max_url_bytes)."""
+MAX_URL_PATH = 1024
+"""A URL path or path glob: rule paths, function routes, health-check paths."""
+MAX_FILE_PATH = 4096
+"""A file system path (PATH_MAX)."""
+MAX_HEADER_NAME = 256
+MAX_HEADER_VALUE = 8 * KiB
+MAX_SECRET = 1024
+"""Secrets and tokens (signing secrets, upload tokens)."""
+MAX_PEM = 256 * KiB
+"""One PEM text: a certificate chain or a private key."""
+MAX_TEXT = 64 * KiB
+"""Free text carried but not interpreted (environment values, log lines)."""
+
+# One service (the unit a tenant controls)
+MAX_HOSTS_PER_SERVICE = 1000
+MAX_ORIGINS = 100
+"""Origins of one service, or of one rule."""
+MAX_ORIGIN_WEIGHT = 1000
+MAX_RULES = 200
+"""Rules of one service: every request scans them in order."""
+MAX_HEADER_EDITS = 64
+"""Entries of one header list or map (added, removed, cache-key headers)."""
+MAX_STATUS_PATTERNS = 100
+MAX_HEALTH_STREAK = 100
+"""Health-check fails/passes thresholds."""
+MIN_HEALTH_INTERVAL = 0.1
+"""Seconds; a shorter interval would turn health checks into a flood against the origin."""
+
+# Time
+MAX_TIMEOUT = 86_400.0
+"""Seconds, for any timeout or interval (timers beyond a day are a mistake, not a wish)."""
+MAX_TTL = 10 * 365 * 86_400.0
+"""Seconds, for cache lifetimes and HSTS max-age (ten years)."""
+
+# Sizes
+MAX_BYTE_SIZE = PiB
+"""Any byte count (caches, quotas, body limits): caps and comparisons, not allocations."""
+MAX_REQUEST_HEAD_BYTES = 1 * MiB
+"""max_header_bytes and max_url_bytes: buffered for every connection."""
+
+# The whole config (all tenants' services, as the control plane bundles them)
+MAX_SERVICES = 100_000
+MAX_CERTIFICATES = 100_000
+MAX_CERTIFICATE_HOSTS = 1000
+MAX_FUNCTIONS = 10_000
+MAX_INGEST_ROUTES = 1000
+MAX_LIST = 100
+"""Short lists: compression types, function routes and fetch hosts, environment variables."""
+
+# Edge functions (verge.compute.runtime enforces the same numbers)
+MAX_FUNCTION_MEMORY_MB = 256
+"""The largest linear memory a function may have: the runtime's pooling allocator slot size."""
+MAX_FUNCTION_CPU_MS = 60_000.0
+MAX_SUBREQUESTS = 100
+
+# Streaming and device ingest
+MAX_STREAM_APPS = 100
+MAX_STREAM_KEYS = 10_000
+MAX_RENDITIONS = 16
+MAX_QUOTA_RECORDS = 1_000_000_000
+MAX_BATCH_RECORDS = 100_000
+
+# Control-plane inputs (verge.control.api)
+MAX_SEQ = 2**63 - 1
+"""Purge sequence numbers, config versions, KV sequence numbers: 64-bit columns."""
+MAX_VERSION = 2**31 - 1
+"""Service and function versions: 32-bit columns."""
+MAX_TIMESTAMP = 253_402_300_799.0
+"""Epoch seconds of 9999-12-31T23:59:59Z, the last instant a datetime can hold."""
+MAX_SAMPLE_COUNT = 2**40
+"""One stats sample's counter (requests, bytes, ...) over a few seconds of one node."""
+MAX_STATS_SAMPLES = 100_000
+"""Samples in one stats upload."""
+MAX_LOG_RECORDS = 10_000
+"""Function log records in one upload."""
+MAX_REPORT_KEYS = 64
+"""Keys of one reported map: a heartbeat's health or load, one log record."""
+MAX_OFFSET = 1_000_000_000
+"""Paging offset."""
+MAX_WAIT = 3600.0
+"""Seconds a long poll may ask for (the server clips it further to its own max_wait)."""
+MAX_PURGE_URLS = 10_000
+MAX_PURGE_PREFIXES = 1000
+MAX_PURGE_TAGS = 1000
+MAX_NODE_URL = 500
+"""An edge node's public or admin URL (500-character columns)."""
 
 # ---------------------------------------------------------------------------------------------
 # Sizes and durations (also used by the CLI for flags like --memory 512MiB)
@@ -103,7 +212,10 @@ def parse_bytes(value: object) -> int:
             f"invalid byte size {value!r}: use a number of bytes or a number with a unit, "
             "e.g. 500k, 64MiB, 1GiB"
         )
-    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _BYTE_UNITS[match.group(2)]
+    if not math.isfinite(size):
+        raise ValueError(f"invalid byte size {value!r}: too large")
+    return int(size)
 
 
 def parse_duration(value: object) -> float:
@@ -135,11 +247,31 @@ def _duration_input(value: object) -> object:
     return parse_duration(value) if isinstance(value, str) else value
 
 
-ByteSize = Annotated[int, BeforeValidator(_bytes_input), Field(ge=0)]
+# The bounds come before the BeforeValidator: so they reach the JSON schema as minimum/maximum.
+ByteSize = Annotated[int, Field(ge=0, le=MAX_BYTE_SIZE), BeforeValidator(_bytes_input)]
 """Bytes: an int or "64MiB"-style string; stored as int."""
-Duration = Annotated[float, BeforeValidator(_duration_input), Field(ge=0)]
+RequestHeadSize = Annotated[
+    int, Field(ge=0, le=MAX_REQUEST_HEAD_BYTES), BeforeValidator(_bytes_input)
+]
+Duration = Annotated[float, Field(ge=0, le=MAX_TTL), BeforeValidator(_duration_input)]
 """Seconds: a number or "30s"-style string; stored as float."""
-PositiveDuration = Annotated[float, BeforeValidator(_duration_input), Field(gt=0)]
+PositiveDuration = Annotated[
+    float, Field(gt=0, le=MAX_TIMEOUT), BeforeValidator(_duration_input)
+]
+"""A timeout or interval: more than 0, at most MAX_TIMEOUT."""
+HealthInterval = Annotated[
+    float, Field(ge=MIN_HEALTH_INTERVAL, le=MAX_TIMEOUT), BeforeValidator(_duration_input)
+]
+
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+Label = Annotated[str, Field(max_length=MAX_LABEL)]
+HostText = Annotated[str, Field(max_length=MAX_HOST)]
+Url = Annotated[str, Field(max_length=MAX_URL)]
+UrlPath = Annotated[str, Field(max_length=MAX_URL_PATH)]
+FilePath = Annotated[str, Field(max_length=MAX_FILE_PATH)]
+Secret = Annotated[str, Field(max_length=MAX_SECRET)]
+Pem = Annotated[str, Field(max_length=MAX_PEM)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 # ---------------------------------------------------------------------------------------------
 # Names: header names, hosts, slugs
@@ -165,8 +297,8 @@ def _header_value(value: str) -> str:
     return value
 
 
-HeaderName = Annotated[str, AfterValidator(_header_name)]
-HeaderValue = Annotated[str, AfterValidator(_header_value)]
+HeaderName = Annotated[str, Field(max_length=MAX_HEADER_NAME), AfterValidator(_header_name)]
+HeaderValue = Annotated[str, Field(max_length=MAX_HEADER_VALUE), AfterValidator(_header_value)]
 
 
 def _ip_literal(host: str) -> str | None:
@@ -244,8 +376,8 @@ class CacheSettings(_Model):
 
 
 class Limits(_Model):
-    max_header_bytes: ByteSize = 16 * KiB
-    max_url_bytes: ByteSize = 8 * KiB
+    max_header_bytes: RequestHeadSize = 16 * KiB
+    max_url_bytes: RequestHeadSize = 8 * KiB
     max_body_bytes: ByteSize = 100 * MiB
     header_timeout: PositiveDuration = 10.0
     keepalive_timeout: PositiveDuration = 75.0
@@ -272,12 +404,14 @@ _DEFAULT_COMPRESSIBLE_TYPES = [
 class Compression(_Model):
     enabled: bool = True
     algorithms: list[Literal["zstd", "br", "gzip"]] = Field(
-        default_factory=lambda: ["zstd", "br", "gzip"], min_length=1
+        default_factory=lambda: ["zstd", "br", "gzip"], min_length=1, max_length=3
     )
     """Offered encodings, most preferred first."""
     min_bytes: ByteSize = 256
     max_bytes: ByteSize = 8 * MiB
-    types: list[str] = Field(default_factory=lambda: list(_DEFAULT_COMPRESSIBLE_TYPES))
+    types: list[Label] = Field(
+        default_factory=lambda: list(_DEFAULT_COMPRESSIBLE_TYPES), max_length=MAX_LIST
+    )
     """Media types worth compressing; "*" matches any run of characters."""
     gzip_level: int = Field(6, ge=1, le=9)
     brotli_quality: int = Field(4, ge=0, le=11)
@@ -326,10 +460,14 @@ class HeaderRules(_Model):
 
     model_config = ConfigDict(coerce_numbers_to_str=True)
 
-    request_add: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
-    request_remove: list[HeaderName] = Field(default_factory=list)
-    response_add: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
-    response_remove: list[HeaderName] = Field(default_factory=list)
+    request_add: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict, max_length=MAX_HEADER_EDITS
+    )
+    request_remove: list[HeaderName] = Field(default_factory=list, max_length=MAX_HEADER_EDITS)
+    response_add: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict, max_length=MAX_HEADER_EDITS
+    )
+    response_remove: list[HeaderName] = Field(default_factory=list, max_length=MAX_HEADER_EDITS)
 
 
 _PLACEHOLDER_RE = re.compile(r"\$([A-Za-z_]\w*)")
@@ -337,7 +475,7 @@ _REDIRECT_PLACEHOLDERS = ("path", "query")
 
 
 class Redirect(_Model):
-    to: str
+    to: Url
     """Absolute URL or path; $path and $query are filled in from the request (see location)."""
     status: Literal[301, 302, 303, 307, 308] = 301
 
@@ -379,12 +517,19 @@ class Redirect(_Model):
 
 
 def _glob_regex(pattern: str) -> str:
-    """Regex source for a glob where "*" matches any run of characters, "/" included."""
-    return "".join(
-        ".*" if part.startswith("*") else re.escape(part)
-        for part in re.split(r"(\*+)", pattern)
-        if part
-    )
+    """Regex source for a glob where "*" matches any run of characters, "/" included.
+
+    Matching takes time linear in the path whatever the glob: every "*" but the last takes
+    the earliest occurrence of the text after it and never gives it back (an atomic group),
+    which finds a match whenever there is one. A plain ".*" per star would backtrack: a
+    tenant's rule "/*a*a*b" against a long path of "a"s would stall the edge worker.
+    """
+    literals = re.split(r"\*+", pattern)
+    if len(literals) == 1:
+        return re.escape(pattern)
+    first, *middle, last = literals
+    committed = "".join(f"(?>.*?{re.escape(part)})" for part in middle)
+    return f"{re.escape(first)}{committed}.*{re.escape(last)}"
 
 
 _PARAM_RE = re.compile(r"[A-Za-z0-9_.~-]+")
@@ -393,11 +538,11 @@ _PARAM_RE = re.compile(r"[A-Za-z0-9_.~-]+")
 class SignedUrls(_Model):
     """A rule's signed-URL check (verge.edge.signing): 403 without a valid HMAC token."""
 
-    secret: str | None = Field(default=None, repr=False)
+    secret: Secret | None = Field(default=None, repr=False)
     """The HMAC secret (at least 16 characters); or give secret_env."""
-    secret_env: str | None = None
+    secret_env: Label | None = None
     """Read the secret from this environment variable of the edge instead."""
-    param: str = "token"
+    param: Label = "token"
     """The query parameter that carries the token (removed before the cache and the origin)."""
     cookie: bool = True
     """Also accept the token in the verge_token cookie, and set it from a query token."""
@@ -435,7 +580,7 @@ class SignedUrls(_Model):
 
 
 class Rule(_Model):
-    path: str
+    path: UrlPath
     """A prefix ("/static/") or a glob matching the whole path ("/api/*.json")."""
     kind: Literal["static", "dynamic", "api", "default"] = "default"
     ttl: Duration | None = None
@@ -450,11 +595,11 @@ class Rule(_Model):
     ignore_cookies: bool = False
     """Strip Cookie from the origin request and Set-Cookie from the cached response."""
     sort_query: bool = False
-    key_headers: list[HeaderName] = Field(default_factory=list)
+    key_headers: list[HeaderName] = Field(default_factory=list, max_length=MAX_HEADER_EDITS)
     """Request headers that become part of the cache key."""
     headers: HeaderRules = Field(default_factory=HeaderRules)
     redirect: Redirect | None = None
-    origins: list[OriginSpec] | None = None
+    origins: Annotated[list[OriginSpec], Field(max_length=MAX_ORIGINS)] | None = None
     """Send this path to these origins instead of the service's (e.g. /live/ to a stream server)."""
     signed: SignedUrls | None = None
     """Require a signed token (query parameter or cookie) for this path: see verge.edge.signing."""
@@ -529,18 +674,23 @@ def _status_pattern(value: object) -> int | str:
     raise ValueError(f"invalid status {value!r}: use a code like 200 or a class like 2xx")
 
 
-StatusPattern = Annotated[int | str, BeforeValidator(_status_pattern)]
+StatusPattern = Annotated[
+    Annotated[int, Field(ge=100, le=599)] | Annotated[str, Field(max_length=3)],
+    BeforeValidator(_status_pattern),
+]
 
 
 class HealthCheck(_Model):
-    path: str = "/"
-    interval: PositiveDuration = 5.0
+    path: UrlPath = "/"
+    interval: HealthInterval = 5.0
     timeout: PositiveDuration = 2.0
-    fails: int = Field(3, ge=1)
+    fails: int = Field(3, ge=1, le=MAX_HEALTH_STREAK)
     """Consecutive failures that mark an origin down."""
-    passes: int = Field(2, ge=1)
+    passes: int = Field(2, ge=1, le=MAX_HEALTH_STREAK)
     """Consecutive successes that mark it up again."""
-    expect_status: list[StatusPattern] = Field(default_factory=lambda: ["2xx", "3xx"], min_length=1)
+    expect_status: list[StatusPattern] = Field(
+        default_factory=lambda: ["2xx", "3xx"], min_length=1, max_length=MAX_STATUS_PATTERNS
+    )
     """Healthy statuses: codes (200) or classes ("2xx"); the default means any status < 400."""
 
     @field_validator("path")
@@ -563,17 +713,18 @@ class HealthCheck(_Model):
 class OriginSpec(_Model):
     """An origin server; a bare "http://host:port" string is accepted in place of the mapping."""
 
-    url: str
+    url: Url
     """http:// or https:// plus host[:port]; nothing else."""
-    weight: int = Field(1, ge=1)
-    host_header: str | None = None
+    weight: int = Field(1, ge=1, le=MAX_ORIGIN_WEIGHT)
+    """Share of the requests relative to the other origins (1 to MAX_ORIGIN_WEIGHT)."""
+    host_header: HostText | None = None
     """Host header sent to this origin (default: the client's)."""
-    tls_ca: str | None = None
+    tls_ca: FilePath | None = None
     """https only: PEM file of the CA(s) to trust for this origin, instead of the system store."""
     tls_verify: bool = True
     """https only: check the origin's certificate and name. false is UNSAFE (anyone on the path
     can pose as the origin); only for a self-signed origin on a network you trust."""
-    tls_server_name: str | None = None
+    tls_server_name: HostText | None = None
     """https only: name sent as SNI and checked in the certificate (default: host_header
     without its port, else the URL's host)."""
 
@@ -682,19 +833,19 @@ class Certificate(_Model):
     as the control-plane bundle carries them; the edge writes them to private files).
     """
 
-    cert: str | None = None
+    cert: FilePath | None = None
     """Path of the PEM chain (server certificate first)."""
-    key: str | None = None
+    key: FilePath | None = None
     """Path of its private key."""
-    cert_pem: str | None = None
+    cert_pem: Pem | None = None
     """The PEM chain itself, instead of ``cert``."""
-    key_pem: str | None = Field(default=None, repr=False)
+    key_pem: Pem | None = Field(default=None, repr=False)
     """The private key PEM itself, instead of ``key`` (never logged)."""
-    name: str | None = None
+    name: Label | None = None
     """A label (the control plane's certificate name)."""
-    hosts: list[str] = Field(default_factory=list)
+    hosts: list[HostText] = Field(default_factory=list, max_length=MAX_CERTIFICATE_HOSTS)
     """Host names or "*.example.com" wildcards picked by SNI; empty: only as the default."""
-    ocsp_response: str | None = None
+    ocsp_response: FilePath | None = None
     """Path of a DER OCSP response to staple (re-read when the file changes)."""
 
     @model_validator(mode="after")
@@ -706,7 +857,7 @@ class Certificate(_Model):
 
 
 class TlsSettings(_Model):
-    certificates: list[Certificate] = Field(default_factory=list)
+    certificates: list[Certificate] = Field(default_factory=list, max_length=MAX_CERTIFICATES)
     default: Certificate | None = None
     """Served when the client's SNI matches no certificate (none: the handshake fails)."""
 
@@ -717,7 +868,11 @@ def _slug(value: str) -> str:
     return value
 
 
-Slug = Annotated[str, AfterValidator(_slug)]
+Slug = Annotated[str, Field(max_length=MAX_NAME), AfterValidator(_slug)]
+
+
+FunctionEnv = Annotated[dict[Label, Text], Field(max_length=MAX_LIST)]
+"""A function's environment variables (also the control-plane API's deploy body)."""
 
 
 class EdgeFunction(_Model):
@@ -729,18 +884,19 @@ class EdgeFunction(_Model):
     name: Slug
     service: Slug
     """The service whose requests it sees."""
-    routes: list[str] = Field(min_length=1)
+    routes: list[UrlPath] = Field(min_length=1, max_length=MAX_LIST)
     """Path prefixes ("/api/") or globs matching the whole path ("/api/hello*")."""
-    module: str
+    module: FilePath
     """Path of the .wasm (or .wat) file; or ``sha256:<hex>`` for a module deployed through the
     control plane (the edge fetches it into CACHE_DIR/control/modules before using it)."""
-    env: dict[str, str] = Field(default_factory=dict)
-    fetch_hosts: list[str] = Field(default_factory=list)
-    kv_namespace: str | None = None
+    env: FunctionEnv = Field(default_factory=dict)
+    fetch_hosts: list[HostText] = Field(default_factory=list, max_length=MAX_LIST)
+    kv_namespace: Name | None = None
     kv_write: bool = False
-    cpu_ms: float = Field(50.0, gt=0, le=60_000)
-    memory_mb: int = Field(64, ge=1, le=4096)
-    max_subrequests: int = Field(8, ge=0, le=100)
+    cpu_ms: float = Field(50.0, gt=0, le=MAX_FUNCTION_CPU_MS)
+    memory_mb: int = Field(64, ge=1, le=MAX_FUNCTION_MEMORY_MB)
+    """Linear memory limit; at most what the edge runtime reserves per instance."""
+    max_subrequests: int = Field(8, ge=0, le=MAX_SUBREQUESTS)
     phase: Literal["request", "response"] = "request"
     """request: sees the request before the cache (answer or pass); response: sees the response
     (from the cache or the origin) before the client does, and may replace or edit it."""
@@ -769,18 +925,18 @@ class IngestRoute(_Model):
 
     name: Slug
     service: Slug
-    path: str = "/ingest"
-    sink: str
+    path: UrlPath = "/ingest"
+    sink: Url
     """URL the batches are POSTed to (with an Idempotency-Key per batch)."""
-    aggregate: str = "identity"
+    aggregate: Label = "identity"
     """"identity" (every reading), or "window:SECONDS" (per-device averages per window)."""
-    function: str | None = None
+    function: Name | None = None
     """An edge function (from `functions`) that filters/transforms each POST's readings:
     NDJSON readings on stdin, NDJSON readings to keep on stdout."""
-    quota_records: int = Field(1_000_000, ge=1)
+    quota_records: int = Field(1_000_000, ge=1, le=MAX_QUOTA_RECORDS)
     quota_bytes: ByteSize = 256 * MiB
     """Spool size beyond which the route answers 429 (per worker)."""
-    batch_records: int = Field(500, ge=1, le=100_000)
+    batch_records: int = Field(500, ge=1, le=MAX_BATCH_RECORDS)
     max_age: PositiveDuration = 1.0
     """Longest a reading waits for its batch to fill."""
 
@@ -819,10 +975,12 @@ def _default_ladder() -> list[Rendition]:
 class StreamApp(_Model):
     """An RTMP application (rtmp://HOST/APP/NAME?key=KEY) and how its streams are packaged."""
 
-    name: str = "live"
-    keys: dict[str, str] = Field(default_factory=dict)
+    name: Name = "live"
+    keys: dict[Label, Secret] = Field(default_factory=dict, max_length=MAX_STREAM_KEYS)
     """Stream name -> publish key; "*" matches any name. Empty: publishing needs no key."""
-    ladder: list[Rendition] = Field(default_factory=_default_ladder, min_length=1)
+    ladder: list[Rendition] = Field(
+        default_factory=_default_ladder, min_length=1, max_length=MAX_RENDITIONS
+    )
     record: bool = True
     """Keep the stream as VOD when it ends."""
     encrypt: bool = False
@@ -833,7 +991,9 @@ class StreamApp(_Model):
 class StreamSettings(_Model):
     """`verge stream`: live ingest, packaging (LL-HLS, HLS, DASH, HTTP-FLV) and VOD."""
 
-    apps: list[StreamApp] = Field(default_factory=lambda: [StreamApp()], min_length=1)
+    apps: list[StreamApp] = Field(
+        default_factory=lambda: [StreamApp()], min_length=1, max_length=MAX_STREAM_APPS
+    )
     part_target: Duration = 0.5
     """LL-HLS part duration target (seconds)."""
     segment_target: Duration = 2.0
@@ -842,11 +1002,11 @@ class StreamSettings(_Model):
     """How much of a live stream stays in the playlists."""
     grace: Duration = 10.0
     """A publisher gone this long ends the stream (EXT-X-ENDLIST); back sooner: a discontinuity."""
-    data_dir: str = "./stream-data"
+    data_dir: FilePath = "./stream-data"
     """Where recordings and VOD live."""
     max_upload_bytes: ByteSize = 4 * GiB
     """Largest file accepted by the VOD upload API (POST /vod/NAME)."""
-    upload_token: str | None = Field(default=None, repr=False)
+    upload_token: Secret | None = Field(default=None, repr=False)
     """Bearer token for the VOD upload API; unset: uploads are disabled."""
 
 
@@ -865,15 +1025,17 @@ class Hsts(_Model):
 
 
 class Service(_Model):
-    name: str
+    name: Name
     """A slug: lower-case letters, digits and "-"."""
-    hosts: list[Annotated[str, AfterValidator(_config_host)]] = Field(min_length=1)
+    hosts: list[Annotated[HostText, AfterValidator(_config_host)]] = Field(
+        min_length=1, max_length=MAX_HOSTS_PER_SERVICE
+    )
     """Host names ("example.com"), wildcards ("*.example.com": any subdomain) or "*" (any host)."""
     default: bool = False
     """Serve requests whose Host matches no service."""
-    origins: list[OriginSpec] = Field(min_length=1)
+    origins: list[OriginSpec] = Field(min_length=1, max_length=MAX_ORIGINS)
     health_check: HealthCheck | None = None
-    rules: list[Rule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES)
     """Tried in order; the first match applies."""
     headers: HeaderRules = Field(default_factory=HeaderRules)
     """Service-wide header edits, applied before the matching rule's."""
@@ -881,6 +1043,9 @@ class Service(_Model):
     """Answer plain-HTTP requests with a 308 to the same URL over HTTPS."""
     hsts: Hsts | None = None
     """Strict-Transport-Security on HTTPS responses."""
+    encoded_slashes: Literal["reject", "keep"] = "reject"
+    """Paths with an encoded '/' or '\\' (%2F, %5C): "reject" answers 400 (an origin that
+    decodes them would see a path no rule saw); "keep" forwards them still encoded."""
 
     _matchers: tuple[tuple[str, re.Pattern[str] | None, Rule], ...] = PrivateAttr(())
 
@@ -934,15 +1099,15 @@ class Config(_Model):
     limits: Limits = Field(default_factory=Limits)
     origin_timeouts: OriginTimeouts = Field(default_factory=OriginTimeouts)
     compression: Compression = Field(default_factory=Compression)
-    access_log: str | None = None
+    access_log: FilePath | None = None
     """"-" for stdout, a file path, or null for no access log."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
-    functions: list[EdgeFunction] = Field(default_factory=list)
-    ingest: list[IngestRoute] = Field(default_factory=list)
+    functions: list[EdgeFunction] = Field(default_factory=list, max_length=MAX_FUNCTIONS)
+    ingest: list[IngestRoute] = Field(default_factory=list, max_length=MAX_INGEST_ROUTES)
     """Store-and-forward routes for device data."""
     """Edge functions (WebAssembly), run before the cache for the routes they claim."""
-    services: list[Service] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list, max_length=MAX_SERVICES)
 
     _hosts: _HostIndex = PrivateAttr(default_factory=_HostIndex)
 

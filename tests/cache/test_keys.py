@@ -39,7 +39,8 @@ from verge.cache.keys import cache_key, key_for_url, key_prefix, normalize_path,
         ("/..", "/"),
         ("/../../a", "/a"),
         ("/a/../../b", "/b"),
-        ("/a//../b", "/a/b"),
+        ("/a//../b", "/b"),  # slashes merged first (as the edge does)
+        ("//a///b", "/a/b"),
         ("/a/.b/..c/...", "/a/.b/..c/..."),
         ("/.well-known/x", "/.well-known/x"),
         # escaped dots are decoded first, then removed (§6.2.2 order)

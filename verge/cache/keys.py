@@ -3,7 +3,8 @@
 Two requests share a cache entry exactly when their keys are equal, so the key must fold
 together URLs that RFC 3986 §6.2.2 says are equivalent (``/%7Euser`` and ``/~user``,
 ``/a/./b`` and ``/a/b``, ``%2f`` and ``%2F``) while never merging URLs an origin may treat
-differently (``%2F`` stays encoded: ``/a%2Fb`` is not ``/a/b``). Keys are plain strings so
+differently (``%2F`` stays encoded: ``/a%2Fb`` is not ``/a/b``). The normal form is
+:mod:`verge.uri`'s, the one the edge's requests already have. Keys are plain strings so
 that purge by prefix is a string prefix test.
 
 Key shape: ``host path ["?" query] *("\\n" name [":" value])`` — host lower-cased without
@@ -13,65 +14,16 @@ the common case (no ``%``, no dot segment, no query, no key headers) does almost
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = "0123456789abcdefABCDEF"
-
-
-def _escape_table() -> dict[str, str]:
-    """Every two-hex-digit spelling -> its normal form (the char if unreserved, else %XX)."""
-    table: dict[str, str] = {}
-    for high in _HEX:
-        for low in _HEX:
-            byte = int(high + low, 16)
-            table[high + low] = chr(byte) if byte in _UNRESERVED else f"%{byte:02X}"
-    return table
-
-
-_ESCAPES = _escape_table()
-_ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
-
-
-def _normalize_escapes(text: str) -> str:
-    """Decode %XX of unreserved chars, upper-case the rest; malformed '%' left alone."""
-    if "%" not in text:
-        return text
-    return _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(1)], text)
-
-
-def _remove_dot_segments(path: str) -> str:
-    """RFC 3986 §5.2.4 for an absolute path ('/' first); never climbs above the root."""
-    segments = path.split("/")
-    last = len(segments) - 1
-    out: list[str] = []
-    for index, segment in enumerate(segments):
-        if segment == "." or segment == "..":
-            if segment == ".." and len(out) > 1:
-                out.pop()
-            if index == last:
-                out.append("")  # "/a/b/.." -> "/a/": the trailing slash stays
-            continue
-        out.append(segment)
-    return "/".join(out)
+from verge import uri
 
 
 def normalize_path(path: str) -> str:
-    """Normalise a request path for use in a key (RFC 3986 §6.2.2).
-
-    Percent-decodes unreserved characters, upper-cases the hex of other escapes (reserved
-    ones such as ``%2F`` stay encoded) and removes dot segments. A path that does not start
-    with ``/`` (including the empty path) is treated as if it did.
-    """
-    if not path.startswith("/"):
-        path = "/" + path
-    if "%" in path:
-        path = _normalize_escapes(path)
-    if "/." in path:
-        path = _remove_dot_segments(path)
-    return path
+    """A request path's normal form for a key (verge.uri: the same as the edge's requests,
+    lenient towards malformed escapes in operator-typed purge URLs)."""
+    return uri.normalize_path(path)
 
 
 def _query_sort_key(part: str) -> tuple[str, str]:
@@ -88,7 +40,7 @@ def normalize_query(query: str, *, sort: bool = False, drop: bool = False) -> st
     """
     if drop or not query:
         return ""
-    query = _normalize_escapes(query)
+    query = uri.normalize_escapes(query)
     if not sort:
         return query
     parts = [part for part in query.split("&") if part]

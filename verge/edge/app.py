@@ -48,9 +48,11 @@ from verge.edge.signing import admit, take_param
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.server import FileResponse, ResponseWriter, simple_response
+from verge.http.target import BadTarget, normalize_target
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
 from verge.observe.records import RequestRecords
+from verge.uri import has_encoded_separator
 
 log = logging.getLogger("verge.edge")
 
@@ -153,23 +155,29 @@ class EdgeApp:
                 if id(origins) not in kept:
                     origins.stop()
 
-    def _mount_ingest(self) -> None:
-        """(Re)mount the ingest routes when they changed; needs the running loop (spools and
-        forwarders are tasks), so before start() this waits for it."""
-        if self.ingest is None or self.config.ingest == self._ingest_routes:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # start() mounts them
-        self._ingest_routes = list(self.config.ingest)
-        loop.create_task(self.ingest.apply(self._ingest_routes))
+    def _mount_ingest(self) -> asyncio.Task | None:
+        """(Re)mount the ingest routes when they changed; returns the mounting task.
 
-    def start(self) -> None:
-        self._mount_ingest()
+        The new routes claim their paths at once, with the config they come with (a POST
+        for one still mounting waits for it or gets 503, never the origin). Mounting needs
+        the running loop (spools and forwarders are tasks), so before start() this waits."""
+        if self.ingest is None or self.config.ingest == self._ingest_routes:
+            return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # start() mounts them
+        self._ingest_routes = list(self.config.ingest)
+        return self.ingest.schedule(self._ingest_routes)
+
+    def start(self) -> asyncio.Task | None:
+        """Start health checks and mount the ingest routes. Returns the mounting task (None:
+        nothing to mount): a worker awaits it before it accepts its first request."""
+        mounting = self._mount_ingest()
         for runtime in self.runtimes.values():
             for origins in runtime.all_origin_sets():
                 origins.start_health_checks()
+        return mounting
 
     def _plan(self, config, service, rule, secure: bool) -> HeaderPlan:
         """Response header edits of a service + rule; HSTS only over HTTPS (RFC 6797 §7.2)."""
@@ -196,11 +204,16 @@ class EdgeApp:
         runtime = self.runtimes[service.name]
         if service.https_redirect and request.scheme == "http":
             return self._to_https(request)
+        if service.encoded_slashes == "reject" and has_encoded_separator(request.path):
+            return simple_response(400, b"encoded '/' or '\\' in the path (%2F, %5C)\n")
         rule = service.match_rule(request.path)
         index = service.rules.index(rule) if rule is not None else None
         if rule is not None and rule.redirect is not None:
             return self._redirect(request, rule.redirect)
-        cacheable = request.method in CACHEABLE_METHODS and not (rule is not None and rule.bypass)
+        # a GET or HEAD with a body goes to the origin whole and is never cached: the body
+        # could change the answer, and it must never be dropped while its framing is sent
+        cacheable = request.method in CACHEABLE_METHODS and request.body is None and \
+            not (rule is not None and rule.bypass)
         signed = rule.signed if rule is not None else None
         key = None
         if cacheable:
@@ -249,8 +262,8 @@ class EdgeApp:
         if host is not None and host.startswith(self._name_prefix):
             host = host[len(self._name_prefix):]
             _drop_node_label(request, host)
-        if request.method not in CACHEABLE_METHODS:  # the route's key depends on the method
-            route = self.route(request)
+        if request.method not in CACHEABLE_METHODS or request.body is not None:
+            route = self.route(request)  # the key depends on the method and the body
             if type(route) is not bytes:
                 request.service = route.service.name
                 if route.signed is not None:
@@ -443,15 +456,15 @@ class EdgeApp:
             return
         if route.admission is not None:
             self._drop_token(request, route.admission)
+        if self.ingest is not None and self.ingest.wanted and request.method == "POST":
+            claimed = self.ingest.claim(route.service.name, request.path)
+            if claimed is not None:  # mounted or not: never the origin's (verge.edge.ingest)
+                await self.ingest.handle(claimed, request, writer)
+                self._log(request, writer.status, 0, "ingest", started)
+                return
         if wants_tunnel(request, writer):
             await self._tunnel(request, writer, route, started)
             return
-        if self.ingest is not None and self.ingest.routes and request.method == "POST":
-            ingest = self.ingest.match(route.service.name, request.path)
-            if ingest is not None:
-                await ingest.handle(request, writer)
-                self._log(request, writer.status, 0, "ingest", started)
-                return
         body = None
         if route.function is not None:
             if route.function.spec.phase == "response":
@@ -518,7 +531,14 @@ class EdgeApp:
                               f"edge function {deployed.spec.name} failed: {invocation.error}",
                               started)
             return None
-        request.target, request.headers = result.edit_request(request.target, request.headers)
+        target, request.headers = result.edit_request(request.target, request.headers)
+        try:  # the function's rewrite is normalised like a client's target
+            request.target = normalize_target(request.method, target)[0]
+        except BadTarget as exc:
+            await self._error(request, writer, 502,
+                              f"edge function {deployed.spec.name} rewrote to a bad target: {exc}",
+                              started)
+            return None
         request._path = request._query = request._map = request._host = None
         route = self.route(request)
         if type(route) is bytes:

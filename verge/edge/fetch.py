@@ -39,19 +39,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("verge.fetch")
 
-# Request fields not sent on a cache fill: the edge wants the full, unconditional object.
 MAX_HOPS = 8  # Via entries beyond which a request is taken for a loop
 
+# Request fields not sent on a cache fill: the edge wants the full, unconditional object.
 FILL_DROP = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                        "if-range", "range"})
+# Framing is never copied from the client: the upstream client frames the body it sends
+# (verge.http.client), and a fill sends none.
+FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
 def proxy_request_headers(request, route: Route, *, conditional: bool,
                           via: str = "verge") -> list[tuple[str, str]]:
-    """Client request headers as sent to the origin: hop-by-hop removed, rules applied."""
-    headers = strip_hop_by_hop(request.headers)
-    if not conditional:
-        headers = [(n, v) for n, v in headers if n.lower() not in FILL_DROP]
+    """Client request headers as sent to the origin: hop-by-hop and framing removed, rules
+    applied."""
+    drop = FRAMING if conditional else FRAMING | FILL_DROP
+    headers = [(n, v) for n, v in strip_hop_by_hop(request.headers) if n.lower() not in drop]
     service, rule = route.service, route.rule
     remove = {n.lower() for n in service.headers.request_remove}
     add = dict(service.headers.request_add)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from verge.cache.keys import normalize_path
+from verge.uri import normalize_path
 
 COOKIE = "verge_token"
 HMAC_CHARS = 43  # base64url of 32 bytes, unpadded

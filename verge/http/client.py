@@ -59,6 +59,19 @@ _HOST_CHARS = frozenset("-._~0123456789abcdefghijklmnopqrstuvwxyz")
 _BODY_STALLED = "origin {origin} sent no body data for {timeout:g}s"
 
 Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
+
+
+class SizedBody:
+    """A streamed request body of a known length: sent with Content-Length (and checked to
+    be exactly that long) instead of chunked. Server request bodies carry ``length`` too
+    (verge.http.server.BodyStream), so a proxied upload keeps its client's framing."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], length: int) -> None:
+        self.chunks = chunks
+        self.length = length
+
+    def __aiter__(self):
+        return self.chunks.__aiter__()
 Framing = Literal["none", "length", "chunked", "eof"]
 
 
@@ -911,21 +924,17 @@ def _serialise(method: str, target: str, headers: Headers, body: Body) -> _Outgo
     if not target or any(c in target for c in " \r\n\t\0"):
         raise ValueError(f"invalid request target {target!r}")
     lines = [f"{method} {target} HTTP/1.1\r\n"]
-    content_length: str | None = None
-    transfer_encoding: str | None = None
     connection = ""
     for name, value in headers:
         if not name or not set(name) <= _TOKEN_CHARS or any(c in value for c in "\r\n\0"):
             raise ValueError(f"invalid request header {name!r}: {value!r}")
         lname = name.lower()
-        if lname == "content-length":
-            content_length = value.strip()
-        elif lname == "transfer-encoding":
-            transfer_encoding = value
-        elif lname == "connection":
+        if lname == "content-length" or lname == "transfer-encoding":
+            continue  # framing describes the body we send, never a caller's copy
+        if lname == "connection":
             connection = f"{connection},{value}"
         lines.append(f"{name}: {value}\r\n")
-    upload_length = _add_framing(method, body, content_length, transfer_encoding, lines)
+    upload_length = _add_framing(method, body, lines)
     lines.append("\r\n")
     try:
         head = "".join(lines).encode("latin-1")
@@ -934,27 +943,19 @@ def _serialise(method: str, target: str, headers: Headers, body: Body) -> _Outgo
     return _Outgoing(method, head, body, upload_length, _persistent("1.1", connection))
 
 
-def _add_framing(
-    method: str,
-    body: Body,
-    content_length: str | None,
-    transfer_encoding: str | None,
-    lines: list[str],
-) -> int | None:
+def _add_framing(method: str, body: Body, lines: list[str]) -> int | None:
+    """Frame the body this request sends, from the body itself: bytes get their length, a
+    stream its declared ``length`` attribute (checked while it is sent) or chunked coding,
+    no body no framing. Returns the declared length of a stream (None: chunked)."""
     if body is None:
         return None
     if isinstance(body, bytes | bytearray | memoryview):
-        if transfer_encoding is not None:
-            raise ValueError("a bytes body cannot be sent with a caller-set Transfer-Encoding")
-        if content_length is None and (len(body) or method not in _BODYLESS_METHODS):
+        if len(body) or method not in _BODYLESS_METHODS:
             lines.append(f"Content-Length: {len(body)}\r\n")
         return None
-    if content_length is not None:
-        if not content_length.isdigit():
-            raise ValueError(f"invalid Content-Length {content_length!r}")
-        return int(content_length)
-    if transfer_encoding is None:
-        lines.append("Transfer-Encoding: chunked\r\n")
-    elif transfer_encoding.rsplit(",", 1)[-1].strip().lower() != "chunked":
-        raise ValueError(f"cannot stream a body with Transfer-Encoding {transfer_encoding!r}")
+    length = getattr(body, "length", None)
+    if length is not None:
+        lines.append(f"Content-Length: {length}\r\n")
+        return length
+    lines.append("Transfer-Encoding: chunked\r\n")
     return None

@@ -38,9 +38,10 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from verge.http import hpack_memo
-from verge.http.message import Request
+from verge.http.message import Request, known_host
 from verge.http.server import (
     CLOCK,
+    FRAMING_FIELDS,
     NO_BODY_STATUSES,
     FileResponse,
     HttpServerProtocol,
@@ -50,6 +51,7 @@ from verge.http.server import (
     adopt_transport,
     simple_response,
 )
+from verge.http.target import BadTarget, normalize_target
 
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 §8.2.2).
 CONNECTION_FIELDS = frozenset(
@@ -268,6 +270,8 @@ def field_problem(name: bytes, value: bytes) -> str | None:
             return f"invalid field name {name[:40]!r}"
         if name in CONNECTION_FIELDS:
             return f"connection-specific field {name.decode()}"
+        if b"_" in name and name.replace(b"_", b"-").decode() in FRAMING_FIELDS:
+            return f"ambiguous framing field {name.decode()}"
         if name != b"te" and len(_valid_names) < _NAMES_SEEN:
             _valid_names.add(name)
     if name == b"te" and value != b"trailers":
@@ -280,7 +284,7 @@ def field_problem(name: bytes, value: bytes) -> str | None:
 
 
 def request_from_fields(headers, version: str, client: str,
-                        scheme: str) -> tuple[Request, str | None]:
+                        scheme: str) -> tuple[Request, str | BadTarget | None]:
     """A Request from HTTP/2 or HTTP/3 header fields (pseudo-headers, cookie crumbs joined
     with "; " — RFC 9113 §8.2.3, RFC 9114 §4.2.1), and why it is malformed, if it is.
 
@@ -313,15 +317,19 @@ def request_from_fields(headers, version: str, client: str,
     if authority is not None and host is None:
         fields.insert(0, ("host", authority.decode("latin-1")))
     path = pseudo.get(b":path")
-    request = Request(
-        pseudo.get(b":method", b"GET").decode("latin-1"),
-        path.decode("latin-1") if path is not None else None,
-        headers=fields,
-        version=version,
-        client=client,
-    )
+    method = pseudo.get(b":method", b"GET").decode("latin-1")
+    target = path.decode("latin-1") if path is not None else None
+    problem = problem or _pseudo_problem(pseudo, host)
+    if problem is None:
+        try:  # the one normal form every decision uses (verge.http.target)
+            target = normalize_target(method, target)[0]
+        except BadTarget as exc:
+            problem = exc
+        if not known_host(host if host is not None else authority.decode("latin-1")):
+            problem = problem or "invalid :authority or host"
+    request = Request(method, target, headers=fields, version=version, client=client)
     request.scheme = scheme
-    return request, problem or _pseudo_problem(pseudo, host)
+    return request, problem
 
 
 def _pseudo_problem(pseudo: dict[bytes, bytes], host: str | None) -> str | None:
@@ -338,9 +346,11 @@ def _pseudo_problem(pseudo: dict[bytes, bytes], host: str | None) -> str | None:
     return None
 
 
-def request_problem(request: Request, malformed: str | None,
+def request_problem(request: Request, malformed: str | BadTarget | None,
                     limits: ServerLimits) -> tuple[int, str] | None:
     """(status, reason) when a stream's request must be refused before it is dispatched."""
+    if isinstance(malformed, BadTarget):
+        return malformed.status, str(malformed)
     if malformed is not None:
         return 400, f"malformed request: {malformed}"
     if len(request.target) > limits.max_url_bytes:

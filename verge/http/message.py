@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from verge.uri import valid_authority
+
 Headers = list[tuple[str, str]]
 
 # RFC 9110 §7.6.1: connection-specific fields, never forwarded by a proxy.
@@ -142,6 +144,27 @@ class Request:
 
 
 HOST_MEMO_SIZE = 1024
+_VALID_HOSTS: set[str] = set()  # Host fields seen valid: few distinct per edge
+
+
+def known_host(field: str | None) -> bool:
+    """Whether a Host field (None: absent) is a plain authority: a name, IPv4 or [IPv6],
+    optional port — no space, '/', '@' or emptiness (verge.uri.valid_authority)."""
+    if field is None or field in _VALID_HOSTS:
+        return True
+    if not valid_authority(field):
+        return False
+    if len(_VALID_HOSTS) >= HOST_MEMO_SIZE:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(field)
+    return True
+
+
+def set_host(headers: Headers, hmap: dict[str, str], authority: str) -> Headers:
+    """The request's fields with Host set to ``authority`` (an absolute-form target's), in
+    the list and in its lower-cased map."""
+    hmap["host"] = authority
+    return [("Host", authority), *((n, v) for n, v in headers if n.lower() != "host")]
 _HOSTS: dict[str, str] = {}  # Host field -> host_without_port(field): few distinct per edge
 
 

@@ -36,7 +36,8 @@ from email.utils import formatdate
 
 import httptools
 
-from verge.http.message import Request
+from verge.http.message import Request, known_host, set_host
+from verge.http.target import BadTarget, normalize_target
 
 REASONS = {
     100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
@@ -47,10 +48,15 @@ REASONS = {
     412: "Precondition Failed", 413: "Content Too Large", 414: "URI Too Long",
     416: "Range Not Satisfiable", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
 COPY_CHUNK = 256 * 1024
+FAIL_GRACE = 5.0  # seconds a handler has to answer a protocol error in its request's body
+
+# Fields that frame a message, and that a CGI-style origin reads under their '_' spelling
+# too (HTTP_TRANSFER_ENCODING): "Transfer_Encoding" is refused, never forwarded.
+FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})
 
 # Statuses that never carry a body (RFC 9110 §6.4.1).
 NO_BODY_STATUSES = frozenset({204, 304}) | frozenset(range(100, 200))
@@ -143,7 +149,10 @@ class HttpApp(abc.ABC):
 
 
 class BodyStream(abc.ABC):
-    """What every protocol's request body offers on top of ``read()``: iteration, read_all."""
+    """What every protocol's request body offers on top of ``read()``: iteration, read_all,
+    and ``length``, its declared Content-Length (None: unknown, e.g. chunked)."""
+
+    length: int | None = None
 
     @abc.abstractmethod
     async def read(self) -> bytes:
@@ -448,6 +457,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._upgrade_request: Request | None = None  # the request that asked to switch
         self._upgrade_tail: bytearray | None = None  # bytes after it, until accepted
         self._upgraded: UpgradedStream | None = None
+        self._failed = False  # a protocol error is being answered: read nothing more
+        self._pending_error: bytes | None = None  # sent once the responses before it are
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -477,7 +488,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._body: RequestBody | None = None
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._failed:
             return
         if self._upgraded is not None:
             self._upgraded.feed(data)
@@ -523,6 +534,8 @@ class HttpServerProtocol(asyncio.Protocol):
         v = value.decode("latin-1")
         self._headers.append((n, v))
         lower = n.lower()
+        if "_" in lower and lower.replace("_", "-") in FRAMING_FIELDS:
+            raise ProtocolLimitError(400, f"ambiguous framing field {n}")
         hmap = self._hmap
         if lower in hmap:
             if lower == "host":
@@ -535,11 +548,25 @@ class HttpServerProtocol(asyncio.Protocol):
         parser = self.parser
         hmap = self._hmap
         keep_alive = parser.should_keep_alive()
-        # HTTP/1.0 is keep-alive only when a Connection field says so: without one, a
-        # keep-alive request is HTTP/1.1 and httptools' version string need not be built
-        version = "1.1" if keep_alive and "connection" not in hmap else parser.get_http_version()
-        request = Request(parser.get_method().decode("ascii"), self._url.decode("latin-1"), None,
-                          None, self._headers, version, self.client, None, hmap)
+        # llhttp accepts versions 0.9, 1.0, 1.1 and 2.0, and only 1.1 keeps alive without a
+        # Connection field: then httptools' version string (0.5 us) need not be built
+        if keep_alive and "connection" not in hmap:
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+            if version != "1.1" and version != "1.0":
+                raise ProtocolLimitError(505, f"HTTP/{version} is not supported here")
+        method = parser.get_method().decode("ascii")
+        try:
+            target, authority = normalize_target(method, self._url.decode("latin-1"))
+        except BadTarget as exc:
+            raise ProtocolLimitError(exc.status, str(exc)) from None
+        headers = self._headers
+        if authority is not None:  # absolute-form: its authority is the host (RFC 9112 §3.2.2)
+            headers = set_host(headers, hmap, authority)
+        elif not known_host(hmap.get("host")):
+            raise ProtocolLimitError(400, "invalid Host header")
+        request = Request(method, target, None, None, headers, version, self.client, None, hmap)
         request.keep_alive = keep_alive
         request.scheme = self.scheme
         if parser.should_upgrade():  # unless accepted, the answer closes the connection
@@ -569,6 +596,8 @@ class HttpServerProtocol(asyncio.Protocol):
         if te is not None or (cl and cl != "0"):
             expect = hmap.get("expect", "").lower() == "100-continue"
             self._body = RequestBody(self, expect)
+            if te is None:
+                self._body.length = int(cl)  # llhttp accepts digits only
             request.body = self._body
             self._state = "body"
 
@@ -670,9 +699,14 @@ class HttpServerProtocol(asyncio.Protocol):
             self._since = CLOCK.mono
         while self._queue and not self._busy and not self._closing:
             request = self._queue.popleft()
-            if self.transport is not None and len(self._queue) == self.limits.max_pipelined:
+            if self.transport is not None and len(self._queue) == self.limits.max_pipelined \
+                    and not self._failed:
                 self.transport.resume_reading()
             self._dispatch(request)
+        if self._failed and not self._busy and not self._queue:
+            if self._pending_error is not None:
+                self.write_raw(self._pending_error)
+            self.close()
 
     def upgrade_pending(self, request: Request) -> bool:
         return request is self._upgrade_request and self._upgrade_tail is not None \
@@ -687,14 +721,30 @@ class HttpServerProtocol(asyncio.Protocol):
         return stream
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer a protocol error (if nothing is being answered) and close."""
+        """Answer a protocol error and close.
+
+        With a response in progress, the connection reads nothing more and answers in
+        order: the requests already parsed, then the error, then it closes. When the error
+        is in the body being read (a bad chunk, a body over the limit) the handler reading
+        it gets the error and answers it, if its response has not started. A handler that
+        never finishes is cut off after FAIL_GRACE seconds.
+        """
         self.app.report_protocol_error(self.client, status, message)
+        error = simple_response(status, f"{message}\n".encode(), close=True)
+        if not self._busy:
+            if self.transport is not None:
+                self.transport.write(error)
+            self._queue.clear()
+            self.close()
+            return
+        self._failed = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._state, self._since = "failed", CLOCK.mono
         if self._body is not None and not self._body.complete:
             self._body.fail(ProtocolLimitError(status, message))
-        if not self._busy and self.transport is not None:
-            self.transport.write(simple_response(status, f"{message}\n".encode(), close=True))
-        self._queue.clear()
-        self.close()
+        else:
+            self._pending_error = error
 
     # ----- writing --------------------------------------------------------------------------
     def write_raw(self, data: bytes) -> None:
@@ -816,7 +866,7 @@ class HttpServerProtocol(asyncio.Protocol):
         """Called by the sweeper about once a second."""
         limits = self.limits
         state, elapsed = self._state, now - self._since
-        if self._write_paused and now - self._paused_since > limits.send_timeout:
+        if self._write_paused and now - self._paused_since > limits.send_timeout or state == "failed" and elapsed > FAIL_GRACE:
             self.close()
         elif state == "head" and elapsed > limits.header_timeout:
             self._fail(408, "request header timeout")
