@@ -17,7 +17,12 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame
 
-from verge.http.h2server import H2ServerProtocol, parse_wire_head, request_from_fields
+from verge.http.h2server import (
+    H2ServerProtocol,
+    parse_wire_head,
+    request_from_fields,
+    request_problem,
+)
 from verge.http.server import FileResponse, ServerLimits, simple_response
 
 BIG = os.urandom(5 * 1024 * 1024)
@@ -420,6 +425,29 @@ def test_well_formed_requests_pass():
         [(b":method", b"OPTIONS"), (b":scheme", b"https"), (b":path", b"*"), (b"host", b"t")],
         "2", "127.0.0.1", "https")
     assert problem is None and options.target == "*"
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [(b"/public/../secret/x", "/secret/x"), (b"/%73ecret//x", "/secret/x"),
+     (b"/a?b=%7e", "/a?b=~")],
+)
+def test_the_path_is_normalised_as_on_http1(path, target):
+    fields = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", path), (b":authority", b"t")]
+    request, problem = request_from_fields(fields, "2", "127.0.0.1", "https")
+    assert problem is None and request.target == target
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "authority", "status"),
+    [(b"TRACE", b"/", b"t", 405), (b"GET", b"/a/..;/b", b"t", 400),
+     (b"GET", b"/a%2", b"t", 400), (b"GET", b"/", b"a b", 400), (b"GET", b"/", b"u@t", 400)],
+)
+def test_unsafe_targets_and_authorities_are_refused(method, path, authority, status):
+    fields = [(b":method", method), (b":scheme", b"https"), (b":path", path),
+              (b":authority", authority)]
+    request, problem = request_from_fields(fields, "2", "127.0.0.1", "https")
+    assert request_problem(request, problem, ServerLimits())[0] == status
 
 
 async def test_a_malformed_request_gets_a_400_and_the_connection_lives_on(server):
