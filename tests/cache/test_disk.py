@@ -26,6 +26,7 @@ from verge.cache.disk import (
     DiskStore,
     _prefix_upper_bound,
     object_hash,
+    sweep_dead_writers,
 )
 
 GIB = 1 << 30
@@ -58,6 +59,11 @@ def read_body(entry: DiskEntry) -> bytes:
 
 def object_files(root: Path, suffix: str = "") -> list[Path]:
     return sorted(p for p in (root / "objects").rglob(f"*{suffix}") if p.is_file())
+
+
+def scratch_files(root: Path) -> list[Path]:
+    """Temp files in the writers' scratch directories (``writing/PID-TOKEN/``)."""
+    return sorted(p for p in (root / "writing").rglob("*") if p.is_file())
 
 
 def meta_path(root: Path, key: str, variant: str = "") -> Path:
@@ -561,6 +567,7 @@ def verify_store(root: Path) -> dict[str, int]:
         assert len(bodies) == len(found)
         assert store.used_bytes == sum(p.stat().st_size for p in bodies)
     assert object_files(root, ".tmp") == [] and object_files(root, ".mtmp") == []
+    assert scratch_files(root) == []
     return found
 
 
@@ -591,3 +598,83 @@ def test_kill_9_of_two_workers_writing_the_same_keys(tmp_path):
     acked_two = run_until(two, 41, "writing")
     found = verify_store(tmp_path)
     assert set(acked) | set(acked_two) <= set(found)
+
+
+# ----- temp files of dead writers -----------------------------------------------------------------
+SLOW_FILL = textwrap.dedent(
+    """
+    import sys, time
+    from verge.cache.disk import DiskStore
+
+    store = DiskStore(sys.argv[1], 1 << 30)
+    writer = store.writer("slow", "")
+    writer.write(b"x" * 65536)  # the first part of a slow origin's body
+    print("filling", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def kill_mid_fill(root: Path) -> int:
+    """A writer process killed with -9 in the middle of a fill; its pid."""
+    project = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FILL, str(root)], cwd=project, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline() == "filling\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    return proc.pid
+
+
+def test_temp_files_live_in_the_writers_own_scratch_directory(store, tmp_path):
+    writer = store.writer("k", "")
+    writer.write(b"partial")
+    (scratch,) = (tmp_path / "writing").iterdir()
+    assert scratch.name.startswith(f"{os.getpid()}-")
+    assert [p.suffix for p in scratch.iterdir()] == [".tmp"]
+    assert object_files(tmp_path) == []  # nothing half-written among the objects
+    writer.commit({})
+    assert list(scratch.iterdir()) == [] and len(object_files(tmp_path, ".body")) == 1
+    store.close()
+    assert list((tmp_path / "writing").iterdir()) == []  # a clean close leaves no scratch
+
+
+def test_sweep_removes_only_dead_writers_files(tmp_path):
+    writing = tmp_path / "writing"
+    for name, files in (("101-aa", 2), ("102-bb", 1), ("103-cc", 1), ("junk", 1)):
+        (writing / name).mkdir(parents=True)
+        for i in range(files):
+            (writing / name / f"h.{i}.tmp").write_bytes(b"x")
+    alive = {102}.__contains__
+    assert sweep_dead_writers(tmp_path, pids=[101, 102], alive=alive) == 2
+    assert sorted(p.name for p in writing.iterdir()) == ["102-bb", "103-cc", "junk"]
+    assert sweep_dead_writers(tmp_path, alive=alive) == 1  # any dead pid: 103 too
+    assert sorted(p.name for p in writing.iterdir()) == ["102-bb", "junk"]  # live, unknown
+    assert sweep_dead_writers(tmp_path / "nowhere") == 0
+
+
+def test_a_killed_writers_temp_file_is_swept_and_a_live_fill_survives(tmp_path):
+    """kill -9 mid-fill while other processes keep the directory open (no full repair)."""
+    store = DiskStore(tmp_path, GIB)
+    ours = store.writer("ours", "")
+    ours.write(b"in progress")
+    pid = kill_mid_fill(tmp_path)
+    dead = [p for p in scratch_files(tmp_path) if p.parent.name.startswith(f"{pid}-")]
+    assert [p.suffix for p in dead] == [".tmp"] and dead[0].stat().st_size == 65536
+    assert store.sweep_dead_writers([pid]) == 1
+    assert not dead[0].exists() and not dead[0].parent.exists()
+    assert [p.name for p in scratch_files(tmp_path)] == [os.path.basename(ours._path)]
+    ours.write(b" and done")
+    assert read_body(ours.commit({})) == b"in progress and done"
+    store.close()
+
+
+def test_a_store_that_opens_the_directory_sweeps_dead_writers(tmp_path):
+    store = DiskStore(tmp_path, GIB)
+    kill_mid_fill(tmp_path)
+    assert len(scratch_files(tmp_path)) == 1
+    with DiskStore(tmp_path, GIB):  # not the first: no full repair, but the sweep
+        assert scratch_files(tmp_path) == []
+    store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,8 +126,97 @@ functions:
     origin.route("/broken", body=b"from origin\n")
     with httpx.Client(base_url=edge.url, timeout=10) as client:
         assert client.get("/hello").text == "hello from wasm\n"
-        assert client.get("/broken").text == "from origin\n"
+        refused = client.get("/broken")
+        assert refused.status_code == 503 and "broken" in refused.text  # fails closed
+    assert origin.hits("/broken") == 0
     assert any("broken not deployed" in line for line in edge.output)
+
+
+def test_routes_of_functions_that_cannot_load_fail_closed(edge_factory, origin, modules, tmp_path):
+    """A bad module, a module file that is not there, a control-plane module never fetched:
+    each function still claims its routes (also a response-phase one, which would otherwise
+    see the request reach the origin first) and answers 503; the origin sees none of them."""
+    broken = tmp_path / "broken.wasm"
+    broken.write_bytes(b"\0asm not really")
+    config = f"""
+services:
+  - name: shop
+    hosts: ["*"]
+    origins: ["{origin.url}"]
+functions:
+  - {{name: broken, service: shop, routes: [/admin/], module: {broken}}}
+  - {{name: missing, service: shop, routes: [/pages/], module: {tmp_path / "gone.wasm"},
+     phase: response}}
+  - {{name: unfetched, service: shop, routes: ["/api/*"], module: "sha256:{"ab" * 32}"}}
+  - {{name: hello, service: shop, routes: [/hello], module: {modules["hello"]}}}
+"""
+    edge = edge_factory(config=config, access_log=True)
+    origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"from origin\n")
+    guarded = {"/admin/users": "broken", "/pages/a.html": "missing", "/api/v1": "unfetched"}
+    with edge.client() as client:
+        for path, name in guarded.items():
+            for method in ("GET", "POST"):
+                r = client.request(method, path, content=b"x" if method == "POST" else None)
+                assert r.status_code == 503, (path, method, r.status_code, r.text)
+                assert r.headers["retry-after"].isdigit() and "no-store" in r.headers["cache-control"]
+                assert f"edge function {name} is unavailable" in r.text
+                assert tmp_path.name not in r.text  # no paths or load errors for clients
+        assert client.get("/hello").text == "hello from wasm\n"
+        assert client.get("/other").text == "from origin\n"  # other routes are fine
+    assert [req.path for req in origin.requests] == ["/other"]
+    with edge.admin() as admin:
+        (worker,) = admin.get("/stats").json()["workers"]
+        for name in guarded.values():
+            stats = worker["functions"][name]
+            assert stats["load_error"] and stats["refused"] == 2 and stats["invocations"] == 0
+        assert "gone.wasm" in worker["functions"]["missing"]["load_error"]
+        metrics = admin.get("/metrics").text
+    for name in guarded.values():
+        assert f'verge_function_errors_total{{function="{name}"}} 2.0' in metrics
+    edge.stop()  # SIGTERM: workers flush their buffered access log lines
+    lines = [json.loads(line) for line in edge.access_log.read_text().splitlines()]
+    refused = [line for line in lines if line["uri"] in guarded]
+    assert len(refused) == 6 and all(line["status"] == 503 for line in refused)
+
+
+async def test_a_function_that_cannot_load_claims_its_routes(modules, tmp_path):
+    from verge.config import EdgeFunction
+    from verge.edge.compute import EdgeCompute
+    from verge.http.message import Request
+
+    compute = EdgeCompute(tmp_path)
+    hello = EdgeFunction(name="fn", service="s", routes=["/fn/"], module=str(modules["hello"]))
+    # over the runtime's memory cap (built without validation: the cap may also be enforced
+    # by the config one day; what is tested here is the edge's answer to a failed load)
+    over_cap = EdgeFunction.model_construct(**{**hello.model_dump(), "memory_mb": 4096})
+    request = Request("GET", "/fn/x", headers=[("Host", "h")], client="127.0.0.1")
+    try:
+        compute.apply([over_cap])
+        refusing = compute.match("s", "/fn/x")
+        assert refusing is not None and not refusing.available
+        assert "memory limit" in refusing.stats.load_error
+        refusal = await compute.invoke(refusing, request, b"", "id1")
+        assert refusal.result.status == 503 and ("Retry-After", "30") in refusal.result.headers
+        assert compute.stats()["fn"]["refused"] == 1
+        assert compute.take_logs()[0]["outcome"] == "load_error"
+
+        compute.apply([hello])  # it loads: it runs
+        running = compute.match("s", "/fn/x")
+        assert running.available
+        assert (await compute.invoke(running, request, b"", "id2")).result.status == 200
+        compute.apply([over_cap])  # a bad update with the same routes: the running one stays
+        assert compute.match("s", "/fn/x") is running
+        moved = EdgeFunction.model_construct(**{**over_cap.model_dump(), "routes": ["/new/"]})
+        compute.apply([moved])  # ... but not for routes it never had: those fail closed
+        assert not compute.match("s", "/new/y").available
+        assert compute.match("s", "/fn/x") is None
+        response_phase = hello.model_copy(update={"module": str(tmp_path / "gone.wasm"),
+                                                  "phase": "response"})
+        compute.apply([response_phase])
+        stand_in = compute.match("s", "/fn/x")
+        assert not stand_in.available and stand_in.spec.phase == "request"  # origin never asked
+    finally:
+        compute.close()
 
 
 def test_a_response_function_edits_what_the_cache_or_origin_answered(fn_edge, origin):

@@ -9,6 +9,13 @@ Why it is built this way:
   file or a body nobody names, never a meta pointing at half an object. A meta whose body
   is missing or has the wrong size (power loss without fsync) counts as absent and is
   removed.
+* Temp files belong to their writer: each store writes them in its own scratch directory,
+  ``writing/PID-TOKEN/`` (named like its marker in ``procs/``), and renames them into
+  ``objects/`` from there. A writer killed mid-fill (a 50 MB body half written) leaves its
+  temp files in that one directory, which :func:`sweep_dead_writers` removes as soon as
+  the process is known dead (the node supervisor when it replaces a worker, and every
+  store that opens the directory) — without walking the object tree, and never touching
+  the scratch directory of a live process.
 * Every write gets a fresh body file name. Replacing an object renames the new meta over
   the old one and only then unlinks the old body, so a reader that holds the old body open
   keeps reading it (Linux unlink semantics) and a meta's body never changes under it.
@@ -20,8 +27,9 @@ Why it is built this way:
   the directory open. The first process to open the directory (it alone gets an exclusive
   ``flock``) sees markers of processes that died without closing, or a missing or corrupt
   index, and then scans the tree: it re-indexes metas the index lost, drops rows whose
-  body is gone and deletes temp and orphan body files. After clean shutdowns it skips the
-  scan, so a normal start costs nothing per object.
+  body is gone and deletes temp and orphan body files (and every scratch directory: no
+  other process has the directory open). After clean shutdowns it skips the scan, so a
+  normal start costs nothing per object.
 * Access times are buffered by :meth:`DiskStore.touch` and written in one transaction at
   most once a second (or on :meth:`DiskStore.flush`), off the per-request path.
 
@@ -42,6 +50,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from verge.procs import pid_alive
+
 SCHEMA_VERSION = 1
 META_FORMAT = 1
 TOUCH_FLUSH_INTERVAL = 1.0  # seconds between batched access-time writes
@@ -54,6 +64,7 @@ _META_TMP = ".mtmp"
 _INDEX = "index.db"
 _LOCK = "lock"
 _PROCS = "procs"
+_WRITING = "writing"  # writing/PID-TOKEN/: one store's temp files (named like its marker)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS entries(
@@ -117,7 +128,7 @@ class DiskWriter:
         self._hash = object_hash(key, variant)
         self._dir = store._object_dir(self._hash, create=True)
         self._token = secrets.token_hex(8)
-        self._path = os.path.join(self._dir, f"{self._hash}.{self._token}{_BODY_TMP}")
+        self._path = os.path.join(store._scratch, f"{self._hash}.{self._token}{_BODY_TMP}")
         self._vary = store.get_vary(key)
         self.fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._done = False
@@ -208,9 +219,12 @@ class DiskStore:
         self._closed = False
         os.makedirs(self._objects, exist_ok=True)
         os.makedirs(self.root / _PROCS, exist_ok=True)
+        os.makedirs(self.root / _WRITING, exist_ok=True)
         self._lock_fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             self._marker = self._attach()
+            self._scratch = os.path.join(self.root, _WRITING, os.path.basename(self._marker))
+            os.makedirs(self._scratch, exist_ok=True)
         except BaseException:
             if hasattr(self, "_db"):
                 self._db.close()
@@ -229,6 +243,7 @@ class DiskStore:
             self._db = self._connect()
             if _user_version(self._db) != SCHEMA_VERSION:
                 self._create_schema(self._db)
+            sweep_dead_writers(self.root)  # a worker starting: writers that died before it
             return self._register_process()
         dead = os.listdir(self.root / _PROCS)
         db = self._open_checked(thorough=bool(dead))
@@ -243,6 +258,8 @@ class DiskStore:
         db.execute("DELETE FROM vary WHERE key NOT IN (SELECT key FROM entries)")
         for name in os.listdir(self.root / _PROCS):
             _unlink_quietly(os.path.join(self.root, _PROCS, name))
+        for name in os.listdir(self.root / _WRITING):  # nobody else has the directory open
+            _remove_scratch(os.path.join(self.root, _WRITING, name))
         marker = self._register_process()
         fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
         return marker
@@ -303,7 +320,7 @@ class DiskStore:
         bodies: dict[str, str] = {}  # body file name -> its directory
         metas: dict[str, str] = {}  # object hash -> directory of its meta
         for directory, name in _walk_objects(self._objects):
-            if name.endswith((_BODY_TMP, _META_TMP)):
+            if name.endswith((_BODY_TMP, _META_TMP)):  # written here by older versions
                 _unlink_quietly(os.path.join(directory, name))
             elif name.endswith(_BODY):
                 bodies[name] = directory
@@ -387,7 +404,7 @@ class DiskStore:
     ) -> None:
         """Index a renamed body and rename its meta into place, under the index write lock."""
         key, variant, digest, directory = writer.key, writer.variant, writer._hash, writer._dir
-        meta_tmp = os.path.join(directory, f"{digest}.{writer._token}{_META_TMP}")
+        meta_tmp = os.path.join(self._scratch, f"{digest}.{writer._token}{_META_TMP}")
         _write_new_file(meta_tmp, doc, self.fsync)
         try:
             with self._write_tx() as db:
@@ -436,7 +453,7 @@ class DiskStore:
 
     def _replace_meta(self, directory: str, digest: str, doc: dict) -> None:
         """Rewrite a meta file (call under the write lock)."""
-        tmp = os.path.join(directory, f"{digest}.{secrets.token_hex(8)}{_META_TMP}")
+        tmp = os.path.join(self._scratch, f"{digest}.{secrets.token_hex(8)}{_META_TMP}")
         _write_new_file(tmp, _dump(doc), self.fsync)
         try:
             os.rename(tmp, os.path.join(directory, digest + _META))
@@ -632,6 +649,7 @@ class DiskStore:
         finally:
             self._closed = True
             self._db.close()
+            _remove_scratch(self._scratch)
             _unlink_quietly(self._marker)
             os.close(self._lock_fd)
 
@@ -640,6 +658,10 @@ class DiskStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def sweep_dead_writers(self, pids: Iterable[int] | None = None) -> int:
+        """Remove the temp files of writers that died (see :func:`sweep_dead_writers`)."""
+        return sweep_dead_writers(self.root, pids)
 
     # ----- helpers ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -667,6 +689,51 @@ class DiskStore:
 
 
 # ----- module helpers -------------------------------------------------------------------------
+def sweep_dead_writers(
+    root: str | Path,
+    pids: Iterable[int] | None = None,
+    alive: Callable[[int], bool] = pid_alive,
+) -> int:
+    """Remove the scratch directories (half-written bodies and metas) of dead writers.
+
+    A directory ``writing/PID-TOKEN`` is removed when process PID is not alive (and, with
+    ``pids``, only if PID is one of them: the workers the caller saw die). A live process's
+    directory is never touched, so its fills in progress go on; a name that names no process
+    is left for the next full repair. Returns how many files were removed.
+    """
+    writing = os.path.join(root, _WRITING)
+    wanted = None if pids is None else set(pids)
+    try:
+        names = os.listdir(writing)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        pid = _writer_pid(name)
+        if pid is None or (wanted is not None and pid not in wanted) or alive(pid):
+            continue
+        removed += _remove_scratch(os.path.join(writing, name))
+    return removed
+
+
+def _writer_pid(scratch_name: str) -> int | None:
+    """The pid in a scratch directory's name (``PID-TOKEN``), None for anything else."""
+    pid, sep, _ = scratch_name.partition("-")
+    return int(pid) if sep and pid.isdigit() and int(pid) > 0 else None
+
+
+def _remove_scratch(directory: str) -> int:
+    """Delete a scratch directory's files, then the directory; returns the files deleted."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    removed = sum(_unlink_quietly(os.path.join(directory, name)) for name in names)
+    with contextlib.suppress(OSError):  # (a file created meanwhile: the next sweep's)
+        os.rmdir(directory)
+    return removed
+
+
 def object_hash(key: str, variant: str) -> str:
     """File-name hash of an object (unambiguous for any key and variant strings)."""
     return hashlib.sha256(json.dumps([key, variant]).encode()).hexdigest()

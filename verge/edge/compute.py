@@ -24,6 +24,14 @@ dict lookup, and a node restarted without the control plane starts from the file
 
 Each worker keeps the last ``LOGS_KEPT`` log records (failures, stderr, load errors) that the
 agent collects and ships to the control plane (``verge fn logs``).
+
+A function that cannot run fails closed. When its module does not load (not a valid module,
+a memory limit over the runtime's cap, a module artefact that is missing) and no running
+version can stand in for it, it is deployed all the same as an *unavailable* stand-in that
+claims its routes and answers every request with 503 and Retry-After: a route a function
+guards never reaches the origin unguarded. The load error is in the worker's log, in
+``verge fn logs``, in the function's stats (``load_error``, ``refused``; the admin's
+``/stats``) and counted as an error in ``/metrics``.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 import httpx
 
 from verge.compute.host import Capabilities, FetchRequest, FetchResponse, HostServices
-from verge.compute.wagi import CgiRequest
+from verge.compute.wagi import Answer, CgiRequest
 
 log = logging.getLogger("verge.compute")
 
@@ -54,6 +62,7 @@ FUNCTION_BODY_LIMIT = 8 * MiB  # a request body a function reads on stdin (large
 LOGS_KEPT = 200  # log records a worker holds until the agent collects them
 MODULE_PREFIX = "sha256:"  # a module the agent fetches from the control plane
 KV_FILE = "kv.db"  # under CACHE_DIR/control
+UNAVAILABLE_RETRY_AFTER_S = 30  # a function that failed to load: until a redeploy, likely
 
 
 class EdgeKV:
@@ -156,14 +165,44 @@ class FunctionStats:
     errors: int = 0
     cpu_ms: float = 0.0
     peak_memory: int = 0
+    refused: int = 0  # requests answered 503 because the function could not be loaded
+    load_error: str | None = None
 
 
 @dataclass
 class Deployed:
     spec: object  # verge.config.EdgeFunction
-    function: object  # verge.compute.runtime.Function
+    function: object | None  # verge.compute.runtime.Function; None: it failed to load
     stats: FunctionStats = field(default_factory=FunctionStats)
     pool_until: float = 0.0  # monotonic time until which it skips the inline attempt
+
+    @property
+    def available(self) -> bool:
+        return self.function is not None
+
+
+@dataclass(slots=True)
+class Refusal:
+    """What :meth:`EdgeCompute.invoke` returns for a function that failed to load: an answer
+    (503, Retry-After) the pipeline sends like any function's, so the request stops here."""
+
+    function: str
+    error: str
+    result: Answer
+    outcome: str = "unavailable"
+    ok: bool = False
+    error_status: int = 503
+    cpu_ms: float = 0.0
+    peak_memory: int = 0
+    stderr: bytes = b""
+
+
+def unavailable(spec, error: str) -> Deployed:
+    """The stand-in for a function that failed to load: it claims the function's routes
+    and refuses their requests. It runs in the request phase whatever the function's phase
+    is: a response-phase function would otherwise see the request reach the origin first."""
+    claim = spec.model_copy(update={"phase": "request"})
+    return Deployed(claim, None, FunctionStats(load_error=error))
 
 
 class EdgeCompute:
@@ -181,23 +220,34 @@ class EdgeCompute:
     # ----- deployment ----------------------------------------------------------------------
     def apply(self, specs) -> None:
         """Load the config's functions (compiling only what is new) and switch to them in one
-        assignment. A function that fails to load keeps its running version if it has one,
-        else it is left out; either way the error is logged and kept for `verge fn logs`."""
-        running = {d.spec.name: d for ds in self.by_service.values() for d in ds}
+        assignment. A function that fails to load keeps its running version if that one
+        claims the same requests (same service, routes and phase), else it is deployed as
+        unavailable (see the module docstring); either way the error is logged and kept for
+        `verge fn logs`."""
+        running = {d.spec.name: d for ds in self.by_service.values() for d in ds
+                   if d.available}
         by_service: dict[str, list[Deployed]] = {}
         for spec in specs:
             try:
                 deployed = Deployed(spec, self._load(spec))
-            except (OSError, ValueError) as exc:
-                deployed = running.get(spec.name)
-                kept = "; the running version stays" if deployed is not None else ""
-                log.error("edge function %s not deployed: %s%s", spec.name, exc, kept)
-                self.logs.append({"function": spec.name, "t": time.time(),
-                                  "outcome": "load_error", "error": str(exc) + kept})
-                if deployed is None:
-                    continue
+            except Exception as exc:  # whatever breaks a load, the routes stay claimed
+                deployed = self._failed(spec, exc, running.get(spec.name))
             by_service.setdefault(deployed.spec.service, []).append(deployed)
         self.by_service = by_service
+
+    def _failed(self, spec, exc: Exception, running: Deployed | None) -> Deployed:
+        """What serves a function whose load failed: its running version, else a refusal."""
+        if running is not None and not _same_claim(running.spec, spec):
+            running = None
+        if running is not None:
+            outcome = "; the running version stays"
+        else:
+            outcome = "; its routes answer 503 until it loads"
+        error = f"{exc}" or type(exc).__name__
+        log.error("edge function %s not deployed: %s%s", spec.name, error, outcome)
+        self.logs.append({"function": spec.name, "t": time.time(),
+                          "outcome": "load_error", "error": error + outcome})
+        return running if running is not None else unavailable(spec, error)
 
     def _load(self, spec):
         from verge.compute.runtime import Limits, Runtime
@@ -225,8 +275,10 @@ class EdgeCompute:
     async def invoke(self, deployed: Deployed, request, body: bytes, request_id: str,
                      response: tuple[int, list, bytes] | None = None):
         """Run the function for one request (inline if it may, else on the pool); returns the
-        runtime's Invocation. With `response` (status, headers, body) it runs in
-        response-editing mode."""
+        runtime's Invocation (a :class:`Refusal` for a function that failed to load). With
+        `response` (status, headers, body) it runs in response-editing mode."""
+        if not deployed.available:
+            return self._refuse(deployed)
         cgi = CgiRequest(method=request.method, target=request.target,
                          headers=list(request.headers), body=body, scheme=request.scheme,
                          host=request.hmap.get("host", ""), remote_addr=request.client,
@@ -266,6 +318,19 @@ class EdgeCompute:
             # else the epoch ticker caught up on ticks it owed (it had waited for the GIL)
             # just as the run started: the deadline came early; once more, then the pool
         return None
+
+    def _refuse(self, deployed: Deployed) -> Refusal:
+        """The answer of a function that failed to load (the error stays on the node)."""
+        name = deployed.spec.name
+        stats = deployed.stats
+        stats.refused += 1
+        stats.errors += 1
+        body = (f"edge function {name} is unavailable on this edge (it failed to load); "
+                f"the request was not forwarded\n").encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"),
+                   ("Retry-After", str(UNAVAILABLE_RETRY_AFTER_S)),
+                   ("Cache-Control", "no-store")]
+        return Refusal(name, f"not loaded: {stats.load_error}", Answer(503, headers, body))
 
     def _count(self, deployed: Deployed, invocation) -> None:
         stats = deployed.stats
@@ -314,6 +379,12 @@ class EdgeCompute:
         if self.runtime is not None:
             self.runtime.close()
         self.kv.close()
+
+
+def _same_claim(old_spec, new_spec) -> bool:
+    """Whether two versions of a function see the same requests."""
+    return (old_spec.service, old_spec.routes, old_spec.phase) == \
+        (new_spec.service, new_spec.routes, new_spec.phase)
 
 
 class ResponseTooLarge(Exception):

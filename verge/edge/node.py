@@ -261,10 +261,24 @@ class Node:
                 if not worker.alive() and not self._stopping.is_set():
                     code = worker.process.returncode if worker.process else None
                     log.error("worker %d exited (%s); restarting", worker.index, code)
+                    self.sweep_after(worker)
                     if time.monotonic() - worker.started_at < 1.0:
                         await asyncio.sleep(1.0)
                     with contextlib.suppress(Exception):
                         await worker.start(self.init_payload(worker.index))
+
+    def sweep_after(self, worker: WorkerHandle) -> None:
+        """Remove the temp files a dead worker left in the disk tier (a fill cut short by
+        kill -9): only its own, found by its pid; the other workers' fills go on."""
+        if worker.process is None:
+            return
+        try:
+            removed = self.disk.sweep_dead_writers([worker.process.pid])
+        except OSError as exc:
+            log.error("temp files of worker %d not removed: %s", worker.index, exc)
+            return
+        if removed:
+            log.warning("removed %d temp file(s) of dead worker %d", removed, worker.index)
 
     async def _rotate_ticket_keys(self) -> None:
         """Rotate the shared TLS session ticket keys on schedule (the previous key still

@@ -44,6 +44,7 @@ from verge.observe.metrics import EdgeMetrics
 
 log = logging.getLogger("verge.worker")
 DRAIN_SECONDS = 3.0  # SIGTERM: how long requests in flight may take (the supervisor waits 5 s)
+MOUNT_SECONDS = 15.0  # start-up waits this long for the ingest routes (the supervisor: 30 s)
 
 
 def server_limits(config: Config) -> ServerLimits:
@@ -98,12 +99,17 @@ class Worker:
         self.ticket_keys: list[str] = init.get("tls_tickets") or []  # encoded; never logged
 
     async def run(self, ctrl: socket.socket) -> None:
+        # Ingest routes first: until its listening socket exists, the kernel sends this
+        # worker no connection, so no reading can arrive before its spool is open. (A mount
+        # that hangs does not keep the worker down: its route answers 503 meanwhile.)
+        mounting = self.app.start()
+        if mounting is not None:
+            await asyncio.wait({mounting}, timeout=MOUNT_SECONDS)
         host, port = self.options["listen_host"], self.options["listen_port"]
         sock = reuseport_socket(host, port)
         self.server = await serve(self.app, sock, self.limits)
         if self.options.get("https_port"):
             await self._serve_https()
-        self.app.start()
         # What start-up built (config, routes, modules) lives as long as the process: out of
         # the collector's way, so the periodic full collections stay short (see gc.freeze).
         gc.freeze()
