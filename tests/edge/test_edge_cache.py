@@ -118,6 +118,31 @@ def test_range_requests(edge, origin):
     assert origin.hits("/file.bin") == 1
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["miss", "hit"])
+def test_if_range_and_conditionals_are_decided_alike_on_misses_and_hits(edge, origin, stored):
+    """One decision (deliver.choose_answer) for a fill in flight and a stored entry: a Range
+    whose If-Range does not match gets the whole body, a matching If-None-Match a 304."""
+    body = bytes(i % 251 for i in range(50_000))
+    path = f"/ifrange-{stored}.bin"
+    headers = [("Cache-Control", "max-age=60"), ("ETag", '"v2"'),
+               ("Last-Modified", "Tue, 01 Dec 2026 10:00:00 GMT")]
+    origin.route(path, headers=headers, body=body)
+    with edge.client() as c:
+        if stored:
+            assert c.get(path).status_code == 200
+        stale_range = c.get(path, headers={"Range": "bytes=0-9", "If-Range": '"v1"'})
+        origin.route(path + "?b", headers=headers, body=body)
+        good_range = c.get(path + ("" if stored else "?b"),
+                           headers={"Range": "bytes=0-9", "If-Range": '"v2"'})
+        origin.route(path + "?c", headers=headers, body=body)
+        not_modified = c.get(path + ("" if stored else "?c"),
+                             headers={"If-None-Match": '"v2"'})
+    assert stale_range.status_code == 200 and stale_range.content == body
+    assert good_range.status_code == 206 and good_range.content == body[:10]
+    assert not_modified.status_code == 304 and not_modified.content == b""
+    assert not_modified.headers["etag"] == '"v2"'
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
 def test_compression_negotiated_and_cached(edge, origin, encoding):
     text = b"hello compressible world " * 200

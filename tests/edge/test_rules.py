@@ -293,6 +293,30 @@ def test_api_rule_key_headers_keep_entries_apart(client, site_origin):
     assert site_origin.hits("/api/profile") == 3
 
 
+def test_unsafe_methods_invalidate_entries_stored_under_rule_keys(client, site_origin):
+    """RFC 9111 §4.4 under the rule's own key: every key-header variant of /api/, and the
+    one ignore_query entry of /static/ whatever query the POST had."""
+    site_origin.route(
+        "/api/cart",
+        handler=lambda req: Route(
+            headers=MAX_AGE, body=("cart " + req.headers.get("x-tenant", "none")).encode()
+        ),
+    )
+    site_origin.route("/static/inv.js*", headers=MAX_AGE, body=b"v1")
+    for tenant in ("red", "blue"):
+        client.get("/api/cart", headers={"X-Tenant": tenant})
+    client.get("/static/inv.js?v=1")
+    site_origin.route("/api/cart", headers=[("Content-Type", "text/plain")], body=b"ok")
+    assert client.post("/api/cart", content=b"add=1").status_code == 200
+    assert client.delete("/static/inv.js?v=7").status_code < 400
+    red = client.get("/api/cart", headers={"X-Tenant": "red"})
+    blue = client.get("/api/cart", headers={"X-Tenant": "blue"})
+    static = client.get("/static/inv.js?v=1")
+    assert "fwd=miss" in red.headers["cache-status"]
+    assert "fwd=miss" in blue.headers["cache-status"]
+    assert "fwd=miss" in static.headers["cache-status"]
+
+
 # ---------------------------------------------------------------------------------------------
 # header rules
 # ---------------------------------------------------------------------------------------------

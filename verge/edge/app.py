@@ -220,13 +220,7 @@ class EdgeApp:
             query = request.query
             if signed is not None:  # every viewer's token maps to the same entry
                 query = take_param(query, signed.param)[1]
-            key = keys.cache_key(
-                request.host, request.path, query,
-                sort_query=bool(rule and rule.sort_query),
-                ignore_query=bool(rule and rule.ignore_query),
-                key_headers=rule.key_headers if rule else (),
-                request_headers=request.hmap,
-            )
+            key = rule_key(rule, request.host, request.path, query, request.hmap)
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
                       runtime.rule_origins.get(index, runtime.origins), signed=signed)
         if self.compute is not None and self.compute.by_service:
@@ -618,7 +612,7 @@ class EdgeApp:
         await relay(request, writer, response, route.plan,
                     after_upstream(response.headers, f"{self.node}; fwd={fwd}"))
         if request.method not in SAFE_METHODS and response.status < 400:
-            self._invalidate(request, response.headers)
+            self._invalidate(request, route.service, response.headers)
         self._log(request, response.status, writer.bytes_sent, result, started)
 
     async def _tunnel(self, request, writer: ResponseWriter, route: Route, started: float) -> None:
@@ -632,8 +626,10 @@ class EdgeApp:
             return
         self._log(request, result.status, result.to_client, "pass", started)
 
-    def _invalidate(self, request, response_headers) -> None:
-        """RFC 9111 §4.4: the target URI and same-host Location/Content-Location."""
+    def _invalidate(self, request, service, response_headers) -> None:
+        """RFC 9111 §4.4: the target URI and same-host Location/Content-Location, each under
+        the key its own rule gives it (the route phase's rule_key), every stored variant:
+        with key headers, every key that starts with the URL's part."""
         targets = [request.target]
         for name in ("location", "content-location"):
             value = _field(response_headers, name)
@@ -646,8 +642,15 @@ class EdgeApp:
                     continue
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
             path, _, query = target.partition("?")
-            self.cache.invalidate(keys.cache_key(request.host, path, query))
-            self.cache.invalidate(keys.cache_key(request.host, path, query, sort_query=True))
+            rule = service.match_rule(keys.normalize_path(path))
+            if rule is not None and rule.signed is not None:
+                query = take_param(query, rule.signed.param)[1]
+            if rule is not None and rule.key_headers:
+                prefix = rule_key(rule, request.host, path, query, None, with_headers=False)
+                self.cache.purge_memory("prefix", prefix + "\n", soft=False)
+                self.cache.purge_disk("prefix", prefix + "\n", soft=False)
+            else:
+                self.cache.invalidate(rule_key(rule, request.host, path, query, None))
 
     # ----- reporting ----------------------------------------------------------------------------------
     def _log(self, request, status, sent: int, result: str, started: float) -> None:
@@ -674,6 +677,19 @@ class EdgeApp:
         """16 hex digits, unique per worker run: a random prefix and a counter (uuid4 costs
         several times more, and a request id needs uniqueness, not secrecy)."""
         return f"{self._id_prefix}{next(self._request_ids) & 0xFFFFFFFF:08x}"
+
+
+def rule_key(rule, host: str, path: str, query: str, request_headers,
+             with_headers: bool = True) -> str:
+    """The cache key of a URL under the rule that matches it (its query handling and key
+    headers): the one construction for lookups and for invalidation."""
+    return keys.cache_key(
+        host, path, query,
+        sort_query=bool(rule and rule.sort_query),
+        ignore_query=bool(rule and rule.ignore_query),
+        key_headers=rule.key_headers if rule is not None and with_headers else (),
+        request_headers=request_headers,
+    )
 
 
 def _field(headers, name: str) -> str | None:

@@ -116,6 +116,40 @@ class Delivery:
     has_body: bool = True
 
 
+@dataclass(slots=True, frozen=True)
+class Answer:
+    """Which response a request gets from a 200 (stored or being filled): the whole body
+    (``status`` 200), a range of it (206, ``start``..``last`` inclusive), 304 or 416."""
+
+    status: int
+    start: int = 0
+    last: int = 0
+
+
+FULL = Answer(200)
+
+
+def choose_answer(hmap, status: int, etag: str | None, last_modified: str | None,
+                  stored_date: float | None, size: int | None) -> Answer:
+    """The one decision (RFC 9110 §13, §14) for stored entries and in-flight fills alike:
+    If-None-Match / If-Modified-Since -> 304; Range honoured when If-Range allows and the
+    size is known -> 206 or 416; else the whole response."""
+    if status != 200:
+        return FULL
+    if ("if-none-match" in hmap or "if-modified-since" in hmap) and \
+            not_modified_for(hmap, etag, last_modified, stored_date=stored_date):
+        return Answer(304)
+    range_header = hmap.get("range")
+    if range_header is None or size is None or \
+            not if_range_ok(hmap.get("if-range"), etag, last_modified):
+        return FULL
+    try:
+        span = parse_range(range_header, size)
+    except Unsatisfiable:
+        return Answer(416)
+    return FULL if span is None else Answer(206, span[0], span[1])
+
+
 def plan_delivery(entry: CacheEntry, hmap, method: str, version: str, now: float,
                   plan: HeaderPlan, generation: int, node: str, cache_status: str) -> Delivery:
     """Choose 200 / 206 / 304 / 416 for this request and build the head."""
@@ -126,27 +160,25 @@ def plan_delivery(entry: CacheEntry, hmap, method: str, version: str, now: float
         cache_status_value(entry.headers, cache_status),
         connection_field(version, hmap.get("connection")),
     ))
-    if entry.status == 200 and ("if-none-match" in hmap or "if-modified-since" in hmap) and \
-            not_modified_for(hmap, freshness.etag, freshness.last_modified,
-                             stored_date=freshness.response_time):
+    size = entry.body_size
+    answer = FULL
+    if entry.status == 200 and ("if-none-match" in hmap or "if-modified-since" in hmap
+                                or "range" in hmap):
+        answer = choose_answer(hmap, entry.status, freshness.etag, freshness.last_modified,
+                               freshness.response_time, size)
+    if answer.status == 304:
         head = b"HTTP/1.1 304 Not Modified\r\n" + base[base.index(b"\r\n") + 2:] + extra + b"\r\n"
         return Delivery(304, head, has_body=False)
-    size = entry.body_size
-    range_header = hmap.get("range") if entry.status == 200 else None
-    if range_header is not None and if_range_ok(hmap.get("if-range"), freshness.etag,
-                                                freshness.last_modified):
-        try:
-            span = parse_range(range_header, size)
-        except Unsatisfiable:
-            head = (b"HTTP/1.1 416 Range Not Satisfiable\r\n" + CLOCK.date_header
-                    + b"Content-Range: bytes */%d\r\nContent-Length: 0\r\n" % size + extra + b"\r\n")
-            return Delivery(416, head, has_body=False)
-        if span is not None:
-            start, last = span
-            partial = (b"HTTP/1.1 206 Partial Content\r\n" + base[base.index(b"\r\n") + 2:]
-                       + b"Content-Range: " + content_range(start, last, size).encode()
-                       + b"\r\nContent-Length: %d\r\n" % (last - start + 1) + extra + b"\r\n")
-            return Delivery(206, partial, start, last + 1, method != "HEAD")
+    if answer.status == 416:
+        head = (b"HTTP/1.1 416 Range Not Satisfiable\r\n" + CLOCK.date_header
+                + b"Content-Range: bytes */%d\r\nContent-Length: 0\r\n" % size + extra + b"\r\n")
+        return Delivery(416, head, has_body=False)
+    if answer.status == 206:
+        start, last = answer.start, answer.last
+        partial = (b"HTTP/1.1 206 Partial Content\r\n" + base[base.index(b"\r\n") + 2:]
+                   + b"Content-Range: " + content_range(start, last, size).encode()
+                   + b"\r\nContent-Length: %d\r\n" % (last - start + 1) + extra + b"\r\n")
+        return Delivery(206, partial, start, last + 1, method != "HEAD")
     length = b"" if entry.status == 204 else b"Content-Length: %d\r\n" % size
     head = base + length + extra + b"\r\n"
     has_body = method != "HEAD" and entry.status not in (204, 304)

@@ -26,13 +26,14 @@ from verge.edge.deliver import (
     add_vary,
     after_upstream,
     apply_plan,
+    choose_answer,
     storable_headers,
 )
 from verge.edge.fill import Fill, FillAborted, FillHead
 from verge.edge.signing import COOKIE
 from verge.http.client import UpstreamError
 from verge.http.message import header_map, strip_hop_by_hop
-from verge.http.ranges import Unsatisfiable, content_range, parse_range
+from verge.http.ranges import content_range
 
 if TYPE_CHECKING:
     from verge.edge.app import EdgeApp, Route
@@ -343,20 +344,21 @@ class Fetcher:
                         and is_compressible(content_type, settings.types))
         if compressible:
             headers = add_vary(headers, "Accept-Encoding")
-        range_header = request.hmap.get("range")
-        if range_header and status == 200 and length is not None:
-            try:
-                span = parse_range(range_header, length)
-            except Unsatisfiable:
+        hmap = request.hmap
+        range_header = hmap.get("range")
+        answer = choose_answer(hmap, status, _first(head.headers, "etag"),
+                               _first(head.headers, "last-modified"), time.time(), length)
+        if answer.status in (304, 416):  # the same decisions as for a stored entry
+            if answer.status == 416:
                 headers.append(("Content-Range", f"bytes */{length}"))
-                headers.append(("Cache-Status", cache_status))
-                writer.start(416, headers, content_length=0)
-                app._log(request, 416, 0, "miss", started)
-                return
-            if span is not None:
-                start, end = span[0], span[1] + 1
-                status, length = 206, end - start
-                headers.append(("Content-Range", content_range(span[0], span[1], head.total)))
+            headers.append(("Cache-Status", cache_status))
+            writer.start(answer.status, headers, content_length=0)
+            app._log(request, answer.status, 0, "collapsed" if collapsed else "miss", started)
+            return
+        if answer.status == 206:
+            start, end = answer.start, answer.last + 1
+            status, length = 206, end - start
+            headers.append(("Content-Range", content_range(answer.start, answer.last, head.total)))
         elif compressible and not range_header and (length is None or length >= settings.min_bytes):
             encoding = choose_encoding(request.hmap.get("accept-encoding"), settings.algorithms)
         headers.append(("Age", "0"))
