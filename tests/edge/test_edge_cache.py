@@ -70,6 +70,38 @@ async def test_hundred_concurrent_misses_make_one_origin_request(edge, origin):
     assert any("collapsed" in s or s == "verge; hit" for s in statuses)
 
 
+async def test_concurrent_misses_on_two_workers_make_one_origin_request(edge_factory, origin):
+    """Collapsing across the workers of a node (verge.cache.filllock): the worker that does
+    not hold the key's fill lock serves what the other one stored."""
+    edge = edge_factory(origin_url=origin.url, workers=2)
+    body = bytes(range(256)) * 40
+    for round_ in range(3):
+        path = f"/hot2-{round_}"
+        origin.route(path, headers=[("Cache-Control", "max-age=60")], body=body)
+        gate = origin.gate(path)
+        async with httpx.AsyncClient(base_url=edge.url, timeout=20,
+                                     limits=httpx.Limits(max_connections=100)) as c:
+            tasks = [asyncio.create_task(c.get(path)) for _ in range(100)]
+            assert await asyncio.to_thread(origin.wait_for_hits, path, 1)
+            # no event says "every request has reached a worker": give them a moment, so
+            # that both workers hold waiters while the fill is in flight
+            await asyncio.sleep(0.3)
+            gate.set()
+            responses = await asyncio.gather(*tasks)
+        assert all(r.status_code == 200 and r.content == body for r in responses)
+        assert origin.hits(path) == 1
+
+
+def test_an_uncacheable_answer_lets_other_workers_go_to_the_origin(edge_factory, origin):
+    """After an uncacheable fill the key is marked pass: no worker queues behind another."""
+    edge = edge_factory(origin_url=origin.url, workers=2)
+    origin.route("/private", headers=[("Cache-Control", "private")], body=b"mine")
+    with edge.client() as c:
+        answers = [c.get("/private") for _ in range(6)]
+    assert all(r.content == b"mine" for r in answers)
+    assert origin.hits("/private") == 6
+
+
 def test_revalidation_with_304_updates_headers(edge, origin):
     version = {"n": 0}
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from verge.cache import keys, policy
+from verge.cache.filllock import NodeFillLocks
 from verge.cache.store import CacheEntry, TieredCache
 from verge.compute.wagi import Answer, Pass
 from verge.edge.compress import choose_encoding, compress_bytes, is_compressible
@@ -118,7 +119,8 @@ class EdgeApp:
         self.alt_svc: str | None = None  # advertised on HTTPS responses when HTTP/3 is up
         self.generation = 0
         self.runtimes: dict[str, ServiceRuntime] = {}
-        self.fetcher = Fetcher(self)
+        disk_root = getattr(getattr(cache, "disk", None), "root", None)
+        self.fetcher = Fetcher(self, NodeFillLocks(disk_root / "locks") if disk_root else None)
         self.apply_config(config)
 
     # ----- configuration -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from verge.cache import policy
+from verge.cache.filllock import NodeFillLocks
 from verge.cache.store import CacheEntry, tags_of
 from verge.edge.compress import Compressor, choose_encoding, is_compressible
 from verge.edge.deliver import (
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("verge.fetch")
 
 MAX_HOPS = 8  # Via entries beyond which a request is taken for a loop
+NODE_LOCK_TIMEOUT = 5.0  # seconds a miss waits for another worker's fill (nginx's default)
+PASS_SECONDS = 10.0  # after an uncacheable answer, misses of the key do not wait for fills
 
 # Request fields not sent on a cache fill: the edge wants the full, unconditional object.
 FILL_DROP = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
@@ -113,23 +116,38 @@ async def relay(request, writer, response, plan: HeaderPlan, cache_status: str) 
 
 
 class Fetcher:
-    def __init__(self, app: EdgeApp) -> None:
+    def __init__(self, app: EdgeApp, locks: NodeFillLocks | None = None) -> None:
         self.app = app
         self.fills: dict[str, Fill] = {}
+        self.locks = locks  # collapsing across the node's workers (verge.cache.filllock)
+        self._node_waits: dict[str, asyncio.Future] = {}  # key -> this worker's one poller
 
     # ----- entry points ----------------------------------------------------------------------
     async def serve_from_origin(self, request, writer, route: Route, stale: CacheEntry | None,
                                 started: float, why: str = "stale") -> None:
         """Answer a miss or a stored entry that must be revalidated (why: 'stale' or
-        'request', the RFC 9211 fwd reason): join or start the key's fill, then deliver."""
+        'request', the RFC 9211 fwd reason): join or start the key's fill (waiting for
+        another worker's fill of the key first), then deliver."""
         fill = self.fills.get(route.key)
         collapsed = fill is not None
         if collapsed and visited(request, self.app.name):
             # A tier loop came back to us: joining our own fill would wait for ourselves.
             await self._own_fetch(request, writer, route, started)
             return
+        stripe = None
+        if fill is None and self.locks is not None and not visited(request, self.app.name):
+            outcome = await self._node_fill(route.key, request)
+            if isinstance(outcome, CacheEntry):
+                await self.app._deliver_entry(request, writer, route, outcome, "collapsed",
+                                              started, f"{self.app.node}; hit; detail=collapsed")
+                return
+            stripe = outcome
+            fill = self.fills.get(route.key)  # another waiter of this worker started it
+            collapsed = fill is not None
+            if collapsed and stripe is not None:
+                self.locks.release(stripe)
         if fill is None:
-            fill = self._start_fill(request, route, stale, why)
+            fill = self._start_fill(request, route, stale, why, stripe)
         head = await asyncio.shield(fill.head)
         if collapsed and not self._can_share(head, request):
             await self._own_fetch(request, writer, route, started)
@@ -137,22 +155,83 @@ class Fetcher:
         await self._deliver_head(request, writer, route, fill, head, collapsed, started)
 
     def background_refresh(self, request, route: Route, stale: CacheEntry) -> None:
-        """stale-while-revalidate: refresh without a waiting client (collapsed as usual)."""
-        if route.key not in self.fills:
-            fill = self._start_fill(request, route, stale)
-            fill.head.add_done_callback(lambda f: _discard_uncacheable(f))
+        """stale-while-revalidate: refresh without a waiting client (collapsed as usual; a
+        key another worker is filling is left to it)."""
+        if route.key in self.fills:
+            return
+        stripe = None
+        if self.locks is not None:
+            stripe = self.locks.try_acquire(route.key)
+            if stripe is None:
+                return
+        fill = self._start_fill(request, route, stale, "stale", stripe)
+        fill.head.add_done_callback(lambda f: _discard_uncacheable(f))
+
+    # ----- collapsing across workers ---------------------------------------------------------
+    async def _node_fill(self, key: str, request) -> CacheEntry | int | None:
+        """Take the key's node-wide fill lock (its stripe: fill it), or wait for the worker
+        holding it and return the entry it stored; None: fetch without the lock (the key is
+        marked uncacheable, the wait timed out, or a fill of this worker can be joined).
+        One coroutine per key and worker polls; the others wait for its verdict."""
+        while True:
+            poller = self._node_waits.get(key)
+            if poller is None:
+                break
+            await asyncio.shield(poller)
+            if key in self.fills:
+                return None
+            entry = self._servable(key, request)
+            if entry is not None:
+                return entry
+        stripe = self.locks.try_acquire(key)
+        if stripe is not None:
+            return stripe
+        poller = self._node_waits[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._poll_node_fill(key, request)
+        finally:
+            del self._node_waits[key]
+            poller.set_result(None)
+
+    async def _poll_node_fill(self, key: str, request) -> CacheEntry | int | None:
+        locks, loop = self.locks, asyncio.get_running_loop()
+        deadline = loop.time() + NODE_LOCK_TIMEOUT
+        delay = 0.002
+        while loop.time() < deadline and not locks.passing(key):
+            await asyncio.sleep(delay)  # nginx's proxy_cache_lock polls too: no cross-process event
+            delay = min(delay * 2, 0.05)
+            entry = self._servable(key, request)
+            if entry is not None or key in self.fills:
+                return entry
+            stripe = locks.try_acquire(key)
+            if stripe is not None:  # the other fill ended: stored (serve it) or not (fill it)
+                entry = self._servable(key, request)
+                if entry is None:
+                    return stripe
+                locks.release(stripe)
+                return entry
+        return None
+
+    def _servable(self, key: str, request) -> CacheEntry | None:
+        entry = self.app.cache.lookup(key, request.hmap)
+        if entry is not None and policy.evaluate(entry.freshness, request.hmap, time.time()) \
+                in (policy.Verdict.FRESH, policy.Verdict.STALE_OK):
+            return entry
+        return None
 
     # ----- fills ---------------------------------------------------------------------------------
     def _start_fill(self, request, route: Route, stale: CacheEntry | None,
-                    why: str = "stale") -> Fill:
+                    why: str = "stale", stripe: int | None = None) -> Fill:
         fill = Fill(route.key, self.app.cache.max_memory_object)
         self.fills[route.key] = fill
         task = asyncio.get_running_loop().create_task(
             self._run_fill(fill, request, route, stale, why))
-        task.add_done_callback(lambda t: self._fill_done(fill, t))
+        task.add_done_callback(lambda t: self._fill_done(fill, t, stripe))
         return fill
 
-    def _fill_done(self, fill: Fill, task: asyncio.Task) -> None:
+    def _fill_done(self, fill: Fill, task: asyncio.Task, stripe: int | None = None) -> None:
+        if stripe is not None:
+            self.locks.release(stripe)
         if self.fills.get(fill.key) is fill:
             del self.fills[fill.key]
         if not task.cancelled() and task.exception() is not None:
@@ -198,6 +277,8 @@ class Fetcher:
                 heuristic_max=app.config.cache.heuristic_max,
             )
         if freshness is None:
+            if self.locks is not None:  # other workers' waiters: go to the origin yourselves
+                self.locks.mark_pass(fill.key, PASS_SECONDS)
             fill.set_head(FillHead("uncacheable", response.status, response.reason,
                                    response.headers, response=response,
                                    cache_status=after_upstream(
