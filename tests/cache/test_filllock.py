@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
+import sys
 
 from verge.cache.filllock import NodeFillLocks
 
-
-def _hold(root, key, ready, done) -> None:
-    locks = NodeFillLocks(root)
-    assert locks.try_acquire(key) is not None
-    ready.set()
-    done.wait(10)
+HOLDER = """
+import sys
+from verge.cache.filllock import NodeFillLocks
+locks = NodeFillLocks(sys.argv[1])
+assert locks.try_acquire("site/hot") is not None
+print("ready", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_a_lock_held_by_another_worker_is_refused_until_it_dies(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold, args=(tmp_path, "site/hot", ready, done))
-    holder.start()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert ready.wait(10)
+        assert holder.stdout.readline() == "ready\n"
         locks = NodeFillLocks(tmp_path)
         assert locks.try_acquire("site/hot") is None
         other = locks.try_acquire("site/cold")
         assert other is not None
         locks.release(other)
         holder.kill()  # as kill -9: the kernel lets go of its locks
-        holder.join(10)
+        holder.wait(10)
         stripe = locks.try_acquire("site/hot")
         assert stripe is not None
         locks.release(stripe)
     finally:
-        done.set()
-        holder.join(10)
+        holder.kill()
+        holder.wait(10)
 
 
 def test_one_worker_may_hold_a_stripe_for_two_fills(tmp_path):
