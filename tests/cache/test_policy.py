@@ -14,6 +14,7 @@ from verge.cache.policy import (
     HEURISTICALLY_CACHEABLE,
     MAX_DELTA,
     Freshness,
+    PolicyOptions,
     Verdict,
     age_value,
     analyze,
@@ -48,7 +49,7 @@ def store(resp: dict, req: dict | None = None, method: str = "GET", status: int 
         response_headers=resp,
         request_time=T0,
         response_time=T0,
-        **kw,
+        options=PolicyOptions(**kw),
     )
 
 

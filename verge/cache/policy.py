@@ -550,6 +550,28 @@ def _refuses_shared_storage(o: _Origin, request_headers: Mapping[str, str]) -> b
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyOptions:
+    """How a cache applies RFC 9111 to one rule's responses, built once from the config (in
+    the spirit of http-cache-semantics' ``CachePolicy(options)``) and passed whole to every
+    decision, so a fill and a 304 refresh can never disagree on a setting.
+
+    ``rule_ttl``: the operator's TTL (used when the origin says nothing, or always with
+    ``rule_override``); ``heuristic_fraction`` / ``heuristic_max``: Last-Modified heuristic
+    (§4.2.2); ``cdn_cache_control`` / ``surrogate_control``: honour those targeted fields.
+    """
+
+    rule_ttl: float | None = None
+    rule_override: bool = False
+    heuristic_fraction: float = 0.1
+    heuristic_max: float = 86400.0
+    cdn_cache_control: bool = True
+    surrogate_control: bool = True
+
+
+DEFAULT_OPTIONS = PolicyOptions()
+
+
 def analyze(
     *,
     method: str,
@@ -558,12 +580,7 @@ def analyze(
     response_headers: Mapping[str, str],
     request_time: float,
     response_time: float,
-    rule_ttl: float | None = None,
-    rule_override: bool = False,
-    heuristic_fraction: float = 0.1,
-    heuristic_max: float = 86400.0,
-    cdn_cache_control: bool = True,
-    surrogate_control: bool = True,
+    options: PolicyOptions = DEFAULT_OPTIONS,
 ) -> Freshness | None:
     """Decide whether a response may be stored (RFC 9111 §3) and how long it stays fresh.
 
@@ -572,7 +589,8 @@ def analyze(
     the request unless the response has ``public``, ``must-revalidate`` or ``s-maxage``;
     1xx, 206, 304 or an unknown status; a status outside :data:`UNDERSTOOD_STATUSES` without
     explicit freshness or ``public``; ``Vary: *``; ``no-cache`` without a validator (it could
-    never be reused); no freshness, validator, heuristic or ``rule_ttl`` at all.
+    never be reused); no freshness, validator, heuristic or ``rule_ttl`` at all. The
+    settings (:class:`PolicyOptions`) come in ``options``.
 
     Lifetime: Surrogate-Control ``max-age`` > ``s-maxage`` > ``max-age`` > ``Expires - Date``
     (Date missing or invalid -> ``response_time``) > ``rule_ttl`` > heuristic (heuristically
@@ -591,7 +609,9 @@ def analyze(
     request_cc = request_headers.get("cache-control")
     if request_cc and "no-store" in _parse_cc(request_cc):
         return None
-    o = _origin(status, response_headers, response_time, cdn_cache_control, surrogate_control)
+    rule_ttl, rule_override = options.rule_ttl, options.rule_override
+    o = _origin(status, response_headers, response_time, options.cdn_cache_control,
+                options.surrogate_control)
     if _forbids_storing(o):
         return None
     vary = _parse_vary(response_headers.get("vary"))
@@ -603,7 +623,7 @@ def analyze(
         o.cc = o.surrogate = _EMPTY
         lifetime: float | None = float(rule_ttl)
     else:
-        lifetime = _lifetime(o, rule_ttl, heuristic_fraction, heuristic_max)
+        lifetime = _lifetime(o, rule_ttl, options.heuristic_fraction, options.heuristic_max)
     if lifetime is None or _refuses_shared_storage(o, request_headers):
         return None
     no_cache = "no-cache" in o.cc

@@ -74,8 +74,7 @@ class Route:
     key: str | None  # None: not cacheable (bypass, method)
     plan: HeaderPlan
     origins: OriginSet
-    rule_ttl: float | None = None
-    rule_override: bool = False
+    policy: policy.PolicyOptions = policy.DEFAULT_OPTIONS  # the rule's RFC 9111 settings
     strip_cookies: bool = False
     function: object | None = None  # the edge function that claims this request, if any
     signed: object | None = None  # the rule's SignedUrls: every request is checked (_signed)
@@ -89,6 +88,7 @@ class ServiceRuntime:
     service: object
     origins: OriginSet
     plans: dict  # (rule index or None, secure) -> HeaderPlan
+    policies: dict  # rule index or None -> policy.PolicyOptions
     rule_origins: dict = field(default_factory=dict)  # rule index -> OriginSet (rule.origins)
 
     def all_origin_sets(self) -> list[OriginSet]:
@@ -133,15 +133,17 @@ class EdgeApp:
             origins = OriginSet(service.origins, self.pool, service.health_check)
             if previous is not None and _same_origins(previous.service, service):
                 origins = previous.origins
-            plans = {}
+            plans, policies = {}, {}
             for index, rule in [(None, None), *enumerate(service.rules)]:
                 for secure in (False, True):
                     plans[index, secure] = self._plan(config, service, rule, secure)
+                policies[index] = policy_options(config, rule)
             rule_origins = {index: OriginSet(rule.origins, self.pool, service.health_check)
                             for index, rule in enumerate(service.rules) if rule.origins}
             if previous is not None and _same_origins(previous.service, service):
                 rule_origins = previous.rule_origins or rule_origins
-            runtimes[service.name] = ServiceRuntime(service, origins, plans, rule_origins)
+            runtimes[service.name] = ServiceRuntime(service, origins, plans, policies,
+                                                    rule_origins)
         self.config = config
         self.runtimes = runtimes
         if self.compute is not None and config.functions != self._functions:
@@ -227,11 +229,8 @@ class EdgeApp:
                       runtime.rule_origins.get(index, runtime.origins), signed=signed)
         if self.compute is not None and self.compute.by_service:
             route.function = self.compute.match(service.name, request.path)
+        route.policy = runtime.policies[index]
         if rule is not None:
-            if rule.micro_cache:
-                route.rule_ttl, route.rule_override = rule.micro_cache, True
-            else:
-                route.rule_ttl, route.rule_override = rule.ttl, rule.override
             route.strip_cookies = rule.ignore_cookies
         return route
 
@@ -679,6 +678,18 @@ class EdgeApp:
         """16 hex digits, unique per worker run: a random prefix and a counter (uuid4 costs
         several times more, and a request id needs uniqueness, not secrecy)."""
         return f"{self._id_prefix}{next(self._request_ids) & 0xFFFFFFFF:08x}"
+
+
+def policy_options(config, rule) -> policy.PolicyOptions:
+    """The RFC 9111 settings of one rule (or a service's default), built once per config:
+    micro-caching forces its TTL, else the rule's TTL (forced with ``override``)."""
+    ttl, override = (rule.micro_cache, True) if rule is not None and rule.micro_cache else \
+        (rule.ttl, rule.override) if rule is not None else (None, False)
+    return policy.PolicyOptions(
+        rule_ttl=ttl, rule_override=override,
+        heuristic_fraction=config.cache.heuristic_fraction,
+        heuristic_max=config.cache.heuristic_max,
+    )
 
 
 def rule_key(rule, host: str, path: str, query: str, request_headers,

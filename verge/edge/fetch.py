@@ -271,10 +271,7 @@ class Fetcher:
             freshness = policy.analyze(
                 method="GET", status=response.status, request_headers=request.hmap,
                 response_headers=header_map(response.headers), request_time=request_time,
-                response_time=response_time, rule_ttl=route.rule_ttl,
-                rule_override=route.rule_override,
-                heuristic_fraction=app.config.cache.heuristic_fraction,
-                heuristic_max=app.config.cache.heuristic_max,
+                response_time=response_time, options=route.policy,
             )
         if freshness is None:
             if self.locks is not None:  # other workers' waiters: go to the origin yourselves
@@ -326,7 +323,7 @@ class Fetcher:
         freshness = policy.analyze(
             method="GET", status=stale.status, request_headers=request.hmap,
             response_headers=header_map(merged), request_time=request_time,
-            response_time=response_time, rule_ttl=route.rule_ttl, rule_override=route.rule_override,
+            response_time=response_time, options=route.policy,
         )
         if freshness is not None:
             self.app.cache.refresh(stale, merged, freshness)
