@@ -138,3 +138,18 @@ async def test_http_router_answers_garbage_with_400_and_keeps_serving(fleet):
     assert reply.startswith(b"HTTP/1.1 400")
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.http_port}") as client:
         assert (await client.get("/", headers={"Host": "demo.verge.test"})).status_code == 302
+
+
+async def test_http_router_date_header_keeps_time(fleet):
+    """The router's HTTP server shares the process sweeper (verge.http.server.ensure_sweeper):
+    its Date header ticks instead of freezing at start-up."""
+    router, _ = fleet
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.http_port}") as client:
+        first = (await client.get("/", headers={"Host": "demo.verge.test"})).headers["date"]
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+            later = (await client.get("/", headers={"Host": "demo.verge.test"})).headers["date"]
+            if later != first:
+                break
+        assert later != first

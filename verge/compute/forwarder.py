@@ -54,10 +54,10 @@ from verge.compute.spool import AppendResult, AsyncSpool, Batch, SpoolFull
 from verge.http.server import (
     HttpApp,
     ServerLimits,
+    ensure_sweeper,
     reuseport_socket,
     serve,
     simple_response,
-    sweep_forever,
 )
 
 log = logging.getLogger("verge.compute.forwarder")
@@ -434,7 +434,7 @@ async def run_node(options: NodeOptions) -> None:
     sock = reuseport_socket(host or "127.0.0.1", int(port))
     server = await serve(app, sock, ServerLimits(max_body_bytes=options.limits.max_body_bytes))
     tasks = [
-        asyncio.create_task(sweep_forever()),
+        ensure_sweeper(),
         asyncio.create_task(forwarder.run()),
         asyncio.create_task(_tick_forever(spool, options.tick)),
     ]

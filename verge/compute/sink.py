@@ -33,10 +33,10 @@ import uvloop
 from verge.http.server import (
     HttpApp,
     ServerLimits,
+    ensure_sweeper,
     reuseport_socket,
     serve,
     simple_response,
-    sweep_forever,
 )
 
 MAX_BATCH_BYTES = 64 * 1024 * 1024
@@ -199,7 +199,7 @@ async def start_sink(db: str | Path, host: str = "127.0.0.1", port: int = 0) -> 
 
 async def _main(db: str, host: str, port: int) -> None:
     sink = await start_sink(db, host, port)
-    sweeper = asyncio.create_task(sweep_forever())
+    sweeper = ensure_sweeper()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

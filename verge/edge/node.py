@@ -32,7 +32,7 @@ from verge.config import Config, ConfigError, load_config
 from verge.edge.admin import AdminApp
 from verge.edge.agent import ControlAgent, module_file
 from verge.edge.compute import MODULE_PREFIX
-from verge.http.server import ServerLimits, reuseport_socket, serve, sweep_forever
+from verge.http.server import ServerLimits, ensure_sweeper, reuseport_socket, serve
 from verge.http.tls import InlinePemFiles
 from verge.http.tls_tickets import TicketKeySchedule
 
@@ -224,7 +224,7 @@ class Node:
         admin = AdminApp(self)
         await serve(admin, admin_sock, ServerLimits(max_body_bytes=1 << 20))
         loop = asyncio.get_running_loop()
-        loop.create_task(sweep_forever())
+        ensure_sweeper()
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))

@@ -35,9 +35,9 @@ from verge.http.server import (
     CLOCK,
     HttpServerProtocol,
     ServerLimits,
+    ensure_sweeper,
     reuseport_socket,
     serve,
-    sweep_forever,
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
@@ -114,7 +114,7 @@ class Worker:
         # the collector's way, so the periodic full collections stay short (see gc.freeze).
         gc.freeze()
         loop = asyncio.get_running_loop()
-        loop.create_task(sweep_forever())
+        ensure_sweeper()
         loop.create_task(self._housekeeping())
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.shutdown()))
         reader, writer = await asyncio.open_unix_connection(sock=ctrl)

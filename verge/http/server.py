@@ -886,6 +886,22 @@ async def sweep_forever(interval: float = 1.0) -> None:
             conn.check_timeouts(CLOCK.mono)
 
 
+_sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+
+
+def ensure_sweeper() -> asyncio.Task:
+    """The running loop's one sweeper, started on first use: every server of the process
+    (edge, router, stream server, sink...) gets timeouts and a ticking Date header without
+    having to remember to start it."""
+    loop = asyncio.get_running_loop()
+    task = _sweepers.get(loop)
+    if task is None or task.done():
+        for old in [old for old, t in _sweepers.items() if t.done() or old.is_closed()]:
+            del _sweepers[old]
+        task = _sweepers[loop] = loop.create_task(sweep_forever())
+    return task
+
+
 def reuseport_socket(host: str, port: int, backlog: int = 1024, *, listen: bool = True,
                      ) -> socket.socket:
     """A TCP socket with SO_REUSEPORT, so several worker processes share a port."""
@@ -903,5 +919,6 @@ def reuseport_socket(host: str, port: int, backlog: int = 1024, *, listen: bool 
 async def serve(app, sock: socket.socket, limits: ServerLimits) -> asyncio.AbstractServer:
     """Start serving ``app`` on an already bound socket."""
     loop = asyncio.get_running_loop()
+    ensure_sweeper()
     factory: Callable[[], HttpServerProtocol] = lambda: HttpServerProtocol(app, limits, loop)  # noqa: E731
     return await loop.create_server(factory, sock=sock)
