@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from verge.config import (
+    MAX_FUNCTION_MEMORY_MB,
+    MAX_HEADER_EDITS,
+    MAX_HOST,
+    MAX_HOSTS_PER_SERVICE,
+    MAX_ORIGIN_WEIGHT,
+    MAX_ORIGINS,
+    MAX_RULES,
+    MAX_TTL,
+    MAX_URL_PATH,
     Compression,
     Config,
     ConfigError,
@@ -817,3 +827,84 @@ def test_example_config_loads():
     assert www.match_rule("/account/settings").bypass is True
     assert config.service_for_host("v2.api.example.net").name == "api"
     assert config.service_for_host("unknown.test").name == "fallback"
+
+
+# --- bounds: what one config may ask of an edge (the table at the top of verge/config.py) -----
+
+
+def _service_data(**changes) -> dict:
+    return {"name": "site", "hosts": ["example.com"], "origins": ["http://o"], **changes}
+
+
+def _bundle_error(data: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        config_from_data(data)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("service", "path"),
+    [
+        ({"origins": [{"url": "http://o", "weight": MAX_ORIGIN_WEIGHT + 1}]}, "origins[0].weight"),
+        ({"origins": ["http://o"] * (MAX_ORIGINS + 1)}, "origins"),
+        ({"hosts": [f"h{i}.test" for i in range(MAX_HOSTS_PER_SERVICE + 1)]}, "hosts"),
+        ({"rules": [{"path": f"/r{i}/"} for i in range(MAX_RULES + 1)]}, "rules"),
+        ({"hosts": ["a" * (MAX_HOST + 1)]}, "hosts[0]"),
+        ({"rules": [{"path": "/" + "a" * MAX_URL_PATH}]}, "rules[0].path"),
+        ({"rules": [{"path": "/", "ttl": MAX_TTL * 2}]}, "rules[0].ttl"),
+        (
+            {"rules": [{"path": "/", "headers": {"response_add": {"x": "v" * 9000}}}]},
+            "rules[0].headers.response_add.x",
+        ),
+        (
+            {"headers": {"request_add": {f"x-{i}": "v" for i in range(MAX_HEADER_EDITS + 1)}}},
+            "headers.request_add",
+        ),
+        ({"health_check": {"interval": 0.01, "timeout": 0.01}}, "health_check.interval"),
+        ({"health_check": {"fails": 10**6}}, "health_check.fails"),
+    ],
+)
+def test_a_service_beyond_its_bounds_is_refused_naming_the_setting(service, path):
+    error = _bundle_error({"services": [_service_data(**service)]})
+    assert [issue.path for issue in error.issues] == [f"services[0].{path}"]
+
+
+def test_a_huge_weight_in_yaml_names_the_line_and_the_bound():
+    message = error_of(
+        one_service().replace(
+            "origins: [http://127.0.0.1:8080]",
+            "origins: [{url: http://o, weight: 18446744073709551616}]",
+        )
+    )
+    assert message.startswith("verge.yaml:4:") and "services[0].origins[0].weight" in message
+    assert f"less than or equal to {MAX_ORIGIN_WEIGHT}" in message
+
+
+def test_absurd_sizes_and_durations_are_config_errors_not_crashes():
+    assert "cache.memory_bytes" in error_of(f"cache:\n  memory_bytes: '{'9' * 400}'\n")
+    assert "cache.disk_bytes" in error_of("cache:\n  disk_bytes: 2048TiB\n")
+    assert "limits.max_header_bytes" in error_of("limits:\n  max_header_bytes: 2MiB\n")
+    assert "limits.body_timeout" in error_of("limits:\n  body_timeout: 2d\n")
+    assert "cache.heuristic_max" in error_of(f"cache:\n  heuristic_max: '{'9' * 400}'\n")
+
+
+def test_a_function_may_not_ask_for_more_memory_than_the_runtime_has():
+    function = {"name": "f", "service": "site", "routes": ["/"], "module": "f.wasm"}
+    error = _bundle_error({"functions": [{**function, "memory_mb": MAX_FUNCTION_MEMORY_MB + 1}]})
+    assert [issue.path for issue in error.issues] == ["functions[0].memory_mb"]
+    ok = config_from_data({"functions": [{**function, "memory_mb": MAX_FUNCTION_MEMORY_MB}]})
+    assert ok.functions[0].memory_mb == MAX_FUNCTION_MEMORY_MB
+
+
+def test_glob_rules_match_in_time_linear_in_the_path():
+    """A glob with many stars once meant a backtracking regex: /*a*a*a*b against a long path
+    of "a"s took seconds per star. Each star now commits to its earliest match."""
+    service = parse(one_service("      - path: /*a*a*a*a*b\n")).services[0]
+    started = time.perf_counter()
+    assert service.match_rule("/" + "a" * 8000) is None
+    assert service.match_rule("/" + "a" * 8000 + "b") is not None
+    assert time.perf_counter() - started < 0.5
+    glob = parse(one_service("      - path: /x/*/y/*.js\n")).services[0]
+    assert glob.match_rule("/x/1/y/2/y/3.js") is not None
+    assert glob.match_rule("/x/1/y/2.css") is None
+    assert glob.match_rule("/x/y/a.js") is None

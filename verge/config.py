@@ -140,9 +140,10 @@ MAX_INGEST_ROUTES = 1000
 MAX_LIST = 100
 """Short lists: compression types, function routes and fetch hosts, environment variables."""
 
-# Edge functions (verge.compute.runtime enforces the same numbers)
+# Edge functions
 MAX_FUNCTION_MEMORY_MB = 256
-"""The largest linear memory a function may have: the runtime's pooling allocator slot size."""
+"""The largest linear memory a function may have; verge.compute.runtime sizes its pooling
+allocator's slots from it, so every deployable function fits an edge."""
 MAX_FUNCTION_CPU_MS = 60_000.0
 MAX_SUBREQUESTS = 100
 
@@ -168,6 +169,8 @@ MAX_LOG_RECORDS = 10_000
 """Function log records in one upload."""
 MAX_REPORT_KEYS = 64
 """Keys of one reported map: a heartbeat's health or load, one log record."""
+MAX_REPORT_LIST = 1000
+"""Items of one list in a report (a log record's denied capabilities)."""
 MAX_OFFSET = 1_000_000_000
 """Paging offset."""
 MAX_WAIT = 3600.0
@@ -255,9 +258,7 @@ RequestHeadSize = Annotated[
 ]
 Duration = Annotated[float, Field(ge=0, le=MAX_TTL), BeforeValidator(_duration_input)]
 """Seconds: a number or "30s"-style string; stored as float."""
-PositiveDuration = Annotated[
-    float, Field(gt=0, le=MAX_TIMEOUT), BeforeValidator(_duration_input)
-]
+PositiveDuration = Annotated[float, Field(gt=0, le=MAX_TIMEOUT), BeforeValidator(_duration_input)]
 """A timeout or interval: more than 0, at most MAX_TIMEOUT."""
 HealthInterval = Annotated[
     float, Field(ge=MIN_HEALTH_INTERVAL, le=MAX_TIMEOUT), BeforeValidator(_duration_input)

@@ -57,6 +57,13 @@ def test_kv_grants():
     assert none.denied == ["kv_get", "kv_put"]
 
 
+def test_a_loop_of_denied_calls_records_a_bounded_sample():
+    none = state(Capabilities())
+    for _ in range(host.MAX_DENIED_RECORDED * 10):
+        assert none.kv_get(b"k") == host.E_DENIED
+    assert len(none.denied) == host.MAX_DENIED_RECORDED
+
+
 def test_failing_kv_backend_is_an_error_code():
     class Broken:
         def get(self, namespace, key):

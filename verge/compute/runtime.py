@@ -59,6 +59,7 @@ from wasmtime._extern import wrap_extern
 
 from verge.compute import wagi
 from verge.compute.host import Capabilities, HostServices, HostState, define_host_functions
+from verge.config import MAX_FUNCTION_MEMORY_MB
 from verge.files import write_atomic
 from verge.http.message import Headers
 
@@ -106,11 +107,12 @@ class PoolSettings:
     It makes instantiate + teardown ~35 µs cheaper per request. ``max_instances`` bounds
     the instances alive at once in this process (an invocation beyond it fails with
     outcome ``error``); ``max_memory_bytes`` is the largest memory limit a function may
-    have on this runtime.
+    have on this runtime: by default the config's (and so the control plane's) upper bound
+    of ``memory_mb``, so whatever a deployment may ask for fits in a slot.
     """
 
     max_instances: int = 256
-    max_memory_bytes: int = 256 * MiB
+    max_memory_bytes: int = MAX_FUNCTION_MEMORY_MB * MiB
     max_table_elements: int = 100_000
     keep_resident_bytes: int = 1 * MiB
 

@@ -2,16 +2,19 @@
 
 A request goes to the healthy origins in weighted order, starting from a rotating point so
 load spreads by weight; on a connect error — or a 5xx when the request can be replayed —
-the next origin is tried. An origin that fails ``fails`` times in a row (checks or live
-requests) is marked down until ``passes`` consecutive health checks succeed. When every
-origin is down they are all tried anyway: a wrong health verdict must not black-hole a site.
+the next origin is tried. The rotation is smooth weighted round-robin, as in nginx: its time
+and memory depend on the number of origins, never on the weights, so no weight in a
+tenant's config can make an edge worker allocate or loop for it.
+
+An origin that fails ``fails`` times in a row (checks or live requests) is marked down until
+``passes`` consecutive health checks succeed. When every origin is down they are all tried
+anyway: a wrong health verdict must not black-hole a site.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -41,23 +44,41 @@ class OriginSet:
             OriginState(Origin.parse(spec.url, **spec.tls_options()), spec.weight, spec.host_header)
             for spec in specs
         ]
-        ring = [i for i, s in enumerate(self.states) for _ in range(s.weight)]
-        self._ring = itertools.cycle(ring or [0])
+        self._weights = [max(0, state.weight) for state in self.states]
+        self._credit = [0] * len(self.states)
+        self._total_weight = sum(self._weights)
         self._fails = health_check.fails if health_check else 3
         self._passes = health_check.passes if health_check else 2
         self._task: asyncio.Task | None = None
 
     def order(self) -> list[OriginState]:
         """Healthy origins first, starting at the weighted round-robin position."""
-        start = next(self._ring)
+        start = self._next_start()
         rotated = self.states[start:] + self.states[:start]
         healthy = [s for s in rotated if s.healthy]
         return healthy + [s for s in rotated if not s.healthy]
 
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]],
-                      body: bytes | AsyncIterator[bytes] | None = None,
-                      candidates: list[OriginState] | None = None,
-                      ) -> tuple[UpstreamResponse, OriginState]:
+    def _next_start(self) -> int:
+        """Smooth weighted round-robin: every origin earns its weight in credit, the one with
+        the most credit is picked and pays the total. Over any run of total-weight picks each
+        origin is picked weight times, spread out rather than in a burst."""
+        if self._total_weight == 0:
+            return 0
+        credit = self._credit
+        for index, weight in enumerate(self._weights):
+            credit[index] += weight
+        chosen = max(range(len(credit)), key=credit.__getitem__)
+        credit[chosen] -= self._total_weight
+        return chosen
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None = None,
+        candidates: list[OriginState] | None = None,
+    ) -> tuple[UpstreamResponse, OriginState]:
         """Send to the best origin (or the given candidates in order), failing over; raises
         the last UpstreamError when all fail."""
         replayable = body is None or isinstance(body, bytes)
@@ -88,7 +109,9 @@ class OriginSet:
         assert last_error is not None
         raise last_error
 
-    def _with_host(self, headers: list[tuple[str, str]], state: OriginState) -> list[tuple[str, str]]:
+    def _with_host(
+        self, headers: list[tuple[str, str]], state: OriginState
+    ) -> list[tuple[str, str]]:
         """The origin's host_header if set; the client's Host; or (an HTTP/1.0 client sent
         none) the origin's own authority, since HTTP/1.1 requires one (RFC 9112 §3.2)."""
         if state.host_header is None:
@@ -129,7 +152,10 @@ class OriginSet:
 
     async def _check_one(self, state: OriginState) -> None:
         check = self.health_check
-        headers = [("Host", state.host_header or state.origin.authority), ("User-Agent", "verge-health")]
+        headers = [
+            ("Host", state.host_header or state.origin.authority),
+            ("User-Agent", "verge-health"),
+        ]
         ok = False
         with contextlib.suppress(UpstreamError, OSError, TimeoutError):
             async with asyncio.timeout(check.timeout):
