@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 	bash scripts/vendor-web.sh
+	bash scripts/build-native.sh $(BIN)/python
 
 # What the tests drive: curl, zstd, gzip, headless Chromium (dashboard), PostgreSQL (store
 # tests), npm (vendoring uPlot for the dashboard and hls.js for the player), dig (DNS router), openssl (TLS),

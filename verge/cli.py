@@ -44,6 +44,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _choose_h2_engine(engine: str, https: bool) -> None:
+    """--h2-engine: checked here, handed to the workers through their environment."""
+    from verge.edge.worker import H2_ENGINE_ENV
+
+    if engine not in ("python", "native"):
+        _fail("--h2-engine must be 'python' or 'native'")
+    if engine == "native":
+        from verge.http import native_h2
+
+        if not https:
+            _fail("--h2-engine native needs --https HOST:PORT")
+        if not native_h2.available():
+            _fail(f"--h2-engine native: {native_h2.BUILD_HINT}")
+    os.environ[H2_ENGINE_ENV] = engine
+
+
 @app.command()
 def edge(
     listen: Annotated[str, typer.Option(
@@ -70,6 +86,9 @@ def edge(
         help="HOST:PORT for HTTPS (TLS 1.2/1.3, HTTP/2 and HTTP/1.1 by ALPN); certificates from the config's tls section.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Default certificate (PEM chain) for --https.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Key of --tls-cert.")] = None,
+    h2_engine: Annotated[str, typer.Option(
+        help="HTTPS engine: 'python' (TLS 1.2/1.3, HTTP/2 and HTTP/1.1) or 'native' (Rust: "
+             "rustls + hyper, HTTP/2 only; build it with scripts/build-native.sh).")] = "python",
 ) -> None:
     """Run an edge cache node in front of one or more origins."""
     from verge.config import ConfigError
@@ -102,6 +121,7 @@ def edge(
         _fail("--tls-cert and --tls-key go together")
     if https and not (tls_cert or cfg.tls.certificates or cfg.tls.default or control):
         _fail("--https needs certificates: --tls-cert/--tls-key or the config's tls section")
+    _choose_h2_engine(h2_engine, bool(https))
     if not cfg.services and not control:
         _fail("no services: give --origin URL, a --config file with services, or --control")
     options.access_log = access_log if access_log is not None else cfg.access_log

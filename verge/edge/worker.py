@@ -43,6 +43,7 @@ from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
 
 log = logging.getLogger("verge.worker")
+H2_ENGINE_ENV = "VERGE_H2_ENGINE"  # "native": HTTPS by verge.http.native_h2
 DRAIN_SECONDS = 3.0  # SIGTERM: how long requests in flight may take (the supervisor waits 5 s)
 MOUNT_SECONDS = 15.0  # start-up waits this long for the ingest routes (the supervisor: 30 s)
 
@@ -136,11 +137,15 @@ class Worker:
         for server in (self.server, getattr(self, "tls_server", None), getattr(self, "h3", None)):
             if server is not None:
                 server.close()
+        native = getattr(self, "native_h2", None)
+        if native is not None:
+            native.close()  # GOAWAY on every native connection; streams in flight finish
         for conn in list(HttpServerProtocol.connections):
             conn.close_gracefully()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while HttpServerProtocol.connections and loop.time() < deadline:
+        while (HttpServerProtocol.connections or (native is not None and native.connections)) \
+                and loop.time() < deadline:
             await asyncio.sleep(0.02)  # connections close on their own schedule
         self.app.records.flush()
         os._exit(0)
@@ -172,16 +177,28 @@ class Worker:
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     async def _serve_https(self) -> None:
-        """The TLS listener: SNI picks the certificate, ALPN the protocol (h2 or http/1.1)."""
+        """The TLS listener: SNI picks the certificate, ALPN the protocol (h2 or http/1.1).
+
+        With ``verge edge --h2-engine native`` (VERGE_H2_ENGINE=native) the native front
+        (:mod:`verge.http.native_h2`) serves it instead: TLS and HTTP/2 in Rust, h2 only.
+        """
         from verge.http.alpn import serve_tls
         from verge.http.tls import TlsStore
 
-        self.tls = TlsStore(*tls_certs(self.config))
-        self.set_ticket_keys(self.ticket_keys)
         host, port = self.options["https_host"], self.options["https_port"]
         sock = reuseport_socket(host, port)
         self.app.https_port = port
-        self.tls_server = await serve_tls(self.app, sock, self.limits, self.tls.server_context())
+        if os.environ.get(H2_ENGINE_ENV) == "native":
+            from verge.http.native_h2 import serve_native_h2
+
+            self.native_h2 = await serve_native_h2(self.app, sock, self.limits,
+                                                   *tls_certs(self.config))
+            self.tls = self.native_h2  # reload() and set_ticket_keys() as TlsStore's
+        else:
+            self.tls = TlsStore(*tls_certs(self.config))
+            self.tls_server = await serve_tls(self.app, sock, self.limits,
+                                              self.tls.server_context())
+        self.set_ticket_keys(self.ticket_keys)
         await self._serve_h3(host, port)
 
     def set_ticket_keys(self, encoded: list[str]) -> dict:
