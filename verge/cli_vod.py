@@ -3,6 +3,11 @@
 ``verge vod add movie.mp4 --name movie`` transcodes to the stream application's ladder with a
 progress bar; the running ``verge stream`` serves the entry at /vod/movie.m3u8, .mpd and .mp4
 (the library is a directory: no server needs to be told).
+
+Without ``--config`` or ``--data-dir``, a ``verge up`` state directory here (``.verge-up/`` with
+up.json) means the demo's stream config: the entry goes where the demo's stream server (and so
+its edges) serves it, not into a ``./stream-data`` nobody serves. Either way the command says
+where the files went and how to watch them.
 """
 
 from __future__ import annotations
@@ -10,15 +15,20 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from verge.stream.vod import VodLibrary
+    from verge.up import DemoStream
 
 vod_app = typer.Typer(
     help="On-demand video: package files into HLS + DASH + progressive MP4.",
     no_args_is_help=True,
 )
 
+DEFAULT_UP_JSON = ".verge-up/up.json"
 ConfigOption = Annotated[
     Path | None, typer.Option(help="YAML config; its `stream` section (data_dir, ladder).")
 ]
@@ -32,7 +42,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _library(config: Path | None, data_dir: Path | None):
+def _demo_stream(config: Path | None, data_dir: Path | None) -> DemoStream | None:
+    """The `verge up` demo's stream server when no library was named (and one is here)."""
+    if config is not None or data_dir is not None:
+        return None
+    from verge.up import find_demo_stream
+
+    demo = find_demo_stream()
+    if demo is not None:
+        typer.echo(
+            f"using the `verge up` demo's stream config {demo.config} "
+            f"(from {demo.state_dir / 'up.json'}; --config or --data-dir to choose another)",
+            err=True,
+        )
+    return demo
+
+
+def _library(config: Path | None, data_dir: Path | None) -> VodLibrary:
     from verge.config import ConfigError, load_config
     from verge.stream.vod import VodLibrary
 
@@ -61,7 +87,8 @@ def vod_add(
     from verge.stream.transcode import FfmpegNotFound
     from verge.stream.vod import VodError
 
-    library = _library(config, data_dir)
+    demo = _demo_stream(config, data_dir)
+    library = _library(demo.config if demo else config, data_dir)
     columns = (
         "[progress.description]{task.description}",
         BarColumn(),
@@ -83,11 +110,44 @@ def vod_add(
         f"{r['name']} {r['width']}x{r['height']}" if r.get("width") else r["name"]
         for r in entry.renditions
     )
-    typer.echo(f"{entry.name}: {entry.duration:.1f} s, {renditions} -> {entry.path}")
-    typer.echo(
-        f"serve with `verge stream`: /vod/{entry.name}.m3u8 /vod/{entry.name}.mpd "
-        f"/vod/{entry.name}.mp4"
-    )
+    typer.echo(f"{entry.name}: {entry.duration:.1f} s, {renditions} -> {entry.path.resolve()}")
+    for line in _where_to_watch(entry.name, demo, config, data_dir, library):
+        typer.echo(line)
+
+
+def _where_to_watch(
+    name: str,
+    demo: DemoStream | None,
+    config: Path | None,
+    data_dir: Path | None,
+    library: VodLibrary,
+) -> list[str]:
+    """Lines saying which server serves the new entry and at which URLs."""
+    if demo is not None:
+        where = f"{demo.vod_url}/{name}.m3u8" if demo.vod_url else f"/vod/{name}.m3u8"
+        return [f"watch it through the demo's edges while `verge up` runs: {where} (.mpd, .mp4)"]
+    lines = []
+    if config is None and data_dir is None:
+        lines.append(f"no `verge up` state here ({DEFAULT_UP_JSON}), so not in a demo's library")
+    lines += [
+        f"serve it with {_serve_command(config, data_dir, library)}, "
+        f"at http://127.0.0.1:8090/vod/{name}.m3u8 (.mpd, .mp4)",
+        "through an edge: a service rule sending /vod/ to that stream server",
+    ]
+    return lines
+
+
+def _serve_command(config: Path | None, data_dir: Path | None, library: VodLibrary) -> str:
+    """The `verge stream` command line that serves this library."""
+    if data_dir is not None:
+        return (
+            "`verge stream --config FILE` where FILE has "
+            f"`stream: {{data_dir: {library.root.parent.resolve()}}}`"
+        )
+    here = "" if Path(library.settings.data_dir).is_absolute() else f" run in {Path.cwd()}"
+    if config is not None:
+        return f"`verge stream --config {config.resolve()}`{here}"
+    return f"`verge stream`{here} (data_dir ./stream-data)"
 
 
 @vod_app.command("list")
@@ -99,7 +159,8 @@ def vod_list(
     ] = False,
 ) -> None:
     """List the VOD library's entries."""
-    entries = _library(config, data_dir).entries()
+    demo = _demo_stream(config, data_dir)
+    entries = _library(demo.config if demo else config, data_dir).entries()
     if as_json:
         typer.echo(json.dumps([dict(e.meta) for e in entries], indent=2))
         return

@@ -192,13 +192,37 @@ def test_plan_never_upscales() -> None:
     tracks = tc.plan_outputs(LADDER, source)
     assert [(t.name, t.kind, t.copy) for t in tracks] == [
         ("source", "video", True),
-        ("360p", "video", False),
-        ("240p", "video", False),
+        ("240p", "video", False),  # 720p, 480p would upscale; 360p is the source's own size
         ("audio", "audio", True),
     ]
-    assert (tracks[2].width, tracks[2].height) == (426, 240)
+    assert (tracks[1].width, tracks[1].height) == (426, 240)
     small = tc.SourceInfo(True, False, 320, 240, None, video_codec=7)
     assert [t.name for t in tc.plan_outputs(tc.DEFAULT_LADDER, small)] == ["source"]
+
+
+@pytest.mark.parametrize(
+    ("height", "expected"),
+    [
+        (720, ["source", "480p", "360p"]),  # not "source" and "720p" of the same size
+        (1080, ["source", "720p", "480p", "360p"]),
+        (1088, ["source", "720p", "480p", "360p"]),  # 1080p rung: the coded height, 8 px more
+        (728, ["source", "480p", "360p"]),  # within a few pixels of 720
+        (712, ["source", "480p", "360p"]),  # a 720p rung would upscale
+        (740, ["source", "720p", "480p", "360p"]),  # 20 px taller: 720p is a real step down
+        (480, ["source", "360p"]),
+    ],
+)
+def test_plan_leaves_out_rungs_of_the_sources_own_height(height: int, expected: list[str]) -> None:
+    ladder = tc.ladder_from_config(["source", "1080p", "720p", "480p", "360p"])
+    source = tc.SourceInfo(True, True, height * 16 // 9, height, 30.0, video_codec=7)
+    assert [t.name for t in tc.plan_outputs(ladder, source)] == [*expected, "audio"]
+
+
+def test_same_height_rung_is_kept_without_a_source_rung() -> None:
+    """A ladder that does not keep the source: its 720p rung is the only 720p there is."""
+    source = tc.SourceInfo(True, False, 1280, 720, 30.0, video_codec=7)
+    tracks = tc.plan_outputs(tc.ladder_from_config(["720p", "480p"]), source)
+    assert [(t.name, t.height) for t in tracks] == [("720p", 720), ("480p", 480)]
 
 
 def test_plan_for_audio_only_and_other_codecs() -> None:
@@ -214,7 +238,7 @@ def test_plan_for_audio_only_and_other_codecs() -> None:
 def test_variants_give_bandwidth_and_resolution() -> None:
     source = tc.SourceInfo(True, True, 1280, 720, 30.0, 7, 10, video_bitrate=3_000_000)
     found = {v.name: v for v in tc.variants(tc.plan_outputs(tc.DEFAULT_LADDER, source))}
-    assert list(found) == ["source", "720p", "480p", "360p"]
+    assert list(found) == ["source", "480p", "360p"]  # a 720p rung would be the source again
     audio = 128_000
     assert found["source"].bandwidth == 3_000_000 + audio
     assert found["480p"] == tc.Variant("480p", 854, 480, 30.0, 1_498_000 + audio, "480p", "audio")
@@ -301,9 +325,9 @@ async def test_ladder_output_is_fragmented_mp4(av_flv: bytes, tmp_path: Path) ->
     pid = job.pid
     await job.close()
     assert got.exits == [(True, "closed")] and _gone(pid)
-    assert [t.name for t in got.plans[0]] == ["source", "360p", "240p", "audio"]
-    assert got.kinds == {"source": "video", "360p": "video", "240p": "video", "audio": "audio"}
-    expected = {"source": (640, 360), "360p": (640, 360), "240p": (426, 240)}
+    assert [t.name for t in got.plans[0]] == ["source", "240p", "audio"]  # 360p: the source's
+    assert got.kinds == {"source": "video", "240p": "video", "audio": "audio"}
+    expected = {"source": (640, 360), "240p": (426, 240)}
     for name, track in got.tracks.items():
         assert [kind for kind, _ in track.boxes[:3]] == ["ftyp", "moov", "moof"]
         assert {kind for kind, _ in track.boxes[2:]} == {"moof", "mdat"}
@@ -342,8 +366,8 @@ async def test_video_only_input_gives_no_audio(video_flv: bytes, tmp_path: Path)
     job = got.job(max_lag=60.0)
     job.feed(video_flv)
     await job.close()
-    assert sorted(got.tracks) == ["240p", "source"]  # 320x240: nothing taller
-    streams = _probe(_save(got.tracks["240p"], tmp_path / "v.mp4"), "-show_streams")["streams"]
+    assert sorted(got.tracks) == ["source"]  # 320x240: no rung below it, 240p is its own size
+    streams = _probe(_save(got.tracks["source"], tmp_path / "v.mp4"), "-show_streams")["streams"]
     assert (streams[0]["width"], streams[0]["height"]) == (320, 240)
 
 
@@ -445,7 +469,7 @@ async def test_restart_after_ffmpeg_dies_and_latency(av_flv: bytes, tmp_path: Pa
 async def test_new_sequence_header_replans(
     av_flv: bytes, small_av_flv: bytes, tmp_path: Path
 ) -> None:
-    """A publisher switching to 320x240 mid-stream: new process, new plan, no 360p."""
+    """A publisher switching to 320x240 mid-stream: new process, new plan, no 240p (its size)."""
     got = Collector()
     job = got.job(max_lag=60.0)
     job.feed(av_flv)
@@ -454,15 +478,15 @@ async def test_new_sequence_header_replans(
             job.feed(flv.tag(tag.tag_type, tag.timestamp + 4040, tag.body))
     await job.close()
     assert [[t.name for t in plan] for plan in got.plans] == [
-        ["source", "360p", "240p", "audio"],
         ["source", "240p", "audio"],
+        ["source", "audio"],
     ]
     [change] = got.restarts
     assert change.attempt == 0 and "video sequence header changed" in change.reason
     assert change.input_timestamp == 4040
     assert job.stats.processes == 2
     source = got.tracks["source"]
-    assert len(source.inits) == 2 and len(got.tracks["360p"].inits) == 1
+    assert len(source.inits) == 2 and len(got.tracks["240p"].inits) == 1
     before, after = tmp_path / "before.mp4", tmp_path / "after.mp4"
     before.write_bytes(source.data[: source.inits[1]])
     after.write_bytes(source.data[source.inits[1] :])

@@ -33,7 +33,7 @@ TOKEN = "vod-secret"
 FFMPEG = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y"]
 
 
-def make_sample(path: Path, seconds: float, size: str = "640x360") -> Path:
+def make_sample(path: Path, seconds: float, size: str = "854x480") -> Path:
     """A lavfi test source, H.264 + AAC in MP4."""
     subprocess.run(
         [*FFMPEG, "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25", "-f", "lavfi",
@@ -112,10 +112,11 @@ def leftovers(root: Path) -> list[str]:
 def test_cli_add_makes_an_entry_and_lists_it(data_dir: Path, sample: Path) -> None:
     entry = data_dir / "vod" / "clip"
     meta = json.loads((entry / "meta.json").read_text())
-    # 640x360 source: the 720p and 480p rungs would upscale and are left out
+    # 854x480 source: 720p would upscale, 480p is the source's own size; both are left out
     assert [r["name"] for r in meta["renditions"]] == ["source", "360p", "audio"]
     assert {(r["width"], r["height"]) for r in meta["renditions"] if r["kind"] == "video"} == {
-        (640, 360)
+        (854, 480),
+        (640, 360),
     }
     assert abs(meta["duration"] - 6.0) < 0.2
     assert {"master.m3u8", "manifest.mpd", "download.mp4"} <= {p.name for p in entry.iterdir()}
@@ -142,7 +143,7 @@ def test_cli_add_makes_an_entry_and_lists_it(data_dir: Path, sample: Path) -> No
 async def test_ffprobe_reads_hls_dash_and_mp4(server: StreamServer) -> None:
     hls = await probe(base(server) + "/vod/clip.m3u8")
     videos = [s for s in hls["streams"] if s["codec_name"] == "h264"]
-    assert len(videos) == 2 and {(s["width"], s["height"]) for s in videos} == {(640, 360)}
+    assert {(s["width"], s["height"]) for s in videos} == {(854, 480), (640, 360)}
     assert any(s["codec_name"] == "aac" for s in hls["streams"])
     dash = await probe(base(server) + "/vod/clip.mpd")
     assert sorted(s["codec_name"] for s in dash["streams"]) == ["aac", "h264", "h264"]

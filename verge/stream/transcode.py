@@ -16,7 +16,8 @@ separate fragmented MP4 written to its own pipe with :data:`FMP4_FLAGS`, so each
 one CMAF track: an init segment (ftyp+moov) then moof+mdat fragments of about 200 ms, cut at
 every keyframe of video. Encoded rungs get a keyframe every second (``-g`` = 1 s of frames,
 ``keyint_min`` equal, no scene cuts, plus a time-based forced keyframe), so segment boundaries
-line up across renditions. Rungs taller than the source are skipped: never upscale.
+line up across renditions. Rungs taller than the source are skipped: never upscale; so are
+rungs of the source's own height when the ladder keeps the source (the same size twice).
 
 What the stream carries is decided before ffmpeg starts, from the first tags: onMetaData names
 the codecs it has (``videocodecid``/``audiocodecid``); the job then waits for the sequence
@@ -145,6 +146,9 @@ class Rendition:
         return self.bufsize or int(self.video_bitrate * 1.5)
 
 
+SAME_HEIGHT_TOLERANCE = 8
+"""Pixels: a rung this close to the source's height is the source again (not encoded)."""
+
 PRESETS: dict[str, Rendition] = {
     "source": Rendition("source", None),
     "1080p": Rendition("1080p", 1080, 5_000_000, 128_000),
@@ -228,7 +232,8 @@ class Variant:
 
 
 def plan_outputs(ladder: Iterable[Rendition], source: SourceInfo) -> list[OutputTrack]:
-    """The tracks to produce: video rungs no taller than the source, then the shared audio."""
+    """The tracks to produce: video rungs below the source's height (and the source), then the
+    shared audio."""
     ladder = list(ladder)
     tracks: list[OutputTrack] = []
     if source.has_video:
@@ -261,9 +266,23 @@ def variants(tracks: Iterable[OutputTrack]) -> list[Variant]:
 
 
 def _fitting(ladder: list[Rendition], source: SourceInfo) -> list[Rendition]:
+    """The rungs worth making: none taller than the source (no upscaling) and, when the ladder
+    has the source itself, none of the source's own height (a 720p rung for a 720p source is
+    the same picture again, encoded worse)."""
     if source.height is None:
         return ladder  # unknown size: keep them all rather than guess
-    return [r for r in ladder if r.height is None or r.height <= source.height]
+    has_source = any(r.is_source for r in ladder)
+    return [
+        r
+        for r in ladder
+        if r.height is None
+        or (r.height <= source.height and not (has_source and _same_height(r.height, source)))
+    ]
+
+
+def _same_height(height: int, source: SourceInfo) -> bool:
+    """Within a few pixels of the source's height (1080 vs 1088 coded, 720 vs 718 cropped)."""
+    return source.height is not None and abs(source.height - height) <= SAME_HEIGHT_TOLERANCE
 
 
 def _video_track(rendition: Rendition, source: SourceInfo) -> OutputTrack:
