@@ -1,4 +1,5 @@
-"""Operator commands for the control plane: `verge tenant|token|service|origin|node|fn|kv ...`.
+"""Operator commands for the control plane: `verge tenant|token|service|origin|node|fn|kv ...`
+and `verge hostnames`.
 
 An operator runs these against `verge control` instead of editing YAML on every edge. Each
 command is a thin shell over `verge.control.client.ControlClient`: read flags (and files), make
@@ -169,24 +170,125 @@ def _report(as_json: bool, result: Any, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 tenant_app = typer.Typer(
-    help="Tenants: the owners of services and tokens (only admins create them).",
+    help="Tenants: the owners of services and tokens, and the DNS zones their services may "
+    "claim hosts in (only admins create tenants and delegate zones).",
     no_args_is_help=True,
 )
+zone_app = typer.Typer(
+    help="A tenant's zones: its tokens may create services only for hosts inside them.",
+    no_args_is_help=True,
+)
+tenant_app.add_typer(zone_app, name="zone")
+
+TENANT_COLUMNS = [("id", "ID"), ("name", "NAME"), ("zones", "ZONES"), ("created_at", "CREATED")]
+
+
+def _tenant_line(tenant: dict[str, Any]) -> str:
+    zones = ", ".join(tenant.get("zones") or []) or "no zones yet"
+    return f"tenant {tenant.get('name', '-')}: {zones}"
+
+
+def _warn_conflicts(conflicts: list[str]) -> None:
+    """Hosts a zone change leaves in conflict (they keep working until an admin acts)."""
+    for conflict in conflicts:
+        typer.secho(f"warning: {conflict}", fg=typer.colors.YELLOW, err=True)
+    if conflicts:
+        typer.secho(
+            "see `verge hostnames --conflicts`; move or delete those services to resolve",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
 @tenant_app.command("add")
 def tenant_add(
     name: Annotated[str, typer.Argument(help="Tenant name.")],
+    zone: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--zone",
+            help="DNS zone delegated to the tenant, e.g. example.com (repeat): its tokens may "
+            "create services for that name, names below it and *.NAME wildcards inside it.",
+        ),
+    ] = None,
     control: ControlUrl = DEFAULT_CONTROL,
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Create a tenant."""
+    """Create a tenant, with the zones its services may claim hosts in."""
     with _session(control, token) as client:
-        tenant = client.create_tenant(name)
+        tenant = client.create_tenant(name, zone or [])
     _report(
-        as_json, tenant, f"tenant {tenant.get('name', name)} created (id {tenant.get('id', '-')})"
+        as_json,
+        tenant,
+        f"tenant {tenant.get('name', name)} created (id {tenant.get('id', '-')}); zones: "
+        f"{', '.join(tenant.get('zones') or []) or 'none (its tokens can claim no host yet)'}",
     )
+
+
+@tenant_app.command("show")
+def tenant_show(
+    name: Annotated[str, typer.Argument(help="Tenant name.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a tenant and its zones."""
+    with _session(control, token) as client:
+        tenant = client.get_tenant(name)
+    _report(as_json, tenant, _tenant_line(tenant))
+
+
+@zone_app.command("add")
+def zone_add(
+    tenant: Annotated[str, typer.Argument(help="Tenant name.")],
+    zones: Annotated[list[str], typer.Argument(metavar="ZONE...", help="DNS zones to delegate.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delegate zones to a tenant (refused when one nests in another tenant's zone)."""
+    with _session(control, token) as client:
+        result = client.add_zones(tenant, zones)
+    _report(as_json, result, _tenant_line(result))
+    if not as_json:
+        _warn_conflicts(result.get("conflicts") or [])
+
+
+@zone_app.command("rm")
+def zone_rm(
+    tenant: Annotated[str, typer.Argument(help="Tenant name.")],
+    zone: Annotated[str, typer.Argument(help="The zone to take back.")],
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Take a zone back: the tenant can claim no new host there (its services keep theirs)."""
+    with _session(control, token) as client:
+        result = client.remove_zone(tenant, zone)
+    _report(as_json, result, _tenant_line(result))
+    if not as_json:
+        _warn_conflicts(result.get("conflicts") or [])
+
+
+@zone_app.command("list")
+def zone_list(
+    tenant: Annotated[
+        str | None, typer.Argument(help="Tenant name (default: every tenant's zones).")
+    ] = None,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """List zones and the tenant each is delegated to."""
+    with _session(control, token) as client:
+        tenants = [client.get_tenant(tenant)] if tenant else _every(client.list_tenants)
+    rows = [{"zone": z, "tenant": t["name"]} for t in tenants for z in t.get("zones") or []]
+    if as_json:
+        _print_json(rows)
+    else:
+        _table("Zones", sorted(rows, key=lambda r: r["zone"]), [("zone", "ZONE"),
+                                                                ("tenant", "TENANT")])
 
 
 @tenant_app.command("list")
@@ -199,7 +301,64 @@ def tenant_list(
     if as_json:
         _print_json(tenants)
     else:
-        _table("Tenants", tenants, [("id", "ID"), ("name", "NAME"), ("created_at", "CREATED")])
+        _table("Tenants", tenants, TENANT_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# verge hostnames
+# ---------------------------------------------------------------------------------------------
+
+HOSTNAME_COLUMNS = [
+    ("host", "HOST"),
+    ("tenant", "TENANT"),
+    ("service", "SERVICE"),
+    ("zone", "ZONE"),
+    ("covered", "COVERED BY"),
+    ("problems", "CONFLICTS"),
+]
+
+
+def _all_hostnames(client: ControlClient, conflicts_only: bool) -> dict[str, Any]:
+    """Every page of GET /hostnames: {"items", "conflicts", "zones"}."""
+    first = client.hostnames(limit=1000, offset=0, conflicts_only=conflicts_only)
+    items = list(first.get("items", []))
+    while len(items) < first.get("total", 0):
+        page = client.hostnames(limit=1000, offset=len(items), conflicts_only=conflicts_only)
+        if not page.get("items"):
+            break
+        items.extend(page["items"])
+    return {**first, "items": items}
+
+
+def _hostname_row(item: dict[str, Any]) -> dict[str, Any]:
+    covered = [f"{w['host']} ({w['service']}, {w['tenant']})" for w in item.get("covered_by", [])]
+    kinds = [c.get("kind", "") for c in item.get("conflicts", [])]
+    return {**item, "covered": covered, "problems": kinds}
+
+
+def hostnames(
+    conflicts: Annotated[
+        bool, typer.Option("--conflicts", help="Only hosts with a conflict.")
+    ] = False,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Who owns which hostname: every service host with its tenant, service, zone, the
+    wildcards covering it, and conflicts (hosts outside their tenant's zones, inside another
+    tenant's zone, or under another tenant's wildcard). Resolve a conflict by moving or
+    deleting the service (`verge service edit|rm`) or with `verge tenant zone add|rm`."""
+    with _session(control, token) as client:
+        report = _all_hostnames(client, conflicts)
+    if as_json:
+        _print_json(report)
+        return
+    _table("Hostnames", [_hostname_row(item) for item in report["items"]], HOSTNAME_COLUMNS)
+    found = report.get("conflicts") or []
+    for conflict in found:
+        typer.echo(f"conflict ({conflict.get('kind')}): {conflict.get('message')}")
+    if not found:
+        typer.echo("no conflicts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1098,9 +1257,12 @@ def purge_via_control(
         else:
             _done(f"{kind} #{seq} queued; no edge is up now (edges apply it when they reconnect)")
     if pending:
+        down = set(status.get("down") or [])
+        names = [f"{name} (down)" if name in down else name for name in sorted(pending)]
         _fail(
             f"purge #{seq}: {len(pending)} of {len(acked) + len(pending)} edges did not "
-            f"acknowledge within {timeout:g}s: {', '.join(sorted(pending))}"
+            f"acknowledge within {timeout:g}s: {', '.join(names)}; they apply it when they "
+            "reconnect"
         )
 
 
@@ -1116,3 +1278,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(node_app, name="node")
     app.add_typer(fn_app, name="fn")
     app.add_typer(kv_app, name="kv")
+    app.command("hostnames")(hostnames)

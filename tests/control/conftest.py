@@ -99,9 +99,13 @@ class Api:
     def _headers(self, token: str | None, kw: dict) -> dict[str, str]:
         return {**bearer(token or self.admin), **kw.pop("headers", {})}
 
-    def tenant(self, name: str, role: str = "tenant_admin") -> str:
-        """Create tenant ``name`` (if needed) and return a new token of ``role`` for it."""
-        self.post("/api/v1/tenants", json={"name": name})
+    def tenant(self, name: str, role: str = "tenant_admin", zones: tuple[str, ...] = ()) -> str:
+        """Create tenant ``name`` (if needed) with ``zones`` delegated to it (its tokens may
+        claim hosts only inside them) and return a new token of ``role`` for it."""
+        created = self.post("/api/v1/tenants", json={"name": name, "zones": list(zones)})
+        if created.status_code == 409 and zones:
+            added = self.post(f"/api/v1/tenants/{name}/zones", json={"zones": list(zones)})
+            assert added.status_code == 200, added.text
         response = self.post("/api/v1/tokens", json={"role": role, "tenant": name})
         assert response.status_code == 201, response.text
         return response.json()["token"]

@@ -170,12 +170,13 @@ def test_lists_are_paginated(api: Api) -> None:
 
 
 def test_hosts_are_unique_across_tenants(api: Api) -> None:
-    acme, other = api.tenant("acme"), api.tenant("other")
+    acme = api.tenant("acme", zones=("acme.test",))
+    other = api.tenant("other", zones=("x.test",))
     api.service("acme-web", "www.acme.test", token=acme)
     clash = api.post(
         f"{V1}/services", other, json=service_body("other-web", "x.test", "www.acme.test")
     )
-    assert clash.status_code == 409 and clash.json()["field"] == "hosts[1]"
+    assert clash.status_code == 403 and clash.json()["field"] == "hosts[1]"  # not its zone
     assert "acme-web" not in clash.json()["error"]  # no leak of another tenant's service
     as_admin = api.post(f"{V1}/services", json=service_body("z", "www.acme.test"))
     assert as_admin.status_code == 409 and "acme-web" in as_admin.json()["error"]
@@ -213,7 +214,7 @@ def test_origins_can_be_added_and_removed(api: Api) -> None:
 
 
 def test_a_tenant_can_neither_see_nor_change_nor_purge_another_tenants_service(api: Api) -> None:
-    acme, other = api.tenant("acme"), api.tenant("other")
+    acme, other = api.tenant("acme", zones=("acme.test",)), api.tenant("other")
     api.service("acme-web", "www.acme.test", token=acme)
     acme_purge = api.post(f"{V1}/purge", acme, json={"urls": ["http://www.acme.test/a"]})
     assert acme_purge.status_code == 202
@@ -252,7 +253,7 @@ def test_a_tenant_can_neither_see_nor_change_nor_purge_another_tenants_service(a
 
 
 def test_tenant_cannot_move_a_service_to_another_tenant(api: Api) -> None:
-    acme = api.tenant("acme")
+    acme = api.tenant("acme", zones=("web.test",))
     api.tenant("other")
     api.service("web", token=acme)
     moved = api.put(
@@ -317,8 +318,8 @@ def test_config_bundle_holds_every_tenants_services(api: Api) -> None:
     credential = api.join()
     first = api.get(f"{V1}/nodes/self/config", credential).json()
     assert first["version"] == 1 and first["config"]["services"] == []
-    api.service("web", token=api.tenant("acme"))
-    api.service("blog", token=api.tenant("other"))
+    api.service("web", token=api.tenant("acme", zones=("web.test",)))
+    api.service("blog", token=api.tenant("other", zones=("blog.test",)))
     bundle = api.get(f"{V1}/nodes/self/config", credential, params={"after": 1}).json()
     assert bundle["version"] == 3
     config = Config.model_validate(bundle["config"])
@@ -523,7 +524,7 @@ def test_stats_ingest_is_idempotent_and_queryable(api: Api) -> None:
 
 
 def test_tenant_stats_are_scoped(api: Api) -> None:
-    acme = api.tenant("acme")
+    acme = api.tenant("acme", zones=("acme-web.test",))
     api.service("acme-web", token=acme)
     api.service("admin-web")
     node = api.join()
@@ -540,7 +541,7 @@ def test_tenant_stats_are_scoped(api: Api) -> None:
 
 
 def test_every_change_is_audited(api: Api) -> None:
-    acme = api.tenant("acme")
+    acme = api.tenant("acme", zones=("web.test", "new.test"))
     api.service("web", token=acme)
     api.put(
         f"{V1}/services/web",

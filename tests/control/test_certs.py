@@ -227,7 +227,8 @@ def test_expiring_soon_gets_a_warning(api: Api, ca: Ca) -> None:
 
 
 def test_tenant_isolation(api: Api, ca: Ca) -> None:
-    acme, other = api.tenant("acme"), api.tenant("other")
+    acme = api.tenant("acme", zones=("acme.test",))
+    other = api.tenant("other", zones=("other.test",))
     api.service("acme-site", "acme.test", "*.cdn.acme.test", token=acme)
     api.service("other-site", "other.test", token=other)
 
@@ -434,5 +435,70 @@ def test_cli_cert_add_list_rm(tmp_path, origin, ca) -> None:
         assert verge("rm", "cli").returncode == 0
         assert verge("list", "--json").stdout.strip() == "[]"
         assert verge("dev", "--help").returncode == 0
+    finally:
+        fleet.stop()
+
+
+def _presented(port: int, host: str) -> str:
+    """The common name of the certificate an edge presents for SNI ``host`` (unverified)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    return cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+
+
+@pytest.mark.timeout(120)
+def test_a_tenants_wildcard_certificate_is_never_presented_for_another_tenants_host(
+    tmp_path, origin, ca
+) -> None:
+    """The attack report: B uploaded `*.verge.test`; edges presented it for A's hosts."""
+    from tests.control.test_fleet import Fleet, wait_until
+    from verge.certs import dev_certificates
+
+    own = dev_certificates(tmp_path / "own", hosts=["localhost"])  # the node's default
+    fleet = Fleet(tmp_path, origin.url)
+    fleet.start_control()
+    try:
+        tokens = {}
+        for tenant, zone, hosts in (("a", "demo.verge.test", ["demo.verge.test", "*.demo.verge.test"]),
+                                    ("b", "b.verge.test", ["b.verge.test"])):
+            assert fleet.api.post("/api/v1/tenants",
+                                  json={"name": tenant, "zones": [zone]}).status_code == 201
+            made = fleet.api.post("/api/v1/tokens", json={"role": "tenant_admin", "tenant": tenant})
+            tokens[tenant] = {"Authorization": f"Bearer {made.json()['token']}"}
+            service = {"name": f"{tenant}-web", "hosts": hosts, "origins": [{"url": origin.url}]}
+            r = fleet.api.post("/api/v1/services", json=service, headers=tokens[tenant])
+            assert r.status_code == 201, r.text
+        for tenant, name, hosts in (("a", "a-cert", ["demo.verge.test", "*.demo.verge.test"]),
+                                    ("b", "b-wide", ["*.verge.test"])):
+            cert, key = ca.issue(*hosts, cn=name)
+            r = fleet.api.post("/api/v1/certificates", headers=tokens[tenant],
+                               json={"name": name, "cert_pem": cert, "key_pem": key})
+            assert r.status_code == 201, r.text
+
+        fleet.start_edge("e1", fleet.join_token(), extra=(
+            "--https", "127.0.0.1:0",
+            "--tls-cert", str(own.hosts["localhost"].cert_file),
+            "--tls-key", str(own.hosts["localhost"].key_file),
+        ))
+        port = int(fleet.edges["e1"].ready_line.rsplit(":", 1)[1])
+        wait_until(lambda: _presented(port, "b.verge.test") == "b-wide", what="certificates")
+        assert _presented(port, "demo.verge.test") == "a-cert"
+        assert _presented(port, "shop.demo.verge.test") == "a-cert"
+        assert _presented(port, "nobody.verge.test") == "localhost"  # not B's: B serves none
+
+        # without A's own certificate, A's hosts get the node's default, still never B's
+        assert fleet.api.delete("/api/v1/certificates/a-cert", headers=tokens["a"]).status_code \
+            == 204
+        wait_until(lambda: _presented(port, "demo.verge.test") == "localhost",
+                   what="A's certificate gone")
+        assert _presented(port, "b.verge.test") == "b-wide"
+        saved = json.loads((tmp_path / "e1" / "control" / "bundle.json").read_text())
+        assert [c["hosts"] for c in saved["config"]["tls"]["certificates"]] == [["b.verge.test"]]
     finally:
         fleet.stop()

@@ -162,6 +162,7 @@ def join_node(control: ControlPlane, name: str) -> ControlClient:
 COMMANDS = [
     ("tenant", "add"),
     ("tenant", "list"),
+    ("tenant", "show"),
     ("token", "create"),
     ("token", "list"),
     ("token", "revoke"),
@@ -273,6 +274,74 @@ def test_tenant_add_and_list(control: ControlPlane) -> None:
     names = {t["name"] for t in control.ok("tenant", "list", "--json").json()}
     assert {"acme", "globex"} <= names
     assert "409" not in control.fails("tenant", "add", "acme")  # the server's words, no codes
+
+
+def test_zone_commands_and_hostnames_document_their_flags() -> None:
+    for command in (["tenant", "zone", "add"], ["tenant", "zone", "rm"],
+                    ["tenant", "zone", "list"], ["hostnames"]):
+        result = CliRunner().invoke(_app(), [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        for flag in ("--control", "--token", "--json"):
+            assert flag in result.output
+    assert "--zone" in CliRunner().invoke(_app(), ["tenant", "add", "--help"]).output
+    assert "--conflicts" in CliRunner().invoke(_app(), ["hostnames", "--help"]).output
+
+
+def test_tenant_zones_limit_what_its_tokens_claim(control: ControlPlane) -> None:
+    origin = ["--origin", "http://127.0.0.1:1"]
+    created = control.ok(
+        "tenant", "add", "zeta", "--zone", "zeta.test", "--zone", "Zeta2.Test.", "--json"
+    ).json()
+    assert created["zones"] == ["zeta.test", "zeta2.test"]
+    assert "zeta.test, zeta2.test" in control.ok("tenant", "show", "zeta").out
+    assert "zeta2.test" in control.ok("tenant", "list").out
+    secret = control.ok("token", "create", "--role", "tenant_admin", "--tenant", "zeta").out.strip()
+    hosts = ["--host", "www.zeta.test", "--host", "*.img.zeta.test"]
+    control.ok("service", "add", "zeta-web", *hosts, *origin, token=secret)
+    error = control.fails("service", "add", "zeta-all", "--host", "*.test", *origin, token=secret)
+    assert "may not" in error and "outside your tenant's zones" in error
+    assert "may not" in control.fails("tenant", "zone", "add", "zeta", "x.test", token=secret)
+
+    control.ok("tenant", "add", "eta")
+    nested = control.fails("tenant", "zone", "add", "eta", "x.zeta.test")
+    assert "zone 'x.zeta.test' overlaps zone 'zeta.test' of tenant 'zeta'" in nested
+    assert "eta.test" in control.ok("tenant", "zone", "add", "eta", "eta.test", "eta2.test").out
+    zones = control.ok("tenant", "zone", "list", "--json").json()
+    assert {"zone": "eta2.test", "tenant": "eta"} in zones
+    assert "ZONE" in control.ok("tenant", "zone", "list", "eta").out
+
+
+def test_hostnames_show_conflicts_an_admin_resolves(control: ControlPlane) -> None:
+    origin = ["--origin", "http://127.0.0.1:1"]
+    control.ok("tenant", "add", "theta", "--zone", "theta.test")
+    control.ok("tenant", "add", "iota", "--zone", "iota.test")
+    secret = control.ok("token", "create", "--role", "tenant_admin", "--tenant", "iota").out.strip()
+    control.ok("service", "add", "iota-web", "--host", "iota.test", *origin, token=secret)
+    # an admin may put any free host anywhere: here into theta's zone, for iota
+    control.ok("service", "add", "iota-odd", "--host", "odd.theta.test", "--tenant", "iota",
+               *origin)
+
+    def conflicts() -> list[dict]:
+        found = control.ok("hostnames", "--conflicts", "--json").json()["conflicts"]
+        return [c for c in found if "theta" in c["host"] or "iota" in c["host"]]
+
+    assert [(c["host"], c["kind"], c["zone"]) for c in conflicts()] == [
+        ("odd.theta.test", "in_foreign_zone", "theta.test")
+    ]
+    table = control.ok("hostnames").out
+    assert "odd.theta.test" in table and "in_foreign_zone" in table and "iota.test" in table
+    # a tenant's token sees its own hosts and nothing of the other tenant's zone
+    own = control.ok("hostnames", "--json", token=secret).json()
+    assert {item["tenant"] for item in own["items"]} == {"iota"}
+    assert own["conflicts"] == [] and "theta" not in json.dumps(own["zones"])
+
+    control.ok("service", "rm", "iota-odd")
+    assert conflicts() == []
+    left = control.ok("tenant", "zone", "rm", "iota", "iota.test")
+    assert "tenant iota: no zones yet" in left.out
+    assert "warning: iota.test (service iota-web) is outside every zone" in left.err
+    assert [c["kind"] for c in conflicts()] == ["outside_zones"]
+    assert "no zone" in control.fails("tenant", "zone", "rm", "iota", "iota.test")
 
 
 def test_token_create_prints_the_secret_once_and_revoke_locks_it_out(
@@ -449,7 +518,7 @@ def test_origin_add_list_rm(control: ControlPlane) -> None:
 def test_tenant_admin_sees_and_edits_only_its_own_services(
     control: ControlPlane, tmp_path: Path
 ) -> None:
-    control.ok("tenant", "add", "hooli")
+    control.ok("tenant", "add", "hooli", "--zone", "hooli.test")
     created = control.ok("token", "create", "--role", "tenant_admin", "--tenant", "hooli")
     secret = created.out.strip()
     origin = ["--origin", "http://127.0.0.1:1"]

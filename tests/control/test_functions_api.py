@@ -136,7 +136,8 @@ def test_nodes_fetch_modules_by_sha256(api: Api) -> None:
 
 
 def test_tenants_deploy_only_onto_their_own_services(api: Api) -> None:
-    alice, bob = api.tenant("alice"), api.tenant("bob")
+    alice = api.tenant("alice", zones=("shop.test",))
+    bob = api.tenant("bob", zones=("bobshop.test",))
     api.service("shop", token=alice)
     api.service("bobshop", token=bob)
     mine = deploy(api, alice, kv_namespace="alice-data")
@@ -236,7 +237,7 @@ def test_nodes_follow_the_kv_change_feed(api: Api) -> None:
 
 def test_function_logs_from_nodes(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fn_store, "LOGS_KEPT", 5)
-    alice = api.tenant("alice")
+    alice = api.tenant("alice", zones=("shop.test",))
     api.service("shop", token=alice)
     deploy(api, alice)
     node = api.join("edge-7")

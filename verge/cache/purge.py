@@ -8,11 +8,20 @@ not a scan of the cache. Prefix purges are rarer and scan the keys (:func:`match
 
 Tags are compared exactly (case-sensitive, as Fastly does); callers that want Cloudflare's
 case-insensitive matching fold the case on both sides.
+
+A tag is not unique to one site: two tenants' origins may both say ``Surrogate-Key: home``.
+A purge of one service therefore comes with a :class:`PurgeScope` (the hosts that service
+serves), and only keys whose host is in scope go. Within one process the scope travels with
+the tag as one string (:func:`scoped_tag`: tag, a newline, the scope as JSON; no tag holds a
+newline, header values cannot), which :meth:`TagIndex.keys_for` understands, so the workers'
+purge command needs no new field.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 SURROGATE_KEY = "surrogate-key"
 CACHE_TAG = "cache-tag"
@@ -61,8 +70,15 @@ class TagIndex:
                 del self._keys_by_tag[tag]
 
     def keys_for(self, tag: str) -> set[str]:
-        """A copy of the keys tagged ``tag`` (safe to purge them while holding it)."""
-        return set(self._keys_by_tag.get(tag, ()))
+        """A copy of the keys tagged ``tag`` (safe to purge them while holding it).
+
+        ``tag`` may be a :func:`scoped_tag`: then only the keys of hosts in its scope.
+        """
+        tag, scope = split_scoped_tag(tag)
+        keys = self._keys_by_tag.get(tag, ())
+        if scope is None:
+            return set(keys)
+        return {key for key in keys if scope.contains(key_host(key))}
 
     def tags_for(self, key: str) -> frozenset[str]:
         return self._tags_by_key.get(key, frozenset())
@@ -78,3 +94,63 @@ class TagIndex:
 def match_prefix(keys: Iterable[str], prefix: str) -> list[str]:
     """The keys that start with ``prefix``, in the order given."""
     return [key for key in keys if key.startswith(prefix)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoped purges: one service's hosts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PurgeScope:
+    """The hosts one service serves, as the edge routes Host headers.
+
+    ``hosts`` are the service's host patterns (``name``, ``*.parent`` for every name below
+    it at any depth, ``*`` for every host); ``excluded`` are other services' patterns that
+    take precedence inside those (an exact host, a more specific wildcard).
+    """
+
+    hosts: frozenset[str]
+    excluded: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> PurgeScope:
+        """From the control plane's ``{"hosts": [...], "except": [...]}``."""
+        return cls(frozenset(data.get("hosts", ())), frozenset(data.get("except", ())))
+
+    def to_json(self) -> dict:
+        return {"hosts": sorted(self.hosts), "except": sorted(self.excluded)}
+
+    def contains(self, host: str) -> bool:
+        """Whether a request for ``host`` (a cache key's host) goes to this service."""
+        if host in self.hosts:
+            return True
+        if host in self.excluded:
+            return False
+        dot = host.find(".")
+        while dot != -1:  # the most specific wildcard decides
+            wildcard = "*" + host[dot:]
+            if wildcard in self.hosts:
+                return True
+            if wildcard in self.excluded:
+                return False
+            dot = host.find(".", dot + 1)
+        return "*" in self.hosts and "*" not in self.excluded
+
+
+def key_host(key: str) -> str:
+    """The host of a cache key or storage key (``host/path...``)."""
+    return key.partition("/")[0]
+
+
+def scoped_tag(tag: str, scope: PurgeScope) -> str:
+    """``tag`` limited to ``scope``, as one string for :meth:`TagIndex.keys_for`."""
+    return tag + "\n" + json.dumps(scope.to_json(), separators=(",", ":"))
+
+
+def split_scoped_tag(value: str) -> tuple[str, PurgeScope | None]:
+    """(tag, scope) of a :func:`scoped_tag`; (value, None) for a plain tag."""
+    tag, newline, scope = value.partition("\n")
+    if not newline:
+        return value, None
+    return tag, PurgeScope.from_json(json.loads(scope))

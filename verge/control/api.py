@@ -29,18 +29,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TextIO, TypeVar
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verge import config as vconfig
 from verge.control.auth import Principal
-from verge.control.functions import MAX_MODULE_BYTES, MAX_VALUE_BYTES, FunctionStore, TooLarge
+from verge.control.functions import (
+    MAX_KEY_BYTES,
+    MAX_MODULE_BYTES,
+    MAX_VALUE_BYTES,
+    FunctionStore,
+    TooLarge,
+)
 from verge.control.store import Store, StoreError, pydantic_error
 from verge.routing.health import HealthMonitor, Target
 
@@ -163,39 +170,78 @@ class VersionWatch:
 # Request bodies
 # ---------------------------------------------------------------------------------------------
 
-Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=63)]
-NodeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=63)]
-HttpUrl = Annotated[str, StringConstraints(pattern=r"^https?://\S+$", max_length=500)]
-NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+# Every field is bounded by the table in verge.config (tests/control/test_bounds.py checks the
+# OpenAPI schema): what the API accepts is what the store's columns and the edges can hold.
+Slug = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=vconfig.MAX_NAME)
+]
+NodeName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=vconfig.MAX_NAME)
+]
+HttpUrl = Annotated[
+    str, StringConstraints(pattern=r"^https?://\S+$", max_length=vconfig.MAX_NODE_URL)
+]
+NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_URL)]
+Name = Annotated[str, StringConstraints(max_length=vconfig.MAX_NAME)]
+"""A tenant, service or region name given by reference (the store says if it exists)."""
+Label = Annotated[str, StringConstraints(max_length=vconfig.MAX_LABEL)]
+Seq = Annotated[int, Field(ge=0, le=vconfig.MAX_SEQ)]
+Timestamp = Annotated[float, Field(ge=0, le=vconfig.MAX_TIMESTAMP, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=vconfig.MAX_SAMPLE_COUNT)]
+ReportKey = Annotated[str, StringConstraints(max_length=vconfig.MAX_LABEL)]
+ReportText = Annotated[str, StringConstraints(max_length=vconfig.MAX_TEXT)]
+ReportNumber = Annotated[float, Field(ge=-vconfig.MAX_SEQ, le=vconfig.MAX_SEQ, allow_inf_nan=False)]
+ReportInt = Annotated[int, Field(ge=-vconfig.MAX_SEQ, le=vconfig.MAX_SEQ)]
+ReportValue = (
+    bool
+    | ReportInt
+    | ReportNumber
+    | ReportText
+    | Annotated[list[ReportText], Field(max_length=vconfig.MAX_REPORT_LIST)]
+    | None
+)
+"""A value an edge reports (heartbeat, function log record): JSON scalars and lists of text."""
+ReportMap = Annotated[dict[ReportKey, ReportValue], Field(max_length=vconfig.MAX_REPORT_KEYS)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+ZoneName = Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_HOST)]
+"""A DNS zone delegated to a tenant (example.com); the store normalises and checks it."""
+Zones = Annotated[list[ZoneName], Field(max_length=vconfig.MAX_HOSTS_PER_SERVICE)]
 
 
 class TenantIn(_Body):
     name: Slug
+    zones: Zones = Field(default_factory=list)
+    """Zones whose hosts the tenant's services may claim (admins add more later)."""
+
+
+class ZonesIn(_Body):
+    zones: Annotated[Zones, Field(min_length=1)]
 
 
 class TokenIn(_Body):
-    role: str
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    tenant: str | None = None
+    role: Label
+    name: Annotated[Label, StringConstraints(min_length=1)] | None = None
+    tenant: Name | None = None
 
 
 class ServiceIn(vconfig.Service):
     """A ``verge.config.Service`` plus where it belongs."""
 
-    tenant: str | None = None
+    tenant: Name | None = None
     """Tenant name (admins only; tenant tokens always write to their own tenant)."""
-    version: int | None = None
+    version: int | None = Field(None, ge=0, le=vconfig.MAX_VERSION)
     """Ignored (as returned by GET); If-Match carries the version a change is based on."""
 
     def spec(self) -> vconfig.Service:
         return vconfig.Service.model_validate(self.model_dump(exclude={"tenant", "version"}))
 
 
-Pem = Annotated[str, StringConstraints(min_length=1, max_length=256 * 1024)]
+Pem = Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_PEM)]
 
 
 class CertificateIn(_Body):
@@ -204,7 +250,7 @@ class CertificateIn(_Body):
     """The certificate chain, PEM: the server certificate first, then its issuers."""
     key_pem: Pem = Field(repr=False)
     """The private key, PEM (unencrypted). Stored sealed; never returned."""
-    tenant: str | None = None
+    tenant: Name | None = None
     """Owning tenant (admins only; tenant tokens always use their own)."""
 
 
@@ -213,34 +259,57 @@ class CertificateRotateIn(_Body):
     key_pem: Pem = Field(repr=False)
 
 
+def _splittable_url(value: str) -> str:
+    """A URL, //host/path or host/path that can be split (urlsplit refuses "http://[x")."""
+    try:
+        urlsplit(value if "://" in value or value.startswith("//") else "//" + value)
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {value!r}: {exc}") from None
+    return value
+
+
+PurgeUrl = Annotated[NonEmpty, AfterValidator(_splittable_url)]
+
+
 class PurgeIn(_Body):
-    service: str | None = None
-    urls: list[NonEmpty] = Field(default_factory=list, max_length=10000)
-    prefixes: list[NonEmpty] = Field(default_factory=list, max_length=1000)
-    tags: list[NonEmpty] = Field(default_factory=list, max_length=1000)
+    service: Name | None = None
+    urls: list[PurgeUrl] = Field(default_factory=list, max_length=vconfig.MAX_PURGE_URLS)
+    prefixes: list[PurgeUrl] = Field(default_factory=list, max_length=vconfig.MAX_PURGE_PREFIXES)
+    tags: list[NonEmpty] = Field(default_factory=list, max_length=vconfig.MAX_PURGE_TAGS)
     soft: bool = False
 
 
+_MODULE_BASE64_CHARS = (MAX_MODULE_BYTES // 3 + 1) * 4 + 64
+"""Base64 of the largest module: a longer text is refused with 413 before decoding."""
+Route = Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_URL_PATH)]
+FetchHost = Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_HOST)]
+
+
 class FunctionIn(_Body):
-    """A deployment: an EdgeFunction's fields plus the module, base64 (at most 16 MiB)."""
+    """A deployment: an EdgeFunction's fields plus the module, base64 (at most 16 MiB).
+
+    The limits share their upper bounds with ``verge.config.EdgeFunction`` (so with what the
+    edge runtime can run); below those, what the field means (memory_mb: 0) is the store's to
+    refuse, with 400 like every other deployment error.
+    """
 
     name: Slug
     service: Slug
-    routes: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] = Field(
-        min_length=1, max_length=100
-    )
-    module_base64: Annotated[str, StringConstraints(min_length=1)] = Field(repr=False)
-    env: dict[str, str] = Field(default_factory=dict, repr=False)
-    fetch_hosts: list[NonEmpty] = Field(default_factory=list, max_length=100)
-    kv_namespace: str | None = None
+    routes: list[Route] = Field(min_length=1, max_length=vconfig.MAX_LIST)
+    module_base64: Annotated[
+        str, StringConstraints(min_length=1, max_length=2 * _MODULE_BASE64_CHARS)
+    ] = Field(repr=False)
+    env: vconfig.FunctionEnv = Field(default_factory=dict, repr=False)
+    fetch_hosts: list[FetchHost] = Field(default_factory=list, max_length=vconfig.MAX_LIST)
+    kv_namespace: Name | None = None
     kv_write: bool = False
-    cpu_ms: float | None = None
-    memory_mb: int | None = None
-    max_subrequests: int | None = None
+    cpu_ms: Annotated[float, Field(ge=0, le=vconfig.MAX_FUNCTION_CPU_MS)] | None = None
+    memory_mb: Annotated[int, Field(ge=0, le=vconfig.MAX_FUNCTION_MEMORY_MB)] | None = None
+    max_subrequests: Annotated[int, Field(ge=0, le=vconfig.MAX_SUBREQUESTS)] | None = None
     phase: Literal["request", "response"] = "request"
 
     def module(self) -> bytes:
-        if len(self.module_base64) > (MAX_MODULE_BYTES // 3 + 1) * 4 + 64:
+        if len(self.module_base64) > _MODULE_BASE64_CHARS:
             raise TooLarge(f"the module is over {MAX_MODULE_BYTES} bytes", "module_base64")
         try:
             return base64.b64decode(self.module_base64, validate=True)
@@ -249,55 +318,55 @@ class FunctionIn(_Body):
 
 
 class RollbackIn(_Body):
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, le=vconfig.MAX_VERSION)
     """The version to make active; absent: the one before the active one."""
 
 
 class LogsIn(BaseModel):
-    records: list[dict[str, Any]] = Field(max_length=10_000)
+    records: list[ReportMap] = Field(max_length=vconfig.MAX_LOG_RECORDS)
 
 
 class JoinIn(_Body):
     name: NodeName
     url: HttpUrl
     admin_url: HttpUrl
-    region: Annotated[str, StringConstraints(max_length=63)] | None = None
+    region: Name | None = None
 
 
 class HeartbeatIn(_Body):
-    health: dict[str, Any] = Field(default_factory=dict)
-    load: dict[str, Any] = Field(default_factory=dict)
-    config_version: int = Field(0, ge=0)
-    purge_seq: int = Field(0, ge=0)
+    health: ReportMap = Field(default_factory=dict)
+    load: ReportMap = Field(default_factory=dict)
+    config_version: Seq = 0
+    purge_seq: Seq = 0
     url: HttpUrl | None = None
     admin_url: HttpUrl | None = None
-    region: Annotated[str, StringConstraints(max_length=63)] | None = None
+    region: Name | None = None
 
 
 class AckIn(_Body):
-    seq: int = Field(ge=0)
+    seq: Seq
 
 
 class SampleIn(BaseModel):
     """One node's counters for one service over a few seconds (unknown keys ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    t: float = Field(ge=0)
-    service: Annotated[str, StringConstraints(min_length=1, max_length=63)]
-    requests: int = Field(0, ge=0)
-    hits: int = Field(0, ge=0)
-    bytes: int = Field(0, ge=0)
-    status_2xx: int = Field(0, ge=0)
-    status_3xx: int = Field(0, ge=0)
-    status_4xx: int = Field(0, ge=0)
-    status_5xx: int = Field(0, ge=0)
-    origin_ms_sum: float = Field(0.0, ge=0)
-    origin_count: int = Field(0, ge=0)
+    t: Timestamp
+    service: Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_NAME)]
+    requests: Count = 0
+    hits: Count = 0
+    bytes: Count = 0
+    status_2xx: Count = 0
+    status_3xx: Count = 0
+    status_4xx: Count = 0
+    status_5xx: Count = 0
+    origin_ms_sum: float = Field(0.0, ge=0, le=vconfig.MAX_SAMPLE_COUNT)
+    origin_count: Count = 0
 
 
 class StatsIn(BaseModel):
-    samples: list[SampleIn] = Field(max_length=100_000)
+    samples: list[SampleIn] = Field(max_length=vconfig.MAX_STATS_SAMPLES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,12 +392,32 @@ def authenticated(
     store: StoreDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    if credentials is None or not credentials.credentials:
+    return _check_token(store, credentials.credentials if credentials else None)
+
+
+def _check_token(store: Store, token: str | None) -> Principal:
+    if not token:
         raise ApiError(401, "missing token: send Authorization: Bearer TOKEN")
-    principal = store.authenticate(credentials.credentials)
+    principal = store.authenticate(token)
     if principal is None:
         raise ApiError(401, "unknown or revoked token")
     return principal
+
+
+def _token_of(request: Request) -> str | None:
+    """The bearer token of a request, as HTTPBearer reads it (None for another scheme)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _body_unparsed(exc: RequestValidationError) -> bool:
+    """Whether FastAPI refused the body before resolving dependencies (it is not JSON)."""
+    errors = exc.errors()
+    return bool(errors) and errors[0]["type"] == "json_invalid"
+
+
+_BODY_PARSE_FAILED = "There was an error parsing the body"
+"""FastAPI's 400 for a body it cannot even decode (also raised before any dependency)."""
 
 
 def _gate(allowed: Callable[[Principal], bool], what: str) -> Any:
@@ -348,7 +437,31 @@ Joiner = Annotated[Principal, _gate(lambda p: p.role in ("join", "admin"), "join
 NodeCaller = Annotated[Principal, _gate(lambda p: p.role == "node", "use the node API")]
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip")]
+Offset = Annotated[int, Query(ge=0, le=vconfig.MAX_OFFSET, description="Items to skip")]
+
+
+def _seq_query(description: str) -> Any:
+    return Query(ge=0, le=vconfig.MAX_SEQ, description=description)
+
+
+def _wait_query(description: str) -> Any:
+    return Query(ge=0, le=vconfig.MAX_WAIT, allow_inf_nan=False, description=description)
+
+
+def _epoch_query(description: str) -> Any:
+    """A finite epoch time: nan, inf or -1e308 are refused (422), never reach the store."""
+    return Query(ge=0, le=vconfig.MAX_TIMESTAMP, allow_inf_nan=False, description=description)
+
+
+NameQuery = Annotated[str | None, Query(max_length=vconfig.MAX_NAME)]
+NamePath = Annotated[str, Path(max_length=vconfig.MAX_NAME)]
+"""A service, certificate, function, node or KV namespace name in the path."""
+IdPath = Annotated[str, Path(max_length=vconfig.MAX_LABEL)]
+KeyPath = Annotated[str, Path(max_length=4 * MAX_KEY_BYTES)]
+"""A KV key. The store refuses one over MAX_KEY_BYTES bytes of UTF-8 (400, naming the key);
+this looser bound only keeps absurd paths out."""
+IfMatch = Annotated[str | None, Header(max_length=vconfig.MAX_LABEL)]
+"""If-Match / If-None-Match: one ETag or a short list of them."""
 
 
 def _etag(version: int) -> str:
@@ -407,12 +520,50 @@ def healthz(store: StoreDep) -> JSONResponse:
 
 @tenants.post("/tenants", status_code=201)
 def create_tenant(body: TenantIn, store: StoreDep, principal: Admin) -> dict:
-    return store.create_tenant(principal, body.name)
+    """A tenant and the zones its services may claim hosts in (``zones``, optional)."""
+    return store.create_tenant(principal, body.name, body.zones)
 
 
 @tenants.get("/tenants")
 def list_tenants(store: StoreDep, principal: Reader, limit: Limit = 50, offset: Offset = 0) -> dict:
     return store.list_tenants(principal, limit, offset)
+
+
+@tenants.get("/tenants/{name}")
+def get_tenant(name: NamePath, store: StoreDep, principal: Reader) -> dict:
+    """A tenant and its zones (admins; a tenant's tokens see their own)."""
+    return store.get_tenant(principal, name)
+
+
+@tenants.post("/tenants/{name}/zones")
+def add_zones(name: NamePath, body: ZonesIn, store: StoreDep, principal: Admin) -> dict:
+    """Delegate zones: 409 naming the tenant whose zone one would nest in or around;
+    ``conflicts`` lists other tenants' hosts already inside the new zones."""
+    return store.add_zones(principal, name, body.zones)
+
+
+@tenants.delete("/tenants/{name}/zones/{zone}")
+def remove_zone(
+    name: NamePath,
+    zone: Annotated[str, Path(max_length=vconfig.MAX_HOST)],
+    store: StoreDep,
+    principal: Admin,
+) -> dict:
+    """Take a zone back; the tenant's hosts there stay but are listed under ``conflicts``."""
+    return store.remove_zone(principal, name, zone)
+
+
+@tenants.get("/hostnames", tags=["hostnames"])
+def list_hostnames(
+    store: StoreDep,
+    principal: Reader,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    conflicts: Annotated[bool, Query(description="Only hosts with a conflict")] = False,
+) -> dict:
+    """Every service host -> tenant, service, zone, covering wildcards and conflicts (admins;
+    a tenant's tokens see their own hosts); all ``conflicts`` and ``zones`` come with it."""
+    return store.hostnames(principal, limit, offset, conflicts)
 
 
 @tokens.post("/tokens", status_code=201)
@@ -427,7 +578,7 @@ def list_tokens(store: StoreDep, principal: Reader, limit: Limit = 50, offset: O
 
 
 @tokens.delete("/tokens/{token_id}", status_code=204)
-def revoke_token(token_id: str, store: StoreDep, principal: Writer) -> Response:
+def revoke_token(token_id: IdPath, store: StoreDep, principal: Writer) -> Response:
     store.revoke_token(principal, token_id)
     return Response(status_code=204)
 
@@ -446,11 +597,11 @@ def list_services(
 
 @services.get("/services/{name}", response_model=None)
 def get_service(
-    name: str,
+    name: NamePath,
     response: Response,
     store: StoreDep,
     principal: Reader,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfMatch = None,
 ) -> dict | Response:
     service = store.get_service(principal, name)
     if if_none_match is not None and _etag(service["version"]) in if_none_match:
@@ -460,12 +611,12 @@ def get_service(
 
 @services.put("/services/{name}")
 def update_service(
-    name: str,
+    name: NamePath,
     body: ServiceIn,
     response: Response,
     store: StoreDep,
     principal: Writer,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> dict:
     """Replace the service; needs ``If-Match`` with the ETag of the version it is based on."""
     expected = _if_match(if_match, required=True)
@@ -475,7 +626,7 @@ def update_service(
 
 @services.delete("/services/{name}", status_code=204)
 def delete_service(
-    name: str, store: StoreDep, principal: Writer, if_match: Annotated[str | None, Header()] = None
+    name: NamePath, store: StoreDep, principal: Writer, if_match: IfMatch = None
 ) -> Response:
     store.delete_service(principal, name, _if_match(if_match, required=False))
     return Response(status_code=204)
@@ -483,12 +634,12 @@ def delete_service(
 
 @services.post("/services/{name}/origins", status_code=201)
 def add_origin(
-    name: str,
+    name: NamePath,
     body: vconfig.OriginSpec,
     response: Response,
     store: StoreDep,
     principal: Writer,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> dict:
     origin = body.model_dump(mode="json")
     service = store.add_origin(principal, name, origin, _if_match(if_match, required=False))
@@ -497,12 +648,12 @@ def add_origin(
 
 @services.delete("/services/{name}/origins")
 def remove_origin(
-    name: str,
-    url: Annotated[str, Query(min_length=1)],
+    name: NamePath,
+    url: Annotated[str, Query(min_length=1, max_length=vconfig.MAX_URL)],
     response: Response,
     store: StoreDep,
     principal: Writer,
-    if_match: Annotated[str | None, Header()] = None,
+    if_match: IfMatch = None,
 ) -> dict:
     service = store.remove_origin(principal, name, url, _if_match(if_match, required=False))
     return _versioned(response, service)
@@ -524,20 +675,20 @@ def list_certificates(
 
 
 @certificates.get("/certificates/{name}")
-def get_certificate(name: str, store: StoreDep, principal: Reader) -> dict:
+def get_certificate(name: NamePath, store: StoreDep, principal: Reader) -> dict:
     return store.get_certificate(principal, name)
 
 
 @certificates.put("/certificates/{name}")
 def rotate_certificate(
-    name: str, body: CertificateRotateIn, store: StoreDep, principal: Writer
+    name: NamePath, body: CertificateRotateIn, store: StoreDep, principal: Writer
 ) -> dict:
     """Rotate: a new chain and key; edges switch new handshakes without a restart."""
     return store.update_certificate(principal, name, body.cert_pem, body.key_pem)
 
 
 @certificates.delete("/certificates/{name}", status_code=204)
-def delete_certificate(name: str, store: StoreDep, principal: Writer) -> Response:
+def delete_certificate(name: NamePath, store: StoreDep, principal: Writer) -> Response:
     store.delete_certificate(principal, name)
     return Response(status_code=204)
 
@@ -558,10 +709,10 @@ def create_purge(body: PurgeIn, store: StoreDep, principal: Writer) -> dict:
 @purges.get("/purge/{seq}")
 async def purge_status(
     request: Request,
-    seq: int,
+    seq: Annotated[int, Path(ge=1, le=vconfig.MAX_SEQ, description="The purge's seq")],
     store: StoreDep,
     principal: Reader,
-    wait: Annotated[float, Query(ge=0, description="Seconds to wait until every node acked")] = 0,
+    wait: Annotated[float, _wait_query("Seconds to wait until every node acked")] = 0,
 ) -> dict:
     """Who has and has not acknowledged; with ``wait``, answers as soon as nobody is pending."""
     status = await run_in_threadpool(store.purge_status, principal, seq)
@@ -584,7 +735,7 @@ def list_nodes(
 
 
 @fleet.delete("/nodes/{name}", status_code=204)
-def revoke_node(name: str, store: StoreDep, principal: Admin) -> Response:
+def revoke_node(name: NamePath, store: StoreDep, principal: Admin) -> Response:
     store.revoke_node(principal, name)
     return Response(status_code=204)
 
@@ -598,10 +749,10 @@ def list_audit(store: StoreDep, principal: Reader, limit: Limit = 50, offset: Of
 def query_stats(
     store: StoreDep,
     principal: Reader,
-    service: str | None = None,
-    node: str | None = None,
-    since: Annotated[float | None, Query(description="Epoch seconds (default: 1 h ago)")] = None,
-    until: Annotated[float | None, Query(description="Epoch seconds")] = None,
+    service: NameQuery = None,
+    node: NameQuery = None,
+    since: Annotated[float | None, _epoch_query("Epoch seconds (default: 1 h ago)")] = None,
+    until: Annotated[float | None, _epoch_query("Epoch seconds")] = None,
     step: Annotated[int, Query(ge=1, le=86400, description="Seconds per point")] = 10,
 ) -> dict:
     return store.query_stats(
@@ -625,28 +776,28 @@ def list_functions(
 
 
 @functions.get("/functions/{name}")
-def get_function(name: str, fns: FunctionsDep, principal: Reader) -> dict:
+def get_function(name: NamePath, fns: FunctionsDep, principal: Reader) -> dict:
     """The active version and ``versions`` (newest first)."""
     return fns.get(principal, name)
 
 
 @functions.post("/functions/{name}/rollback")
 def rollback_function(
-    name: str, fns: FunctionsDep, principal: Writer, body: RollbackIn | None = None
+    name: NamePath, fns: FunctionsDep, principal: Writer, body: RollbackIn | None = None
 ) -> dict:
     """Make an earlier version active again (``{"version": N}``, default: the previous one)."""
     return fns.rollback(principal, name, body.version if body else None)
 
 
 @functions.delete("/functions/{name}", status_code=204)
-def delete_function(name: str, fns: FunctionsDep, principal: Writer) -> Response:
+def delete_function(name: NamePath, fns: FunctionsDep, principal: Writer) -> Response:
     fns.delete(principal, name)
     return Response(status_code=204)
 
 
 @functions.get("/functions/{name}/logs")
 def function_logs(
-    name: str,
+    name: NamePath,
     fns: FunctionsDep,
     principal: Reader,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -664,10 +815,10 @@ def list_namespaces(
 
 @kv.get("/kv/{namespace}")
 def list_keys(
-    namespace: str,
+    namespace: NamePath,
     fns: FunctionsDep,
     principal: Reader,
-    prefix: str = "",
+    prefix: Annotated[str, Query(max_length=4 * MAX_KEY_BYTES)] = "",
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> dict:
@@ -677,11 +828,14 @@ def list_keys(
 @kv.put("/kv/{namespace}/{key:path}")
 async def put_key(
     request: Request,
-    namespace: str,
-    key: str,
+    namespace: NamePath,
+    key: KeyPath,
     fns: FunctionsDep,
     principal: Writer,
-    tenant: Annotated[str | None, Query(description="Owner of a new namespace (admins)")] = None,
+    tenant: Annotated[
+        str | None,
+        Query(max_length=vconfig.MAX_NAME, description="Owner of a new namespace (admins)"),
+    ] = None,
 ) -> dict:
     """Store the raw request body (at most 1 MiB) as the value; edges get it within seconds."""
     value = await _bounded_body(request, MAX_VALUE_BYTES)
@@ -689,13 +843,13 @@ async def put_key(
 
 
 @kv.get("/kv/{namespace}/{key:path}", response_model=None)
-def get_key(namespace: str, key: str, fns: FunctionsDep, principal: Reader) -> Response:
+def get_key(namespace: NamePath, key: KeyPath, fns: FunctionsDep, principal: Reader) -> Response:
     value, seq = fns.kv_get(principal, namespace, key)
     return Response(value, media_type="application/octet-stream", headers={"ETag": _etag(seq)})
 
 
 @kv.delete("/kv/{namespace}/{key:path}")
-def delete_key(namespace: str, key: str, fns: FunctionsDep, principal: Writer) -> dict:
+def delete_key(namespace: NamePath, key: KeyPath, fns: FunctionsDep, principal: Writer) -> dict:
     return fns.kv_delete(principal, namespace, key)
 
 
@@ -747,8 +901,8 @@ async def node_config(
     request: Request,
     store: StoreDep,
     principal: NodeCaller,
-    after: Annotated[int, Query(description="The bundle version the node has")] = 0,
-    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
+    after: Annotated[int, _seq_query("The bundle version the node has")] = 0,
+    wait: Annotated[float, _wait_query("Seconds to wait for a newer one")] = 0,
 ) -> dict | Response:
     """The whole config bundle once its version is greater than ``after``."""
 
@@ -765,8 +919,8 @@ async def node_purges(
     request: Request,
     store: StoreDep,
     principal: NodeCaller,
-    after: Annotated[int, Query(ge=0, description="The last purge seq the node applied")] = 0,
-    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
+    after: Annotated[int, _seq_query("The last purge seq the node applied")] = 0,
+    wait: Annotated[float, _wait_query("Seconds to wait for a newer one")] = 0,
 ) -> dict:
     """Purges with seq > ``after`` (``[]`` when none came within ``wait`` seconds).
 
@@ -790,7 +944,9 @@ def ack_purges(body: AckIn, store: StoreDep, principal: NodeCaller) -> dict:
 
 
 @edge.get("/nodes/self/modules/{sha256}", response_model=None)
-def node_module(sha256: str, fns: FunctionsDep, principal: NodeCaller) -> Response:
+def node_module(
+    sha256: Annotated[str, Path(max_length=64)], fns: FunctionsDep, principal: NodeCaller
+) -> Response:
     """A function's module by its sha256 (named ``sha256:<hex>`` in the bundle)."""
     return Response(fns.module(sha256), media_type="application/wasm")
 
@@ -800,8 +956,8 @@ async def node_kv(
     request: Request,
     fns: FunctionsDep,
     principal: NodeCaller,
-    after: Annotated[int, Query(ge=0, description="The last KV seq the node applied")] = 0,
-    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a newer one")] = 0,
+    after: Annotated[int, _seq_query("The last KV seq the node applied")] = 0,
+    wait: Annotated[float, _wait_query("Seconds to wait for a newer one")] = 0,
 ) -> dict:
     """KV changes with seq > ``after``, oldest first (``[]`` when none came within ``wait``)."""
 
@@ -882,13 +1038,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _error(exc.status, exc.message, exc.field, headers)
 
+    async def unless_unauthenticated(request: Request, answer: JSONResponse) -> JSONResponse:
+        """FastAPI reads the body before it runs any dependency: a body it cannot parse must
+        not tell a caller without a valid token more than the 401 it gets for a good one."""
+        try:
+            await run_in_threadpool(_check_token, request.app.state.store, _token_of(request))
+        except ApiError as refused:
+            return await api_error(request, refused)
+        return answer
+
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _body_unparsed(exc):
+            return await unless_unauthenticated(request, _validation_response(exc))
         return _validation_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        answer = _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED:
+            return await unless_unauthenticated(request, answer)
+        return answer
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:

@@ -17,6 +17,11 @@ replicas run on several machines and must agree on the secret, so there ``VERGE_
 required; without it certificate writes answer 503 with the reason. A stolen database alone
 then yields no keys; whoever also has the secret (the control plane host) has them, which is
 the same trust the edges need anyway. Each secret is stretched to a Fernet key with HKDF.
+
+Which names a certificate is handed to the edges for (:func:`tenant_certificate_names`,
+:func:`sni_assignment`): a tenant's certificate only for hosts that tenant's services serve,
+whatever its SANs claim, so that one tenant's ``*.example.com`` never answers for another
+tenant's ``www.example.com``; the fleet's own (tenant ``default``) for all its SANs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +41,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from verge.control.hostnames import HostIndex, usable_names
 
 log = logging.getLogger("verge.control.certificates")
 
@@ -265,30 +273,34 @@ def _key_file_secret(path: Path) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def host_owner(name: str, owners: dict[str, int]) -> int | None:
-    """The tenant whose service serves ``name`` (a SAN entry), from service host -> tenant."""
-    if name in owners:
-        return owners[name]
-    if not name.startswith("*."):
-        _, dot, parent = name.partition(".")
-        if dot:
-            return owners.get(f"*.{parent}")
-    return None
+def tenant_certificate_names(sans: Sequence[str], tenant_id: int, index: HostIndex) -> list[str]:
+    """The names a tenant's certificate is handed to the edges for: its SANs that the
+    tenant's own services serve (wildcards per RFC 6125, see hostnames.usable_names).
+
+    A certificate never reaches an edge for another tenant's host, nor for a name nobody
+    serves, whatever its SANs say: uploading ``*.verge.test`` does not take over
+    ``demo.verge.test``.
+    """
+    return usable_names(sans, tenant_id, index)
 
 
 def sni_assignment(
-    certs: list[tuple[str, int, list[str]]], owners: dict[str, int]
+    certs: list[tuple[str, int, list[str]]], owners: dict[str, int] | HostIndex
 ) -> dict[str, list[str]]:
     """For (name, tenant, hosts) certificates: name -> the hosts it is picked for.
 
     When several certificates name one host, the one of the tenant whose service serves the
     host wins (so a certificate cannot take over another tenant's traffic), then the first by
-    name. Certificates left with no host are omitted.
+    name. Certificates left with no host are omitted. ``owners`` is service host -> tenant,
+    or a HostIndex; the hosts of tenant certificates are already cut down to their own
+    (tenant_certificate_names).
     """
+    index = owners if isinstance(owners, HostIndex) else HostIndex.of_owners(owners)
     best: dict[str, tuple[int, str]] = {}
     for name, tenant_id, hosts in sorted(certs):
         for host in hosts:
-            rank = 0 if host_owner(host, owners) in (None, tenant_id) else 1
+            owner = index.san_owner(host)
+            rank = 0 if owner is None or owner.tenant_id == tenant_id else 1
             if host not in best or rank < best[host][0]:
                 best[host] = (rank, name)
     assigned: dict[str, list[str]] = {}

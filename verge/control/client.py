@@ -183,12 +183,35 @@ class ControlClient:
 
     # -- tenants -----------------------------------------------------------------------------
 
-    def create_tenant(self, name: str) -> Json:
-        """POST /tenants -> {"id", "name"}."""
-        return self._json("POST", "/tenants", body={"name": name})
+    def create_tenant(self, name: str, zones: list[str] | None = None) -> Json:
+        """POST /tenants -> {"id", "name", "zones"}; the tenant's services may claim hosts
+        only inside `zones`."""
+        return self._json("POST", "/tenants", body={"name": name, "zones": list(zones or [])})
 
     def list_tenants(self, limit: int = 50, offset: int = 0) -> Page:
         return self._page("/tenants", limit, offset)
+
+    def get_tenant(self, name: str) -> Json:
+        """GET /tenants/{name} -> {"id", "name", "zones", "created_at"}."""
+        return self._json("GET", f"/tenants/{_segment(name)}")
+
+    def add_zones(self, tenant: str, zones: list[str]) -> Json:
+        """POST /tenants/{name}/zones -> the tenant, plus "conflicts" (other tenants' hosts
+        already inside the new zones)."""
+        return self._json("POST", f"/tenants/{_segment(tenant)}/zones", body={"zones": zones})
+
+    def remove_zone(self, tenant: str, zone: str) -> Json:
+        """DELETE /tenants/{name}/zones/{zone} -> the tenant, plus "conflicts" (its hosts now
+        outside its zones)."""
+        return self._json("DELETE", f"/tenants/{_segment(tenant)}/zones/{_segment(zone)}")
+
+    # -- hostnames ---------------------------------------------------------------------------
+
+    def hostnames(self, limit: int = 50, offset: int = 0, conflicts_only: bool = False) -> Json:
+        """GET /hostnames -> {"items": [{"host", "tenant", "service", "zone", "covered_by",
+        "conflicts"}], "total", "limit", "offset", "conflicts": [...], "zones": [...]}."""
+        params = {"limit": limit, "offset": offset, "conflicts": "true" if conflicts_only else None}
+        return self._json("GET", "/hostnames", params=params)
 
     # -- tokens ------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ What must hold whatever the API does is enforced here, by the database, so that 
 control-plane replicas on one PostgreSQL cannot break it with a race:
 
 * a host belongs to one service (``service_hosts.host`` is the primary key), across tenants;
+* a zone is delegated to one tenant (``tenant_zones.zone`` is the primary key);
 * ``counters`` holds the global config version and the last purge sequence number. Both are
   bumped with ``UPDATE ... RETURNING`` inside the writing transaction, which locks the row
   until commit: numbers are handed out in commit order without gaps, so a node that has seen
@@ -82,6 +83,22 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantZone(Base):
+    """A DNS zone an admin delegated to a tenant: its services may claim hosts inside it.
+
+    The primary key keeps a zone with one tenant; that zones of two tenants do not nest
+    (``a.example.com`` inside ``example.com``) is checked by the store under a lock.
+    """
+
+    __tablename__ = "tenant_zones"
+
+    zone: Mapped[str] = mapped_column(String(253), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -188,7 +205,10 @@ class PurgeJob(Base):
     """[[kind, value], ...] with kind url|prefix|tag; url values are cache keys."""
     soft: Mapped[bool] = mapped_column(Boolean, default=False)
     expected: Mapped[list[Any]]
-    """Names of the nodes that were up when the purge was queued."""
+    """Names of the registered, non-revoked nodes when the purge was queued."""
+    scope: Mapped[dict[str, Any] | None] = mapped_column(JsonType, default=None)
+    """For a purge of one service: {"hosts": its hosts, "except": other services' hosts that
+    take precedence inside its wildcards}; edges apply tag targets only to those hosts."""
     created_by: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -32,7 +32,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from pydantic import ValidationError
-from sqlalchemy import Engine, Select, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, Select, create_engine, delete, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,10 +46,24 @@ from verge.control.certificates import (
     KeySealer,
     SecretUnavailable,
     expiry_warning,
-    host_owner,
     parse_certificate,
     sealer_for,
     sni_assignment,
+    tenant_certificate_names,
+)
+from verge.control.hostnames import (
+    Claim,
+    HostIndex,
+    Zone,
+    ZoneError,
+    covers,
+    hostname_report,
+    normalize_zone,
+    san_touches_zones,
+    wildcard_clashes,
+    zone_for_host,
+    zone_owner,
+    zones_overlap,
 )
 from verge.control.models import (
     CONFIG_VERSION,
@@ -66,6 +80,7 @@ from verge.control.models import (
     StatsBatch,
     StatsSample,
     Tenant,
+    TenantZone,
     TlsCertificate,
     Token,
     utcnow,
@@ -82,7 +97,11 @@ STATS_BUCKET = 10
 """Seconds per stored stats bucket."""
 PURGE_BATCH = 500
 """Most purges handed to a node in one answer."""
+PURGE_TIMEOUT = 60.0
+"""Seconds after which a purge counts as done although some nodes have not acknowledged it
+(they are still listed as pending, and apply it when they come back)."""
 _MIGRATION_LOCK = 0x76657267  # "verg": pg_advisory_xact_lock key while migrating
+_NAMES_LOCK = 0x766E616D  # "vnam": held while hosts or zones are claimed (PostgreSQL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +136,10 @@ class Conflict(StoreError):
 
 class PreconditionFailed(StoreError):
     status = 412
+
+
+class Unprocessable(StoreError):
+    status = 422
 
 
 class Unavailable(StoreError):
@@ -221,8 +244,12 @@ def make_engine(url: str) -> Engine:
 class Store:
     """All control-plane state behind one object; thread-safe (one session per call)."""
 
-    def __init__(self, url: str, *, heartbeat_interval: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, heartbeat_interval: float = 2.0, purge_timeout: float = PURGE_TIMEOUT
+    ) -> None:
         self.url = normalize_url(url)
+        self.purge_timeout = purge_timeout
+        """Seconds until a purge is done even with nodes pending (see PURGE_TIMEOUT)."""
         self.engine = make_engine(self.url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.down_after = 3 * heartbeat_interval
@@ -507,19 +534,199 @@ class Store:
 
     # -- tenants -------------------------------------------------------------------------------
 
-    def create_tenant(self, principal: Principal, name: str) -> dict:
+    def create_tenant(self, principal: Principal, name: str, zones: Sequence[str] = ()) -> dict:
+        """A new tenant, with the zones (DNS names) its services may claim hosts in."""
+        wanted = _normalized_zones(zones)
         with self._writing() as session:
             if session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
                 raise Conflict(f"a tenant named {name!r} already exists", "name")
             tenant = Tenant(name=name, created_at=utcnow())
             session.add(tenant)
             session.flush()
-            self._audit(session, principal, "tenant.create", f"tenant:{name}", tenant.id)
-            return _tenant_view(tenant)
+            self._lock_names(session)
+            self._insert_zones(session, tenant, wanted)
+            self._audit(
+                session, principal, "tenant.create", f"tenant:{name}", tenant.id, {"zones": wanted}
+            )
+            return _tenant_view(tenant, wanted)
 
     def list_tenants(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
-        query = select(Tenant).order_by(Tenant.name)
-        return self._list_scoped(principal, query, Tenant.id, limit, offset, _tenant_view)
+        query = scoped(select(Tenant).order_by(Tenant.name), principal, Tenant.id)
+        with self._reading() as session:
+            page = self._paged(session, query, limit, offset, lambda tenant: tenant)
+            zones = self._zones_by_tenant(session, [tenant.id for tenant in page["items"]])
+        page["items"] = [_tenant_view(t, zones.get(t.id, [])) for t in page["items"]]
+        return page
+
+    def get_tenant(self, principal: Principal, name: str) -> dict:
+        """A tenant and its zones (admins, or the tenant's own tokens)."""
+        with self._reading() as session:
+            tenant = self._visible_tenant(session, principal, name)
+            return _tenant_view(tenant, self._zones_of(session, tenant.id))
+
+    def add_zones(self, principal: Principal, name: str, zones: Sequence[str]) -> dict:
+        """Delegate more zones to a tenant (admins). A zone inside or around another tenant's
+        zone is refused (409 naming that tenant); one the tenant has already is kept.
+
+        The answer's ``conflicts`` names other tenants' service hosts inside the new zones:
+        they keep working until an admin moves or deletes them (see hostnames()).
+        """
+        wanted = _normalized_zones(zones)
+        if not wanted:
+            raise Invalid("give at least one zone", "zones")
+        with self._writing() as session:
+            tenant = self._visible_tenant(session, principal, name)
+            self._lock_names(session)
+            added = self._insert_zones(session, tenant, wanted)
+            self._audit(
+                session, principal, "tenant.zone.add", f"tenant:{name}", tenant.id,
+                {"zones": added},
+            )
+            current = self._zones_of(session, tenant.id)
+            foreign = [
+                f"{c.host} (service {c.service}, tenant {c.tenant}) is inside zone "
+                f"{zone_for_host(c.host, added)}"
+                for c in self._claims(session)
+                if c.tenant_id != tenant.id and zone_for_host(c.host, added) is not None
+            ]
+            return {**_tenant_view(tenant, current), "conflicts": foreign}
+
+    def remove_zone(self, principal: Principal, name: str, zone: str) -> dict:
+        """Take a zone back (admins). The tenant's services keep the hosts they have there
+        (listed under ``conflicts`` as outside its zones); it cannot claim new ones."""
+        try:
+            zone = normalize_zone(zone)
+        except ZoneError as exc:
+            raise NotFound(str(exc), "zone") from None
+        with self._writing() as session:
+            tenant = self._visible_tenant(session, principal, name)
+            row = session.get(TenantZone, zone)
+            if row is None or row.tenant_id != tenant.id:
+                raise NotFound(f"tenant {name!r} has no zone {zone!r}", "zone")
+            session.delete(row)
+            session.flush()
+            self._audit(
+                session, principal, "tenant.zone.remove", f"tenant:{name}", tenant.id,
+                {"zones": [zone]},
+            )
+            current = self._zones_of(session, tenant.id)
+            stranded = [
+                f"{c.host} (service {c.service}) is outside every zone of tenant {name}"
+                for c in self._claims(session)
+                if c.tenant_id == tenant.id and c.host != "*"
+                and zone_for_host(c.host, current) is None and zone_for_host(c.host, [zone])
+            ]
+            return {**_tenant_view(tenant, current), "conflicts": stranded}
+
+    def _visible_tenant(self, session: Session, principal: Principal, name: str) -> Tenant:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+        if tenant is None or not principal.can_see_tenant(tenant.id):
+            raise NotFound(f"no tenant named {name!r}")
+        return tenant
+
+    def _insert_zones(self, session: Session, tenant: Tenant, zones: list[str]) -> list[str]:
+        """Add ``zones`` to ``tenant`` (those it has are skipped); the ones added.
+
+        Call with the names lock held: the overlap check must see every committed zone.
+        """
+        existing = session.execute(
+            select(TenantZone.zone, TenantZone.tenant_id, Tenant.name).join(
+                Tenant, Tenant.id == TenantZone.tenant_id
+            )
+        ).all()
+        added = []
+        for index, zone in enumerate(zones):
+            for other, owner_id, owner in existing:
+                if owner_id != tenant.id and zones_overlap(zone, other):
+                    relation = "is" if zone == other else "overlaps"
+                    raise Conflict(
+                        f"zone {zone!r} {relation} zone {other!r} of tenant {owner!r}; zones of "
+                        "two tenants cannot nest",
+                        f"zones[{index}]",
+                    )
+            if any(other == zone for other, _id, _name in existing):
+                continue
+            session.add(TenantZone(zone=zone, tenant_id=tenant.id, created_at=utcnow()))
+            existing.append((zone, tenant.id, tenant.name))  # type: ignore[arg-type]
+            added.append(zone)
+        session.flush()
+        return added
+
+    def _zones_of(self, session: Session, tenant_id: int) -> list[str]:
+        return list(
+            session.scalars(
+                select(TenantZone.zone)
+                .where(TenantZone.tenant_id == tenant_id)
+                .order_by(TenantZone.zone)
+            ).all()
+        )
+
+    def _zones_by_tenant(self, session: Session, tenant_ids: list[int]) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        rows = session.execute(
+            select(TenantZone.tenant_id, TenantZone.zone)
+            .where(TenantZone.tenant_id.in_(tenant_ids))
+            .order_by(TenantZone.zone)
+        ).all()
+        for tenant_id, zone in rows:
+            found.setdefault(tenant_id, []).append(zone)
+        return found
+
+    def _all_zones(self, session: Session) -> list[Zone]:
+        rows = session.execute(
+            select(TenantZone.zone, TenantZone.tenant_id, Tenant.name).join(
+                Tenant, Tenant.id == TenantZone.tenant_id
+            )
+        ).all()
+        return [Zone(zone, tenant_id, tenant) for zone, tenant_id, tenant in rows]
+
+    def _claims(self, session: Session) -> list[Claim]:
+        """Every service host with its service and tenant."""
+        rows = session.execute(
+            select(ServiceHost.host, Service.name, Service.tenant_id, Tenant.name)
+            .join(Service, ServiceHost.service_id == Service.id)
+            .join(Tenant, Tenant.id == Service.tenant_id)
+        ).all()
+        return [Claim(host, service, tenant_id, tenant) for host, service, tenant_id, tenant in rows]
+
+    def _lock_names(self, session: Session) -> None:
+        """Serialise claims of hosts and zones across PostgreSQL replicas (SQLite writers are
+        serialised already): the overlap checks read all claims, which no unique key covers."""
+        if self.is_postgres:
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _NAMES_LOCK})
+
+    # -- hostnames ------------------------------------------------------------------------------
+
+    def hostnames(
+        self, principal: Principal, limit: int = 50, offset: int = 0, conflicts_only: bool = False
+    ) -> dict:
+        """Every service host -> tenant, service, zone, the wildcards covering it, conflicts.
+
+        Admins (and tenant-less readers) see every host and all ``conflicts``; a tenant's
+        token sees its own hosts, the wildcards of its own services and the hosts of its own
+        outside its zones.
+        """
+        with self._reading() as session:
+            claims = self._claims(session)
+            zones = self._all_zones(session)
+            fleet = session.scalar(select(Tenant.id).where(Tenant.name == DEFAULT_TENANT))
+        rows = hostname_report(claims, zones, fleet)
+        if not principal.sees_all:
+            rows = [_own_view(row) for row in rows if row["tenant_id"] == principal.tenant_id]
+            zones = [zone for zone in zones if zone.tenant_id == principal.tenant_id]
+        conflicts = [
+            {"host": row["host"], "service": row["service"], "tenant": row["tenant"], **found}
+            for row in rows
+            for found in row["conflicts"]
+        ]
+        if conflicts_only:
+            rows = [row for row in rows if row["conflicts"]]
+        items = [_hostname_view(row) for row in rows[offset : offset + limit]]
+        page = _page(items, len(rows), limit, offset)
+        page["conflicts"] = conflicts
+        page["zones"] = [{"zone": z.zone, "tenant": z.tenant} for z in sorted(
+            zones, key=lambda z: z.zone)]
+        return page
 
     def _tenant_named(self, session: Session, name: str) -> Tenant:
         tenant = session.scalar(select(Tenant).where(Tenant.name == name))
@@ -555,7 +762,7 @@ class Store:
             owner = self._tenant_for_service(session, principal, tenant)
             if session.scalar(select(Service.id).where(Service.name == spec.name)) is not None:
                 raise Conflict(f"a service named {spec.name!r} already exists", "name")
-            self._check_hosts(session, principal, spec, None)
+            self._check_hosts(session, principal, spec, None, owner)
             self._check_default(session, spec, None)
             now = utcnow()
             row = Service(
@@ -688,7 +895,7 @@ class Store:
         detail: dict | None = None,
     ) -> dict:
         """Write a new spec (hosts, version, config version, audit) to a locked service row."""
-        self._check_hosts(session, principal, spec, row.id)
+        self._check_hosts(session, principal, spec, row, owner)
         self._check_default(session, spec, row.id)
         wanted = set(spec.hosts)
         for host_row in list(row.hosts):
@@ -712,21 +919,51 @@ class Store:
         return _service_view(row)
 
     def _check_hosts(
-        self, session: Session, principal: Principal, spec: vconfig.Service, own_id: int | None
+        self,
+        session: Session,
+        principal: Principal,
+        spec: vconfig.Service,
+        row: Service | None,
+        owner: Tenant,
     ) -> None:
-        clashes = session.execute(
-            select(ServiceHost.host, Service.name, Service.tenant_id)
-            .join(Service, ServiceHost.service_id == Service.id)
-            .where(ServiceHost.host.in_(spec.hosts))
-        ).all()
-        for host, owner, tenant_id in clashes:
-            if own_id is not None and owner == spec.name:
-                continue
-            visible = principal.can_see_tenant(tenant_id)
-            where = f"service {owner!r}" if visible else "another tenant's service"
-            raise Conflict(
-                f"host {host!r} already belongs to {where}", f"hosts[{spec.hosts.index(host)}]"
-            )
+        """May ``owner`` have ``spec.hosts``? (hostnames.py has the rules.)
+
+        Hosts the service already has in the same tenant are not claimed again (they may
+        predate zones; GET /hostnames lists them): only new ones must be inside the tenant's
+        zones (tenant tokens) and must not cover, or be covered by, another tenant's
+        wildcard (anyone). A host of another service is a 409 for everyone.
+        """
+        self._lock_names(session)
+        kept = {h.host for h in row.hosts} if row is not None and row.tenant_id == owner.id else set()
+        new = [(index, host) for index, host in enumerate(spec.hosts) if host not in kept]
+        if principal.role != "admin":
+            zones = self._zones_of(session, owner.id)
+            for index, host in new:
+                if zone_for_host(host, zones) is None:
+                    raise Forbidden(_outside_zones(host, zones), f"hosts[{index}]")
+        others = [c for c in self._claims(session) if row is None or c.service != row.name]
+        taken = {claim.host: claim for claim in others}
+        for index, host in enumerate(spec.hosts):
+            if host in taken:
+                where = self._service_named_for(principal, taken[host])
+                raise Conflict(f"host {host!r} already belongs to {where}", f"hosts[{index}]")
+        for index, host in new:
+            clashes = wildcard_clashes(host, owner.id, others)
+            if clashes:
+                other = clashes[0]
+                where = self._service_named_for(principal, other)
+                relation = "covers" if covers(host, other.host) else "is covered by"
+                raise Conflict(
+                    f"host {host!r} {relation} {other.host!r} of {where}: a wildcard cannot "
+                    "span hosts of two tenants",
+                    f"hosts[{index}]",
+                )
+
+    def _service_named_for(self, principal: Principal, claim: Claim) -> str:
+        """How an error names another service: by name if the caller may see it."""
+        if principal.can_see_tenant(claim.tenant_id):
+            return f"service {claim.service!r} (tenant {claim.tenant!r})"
+        return "another tenant's service"
 
     def _check_default(self, session: Session, spec: vconfig.Service, own_id: int | None) -> None:
         if not spec.default:
@@ -794,7 +1031,7 @@ class Store:
             owner = self._tenant_for_service(session, principal, tenant)
             if session.scalar(select(TlsCertificate.id).where(TlsCertificate.name == name)):
                 raise Conflict(f"a certificate named {name!r} already exists", "name")
-            self._check_cert_hosts(session, principal, parsed.hosts)
+            self._check_cert_hosts(session, principal, parsed.hosts, owner)
             now = utcnow()
             row = TlsCertificate(
                 **_cert_columns(parsed, sealed),
@@ -807,18 +1044,26 @@ class Store:
             session.add(row)
             session.flush()
             self._cert_changed(session, principal, "certificate.create", row)
-            view = _certificate_view(row)
+            view = _certificate_view(row, self._tls_plan(session).get(row.name, []))
         self._emit("config")
         return view
 
     def list_certificates(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         query = select(TlsCertificate).order_by(TlsCertificate.name)
-        return self._list_scoped(principal, query, TlsCertificate.tenant_id, limit, offset,
-                                 _certificate_view)
+        with self._reading() as session:
+            plan = self._tls_plan(session)
+            return self._paged(
+                session,
+                scoped(query, principal, TlsCertificate.tenant_id),
+                limit,
+                offset,
+                lambda row: _certificate_view(row, plan.get(row.name, [])),
+            )
 
     def get_certificate(self, principal: Principal, name: str) -> dict:
         with self._reading() as session:
-            return _certificate_view(self._visible_certificate(session, principal, name))
+            row = self._visible_certificate(session, principal, name)
+            return _certificate_view(row, self._tls_plan(session).get(row.name, []))
 
     def update_certificate(
         self, principal: Principal, name: str, cert_pem: str, key_pem: str
@@ -828,14 +1073,14 @@ class Store:
         sealed = self._key_sealer().seal(parsed.key_pem)
         with self._writing() as session:
             row = self._visible_certificate(session, principal, name, lock=True)
-            self._check_cert_hosts(session, principal, parsed.hosts)
+            self._check_cert_hosts(session, principal, parsed.hosts, row.tenant)
             for column, value in _cert_columns(parsed, sealed).items():
                 setattr(row, column, value)
             row.version += 1
             row.updated_at = utcnow()
             session.flush()
             self._cert_changed(session, principal, "certificate.update", row)
-            view = _certificate_view(row)
+            view = _certificate_view(row, self._tls_plan(session).get(row.name, []))
         self._emit("config")
         return view
 
@@ -868,31 +1113,37 @@ class Store:
     ) -> TlsCertificate:
         return self._visible_named(session, principal, TlsCertificate, name, "certificate", lock)
 
-    def _check_cert_hosts(self, session: Session, principal: Principal, hosts: list[str]) -> None:
-        """A tenant's certificate must name its own hostnames, none of another tenant's."""
-        if principal.role == "admin":
-            return
-        owners = self._host_owners(session)
-        mine = False
-        for host in hosts:
-            owner = host_owner(host, owners)
-            if owner is not None and owner != principal.tenant_id:
-                raise Forbidden(f"host {host!r} belongs to another tenant's service", "cert_pem")
-            mine = mine or owner == principal.tenant_id
-        if not mine:
-            raise Forbidden(
-                f"the certificate names none of your services' hosts ({', '.join(hosts)})",
-                "cert_pem",
-            )
+    def _check_cert_hosts(
+        self, session: Session, principal: Principal, hosts: list[str], owner: Tenant
+    ) -> None:
+        """Whether ``owner`` may have a certificate for ``hosts`` (its SAN names).
 
-    def _host_owners(self, session: Session) -> dict[str, int]:
-        """Every service host -> the tenant of its service."""
-        rows = session.execute(
-            select(ServiceHost.host, Service.tenant_id).join(
-                Service, ServiceHost.service_id == Service.id
-            )
-        ).all()
-        return {host: tenant_id for host, tenant_id in rows}
+        A tenant's certificate must name a host inside the tenant's zones or of its services
+        (else it would never be served: 403 for its token, 422 for an admin), and a tenant's
+        token may not name another tenant's host or a name inside another tenant's zone
+        (403). The fleet's own certificates (admin, tenant ``default``) name what they like;
+        which names edges get is settled per bundle (_tls_plan).
+        """
+        if principal.role == "admin" and owner.name == DEFAULT_TENANT:
+            return
+        index = HostIndex.of(self._claims(session))
+        zones = self._all_zones(session)
+        if principal.role != "admin":
+            for san in hosts:
+                _check_san_is_not_foreign(san, owner.id, index, zones)
+        own_zones = [zone.zone for zone in zones if zone.tenant_id == owner.id]
+        for san in hosts:
+            claim = index.san_owner(san)
+            if san_touches_zones(san, own_zones) or (claim and claim.tenant_id == owner.id):
+                return
+        inside = f"the zones of tenant {owner.name!r} ({', '.join(own_zones) or 'none'})"
+        message = (
+            f"the certificate names no host inside {inside} nor of its services "
+            f"({', '.join(hosts)}): it would never be served"
+        )
+        if principal.role == "admin":
+            raise Unprocessable(message, "cert_pem")
+        raise Forbidden(message, "cert_pem")
 
     def _cert_changed(
         self, session: Session, principal: Principal, action: str, row: TlsCertificate
@@ -912,9 +1163,7 @@ class Store:
         rows = session.scalars(select(TlsCertificate).order_by(TlsCertificate.name)).all()
         if not rows:
             return {}
-        assigned = sni_assignment(
-            [(row.name, row.tenant_id, list(row.hosts)) for row in rows], self._host_owners(session)
-        )
+        assigned = self._tls_plan(session, rows)
         entries = []
         for row in rows:
             if row.name not in assigned:
@@ -934,6 +1183,27 @@ class Store:
             )
         return {"certificates": entries}
 
+    def _tls_plan(
+        self, session: Session, rows: Sequence[TlsCertificate] | None = None
+    ) -> dict[str, list[str]]:
+        """Certificate name -> the host names edges pick it for by SNI.
+
+        A tenant's certificate only for names its own services serve (its SANs cut down by
+        certificates.tenant_certificate_names); the fleet's (tenant ``default``) for all its
+        SANs. Where several remain for one name, the certificate of the tenant serving it
+        wins (sni_assignment).
+        """
+        if rows is None:
+            rows = session.scalars(select(TlsCertificate).order_by(TlsCertificate.name)).all()
+        index = HostIndex.of(self._claims(session))
+        certs = []
+        for row in rows:
+            hosts = list(row.hosts)
+            if row.tenant.name != DEFAULT_TENANT:
+                hosts = tenant_certificate_names(hosts, row.tenant_id, index)
+            certs.append((row.name, row.tenant_id, hosts))
+        return sni_assignment(certs, index)
+
     # -- purges ---------------------------------------------------------------------------------
 
     def purge_seq(self) -> int:
@@ -950,9 +1220,16 @@ class Store:
         tags: Sequence[str] = (),
         soft: bool = False,
     ) -> dict:
-        """Queue a purge for every edge: ``{"seq": N, "nodes": [names expected to ack]}``."""
+        """Queue a purge for every edge: ``{"seq": N, "nodes": [names expected to ack]}``.
+
+        Every registered, non-revoked node is expected, up or not: a node that looks down
+        (say, the control plane itself was down and heard no heartbeats) may well be serving;
+        it stays pending until it acknowledges. A purge of one service carries that
+        service's hosts (``scope``) so that edges apply its tags to that service only.
+        """
         if not (urls or prefixes or tags):
             raise Invalid("nothing to purge: give urls, prefixes or tags", "urls")
+        _check_tags(tags)
         with self._writing() as session:
             scope = self._visible_service(session, principal, service) if service else None
             if scope is None and not principal.sees_all and (prefixes or tags):
@@ -965,7 +1242,7 @@ class Store:
             )
             targets = resolver.targets(urls, prefixes, tags)
             seq = self._bump(session, PURGE_SEQ)
-            expected = self._up_node_names(session)
+            expected = self._registered_node_names(session)
             tenant_id = scope.tenant_id if scope else principal.tenant_id
             session.add(
                 PurgeJob(
@@ -975,6 +1252,7 @@ class Store:
                     targets=targets,
                     soft=soft,
                     expected=expected,
+                    scope=self._purge_scope(session, scope) if scope else None,
                     created_by=principal.actor,
                     created_at=utcnow(),
                 )
@@ -997,6 +1275,12 @@ class Store:
         return {"seq": seq, "nodes": expected}
 
     def purge_status(self, principal: Principal, seq: int) -> dict:
+        """Who has applied purge ``seq``: ``acked`` and ``pending`` node names.
+
+        ``done`` once nobody is pending, or when ``purge_timeout`` seconds have passed
+        (``timed_out``); the nodes still pending then (``down`` lists those that look down)
+        apply it when they come back, before serving from their cache.
+        """
         with self._reading() as session:
             job = session.get(PurgeJob, seq)
             if job is None or not (principal.sees_all or job.tenant_id == principal.tenant_id):
@@ -1008,17 +1292,28 @@ class Store:
                     .where(PurgeAck.seq == seq)
                 ).all()
             )
-            revoked = set(session.scalars(select(Node.name).where(Node.revoked.is_(True))).all())
-            pending = [name for name in job.expected if name not in acked and name not in revoked]
-            return {
-                "seq": job.seq,
-                "acked": sorted(acked),
-                "pending": sorted(pending),
-                "created_at": iso(job.created_at),
-                "service": job.service,
-                "soft": job.soft,
-                "done": not pending,
+            nodes = {
+                node.name: node
+                for node in session.scalars(select(Node).where(Node.name.in_(job.expected)))
             }
+        now = utcnow()
+        pending = sorted(
+            name
+            for name in job.expected
+            if name not in acked and name in nodes and not nodes[name].revoked
+        )
+        timed_out = bool(pending) and now - job.created_at > timedelta(seconds=self.purge_timeout)
+        return {
+            "seq": job.seq,
+            "acked": sorted(acked),
+            "pending": pending,
+            "down": [name for name in pending if self._status(nodes[name], now) == "down"],
+            "created_at": iso(job.created_at),
+            "service": job.service,
+            "soft": job.soft,
+            "done": not pending or timed_out,
+            "timed_out": timed_out,
+        }
 
     def purges_after(self, after: int, limit: int = PURGE_BATCH) -> list[dict]:
         """Purges with seq > after, oldest first (what a node has not applied yet)."""
@@ -1026,7 +1321,27 @@ class Store:
             jobs = session.scalars(
                 select(PurgeJob).where(PurgeJob.seq > after).order_by(PurgeJob.seq).limit(limit)
             ).all()
-            return [{"seq": job.seq, "targets": job.targets, "soft": job.soft} for job in jobs]
+            return [_purge_record(job) for job in jobs]
+
+    def _purge_scope(self, session: Session, service: Service) -> dict:
+        """The hosts a purge of ``service`` may touch, as the edges route them.
+
+        ``hosts``: the service's hosts ("*" too when it is the default service); ``except``:
+        other services' hosts that take precedence inside them (an exact host or a more
+        specific wildcard below one of its wildcards; everything else for "*").
+        """
+        hosts = sorted(host.host for host in service.hosts)
+        if service.is_default and "*" not in hosts:
+            hosts.append("*")
+        wildcards = [host for host in hosts if host.startswith("*.")]
+        everything = "*" in hosts
+        others = sorted(
+            claim.host
+            for claim in self._claims(session)
+            if claim.service != service.name
+            and (everything or any(covers(w, claim.host) for w in wildcards))
+        )
+        return {"hosts": hosts, "except": others}
 
     def ack_purges(self, principal: Principal, seq: int) -> None:
         """The node has applied every purge up to ``seq``."""
@@ -1156,12 +1471,14 @@ class Store:
         seen = node.last_heartbeat or node.joined_at
         return "up" if now - seen <= timedelta(seconds=self.down_after) else "down"
 
-    def _up_node_names(self, session: Session) -> list[str]:
-        now = utcnow()
-        nodes = session.scalars(
-            select(Node).where(Node.revoked.is_(False)).order_by(Node.name)
-        ).all()
-        return [node.name for node in nodes if self._status(node, now) == "up"]
+    def _registered_node_names(self, session: Session) -> list[str]:
+        """Every node that joined and was not revoked (up or down: the store knows them all,
+        not just those heard from lately)."""
+        return list(
+            session.scalars(
+                select(Node.name).where(Node.revoked.is_(False)).order_by(Node.name)
+            ).all()
+        )
 
     def _node_view(self, node: Node, now: datetime) -> dict:
         return {
@@ -1365,8 +1682,66 @@ class _PurgeResolver:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tenant_view(tenant: Tenant) -> dict:
-    return {"id": tenant.id, "name": tenant.name, "created_at": iso(tenant.created_at)}
+def _tenant_view(tenant: Tenant, zones: Sequence[str]) -> dict:
+    return {
+        "id": tenant.id,
+        "name": tenant.name,
+        "zones": sorted(zones),
+        "created_at": iso(tenant.created_at),
+    }
+
+
+def _normalized_zones(zones: Sequence[str]) -> list[str]:
+    """Zones as stored, each checked (400 naming ``zones[i]``), duplicates dropped."""
+    found = []
+    for index, zone in enumerate(zones):
+        try:
+            found.append(normalize_zone(zone))
+        except ZoneError as exc:
+            raise Invalid(str(exc), f"zones[{index}]") from None
+    return list(dict.fromkeys(found))
+
+
+def _outside_zones(host: str, zones: Sequence[str]) -> str:
+    if host == "*":
+        return "only an admin can serve every host ('*')"
+    if not zones:
+        return (
+            f"host {host!r} is outside your tenant's zones: it has none yet; an admin "
+            "delegates them (verge tenant zone add TENANT ZONE)"
+        )
+    wildcard = " (a wildcard *.NAME needs NAME inside a zone)" if host.startswith("*.") else ""
+    return (
+        f"host {host!r} is outside your tenant's zones ({', '.join(zones)}){wildcard}; "
+        "an admin delegates zones (verge tenant zone add TENANT ZONE)"
+    )
+
+
+def _check_san_is_not_foreign(san: str, tenant_id: int, index: HostIndex,
+                              zones: Sequence[Zone]) -> None:
+    """A tenant token's certificate may not name another tenant's host or zone (403)."""
+    claim = index.san_owner(san)
+    if claim is not None and claim.tenant_id != tenant_id:
+        raise Forbidden(f"host {san!r} belongs to another tenant's service", "cert_pem")
+    inside = zone_owner(san.removeprefix("*."), zones)
+    if inside is not None and inside.tenant_id != tenant_id:
+        raise Forbidden(f"host {san!r} is inside another tenant's zone", "cert_pem")
+
+
+def _own_view(row: dict) -> dict:
+    """A hostname row as its tenant may see it: nothing about other tenants."""
+    tenant_id = row["tenant_id"]
+    return {
+        **row,
+        "covered_by": [w for w in row["covered_by"] if w["tenant_id"] == tenant_id],
+        "conflicts": [c for c in row["conflicts"] if c["kind"] == "outside_zones"],
+    }
+
+
+def _hostname_view(row: dict) -> dict:
+    covered = [{k: v for k, v in w.items() if k != "tenant_id"} for w in row["covered_by"]]
+    view = {k: v for k, v in row.items() if k != "tenant_id"}
+    return {**view, "covered_by": covered}
 
 
 def _token_view(token: Token) -> dict:
@@ -1385,12 +1760,17 @@ def _service_view(row: Service) -> dict:
     return {**row.spec, "tenant": row.tenant.name, "version": row.version}
 
 
-def _certificate_view(row: TlsCertificate) -> dict:
-    """What the API shows of a certificate: never the key, not even sealed."""
+def _certificate_view(row: TlsCertificate, serving: list[str]) -> dict:
+    """What the API shows of a certificate: never the key, not even sealed.
+
+    ``hosts`` are its SAN names; ``serving`` the names edges pick it for by SNI (a tenant's
+    certificate only for its own services' hosts).
+    """
     view = {
         "name": row.name,
         "tenant": row.tenant.name,
         "hosts": list(row.hosts),
+        "serving": serving,
         "not_after": iso(row.not_after),
         "fingerprint_sha256": row.fingerprint_sha256,
         "version": row.version,
@@ -1418,6 +1798,21 @@ def _cert_columns(parsed: Any, sealed: str) -> dict:
         "not_after": parsed.not_after,
         "fingerprint_sha256": parsed.fingerprint_sha256,
     }
+
+
+def _purge_record(job: PurgeJob) -> dict:
+    """A purge as edges get it; ``scope`` only for a purge of one service."""
+    record = {"seq": job.seq, "targets": job.targets, "soft": job.soft}
+    if job.scope:
+        record["scope"] = job.scope
+    return record
+
+
+def _check_tags(tags: Sequence[str]) -> None:
+    """Tags come from response headers, which hold no control characters; edges rely on it."""
+    for index, tag in enumerate(tags):
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in tag):
+            raise Invalid("a tag cannot contain control characters", f"tags[{index}]")
 
 
 def _audit_view(entry: AuditEntry) -> dict:

@@ -40,12 +40,14 @@ from typing import TYPE_CHECKING
 import httpx
 from pydantic import ValidationError
 
+from verge.cache.purge import PurgeScope, key_host, scoped_tag
 from verge.cache.store import purge_disk
 from verge.config import Config
 from verge.edge.compute import KV_FILE, MODULE_PREFIX, EdgeKV
 from verge.files import write_atomic
 
 if TYPE_CHECKING:
+    from verge.cache.disk import DiskStore
     from verge.edge.node import Node
 
 log = logging.getLogger("verge.agent")
@@ -55,6 +57,29 @@ STATS_INTERVAL = 5.0
 LONG_POLL = 25.0
 MAX_PENDING_LOGS = 2000
 """Function log records held while the control plane is away (the oldest are dropped)."""
+
+
+def job_targets(job: dict, disk: DiskStore) -> list[tuple[str, str]]:
+    """A purge's (kind, value) targets as this node applies them.
+
+    A purge of one service carries its hosts (``scope``): its tags then reach that service's
+    objects only, not another tenant's that carry the same tag. On disk the tagged keys in
+    scope become url targets; the workers get the tag scoped (verge.cache.purge.scoped_tag),
+    which their tag index filters by host. URL and prefix targets name their host already.
+    """
+    targets = [(kind, value) for kind, value in job["targets"]]
+    if not job.get("scope"):
+        return targets
+    scope = PurgeScope.from_json(job["scope"])
+    scoped: list[tuple[str, str]] = []
+    for kind, value in targets:
+        if kind != "tag":
+            scoped.append((kind, value))
+            continue
+        keys = {key for key, _variant in disk.keys_with_tag(value) if scope.contains(key_host(key))}
+        scoped.extend(("url", key) for key in sorted(keys))
+        scoped.append(("tag", scoped_tag(value, scope)))
+    return scoped
 
 
 def modules_dir(cache_dir: str | Path) -> Path:
@@ -288,7 +313,7 @@ class ControlAgent:
         response = await self._call("GET", "/api/v1/nodes/self/purges",
                                     params={"after": self.purge_seq, "wait": LONG_POLL})
         for job in response.json().get("purges", []):
-            targets = [(kind, value) for kind, value in job["targets"]]
+            targets = job_targets(job, self.node.disk)
             result = await self.node.purge(targets, bool(job.get("soft")))
             if not result["ok"]:
                 raise RuntimeError(f"purge {job['seq']} failed on a worker: {result['errors']}")
@@ -310,7 +335,7 @@ class ControlAgent:
                 response = await self._call("GET", "/api/v1/nodes/self/purges",
                                             params={"after": self.purge_seq, "wait": 0})
                 for job in response.json().get("purges", []):
-                    for kind, value in job["targets"]:
+                    for kind, value in job_targets(job, self.node.disk):
                         purge_disk(self.node.disk, kind, value, bool(job.get("soft")))
                     self.purge_seq = max(self.purge_seq, int(job["seq"]))
                 write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
