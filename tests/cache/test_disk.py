@@ -6,14 +6,19 @@ with SIGKILL and check every object a fresh store returns against a body derived
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import inspect
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -183,6 +188,7 @@ def test_meta_naming_a_short_body_is_absent_and_cleaned(store, tmp_path):
     entry = put(store, "k", tags=["t"])
     os.truncate(entry.body_path, entry.body_size - 1)
     assert store.lookup("k", "") is None
+    store.drain()  # the clean-up is the writer thread's
     assert object_files(tmp_path) == []
     assert store.keys_with_tag("t") == [] and store.used_bytes == 0
 
@@ -191,6 +197,7 @@ def test_meta_naming_a_missing_body_is_absent_and_cleaned(store, tmp_path):
     entry = put(store, "k")
     os.unlink(entry.body_path)
     assert store.lookup("k", "") is None
+    store.drain()
     assert not meta_path(tmp_path, "k").exists()
     assert store.keys_with_prefix("") == []
 
@@ -199,6 +206,7 @@ def test_garbled_meta_is_absent(store, tmp_path):
     put(store, "k")
     meta_path(tmp_path, "k").write_bytes(b'{"format": 1, "key": "k", "va')
     assert store.lookup("k", "") is None
+    store.drain()
     assert object_files(tmp_path) == []
 
 
@@ -346,6 +354,144 @@ def test_a_late_worker_does_not_disturb_a_running_one(tmp_path):
     first.close()
 
 
+# ----- the writer thread: index writes never stall the caller's thread ---------------------------
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sqlite3, sys
+    db = sqlite3.connect(sys.argv[1], isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    print("holding", flush=True)
+    sys.stdin.readline()
+    db.execute("COMMIT")
+    print("released", flush=True)
+    """
+)
+READ_ELSEWHERE = textwrap.dedent(
+    """
+    import json, os, sys
+    from verge.cache.disk import DiskStore
+
+    with DiskStore(sys.argv[1], 1 << 30) as store:
+        entry = store.lookup(sys.argv[2], sys.argv[3])
+        if entry is None:
+            print(json.dumps(None))
+        else:
+            fd = entry.open()
+            body = os.pread(fd, entry.body_size, 0).decode()
+            os.close(fd)
+            print(json.dumps([body, entry.meta, store.get_vary(sys.argv[2])]))
+    """
+)
+FAST = 1.0  # seconds: far below the 10 s busy timeout that a blocked call would wait
+
+
+@contextlib.contextmanager
+def index_lock_held(root: Path) -> Iterator[Callable[[], None]]:
+    """Another process holds the index write lock (BEGIN IMMEDIATE) until ``release()``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(root / "index.db")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def release() -> None:
+        if not proc.stdin.closed:
+            proc.stdin.close()
+            assert proc.stdout.readline() == "released\n"
+
+    try:
+        assert proc.stdout.readline() == "holding\n"
+        yield release
+        release()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def read_in_another_process(root: Path, key: str, variant: str = "") -> list | None:
+    """[body, meta, vary] of an object as a freshly started process sees it (None: absent)."""
+    project = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", READ_ELSEWHERE, str(root), key, variant],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return json.loads(done.stdout)
+
+
+def test_a_locked_index_holds_up_only_the_writer_thread(store, tmp_path):
+    put(store, "/old", tags=["t"])
+    store.set_vary("/old", ())
+    with index_lock_held(tmp_path) as release:
+        store.touch("/old", "")
+        started = time.monotonic()
+        flushed = store.flush()  # handed over, not written: returns at once
+        removed = store.later(store.remove, "/old")
+        # reads go on through the query-only connection (WAL: no reader waits for a writer)
+        assert store.lookup("/old", "").meta["gen"] == 0
+        assert store.keys_with_tag("t") == [("/old", "")]
+        assert store.get_vary("/old") == ()
+        assert store.used_bytes == len(body_for("/old"))
+        assert time.monotonic() - started < FAST
+        assert not removed.done() and not flushed.done()  # the writer thread waits its turn
+        release()
+        assert removed.result(timeout=10) == 1
+    assert flushed.done() and store.lookup("/old", "") is None
+
+
+def test_writes_queued_by_one_process_run_in_order(store):
+    done: list[str] = []
+    put(store, "/k")
+    futures = [
+        store.later(store.update_meta, "/k", "", {"step": 1}),
+        store.later(done.append, "after update"),
+        store.later(store.remove, "/k"),
+        store.later(done.append, "after remove"),
+    ]
+    store.drain()
+    assert all(f.done() for f in futures) and futures[0].result() is True
+    assert done == ["after update", "after remove"] and store.lookup("/k", "") is None
+
+
+async def test_commit_async_keeps_the_fd_for_readers_until_published(store, tmp_path):
+    writer = store.writer("/new", "")
+    writer.write(b"streamed body")
+    with index_lock_held(tmp_path) as release:
+        commit = asyncio.ensure_future(writer.commit_async({"gen": 7}, ["t"], vary=("accept",)))
+        await asyncio.sleep(0)  # (the job is on the writer thread, blocked by the lock)
+        assert not commit.done()
+        assert os.pread(writer.fd, 100, 0) == b"streamed body"  # readers of the fill go on
+        with pytest.raises(ValueError):
+            writer.write(b"more")  # the size is in the meta being published
+        assert store.lookup("/new", "") is None
+        release()
+        entry = await asyncio.wait_for(commit, 10)
+    assert writer.fd == -1 and read_body(entry) == b"streamed body"
+    seen = read_in_another_process(tmp_path, "/new")
+    assert seen == ["streamed body", {"gen": 7}, ["accept"]]
+    assert store.keys_with_tag("t") == [("/new", "")]
+
+
+async def test_a_cancelled_commit_still_publishes_and_closes_its_fd(store, tmp_path):
+    writer = store.writer("/c", "")
+    writer.write(b"body")
+    with index_lock_held(tmp_path) as release:
+        commit = asyncio.ensure_future(writer.commit_async({}))
+        await asyncio.sleep(0)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        release()
+        await asyncio.wait_for(asyncio.to_thread(store.drain), 10)
+    await asyncio.sleep(0)  # the settling callback runs on the loop
+    assert writer.fd == -1 and read_body(store.lookup("/c", "")) == b"body"
+
+
 # ----- purge and vary ---------------------------------------------------------------------------
 def test_purge_by_prefix_and_tag(store, tmp_path):
     for key in ["/img/a.png", "/img/b.png", "/img%/c", "/img_x", "/imh", "/css/a.css"]:
@@ -472,7 +618,8 @@ def test_touches_are_batched(tmp_path):
             assert evictor.lookup("a", "") is None and evictor.lookup("b", "")
             put_sized(toucher, "a", 1000)
             clock.now += TOUCH_FLUSH_INTERVAL
-            toucher.touch("b", "")  # more than a second since the last flush: written now
+            toucher.touch("b", "")  # more than a second since the last flush: handed over
+            toucher.drain()  # (written by the writer thread)
             evictor.capacity_bytes = 1000
             assert evictor.enforce_capacity() == 1000
             assert evictor.lookup("a", "") is None and evictor.lookup("b", "")
@@ -487,31 +634,51 @@ def test_fsync_mode(tmp_path):
 # ----- real crashes -----------------------------------------------------------------------------
 CHILD = inspect.getsource(body_for) + textwrap.dedent(
     """
-    import sys
+    import asyncio, sys
     from verge.cache.disk import DiskStore
 
     root, start, step, keys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    small = sys.argv[5] == "small"
-    store = DiskStore(root, 1 << 30)
-    i = start
-    while True:
-        key = f"obj/{i % keys}"
-        body = body_for(key, i, small)
-        writer = store.writer(key, "")
-        for offset in range(0, len(body), 2048):
-            writer.write(body[offset : offset + 2048])
-            if offset == 0:
-                print("writing", i, flush=True)
-        writer.commit({"gen": i, "small": small}, tags=[f"t{i % 3}"])
-        store.set_vary(key, ())
-        print("committed", i, flush=True)
-        i += step
+    small, mode, capacity = sys.argv[5] == "small", sys.argv[6], int(sys.argv[7])
+
+    async def commit(writer, i):
+        meta, tags = {"gen": i, "small": small}, [f"t{i % 3}"]
+        if mode == "async":  # as the edge does: the writer thread publishes, the loop runs on
+            await writer.commit_async(meta, tags, vary=())
+        else:  # (a new key's Vary goes in with the object: one transaction)
+            writer.commit(meta, tags, vary=())
+
+    async def main():
+        store = DiskStore(root, capacity)
+        i = start
+        while True:
+            key = f"obj/{i % keys}"
+            body = body_for(key, i, small)
+            writer = store.writer(key, "")
+            for offset in range(0, len(body), 2048):
+                writer.write(body[offset : offset + 2048])
+                if offset == 0:
+                    print("writing", i, flush=True)
+            print("committing", i, flush=True)
+            await commit(writer, i)
+            print("committed", i, flush=True)
+            i += step
+
+    asyncio.run(main())
     """
 )
 KEYS = 40
 
 
-def spawn_writer(root: Path, start: int, step: int = 1, small: bool = False) -> subprocess.Popen:
+def spawn_writer(
+    root: Path,
+    start: int,
+    step: int = 1,
+    small: bool = False,
+    mode: str = "sync",
+    capacity: int = GIB,
+) -> subprocess.Popen:
+    """A writer process committing objects ``obj/N`` forever ("writing", "committing" and
+    "committed" lines); ``mode`` "async" commits with commit_async on an event loop."""
     project = Path(__file__).resolve().parents[2]
     return subprocess.Popen(
         [
@@ -523,6 +690,8 @@ def spawn_writer(root: Path, start: int, step: int = 1, small: bool = False) -> 
             str(step),
             str(KEYS),
             "small" if small else "large",
+            mode,
+            str(capacity),
         ],
         cwd=project,
         stdout=subprocess.PIPE,
@@ -591,9 +760,32 @@ def test_kill_9_mid_write_never_serves_a_half_written_object(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_kill_9_during_a_commit_on_the_writer_thread(tmp_path):
+    """The edge's way: commit_async, the writer thread mid-publish (or mid-eviction) when
+    the process is killed."""
+    start = 0
+    rounds = [  # (commits before the kill, kill after which line, small bodies?)
+        (40, "committing", False),
+        (300, "committing", True),  # small bodies: the publish job is often half done
+        (25, "committed", False),
+    ]
+    for commits, kill_on, small in rounds:
+        proc = spawn_writer(tmp_path, start, small=small, mode="async")
+        acked = run_until(proc, start + commits, kill_on)
+        found = verify_store(tmp_path)
+        for key, gen in acked.items():
+            assert found.get(key, -1) >= gen, f"{key}: acknowledged gen {gen} lost"
+        start = max(found.values()) + 1
+    # over capacity: every commit evicts on the writer thread too
+    proc = spawn_writer(tmp_path, start, mode="async", capacity=400_000)
+    run_until(proc, start + 60, "committing")
+    verify_store(tmp_path)
+
+
+@pytest.mark.timeout(60)
 def test_kill_9_of_two_workers_writing_the_same_keys(tmp_path):
     one = spawn_writer(tmp_path, 0, step=2, small=True)
-    two = spawn_writer(tmp_path, 1, step=2)
+    two = spawn_writer(tmp_path, 1, step=2, mode="async")
     acked = run_until(one, 400, "committed")
     acked_two = run_until(two, 41, "writing")
     found = verify_store(tmp_path)

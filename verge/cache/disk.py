@@ -19,10 +19,10 @@ Why it is built this way:
 * Every write gets a fresh body file name. Replacing an object renames the new meta over
   the old one and only then unlinks the old body, so a reader that holds the old body open
   keeps reading it (Linux unlink semantics) and a meta's body never changes under it.
-* An SQLite index (WAL, one connection per process, ``root/index.db``) answers what files
-  cannot: purge by prefix or tag, Vary look-up, bytes used, LRU eviction. Meta files are
-  renamed or unlinked only while this process holds the index write lock, so index rows
-  and meta files change together and workers cannot interleave halves of two updates.
+* An SQLite index (WAL, ``root/index.db``) answers what files cannot: purge by prefix or
+  tag, Vary look-up, bytes used, LRU eviction. Meta files are renamed or unlinked only while
+  this process holds the index write lock, so index rows and meta files change together and
+  workers cannot interleave halves of two updates.
 * The meta files are the truth. Every process leaves a marker in ``procs/`` while it has
   the directory open. The first process to open the directory (it alone gets an exclusive
   ``flock``) sees markers of processes that died without closing, or a missing or corrupt
@@ -33,24 +33,52 @@ Why it is built this way:
 * Access times are buffered by :meth:`DiskStore.touch` and written in one transaction at
   most once a second (or on :meth:`DiskStore.flush`), off the per-request path.
 
-All methods are synchronous local-disk calls meant for the worker's event-loop thread.
+Threads: the index is shared by every worker of a node, and a write transaction waits (up to
+``BUSY_TIMEOUT_MS``) while another process holds the write lock. So that this wait never
+stalls the event loop — and with it every memory hit of the worker — each store has ONE
+*writer thread* with its own connection, and every write transaction of the process runs
+there, in the order it was asked for: publishing an object and the eviction after it,
+:meth:`~DiskStore.update_meta`, :meth:`~DiskStore.set_vary`, :meth:`~DiskStore.remove`,
+:meth:`~DiskStore.enforce_capacity`, the access-time flush, the clean-up of a broken meta
+that :meth:`~DiskStore.lookup` found, and the repair at open. The meta renames and unlinks
+of those operations happen in that thread too, inside the transaction (the crash rules
+above are unchanged). Every other thread reads through a second, query-only connection
+(WAL: readers never wait for the writer): :meth:`~DiskStore.lookup`, Vary and purge
+look-ups, :attr:`~DiskStore.used_bytes`.
+
+How callers wait: the write methods named above block their caller until the writer
+thread is done (scripts, tests, the node supervisor's purges). The event loop never calls
+them directly: it awaits :meth:`DiskWriter.commit_async`, or hands work over with
+:meth:`DiskStore.later` (returns a future at once) and :meth:`DiskStore.flush`.
+Operations queued by one process run in order, so a later look-up in the same process sees
+them done once their future is; :meth:`DiskStore.drain` waits for everything queued so far.
+Body bytes are written by the thread that streams them (:meth:`DiskWriter.write`), and
+look-ups read meta files on the caller's thread: both are file I/O, not index writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from verge.procs import pid_alive
+
+log = logging.getLogger("verge.cache.disk")
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 META_FORMAT = 1
@@ -116,8 +144,9 @@ class DiskWriter:
     """A body being written to a temp file; :meth:`commit` publishes it, :meth:`abort` drops it.
 
     While the body arrives, readers may ``os.pread`` from :attr:`fd` up to :attr:`written`.
-    ``fd`` is closed by commit and abort; a reader that must outlive them takes its own fd
-    with :meth:`open` beforehand.
+    ``fd`` is closed by commit and abort (by the thread that called them, once the writer
+    thread has published the body); a reader that must outlive them takes its own fd with
+    :meth:`open` beforehand.
     """
 
     def __init__(self, store: DiskStore, key: str, variant: str) -> None:
@@ -131,11 +160,13 @@ class DiskWriter:
         self._path = os.path.join(store._scratch, f"{self._hash}.{self._token}{_BODY_TMP}")
         self._vary = store.get_vary(key)
         self.fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._sealed = False  # a commit started: no more bytes
+        self._published = False  # set by the writer thread: the body is the object's now
         self._done = False
 
     def write(self, data: bytes) -> None:
         """Append ``data`` to the body."""
-        self._require_open()
+        self._require_writable()
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -150,40 +181,88 @@ class DiskWriter:
         self._require_open()
         return os.dup(self.fd)
 
-    def commit(self, meta: dict, tags: Iterable[str] = ()) -> DiskEntry:
-        """Publish the body with ``meta`` (opaque, JSON-able) and purge ``tags``.
+    def commit(
+        self, meta: dict, tags: Iterable[str] = (), vary: Iterable[str] | None = None
+    ) -> DiskEntry:
+        """Publish the body with ``meta`` (opaque, JSON-able) and purge ``tags``; blocks.
 
-        On any error the write is aborted and the error re-raised.
+        ``vary``: the key's Vary field names, recorded with the object (for a key new on
+        disk, in the same transaction), as :meth:`DiskStore.set_vary` would. Eviction runs
+        after the commit if the tier is over capacity. On any error the write is aborted and
+        the error re-raised. From the event loop, await :meth:`commit_async` instead.
         """
-        self._require_open()
-        store = self._store
-        body_name = f"{self._hash}.{self._token}{_BODY}"
-        body_path = os.path.join(self._dir, body_name)
-        tags = list(dict.fromkeys(tags))
+        return self._settle(self._start_commit(meta, tags, vary))
+
+    async def commit_async(
+        self, meta: dict, tags: Iterable[str] = (), vary: Iterable[str] | None = None
+    ) -> DiskEntry:
+        """:meth:`commit` without blocking the event loop: the writer thread publishes.
+
+        :attr:`fd` stays open (readers may go on reading it) until this returns. If the
+        awaiting task is cancelled, the commit still finishes (or fails) on its own.
+        """
+        job = self._start_commit(meta, tags, vary)
+        waiter = asyncio.wrap_future(job)
         try:
-            stored = store._clock()
-            doc = _encode_meta(
-                self.key, self.variant, body_name, self.written, stored, tags, self._vary, meta
-            )
-            if store.fsync:
-                os.fsync(self.fd)
-            os.rename(self._path, body_path)
-            self._path = body_path
-            store._publish(self, body_name, stored, tags, doc)
-        except BaseException:
-            self.abort()
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            waiter.add_done_callback(lambda _: self._settle_quietly(job))
             raise
-        self._finish()
-        entry = DiskEntry(self.key, self.variant, meta, body_path, self.written)
-        store._after_commit()
-        return entry
+        except Exception:
+            pass  # _settle aborts the write and raises it
+        return self._settle(job)
 
     def abort(self) -> None:
         """Drop the body; harmless after commit or a previous abort."""
         if self._done:
             return
         self._finish()
-        _unlink_quietly(self._path)
+        if not self._published:
+            _unlink_quietly(self._path)
+
+    def _start_commit(
+        self, meta: dict, tags: Iterable[str], vary: Iterable[str] | None
+    ) -> Future[DiskEntry]:
+        self._require_writable()
+        self._sealed = True
+        fields = None if vary is None else tuple(vary)
+        return self._store._submit(self._publish, meta, list(dict.fromkeys(tags)), fields)
+
+    def _publish(self, meta: dict, tags: list[str], vary: tuple[str, ...] | None) -> DiskEntry:
+        """Writer thread: rename the body into place and publish it; then Vary, eviction."""
+        store = self._store
+        body_name = f"{self._hash}.{self._token}{_BODY}"
+        body_path = os.path.join(self._dir, body_name)
+        fields = self._vary if vary is None else vary
+        stored = store._clock()
+        doc = _encode_meta(
+            self.key, self.variant, body_name, self.written, stored, tags, fields, meta
+        )
+        if store.fsync:
+            os.fsync(self.fd)
+        os.rename(self._path, body_path)
+        self._path = body_path
+        store._publish(self, body_name, stored, tags, doc, fields)
+        self._published = True
+        store._after_commit(self.key, vary)
+        return DiskEntry(self.key, self.variant, meta, body_path, self.written)
+
+    def _settle(self, job: Future[DiskEntry]) -> DiskEntry:
+        """The caller's side of a finished commit job: close the fd, or abort on failure."""
+        try:
+            entry = job.result()
+        except BaseException:
+            self.abort()
+            raise
+        self._finish()
+        return entry
+
+    def _settle_quietly(self, job: Future[DiskEntry]) -> None:
+        """Settle a commit whose caller was cancelled (nobody else will report its error)."""
+        try:
+            self._settle(job)
+        except Exception as exc:
+            log.error("commit of %r failed after its caller went: %r", self.key, exc)
 
     def _finish(self) -> None:
         self._done = True
@@ -195,9 +274,17 @@ class DiskWriter:
         if self._done:
             raise ValueError("DiskWriter already committed or aborted")
 
+    def _require_writable(self) -> None:
+        self._require_open()
+        if self._sealed:
+            raise ValueError("DiskWriter is being committed")
+
 
 class DiskStore:
-    """The disk tier. One instance per worker process; all instances share ``root``."""
+    """The disk tier. One instance per worker process; all instances share ``root``.
+
+    Owns the process's writer thread (see the module docstring): :meth:`close` stops it.
+    """
 
     def __init__(
         self,
@@ -214,35 +301,47 @@ class DiskStore:
         self._objects = str(self.root / "objects")
         self._known_dirs: set[str] = set()
         self._touches: dict[tuple[str, str], float] = {}
+        self._touch_lock = threading.Lock()  # touch() on the loop, the write in the thread
         self._last_flush = clock()
         self._writers: set[DiskWriter] = set()
         self._closed = False
+        self._writer_ident: int | None = None
+        self._jobs = ThreadPoolExecutor(
+            1, thread_name_prefix="verge-disk-writer", initializer=self._writer_started
+        )
         os.makedirs(self._objects, exist_ok=True)
         os.makedirs(self.root / _PROCS, exist_ok=True)
         os.makedirs(self.root / _WRITING, exist_ok=True)
         self._lock_fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            self._marker = self._attach()
+            self._marker = self._jobs.submit(self._attach).result()
             self._scratch = os.path.join(self.root, _WRITING, os.path.basename(self._marker))
             os.makedirs(self._scratch, exist_ok=True)
+            self._db = self._connect(query_only=True)
         except BaseException:
-            if hasattr(self, "_db"):
-                self._db.close()
+            self._jobs.shutdown()
+            for name in ("_wdb", "_db"):
+                if hasattr(self, name):
+                    getattr(self, name).close()
             os.close(self._lock_fd)
             raise
+
+    def _writer_started(self) -> None:
+        self._writer_ident = threading.get_ident()
 
     # ----- opening ----------------------------------------------------------------------
     def _attach(self) -> str:
         """Lock the directory, open (and if we are first and it is needed, repair) the index.
 
-        Sets ``self._db``; returns this process's marker file.
+        Runs on the writer thread; sets ``self._wdb`` (its connection); returns this
+        process's marker file.
         """
         first = _try_flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not first:
             fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
-            self._db = self._connect()
-            if _user_version(self._db) != SCHEMA_VERSION:
-                self._create_schema(self._db)
+            self._wdb = self._connect()
+            if _user_version(self._wdb) != SCHEMA_VERSION:
+                self._create_schema(self._wdb)
             sweep_dead_writers(self.root)  # a worker starting: writers that died before it
             return self._register_process()
         dead = os.listdir(self.root / _PROCS)
@@ -251,7 +350,7 @@ class DiskStore:
             self._delete_index()
             db = self._connect()
             dead.append("lost index")
-        self._db = db
+        self._wdb = db
         self._create_schema(db)
         if dead:
             self._reconcile()
@@ -269,7 +368,8 @@ class DiskStore:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
         return marker
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, query_only: bool = False) -> sqlite3.Connection:
+        """A connection to the index: the writer thread's, or (``query_only``) the readers'."""
         db = sqlite3.connect(
             self.root / _INDEX,
             isolation_level=None,
@@ -277,6 +377,9 @@ class DiskStore:
             timeout=BUSY_TIMEOUT_MS / 1000,
         )
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if query_only:  # a write from any thread but the writer's fails loudly
+            db.execute("PRAGMA query_only = 1")
+            return db
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
         return db
@@ -400,9 +503,18 @@ class DiskStore:
         return writer
 
     def _publish(
-        self, writer: DiskWriter, body_name: str, stored: float, tags: list[str], doc: bytes
+        self,
+        writer: DiskWriter,
+        body_name: str,
+        stored: float,
+        tags: list[str],
+        doc: bytes,
+        vary: tuple[str, ...] | None,
     ) -> None:
-        """Index a renamed body and rename its meta into place, under the index write lock."""
+        """Index a renamed body and rename its meta into place, under the index write lock.
+
+        ``vary`` is recorded if the key has no Vary record yet (a changed one: set_vary).
+        """
         key, variant, digest, directory = writer.key, writer.variant, writer._hash, writer._dir
         meta_tmp = os.path.join(self._scratch, f"{digest}.{writer._token}{_META_TMP}")
         _write_new_file(meta_tmp, doc, self.fsync)
@@ -417,10 +529,8 @@ class DiskStore:
                 db.executemany(
                     "INSERT OR IGNORE INTO tags VALUES (?, ?, ?)", [(t, key, variant) for t in tags]
                 )
-                if writer._vary is not None:
-                    db.execute(
-                        "INSERT OR IGNORE INTO vary VALUES (?, ?)", (key, json.dumps(writer._vary))
-                    )
+                if vary is not None:
+                    db.execute("INSERT OR IGNORE INTO vary VALUES (?, ?)", (key, json.dumps(vary)))
                 os.rename(meta_tmp, os.path.join(directory, digest + _META))
         except BaseException:
             _unlink_quietly(meta_tmp)
@@ -430,16 +540,28 @@ class DiskStore:
         if old is not None and old[0] != body_name:
             _unlink_quietly(os.path.join(directory, old[0]))
 
-    def _after_commit(self) -> None:
-        if self.used_bytes > self.capacity_bytes:
-            self.enforce_capacity()
+    def _after_commit(self, key: str, vary: tuple[str, ...] | None) -> None:
+        """Writer thread, after a commit: a changed Vary, then eviction if over capacity.
+
+        The object is published by now, so a failure here is logged, not raised.
+        """
+        try:
+            if vary is not None:
+                self._set_vary(key, vary)
+            if self.used_bytes > self.capacity_bytes:
+                self._enforce_capacity()
+        except Exception:
+            log.exception("disk tier: Vary record or eviction after storing %r failed", key)
 
     def update_meta(self, key: str, variant: str, meta: dict) -> bool:
         """Atomically replace the caller's meta of a stored object (304 refresh, soft purge).
 
-        Returns False (and does nothing) when the object is not on disk.
+        Returns False (and does nothing) when the object is not on disk. Blocks until the
+        writer thread did it (from the event loop: ``later(store.update_meta, ...)``).
         """
-        self._require_open()
+        return self._call(self._update_meta, key, variant, meta)
+
+    def _update_meta(self, key: str, variant: str, meta: dict) -> bool:
         digest = object_hash(key, variant)
         directory = self._object_dir(digest)
         meta_path = os.path.join(directory, digest + _META)
@@ -463,13 +585,17 @@ class DiskStore:
 
     # ----- reading ----------------------------------------------------------------------
     def lookup(self, key: str, variant: str) -> DiskEntry | None:
-        """The complete object, or None if it is absent or incomplete (then cleaned away)."""
+        """The complete object, or None if it is absent or incomplete.
+
+        Reads files only. An incomplete object's meta is handed to the writer thread to be
+        removed (:meth:`drain` waits for it).
+        """
         self._require_open()
         digest = object_hash(key, variant)
         directory = self._object_dir(digest)
         meta_path = os.path.join(directory, digest + _META)
+        raw = _read_or_none(meta_path)
         for _ in range(3):  # a concurrent replace can swap the meta between our reads
-            raw = _read_or_none(meta_path)
             if raw is None:
                 return None
             doc = _decode_meta(raw)
@@ -477,8 +603,11 @@ class DiskStore:
                 body_path = os.path.join(directory, doc["body"])
                 if _size_or_none(body_path) == doc["size"]:
                     return DiskEntry(key, variant, doc["meta"], body_path, doc["size"])
-            if self._discard_broken(key, variant, meta_path, raw, doc):
+            again = _read_or_none(meta_path)
+            if again == raw:  # not replaced meanwhile: broken (the writer re-checks)
+                self.later(self._discard_broken, key, variant, meta_path, raw, doc)
                 return None
+            raw = again
         return None
 
     def _discard_broken(
@@ -499,10 +628,15 @@ class DiskStore:
         return True
 
     def set_vary(self, key: str, fields: tuple[str, ...]) -> None:
-        """Remember the Vary field names of ``key`` (also in its metas, for index rebuilds)."""
-        self._require_open()
+        """Remember the Vary field names of ``key`` (also in its metas, for index rebuilds).
+
+        Blocks until the writer thread did it.
+        """
+        self._call(self._set_vary, key, tuple(fields))
+
+    def _set_vary(self, key: str, fields: tuple[str, ...]) -> None:
         encoded = json.dumps(list(fields))
-        row = self._db.execute("SELECT fields FROM vary WHERE key = ?", (key,)).fetchone()
+        row = self._wdb.execute("SELECT fields FROM vary WHERE key = ?", (key,)).fetchone()
         if row is not None and row[0] == encoded:
             return
         with self._write_tx() as db:
@@ -525,7 +659,7 @@ class DiskStore:
     def get_vary(self, key: str) -> tuple[str, ...] | None:
         """The Vary field names of ``key``; None when the key is unknown on disk."""
         self._require_open()
-        row = self._db.execute("SELECT fields FROM vary WHERE key = ?", (key,)).fetchone()
+        row = self._reader().execute("SELECT fields FROM vary WHERE key = ?", (key,)).fetchone()
         return None if row is None else tuple(json.loads(row[0]))
 
     def keys_with_prefix(self, prefix: str) -> list[tuple[str, str]]:
@@ -539,23 +673,29 @@ class DiskStore:
                 "SELECT key, variant FROM entries WHERE key >= ? AND key < ?",
                 (prefix, upper),
             )
-        return self._db.execute(query + " ORDER BY key, variant", args).fetchall()
+        return self._reader().execute(query + " ORDER BY key, variant", args).fetchall()
 
     def keys_with_tag(self, tag: str) -> list[tuple[str, str]]:
         """(key, variant) of every object stored with purge tag ``tag``."""
         self._require_open()
         query = "SELECT key, variant FROM tags WHERE tag = ? ORDER BY key, variant"
-        return self._db.execute(query, (tag,)).fetchall()
+        return self._reader().execute(query, (tag,)).fetchall()
 
     @property
     def used_bytes(self) -> int:
         """Bytes of all indexed bodies (all workers)."""
-        return self._db.execute("SELECT bytes FROM usage WHERE id = 1").fetchone()[0]
+        return self._reader().execute("SELECT bytes FROM usage WHERE id = 1").fetchone()[0]
 
     # ----- removal and eviction -----------------------------------------------------------
     def remove(self, key: str, variant: str | None = None) -> int:
-        """Remove one variant, or all variants when ``variant`` is None; returns how many."""
-        self._require_open()
+        """Remove one variant, or all variants when ``variant`` is None; returns how many.
+
+        Blocks until the writer thread did it (from the event loop: ``later(store.remove,
+        ...)``).
+        """
+        return self._call(self._remove, key, variant)
+
+    def _remove(self, key: str, variant: str | None) -> int:
         with self._write_tx() as db:
             if variant is None:
                 rows = db.execute(
@@ -577,9 +717,15 @@ class DiskStore:
         return len(indexed | unlinked)  # a meta the index lost is purged too
 
     def enforce_capacity(self) -> int:
-        """Evict least-recently-used objects until used <= capacity; returns bytes freed."""
-        self._require_open()
-        self.flush()
+        """Evict least-recently-used objects until used <= capacity; returns bytes freed.
+
+        Access times buffered so far are written first. Blocks until the writer thread did
+        it.
+        """
+        return self._call(self._enforce_capacity)
+
+    def _enforce_capacity(self) -> int:
+        self._write_touches()
         if self.used_bytes <= self.capacity_bytes:
             return 0
         freed = 0
@@ -618,19 +764,26 @@ class DiskStore:
 
     # ----- access times -------------------------------------------------------------------
     def touch(self, key: str, variant: str) -> None:
-        """Note a use of the object; written to the index at most once a second."""
+        """Note a use of the object; handed to the writer thread at most once a second."""
         now = self._clock()
-        self._touches[(key, variant)] = now
+        with self._touch_lock:
+            self._touches[(key, variant)] = now
         if now - self._last_flush >= TOUCH_FLUSH_INTERVAL:
             self.flush()
 
-    def flush(self) -> None:
-        """Write buffered access times now."""
-        self._require_open()
+    def flush(self) -> Future[None]:
+        """Have the writer thread write the buffered access times; does not wait.
+
+        The future is done when they are written (``flush().result()`` waits).
+        """
         self._last_flush = self._clock()
-        if not self._touches:
+        return self.later(self._write_touches)
+
+    def _write_touches(self) -> None:
+        with self._touch_lock:
+            touches, self._touches = self._touches, {}
+        if not touches:
             return
-        touches, self._touches = self._touches, {}
         with self._write_tx() as db:
             db.executemany(
                 "UPDATE entries SET atime = ? WHERE key = ? AND variant = ?",
@@ -639,16 +792,19 @@ class DiskStore:
 
     # ----- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
-        """Flush, abort unfinished writers, and release the directory."""
+        """Flush, finish the queued writes, abort unfinished writers, release the directory."""
         if self._closed:
             return
         try:
             self.flush()
+            self._jobs.shutdown(wait=True)
             for writer in list(self._writers):
                 writer.abort()
         finally:
             self._closed = True
+            self._jobs.shutdown(wait=True)
             self._db.close()
+            self._wdb.close()
             _remove_scratch(self._scratch)
             _unlink_quietly(self._marker)
             os.close(self._lock_fd)
@@ -663,11 +819,52 @@ class DiskStore:
         """Remove the temp files of writers that died (see :func:`sweep_dead_writers`)."""
         return sweep_dead_writers(self.root, pids)
 
+    # ----- the writer thread --------------------------------------------------------------
+    def later(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Queue ``fn(*args)`` on the writer thread and return its future at once.
+
+        ``fn`` is one of the blocking write methods (``store.remove``, ``store.update_meta``,
+        ...) or a function calling them; it runs after everything queued before it. A
+        failure is logged (and kept in the future). From a coroutine:
+        ``await asyncio.wrap_future(store.later(...))``.
+        """
+        future = self._submit(fn, *args)
+        future.add_done_callback(_log_failure)
+        return future
+
+    def drain(self) -> None:
+        """Wait until every write queued so far (by any thread of this process) is done."""
+        self._submit(_nothing).result()
+
+    def _submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Run ``fn`` on the writer thread: queued, or right now if we are that thread."""
+        self._require_open()
+        if threading.get_ident() != self._writer_ident:
+            return self._jobs.submit(fn, *args)
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def _call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` on the writer thread and wait for its result."""
+        return self._submit(fn, *args).result()
+
+    def _reader(self) -> sqlite3.Connection:
+        """The connection for a read on this thread (the writer thread reads its own)."""
+        return self._wdb if threading.get_ident() == self._writer_ident else self._db
+
     # ----- helpers ------------------------------------------------------------------------
     @contextlib.contextmanager
     def _write_tx(self) -> Iterator[sqlite3.Connection]:
-        """A transaction holding the index write lock (serialises all workers' changes)."""
-        db = self._db
+        """A transaction holding the index write lock (serialises all workers' changes).
+
+        Writer thread only: the one connection of this process that writes.
+        """
+        assert threading.get_ident() == self._writer_ident, "index write off the writer thread"
+        db = self._wdb
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -689,6 +886,16 @@ class DiskStore:
 
 
 # ----- module helpers -------------------------------------------------------------------------
+def _nothing() -> None:
+    return None
+
+
+def _log_failure(future: Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        exc = future.exception()
+        log.error("disk tier: queued write failed: %r", exc, exc_info=exc)
+
+
 def sweep_dead_writers(
     root: str | Path,
     pids: Iterable[int] | None = None,

@@ -11,18 +11,30 @@ bytes (small objects) or only a reference to the body file on disk (large object
 with sendfile). The disk tier is shared by all workers of a node; the memory tier is per
 worker, so purges are applied to the disk once (by the node's supervisor) and to every
 worker's memory (see :meth:`TieredCache.purge_memory`).
+
+Nothing here waits for the disk tier's index writes (see :mod:`verge.cache.disk`): a fill is
+published with :meth:`TieredCache.commit_async`, and refreshes, invalidations and the
+worker's disk purges are queued on the disk's writer thread, in order. Until a queued
+removal is done, disk look-ups of the keys it removes miss, so a worker never serves from
+disk what it has just invalidated.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from verge.cache.disk import DiskEntry, DiskStore
+from verge.cache.disk import DiskEntry, DiskStore, DiskWriter
 from verge.cache.memory import MemoryStore
 from verge.cache.policy import Freshness, secondary_key
 from verge.cache.purge import TagIndex, parse_surrogate_keys
+
+T = TypeVar("T")
 
 # Bookkeeping bytes charged per entry on top of its body (headers, objects).
 ENTRY_OVERHEAD = 512
@@ -111,6 +123,9 @@ class TieredCache:
         self._vary: dict[str, tuple[str, ...]] = {}
         self._by_key: dict[str, set[str]] = {}
         self._tags = TagIndex()
+        # (kind, value) -> removals queued on the disk's writer thread and not done yet
+        self._hidden: dict[tuple[str, str], int] = {}
+        self._hidden_lock = threading.Lock()  # the writer thread says when one is done
         memory.on_evict = self._forget
 
     # ----- lookup ---------------------------------------------------------------------
@@ -133,6 +148,8 @@ class TieredCache:
         return self.memory.get(storage_key(key, secondary_key(fields, request_headers)))
 
     def _lookup_disk(self, key: str, request_headers: Mapping[str, str]) -> CacheEntry | None:
+        if self._hidden and self._is_hidden(key):
+            return None
         fields = self.disk.get_vary(key)
         if fields is None:
             return None
@@ -159,10 +176,22 @@ class TieredCache:
             self._tags.add(skey, entry.tags)
 
     # ----- store ------------------------------------------------------------------------
+    async def commit_async(
+        self, writer: DiskWriter, entry: CacheEntry, fields: tuple[str, ...]
+    ) -> DiskEntry:
+        """Publish a fill's body on disk as ``entry`` (meta, tags) with the key's Vary
+        ``fields``; the index work runs on the disk's writer thread while the loop goes on.
+
+        Raises OSError when the object could not be stored (the write is aborted then).
+        """
+        try:
+            return await writer.commit_async(entry.to_meta(), entry.tags, fields)
+        except sqlite3.Error as exc:  # e.g. the index stayed locked past the busy timeout
+            raise OSError(f"disk index: {exc}") from exc
+
     def put(self, entry: CacheEntry, fields: tuple[str, ...]) -> None:
-        """Index a complete entry (already committed to disk when ``entry.disk`` is set)."""
-        if entry.disk is not None:
-            self.disk.set_vary(entry.key, fields)
+        """Index a complete entry in memory. Its disk copy (``entry.disk``), with the Vary
+        ``fields``, was published by :meth:`commit_async` (or ``DiskWriter.commit``)."""
         self._drop_derived(entry.key, entry.variant)
         self._remember(entry, fields)
 
@@ -180,15 +209,17 @@ class TieredCache:
 
     def refresh(
         self, entry: CacheEntry, headers: list[tuple[str, str]], freshness: Freshness
-    ) -> None:
-        """After a 304: new headers and freshness for the stored entry (memory and disk)."""
+    ) -> Future[bool] | None:
+        """After a 304: new headers and freshness for the stored entry, in memory now and
+        on disk by the writer thread (its future; None for a memory-only entry)."""
         entry.headers = headers
         entry.freshness = freshness
         entry.rendered = entry.hot = None
         entry.compressible = None
         self._drop_derived(entry.key, entry.variant)
-        if entry.disk is not None:
-            self.disk.update_meta(entry.key, entry.variant, entry.to_meta())
+        if entry.disk is None:
+            return None
+        return self.disk.later(self.disk.update_meta, entry.key, entry.variant, entry.to_meta())
 
     def _forget(self, skey: str, entry: CacheEntry) -> None:
         keys = self._by_key.get(entry.key)
@@ -209,10 +240,14 @@ class TieredCache:
             self._forget(skey, entry)
 
     # ----- invalidation and purge ---------------------------------------------------------
-    def invalidate(self, key: str) -> None:
-        """RFC 9111 §4.4 after an unsafe method: every variant of ``key`` goes, both tiers."""
+    def invalidate(self, key: str) -> Future[int]:
+        """RFC 9111 §4.4 after an unsafe method: every variant of ``key`` goes, both tiers.
+
+        Memory at once; the disk removal is queued (its future), and this process's disk
+        look-ups of ``key`` miss until it is done.
+        """
         self.purge_memory("url", key, soft=False)
-        self.disk.remove(key)
+        return self._hide_until_done([("url", key)], self.disk.remove, key)
 
     def purge_memory(self, kind: str, value: str, soft: bool) -> int:
         """Purge this process's memory tier. kind: 'url' (a primary key), 'prefix', 'tag'."""
@@ -238,8 +273,50 @@ class TieredCache:
             return list(self._tags.keys_for(value))
         raise ValueError(f"unknown purge kind {kind!r}")
 
-    def purge_disk(self, kind: str, value: str, soft: bool) -> int:
-        return purge_disk(self.disk, kind, value, soft)
+    def purge_disk(self, kind: str, value: str, soft: bool) -> Future[int]:
+        """Purge the shared disk tier from this worker (see :func:`purge_disk`), queued on
+        the writer thread; its future gives the count. Until it is done, this process's disk
+        look-ups of the purged keys miss (for a tag: the keys tagged now)."""
+        if kind == "tag":
+            keys = sorted({k for k, _ in self.disk.keys_with_tag(value)})
+            hidden = [("url", k) for k in keys]
+        elif kind in ("url", "prefix"):
+            hidden = [(kind, value)]
+        else:
+            raise ValueError(f"unknown purge kind {kind!r}")
+        return self._hide_until_done(hidden, purge_disk, self.disk, kind, value, soft)
+
+    def _hide_until_done(
+        self, pairs: list[tuple[str, str]], fn: Callable[..., T], *args: object
+    ) -> Future[T]:
+        """Queue ``fn(*args)`` on the disk's writer thread; disk look-ups matching ``pairs``
+        (("url", key) or ("prefix", prefix)) miss until it is done."""
+        with self._hidden_lock:
+            for pair in pairs:
+                self._hidden[pair] = self._hidden.get(pair, 0) + 1
+        try:
+            future = self.disk.later(fn, *args)
+        except BaseException:
+            self._unhide(pairs)
+            raise
+        future.add_done_callback(lambda _: self._unhide(pairs))
+        return future
+
+    def _unhide(self, pairs: list[tuple[str, str]]) -> None:
+        with self._hidden_lock:
+            for pair in pairs:
+                left = self._hidden.get(pair, 0) - 1
+                if left > 0:
+                    self._hidden[pair] = left
+                else:
+                    self._hidden.pop(pair, None)
+
+    def _is_hidden(self, key: str) -> bool:
+        with self._hidden_lock:
+            return any(
+                key == value if kind == "url" else key.startswith(value)
+                for kind, value in self._hidden
+            )
 
     def stats(self) -> dict[str, int]:
         return {"memory_bytes": self.memory.used_bytes, "memory_objects": len(self.memory)}
@@ -251,7 +328,11 @@ def tags_of(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
 
 
 def purge_disk(disk: DiskStore, kind: str, value: str, soft: bool) -> int:
-    """Purge the shared disk tier (once per node). kind: 'url' (a primary key), 'prefix', 'tag'."""
+    """Purge the shared disk tier (once per node). kind: 'url' (a primary key), 'prefix', 'tag'.
+
+    Blocks until the disk's writer thread made the changes (the node supervisor's purges);
+    a worker's event loop queues it instead (:meth:`TieredCache.purge_disk`).
+    """
     if kind == "url":
         targets = [(k, v) for k, v in disk.keys_with_prefix(value) if k == value]
     elif kind == "prefix":

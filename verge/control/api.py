@@ -714,14 +714,15 @@ async def purge_status(
     principal: Reader,
     wait: Annotated[float, _wait_query("Seconds to wait until every node acked")] = 0,
 ) -> dict:
-    """Who has and has not acknowledged; with ``wait``, answers as soon as nobody is pending."""
+    """Who has and has not acknowledged; with ``wait``, answers as soon as the job is done
+    (nobody pending, or the purge timeout passed: the pending nodes catch up later)."""
     status = await run_in_threadpool(store.purge_status, principal, seq)
-    if not status["pending"] or not wait:
+    if status["done"] or not wait:
         return status
 
     async def complete() -> dict | None:
         current = await run_in_threadpool(store.purge_status, principal, seq)
-        return None if current["pending"] else current
+        return current if current["done"] else None
 
     done = await request.app.state.watches["acks"].wait(complete, _wait(request, wait))
     return done or await run_in_threadpool(store.purge_status, principal, seq)

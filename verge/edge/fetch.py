@@ -360,7 +360,8 @@ class Fetcher:
             headers=headers, freshness=freshness, tags=tags_of(headers), body_size=fill.size,
         )
         try:
-            entry.disk = writer.commit(entry.to_meta(), entry.tags)
+            # the index write (and eviction) run on the disk's writer thread: hits go on
+            entry.disk = await cache.commit_async(writer, entry, freshness.vary)
         except OSError as exc:
             log.error("could not store %r on disk: %r", route.key, exc)
             writer.abort()

@@ -451,13 +451,15 @@
       const acked = status.acked || [];
       const pending = status.pending || [];
       const total = acked.length + pending.length;
-      job.done = pending.length === 0;
+      // done: nobody pending, or the purge timed out (the pending nodes catch up later)
+      job.done = status.done !== undefined ? status.done : pending.length === 0;
       const card = job.card;
       card.classList.toggle("done", job.done);
+      const late = job.done && pending.length ? " — timed out; the rest catch up when they return" : "";
       card.querySelector(".state").textContent =
         total === 0
           ? "no nodes to acknowledge (none joined)"
-          : `${acked.length}/${total} nodes acknowledged${job.done ? " — complete" : ""}`;
+          : `${acked.length}/${total} nodes acknowledged${job.done && !late ? " — complete" : late}`;
       card.querySelector(".progress > div").style.width = `${total ? (100 * acked.length) / total : 100}%`;
       card.querySelector(".names").textContent = [
         acked.length ? `acked: ${acked.join(", ")}` : "",
