@@ -305,3 +305,26 @@ def test_purge_of_a_url_that_cannot_be_split_is_a_422(api: Api, target: str) -> 
         response = api.post(f"{V1}/purge", json={field: ["http://ok.test/a", target]})
         assert response.status_code == 422, response.text
         assert response.json()["field"] == f"{field}[1]"
+
+
+def test_an_over_long_body_is_refused_before_it_is_read(sqlite_api: Api) -> None:
+    """FastAPI reads a JSON body whole before authentication: the body limit comes first,
+    by Content-Length or, for a chunked body, as soon as it passes the limit."""
+    from verge.control.api import MAX_REQUEST_BODY
+
+    declared = sqlite_api.client.post(
+        "/api/v1/functions", headers={"Content-Length": str(MAX_REQUEST_BODY + 1)},
+        content=b"{}")
+    assert declared.status_code == 413
+    assert "request body over" in declared.json()["error"]
+
+    def chunks():
+        piece = b" " * (1 << 20)
+        for _ in range(MAX_REQUEST_BODY // len(piece) + 2):
+            yield piece
+
+    streamed = sqlite_api.client.post("/api/v1/tenants", content=chunks(), headers={
+        "Authorization": "Bearer wrong", "Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    ok = sqlite_api.post("/api/v1/tenants", json={"name": "fits"})
+    assert ok.status_code == 201

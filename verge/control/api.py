@@ -1067,6 +1067,62 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
+# The largest body any call needs: a function deployment (a 16 MiB module in base64, plus
+# its fields); anything bigger is refused before it is read into memory.
+MAX_REQUEST_BODY = 2 * MAX_MODULE_BYTES
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 — by its Content-Length
+    before anything is read, or as soon as a chunked body passes the limit (the app then
+    sees the client go away, and whatever it answers is dropped). FastAPI reads a JSON body
+    whole, before authentication: without this anyone could fill the memory."""
+
+    def __init__(self, app: Any, limit: int = MAX_REQUEST_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        received, started, refused = 0, False, False
+
+        async def counted() -> dict:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def noted(message: dict) -> None:
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, noted)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"error": f"request body over {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class AccessLog:
     """ASGI middleware: one JSON line per request (method, path, status, duration)."""
 
@@ -1192,6 +1248,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     for router in (*routers, fleet, reports, edge):
         app.include_router(router)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     if settings.access_log is not None:
         app.add_middleware(AccessLog, stream=settings.access_log)
     return app
