@@ -15,6 +15,9 @@ if [ -z "$PYTHON" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
+# an absolute path: the build runs from the crate's directory
+PYTHON="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+
 # The Debian packages whose crates the build needs (they pull in their dependencies).
 CRATE_PACKAGES=(librust-pyo3-dev librust-hyper-dev librust-h2-dev librust-tokio-dev
                 librust-tokio-rustls-dev librust-rustls-dev librust-bytes-dev librust-libc-dev)
