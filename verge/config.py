@@ -1135,6 +1135,22 @@ class Config(_Model):
                 )
             seen.add(service.name)
 
+    def key_host(self, service: Service, host: str) -> str:
+        """The host a request's objects are cached (and purged) under: the service's first
+        plain host name whichever of its names, or address as the default service, the
+        request used — so one purge of the service's URL clears them all. A name matched
+        by one of its wildcards ("*.example.com") keeps its own objects (another site under
+        the wildcard), as does a service with no plain name."""
+        name = _request_host_name(host)
+        index: _HostIndex = self.__pydantic_private__["_hosts"]
+        if index.exact.get(name) is not service and index.suffixes:
+            dot = name.find(".")
+            while dot != -1:
+                if index.suffixes.get(name[dot:]) is service:
+                    return host
+                dot = name.find(".", dot + 1)
+        return next((h for h in service.hosts if "*" not in h), host)
+
     def service_for_host(self, host: str) -> Service | None:
         """The service for a Host header: exact name, then the most specific wildcard, then "*",
         then the default service."""

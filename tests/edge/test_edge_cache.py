@@ -426,3 +426,34 @@ def test_http10_request_without_host_reaches_the_origin_with_one(edge, origin):
         assert f"Cache-Status: {expected}".encode() in reply
     assert origin.hits("/old") == 1
     assert origin.requests[-1].headers["host"] == origin.url.split("//")[1]
+
+
+def test_a_service_is_keyed_by_its_name_whichever_name_or_address_was_used(edge_factory, origin):
+    """One purge of the service's URL clears every copy: objects are stored under the
+    service's first plain name whether the request said demo.test, www.demo.test or the
+    edge's address (default service); a wildcard's sites keep their own objects."""
+    config = f"""
+services:
+  - name: demo
+    hosts: [demo.test, www.demo.test]
+    default: true
+    origins: ["{origin.url}"]
+  - name: wild
+    hosts: ["*.wild.test"]
+    origins: ["{origin.url}"]
+"""
+    edge = edge_factory(config=config)
+    origin.route("/named", headers=[("Cache-Control", "max-age=600")], body=b"named")
+    address = edge.url.split("//")[1]
+    with edge.client() as c:
+        statuses = [c.get("/named", headers={"Host": host}).headers["cache-status"]
+                    for host in ("demo.test", "www.demo.test", address)]
+        assert statuses == ["verge; fwd=miss; stored", "verge; hit", "verge; hit"]
+        with edge.admin() as a:  # the URL the demo banner prints: the edge's address
+            assert a.post("/purge", json={"urls": [f"{edge.url}/named"]}).json()["ok"]
+        again = c.get("/named", headers={"Host": "www.demo.test"}).headers["cache-status"]
+        assert again == "verge; fwd=miss; stored"
+        wild = [c.get("/named", headers={"Host": host}).headers["cache-status"]
+                for host in ("a.wild.test", "b.wild.test")]
+        assert wild == ["verge; fwd=miss; stored", "verge; fwd=miss; stored"]
+    assert origin.hits("/named") == 4

@@ -127,3 +127,32 @@ def key_for_url(url: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
     return cache_key(host, parts.path, parts.query)
+
+
+def url_keys(config, url: str) -> list[str]:
+    """The keys an edge with ``config`` may store a URL under (purge by URL): the service's
+    key host (``Config.key_host``: whichever of its names or addresses the URL uses), the
+    default key and the one a matching rule's ``sort_query``/``ignore_query`` makes."""
+    base = key_for_url(url)
+    host, _, rest = base.partition("/")
+    path, _, query = ("/" + rest).partition("?")
+    service = config.service_for_host(host)
+    if service is None:
+        return [base]
+    key_host = config.key_host(service, host)
+    rule = service.match_rule(path)
+    found = {base, cache_key(key_host, path, query)}
+    if rule is not None:
+        found.add(cache_key(key_host, path, query, sort_query=rule.sort_query,
+                            ignore_query=rule.ignore_query))
+    return sorted(found)
+
+
+def prefix_key(config, url: str) -> str:
+    """The key prefix of a purge by prefix, under the service's key host."""
+    key = key_for_url(url)
+    host, _, rest = key.partition("/")
+    service = config.service_for_host(host)
+    if service is None:
+        return key
+    return _normalize_host(config.key_host(service, host)) + "/" + rest

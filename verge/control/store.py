@@ -1641,24 +1641,13 @@ class _PurgeResolver:
         for index, prefix in enumerate(prefixes):
             key = keys.key_for_url(prefix)
             self._service_of(key.partition("/")[0], prefix, f"prefixes[{index}]")
-            out.append(["prefix", key])
+            out.append(["prefix", keys.prefix_key(self.config, prefix)])
         out.extend(["tag", tag] for tag in tags)
         return out
 
     def _url_keys(self, url: str, field: str) -> list[str]:
-        base = keys.key_for_url(url)
-        host, _, rest = base.partition("/")
-        path, _, query = ("/" + rest).partition("?")
-        found = {base}
-        service = self._service_of(host, url, field)
-        rule = service.match_rule(path) if service is not None else None
-        if rule is not None:
-            found.add(
-                keys.cache_key(
-                    host, path, query, sort_query=rule.sort_query, ignore_query=rule.ignore_query
-                )
-            )
-        return sorted(found)
+        self._service_of(keys.key_for_url(url).partition("/")[0], url, field)
+        return keys.url_keys(self.config, url)
 
     def _service_of(self, host: str, url: str, field: str) -> vconfig.Service | None:
         """The service serving ``host``, after checking the caller may purge it."""

@@ -96,22 +96,14 @@ class AdminApp(HttpApp):
             for key in self.url_keys(url):
                 out.append(("url", key))
                 out.append(("prefix", key + "\n"))  # variants keyed by rule headers
-        out.extend(("prefix", keys.key_for_url(prefix)) for prefix in _strings(data, "prefixes"))
+        out.extend(("prefix", keys.prefix_key(self.node.config, prefix))
+                   for prefix in _strings(data, "prefixes"))
         out.extend(("tag", tag) for tag in _strings(data, "tags"))
         return out
 
     def url_keys(self, url: str) -> list[str]:
-        """The cache keys a URL may be stored under (rule options change the key)."""
-        base = keys.key_for_url(url)
-        host, _, rest = base.partition("/")
-        path, _, query = ("/" + rest).partition("?")
-        found = {base}
-        service = self.node.config.service_for_host(host)
-        rule = service.match_rule(path) if service else None
-        if rule is not None:
-            found.add(keys.cache_key(host, path, query, sort_query=rule.sort_query,
-                                     ignore_query=rule.ignore_query))
-        return sorted(found)
+        """The cache keys a URL may be stored under (verge.cache.keys.url_keys)."""
+        return keys.url_keys(self.node.config, url)
 
 
 def _strings(data: dict, name: str) -> list[str]:

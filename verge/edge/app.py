@@ -224,7 +224,8 @@ class EdgeApp:
             query = request.query
             if signed is not None:  # every viewer's token maps to the same entry
                 query = take_param(query, signed.param)[1]
-            key = rule_key(rule, request.host, request.path, query, request.hmap)
+            key = rule_key(rule, self.config.key_host(service, request.host), request.path,
+                           query, request.hmap)
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
                       runtime.rule_origins.get(index, runtime.origins), signed=signed)
         if self.compute is not None and self.compute.by_service:
@@ -643,15 +644,16 @@ class EdgeApp:
                     continue
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
             path, _, query = target.partition("?")
+            key_host = self.config.key_host(service, request.host)
             rule = service.match_rule(keys.normalize_path(path))
             if rule is not None and rule.signed is not None:
                 query = take_param(query, rule.signed.param)[1]
             if rule is not None and rule.key_headers:
-                prefix = rule_key(rule, request.host, path, query, None, with_headers=False)
+                prefix = rule_key(rule, key_host, path, query, None, with_headers=False)
                 self.cache.purge_memory("prefix", prefix + "\n", soft=False)
                 self.cache.purge_disk("prefix", prefix + "\n", soft=False)
             else:
-                self.cache.invalidate(rule_key(rule, request.host, path, query, None))
+                self.cache.invalidate(rule_key(rule, key_host, path, query, None))
 
     # ----- reporting ----------------------------------------------------------------------------------
     def _log(self, request, status, sent: int, result: str, started: float) -> None:
