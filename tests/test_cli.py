@@ -318,3 +318,20 @@ def test_purge_token_from_environment(edge):
     result = verge("purge", "--admin", edge.admin_url, "http://site/x", env=env)
     assert result.code == 0, result
     assert "purged" in result.out
+
+
+def test_tokens_can_come_from_a_file_instead_of_the_command_line(tmp_path):
+    """`--token @FILE` (and the VERGE_*TOKEN variables) keep secrets out of `ps`."""
+    import typer
+
+    from verge.cli_secrets import secret_value
+
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("vrg_secret_123\n")
+    assert secret_value(f"@{token_file}") == "vrg_secret_123"
+    assert secret_value("plain") == "plain" and secret_value(None) is None
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        if bad.name == "empty":
+            bad.write_text("\n")
+        with pytest.raises(typer.BadParameter):
+            secret_value(f"@{bad}")

@@ -288,6 +288,11 @@ def test_verge_up_vod_control_plane_restart_and_ctrl_c(tmp_path: Path) -> None:
         edge = state["edges"][0]["url"]
         assert state["vod"] == f"{edge}/vod"
         assert "export VERGE_TOKEN=" + state["admin_token"] in output.text()
+        # no token in any process's arguments (ps): they travel in the children's environment
+        secrets = [state["admin_token"], state["join_token"], state["edges"][0]["admin_token"]]
+        for pid in (state["control_pid"], state["edges"][0]["pid"], proc.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            assert not any(secret in cmdline for secret in secrets), cmdline
         publisher = publish(state["rtmp"], state["stream_key"])  # ends: becomes a recording
 
         # 1. `verge vod add` without --config: into the demo's library, served through the edge

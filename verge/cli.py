@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from verge.cli_control import register as register_control_commands
+from verge.cli_secrets import secret_value
 
 app = typer.Typer(
     name="verge",
@@ -69,7 +70,7 @@ def edge(
     cache_dir: Annotated[Path, typer.Option(help="Disk cache directory (kept across restarts).")] = Path("./cache"),
     admin: Annotated[str, typer.Option(help="HOST:PORT of the admin API (purge, metrics).")] = "127.0.0.1:8081",
     admin_token: Annotated[str | None, typer.Option(
-        envvar="VERGE_ADMIN_TOKEN", help="Token for the admin API; a random one is printed if not given.")] = None,
+        envvar="VERGE_ADMIN_TOKEN", callback=secret_value, help="Token for the admin API; a random one is printed if not given. @FILE reads it from a file.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes sharing the port (default: cores).")] = 0,
     config: Annotated[Path | None, typer.Option(help="YAML config file (services, rules, limits).")] = None,
     access_log: Annotated[str | None, typer.Option(
@@ -77,7 +78,7 @@ def edge(
     control: Annotated[str | None, typer.Option(
         envvar="VERGE_CONTROL", help="Control plane URL: take services, purges from it.")] = None,
     join_token: Annotated[str | None, typer.Option(
-        envvar="VERGE_JOIN_TOKEN", help="Join token (first start with --control).")] = None,
+        envvar="VERGE_JOIN_TOKEN", callback=secret_value, help="Join token (first start with --control). @FILE reads it from a file.")] = None,
     name: Annotated[str | None, typer.Option(help="Node name in the fleet (default: host name).")] = None,
     region: Annotated[str | None, typer.Option(help="Region (cache group) this edge belongs to.")] = None,
     parent: Annotated[list[str] | None, typer.Option(
@@ -145,8 +146,8 @@ def control(
     db: Annotated[str, typer.Option(
         help="Store: sqlite:///PATH (default) or postgresql://USER:PASS@HOST/DB.")] = "sqlite:///verge.db",
     admin_token: Annotated[str | None, typer.Option(
-        envvar="VERGE_ADMIN_TOKEN",
-        help="Admin API token to create on first start (default: a random one, printed once).")] = None,
+        envvar="VERGE_ADMIN_TOKEN", callback=secret_value,
+        help="Admin API token to create on first start (default: a random one, printed once). @FILE reads it from a file.")] = None,
 ) -> None:
     """Run the control plane: REST API, dashboard, config and purge distribution to edges."""
     from verge.control.server import main as run_control_main
@@ -162,7 +163,7 @@ def purge(
     targets: Annotated[list[str] | None, typer.Argument(help="URLs to purge (http://host/path?query).")] = None,
     admin: Annotated[str, typer.Option(envvar="VERGE_ADMIN", help="Admin URL of the edge node.")] = "http://127.0.0.1:8081",
     token: Annotated[str | None, typer.Option(
-        envvar="VERGE_TOKEN", help="Edge admin token (--admin), or control-plane token (--control).")] = None,
+        envvar="VERGE_TOKEN", callback=secret_value, help="Edge admin token (--admin), or control-plane token (--control). @FILE reads it from a file.")] = None,
     tag: Annotated[list[str] | None, typer.Option(help="Purge by surrogate key (Surrogate-Key / Cache-Tag).")] = None,
     prefix: Annotated[list[str] | None, typer.Option(help="Purge every URL under this prefix (http://host/path/).")] = None,
     soft: Annotated[bool, typer.Option("--soft", help="Mark stale (revalidate on next use) instead of removing.")] = False,
@@ -282,7 +283,7 @@ def router(
     http: Annotated[str | None, typer.Option(help="HOST:PORT of the HTTP 302 router (off when not given).")] = None,
     control: Annotated[str | None, typer.Option(
         envvar="VERGE_CONTROL", help="Control plane URL: edges, health and hostnames from it.")] = None,
-    token: Annotated[str | None, typer.Option(envvar="VERGE_TOKEN", help="Control-plane token (read-only is enough).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="VERGE_TOKEN", callback=secret_value, help="Control-plane token (read-only is enough). @FILE reads it from a file.")] = None,
 ) -> None:
     """Route users to the nearest healthy edge: GeoDNS (ECS-aware) and HTTP redirects."""
     import uvloop

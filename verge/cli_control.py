@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from verge.cli_secrets import secret_value
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -50,8 +52,8 @@ Token = Annotated[
     str | None,
     typer.Option(
         "--token",
-        envvar="VERGE_TOKEN",
-        help="API token (vrg_...) sent as Authorization: Bearer.",
+        envvar="VERGE_TOKEN", callback=secret_value,
+        help="API token (vrg_...) sent as Authorization: Bearer. @FILE reads it from a file.",
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

@@ -74,6 +74,7 @@ class Child:
     proc: subprocess.Popen
     args: list[str] = field(default_factory=list)
     marker: str = ""
+    secret_env: dict[str, str] = field(default_factory=dict)  # tokens: never in argv (ps)
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_LINES))
     ready: threading.Event = field(default_factory=threading.Event)
     ready_line: str = ""
@@ -90,18 +91,22 @@ class Child:
         return "".join(list(self.output)[-lines:])
 
 
-def launch(name: str, args: list[str], marker: str) -> Child:
+def launch(name: str, args: list[str], marker: str,
+           secret_env: dict[str, str] | None = None) -> Child:
     """Start a child in its own process group (Ctrl-C is for `verge up`, which stops it), its
-    output collected by a thread; `ready` is set when `marker` appears (or the output ends)."""
+    output collected by a thread; `ready` is set when `marker` appears (or the output ends).
+    Tokens go in ``secret_env``: the child's environment, where `ps` does not show them."""
+    secret_env = dict(secret_env or {})
     proc = subprocess.Popen(
         args,
+        env={**os.environ, **secret_env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         process_group=0,
     )
-    child = Child(name, proc, list(args), marker)
+    child = Child(name, proc, list(args), marker, secret_env=secret_env)
     threading.Thread(target=child.pump, daemon=True, name=f"output of {name}").start()
     return child
 
@@ -191,7 +196,7 @@ class Keeper:
 
     def _restart(self, now: float) -> None:
         old = self.child
-        self.child = launch(old.name, old.args, old.marker)
+        self.child = launch(old.name, old.args, old.marker, old.secret_env)
         self.started, self.restart_at, self.announced = now, None, False
 
     def _announce_if_ready(self) -> None:
@@ -230,8 +235,9 @@ class Platform:
         self.up: dict = {}
 
     # ----- processes --------------------------------------------------------------------------
-    def spawn(self, name: str, args: list[str], marker: str, timeout: float = 60.0) -> Child:
-        child = launch(name, args, marker)
+    def spawn(self, name: str, args: list[str], marker: str, timeout: float = 60.0,
+              secret_env: dict[str, str] | None = None) -> Child:
+        child = launch(name, args, marker, secret_env)
         self.children.append(child)
         if not child.ready.wait(timeout) or child.proc.poll() is not None or not child.ready_line:
             raise UpError(f"{name} did not start:\n" + child.tail())
@@ -290,10 +296,9 @@ class Platform:
                 f"127.0.0.1:{opts.control_port}",
                 "--db",
                 f"sqlite:///{(opts.state_dir / 'control.db').resolve()}",
-                "--admin-token",
-                self.admin_token,
             ],
             "verge control ready",
+            secret_env={"VERGE_ADMIN_TOKEN": self.admin_token},
         )
         self.control = Keeper(
             control,
@@ -438,14 +443,10 @@ class Platform:
                 "edge",
                 "--control",
                 control_url,
-                "--join-token",
-                join_token,
                 "--listen",
                 f"{host}:{opts.edge_port}",
                 "--admin",
                 f"{host}:{opts.edge_port + 1}",
-                "--admin-token",
-                admin_token,
                 "--cache-dir",
                 str((opts.state_dir / name).resolve()),
                 "--workers",
@@ -462,6 +463,7 @@ class Platform:
                 str(self.cert.key_file),
             ],
             "verge edge ready",
+            secret_env={"VERGE_JOIN_TOKEN": join_token, "VERGE_ADMIN_TOKEN": admin_token},
         )
         ports = edge.ready_line.split("http://")
         url = "http://" + ports[1].split()[0]
@@ -513,10 +515,9 @@ class Platform:
                 str(path),
                 "--control",
                 control_url,
-                "--token",
-                token.json()["token"],
             ],
             "verge router ready",
+            secret_env={"VERGE_TOKEN": token.json()["token"]},
         )
         _wait_dns(
             opts.dns_port, DEMO_HOSTNAME, {e["url"].split("//")[1].split(":")[0] for e in edges}
