@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo demo-deps test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps
+.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -75,6 +75,14 @@ conformance: install
 
 bench-zipf: install
 	$(BIN)/python bench/zipf_hit_ratio.py
+
+# The container image with podman (Containerfile); no registry needed: a Debian base is
+# debootstrapped once and cached in ~/.cache/verge-image/ (scripts/build-image.sh; needs root).
+image:
+	bash scripts/build-image.sh
+
+image-stream:
+	bash scripts/build-image.sh --with-ffmpeg
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache *.egg-info

@@ -335,3 +335,8 @@ def test_tokens_can_come_from_a_file_instead_of_the_command_line(tmp_path):
             bad.write_text("\n")
         with pytest.raises(typer.BadParameter):
             secret_value(f"@{bad}")
+
+
+def test_version():
+    done = subprocess.run([*VERGE, "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith("verge 0.")
