@@ -14,7 +14,7 @@ FIELD = st.tuples(st.sampled_from([b"age", b"etag", b"x-a", b"cache-status", b":
 BLOCK = st.lists(FIELD, min_size=1, max_size=6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.lists(st.one_of(BLOCK, st.just("repeat"), st.sampled_from([256, 512, 4096])),
                 min_size=1, max_size=40))
 def test_memo_encoder_and_decoder_match_hpack_step_by_step(steps):
@@ -49,3 +49,20 @@ def test_repeated_blocks_come_from_the_memo():
     assert decoder.decode(added, raw=True) == [(b"x-new", b"v")]
     assert decoder.decode(third, raw=True) == block
     assert len(decoder._memo) == 1  # the old table's entry is gone
+
+
+def test_a_table_state_is_never_mistaken_for_a_later_one():
+    """The state holds the newest entry itself: an entry evicted and freed cannot hand its
+    id to the next one while a memo depends on it (CPython reuses freed tuples' memory,
+    which once let a stale memo decode against the wrong table)."""
+    from verge.http.hpack_memo import _TableState
+
+    table = hpack.HeaderTable()
+    table.maxsize = 100
+    table.add(b"age", b"1")
+    before = _TableState(table)
+    table.add(b"age", b"1")  # evicts the old entry, adds an equal one: same count, same size
+    after = _TableState(table)
+    assert len(table.dynamic_entries) == 1
+    assert before.newest is not table.dynamic_entries[0]
+    assert before != after and after == _TableState(table)

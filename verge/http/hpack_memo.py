@@ -21,11 +21,24 @@ import hpack
 MEMO_ENTRIES = 64  # blocks remembered per connection and direction
 
 
-def _table_state(table: hpack.HeaderTable) -> tuple:
-    """What identifies the dynamic table's content: the newest entry (a new tuple on every
-    add), the entry count (evictions), the size limit and a pending size update."""
-    entries = table.dynamic_entries
-    return (id(entries[0]) if entries else 0, len(entries), table.maxsize, table.resized)
+class _TableState:
+    """What identifies the dynamic table's content: the newest entry itself (a new tuple on
+    every add, compared by identity and held here, so its id can never be reused by a later
+    entry while a memo depends on it), the entry count (evictions), the size limit and a
+    pending size update."""
+
+    __slots__ = ("newest", "rest")
+
+    def __init__(self, table: hpack.HeaderTable, *extra) -> None:
+        entries = table.dynamic_entries
+        self.newest = entries[0] if entries else None
+        self.rest = (len(entries), table.maxsize, table.resized, *extra)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TableState) and self.newest is other.newest \
+            and self.rest == other.rest
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class MemoEncoder(hpack.Encoder):
@@ -34,12 +47,12 @@ class MemoEncoder(hpack.Encoder):
     def __init__(self) -> None:
         super().__init__()
         self._memo: dict[tuple, bytes] = {}
-        self._memo_state: tuple | None = None
+        self._memo_state: _TableState | None = None
 
     def encode(self, headers, huffman: bool = True) -> bytes:
         if type(headers) is not list or any(type(h) is not tuple for h in headers):
             return super().encode(headers, huffman)  # dicts, never-indexed fields: no memo
-        state = _table_state(self.header_table)
+        state = _TableState(self.header_table)
         if state != self._memo_state:
             self._memo.clear()
             self._memo_state = state
@@ -48,7 +61,7 @@ class MemoEncoder(hpack.Encoder):
         if block is not None:
             return block
         block = super().encode(headers, huffman)
-        if _table_state(self.header_table) == state and len(self._memo) < MEMO_ENTRIES:
+        if _TableState(self.header_table) == state and len(self._memo) < MEMO_ENTRIES:
             self._memo[key] = block
         return block
 
@@ -59,11 +72,11 @@ class MemoDecoder(hpack.Decoder):
     def __init__(self, max_header_list_size: int) -> None:
         super().__init__(max_header_list_size)
         self._memo: dict[tuple, list] = {}
-        self._memo_state: tuple | None = None
+        self._memo_state: _TableState | None = None
 
     def decode(self, data: bytes, raw: bool = False) -> list:
-        state = (_table_state(self.header_table), self.max_header_list_size,
-                 self.max_allowed_table_size)
+        state = _TableState(self.header_table, self.max_header_list_size,
+                            self.max_allowed_table_size)
         if state != self._memo_state:
             self._memo.clear()
             self._memo_state = state
@@ -72,7 +85,9 @@ class MemoDecoder(hpack.Decoder):
         if headers is not None:
             return list(headers)
         headers = super().decode(data, raw)
-        if _table_state(self.header_table) == state[0] and len(self._memo) < MEMO_ENTRIES:
+        after = _TableState(self.header_table, self.max_header_list_size,
+                            self.max_allowed_table_size)
+        if after == state and len(self._memo) < MEMO_ENTRIES:
             self._memo[key] = tuple(headers)
         return headers
 
