@@ -57,8 +57,8 @@ def test_a_table_state_is_never_mistaken_for_a_later_one():
     which once let a stale memo decode against the wrong table)."""
     from verge.http.hpack_memo import _TableState
 
-    table = hpack.HeaderTable()
-    table.maxsize = 100
+    table = hpack.Encoder().header_table
+    table.maxsize = 40  # room for one 36-byte entry
     table.add(b"age", b"1")
     before = _TableState(table)
     table.add(b"age", b"1")  # evicts the old entry, adds an equal one: same count, same size
