@@ -164,6 +164,17 @@ class _Stream:
         self.rst_after_end = False  # request body unread: RST(NO_ERROR) after the response
 
 
+def response_fields(status: int, headers: list[tuple[str, str]],
+                    content_length: int | None) -> list[tuple[bytes, bytes]]:
+    """A response head's fields for HTTP/2 and HTTP/3 (the Python and native engines): lower
+    case, connection-specific fields dropped, Content-Length ours."""
+    fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+    fields = [(n, v) for n, v in fields if n not in DROPPED_RESPONSE_FIELDS and n != b"content-length"]
+    if content_length is not None and status not in NO_BODY_STATUSES:
+        fields.append((b"content-length", b"%d" % content_length))
+    return fields
+
+
 class StreamResponseWriter:
     """The HTTP/2 and HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`.
 
@@ -204,12 +215,7 @@ class StreamResponseWriter:
         self.started = True
         self.status = status
         self._no_body = self._stream.request.method == "HEAD" or status in NO_BODY_STATUSES
-        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-        fields = [
-            (n, v) for n, v in fields if n not in DROPPED_RESPONSE_FIELDS and n != b"content-length"
-        ]
-        if content_length is not None and status not in NO_BODY_STATUSES:
-            fields.append((b"content-length", b"%d" % content_length))
+        fields = response_fields(status, headers, content_length)
         self._proto.send_head(self._stream, status, fields, end_stream=self._no_body)
         if self._no_body:
             self.finished = True

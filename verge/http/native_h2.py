@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from verge.http.h2server import (
-    DROPPED_RESPONSE_FIELDS,
     parse_wire_head,
     request_from_fields,
     request_problem,
+    response_fields,
 )
 from verge.http.message import Request
 from verge.http.server import (
@@ -182,13 +182,8 @@ class NativeResponseWriter:
         self.started = True
         self.status = status
         self._no_body = self._method == "HEAD" or status in NO_BODY_STATUSES
-        fields = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-        fields = [
-            (n, v) for n, v in fields if n not in DROPPED_RESPONSE_FIELDS and n != b"content-length"
-        ]
-        if content_length is not None and status not in NO_BODY_STATUSES:
-            fields.append((b"content-length", b"%d" % content_length))
-        self._open(self._front.native.head(status, fields))
+        self._open(self._front.native.head(status, response_fields(status, headers,
+                                                                    content_length)))
 
     def _open(self, head) -> None:
         native = self._front.native
