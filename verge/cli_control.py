@@ -241,6 +241,13 @@ def tenant_show(
     _report(as_json, tenant, _tenant_line(tenant))
 
 
+def _report_zones(as_json: bool, tenant: dict) -> None:
+    """A tenant after a zone change, and the hosts now in conflict with its zones."""
+    _report(as_json, tenant, _tenant_line(tenant))
+    if not as_json:
+        _warn_conflicts(tenant.get("conflicts") or [])
+
+
 @zone_app.command("add")
 def zone_add(
     tenant: Annotated[str, typer.Argument(help="Tenant name.")],
@@ -251,10 +258,7 @@ def zone_add(
 ) -> None:
     """Delegate zones to a tenant (refused when one nests in another tenant's zone)."""
     with _session(control, token) as client:
-        result = client.add_zones(tenant, zones)
-    _report(as_json, result, _tenant_line(result))
-    if not as_json:
-        _warn_conflicts(result.get("conflicts") or [])
+        _report_zones(as_json, client.add_zones(tenant, zones))
 
 
 @zone_app.command("rm")
@@ -267,10 +271,7 @@ def zone_rm(
 ) -> None:
     """Take a zone back: the tenant can claim no new host there (its services keep theirs)."""
     with _session(control, token) as client:
-        result = client.remove_zone(tenant, zone)
-    _report(as_json, result, _tenant_line(result))
-    if not as_json:
-        _warn_conflicts(result.get("conflicts") or [])
+        _report_zones(as_json, client.remove_zone(tenant, zone))
 
 
 @zone_app.command("list")
