@@ -238,13 +238,13 @@ class Body:
 
 
 class Writer:
-    """What EdgeIngest.handle writes to: one prepared response."""
+    """What EdgeIngest.handle writes to: one whole response."""
 
     def __init__(self) -> None:
-        self.keep_alive, self.status, self.data = True, 0, b""
+        self.keep_alive, self.status, self.response = True, 0, None
 
-    def send_prepared(self, status: int, data: bytes, body_bytes: int) -> None:
-        self.status, self.data = status, data
+    async def send(self, response) -> None:
+        self.status, self.response = response.status, response
 
 
 def reading_request() -> Request:
@@ -282,7 +282,8 @@ async def test_a_route_that_cannot_mount_answers_503_with_retry_after(tmp_path):
         writer = Writer()
         await ingest.handle(ingest.claim("iot", "/ingest"), reading_request(), writer)
         assert writer.status == 503 and not writer.keep_alive
-        assert b"Retry-After: 1\r\n" in writer.data and b"not ready" in writer.data
+        assert ("Retry-After", "1") in writer.response.headers
+        assert b"not ready" in writer.response.body and writer.response.close
         assert "r" not in ingest.routes
         (tmp_path / "ingest").unlink()  # the disk is fixed: a retry mounts the route
         while "r" not in ingest.routes:

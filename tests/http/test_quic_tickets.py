@@ -17,7 +17,7 @@ from tests.http.test_h3server import H3Client
 from verge.certs import dev_certificates
 from verge.http.h3server import QuicCertificates, serve_h3, server_port
 from verge.http.quic_tickets import QuicTicketStore, ticket_from_bytes, ticket_to_bytes
-from verge.http.server import ServerLimits, simple_response
+from verge.http.server import ServerLimits, text_response
 from verge.http.tls import CertSpec
 from verge.http.tls_tickets import TicketKey
 
@@ -123,7 +123,7 @@ def test_reusable_store_keeps_rows(tmp_path):
 
 class TinyApp:
     def handle_fast(self, request):
-        return simple_response(200, f"hello {request.host}".encode())
+        return text_response(200, f"hello {request.host}")
 
     async def handle(self, request, writer) -> None:  # pragma: no cover - never reached
         raise AssertionError

@@ -51,20 +51,21 @@ import uvloop
 
 from verge.compute.ingest import IngestError, IngestLimits, build_aggregator, parse_readings
 from verge.compute.spool import AppendResult, AsyncSpool, Batch, SpoolFull
+from verge.http.response import Response
 from verge.http.server import (
     HttpApp,
     ServerLimits,
     ensure_sweeper,
     reuseport_socket,
     serve,
-    simple_response,
+    text_response,
 )
 
 log = logging.getLogger("verge.compute.forwarder")
 
 DONE, RETRY, POISON = "done", "retry", "poison"
 RETRYABLE_4XX = frozenset({408, 425, 429})
-JSON = b"application/json"
+JSON = "application/json"
 MAX_KEY_CHARS = 200
 
 
@@ -319,11 +320,9 @@ class IngestApp(HttpApp):
         if request.path == "/stats":
             return _json(200, self.stats())
         if request.path == "/metrics":
-            return simple_response(
-                200, self.metrics().encode(), content_type=b"text/plain; version=0.0.4"
-            )
+            return text_response(200, self.metrics(), content_type="text/plain; version=0.0.4")
         if request.path == "/healthz":
-            return simple_response(200, b"ok\n")
+            return text_response(200, "ok\n")
         return _json(404, {"error": "not found"})
 
     async def handle(self, request, writer) -> None:
@@ -331,11 +330,11 @@ class IngestApp(HttpApp):
             response = await self.ingest(request)
         else:
             response = self.handle_fast(request) or _json(405, {"error": "POST readings"})
-        status = int(response[9:12])
+        status = response.status
         self.answers[status] = self.answers.get(status, 0) + 1
-        writer.send_prepared(status, response, 0)
+        await writer.send(response)
 
-    async def ingest(self, request) -> bytes:
+    async def ingest(self, request) -> Response:
         body = await request.body.read_all(self.limits.max_body_bytes) if request.body else b""
         key = request.header("idempotency-key")
         if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
@@ -399,9 +398,9 @@ def _accepted(result: AppendResult) -> dict:
     }
 
 
-def _json(status: int, doc: dict, *, retry_after: int | None = None) -> bytes:
-    extra = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
-    return simple_response(status, json.dumps(doc).encode() + b"\n", content_type=JSON, extra=extra)
+def _json(status: int, doc: dict, *, retry_after: int | None = None) -> Response:
+    extra = [("Retry-After", str(retry_after))] if retry_after is not None else []
+    return text_response(status, json.dumps(doc) + "\n", extra, content_type=JSON)
 
 
 # ----- the runnable node -----------------------------------------------------------------------

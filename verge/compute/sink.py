@@ -30,18 +30,19 @@ from pathlib import Path
 
 import uvloop
 
+from verge.http.response import Response
 from verge.http.server import (
     HttpApp,
     ServerLimits,
     ensure_sweeper,
     reuseport_socket,
     serve,
-    simple_response,
+    text_response,
 )
 
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 MAX_KEY_CHARS = 200
-JSON = b"application/json"
+JSON = "application/json"
 
 
 class SinkStore:
@@ -103,26 +104,26 @@ class SinkApp(HttpApp):
                 "duplicates": self.duplicates,
                 "attempts": len(self.attempts),
             }
-            return simple_response(200, json.dumps(stats).encode() + b"\n", content_type=JSON)
+            return text_response(200, json.dumps(stats) + "\n", content_type=JSON)
         if request.path == "/records":
             body = b"".join(line + b"\n" for line in self.store.records())
-            return simple_response(200, body, content_type=b"application/x-ndjson")
+            return text_response(200, body, content_type="application/x-ndjson")
         if request.path == "/healthz":
-            return simple_response(200, b"ok\n")
-        return simple_response(404, b"not found\n")
+            return text_response(200, "ok\n")
+        return text_response(404, "not found\n")
 
     async def handle(self, request, writer) -> None:
         if request.method != "POST":
-            response = self.handle_fast(request) or simple_response(405, b"POST a batch\n")
+            response = self.handle_fast(request) or text_response(405, "POST a batch\n")
         else:
             body = await request.body.read_all(MAX_BATCH_BYTES) if request.body else b""
             if request.path == "/_faults":
                 response = self._add_faults(body)
             else:
                 response = self._receive(request.header("idempotency-key"), body)
-        writer.send_prepared(int(response[9:12]), response, 0)
+        await writer.send(response)
 
-    def _add_faults(self, body: bytes) -> bytes:
+    def _add_faults(self, body: bytes) -> Response:
         spec = json.loads(body or b"{}")
         fault = Fault(
             int(spec.get("status", 503)),
@@ -130,32 +131,32 @@ class SinkApp(HttpApp):
             spec.get("retry_after"),
         )
         self.faults.extend(fault for _ in range(int(spec.get("count", 1))))
-        return simple_response(200, b"ok\n")
+        return text_response(200, "ok\n")
 
-    def _receive(self, key: str | None, body: bytes) -> bytes:
+    def _receive(self, key: str | None, body: bytes) -> Response:
         fault = self.faults.popleft() if self.faults else None
         if fault is not None and not fault.after_store:
             return self._answer(key, _fault_response(fault))
         problem = _check_batch(key, body)
         if problem:
-            return self._answer(key, simple_response(400, problem.encode() + b"\n"))
+            return self._answer(key, text_response(400, problem + "\n"))
         stored, records = self.store.put(key, body)
         if fault is not None:
             return self._answer(key, _fault_response(fault))
         if not stored:
             self.duplicates += 1
-        result = json.dumps({"stored": stored, "records": records}).encode() + b"\n"
-        extra = b"" if stored else b"Idempotent-Replayed: true\r\n"
-        return self._answer(key, simple_response(200, result, content_type=JSON, extra=extra))
+        result = json.dumps({"stored": stored, "records": records}) + "\n"
+        extra = [] if stored else [("Idempotent-Replayed", "true")]
+        return self._answer(key, text_response(200, result, extra, content_type=JSON))
 
-    def _answer(self, key: str | None, response: bytes) -> bytes:
-        self.attempts.append((key or "", int(response[9:12])))
+    def _answer(self, key: str | None, response: Response) -> Response:
+        self.attempts.append((key or "", response.status))
         return response
 
 
-def _fault_response(fault: Fault) -> bytes:
-    extra = f"Retry-After: {fault.retry_after}\r\n".encode() if fault.retry_after else b""
-    return simple_response(fault.status, b"injected fault\n", extra=extra)
+def _fault_response(fault: Fault) -> Response:
+    extra = [("Retry-After", str(fault.retry_after))] if fault.retry_after else []
+    return text_response(fault.status, "injected fault\n", extra)
 
 
 def _check_batch(key: str | None, body: bytes) -> str | None:

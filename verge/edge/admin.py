@@ -16,17 +16,18 @@ import json
 from typing import TYPE_CHECKING
 
 from verge.cache import keys
-from verge.http.server import HttpApp, simple_response
+from verge.http.response import Response
+from verge.http.server import HttpApp, text_response
 from verge.observe.metrics import merge, render
 
 if TYPE_CHECKING:
     from verge.edge.node import Node
 
-JSON = b"application/json"
+JSON = "application/json"
 
 
-def _json(status: int, data: dict) -> bytes:
-    return simple_response(status, json.dumps(data).encode() + b"\n", content_type=JSON)
+def _json(status: int, data: dict) -> Response:
+    return text_response(status, json.dumps(data) + "\n", content_type=JSON)
 
 
 class AdminApp(HttpApp):
@@ -35,10 +36,9 @@ class AdminApp(HttpApp):
         self.token = node.options.admin_token.encode()
 
     async def handle(self, request, writer) -> None:
-        response = await self.dispatch(request)
-        writer.send_prepared(int(response[9:12]), response, 0)
+        await writer.send(await self.dispatch(request))
 
-    async def dispatch(self, request) -> bytes:
+    async def dispatch(self, request) -> Response:
         path, method = request.path, request.method
         if path == "/healthz" and method in ("GET", "HEAD"):
             alive = sum(1 for w in self.node.workers if w.alive())
@@ -63,7 +63,7 @@ class AdminApp(HttpApp):
         scheme, _, token = value.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)
 
-    async def metrics(self) -> bytes:
+    async def metrics(self) -> Response:
         stats = await self.node.stats()
         snap = merge(stats)
         gauges = {
@@ -73,9 +73,9 @@ class AdminApp(HttpApp):
             "workers": len(stats),
         }
         body = render(snap, gauges)
-        return simple_response(200, body, content_type=b"text/plain; version=0.0.4; charset=utf-8")
+        return text_response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def purge(self, request) -> bytes:
+    async def purge(self, request) -> Response:
         try:
             data = json.loads(await request.body.read_all(1 << 20)) if request.body else {}
             if not isinstance(data, dict):

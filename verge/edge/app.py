@@ -35,20 +35,21 @@ from verge.edge.compute import (
 )
 from verge.edge.deliver import (
     HeaderPlan,
+    Source,
     add_vary,
     after_upstream,
-    cache_status_value,
-    connection_field,
+    deliver,
+    encoded_etag,
     entry_head,
-    plan_delivery,
 )
-from verge.edge.fetch import Fetcher, proxy_request_headers, relay
+from verge.edge.fetch import Fetcher, proxy_request_headers, relayed
 from verge.edge.ingest import EdgeIngest
 from verge.edge.origins import OriginSet, ParentSet
 from verge.edge.signing import admit, take_param
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
-from verge.http.server import FileResponse, ResponseWriter, simple_response
+from verge.http.response import FileBody, Response
+from verge.http.server import ResponseWriter, text_response
 from verge.http.target import BadTarget, normalize_target
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
@@ -62,7 +63,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 SERVABLE = (policy.Verdict.FRESH, policy.Verdict.STALE_OK)
 ROUTE_MEMO_SIZE = 8192
 MAX_AGE = policy.MAX_DELTA
-WRITEV_THRESHOLD = 32 * 1024  # bigger bodies go out with writev instead of being copied
 
 
 @dataclass(slots=True)
@@ -201,15 +201,15 @@ class EdgeApp:
         )
 
     # ----- route phase ------------------------------------------------------------------------
-    def route(self, request) -> Route | bytes:
+    def route(self, request) -> Route | Response:
         service = self.config.service_for_host(request.host)
         if service is None:
-            return simple_response(404, b"no service is configured for this host\n")
+            return text_response(404, "no service is configured for this host\n")
         runtime = self.runtimes[service.name]
         if service.https_redirect and request.scheme == "http":
             return self._to_https(request)
         if service.encoded_slashes == "reject" and has_encoded_separator(request.path):
-            return simple_response(400, b"encoded '/' or '\\' in the path (%2F, %5C)\n")
+            return text_response(400, "encoded '/' or '\\' in the path (%2F, %5C)\n")
         rule = service.match_rule(request.path)
         index = service.rules.index(rule) if rule is not None else None
         if rule is not None and rule.redirect is not None:
@@ -235,20 +235,18 @@ class EdgeApp:
             route.strip_cookies = rule.ignore_cookies
         return route
 
-    def _to_https(self, request) -> bytes:
+    def _to_https(self, request) -> Response:
         port = "" if self.https_port in (None, 443) else f":{self.https_port}"
         location = f"https://{request.host}{port}{request.target}"
-        return simple_response(308, f"use {location}\n".encode(),
-                               extra=b"Location: " + location.encode("latin-1") + b"\r\n")
+        return text_response(308, f"use {location}\n", [("Location", location)])
 
-    def _redirect(self, request, redirect) -> bytes:
+    def _redirect(self, request, redirect) -> Response:
         location = redirect.location(request.path, request.query)
-        body = f"redirecting to {location}\n".encode()
-        return simple_response(redirect.status, body,
-                               extra=b"Location: " + location.encode("latin-1") + b"\r\n")
+        return text_response(redirect.status, f"redirecting to {location}\n",
+                             [("Location", location)])
 
     # ----- fast path: fresh memory hits -----------------------------------------------------------
-    def cached_route(self, request) -> Route | bytes:
+    def cached_route(self, request) -> Route | Response:
         """route() memoised per (host, target) of GET/HEAD for the current config generation.
 
         Routes whose cache key depends on request headers (rule key_headers) are not memoised.
@@ -260,7 +258,7 @@ class EdgeApp:
             _drop_node_label(request, host)
         if request.method not in CACHEABLE_METHODS or request.body is not None:
             route = self.route(request)  # the key depends on the method and the body
-            if type(route) is not bytes:
+            if type(route) is Route:
                 request.service = route.service.name
                 if route.signed is not None:
                     return self._signed(request, route)
@@ -269,17 +267,17 @@ class EdgeApp:
         route = self._routes.get(memo_key)
         if route is None:
             route = self.route(request)
-            if type(route) is bytes or not (route.rule is not None and route.rule.key_headers):
+            if type(route) is not Route or not (route.rule is not None and route.rule.key_headers):
                 if len(self._routes) >= ROUTE_MEMO_SIZE:
                     self._routes.clear()
                 self._routes[memo_key] = route
-        if type(route) is not bytes:
+        if type(route) is Route:
             request.service = route.service.name
             if route.signed is not None:
                 return self._signed(request, route)
         return route
 
-    def _signed(self, request, route: Route) -> Route | bytes:
+    def _signed(self, request, route: Route) -> Route | Response:
         """The signed-URL check of the route phase, per request (routes are memoised): 403
         before any cache lookup, else a route of the request's own that sets the cookie when
         the token came in the query. The request itself is left alone (handle_fast and then
@@ -289,7 +287,7 @@ class EdgeApp:
             _, query = take_param(request.query, route.signed.param)  # keep it out of the log
             request.target = f"{request.path}?{query}" if query else request.path
             request._path = request._query = None
-            return simple_response(403, f"forbidden: {admission}\n".encode())
+            return text_response(403, f"forbidden: {admission}\n")
         plan = route.plan
         if admission.set_cookie is not None:
             plan = dataclasses.replace(plan, add=(*plan.add, ("Set-Cookie", admission.set_cookie)))
@@ -305,14 +303,14 @@ class EdgeApp:
             request.headers = admission.headers
             request._map = None
 
-    def handle_fast(self, request):
+    def handle_fast(self, request) -> Response | None:
         """Answer a fresh memory hit without a task; None sends the request down the async path."""
         if request.method not in CACHEABLE_METHODS:
             return None
         started = time.perf_counter()
         route = self.cached_route(request)
-        if type(route) is bytes:
-            self._log(request, route[9:12], len(route), "none", started)
+        if type(route) is not Route:
+            self._log(request, route.status, route.length or 0, "none", started)
             return route
         key = route.key
         if key is None or route.function is not None or "upgrade" in request.hmap:
@@ -333,65 +331,52 @@ class EdgeApp:
             entry = self._encoded_variant(entry, route, hmap)
         body = entry.body
         if body is not None and request.method == "GET" and not (
-                "if-none-match" in hmap or "if-modified-since" in hmap or "range" in hmap
-                or "connection" in hmap):
+                "if-none-match" in hmap or "if-modified-since" in hmap or "range" in hmap):
             hot = entry.hot
             if hot is not None and now < hot[0] and hot[1] is route.plan \
                     and hot[2] == self.generation:
                 response = hot[3]
             else:
                 response = self._full_hit(entry, freshness, route.plan, now)
-            if route.admission is not None:
-                self._drop_token(request, route.admission)  # answered: keep it out of the log
-            self._log(request, entry.status, len(body), "hit", started)
-            return response
-        result = self._entry_response(entry, request, route, now, "hit")
-        if result is None:
-            return None
-        status, response, sent = result
+        else:
+            try:
+                response = self.deliver_entry(entry, request, route, now, f"{self.node}; hit")
+            except OSError:  # the disk file went away: fetch again (handle)
+                self.cache.purge_memory("url", entry.key, soft=False)
+                return None
         if route.admission is not None:
-            self._drop_token(request, route.admission)
-        self._log(request, status, sent, "hit", started)
+            self._drop_token(request, route.admission)  # answered: keep it out of the log
+        self._log(request, response.status, _body_bytes(response), "hit", started)
         return response
 
-    def _full_hit(self, entry: CacheEntry, freshness, plan, now: float):
-        """The whole response of a plain full hit, memoised on the entry (``entry.hot``) until
-        its Age changes: hits in the same second send the same bytes."""
-        head, tail = entry_head(entry, plan, self.generation, self.node)[1:3]
+    def _full_hit(self, entry: CacheEntry, freshness, plan, now: float) -> Response:
+        """The Response of a plain full hit, memoised on the entry (``entry.hot``) until its
+        Age changes: hits in the same second share it, and with it each protocol's
+        rendering (verge.http.response)."""
+        headers = entry_head(entry, plan, self.generation)
         age = max(0.0, now - freshness.response_time + freshness.corrected_initial_age)
         if age < MAX_AGE:
             valid_until = now + 1.0 - age % 1.0
         else:
             age, valid_until = MAX_AGE, now + 1.0
-        head = head + b"Age: %d\r\n" % age + tail
-        body = entry.body
-        response = head + body if len(body) < WRITEV_THRESHOLD else (head, body)
+        response = Response(entry.status, [
+            *headers, ("Age", str(int(age))),
+            ("Cache-Status", after_upstream(entry.headers, f"{self.node}; hit"))],
+            entry.body, entry.body_size, reason=entry.reason)
         entry.hot = (valid_until, plan, self.generation, response)
         return response
 
-    def _entry_response(self, entry: CacheEntry, request, route: Route, now: float, result: str,
-                        cache_status: str | None = None):
-        """(status, bytes | FileResponse, body bytes) for an entry, or None if the disk file is gone."""
-        delivery = plan_delivery(
-            entry, request.hmap, request.method, request.version, now, route.plan,
-            self.generation, self.node, cache_status or f"{self.node}; hit",
-        )
-        if not delivery.has_body:
-            return delivery.status, delivery.head, 0
-        count = delivery.end - delivery.start
-        body = entry.body
-        if body is not None:
-            if delivery.start != 0 or count != len(body):
-                body = body[delivery.start:delivery.end]
-            if count >= WRITEV_THRESHOLD:
-                return delivery.status, (delivery.head, body), count
-            return delivery.status, delivery.head + body, count
-        try:
-            fd = entry.disk.open()
-        except OSError:
-            self.cache.purge_memory("url", entry.key, soft=False)
-            return None
-        return delivery.status, FileResponse(delivery.head, fd, delivery.start, count), count
+    def deliver_entry(self, entry: CacheEntry, request, route: Route, now: float,
+                      cache_status: str) -> Response:
+        """The deliver phase for a stored entry (verge.edge.deliver). Raises OSError when its
+        disk file is gone (the caller fetches again)."""
+        freshness = entry.freshness
+        source = Source(entry.status, entry.reason, entry_head(entry, route.plan, self.generation),
+                        freshness.etag, freshness.last_modified, freshness.response_time,
+                        entry.body_size, lambda start, end: _entry_body(entry, start, end))
+        extra = [("Age", str(int(policy.age_value(freshness, now)))),
+                 ("Cache-Status", after_upstream(entry.headers, cache_status))]
+        return deliver(source, request.hmap, request.method, extra)
 
     def _compressible(self, entry: CacheEntry) -> bool:
         """Whether the edge may compress this entry's body (decided once per entry)."""
@@ -431,7 +416,7 @@ class EdgeApp:
         level = {"gzip": settings.gzip_level, "br": settings.brotli_quality,
                  "zstd": settings.zstd_level}[encoding]
         body = compress_bytes(entry.body, encoding, level)
-        headers = [(n, _suffixed_etag(v, encoding) if n.lower() == "etag" else v)
+        headers = [(n, encoded_etag(v, encoding) if n.lower() == "etag" else v)
                    for n, v in entry.headers]
         headers = add_vary([*headers, ("Content-Encoding", encoding)], "Accept-Encoding")
         freshness = entry.freshness
@@ -445,10 +430,10 @@ class EdgeApp:
     async def handle(self, request, writer: ResponseWriter) -> None:
         started = time.perf_counter()
         route = self.cached_route(request)
-        if isinstance(route, bytes):
+        if type(route) is not Route:
             writer.keep_alive = False
-            await self._send_bytes(writer, route)
-            self._log(request, int(route[9:12]), len(route), "none", started)
+            await writer.send(route)
+            self._log(request, route.status, _body_bytes(route), "none", started)
             return
         if route.admission is not None:
             self._drop_token(request, route.admission)
@@ -504,8 +489,7 @@ class EdgeApp:
                               f"edge function {deployed.spec.name} failed: {invocation.error}",
                               started)
             return
-        writer.start(status, headers, content_length=len(body))
-        await writer.write(body)
+        await writer.send(Response(status, headers, body))
 
     async def _compute(self, request, writer, route: Route, started: float):
         """The compute phase. Returns None when the function answered (or failed: a 5xx was
@@ -518,8 +502,7 @@ class EdgeApp:
         result = invocation.result
         if isinstance(result, Answer):
             headers = [*result.headers, ("Cache-Status", f"{self.node}; detail=function")]
-            writer.start(result.status, headers, content_length=len(result.body))
-            await writer.write(result.body)
+            await writer.send(Response(result.status, headers, result.body))
             self._log(request, result.status, len(result.body), "function", started)
             return None
         if not isinstance(result, Pass):
@@ -537,8 +520,8 @@ class EdgeApp:
             return None
         request._path = request._query = request._map = request._host = None
         route = self.route(request)
-        if type(route) is bytes:
-            await self._send_bytes(writer, route)
+        if type(route) is not Route:
+            await writer.send(route)
             return None
         route.function = None
         return route, body
@@ -570,27 +553,18 @@ class EdgeApp:
     async def _deliver_entry(self, request, writer, route: Route, entry: CacheEntry, result: str,
                              started: float, cache_status: str | None = None) -> None:
         entry_for_client = self._encoded_variant(entry, route, request.hmap)
-        now = time.time()
-        out = self._entry_response(entry_for_client, request, route, now, result, cache_status)
-        if out is None:  # disk body evicted under us: fetch again
+        try:
+            response = self.deliver_entry(entry_for_client, request, route, time.time(),
+                                          cache_status or f"{self.node}; hit")
+        except OSError:  # disk body evicted under us: fetch again
+            self.cache.purge_memory("url", entry.key, soft=False)
             await self.fetcher.serve_from_origin(request, writer, route, None, started)
             return
-        status, response, sent = out
-        if isinstance(response, FileResponse):
-            await writer.send_file_response(status, response)
-            head = response.head
-        else:
-            writer.send_prepared(status, response, sent)
-            head = response[0] if type(response) is tuple else response[:4096]
-        if b"Connection: close" in head:
-            writer.keep_alive = False
-        self._log(request, status, sent, result, started)
-
-    async def _send_bytes(self, writer: ResponseWriter, data: bytes) -> None:
-        writer.send_prepared(int(data[9:12]), data, 0)
+        await writer.send(response)
+        self._log(request, response.status, _body_bytes(response), result, started)
 
     async def _error(self, request, writer, status: int, message: str, started: float) -> None:
-        await self._send_bytes(writer, simple_response(status, f"{message}\n".encode()))
+        await writer.send(text_response(status, f"{message}\n"))
         self._log(request, status, 0, "error", started)
 
     # ----- pass-through ----------------------------------------------------------------------------
@@ -611,11 +585,14 @@ class EdgeApp:
             return
         self.metrics.origin_latency(time.perf_counter() - t0, request.service)
         fwd = "bypass" if result == "bypass" else "method"
-        await relay(request, writer, response, route.plan,
-                    after_upstream(response.headers, f"{self.node}; fwd={fwd}"))
         if request.method not in SAFE_METHODS and response.status < 400:
             self._invalidate(request, route.service, response.headers)
-        self._log(request, response.status, writer.bytes_sent, result, started)
+        answer = relayed(request, response, route.plan,
+                         after_upstream(response.headers, f"{self.node}; fwd={fwd}"))
+        try:
+            await writer.send(answer)
+        finally:
+            self._log(request, response.status, writer.bytes_sent, result, started)
 
     async def _tunnel(self, request, writer: ResponseWriter, route: Route, started: float) -> None:
         """A WebSocket upgrade: spliced to an origin of the route, never cached."""
@@ -671,11 +648,6 @@ class EdgeApp:
     def report_protocol_error(self, client: str, status: int, message: str) -> None:
         self.records.add((time.time(), 0.0, client, "-", "-", "-", status, 0, "error", ""))
 
-    # helpers used by the fetcher
-    def deliver_head_extra(self, request, cache_status: str, upstream_headers) -> bytes:
-        return cache_status_value(upstream_headers, cache_status) + connection_field(
-            request.version, request.hmap.get("connection"))
-
     def new_request_id(self) -> str:
         """16 hex digits, unique per worker run: a random prefix and a counter (uuid4 costs
         several times more, and a request id needs uniqueness, not secrecy)."""
@@ -707,17 +679,26 @@ def rule_key(rule, host: str, path: str, query: str, request_headers,
     )
 
 
+def _entry_body(entry: CacheEntry, start: int, end: int | None):
+    """Bytes [start, end) of an entry's body: from memory, or a FileBody of its disk file
+    (OSError when the file is gone)."""
+    body = entry.body
+    end = entry.body_size if end is None else end
+    if body is not None:
+        return body if start == 0 and end == len(body) else body[start:end]
+    return FileBody(entry.disk.open(), start, end - start)
+
+
+def _body_bytes(response: Response) -> int:
+    """The body bytes a response sends (for the access log)."""
+    return (response.length or 0) if response.body is not None else 0
+
+
 def _field(headers, name: str) -> str | None:
     for n, v in headers:
         if n.lower() == name:
             return v
     return None
-
-
-def _suffixed_etag(etag: str, encoding: str) -> str:
-    if etag.endswith('"'):
-        return f'{etag[:-1]}-{encoding}"'
-    return etag
 
 
 def _same_origins(old_service, new_service) -> bool:

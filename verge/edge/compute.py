@@ -51,6 +51,7 @@ import httpx
 
 from verge.compute.host import Capabilities, FetchRequest, FetchResponse, HostServices
 from verge.compute.wagi import Answer, CgiRequest
+from verge.http.response import write_body
 
 log = logging.getLogger("verge.compute")
 
@@ -415,18 +416,10 @@ class CapturedResponse:
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         self._add(os.pread(fd, count, offset))
 
-    def send_prepared(self, status: int, data, body_bytes: int) -> None:
-        head, body = data if isinstance(data, tuple) else _split_prepared(data)
-        self.start(status, _parse_head(head))
-        self._add(body)
-
-    async def send_file_response(self, status: int, response) -> None:
-        self.start(status, _parse_head(response.head))
-        try:
-            self._add(os.pread(response.fd, response.count, response.offset))
-        finally:
-            if response.close_fd:
-                os.close(response.fd)
+    async def send(self, response) -> None:
+        """A whole response (verge.http.response): its fields and body, read in full."""
+        self.start(response.status, response.headers)
+        await write_body(self, response.body)
 
     async def end(self) -> None:
         return None
@@ -436,18 +429,3 @@ class CapturedResponse:
         self.bytes_sent = len(self.body)
         if len(self.body) > self.limit:
             raise ResponseTooLarge(f"response over {self.limit} bytes")
-
-
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-
-
-def _split_prepared(data: bytes) -> tuple[bytes, bytes]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    return head + b"\r\n\r\n", body
-
-
-def _parse_head(head: bytes) -> list[tuple[str, str]]:
-    """Header fields of a rendered HTTP/1.1 response head, minus framing (re-done on output)."""
-    lines = head.decode("latin-1").split("\r\n")[1:]
-    fields = [line.split(":", 1) for line in lines if ":" in line]
-    return [(n.strip(), v.strip()) for n, v in fields if n.strip().lower() not in _FRAMING]

@@ -1,21 +1,24 @@
-"""The deliver phase: turning a stored entry into response bytes for one request.
+"""The deliver phase: one protocol-neutral Response for a request, from a stored entry or
+an in-flight fill alike (:func:`deliver` over a :class:`Source`).
 
 Everything here is synchronous and allocation-lean because a memory hit is served from
-``handle_fast`` without a task: the entry's status line and headers are rendered once per
-config generation and cached on the entry; per request only ``Age``, ``Cache-Status``,
-framing and the body are added. Conditional requests (304), single ranges (206/416) and
-HEAD are answered here too.
+``handle_fast`` without a task: an entry's fields after the service's header plan are
+computed once per config generation and cached on the entry; per request only ``Age`` and
+``Cache-Status`` are added (framing is the protocol's). Conditional requests (304), single
+ranges (206/416) and HEAD are decided here, by :func:`choose_answer`, for both sources.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from verge.cache.policy import age_value, not_modified_for
+from verge.cache.policy import not_modified_for
 from verge.cache.store import CacheEntry
 from verge.http.message import Headers, get_header, strip_hop_by_hop
 from verge.http.ranges import Unsatisfiable, content_range, if_range_ok, parse_range
-from verge.http.server import CLOCK, REASONS
+from verge.http.response import Response
+from verge.http.server import CLOCK, NO_BODY_STATUSES
 
 # Fields never stored with a cached response: connection-specific or recomputed per delivery.
 NOT_STORED = frozenset({
@@ -58,62 +61,29 @@ def add_vary(headers: Headers, field: str) -> Headers:
     return [(n, v) for n, v in headers if n.lower() != "vary"] + [("Vary", f"{current}, {field}")]
 
 
-def render_head(status: int, reason: str, headers: Headers) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, 'Unknown')}\r\n"]
-    lines.extend(f"{n}: {v}\r\n" for n, v in headers)
-    return "".join(lines).encode("latin-1")
+def encoded_etag(etag: str, encoding: str) -> str:
+    """The ETag of a compressed variant: the identity's with the encoding appended, so the
+    two never validate each other (RFC 9110 §8.8.3: a strong ETag names one representation)."""
+    if etag.endswith('"'):
+        return f'{etag[:-1]}-{encoding}"'
+    return etag
 
 
-def entry_head(entry: CacheEntry, plan: HeaderPlan, generation: int, node: str) -> tuple:
-    """(generation, head, hit_tail, plan), cached on the entry per generation and plan.
-
-    ``head`` is the status line and stored headers after the plan; ``hit_tail`` is what a
-    plain full hit adds after ``Age``: Cache-Status, Content-Length and the blank line.
-    """
+def entry_head(entry: CacheEntry, plan: HeaderPlan, generation: int) -> Headers:
+    """The entry's stored fields after the plan, cached on the entry per generation and plan
+    (the per-request fields, Age and Cache-Status, are added by :func:`deliver`)."""
     rendered = entry.rendered
-    if rendered is not None and rendered[0] == generation and rendered[3] is plan:
-        return rendered
-    head = render_head(entry.status, entry.reason, apply_plan(entry.headers, plan))
-    length = b"" if entry.status in (204, 304) else b"Content-Length: %d\r\n" % entry.body_size
-    tail = cache_status_value(entry.headers, f"{node}; hit") + length + b"\r\n"
-    entry.rendered = rendered = (generation, head, tail, plan)
-    return rendered
-
-
-def connection_field(version: str, connection: str | None) -> bytes:
-    """The Connection line a fast response needs (the server closes when told so)."""
-    if connection is None:
-        return b""
-    conn = connection.lower()
-    if "close" in conn:
-        return b"Connection: close\r\n"
-    if version == "1.0" and "keep-alive" in conn:
-        return b"Connection: keep-alive\r\n"
-    return b""
+    if rendered is not None and rendered[0] == generation and rendered[2] is plan:
+        return rendered[1]
+    headers = apply_plan(entry.headers, plan)
+    entry.rendered = (generation, headers, plan)
+    return headers
 
 
 def after_upstream(upstream_headers: Headers, ours: str) -> str:
     """Our Cache-Status member after those of the tiers nearer the origin (RFC 9211 §2)."""
     upstream = get_header(upstream_headers, "cache-status")
     return f"{upstream}, {ours}" if upstream else ours
-
-
-def cache_status_value(entry_headers: Headers, ours: str) -> bytes:
-    """RFC 9211: our member goes last, after those of caches nearer the origin."""
-    upstream = get_header(entry_headers, "cache-status")
-    value = f"{upstream}, {ours}" if upstream else ours
-    return b"Cache-Status: " + value.encode("latin-1") + b"\r\n"
-
-
-@dataclass(slots=True)
-class Delivery:
-    """What to send for an entry: the head bytes and which body bytes (None = no body)."""
-
-    status: int
-    head: bytes
-    start: int = 0
-    end: int = 0  # exclusive
-    has_body: bool = True
 
 
 @dataclass(slots=True, frozen=True)
@@ -150,36 +120,45 @@ def choose_answer(hmap, status: int, etag: str | None, last_modified: str | None
     return FULL if span is None else Answer(206, span[0], span[1])
 
 
-def plan_delivery(entry: CacheEntry, hmap, method: str, version: str, now: float,
-                  plan: HeaderPlan, generation: int, node: str, cache_status: str) -> Delivery:
-    """Choose 200 / 206 / 304 / 416 for this request and build the head."""
-    freshness = entry.freshness
-    base = entry_head(entry, plan, generation, node)[1]
-    extra = b"".join((
-        b"Age: %d\r\n" % age_value(freshness, now),
-        cache_status_value(entry.headers, cache_status),
-        connection_field(version, hmap.get("connection")),
-    ))
-    size = entry.body_size
+@dataclass(slots=True)
+class Source:
+    """What deliver needs of a stored entry or an in-flight fill: the response as stored
+    (fields after the plan), its validators and size, and how to read a byte range of its
+    body (``body(start, end)``: bytes, a FileBody or an async source; end exclusive, None:
+    to the end, which for a fill means until it is complete and stored)."""
+
+    status: int
+    reason: str
+    headers: Headers
+    etag: str | None
+    last_modified: str | None
+    stored_at: float | None
+    size: int | None
+    body: Callable[[int, int | None], object]
+
+
+def deliver(source: Source, hmap, method: str, extra: Headers) -> Response:
+    """The one deliver phase (RFC 9110 §13, §14, §15.4.5): 200, 206, 304 or 416 for this
+    request from an entry or a fill, with ``extra`` (Age, Cache-Status) appended. HEAD gets
+    the GET's fields and length without a body."""
     answer = FULL
-    if entry.status == 200 and ("if-none-match" in hmap or "if-modified-since" in hmap
-                                or "range" in hmap):
-        answer = choose_answer(hmap, entry.status, freshness.etag, freshness.last_modified,
-                               freshness.response_time, size)
+    if source.status == 200 and ("if-none-match" in hmap or "if-modified-since" in hmap
+                                 or "range" in hmap):
+        answer = choose_answer(hmap, source.status, source.etag, source.last_modified,
+                               source.stored_at, source.size)
     if answer.status == 304:
-        head = b"HTTP/1.1 304 Not Modified\r\n" + base[base.index(b"\r\n") + 2:] + extra + b"\r\n"
-        return Delivery(304, head, has_body=False)
+        return Response(304, [*source.headers, *extra])
     if answer.status == 416:
-        head = (b"HTTP/1.1 416 Range Not Satisfiable\r\n" + CLOCK.date_header
-                + b"Content-Range: bytes */%d\r\nContent-Length: 0\r\n" % size + extra + b"\r\n")
-        return Delivery(416, head, has_body=False)
+        return Response(416, [("Date", CLOCK.date), ("Content-Range", f"bytes */{source.size}"),
+                              *extra], length=0)
+    head_only = method == "HEAD" or source.status in NO_BODY_STATUSES
     if answer.status == 206:
-        start, last = answer.start, answer.last
-        partial = (b"HTTP/1.1 206 Partial Content\r\n" + base[base.index(b"\r\n") + 2:]
-                   + b"Content-Range: " + content_range(start, last, size).encode()
-                   + b"\r\nContent-Length: %d\r\n" % (last - start + 1) + extra + b"\r\n")
-        return Delivery(206, partial, start, last + 1, method != "HEAD")
-    length = b"" if entry.status == 204 else b"Content-Length: %d\r\n" % size
-    head = base + length + extra + b"\r\n"
-    has_body = method != "HEAD" and entry.status not in (204, 304)
-    return Delivery(entry.status, head, 0, size, has_body)
+        start, end = answer.start, answer.last + 1
+        headers = [*source.headers, ("Content-Range",
+                                     content_range(answer.start, answer.last, source.size)),
+                   *extra]
+        return Response(206, headers, None if head_only else source.body(start, end),
+                        end - start)
+    body = None if head_only else source.body(0, None)  # a fill's: until it is complete
+    return Response(source.status, [*source.headers, *extra], body, source.size,
+                    reason=source.reason)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 from verge.cache import policy
@@ -24,17 +25,19 @@ from verge.cache.store import CacheEntry, tags_of
 from verge.edge.compress import Compressor, choose_encoding, is_compressible
 from verge.edge.deliver import (
     HeaderPlan,
+    Source,
     add_vary,
     after_upstream,
     apply_plan,
-    choose_answer,
+    deliver,
+    encoded_etag,
     storable_headers,
 )
 from verge.edge.fill import Fill, FillAborted, FillHead
 from verge.edge.signing import COOKIE
 from verge.http.client import UpstreamError
-from verge.http.message import header_map, strip_hop_by_hop
-from verge.http.ranges import content_range
+from verge.http.message import header_map, replace_header, strip_hop_by_hop
+from verge.http.response import Response
 
 if TYPE_CHECKING:
     from verge.edge.app import EdgeApp, Route
@@ -96,21 +99,28 @@ def response_headers_for_client(headers, plan: HeaderPlan) -> list[tuple[str, st
                        if n.lower() not in ("content-length", "cache-status")], plan)
 
 
-async def relay(request, writer, response, plan: HeaderPlan, cache_status: str) -> None:
-    """Stream one origin response to one client (pass-through, nothing stored)."""
+def relayed(request, response, plan: HeaderPlan, cache_status: str) -> Response:
+    """One origin response for one client, nothing stored (pass-through): its body streams
+    from the origin as the client reads it."""
     headers = response_headers_for_client(response.headers, plan)
     headers.append(("Cache-Status", cache_status))
-    writer.start(response.status, headers, content_length=_content_length(response.headers),
-                 reason=response.reason)
+    body = None
     if request.method == "HEAD":
         response.close()
-        return
+    else:
+        body = _upstream_body(response)
+    return Response(response.status, headers, body, _content_length(response.headers),
+                    reason=response.reason)
+
+
+async def _upstream_body(response):
+    """An origin response's body; a break mid-body resets the client's connection (the
+    length it was promised is no longer true)."""
     try:
         async for chunk in response:
-            await writer.write(chunk)
+            yield chunk
     except UpstreamError:
         response.close()
-        writer.keep_alive = False
         raise ConnectionResetError("origin broke mid-body") from None
     response.release()
 
@@ -411,63 +421,56 @@ class Fetcher:
 
     async def _stream_fill(self, request, writer, route: Route, fill: Fill, head: FillHead,
                            collapsed: bool, started: float) -> None:
+        """Deliver a fill still arriving: the same deliver phase as a stored entry (304, 206,
+        416, HEAD), the body read from the fill as it grows, compressed on the way when the
+        client accepts an encoding and wants the whole body."""
         app = self.app
-        cache_status = head.cache_status + ("; collapsed" if collapsed else "")
-        headers = apply_plan(head.headers, route.plan)
-        status, start, end, length = head.status, 0, None, head.total
-        settings = app.compression
-        encoding = None
-        content_type = _first(head.headers, "content-type")
-        compressible = (settings.enabled and status == 200
-                        and _first(head.headers, "content-encoding") is None
-                        and is_compressible(content_type, settings.types))
-        if compressible:
-            headers = add_vary(headers, "Accept-Encoding")
-        hmap = request.hmap
-        range_header = hmap.get("range")
-        answer = choose_answer(hmap, status, _first(head.headers, "etag"),
-                               _first(head.headers, "last-modified"), time.time(), length)
-        if answer.status in (304, 416):  # the same decisions as for a stored entry
-            if answer.status == 416:
-                headers.append(("Content-Range", f"bytes */{length}"))
-            headers.append(("Cache-Status", cache_status))
-            writer.start(answer.status, headers, content_length=0)
-            app._log(request, answer.status, 0, "collapsed" if collapsed else "miss", started)
-            return
-        if answer.status == 206:
-            start, end = answer.start, answer.last + 1
-            status, length = 206, end - start
-            headers.append(("Content-Range", content_range(answer.start, answer.last, head.total)))
-        elif compressible and not range_header and (length is None or length >= settings.min_bytes):
-            encoding = choose_encoding(request.hmap.get("accept-encoding"), settings.algorithms)
-        headers.append(("Age", "0"))
-        headers.append(("Cache-Status", cache_status))
-        compressor = None
-        if encoding is not None:
-            compressor = Compressor(encoding)
-            headers.append(("Content-Encoding", encoding))
-            headers = [(n, v) for n, v in headers if n.lower() != "etag"]
-            length = None
-        writer.start(status, headers, content_length=length, reason=head.reason if status == head.status else None)
         result = "collapsed" if collapsed else "miss"
-        if request.method != "HEAD":
-            try:
-                async for chunk in fill.stream(start, end):
-                    await writer.write(compressor.compress(chunk) if compressor else chunk)
-                if compressor is not None:
-                    await writer.write(compressor.finish())
-            except FillAborted:
-                writer.keep_alive = False
-                app._log(request, status, writer.bytes_sent, result, started)
-                raise ConnectionResetError("origin broke mid-body") from None
-        app._log(request, status, writer.bytes_sent, result, started)
+        extra = [("Age", "0"),
+                 ("Cache-Status", head.cache_status + ("; collapsed" if collapsed else ""))]
+        headers = apply_plan(head.headers, route.plan)
+        etag, body = _first(head.headers, "etag"), _from_fill
+        if self._compressible(head):
+            headers = add_vary(headers, "Accept-Encoding")
+            encoding = self._encoding_for(request, head)
+            if encoding is not None:  # as the stored compressed variant will be served
+                etag = encoded_etag(etag, encoding) if etag else None
+                headers = [*replace_header(headers, "etag", etag),
+                           ("Content-Encoding", encoding)]
+                body = partial(_compressed, encoding=encoding)
+        source = Source(head.status, head.reason, headers, etag,
+                        _first(head.headers, "last-modified"), time.time(),
+                        head.total if body is _from_fill else None,
+                        lambda start, end: body(fill, start, end))
+        response = deliver(source, request.hmap, request.method, extra)
+        try:
+            await writer.send(response)
+        finally:
+            app._log(request, response.status, writer.bytes_sent, result, started)
+
+    def _compressible(self, head: FillHead) -> bool:
+        """Whether the edge may compress this fill's body (its type and encoding allow)."""
+        settings = self.app.compression
+        return settings.enabled and head.status == 200 \
+            and _first(head.headers, "content-encoding") is None \
+            and is_compressible(_first(head.headers, "content-type"), settings.types)
+
+    def _encoding_for(self, request, head: FillHead) -> str | None:
+        """The encoding this client gets a compressible fill in: none for a Range request
+        (ranges are of the identity body) or a body below the size worth compressing."""
+        settings = self.app.compression
+        if "range" in request.hmap or (head.total is not None and head.total < settings.min_bytes):
+            return None
+        return choose_encoding(request.hmap.get("accept-encoding"), settings.algorithms)
 
     async def _pass_response(self, request, writer, route: Route, head: FillHead,
                              started: float) -> None:
         """Stream an uncacheable origin response to its one client."""
-        response = head.response
-        await relay(request, writer, response, route.plan, head.cache_status)
-        self.app._log(request, response.status, writer.bytes_sent, "miss", started)
+        answer = relayed(request, head.response, route.plan, head.cache_status)
+        try:
+            await writer.send(answer)
+        finally:
+            self.app._log(request, answer.status, writer.bytes_sent, "miss", started)
 
 
 def _with_token(headers, route: Route):
@@ -485,6 +488,24 @@ def _discard_uncacheable(fut: asyncio.Future) -> None:
     head = fut.result()
     if head.kind == "uncacheable" and head.response is not None:
         head.response.close()
+
+
+async def _from_fill(fill: Fill, start: int, end: int | None):
+    """A fill's body bytes [start, end) as they arrive; an origin failure mid-body cuts the
+    client's response short (the connection is reset: its length is no longer true)."""
+    try:
+        async for chunk in fill.stream(start, end):
+            yield chunk
+    except FillAborted:
+        raise ConnectionResetError("origin broke mid-body") from None
+
+
+async def _compressed(fill: Fill, start: int, end: int | None, *, encoding: str):
+    """A fill's body compressed on the way (its length becomes unknown: chunked)."""
+    compressor = Compressor(encoding)
+    async for chunk in _from_fill(fill, start, end):
+        yield compressor.compress(chunk)
+    yield compressor.finish()
 
 
 def _first(headers, name: str) -> str | None:

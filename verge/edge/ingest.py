@@ -31,7 +31,7 @@ from verge.compute.forwarder import Forwarder, ForwarderSettings, IngestApp
 from verge.compute.ingest import IngestError, build_aggregator, parse_readings
 from verge.compute.spool import AsyncSpool
 from verge.compute.wagi import Answer
-from verge.http.server import simple_response
+from verge.http.server import text_response
 
 log = logging.getLogger("verge.ingest")
 
@@ -150,10 +150,9 @@ class EdgeIngest:
         mounted = await self._mounted(spec)
         if mounted is None:
             writer.keep_alive = False  # the body was not read
-            body = json.dumps({"error": f"ingest route {spec.name} is not ready"}).encode()
-            writer.send_prepared(503, simple_response(
-                503, body + b"\n", close=True, content_type=b"application/json",
-                extra=b"Retry-After: %d\r\n" % RETRY_AFTER_SECONDS), 0)
+            body = json.dumps({"error": f"ingest route {spec.name} is not ready"}) + "\n"
+            await writer.send(text_response(503, body, [("Retry-After", str(RETRY_AFTER_SECONDS))],
+                                            close=True, content_type="application/json"))
             return
         await mounted.app.handle(request, writer)
 

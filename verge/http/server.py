@@ -6,11 +6,14 @@ httptools, enforces the input bounds (URL 414, header block 431, body 413, heade
 timeouts, request smuggling via llhttp's strict Content-Length/Transfer-Encoding checks) and
 hands each request to an application with two entry points:
 
-* ``app.handle_fast(request)`` — synchronous; returns the whole response as ``bytes``, a
-  :class:`FileResponse` (head bytes + a file range to sendfile), or ``None`` when it needs I/O.
-  Cache hits take this path: no task, no coroutine.
-* ``async app.handle(request, writer)`` — everything else, writing through a
-  :class:`ResponseWriter` (streaming, chunked framing, sendfile, back-pressure).
+* ``app.handle_fast(request)`` — synchronous; returns a protocol-neutral
+  :class:`~verge.http.response.Response` (this module renders it as HTTP/1.1 and memoises
+  the bytes on it), or ``None`` when it needs I/O. Cache hits take this path: no task, no
+  coroutine.
+* ``async app.handle(request, writer)`` — everything else, through a
+  :class:`ResponseWriter`: ``send(response)`` for a whole answer (a body of bytes, a file
+  range or an async source), or ``start``/``write``/``end`` (streaming, chunked framing,
+  sendfile, back-pressure).
 
 Pipelined requests are answered in order: while one response is produced asynchronously the
 following requests wait in a queue. An ``Upgrade`` request (WebSocket) may be accepted by
@@ -37,6 +40,7 @@ from email.utils import formatdate
 import httptools
 
 from verge.http.message import Request, known_host, set_host
+from verge.http.response import FileBody, Response, write_body
 from verge.http.target import BadTarget, normalize_target
 
 REASONS = {
@@ -73,17 +77,6 @@ class ServerLimits:
     send_timeout: float = 60.0
     max_pipelined: int = 64
     zero_copy: bool = False  # file bodies with sendfile(2) instead of pread + write
-
-
-@dataclass(slots=True)
-class FileResponse:
-    """A response whose body is a byte range of an open file, sent with sendfile(2)."""
-
-    head: bytes
-    fd: int
-    offset: int
-    count: int
-    close_fd: bool = True
 
 
 class Clock:
@@ -123,6 +116,46 @@ def simple_response(status: int, body: bytes, *, close: bool = False,
         b"Content-Length: %d\r\n" % len(body), extra,
         b"Connection: close\r\n" if close else b"", b"\r\n", body,
     ))
+
+
+def text_response(status: int, text: str | bytes, headers=(), *, close: bool = False,
+                  content_type: str = "text/plain; charset=utf-8") -> Response:
+    """A small answer of the application's own (errors, redirects, admin): Date, type, body."""
+    body = text.encode() if type(text) is str else text
+    return Response(status, [("Date", CLOCK.date), ("Content-Type", content_type), *headers],
+                    body, close=close)
+
+
+WRITEV_THRESHOLD = 32 * 1024  # bigger bodies go out with writev instead of being copied
+
+
+def render_head(status: int, headers, content_length: int | None, reason: str = "") -> bytes:
+    """The status line and fields of an HTTP/1.1 response, Content-Length included when
+    known; no Connection field and no blank line (the caller ends the head)."""
+    lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, 'Unknown')}\r\n"]
+    lines.extend(f"{n}: {v}\r\n" for n, v in headers)
+    if content_length is not None and status not in NO_BODY_STATUSES:
+        lines.append(f"Content-Length: {content_length}\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def http1_bytes(response: Response):
+    """The complete HTTP/1.1 rendering of a response with a bytes (or no) body, for a
+    keep-alive HTTP/1.1 GET: bytes, or (head, body) when the body is large (writev, no
+    copy). Memoised on the response (a hot cache entry's Response is reused)."""
+    wire = response.http1
+    if wire is None:
+        head = render_head(response.status, response.headers, response.length,
+                           response.reason) + b"\r\n"
+        body = response.body
+        if body is None or response.status in NO_BODY_STATUSES:
+            wire = head
+        elif len(body) < WRITEV_THRESHOLD:
+            wire = head + body
+        else:
+            wire = (head, body)
+        response.http1 = wire
+    return wire
 
 
 class HttpApp(abc.ABC):
@@ -327,26 +360,55 @@ class ResponseWriter:
     def start(self, status: int, headers: list[tuple[str, str]], *, content_length: int | None = None,
               reason: str | None = None) -> None:
         """Send the response head. Framing and Connection fields are the writer's to set."""
+        self._proto.write_raw(self._head(status, headers, content_length, reason or ""))
+
+    def _head(self, status: int, headers, content_length: int | None, reason: str) -> bytes:
+        """The head bytes; decides the framing (length, chunked or close-delimited)."""
         self.started = True
         self.status = status
         self._no_body = self._request.method == "HEAD" or status in NO_BODY_STATUSES
-        lines = [f"HTTP/1.1 {status} {reason or REASONS.get(status, 'Unknown')}\r\n"]
-        lines.extend(f"{n}: {v}\r\n" for n, v in headers)
-        if content_length is not None:
-            if status not in NO_BODY_STATUSES:
-                lines.append(f"Content-Length: {content_length}\r\n")
-        elif not self._no_body:
+        head = render_head(status, headers, content_length, reason)
+        if content_length is None and not self._no_body:
             if self._request.version == "1.1":
                 self._chunked = True
-                lines.append("Transfer-Encoding: chunked\r\n")
+                head += b"Transfer-Encoding: chunked\r\n"
             else:
                 self.keep_alive = False
         if not self.keep_alive:
-            lines.append("Connection: close\r\n")
+            head += b"Connection: close\r\n"
         elif self._request.version == "1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        self._proto.write_raw("".join(lines).encode("latin-1"))
+            head += b"Connection: keep-alive\r\n"
+        return head + b"\r\n"
+
+    async def send(self, response: Response) -> None:
+        """Send a whole response: its head, then its body (bytes, a file range, or an async
+        source, chunked when its length is unknown)."""
+        if response.close:
+            self.keep_alive = False
+        body = response.body
+        if type(body) is bytes and self.keep_alive and self._request.version == "1.1" \
+                and self._request.method != "HEAD":
+            self.started = self.finished = True
+            self.status = response.status
+            wire = http1_bytes(response)
+            if type(wire) is tuple:
+                self._proto.write_many(wire)
+            else:
+                self._proto.write_raw(wire)
+            self.bytes_sent = 0 if response.status in NO_BODY_STATUSES else len(body)
+            await self._proto.drain()
+            return
+        head = self._head(response.status, response.headers, response.length, response.reason)
+        if type(body) is bytes and not self._no_body:
+            self._proto.write_many((head, body))  # one write for head and body
+            self.bytes_sent = len(body)
+        else:
+            self._proto.write_raw(head)
+            try:
+                await write_body(self, body)
+            finally:
+                response.discard()  # HEAD: the file range is not sent
+        await self.end()
 
     async def write(self, data: bytes) -> None:
         if not data or self._no_body:
@@ -369,29 +431,6 @@ class ResponseWriter:
         else:
             await self._proto.sendfile(fd, offset, count)
         self.bytes_sent += count
-
-    def send_prepared(self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int) -> None:
-        """Send a response already rendered whole (head and body) by the application."""
-        self.started = self.finished = True
-        self.status = status
-        self.bytes_sent = body_bytes
-        if type(data) is tuple:
-            self._proto.write_many(data)
-        else:
-            self._proto.write_raw(data)
-
-    async def send_file_response(self, status: int, response: FileResponse) -> None:
-        """Send a pre-rendered head, then the file range with sendfile; closes the fd."""
-        self.started = True
-        self.status = status
-        try:
-            self._proto.write_raw(response.head)
-            await self._proto.sendfile(response.fd, response.offset, response.count)
-        finally:
-            if response.close_fd:
-                os.close(response.fd)
-        self.finished = True
-        self.bytes_sent = response.count
 
     def upgrade(self, headers: list[tuple[str, str]]) -> UpgradedStream:
         """Accept the request's ``Upgrade``: send the 101 with ``headers`` and take over the
@@ -624,42 +663,37 @@ class HttpServerProtocol(asyncio.Protocol):
                 result = self.app.handle_fast(request)
             except Exception as exc:  # an app bug must not kill the worker
                 self.app.report_error(request, exc)
-                result = simple_response(500, b"internal error\n", close=True)
-                keep_alive = False
+                result = text_response(500, "internal error\n", close=True)
             if result is not None:
-                if type(result) is bytes and keep_alive and not self._shutting_down:
-                    self.transport.write(result)  # a small hit: nothing else to do
-                else:
-                    self._send_fast(result, keep_alive)
+                self._send_fast(result, request, keep_alive)
                 return
         self._busy = True
         self.loop.create_task(self._run(request, keep_alive))
 
-    def _send_fast(self, result, keep_alive: bool) -> None:
-        kind = type(result)
-        if kind is bytes:
-            self.transport.write(result)
-        elif kind is tuple:  # (head, large body): writev, no copy
-            self.transport.writelines(result)
-        elif kind is FileResponse:
-            self._busy = True
-            self.loop.create_task(self._send_file_response(result, keep_alive))
-            return
-        else:  # bytearray, memoryview
-            self.transport.write(result)
-        self._after_response(keep_alive)
-
-    async def _send_file_response(self, result: FileResponse, keep_alive: bool) -> None:
-        try:
-            self.transport.write(result.head)
-            await self.sendfile(result.fd, result.offset, result.count)
-        except (ConnectionError, OSError):
+    def _send_fast(self, response: Response, request: Request, keep_alive: bool) -> None:
+        """A response decided synchronously: written at once, or (a file range) by a task."""
+        if response.close or self._shutting_down:
             keep_alive = False
-        finally:
-            if result.close_fd:
-                os.close(result.fd)
+        if type(response.body) is not FileBody and keep_alive and request.version == "1.1" \
+                and request.method != "HEAD":
+            wire = http1_bytes(response)  # a hit: memoised on the response
+            if type(wire) is bytes:
+                self.transport.write(wire)
+            else:
+                self.transport.writelines(wire)
+            self._after_response(keep_alive)
+            return
+        self._busy = True
+        self.loop.create_task(self._send_task(response, request, keep_alive))
+
+    async def _send_task(self, response: Response, request: Request, keep_alive: bool) -> None:
+        writer = ResponseWriter(self, request, keep_alive)
+        try:
+            await writer.send(response)
+        except (ConnectionError, OSError):
+            writer.keep_alive = False
         self._busy = False
-        self._after_response(keep_alive)
+        self._after_response(writer.keep_alive)
 
     async def _run(self, request: Request, keep_alive: bool) -> None:
         writer = ResponseWriter(self, request, keep_alive)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from verge.http.message import Request
-from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
+from verge.http.response import Response
+from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
 from verge.routing.dns import start_dns_server
 from verge.routing.geo import RegionMap
 from verge.routing.health import HealthMonitor, Target
@@ -188,7 +189,7 @@ class RedirectApp(HttpApp):
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def handle_fast(self, request: Request) -> bytes:
+    def handle_fast(self, request: Request) -> Response:
         table = self.router.table
         hostname = request.host  # lower-case, without the port
         if request.method not in ("GET", "HEAD"):
@@ -203,9 +204,8 @@ class RedirectApp(HttpApp):
         if not candidates:
             return _text(503, "no edge available\n")
         location = self.location(candidates[0], hostname, request.target)
-        return simple_response(302, b"", content_type=b"text/plain",
-                               extra=b"Location: " + location.encode() + b"\r\n"
-                               b"Cache-Control: no-store\r\n")
+        return text_response(302, b"", [("Location", location), ("Cache-Control", "no-store")],
+                             content_type="text/plain")
 
     def location(self, edge: Edge, hostname: str, target: str) -> str:
         parts = urlsplit(edge.url)
@@ -215,12 +215,11 @@ class RedirectApp(HttpApp):
         return f"{parts.scheme}://{edge.name}.{hostname}{port}{target}"
 
     async def handle(self, request, writer) -> None:  # every request is answered fast
-        response = self.handle_fast(request)
-        writer.send_prepared(int(response[9:12]), response, 0)
+        await writer.send(self.handle_fast(request))
 
 
-def _text(status: int, message: str) -> bytes:
-    return simple_response(status, message.encode())
+def _text(status: int, message: str) -> Response:
+    return text_response(status, message)
 
 
 async def run_router(config: RouterConfig, options: RouterOptions) -> None:

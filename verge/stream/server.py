@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from verge.config import StreamApp, StreamSettings
-from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, simple_response
+from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
 from verge.stream.chat import ChatHub
 from verge.stream.fanout import FlvFanout
 from verge.stream.ingest import RtmpServer
@@ -324,7 +324,7 @@ class StreamHttp(HttpApp):
             return
         self.server.metrics.request(_kind(path))
         if request.method not in ("GET", "HEAD"):
-            writer.send_prepared(405, simple_response(405, b"method not allowed\n"), 0)
+            await writer.send(text_response(405, "method not allowed\n"))
             return
         if path.endswith(".flv"):
             await self.http_flv(request, writer, path[1:-4])
@@ -420,7 +420,7 @@ class StreamHttp(HttpApp):
     async def http_flv(self, request, writer, stream: str) -> None:
         channel = self.server.channels.get(stream)
         if channel is None or not channel.live:
-            writer.send_prepared(404, simple_response(404, f"stream {stream} is not live\n".encode()), 0)
+            await writer.send(text_response(404, f"stream {stream} is not live\n"))
             return
         writer.start(200, [("Content-Type", "video/x-flv"), NO_STORE, CORS])
         if request.method == "HEAD":
