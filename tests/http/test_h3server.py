@@ -1,5 +1,5 @@
 """HTTP/3 server against aioquic's own QUIC + H3 client, certificate verified by the dev CA:
-fast-path wire bytes, (head, body) tuples, FileResponse, the async writer path and request
+fast-path Responses (small, large and file bodies), the async writer path and request
 bodies, SO_REUSEPORT sharing of the UDP port, certificates chosen by SNI and reloaded, and
 the DoS caps (streams, reset flood, header size, connections)."""
 
@@ -27,7 +27,8 @@ from verge.http.h3server import (
     serve_h3,
     server_port,
 )
-from verge.http.server import FileResponse, ServerLimits, simple_response
+from verge.http.response import FileBody, Response
+from verge.http.server import ServerLimits, text_response
 from verge.http.tls import CertSpec
 
 BIG = os.urandom(1024 * 1024)
@@ -63,14 +64,12 @@ class FakeApp:
     def handle_fast(self, request):
         if request.path == "/fast":
             body = f"fast {request.host} {request.version} {request.scheme}".encode()
-            return simple_response(200, body, extra=b"X-Fast: yes\r\n")
+            return text_response(200, body, [("X-Fast", "yes")])
         if request.path == "/tuple":
-            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
-            return (head % len(BIG), BIG)
+            return Response(200, [], BIG)
         if request.path == "/file":
             fd = os.open(self.file, os.O_RDONLY)
-            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
-            return FileResponse(head, fd, 0, len(BIG))
+            return Response(200, [], FileBody(fd, 0, len(BIG)), len(BIG))
         return None
 
     async def handle(self, request, writer) -> None:

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from verge.certs import DevCertificates, dev_certificates
+from verge.compat.openssl import BindingError
 from verge.http import tls_ocsp
-from verge.http.openssl_ctypes import BindingError
 from verge.http.tls import CertSpec, TlsStore, safe_server_context
 
 pytestmark = [

@@ -245,7 +245,9 @@ class HostState:
         assert self.store is not None and self.memory is not None
         if ptr < 0 or length < 0 or ptr + length > self.memory.data_len(self.store):
             raise IndexError("guest pointer out of bounds")
-        return ctypes.addressof(self.memory.data_ptr(self.store).contents) + ptr
+        from verge.compat.wasmtime import memory_address  # (wasmtime is loaded only when used)
+
+        return memory_address(self.memory, self.store) + ptr
 
     def read(self, ptr: int, length: int) -> bytes:
         return ctypes.string_at(self._base(ptr, length), length) if length else b""

@@ -21,6 +21,9 @@ Why it looks like this:
   ``max_response_bytes`` is an error (the memfd is only read up to the cap; its transient
   size is bounded by the CPU deadline). Sub-requests: counted in :mod:`.host`.
   A violation is an :class:`Invocation` with a non-ok outcome, never an exception.
+* **What wasmtime-py does not expose** (the pooling allocator, WASI configuration from C
+  arrays and in-memory stdin, one export without the export map) comes from its C API in
+  :mod:`verge.compat.wasmtime`, the one place that touches wasmtime's private names.
 * **No ambient authority.** No preopened directories, no inherited env/stdio, no sockets;
   only the ``verge`` host functions, which check :class:`~.host.Capabilities`.
 
@@ -34,13 +37,11 @@ first tried on the event loop itself with a smaller ``cpu_ms`` (see verge.edge.c
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import enum
 import hashlib
 import importlib.metadata
-import itertools
 import json
 import logging
 import math
@@ -54,9 +55,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import wasmtime
-from wasmtime import _ffi as ffi
-from wasmtime._extern import wrap_extern
 
+from verge.compat import wasmtime as wasmtime_compat
 from verge.compute import wagi
 from verge.compute.host import Capabilities, HostServices, HostState, define_host_functions
 from verge.config import MAX_FUNCTION_MEMORY_MB
@@ -121,21 +121,20 @@ def make_engine(pool: PoolSettings | None) -> wasmtime.Engine:
     config = wasmtime.Config()
     for name, value in ENGINE_SETTINGS.items():
         setattr(config, name, value)
-    if pool is not None and hasattr(ffi, "wasmtime_pooling_allocation_strategy_set"):
-        p = ffi.wasmtime_pooling_allocation_config_new()
-        for setter, value in (
-            ("total_memories", pool.max_instances),
-            ("total_core_instances", pool.max_instances),
-            ("total_tables", pool.max_instances),
-            ("total_stacks", pool.max_instances),
-            ("max_memory_size", pool.max_memory_bytes),
-            ("table_elements", pool.max_table_elements),
-            ("linear_memory_keep_resident", pool.keep_resident_bytes),
-            ("table_keep_resident", 64 * 1024),
-        ):
-            getattr(ffi, f"wasmtime_pooling_allocation_config_{setter}_set")(p, value)
-        ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), p)
-        ffi.wasmtime_pooling_allocation_config_delete(p)
+    if pool is not None:  # (a wasmtime without it: the default allocator, slower)
+        wasmtime_compat.enable_pooling_allocator(
+            config,
+            {
+                "total_memories": pool.max_instances,
+                "total_core_instances": pool.max_instances,
+                "total_tables": pool.max_instances,
+                "total_stacks": pool.max_instances,
+                "max_memory_size": pool.max_memory_bytes,
+                "table_elements": pool.max_table_elements,
+                "linear_memory_keep_resident": pool.keep_resident_bytes,
+                "table_keep_resident": 64 * 1024,
+            },
+        )
     return wasmtime.Engine(config)
 
 
@@ -209,7 +208,7 @@ class Function:
     argv: tuple[object, object] = field(default=(None, None), repr=False)
 
     def __post_init__(self) -> None:
-        self.argv = _argv(self.name)
+        self.argv = wasmtime_compat.c_argv(self.name)
 
     @property
     def digest(self) -> str:
@@ -389,76 +388,6 @@ def _read_capped(fd: int, cap: int) -> bytes:
     return data
 
 
-_CharPP = ctypes.POINTER(ctypes.POINTER(ctypes.c_char))
-
-
-def _c_string_arrays(env: list[tuple[str, str]]) -> tuple[object, object, tuple[object, ...]]:
-    """(names, values, keep-alive) C arrays for ``wasi_config_set_env``.
-
-    One NUL-joined blob and one array of pointers into it: about half the cost of
-    building two ctypes ``c_char_p`` arrays (this runs on every request).
-    """
-    parts = [k.encode() for k, _ in env]
-    parts += [v.encode("utf-8", "replace") for _, v in env]
-    blob = b"\0".join(parts) + b"\0"
-    base = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
-    # (array from a list: several times faster than from an iterator)
-    pointers = array.array("Q", list(itertools.accumulate([len(p) + 1 for p in parts],
-                                                          initial=base)))
-    pointers.pop()  # the address one past the blob
-    addr = pointers.buffer_info()[0]
-    names = ctypes.cast(ctypes.c_void_p(addr), _CharPP)
-    values = ctypes.cast(ctypes.c_void_p(addr + 8 * len(env)), _CharPP)
-    return names, values, (blob, pointers)
-
-
-def _wasi_config(
-    env: list[tuple[str, str]], argv: tuple[object, object], stdin: bytes, scratch: _Scratch
-) -> wasmtime.WasiConfig:
-    config = wasmtime.WasiConfig()
-    ptr = config.ptr()
-    names, values, _keep = _c_string_arrays(env)
-    if not ffi.wasi_config_set_env(ptr, len(env), names, values):
-        raise ValueError("environment is not valid UTF-8")
-    ffi.wasi_config_set_argv(ptr, 1, argv[0])
-    if stdin:
-        vec = ffi.wasm_byte_vec_t()
-        data = ctypes.cast(ctypes.c_char_p(stdin), ctypes.POINTER(ctypes.c_uint8))
-        ffi.wasm_byte_vec_new(ctypes.byref(vec), len(stdin), data)  # copies
-        ffi.wasi_config_set_stdin_bytes(ptr, ctypes.byref(vec))  # takes ownership
-    if not (
-        ffi.wasi_config_set_stdout_file(ptr, scratch.stdout_path)
-        and ffi.wasi_config_set_stderr_file(ptr, scratch.stderr_path)
-    ):
-        raise OSError("cannot open the output files")
-    return config
-
-
-def _argv(name: str) -> tuple[object, object]:
-    """argv = [name] as a C array, built once per function (and its keep-alive)."""
-    arg = ctypes.c_char_p(name.encode())
-    array_ = (ctypes.c_char_p * 1)(arg)
-    return ctypes.cast(array_, _CharPP), (arg, array_)
-
-
-_EXTERN_FAST = hasattr(wasmtime.Instance, "_from_raw") and hasattr(
-    ffi, "wasmtime_instance_export_get"
-)
-
-
-def _export(store: wasmtime.Store, instance: wasmtime.Instance, name: bytes) -> object:
-    """One export by name without building the whole export map (saves ~15 µs)."""
-    if not _EXTERN_FAST:
-        return instance.exports(store)[name.decode()]
-    item = ffi.wasmtime_extern_t()
-    found = ffi.wasmtime_instance_export_get(
-        store._context(), ctypes.byref(instance._instance), name, len(name), ctypes.byref(item)
-    )
-    if not found:
-        raise KeyError(name.decode())
-    return wrap_extern(item)
-
-
 class Runtime:
     """One per edge worker process: an engine, a module cache and the epoch ticker."""
 
@@ -595,8 +524,14 @@ def _describe(exc: BaseException, code: wasmtime.TrapCode | None) -> str:
 class _Run:
     """The life of one invocation (kept out of Runtime.invoke to keep each step short)."""
 
-    def __init__(self, rt: Runtime, fn: Function, request_id: str, services: HostServices,
-                 cpu_ms: float | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        fn: Function,
+        request_id: str,
+        services: HostServices,
+        cpu_ms: float | None = None,
+    ) -> None:
         self.rt = rt
         self.fn = fn
         self.limits = fn.limits
@@ -618,7 +553,11 @@ class _Run:
         configured = False
         try:
             store = self.store = wasmtime.Store(rt.engine)
-            store.set_wasi(_wasi_config(env, self.fn.argv, stdin, scratch))
+            store.set_wasi(
+                wasmtime_compat.wasi_config(
+                    env, self.fn.argv, stdin, scratch.stdout_path, scratch.stderr_path
+                )
+            )
             configured = True
             self._run_wasm(store)
         except Exception as exc:  # setup failed (bad env, engine error): still a result
@@ -644,11 +583,11 @@ class _Run:
         except Exception as exc:  # a start function that traps, or memory over the limit
             self._failed(exc, instantiating=True)
             return
-        memory = _export(store, instance, b"memory")
+        memory = wasmtime_compat.export(store, instance, b"memory")
         self.state.memory = memory  # type: ignore[assignment]
         failure: Exception | None = None
         try:
-            _export(store, instance, b"_start")(store)  # type: ignore[operator]
+            wasmtime_compat.export(store, instance, b"_start")(store)
             self.inv.outcome = Outcome.ANSWER
         except wasmtime.ExitTrap as exc:
             self.inv.exit_code = exc.code

@@ -48,6 +48,7 @@ from verge.edge.origins import OriginSet, ParentSet
 from verge.edge.signing import admit, take_param
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
+from verge.http.message import Request
 from verge.http.response import FileBody, Response
 from verge.http.server import ResponseWriter, text_response
 from verge.http.target import BadTarget, normalize_target
@@ -246,8 +247,11 @@ class EdgeApp:
                              [("Location", location)])
 
     # ----- fast path: fresh memory hits -----------------------------------------------------------
-    def cached_route(self, request) -> Route | Response:
-        """route() memoised per (host, target) of GET/HEAD for the current config generation.
+    def cached_route(self, request: Request) -> tuple[Route | Response, Request]:
+        """The route phase for one request: route() memoised per (host, target) of GET/HEAD
+        for the current config generation, and the request as the rest of the pipeline sees
+        it (an EDGE.HOST name served as HOST; a signed URL's token taken out, so that it goes
+        neither upstream nor into the log).
 
         Routes whose cache key depends on request headers (rule key_headers) are not memoised.
         Also records the service on the request, for per-service stats.
@@ -255,62 +259,48 @@ class EdgeApp:
         host = request.hmap.get("host")
         if host is not None and host.startswith(self._name_prefix):
             host = host[len(self._name_prefix):]
-            _drop_node_label(request, host)
+            request = _without_node_label(request, host)
         if request.method not in CACHEABLE_METHODS or request.body is not None:
             route = self.route(request)  # the key depends on the method and the body
-            if type(route) is Route:
-                request.service = route.service.name
-                if route.signed is not None:
-                    return self._signed(request, route)
-            return route
-        memo_key = (host, request.target, request.scheme)
-        route = self._routes.get(memo_key)
-        if route is None:
-            route = self.route(request)
-            if type(route) is not Route or not (route.rule is not None and route.rule.key_headers):
-                if len(self._routes) >= ROUTE_MEMO_SIZE:
-                    self._routes.clear()
-                self._routes[memo_key] = route
+        else:
+            memo_key = (host, request.target, request.scheme)
+            route = self._routes.get(memo_key)
+            if route is None:
+                route = self.route(request)
+                if type(route) is not Route or not (route.rule is not None
+                                                    and route.rule.key_headers):
+                    if len(self._routes) >= ROUTE_MEMO_SIZE:
+                        self._routes.clear()
+                    self._routes[memo_key] = route
         if type(route) is Route:
             request.service = route.service.name
             if route.signed is not None:
                 return self._signed(request, route)
-        return route
+        return route, request
 
-    def _signed(self, request, route: Route) -> Route | Response:
+    def _signed(self, request: Request, route: Route) -> tuple[Route | Response, Request]:
         """The signed-URL check of the route phase, per request (routes are memoised): 403
         before any cache lookup, else a route of the request's own that sets the cookie when
-        the token came in the query. The request itself is left alone (handle_fast and then
-        handle may both route it); handle() takes the token out before anything goes upstream."""
+        the token came in the query. Either way the request goes on without the token."""
         admission = admit(route.signed, request.path, request.query, request.headers, time.time())
         if type(admission) is str:
-            _, query = take_param(request.query, route.signed.param)  # keep it out of the log
-            request.target = f"{request.path}?{query}" if query else request.path
-            request._path = request._query = None
-            return text_response(403, f"forbidden: {admission}\n")
+            _, query = take_param(request.query, route.signed.param)
+            request = request.replace(target=f"{request.path}?{query}" if query else request.path)
+            return text_response(403, f"forbidden: {admission}\n"), request
         plan = route.plan
         if admission.set_cookie is not None:
             plan = dataclasses.replace(plan, add=(*plan.add, ("Set-Cookie", admission.set_cookie)))
-        return dataclasses.replace(route, plan=plan, admission=admission)
-
-    @staticmethod
-    def _drop_token(request, admission) -> None:
-        """Neither the token parameter nor the token cookie goes to a parent or the origin."""
-        if admission.target is not None:
-            request.target = admission.target
-            request._path = request._query = None
-        if admission.headers is not None:
-            request.headers = admission.headers
-            request._map = None
+        return dataclasses.replace(route, plan=plan, admission=admission), \
+            request.replace(target=admission.target, headers=admission.headers)
 
     def handle_fast(self, request) -> Response | None:
         """Answer a fresh memory hit without a task; None sends the request down the async path."""
         if request.method not in CACHEABLE_METHODS:
             return None
         started = time.perf_counter()
-        route = self.cached_route(request)
+        route, request = self.cached_route(request)
         if type(route) is not Route:
-            self._log(request, route.status, route.length or 0, "none", started)
+            self._log(request, route.status, _body_bytes(route), "none", started)
             return route
         key = route.key
         if key is None or route.function is not None or "upgrade" in request.hmap:
@@ -344,8 +334,6 @@ class EdgeApp:
             except OSError:  # the disk file went away: fetch again (handle)
                 self.cache.purge_memory("url", entry.key, soft=False)
                 return None
-        if route.admission is not None:
-            self._drop_token(request, route.admission)  # answered: keep it out of the log
         self._log(request, response.status, _body_bytes(response), "hit", started)
         return response
 
@@ -429,14 +417,12 @@ class EdgeApp:
     # ----- async path --------------------------------------------------------------------------
     async def handle(self, request, writer: ResponseWriter) -> None:
         started = time.perf_counter()
-        route = self.cached_route(request)
+        route, request = self.cached_route(request)
         if type(route) is not Route:
             writer.keep_alive = False
             await writer.send(route)
             self._log(request, route.status, _body_bytes(route), "none", started)
             return
-        if route.admission is not None:
-            self._drop_token(request, route.admission)
         if self.ingest is not None and self.ingest.wanted and request.method == "POST":
             claimed = self.ingest.claim(route.service.name, request.path)
             if claimed is not None:  # mounted or not: never the origin's (verge.edge.ingest)
@@ -454,7 +440,7 @@ class EdgeApp:
             passed = await self._compute(request, writer, route, started)
             if passed is None:
                 return
-            route, body = passed
+            route, body, request = passed
         await self._fetch_or_proxy(request, writer, route, started, body)
 
     async def _fetch_or_proxy(self, request, writer, route: Route, started: float,
@@ -493,7 +479,8 @@ class EdgeApp:
 
     async def _compute(self, request, writer, route: Route, started: float):
         """The compute phase. Returns None when the function answered (or failed: a 5xx was
-        sent), else the request's new route and its body, read for the function."""
+        sent), else the request's new route, its body (read for the function) and the
+        request as the function rewrote it."""
         body = b""
         if request.body is not None:
             body = await request.body.read_all(limit=FUNCTION_BODY_LIMIT)
@@ -510,21 +497,21 @@ class EdgeApp:
                               f"edge function {deployed.spec.name} failed: {invocation.error}",
                               started)
             return None
-        target, request.headers = result.edit_request(request.target, request.headers)
+        target, headers = result.edit_request(request.target, request.headers)
         try:  # the function's rewrite is normalised like a client's target
-            request.target = normalize_target(request.method, target)[0]
+            target = normalize_target(request.method, target)[0]
         except BadTarget as exc:
             await self._error(request, writer, 502,
                               f"edge function {deployed.spec.name} rewrote to a bad target: {exc}",
                               started)
             return None
-        request._path = request._query = request._map = request._host = None
+        request = request.replace(target=target, headers=headers)
         route = self.route(request)
         if type(route) is not Route:
             await writer.send(route)
             return None
         route.function = None
-        return route, body
+        return route, body, request
 
     async def _cached(self, request, writer, route: Route, started: float) -> None:
         hmap = request.hmap
@@ -707,9 +694,8 @@ def _same_origins(old_service, new_service) -> bool:
         [r.origins for r in old_service.rules] == [r.origins for r in new_service.rules]
 
 
-def _drop_node_label(request, host: str) -> None:
+def _without_node_label(request: Request, host: str) -> Request:
     """EDGE.SERVICE-HOST (where the HTTP router sends users) is served as SERVICE-HOST: same
     service, same cache entries, and the origin sees the service's own Host."""
-    request.headers = [(n, host) if n.lower() == "host" else (n, v) for n, v in request.headers]
-    request.hmap["host"] = host  # type: ignore[index]  # the map is a plain dict
-    request._host = None
+    return request.replace(headers=[(n, host) if n.lower() == "host" else (n, v)
+                                    for n, v in request.headers])

@@ -1,15 +1,16 @@
 """HTTP/2 server: the h2 sans-I/O state machine behind a thin asyncio.Protocol.
 
-Why: the edge pipeline is written once against the HTTP/1.1 application interface of
-:mod:`verge.http.server` (``handle_fast`` returning wire bytes, ``handle`` writing through a
-ResponseWriter). This module serves that SAME application over HTTP/2, so TLS+ALPN ``h2``
-and cleartext prior-knowledge ``h2c`` need no change in the edge:
+Why: the edge pipeline is written once against the application interface of
+:mod:`verge.http.server` (``handle_fast`` returning a protocol-neutral
+:class:`~verge.http.response.Response`, ``handle`` writing through a writer). This module
+serves that SAME application over HTTP/2, so TLS+ALPN ``h2`` and cleartext prior-knowledge
+``h2c`` need no change in the edge:
 
 * every stream becomes a :class:`~verge.http.message.Request` (version ``"2"``, ``host``
   from ``:authority``); request bodies stream through :class:`H2RequestBody`, which gives
   flow-control credit back only as the application consumes (bounded memory per stream);
-* ``handle_fast`` results (HTTP/1.1 wire bytes, ``(head, body)`` or :class:`FileResponse`)
-  are re-framed: the status line and header block become HEADERS, the rest DATA;
+* a Response becomes HEADERS (its fields memoised on it: a hot entry's Response is reused)
+  and DATA from its body (bytes, a file range, or an async source);
 * :class:`H2ResponseWriter` has the ResponseWriter methods; outgoing DATA respects the
   peer's stream and connection windows and max frame size, waiting for WINDOW_UPDATE.
 
@@ -29,7 +30,6 @@ import re
 import time
 from collections import deque
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
@@ -37,19 +37,20 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from verge.compat import h2 as h2_compat
 from verge.http import hpack_memo
 from verge.http.message import Request, known_host
+from verge.http.response import Response, write_body
 from verge.http.server import (
     CLOCK,
     FRAMING_FIELDS,
     NO_BODY_STATUSES,
-    FileResponse,
     HttpServerProtocol,
     ProtocolLimitError,
     QueuedBody,
     ServerLimits,
     adopt_transport,
-    simple_response,
+    text_response,
 )
 from verge.http.target import BadTarget, normalize_target
 
@@ -77,21 +78,6 @@ class RateCap:
             self.start, self.count = now, 0
         self.count += 1
         return self.count > self.limit
-
-
-def parse_wire_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """(status, lower-cased HTTP/2-legal fields) of an HTTP/1.1 status line + header block."""
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    fields = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name not in DROPPED_RESPONSE_FIELDS:
-            fields.append((name, value.strip()))
-    return status, fields
 
 
 class H2RequestBody(QueuedBody):
@@ -175,11 +161,20 @@ def response_fields(status: int, headers: list[tuple[str, str]],
     return fields
 
 
+def fields_of(response: Response) -> list[tuple[bytes, bytes]]:
+    """A Response's HTTP/2 and HTTP/3 fields, memoised on it (a hot entry's is reused)."""
+    fields = response.fields
+    if fields is None:
+        fields = response.fields = response_fields(response.status, response.headers,
+                                                   response.length)
+    return fields
+
+
 class StreamResponseWriter:
     """The HTTP/2 and HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`.
 
-    Protocol-neutral: it calls the connection's send_head, queue_data, wait_room,
-    send_file_range, send_wire, send_file_response and queue_end for its stream.
+    Protocol-neutral: it calls the connection's send_head, send_whole, queue_data,
+    wait_room, send_file_range and queue_end for its stream.
     """
 
     __slots__ = (
@@ -235,21 +230,23 @@ class StreamResponseWriter:
         await self._proto.send_file_range(self._stream, fd, offset, count)
         self.bytes_sent += count
 
-    def send_prepared(
-        self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int
-    ) -> None:
-        """Send a response rendered whole as HTTP/1.1 wire bytes."""
-        self.started = self.finished = True
-        self.status = status
-        self.bytes_sent = body_bytes
-        self._proto.send_wire(self._stream, data)
-
-    async def send_file_response(self, status: int, response: FileResponse) -> None:
-        self.started = True
-        self.status = status
-        await self._proto.send_file_response(self._stream, response)
-        self.finished = True
-        self.bytes_sent = response.count
+    async def send(self, response: Response) -> None:
+        """Send a whole response: HEADERS (+ DATA) at once for a bytes body, else HEADERS
+        and the streamed body."""
+        if not response.streamed:
+            self.started = self.finished = True
+            self.status = response.status
+            if response.body and self._stream.request.method != "HEAD" \
+                    and response.status not in NO_BODY_STATUSES:
+                self.bytes_sent = len(response.body)
+            self._proto.send_whole(self._stream, response)
+            return
+        self.start(response.status, response.headers, content_length=response.length)
+        try:
+            await write_body(self, response.body)
+        finally:
+            response.discard()
+        await self.end()
 
     async def end(self) -> None:
         if self.finished:
@@ -371,7 +368,7 @@ def request_problem(request: Request, malformed: str | BadTarget | None,
 class StreamDispatch:
     """Per-stream request handling shared by HTTP/2 and HTTP/3 connections.
 
-    The connection class provides ``app``, ``loop``, ``send_wire``, ``queue_data``,
+    The connection class provides ``app``, ``loop``, ``send_whole``, ``queue_data``,
     ``queue_end``, ``wait_room``, ``reset(stream, code)``, ``_after_handler(stream)`` and the
     two error codes.
     """
@@ -386,21 +383,21 @@ class StreamDispatch:
                 result = self.app.handle_fast(request)
             except Exception as exc:  # an app bug must not kill the worker
                 self._report_error(request, exc)
-                result = simple_response(500, b"internal error\n")
+                result = text_response(500, "internal error\n")
             if result is not None:
                 self._send_fast(stream, result)
                 return
         stream.task = self.loop.create_task(self._run(stream))
 
-    def _send_fast(self, stream, result) -> None:
-        if isinstance(result, FileResponse):
-            stream.task = self.loop.create_task(self._run_file(stream, result))
+    def _send_fast(self, stream, response: Response) -> None:
+        if response.streamed:
+            stream.task = self.loop.create_task(self._run_send(stream, response))
         else:
-            self.send_wire(stream, result)
+            self.send_whole(stream, response)
 
-    async def _run_file(self, stream, result: FileResponse) -> None:
+    async def _run_send(self, stream, response: Response) -> None:
         try:
-            await self.send_file_response(stream, result)
+            await StreamResponseWriter(self, stream).send(response)
         except (ConnectionError, OSError, asyncio.CancelledError):
             self.reset(stream, self.INTERNAL_ERROR_CODE)
 
@@ -412,26 +409,15 @@ class StreamDispatch:
             if writer.started:
                 await writer.end()
             else:
-                self.send_wire(stream, simple_response(500, b"no response\n"))
+                self.send_whole(stream, text_response(500, "no response\n"))
         except (asyncio.CancelledError, ConnectionError):
             self.reset(stream, self.CANCEL_CODE)
         except ProtocolLimitError as exc:
-            self._answer_error(stream, writer, exc.status, f"{exc}\n".encode())
+            self._answer_error(stream, writer, exc.status, f"{exc}\n")
         except Exception as exc:
             self._report_error(request, exc)
-            self._answer_error(stream, writer, 500, b"internal error\n")
+            self._answer_error(stream, writer, 500, "internal error\n")
         self._after_handler(stream)
-
-    async def send_file_response(self, stream, response: FileResponse) -> None:
-        """A pre-rendered head, then the file range, in flow-controlled chunks."""
-        try:
-            self.send_wire(stream, response.head, end_stream=False)
-            if not stream.ended:
-                await self.send_file_range(stream, response.fd, response.offset, response.count)
-                self.queue_end(stream)
-        finally:
-            if response.close_fd:
-                os.close(response.fd)
 
     async def send_file_range(self, stream, fd: int, offset: int, count: int) -> None:
         while count > 0:
@@ -444,11 +430,11 @@ class StreamDispatch:
             await self.wait_room(stream)
 
     def _answer_error(self, stream, writer: StreamResponseWriter, status: int,
-                      body: bytes) -> None:
+                      message: str) -> None:
         if writer.started or stream.reset:
             self.reset(stream, self.INTERNAL_ERROR_CODE)
         else:
-            self.send_wire(stream, simple_response(status, body))
+            self.send_whole(stream, text_response(status, message))
 
     def _report_error(self, request: Request, exc: Exception) -> None:
         report = getattr(self.app, "report_error", None)
@@ -493,12 +479,8 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
     def _new_connection(self) -> h2.connection.H2Connection:
         # Inbound fields are checked in one pass by request_from_fields (RFC 9113 §8.2);
         # outbound ones are ours, already lower-cased and stripped of connection-specific
-        # fields (parse_wire_head, start): h2 need not check either again.
-        config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None,
-            validate_outbound_headers=False, normalize_outbound_headers=False,
-            validate_inbound_headers=False,
-        )
+        # fields (response_fields): h2 need not check either again.
+        config = h2_compat.server_configuration()  # validation off: see verge.compat.h2
         conn = h2.connection.H2Connection(config=config)
         codes = h2.settings.SettingCodes
         conn.local_settings = h2.settings.Settings(
@@ -608,8 +590,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
 
     def _header_block_bytes(self) -> int:
         """Bytes of a HEADERS + CONTINUATION sequence still waiting for END_HEADERS."""
-        frames = getattr(self.conn.incoming_buffer, "_headers_buffer", None) or ()
-        return sum(len(f.data) for f in frames)
+        return h2_compat.pending_header_block_bytes(self.conn)
 
     def _on_event(self, event) -> None:
         kind = type(event)
@@ -720,7 +701,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
             stream.rst_after_end = True
 
     def _reject(self, stream: _Stream, status: int, message: str) -> None:
-        self.send_wire(stream, simple_response(status, f"{message}\n".encode()))
+        self.send_whole(stream, text_response(status, f"{message}\n"))
         if stream.body is not None:
             self._after_handler(stream)
 
@@ -741,37 +722,21 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
             self._stream_done(stream)
         self._flush()
 
-    def send_wire(
-        self, stream: _Stream, data: bytes | tuple[bytes, bytes], end_stream: bool = True
-    ) -> None:
-        """Send an HTTP/1.1-rendered response (head + optional body) as HEADERS + DATA."""
-        try:
-            self._send_wire(stream, data, end_stream)
-        except ConnectionResetError:
-            return
-
-    def _send_wire(
-        self, stream: _Stream, data: bytes | tuple[bytes, bytes], end_stream: bool
-    ) -> None:
+    def send_whole(self, stream: _Stream, response: Response) -> None:
+        """Send a response with a bytes body (or none) as HEADERS + DATA, END_STREAM on the
+        last frame; nothing when the stream is gone."""
         if stream.reset or self._closing:
             return
-        extra = b""
-        if type(data) is tuple:
-            data, extra = data
-        head, _, body = data.partition(b"\r\n\r\n")
-        status, fields = parse_wire_head(head)
-        no_body = stream.request.method == "HEAD" or status in NO_BODY_STATUSES
-        if no_body or (not body and not extra):
-            self.send_head(stream, status, fields, end_stream=end_stream or no_body)
+        status, body = response.status, response.body
+        try:
+            if not body or stream.request.method == "HEAD" or status in NO_BODY_STATUSES:
+                self.send_head(stream, status, fields_of(response), end_stream=True)
+                return
+            self.send_head(stream, status, fields_of(response), end_stream=False)
+            stream.end_pending = True  # END_STREAM rides on the last DATA frame
+            self.queue_data(stream, body)
+        except ConnectionResetError:
             return
-        self.send_head(stream, status, fields, end_stream=False)
-        if extra:  # queue the first part unpumped: pumped alone it could end the stream
-            if body:
-                stream.outbox.append(memoryview(body))
-                stream.out_bytes += len(body)
-            body = extra
-        stream.end_pending = end_stream  # END_STREAM rides on the last DATA frame
-        self.queue_data(stream, body)
 
     def queue_data(self, stream: _Stream, data: bytes) -> None:
         if stream.reset or self._closing:

@@ -9,8 +9,8 @@ ResponseWriter). This module serves that SAME application over HTTP/3 (QUIC, UDP
   scheme ``"https"``, ``host`` from ``:authority``); a request body is collected from DATA
   frames into :class:`H3RequestBody` (same interface as ``RequestBody``), capped at
   ``ServerLimits.max_body_bytes`` (QUIC flow control itself is managed by aioquic);
-* ``handle_fast`` results (HTTP/1.1 wire bytes, ``(head, body)`` or :class:`FileResponse`)
-  are re-framed with :func:`~verge.http.h2server.parse_wire_head`: HEADERS, then DATA;
+* a :class:`~verge.http.response.Response` becomes HEADERS (fields memoised on it, shared
+  with HTTP/2: :func:`~verge.http.h2server.fields_of`), then DATA;
 * :class:`H3ResponseWriter` has the ResponseWriter methods; a writer waits while its stream
   holds more than ``HIGH_WATER`` unacknowledged bytes in aioquic's send buffer.
 
@@ -50,46 +50,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pylsqpack
 from aioquic import tls
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
-from aioquic.h3.connection import (
-    H3_ALPN,
-    FrameType,
-    H3Connection,
-    H3Stream,
-    ProtocolError,
-    Setting,
-)
+from aioquic.h3.connection import H3_ALPN, FrameType, ProtocolError, Setting
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.h3.exceptions import H3Error
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StopSendingReceived, StreamReset
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType, pull_quic_header
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from verge.compat import aioquic as aioquic_compat
 from verge.http.h2server import (
     RateCap,
     StreamDispatch,
     StreamResponseWriter,
-    parse_wire_head,
+    fields_of,
     request_from_fields,
     request_problem,
 )
 from verge.http.message import Request
 from verge.http.quic_tickets import QuicTicketStore
+from verge.http.response import Response
 from verge.http.server import (
     NO_BODY_STATUSES,
     ProtocolLimitError,
     QueuedBody,
     ServerLimits,
-    simple_response,
+    text_response,
 )
 from verge.http.tls import CertSpec, HostTable, normalise_host
 
@@ -162,46 +154,32 @@ class AlertUnrecognizedName(tls.Alert):
 class _SniSelector:
     """Makes one server connection take its certificate from the ClientHello's server name.
 
-    aioquic builds a connection's TLS context from the shared configuration in
-    ``QuicConnection._initialize`` (on the first datagram) and reads the certificate only while
-    answering the ClientHello. So ``_initialize`` is wrapped to wrap the context's ClientHello
-    handler: it peeks at the server name, puts the matching certificate, chain and key on the
-    context, then lets aioquic go on (which picks the signature scheme from that key).
+    Just before aioquic answers the ClientHello (the hook of
+    :func:`verge.compat.aioquic.before_client_hello`), the server name is peeked at and the
+    matching certificate, chain and key put on the connection's TLS context; aioquic then
+    picks the signature scheme from that key.
     """
 
     def __init__(self, quic: QuicConnection, certificates: QuicCertificates) -> None:
-        self.quic = quic
         self.certificates = certificates
-        self._initialize = quic._initialize
-        self._handle_hello = None
-        quic._initialize = self.initialize
+        aioquic_compat.before_client_hello(quic, self.handle_hello)
 
-    def initialize(self, peer_cid: bytes) -> None:
-        self._initialize(peer_cid)
-        context = self.quic.tls
-        self._handle_hello = context._server_handle_hello
-        context._server_handle_hello = self.handle_hello
-
-    def handle_hello(self, input_buf: Buffer, initial_buf: Buffer, handshake_buf: Buffer) -> None:
-        start = input_buf.tell()
+    def handle_hello(self, context: tls.Context, hello: Buffer) -> None:
+        server_name = aioquic_compat.peek_server_name(hello)
         try:
-            server_name = tls.pull_client_hello(input_buf).server_name
             name = normalise_host(server_name) if server_name else None
-        except ValueError as exc:  # a malformed hello or name: aioquic's own alert
+        except ValueError as exc:  # a malformed name: aioquic's own alert
             raise tls.AlertDecodeError("Could not parse ClientHello") from exc
-        input_buf.seek(start)  # aioquic parses it again, from the start
         chosen = self.certificates.lookup(name)
         if chosen is None:
             raise AlertUnrecognizedName(f"no certificate for {name!r}")
-        context = self.quic.tls
         context.certificate = chosen.certificate
         context.certificate_chain = chosen.chain
         context.certificate_private_key = chosen.private_key
-        context._server_name = name  # recorded in the tickets this connection issues
+        aioquic_compat.record_server_name(context, name)  # in the tickets this one issues
         fetch = context.get_session_ticket_cb
         if fetch is not None:
             context.get_session_ticket_cb = lambda label: _same_name(fetch(label), name)
-        self._handle_hello(input_buf, initial_buf, handshake_buf)
 
 
 def _same_name(ticket: tls.SessionTicket | None, name: str | None) -> tls.SessionTicket | None:
@@ -249,7 +227,7 @@ class _Stream:
 
 
 # The writer is protocol-neutral: it drives the protocol's send_head / queue_data / wait_room /
-# send_file_range / send_wire / send_file_response / queue_end, which H3ServerProtocol provides.
+# send_file_range / send_whole / queue_end, which H3ServerProtocol provides.
 H3ResponseWriter = StreamResponseWriter
 
 
@@ -259,47 +237,31 @@ class HeaderSectionTooLarge(ProtocolError):
     error_code = H3_EXCESSIVE_LOAD
 
 
-class CappedH3Connection(H3Connection):
+class CappedH3Connection(aioquic_compat.HookedH3Connection):
     """aioquic's H3Connection with a bounded header section and no QPACK dynamic table.
 
     ``max_field_section`` is advertised (SETTINGS_MAX_FIELD_SECTION_SIZE) and enforced on each
     HEADERS frame as soon as its length is known, before its payload is buffered. The
     dynamic table capacity is ``QPACK_TABLE_CAPACITY``: 0 (as Cloudflare's quiche) means
     references only reach the static table, so decoding cannot amplify a small frame.
+    ``reset_sending(stream_id, code)`` resets our half of a request stream.
     """
 
     QPACK_TABLE_CAPACITY = 0
 
     def __init__(self, quic: QuicConnection, max_field_section: int) -> None:
         self.max_field_section = max_field_section
-        super().__init__(quic)
+        super().__init__(  # nothing can block without a dynamic table
+            quic, qpack_max_table_capacity=self.QPACK_TABLE_CAPACITY, qpack_blocked_streams=0
+        )
 
-    def _init_connection(self) -> None:
-        # runs inside H3Connection.__init__, before the SETTINGS frame is sent
-        self._max_table_capacity = self.QPACK_TABLE_CAPACITY
-        self._blocked_streams = 0  # nothing can block without a dynamic table
-        self._decoder = pylsqpack.Decoder(self._max_table_capacity, self._blocked_streams)
-        super()._init_connection()
-
-    def _get_local_settings(self) -> dict[int, int]:
-        settings = super()._get_local_settings()
+    def local_settings(self, settings: dict[int, int]) -> dict[int, int]:
         settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section
         return settings
 
-    def _check_request_or_push_frame_type(self, frame_type: int, stream: H3Stream) -> None:
-        super()._check_request_or_push_frame_type(frame_type, stream)
-        if frame_type == FrameType.HEADERS and stream.frame_size > self.max_field_section:
+    def check_request_frame(self, frame_type: int, frame_size: int) -> None:
+        if frame_type == FrameType.HEADERS and frame_size > self.max_field_section:
             raise HeaderSectionTooLarge("header section too large")
-
-    def reset_sending(self, stream_id: int, code: int) -> None:
-        """RESET_STREAM our half of a request stream, and forget it once both halves ended."""
-        with contextlib.suppress(Exception):  # already finished or discarded: nothing to do
-            self._quic.reset_stream(stream_id, code)
-        stream = self._stream.get(stream_id)
-        if stream is not None:
-            stream.sending_ended = True
-            if stream.is_ended():
-                del self._stream[stream_id]
 
 
 def header_section_bytes(headers: list[tuple[bytes, bytes]]) -> int:
@@ -307,7 +269,7 @@ def header_section_bytes(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
-class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
+class H3ServerProtocol(StreamDispatch, aioquic_compat.QuicProtocol):
     """One QUIC connection speaking HTTP/3; ``app`` and ``limits`` are set by the factory."""
 
     HIGH_WATER = 256 * 1024  # unacknowledged bytes per stream before an async writer waits
@@ -322,7 +284,7 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         self.loop = asyncio.get_running_loop()
         self._cap_request_streams(self.MAX_CONCURRENT_STREAMS)
         max_field_section = limits.max_header_bytes + FIELD_SECTION_SLACK
-        self.http = CappedH3Connection(self._quic, max_field_section)
+        self.http = CappedH3Connection(self.quic, max_field_section)
         self._streams: dict[int, _Stream] = {}
         self._resets = RateCap(self.MAX_RESETS_PER_SECOND)
         self._closing = False
@@ -334,8 +296,7 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         aioquic grants one more stream each time one is fully closed, so this is the number
         of request streams a client can have open at once.
         """
-        limit = self._quic._local_max_streams_bidi
-        limit.value = limit.sent = count
+        aioquic_compat.set_initial_max_streams_bidi(self.quic, count)
 
     # ----- input ---------------------------------------------------------------------------
     def quic_event_received(self, event: QuicEvent) -> None:
@@ -369,7 +330,8 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
 
     def _on_request(self, event: HeadersReceived) -> None:
         if not self.client:
-            peer = self._transport.get_extra_info("peername") if self._transport else None
+            transport = self.udp_transport
+            peer = transport.get_extra_info("peername") if transport else None
             self.client = peer[0] if peer else ""
         request, malformed = request_from_fields(event.headers, "3", self.client, "https")
         body = None if event.stream_ended else H3RequestBody(self.loop)
@@ -381,7 +343,7 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         )
         if problem is not None:
             status, reason = problem
-            self.send_wire(stream, simple_response(status, f"{reason}\n".encode()))
+            self.send_whole(stream, text_response(status, f"{reason}\n"))
             return
         self._dispatch(stream)
 
@@ -439,7 +401,7 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         """Close the whole connection with an HTTP/3 error code."""
         self._closing = True
         self._kill_all()
-        self._quic.close(error_code=code, reason_phrase=reason)
+        self.quic.close(error_code=code, reason_phrase=reason)
         self.transmit()
 
     # ----- dispatch: StreamDispatch, with these codes --------------------------------------
@@ -474,31 +436,19 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         if not stream.ended and not stream.reset:
             self.send_body(stream, b"", end_stream=True)
 
-    def send_wire(
-        self, stream: _Stream, data: bytes | tuple[bytes, bytes], end_stream: bool = True
-    ) -> None:
-        """Send an HTTP/1.1-rendered response (head + optional body) as HEADERS + DATA."""
+    def send_whole(self, stream: _Stream, response: Response) -> None:
+        """Send a response with a bytes body (or none) as HEADERS + DATA + FIN."""
         if stream.reset:
             return
-        extra = b""
-        if type(data) is tuple:
-            data, extra = data
-        head, _, body = data.partition(b"\r\n\r\n")
-        status, fields = parse_wire_head(head)
-        no_body = stream.request.method == "HEAD" or status in NO_BODY_STATUSES
-        payload = b"" if no_body else body + extra
-        if not payload:
-            self.send_head(stream, status, fields, end_stream=end_stream or no_body)
+        status, body = response.status, response.body
+        if not body or stream.request.method == "HEAD" or status in NO_BODY_STATUSES:
+            self.send_head(stream, status, fields_of(response), end_stream=True)
             return
-        self.send_head(stream, status, fields, end_stream=False)
-        self.send_body(stream, payload, end_stream=end_stream)
+        self.send_head(stream, status, fields_of(response), end_stream=False)
+        self.send_body(stream, body, end_stream=True)
 
     def _unacked(self, stream: _Stream) -> int:
-        quic_stream = self._quic._streams.get(stream.id)
-        if quic_stream is None:
-            return 0
-        sender = quic_stream.sender
-        return sender._buffer_stop - sender._buffer_start
+        return aioquic_compat.unacked_bytes(self.quic, stream.id)
 
     def queue_data(self, stream: _Stream, data: bytes) -> None:
         self.send_body(stream, data)
@@ -533,7 +483,7 @@ class H3ServerProtocol(StreamDispatch, QuicConnectionProtocol):
         stream.reset = True
         if stream.body is not None and not stream.body.complete:
             with contextlib.suppress(Exception):
-                self._quic.stop_stream(stream.id, code)
+                self.quic.stop_stream(stream.id, code)
         self.http.reset_sending(stream.id, code)
         self.transmit()
 
@@ -571,33 +521,7 @@ def server_configuration(certificates: QuicCertificates) -> QuicConfiguration:
     return config
 
 
-def _refusal(version: int, source_cid: bytes, destination_cid: bytes) -> bytes:
-    """An Initial packet closing a connection attempt with CONNECTION_REFUSED (RFC 9000 §20.1).
-
-    Initial keys derive from the client's destination connection ID, so no state is needed;
-    the packet is far smaller than the padded Initial it answers (no amplification).
-    """
-    crypto = CryptoPair()
-    crypto.setup_initial(cid=source_cid, is_client=False, version=version)
-    builder = QuicPacketBuilder(
-        host_cid=source_cid,
-        is_client=False,
-        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
-        peer_cid=destination_cid,
-        version=version,
-    )
-    builder.start_packet(QuicPacketType.INITIAL, crypto)
-    buf = builder.start_frame(
-        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY
-    )
-    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
-    buf.push_uint_var(QuicFrameType.PADDING)
-    buf.push_uint_var(0)  # no reason phrase
-    datagrams, _ = builder.flush()
-    return datagrams[0]
-
-
-class H3Server(QuicServer):
+class H3Server(aioquic_compat.QuicServerBase):
     """aioquic's QuicServer serving ``app`` over HTTP/3: SNI certificates, tickets, caps."""
 
     MAX_CONNECTIONS = 4096  # per worker; beyond it new connections are refused
@@ -640,24 +564,26 @@ class H3Server(QuicServer):
         """At the cap: answer a new connection's first Initial with a refusal (True)."""
         try:
             header = pull_quic_header(
-                Buffer(data=data), host_cid_length=self._configuration.connection_id_length
+                Buffer(data=data), host_cid_length=self.configuration.connection_id_length
             )
         except ValueError:
             return False
         if (
             header.packet_type != QuicPacketType.INITIAL
             or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
-            or header.version not in self._configuration.supported_versions
-            or header.destination_cid in self._protocols
+            or header.version not in self.configuration.supported_versions
+            or self.knows_connection_id(header.destination_cid)
         ):
             return False
-        packet = _refusal(header.version, header.destination_cid, header.source_cid)
-        self._transport.sendto(packet, addr)
+        # (tiny next to the padded Initial it answers: no amplification)
+        packet = aioquic_compat.refusal_datagram(
+            header.version, header.destination_cid, header.source_cid
+        )
+        self.udp_transport.sendto(packet, addr)
         self.refused += 1
         return True
 
-    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
-        super()._connection_terminated(protocol)
+    def on_connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         self.connections.discard(protocol)
 
     def close(self) -> None:
@@ -692,4 +618,4 @@ async def serve_h3(
 
 def server_port(server: QuicServer) -> int:
     """The UDP port a server from :func:`serve_h3` listens on (useful with port 0)."""
-    return server._transport.get_extra_info("sockname")[1]
+    return aioquic_compat.server_transport(server).get_extra_info("sockname")[1]

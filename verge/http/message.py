@@ -107,6 +107,20 @@ class Request:
     def __repr__(self) -> str:
         return f"Request({self.method} {self.target} HTTP/{self.version})"
 
+    def replace(self, *, target: str | None = None, headers: Headers | None = None) -> Request:
+        """A copy with another target and/or header list, its derived views (path, query,
+        header map, host) recomputed on use. The pipeline changes a request this way (a
+        signed URL's token taken out, a function's rewrite), never in place: the protocol
+        layer's request stays the one the client sent."""
+        clone = Request.__new__(Request)
+        for name in Request.__slots__:
+            setattr(clone, name, getattr(self, name))
+        if target is not None:
+            clone.target, clone._path, clone._query = target, None, None
+        if headers is not None:
+            clone.headers, clone._map, clone._host = headers, None, None
+        return clone
+
     @property
     def path(self) -> str:
         if self._path is None:

@@ -16,7 +16,7 @@ SNI switched to; the callback hands over a copy of the response made with ``OPEN
 The file is re-read when it changes (checked at most once a second, on handshakes that ask
 for a status). A response that does not parse, is not "successful", or whose nextUpdate has
 passed is not stapled (clients then check revocation themselves); each problem is logged once.
-Fail safe: the library and pointer checks of :mod:`verge.http.openssl_ctypes` run first; if
+Fail safe: the library and pointer checks of :mod:`verge.compat.openssl` run first; if
 anything is unexpected, one warning is logged and the context staples nothing. An exception in
 the callback means "no stapled response", never a failed handshake.
 """
@@ -32,7 +32,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from verge.http.openssl_ctypes import LazyBinding, OpenSslLibraries
+from verge.compat.openssl import LazyBinding, OpenSslLibraries
 
 __all__ = ["OcspStapler", "install_ocsp_stapling"]
 

@@ -15,7 +15,7 @@ encrypts, older ones still decrypt, so a rotation does not void recent tickets).
 ``SSL_CTX *`` of a Python context: CPython's ``PySSLContext`` (Modules/_ssl.c) holds it as its
 first field, right after ``PyObject_HEAD``; the functions come from the libssl/libcrypto that
 ``_ssl`` itself loaded (found in /proc/self/maps, else ``libssl.so.3``). Finding and checking
-the libraries and the pointer is shared with OCSP stapling in :mod:`verge.http.openssl_ctypes`.
+the libraries and the pointer is shared with OCSP stapling in :mod:`verge.compat.openssl`.
 
 Fail safe: before using the pointer, this module checks that it runs on CPython, that the
 libraries' version equals ``ssl.OPENSSL_VERSION_NUMBER``, that every symbol exists and that
@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from verge.http.openssl_ctypes import BindingError, LazyBinding, OpenSslLibraries
+from verge.compat.openssl import BindingError, LazyBinding, OpenSslLibraries
 
 __all__ = [
     "BindingError",

@@ -1,37 +1,87 @@
-"""What the ctypes TLS extensions share: the process's own libssl/libcrypto and SSL_CTX pointers.
+"""CPython's ``ssl`` internals and OpenSSL through ctypes: the process's libssl/libcrypto and
+the ``SSL_CTX *`` inside an ``ssl.SSLContext``.
 
-Python's ``ssl`` module lacks a few server features (shared session ticket keys, OCSP
+Why: Python's ``ssl`` module lacks a few server features (shared session ticket keys, OCSP
 stapling). :mod:`verge.http.tls_tickets` and :mod:`verge.http.tls_ocsp` add them by calling
-OpenSSL through ctypes on the ``SSL_CTX`` inside an ``ssl.SSLContext``. Both must trust what
-they call, so the checks live here once:
+OpenSSL through ctypes on the ``SSL_CTX`` inside an ``ssl.SSLContext``; each declares the C
+signatures of the functions it calls in a subclass of :class:`OpenSslLibraries`. What is
+touched:
 
-* CPython only (the ``PySSLContext`` layout is CPython's, Modules/_ssl.c: the ``SSL_CTX *`` is
-  the first field after ``PyObject_HEAD``);
-* the libraries are the ones ``_ssl`` itself mapped (found in /proc/self/maps, else the
-  ``.so.3`` names), and their version equals ``ssl.OPENSSL_VERSION_NUMBER``;
-* a pointer is used only after ``SSL_CTX_get_options`` on it returns the context's
-  ``options``.
+* the private layout of CPython's ``PySSLContext`` (Modules/_ssl.c): the ``SSL_CTX *ctx`` is
+  the first field after ``PyObject_HEAD``, read at ``id(ctx) + object.__basicsize__``
+  (:meth:`OpenSslLibraries.ctx_pointer`); CPython only;
+* the libraries ``_ssl`` itself mapped (found in /proc/self/maps, else the ``.so.3`` names),
+  whose version must equal ``ssl.OPENSSL_VERSION_NUMBER``;
+* OpenSSL 3's C ABI: ``SSL_CTX_get_options`` returns ``uint64_t`` (an ``unsigned long`` in
+  1.1.1), and the ticket callback uses ``EVP_MAC`` / ``OSSL_PARAM`` (3.0 and later).
 
+Both users must trust what they call, so the checks run before any pointer is used: a
+pointer is used only after ``SSL_CTX_get_options`` on it returns the context's ``options``.
 Anything unexpected raises :class:`BindingError`; each user then logs once and leaves the
 context as it was (fail safe): :class:`LazyBinding` is that "make once, warn once" holder.
+:func:`check` runs the same checks loudly (CompatError) for tests.
+
+When upgrading Python: compare ``PySSLContext`` in the new Modules/_ssl.c (is ``SSL_CTX *ctx``
+still first?). When upgrading OpenSSL: compare the signatures declared here and in the two
+users' ``_declare`` with the new headers (and the ``SSL_CTRL_*`` numbers the users pass).
+Run ``tests/compat/test_openssl.py``, ``tests/http/test_tls_tickets.py`` and
+``tests/http/test_tls_ocsp.py``; then move ``SUPPORTED``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import platform
+import re
 import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["BindingError", "LazyBinding", "OpenSslLibraries", "loaded_library"]
+from verge.compat import CompatError, Expect, VersionRange
+
+__all__ = [
+    "SUPPORTED",
+    "BindingError",
+    "LazyBinding",
+    "OpenSslLibraries",
+    "check",
+    "loaded_library",
+]
+
+_MODULE = "verge/compat/openssl.py"
+
+
+def _openssl_version() -> str:
+    """The version ``_ssl`` was linked with, e.g. "3.0.19" from "OpenSSL 3.0.19 27 Jan 2026"."""
+    numbers = re.search(r"\d+\.\d+\.\d+", ssl.OPENSSL_VERSION)
+    return numbers.group() if numbers else "0"
+
+
+CPYTHON = VersionRange(
+    "CPython",
+    minimum="3.11",
+    below="3.14",
+    tested="3.11.7",
+    module=_MODULE,
+    version_of=platform.python_version,
+)
+OPENSSL = VersionRange(
+    "OpenSSL",
+    minimum="3.0",
+    below="4",
+    tested="3.0.19",
+    module=_MODULE,
+    version_of=_openssl_version,
+)
+SUPPORTED = (CPYTHON, OPENSSL)
 
 L = TypeVar("L")
 
 
-class BindingError(RuntimeError):
+class BindingError(CompatError):
     """This process's OpenSSL or CPython is not what the ctypes binding expects."""
 
 
@@ -122,3 +172,36 @@ class LazyBinding(Generic[L]):  # L: an OpenSslLibraries subclass
         except BindingError as exc:
             self.warn(str(exc))
             return None
+
+
+# --------------------------------------------------------------------------- check
+
+
+def check(libraries: Callable[[], OpenSslLibraries] = OpenSslLibraries) -> OpenSslLibraries:
+    """Make ``libraries()`` and read a fresh context's ``SSL_CTX *`` through it, twice (the
+    options changed in between, so a stale or wrong pointer cannot match by chance).
+
+    Returns the binding; CompatError (naming CPython or OpenSSL) when anything is off.
+    """
+    python = Expect("CPython", CPYTHON.installed(), _MODULE)
+    python.that(sys.implementation.name == "cpython", "the implementation (not CPython)")
+    python.that(
+        ssl.SSLContext.__basicsize__ >= object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p),
+        "PySSLContext (too small to hold the SSL_CTX pointer)",
+    )
+    openssl = Expect("OpenSSL", OPENSSL.installed(), _MODULE)
+    try:
+        lib = libraries()
+    except BindingError as exc:
+        raise openssl.error(f"the library or a symbol ({exc})") from exc
+    openssl.ctypes_function(
+        lib.ssl.SSL_CTX_get_options, [ctypes.c_void_p], ctypes.c_uint64, "SSL_CTX_get_options"
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        pointer = lib.ctx_pointer(ctx)
+        ctx.options ^= ssl.OP_NO_TICKET
+        python.that(lib.ctx_pointer(ctx) == pointer, "PySSLContext (the pointer moved)")
+    except BindingError as exc:
+        raise python.error(f"PySSLContext's layout ({exc})") from exc
+    return lib
