@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps
+.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps waf-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,10 +35,14 @@ DEMO_TOOLS := ffmpeg:ffmpeg ffprobe:ffmpeg curl:curl npm:npm
 demo-deps:
 	@bash scripts/system-deps.sh $(DEMO_TOOLS)
 
-demo: demo-deps install
+# The WAF's rule set (OWASP CRS from Debian) and, where no wheel fits, its engine.
+waf-deps: install
+	@bash scripts/waf-deps.sh $(BIN)/python
+
+demo: demo-deps install waf-deps
 	$(BIN)/verge up
 
-test: system-deps install
+test: system-deps install waf-deps
 	$(BIN)/ruff check verge tests bench
 	$(BIN)/python -m pytest -p no:cacheprovider
 
