@@ -534,8 +534,8 @@ class EdgeApp:
         # RFC 9211: fwd=request when only the client's directives sent a usable entry back
         forced = entry is not None and not entry.freshness.no_cache and \
             policy.evaluate(entry.freshness, {}, now) is policy.Verdict.FRESH
-        await self.fetcher.serve_from_origin(request, writer, route, entry, started,
-                                             "request" if forced else "stale")
+        await self._from_origin(request, writer, route, entry, started,
+                                "request" if forced else "stale")
 
     async def _deliver_entry(self, request, writer, route: Route, entry: CacheEntry, result: str,
                              started: float, cache_status: str | None = None) -> None:
@@ -545,10 +545,35 @@ class EdgeApp:
                                           cache_status or f"{self.node}; hit")
         except OSError:  # disk body evicted under us: fetch again
             self.cache.purge_memory("url", entry.key, soft=False)
-            await self.fetcher.serve_from_origin(request, writer, route, None, started)
+            await self._from_origin(request, writer, route, None, started)
             return
         await writer.send(response)
         self._log(request, response.status, _body_bytes(response), result, started)
+
+    async def _from_origin(self, request, writer, route: Route, stale: CacheEntry | None,
+                           started: float, why: str = "stale") -> None:
+        """Fetch (collapsed, verge.edge.fetch), then deliver what the fetch phase returned."""
+        fetched = await self.fetcher.fetch(request, route, stale, why)
+        if fetched.kind == "entry":
+            await self._deliver_entry(request, writer, route, fetched.entry, fetched.result,
+                                      started, fetched.cache_status)
+            return
+        if fetched.kind == "error":
+            exc = fetched.error
+            await self._error(request, writer, getattr(exc, "status", 502),
+                              f"origin unavailable: {exc}", started)
+            return
+        if fetched.kind == "pass":
+            response = relayed(request, fetched.head.response, route.plan,
+                               fetched.head.cache_status)
+        else:
+            source = self.fetcher.fill_source(request, route.plan, fetched.fill, fetched.head)
+            response = deliver(source, request.hmap, request.method,
+                               [("Age", "0"), ("Cache-Status", fetched.cache_status)])
+        try:
+            await writer.send(response)
+        finally:
+            self._log(request, response.status, writer.bytes_sent, fetched.result, started)
 
     async def _error(self, request, writer, status: int, message: str, started: float) -> None:
         await writer.send(text_response(status, f"{message}\n"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,6 @@ from verge.edge.deliver import (
     add_vary,
     after_upstream,
     apply_plan,
-    deliver,
     encoded_etag,
     storable_headers,
 )
@@ -133,24 +133,22 @@ class Fetcher:
         self._node_waits: dict[str, asyncio.Future] = {}  # key -> this worker's one poller
 
     # ----- entry points ----------------------------------------------------------------------
-    async def serve_from_origin(self, request, writer, route: Route, stale: CacheEntry | None,
-                                started: float, why: str = "stale") -> None:
-        """Answer a miss or a stored entry that must be revalidated (why: 'stale' or
-        'request', the RFC 9211 fwd reason): join or start the key's fill (waiting for
-        another worker's fill of the key first), then deliver."""
+    async def fetch(self, request, route: Route, stale: CacheEntry | None,
+                    why: str = "stale") -> Fetched:
+        """The fetch phase for a miss or a stored entry that must be revalidated (why:
+        'stale' or 'request', the RFC 9211 fwd reason): join or start the key's fill
+        (waiting for another worker's fill of the key first). Returns what to deliver."""
         fill = self.fills.get(route.key)
         collapsed = fill is not None
         if collapsed and visited(request, self.app.name):
             # A tier loop came back to us: joining our own fill would wait for ourselves.
-            await self._own_fetch(request, writer, route, started)
-            return
+            return await self._own_fetch(request, route)
         stripe = None
         if fill is None and self.locks is not None and not visited(request, self.app.name):
             outcome = await self._node_fill(route.key, request)
             if isinstance(outcome, CacheEntry):
-                await self.app._deliver_entry(request, writer, route, outcome, "collapsed",
-                                              started, f"{self.app.node}; hit; detail=collapsed")
-                return
+                return Fetched("entry", entry=outcome, result="collapsed",
+                               cache_status=f"{self.app.node}; hit; detail=collapsed")
             stripe = outcome
             fill = self.fills.get(route.key)  # another waiter of this worker started it
             collapsed = fill is not None
@@ -160,9 +158,8 @@ class Fetcher:
             fill = self._start_fill(request, route, stale, why, stripe)
         head = await asyncio.shield(fill.head)
         if collapsed and not self._can_share(head, request):
-            await self._own_fetch(request, writer, route, started)
-            return
-        await self._deliver_head(request, writer, route, fill, head, collapsed, started)
+            return await self._own_fetch(request, route)
+        return _outcome(fill, head, collapsed)
 
     def background_refresh(self, request, route: Route, stale: CacheEntry) -> None:
         """stale-while-revalidate: refresh without a waiting client (collapsed as usual; a
@@ -388,47 +385,17 @@ class Fetcher:
             return policy.secondary_key(head.vary, request.hmap) == head.variant
         return True
 
-    async def _own_fetch(self, request, writer, route: Route, started: float) -> None:
+    async def _own_fetch(self, request, route: Route) -> Fetched:
         """A waiter that cannot use the collapsed response fetches on its own (uncollapsed)."""
         fill = Fill(route.key, self.app.cache.max_memory_object)
         await self._run_fill(fill, request, route, None)
-        await self._deliver_head(request, writer, route, fill, fill.head.result(), False, started)
+        return _outcome(fill, fill.head.result(), False)
 
-    # ----- delivery of a fill's outcome -------------------------------------------------------------
-    async def _deliver_head(self, request, writer, route: Route, fill: Fill, head: FillHead,
-                            collapsed: bool, started: float) -> None:
-        app = self.app
-        if head.kind == "error":
-            exc = head.error
-            status = getattr(exc, "status", 502)
-            await app._error(request, writer, status, f"origin unavailable: {exc}", started)
-            return
-        if head.kind == "entry":
-            await app._deliver_entry(request, writer, route, head.entry,
-                                     "hit-stale" if "stale-if-error" in head.cache_status
-                                     else "revalidated", started, head.cache_status)
-            return
-        if head.kind == "uncacheable":
-            await self._pass_response(request, writer, route, head, started)
-            return
-        if fill.done and fill.entry is not None and fill.error is None:
-            # completed already (a collapsed waiter arriving late): deliver like a hit
-            await app._deliver_entry(request, writer, route, fill.entry, "collapsed" if collapsed
-                                     else "miss", started,
-                                     head.cache_status + ("; collapsed" if collapsed else ""))
-            return
-        await self._stream_fill(request, writer, route, fill, head, collapsed, started)
-
-    async def _stream_fill(self, request, writer, route: Route, fill: Fill, head: FillHead,
-                           collapsed: bool, started: float) -> None:
-        """Deliver a fill still arriving: the same deliver phase as a stored entry (304, 206,
-        416, HEAD), the body read from the fill as it grows, compressed on the way when the
-        client accepts an encoding and wants the whole body."""
-        app = self.app
-        result = "collapsed" if collapsed else "miss"
-        extra = [("Age", "0"),
-                 ("Cache-Status", head.cache_status + ("; collapsed" if collapsed else ""))]
-        headers = apply_plan(head.headers, route.plan)
+    def fill_source(self, request, plan: HeaderPlan, fill: Fill, head: FillHead) -> Source:
+        """The deliver phase's view of a fill still arriving (the same decisions as for a
+        stored entry: 304, 206, 416, HEAD): the body read from the fill as it grows,
+        compressed on the way when the client accepts an encoding and wants the whole body."""
+        headers = apply_plan(head.headers, plan)
         etag, body = _first(head.headers, "etag"), _from_fill
         if self._compressible(head):
             headers = add_vary(headers, "Accept-Encoding")
@@ -438,15 +405,10 @@ class Fetcher:
                 headers = [*replace_header(headers, "etag", etag),
                            ("Content-Encoding", encoding)]
                 body = partial(_compressed, encoding=encoding)
-        source = Source(head.status, head.reason, headers, etag,
-                        _first(head.headers, "last-modified"), time.time(),
-                        head.total if body is _from_fill else None,
-                        lambda start, end: body(fill, start, end))
-        response = deliver(source, request.hmap, request.method, extra)
-        try:
-            await writer.send(response)
-        finally:
-            app._log(request, response.status, writer.bytes_sent, result, started)
+        return Source(head.status, head.reason, headers, etag,
+                      _first(head.headers, "last-modified"), time.time(),
+                      head.total if body is _from_fill else None,
+                      lambda start, end: body(fill, start, end))
 
     def _compressible(self, head: FillHead) -> bool:
         """Whether the edge may compress this fill's body (its type and encoding allow)."""
@@ -463,14 +425,44 @@ class Fetcher:
             return None
         return choose_encoding(request.hmap.get("accept-encoding"), settings.algorithms)
 
-    async def _pass_response(self, request, writer, route: Route, head: FillHead,
-                             started: float) -> None:
-        """Stream an uncacheable origin response to its one client."""
-        answer = relayed(request, head.response, route.plan, head.cache_status)
-        try:
-            await writer.send(answer)
-        finally:
-            self.app._log(request, answer.status, writer.bytes_sent, "miss", started)
+@dataclass(slots=True)
+class Fetched:
+    """The fetch phase's outcome, for the deliver phase:
+
+    ``entry``  deliver ``entry`` (stored by another worker, refreshed by a 304, served stale
+               on an origin error, or a fill that completed before this waiter looked)
+    ``fill``   deliver ``fill`` as it arrives (``head`` says what it is)
+    ``pass``   relay the uncacheable ``head.response`` to this one client
+    ``error``  the origin failed: ``error`` says how (its ``status``: 502 or 504)
+    """
+
+    kind: str
+    entry: CacheEntry | None = None
+    fill: Fill | None = None
+    head: FillHead | None = None
+    collapsed: bool = False
+    result: str = "miss"  # the access log's cache result
+    cache_status: str = ""
+    error: Exception | None = None
+
+
+def _outcome(fill: Fill, head: FillHead, collapsed: bool) -> Fetched:
+    """What a fill's head means for one of its clients."""
+    if head.kind == "error":
+        return Fetched("error", error=head.error)
+    if head.kind == "entry":
+        stale = "stale-if-error" in head.cache_status
+        return Fetched("entry", entry=head.entry, result="hit-stale" if stale else "revalidated",
+                       cache_status=head.cache_status)
+    if head.kind == "uncacheable":
+        return Fetched("pass", head=head)
+    result = "collapsed" if collapsed else "miss"
+    cache_status = head.cache_status + ("; collapsed" if collapsed else "")
+    if fill.done and fill.entry is not None and fill.error is None:
+        # completed already (a collapsed waiter arriving late): deliver like a hit
+        return Fetched("entry", entry=fill.entry, result=result, cache_status=cache_status)
+    return Fetched("fill", fill=fill, head=head, collapsed=collapsed, result=result,
+                   cache_status=cache_status)
 
 
 def _with_token(headers, route: Route):
