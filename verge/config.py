@@ -40,6 +40,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from verge.protect.settings import Protection
+
 __all__ = [
     "ByteSize",
     "CacheSettings",
@@ -1047,6 +1049,8 @@ class Service(_Model):
     encoded_slashes: Literal["reject", "keep"] = "reject"
     """Paths with an encoded '/' or '\\' (%2F, %5C): "reject" answers 400 (an origin that
     decodes them would see a path no rule saw); "keep" forwards them still encoded."""
+    protection: Protection | None = None
+    """Rate limits, deny lists and the WAF of this service (verge.protect)."""
 
     _matchers: tuple[tuple[str, re.Pattern[str] | None, Rule], ...] = PrivateAttr(())
 

@@ -45,6 +45,7 @@ from verge.edge.deliver import (
 from verge.edge.fetch import Fetcher, proxy_request_headers, relayed
 from verge.edge.ingest import EdgeIngest
 from verge.edge.origins import OriginSet, ParentSet
+from verge.edge.protect import ADMITTED, FieldsWriter, ServiceProtection, with_fields
 from verge.edge.signing import admit, take_param
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
@@ -55,6 +56,7 @@ from verge.http.target import BadTarget, normalize_target
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
 from verge.observe.records import RequestRecords
+from verge.protect.waf import Waf
 from verge.uri import has_encoded_separator
 
 log = logging.getLogger("verge.edge")
@@ -80,6 +82,7 @@ class Route:
     function: object | None = None  # the edge function that claims this request, if any
     signed: object | None = None  # the rule's SignedUrls: every request is checked (_signed)
     admission: object | None = None  # a signed request's admission (verge.edge.signing)
+    protection: ServiceProtection | None = None  # the service's protect phase
 
 
 @dataclass(slots=True)
@@ -91,6 +94,7 @@ class ServiceRuntime:
     plans: dict  # (rule index or None, secure) -> HeaderPlan
     policies: dict  # rule index or None -> policy.PolicyOptions
     rule_origins: dict = field(default_factory=dict)  # rule index -> OriginSet (rule.origins)
+    protection: ServiceProtection | None = None  # deny lists, rate limits, WAF
 
     def all_origin_sets(self) -> list[OriginSet]:
         return [self.origins, *self.rule_origins.values()]
@@ -144,7 +148,8 @@ class EdgeApp:
             if previous is not None and _same_origins(previous.service, service):
                 rule_origins = previous.rule_origins or rule_origins
             runtimes[service.name] = ServiceRuntime(service, origins, plans, policies,
-                                                    rule_origins)
+                                                    rule_origins,
+                                                    self._protection(service, previous))
         self.config = config
         self.runtimes = runtimes
         if self.compute is not None and config.functions != self._functions:
@@ -155,10 +160,33 @@ class EdgeApp:
         self.generation += 1
         self.compression = config.compression
         kept = {id(o) for r in runtimes.values() for o in r.all_origin_sets()}
+        guards = {id(r.protection) for r in runtimes.values()}
         for runtime in old.values():
             for origins in runtime.all_origin_sets():
                 if id(origins) not in kept:
                     origins.stop()
+            if runtime.protection is not None and id(runtime.protection) not in guards:
+                runtime.protection.close()
+
+    def _protection(self, service, previous: ServiceRuntime | None) -> ServiceProtection | None:
+        """The service's protect phase; kept across reloads that leave its block alone (the
+        rate-limit state with it)."""
+        if service.protection is None:
+            return None
+        if previous is not None and previous.protection is not None and \
+                previous.service.protection == service.protection:
+            return previous.protection
+        return ServiceProtection(service.name, service.protection)
+
+    def protection_stats(self) -> dict:
+        """{service: counters} of the services with a protection block (for /metrics)."""
+        return {name: runtime.protection.stats() for name, runtime in self.runtimes.items()
+                if runtime.protection is not None}
+
+    def sweep_protection(self) -> None:
+        for runtime in self.runtimes.values():
+            if runtime.protection is not None:
+                runtime.protection.sweep()
 
     def _mount_ingest(self) -> asyncio.Task | None:
         """(Re)mount the ingest routes when they changed; returns the mounting task.
@@ -228,7 +256,8 @@ class EdgeApp:
             key = rule_key(rule, self.config.key_host(service, request.host), request.path,
                            query, request.hmap)
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
-                      runtime.rule_origins.get(index, runtime.origins), signed=signed)
+                      runtime.rule_origins.get(index, runtime.origins), signed=signed,
+                      protection=runtime.protection)
         if self.compute is not None and self.compute.by_service:
             route.function = self.compute.match(service.name, request.path)
         route.policy = runtime.policies[index]
@@ -298,10 +327,20 @@ class EdgeApp:
         if request.method not in CACHEABLE_METHODS:
             return None
         started = time.perf_counter()
+        original = request
         route, request = self.cached_route(request)
         if type(route) is not Route:
             self._log(request, route.status, _body_bytes(route), "none", started)
             return route
+        admitted = ADMITTED
+        if route.protection is not None:  # the protect phase: once per request
+            admitted = original.admitted = route.protection.admit(request)
+            if admitted.refusal is not None:
+                self._log(request, admitted.refusal.status, _body_bytes(admitted.refusal),
+                          "protect", started)
+                return admitted.refusal
+            if admitted.drop or self._waf_for(route, request, cache_hit=True) is not None:
+                return None  # handle() drops the connection or inspects
         key = route.key
         if key is None or route.function is not None or "upgrade" in request.hmap:
             return None  # (Upgrade: a WebSocket is tunnelled by handle())
@@ -334,6 +373,8 @@ class EdgeApp:
             except OSError:  # the disk file went away: fetch again (handle)
                 self.cache.purge_memory("url", entry.key, soft=False)
                 return None
+        if admitted.fields:
+            response = with_fields(response, admitted.fields)
         self._log(request, response.status, _body_bytes(response), "hit", started)
         return response
 
@@ -417,12 +458,24 @@ class EdgeApp:
     # ----- async path --------------------------------------------------------------------------
     async def handle(self, request, writer: ResponseWriter) -> None:
         started = time.perf_counter()
+        admitted = request.admitted
         route, request = self.cached_route(request)
         if type(route) is not Route:
             writer.keep_alive = False
             await writer.send(route)
             self._log(request, route.status, _body_bytes(route), "none", started)
             return
+        if route.protection is not None:
+            if admitted is None:  # (handle_fast took it for requests without a body)
+                admitted = route.protection.admit(request)
+            if admitted.drop:
+                self._log(request, 0, 0, "protect", started)
+                raise ConnectionResetError("dropped by a rate limit")
+            if admitted.refusal is not None:
+                await self._refuse(request, writer, admitted.refusal, started)
+                return
+            if admitted.fields:
+                writer = FieldsWriter(writer, admitted.fields)
         if self.ingest is not None and self.ingest.wanted and request.method == "POST":
             claimed = self.ingest.claim(route.service.name, request.path)
             if claimed is not None:  # mounted or not: never the origin's (verge.edge.ingest)
@@ -446,9 +499,49 @@ class EdgeApp:
     async def _fetch_or_proxy(self, request, writer, route: Route, started: float,
                               body: bytes | None = None) -> None:
         if route.key is None:
+            waf = self._waf_for(route, request, cache_hit=False)
+            if waf is not None:
+                inspected = await self._inspect(waf, request, body)
+                if type(inspected) is Response:
+                    await self._refuse(request, writer, inspected, started)
+                    return
+                body = inspected
             await self._proxy(request, writer, route, started, body)
             return
         await self._cached(request, writer, route, started)
+
+    @staticmethod
+    def _waf_for(route: Route, request, *, cache_hit: bool) -> Waf | None:
+        """The service's WAF when it inspects this request (its ``on`` setting)."""
+        guard = route.protection
+        if guard is None or guard.waf is None:
+            return None
+        waf = guard.waf
+        return waf if waf.applies(request, cache_hit=cache_hit,
+                                  has_body=request.body is not None) else None
+
+    async def _inspect(self, waf: Waf, request, body: bytes | None) -> bytes | None | Response:
+        """The WAF's verdict: a refusal, or the body to forward (read whole when it is small
+        enough to inspect; a larger or unsized one is inspected by its head only, or refused
+        with 413 when the WAF's ``oversize`` says block)."""
+        limit = waf.settings.max_body_bytes
+        if body is None and request.body is not None:
+            length = request.body.length
+            if length is not None and length <= limit:
+                body = await request.body.read_all(limit=limit)
+            elif waf.settings.oversize == "block":
+                return text_response(413, "request body too large to inspect\n")
+        result = await waf.inspect(request, body)
+        if result.blocked:
+            return text_response(result.status, "forbidden by the web application firewall\n",
+                                 [("Cache-Control", "no-store")])
+        return body
+
+    async def _refuse(self, request, writer, response: Response, started: float) -> None:
+        if request.body is not None and not request.body.complete:
+            writer.keep_alive = False  # the body was not read
+        await writer.send(response)
+        self._log(request, response.status, 0, "protect", started)
 
     async def _response_phase(self, request, writer, route: Route, started: float) -> None:
         """A response-phase function: the pipeline answers into a capture, the function sees
@@ -518,6 +611,12 @@ class EdgeApp:
         entry = self.cache.lookup(route.key, hmap)
         now = time.time()
         only_if_cached = "only-if-cached" in policy.parse_cache_control(hmap.get("cache-control"))
+        waf = self._waf_for(route, request, cache_hit=entry is not None)
+        if waf is not None:
+            refusal = await self._inspect(waf, request, None)
+            if type(refusal) is Response:
+                await self._refuse(request, writer, refusal, started)
+                return
         if entry is not None:
             verdict = policy.evaluate(entry.freshness, hmap, now)
             if verdict in SERVABLE:

@@ -162,6 +162,7 @@ class Worker:
             snap.update(self.app.cache.stats())
             snap["connections"] = len(HttpServerProtocol.connections)
             snap["functions"] = self.compute.stats()
+            snap["protection"] = self.app.protection_stats()
             return {"ok": True, "stats": snap}
         if op == "config":
             self.apply_config(Config.model_validate(msg["config"]))
@@ -264,9 +265,13 @@ class Worker:
         self.pool.idle_timeout = timeouts.idle
 
     async def _housekeeping(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
             self.app.records.flush()
+            if ticks % 5 == 0:
+                self.app.sweep_protection()  # expired rate-limit keys
             try:
                 self.disk.flush()  # batched access times for the disk tier's LRU
             except Exception:

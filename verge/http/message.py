@@ -84,7 +84,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "_path", "_query", "headers", "version", "client", "body",
-                 "_map", "keep_alive", "_host", "service", "scheme")
+                 "_map", "keep_alive", "_host", "service", "scheme", "admitted")
 
     def __init__(self, method: str, target: str, path: str | None = None,
                  query: str | None = None, headers: Headers | None = None, version: str = "1.1",
@@ -103,6 +103,7 @@ class Request:
         self._host: str | None = None
         self.service = ""  # the name of the service it was routed to (for stats)
         self.scheme = "http"  # "https" when it arrived over TLS
+        self.admitted = None  # the protect phase's verdict, once taken (verge.edge.protect)
 
     def __repr__(self) -> str:
         return f"Request({self.method} {self.target} HTTP/{self.version})"

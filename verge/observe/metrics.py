@@ -103,7 +103,24 @@ def merge(snapshots: Iterable[dict]) -> dict:
         total["latency"] = [a + b for a, b in zip(total["latency"], snap["latency"], strict=True)]
     total["requests"] = [[r, s, n] for (r, s), n in sorted(requests.items())]
     total["functions"] = _merge_functions(snap.get("functions") or {} for snap in snapshots)
+    total["protection"] = _merge_protection(snap.get("protection") or {} for snap in snapshots)
     return total
+
+
+def _merge_protection(per_worker: Iterable[dict]) -> dict[str, dict]:
+    """Protection counters (verge.edge.protect.ServiceProtection.stats) summed over workers."""
+    merged: dict[str, dict] = {}
+    for services in per_worker:
+        for service, stats in services.items():
+            into = merged.setdefault(service, {"rules": {}, "denied": 0, "waf": {}})
+            into["denied"] += stats.get("denied", 0)
+            for rule, counts in stats.get("rules", {}).items():
+                rule_into = into["rules"].setdefault(rule, {})
+                for outcome, n in counts.items():
+                    rule_into[outcome] = rule_into.get(outcome, 0) + n
+            for outcome, n in stats.get("waf", {}).items():
+                into["waf"][outcome] = into["waf"].get(outcome, 0) + n
+    return merged
 
 
 def _merge_functions(per_worker: Iterable[dict]) -> dict[str, dict]:
@@ -152,6 +169,7 @@ class _SnapshotCollector:
         for name, value in self.gauges.items():
             yield GaugeMetricFamily(f"verge_{name}", name.replace("_", " "), value=value)
         yield from _function_families(snap.get("functions") or {})
+        yield from _protection_families(snap.get("protection") or {})
 
 
 def _function_families(functions: dict[str, dict]):
@@ -172,6 +190,27 @@ def _function_families(functions: dict[str, dict]):
             value = stats.get(field, 0)
             family.add_metric([name], value / 1000 if field == "cpu_ms" else value)
     yield from families.values()
+
+
+def _protection_families(services: dict[str, dict]):
+    """Per service: rate-limit outcomes per rule, deny-list refusals, WAF outcomes."""
+    limits = CounterMetricFamily(
+        "verge_rate_limit_requests", "Requests a rate-limit rule counted, by outcome "
+        "(allowed, limited: over the rate, blocked: refused or dropped)",
+        labels=["service", "rule", "outcome"])
+    denied = CounterMetricFamily("verge_deny_list_requests", "Requests refused by a deny list",
+                                 labels=["service"])
+    waf = CounterMetricFamily("verge_waf_requests", "Requests the WAF inspected, by outcome "
+                              "(inspected, blocked, detected, timeouts, errors)",
+                              labels=["service", "outcome"])
+    for service, stats in sorted(services.items()):
+        for rule, counts in sorted(stats.get("rules", {}).items()):
+            for outcome, n in sorted(counts.items()):
+                limits.add_metric([service, rule, outcome], n)
+        denied.add_metric([service], stats.get("denied", 0))
+        for outcome, n in sorted(stats.get("waf", {}).items()):
+            waf.add_metric([service, outcome], n)
+    yield from (limits, denied, waf)
 
 
 def render(snapshot: dict, gauges: dict[str, float]) -> bytes:

@@ -1,0 +1,147 @@
+"""The protect phase end to end: a real edge (verge edge --config) with a service's
+`protection:` block in front of the test origin, real clients (httpx), /metrics.
+
+Hostile input: SQL injection, XSS and traversal probes against their benign twins, a
+spoofed X-Forwarded-For from an untrusted peer, a denied user agent."""
+
+from __future__ import annotations
+
+import pytest
+
+from verge.protect.waf import CRS_DIR
+
+pytestmark = pytest.mark.timeout(90)
+
+CONFIG = """
+services:
+  - name: site
+    hosts: [127.0.0.1]
+    origins: ["{origin}"]
+    protection:
+      rate_limits:
+        - {{name: api, match: {{path: /api/}}, key: client_ip, rate: 2/m, burst: 1, headers: true}}
+        - {{name: login, match: {{path: /login, methods: [POST]}}, key: "header:X-Api-Key",
+           rate: 1/m, penalty: 10m}}
+        - {{name: watch, match: {{path: /watched/}}, rate: 1/m, action: log}}
+      deny: {{user_agents: ["(?i)sqlmap"]}}
+      waf: {{paranoia: 1, mode: {mode}}}
+"""
+
+
+@pytest.fixture
+def protected(edge_factory, origin):
+    def start(mode: str = "block"):
+        origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"origin says hi\n")
+        return edge_factory(config=CONFIG.format(origin=origin.url, mode=mode))
+    if not (CRS_DIR / "REQUEST-901-INITIALIZATION.conf").exists():
+        pytest.fail("the OWASP CRS is not installed: make waf-deps (scripts/waf-deps.sh)")
+    return start
+
+
+def test_a_rate_limit_refuses_hits_and_misses_alike_with_the_draft_fields(protected, origin):
+    edge = protected()
+    with edge.client() as c:
+        first, second = c.get("/api/a"), c.get("/api/a")
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert second.headers["cache-status"].endswith("hit")  # hits are counted too
+        # headers: true — allowed answers advertise the policy and what is left of it
+        assert first.headers["ratelimit-policy"] == second.headers["ratelimit-policy"] \
+            == '"api";q=2;w=60;verge-burst=1'
+        assert first.headers["ratelimit"].startswith('"api";r=1;')
+        assert second.headers["ratelimit"].startswith('"api";r=0;')
+        refused = c.get("/api/a")
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "30"
+        assert refused.headers["ratelimit-policy"] == '"api";q=2;w=60;verge-burst=1'
+        assert refused.headers["ratelimit"] == '"api";r=0;t=30'
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["violated-policies"] == ["api"]
+        assert c.get("/other").status_code == 200  # outside the rule's path
+        # X-Forwarded-For from an untrusted peer (no trusted_proxies) buys no fresh quota
+        assert c.get("/api/a", headers={"X-Forwarded-For": "198.51.100.7"}).status_code == 429
+    assert origin.hits("/api/a") == 1
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def test_a_header_keyed_limit_with_a_penalty_box(protected, origin):
+    edge = protected()
+
+    def login(key: str):
+        return c.post("/login", headers={"X-Api-Key": key, "Content-Type": FORM},
+                      content=b"u=a")
+
+    with edge.client() as c:
+        assert login("k1").status_code == 200
+        assert login("k1").status_code == 429
+        boxed = login("k1")
+        assert boxed.status_code == 429 and int(boxed.headers["retry-after"]) > 60  # 10 min box
+        assert login("k2").status_code == 200
+        assert c.get("/login").status_code == 200  # GET is not in the rule's methods
+
+
+def test_log_rules_count_but_never_refuse(protected):
+    edge = protected()
+    with edge.client() as c:
+        answers = [c.get("/watched/x") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert "ratelimit" not in answers[2].headers
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert 'verge_rate_limit_requests_total{outcome="limited",rule="watch",service="site"} 2.0' \
+        in metrics
+    assert 'verge_rate_limit_requests_total{outcome="blocked",rule="watch",service="site"} 0.0' \
+        in metrics
+
+
+def test_deny_lists_refuse_before_anything_else(protected, origin):
+    edge = protected()
+    with edge.client() as c:
+        denied = c.get("/page", headers={"User-Agent": "sqlmap/1.7 (https://sqlmap.org)"})
+        assert denied.status_code == 403 and "user-agent" in denied.text
+        assert c.get("/page", headers={"User-Agent": "Mozilla/5.0"}).status_code == 200
+    assert origin.hits("/page") == 1
+    with edge.admin() as admin:
+        assert 'verge_deny_list_requests_total{service="site"} 1.0' in admin.get("/metrics").text
+
+
+PROBES = [  # (attack, benign twin)
+    ("/search?q=1%27%20OR%20%271%27%3D%271", "/search?q=one%20or%20two"),
+    ("/search?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E", "/search?q=script%20writing"),
+    ("/files?name=..%2F..%2Fetc%2Fpasswd", "/files?name=etc-passwords.txt"),
+]
+
+
+@pytest.mark.parametrize(("attack", "twin"), PROBES)
+def test_the_waf_blocks_probes_and_passes_their_twins(protected, origin, attack, twin):
+    edge = protected()
+    with edge.client() as c:
+        blocked = c.get(attack)
+        assert blocked.status_code == 403 and "firewall" in blocked.text
+        assert c.get(twin).status_code == 200
+    assert origin.hits(attack) == 0 and origin.hits(twin) == 1
+
+
+def test_the_waf_inspects_bodies_of_passed_requests(protected, origin):
+    edge = protected()
+    with edge.client() as c:
+        attack = c.post("/form", content=b"user=admin' OR '1'='1' --",
+                        headers={"Content-Type": FORM})
+        assert attack.status_code == 403
+        benign = c.post("/form", content=b"user=admin&note=hello",
+                        headers={"Content-Type": FORM})
+        assert benign.status_code == 200
+    assert [r.body for r in origin.requests if r.path == "/form"] == [b"user=admin&note=hello"]
+
+
+def test_detect_mode_counts_but_serves(protected, origin):
+    edge = protected(mode="detect")
+    attack = PROBES[0][0]
+    with edge.client() as c:
+        assert c.get(attack).status_code == 200
+    assert origin.hits(attack) == 1
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert 'verge_waf_requests_total{outcome="detected",service="site"} 1.0' in metrics
+    assert 'verge_waf_requests_total{outcome="blocked",service="site"} 0.0' in metrics
