@@ -3,16 +3,18 @@
 What it answers: how many requests/s of a cached 1 KiB object does ``verge edge --https
 --h2-engine native`` (Rust TLS + HTTP/2, :mod:`verge.http.native_h2`) serve, next to nginx
 (``proxy_cache`` hit) and the Python engine, on one worker each? The issue's target is
->= 0.5 x nginx. Method (as in .notes/H2_SPIKE.md): every server pinned to CPU 0, h2load
-to CPU 1; loads ``-c10 -m10`` and ``-c64 -m1``; each run sized to about ``--duration``
-seconds by a probe; contenders alternate round by round; medians per contender and load,
-and the ratio of medians to nginx. CPU µs per request come from /proc (the server's whole
-process tree, every thread).
+>= 0.5 x nginx. Method (as in .notes/H2_SPIKE.md): every server pinned to CPU 0, the load
+generator to CPU 1; HTTP/2 loads ``-c10 -m10`` and ``-c64 -m1`` (h2load), and HTTP/1.1
+over TLS ``-c64`` keep-alive (wrk, which sends no ALPN: the listener's HTTP/1.1 default);
+each h2load run sized to about ``--duration`` seconds by a probe, each wrk run lasts that
+long; contenders alternate round by round; medians per contender and load, and the ratio of
+medians to nginx. CPU µs per request come from /proc (the server's whole process tree,
+every thread).
 
     .venv/bin/python bench/h2_native_bench.py [--rounds 3] [--duration 3]
                                               [--engines native,python] [--quick]
 
-Needs nginx, h2load (nghttp2-client), curl, taskset and the native extension
+Needs nginx, h2load (nghttp2-client), wrk, curl, taskset and the native extension
 (scripts/build-native.sh). Results: bench/results/h2_native.json.
 """
 
@@ -38,7 +40,8 @@ from tools import add_sbin_to_path, install_signal_handlers, require, tool_versi
 from verge.certs import dev_certificates
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "h2_native.json"
-LOADS = {"c10m10": ["-c10", "-m10"], "c64m1": ["-c64", "-m1"]}
+LOADS = {"c10m10": ["-c10", "-m10"], "c64m1": ["-c64", "-m1"]}  # h2load, HTTP/2
+WRK_LOADS = {"h1c64": ["-t1", "-c64"]}  # wrk, HTTP/1.1 over TLS, keep-alive
 SERVER_CPU, CLIENT_CPU = "0", "1"
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -149,6 +152,29 @@ def h2load(server: Server, load: str, requests: int) -> dict:
     }
 
 
+def wrk(server: Server, load: str, duration: float) -> dict:
+    seconds = max(1, round(duration))
+    argv = ["taskset", "-c", CLIENT_CPU, "wrk", *WRK_LOADS[load], f"-d{seconds}s", url(server)]
+    cpu_before, started = cpu_seconds(server.process.pid), time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    cpu = cpu_seconds(server.process.pid) - cpu_before
+    served = re.search(r"(\d+) requests in", done.stdout)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    if not served or not rate or "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
+        raise BenchError(f"{server.name} {load}:\n{done.stdout[-800:]}{done.stderr[-400:]}")
+    return {
+        "rps": float(rate.group(1)),
+        "cpu_us": cpu / int(served.group(1)) * 1e6,
+        "server_cpu_share": cpu / (time.monotonic() - started),
+    }
+
+
+def run_load(server: Server, load: str, sizes: dict, opts: argparse.Namespace) -> dict:
+    if load in WRK_LOADS:
+        return wrk(server, load, opts.duration)
+    return h2load(server, load, sizes[server.name, load])
+
+
 def run(opts: argparse.Namespace, workdir: Path) -> dict:
     files = workdir / "files"
     write_origin_files(files)
@@ -175,8 +201,8 @@ def measure_all(servers: list[Server], ca: Path, opts: argparse.Namespace) -> di
     runs: dict[tuple[str, str], list[dict]] = {}
     for round_no in range(opts.rounds):
         for server in servers:
-            for load in LOADS:
-                sample = h2load(server, load, sizes[server.name, load])
+            for load in [*LOADS, *WRK_LOADS]:
+                sample = run_load(server, load, sizes, opts)
                 runs.setdefault((server.name, load), []).append(sample)
                 print(
                     f"round {round_no + 1} {server.name:13s} {load:7s} {sample['rps']:9.0f} req/s"
@@ -205,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     install_signal_handlers()
     add_sbin_to_path()
-    require({"nginx": "nginx-light", "h2load": "nghttp2-client", "curl": "curl"})
+    require({"nginx": "nginx-light", "h2load": "nghttp2-client", "wrk": "wrk", "curl": "curl"})
     with tempfile.TemporaryDirectory(prefix="verge-h2-native-") as tmp:
         summary = run(opts, Path(tmp))
     print("\nmedians (ratio = median req/s ÷ nginx median req/s)")

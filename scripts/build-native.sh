@@ -48,6 +48,42 @@ if ! command -v cargo >/dev/null; then
 fi
 echo "build-native: $(cargo --version), python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
 
+# The crate registry cargo reads (native/h2front/.cargo/config.toml): Debian's, mirrored
+# by symlinks into target/registry, except the crates Verge patches
+# (native/h2front/patches/<crate>-<version>-*.patch), which are patched copies. A directory
+# source like Debian's own, so Cargo.lock does not change and the patched crate builds as
+# any dependency does (its lints capped). Remade when a patch or the Debian set changes; a
+# patch that does not apply stops the build (the crate changed under it).
+DEBIAN_REGISTRY=/usr/share/cargo/registry
+command -v patch >/dev/null || apt_install patch
+prepare_registry() {
+    local registry="$CRATE/target/registry" stamp
+    stamp="$( (ls "$DEBIAN_REGISTRY"; cat "$CRATE"/patches/*.patch) | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$registry/.verge-stamp" 2>/dev/null)" = "$stamp" ]; then
+        return
+    fi
+    rm -rf "$registry"
+    mkdir -p "$registry"
+    for src in "$DEBIAN_REGISTRY"/*/; do
+        ln -s "${src%/}" "$registry/$(basename "$src")"
+    done
+    for p in "$CRATE"/patches/*.patch; do
+        local name_version
+        name_version="$(basename "$p" | sed -E 's/^(.+-[0-9]+\.[0-9]+\.[0-9]+)-.*\.patch$/\1/')"
+        [ -d "$DEBIAN_REGISTRY/$name_version" ] || {
+            echo "build-native: $p is for $name_version, which Debian no longer ships" >&2; exit 1; }
+        if [ -L "$registry/$name_version" ]; then
+            rm "$registry/$name_version"
+            cp -r "$DEBIAN_REGISTRY/$name_version" "$registry/$name_version"
+        fi
+        patch --quiet --forward -p1 -d "$registry/$name_version" < "$p" || {
+            echo "build-native: $p does not apply to $name_version" >&2; exit 1; }
+        echo "build-native: patched $name_version with $(basename "$p")"
+    done
+    echo "$stamp" > "$registry/.verge-stamp"
+}
+prepare_registry
+
 # pyo3 finds the interpreter (and its ABI) through PYO3_PYTHON.
 cd "$CRATE"
 PYO3_PYTHON="$PYTHON" cargo build --release --offline --locked

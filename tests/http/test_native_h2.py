@@ -1,6 +1,7 @@
 """The native HTTPS engine (`verge edge --h2-engine native`): a real edge, real clients.
 
-curl and httpx over HTTP/2 reach the real pipeline (miss, then hit), SNI picks each name's
+curl and httpx over HTTP/2 (and curl over HTTP/1.1 on the same listener) reach the real
+pipeline (miss, then hit), SNI picks each name's
 certificate, targets are normalised as on HTTP/1.1, request bodies arrive intact, the
 stream cap refuses stream 101, and SIGTERM lets the request in flight finish.
 """
@@ -66,14 +67,16 @@ def _ca(edge) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=edge.ca)
 
 
-def curl(edge, host: str, path: str, *extra: str) -> subprocess.CompletedProcess:
+def curl(
+    edge, host: str, path: str, *extra: str, version: str = "--http2"
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             "curl",
             "-sS",
             "-D",
             "-",
-            "--http2",
+            version,
             "--cacert",
             edge.ca,
             "--resolve",
@@ -96,6 +99,19 @@ def test_curl_http2_miss_then_hit_through_the_pipeline(native_edge, origin):
     assert "cache-status: verge; fwd=miss" in first.stdout.lower()
     assert second.stdout.startswith("HTTP/2 200") and second.stdout.endswith("secure page")
     assert "cache-status: verge; hit" in second.stdout.lower()
+    assert origin.hits("/page") == 1
+
+
+@needs_native
+def test_curl_http11_miss_then_hit_on_the_same_listener(native_edge, origin):
+    first = curl(native_edge, "shop.test", "/page", version="--http1.1")
+    second = curl(native_edge, "shop.test", "/page", version="--http1.1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("HTTP/1.1 200 OK") and first.stdout.endswith("secure page")
+    assert "cache-status: verge; fwd=miss" in first.stdout.lower()
+    assert second.stdout.startswith("HTTP/1.1 200 OK") and second.stdout.endswith("secure page")
+    assert "cache-status: verge; hit" in second.stdout.lower()
+    assert "content-length: 11" in second.stdout.lower()
     assert origin.hits("/page") == 1
 
 

@@ -1,4 +1,5 @@
-"""HTTPS (TLS + HTTP/2) served by the native front, the application on the asyncio loop.
+"""HTTPS (TLS + HTTP/2 and HTTP/1.1) served by the native front, the application on the
+asyncio loop.
 
 Why: the Python HTTP/2 server costs about four times what nginx does per request, most of it
 in TLS records and h2 framing. The native extension ``verge.http._h2front`` (Rust: rustls,
@@ -8,20 +9,29 @@ cache hits synchronously (``app.handle_fast``) with one ``respond()`` call and r
 as tasks (``app.handle`` with :class:`NativeResponseWriter`). The application is the same
 one the HTTP/1.1 and Python HTTP/2 servers call, unchanged:
 
-* requests are built by :func:`verge.http.h2server.request_from_fields` from the stream's
-  fields, so the target is normalised (:mod:`verge.http.target`) and malformed requests are
-  refused (400, 413, 414) exactly as on the other servers;
+* HTTP/2 requests are built by :func:`verge.http.h2server.request_from_fields` from the
+  stream's fields, HTTP/1.1 ones by :func:`request_from_http1` with the rules of
+  :mod:`verge.http.server` (one Host, normalised target, 400/413/414/431/501 refusals), so
+  both are refused exactly as on the other servers;
 * request bodies stream through :class:`NativeBody` (a ``QueuedBody``); the native side runs
   at most ``BODY_WINDOW`` bytes ahead of what the application has read;
-* responses rendered as HTTP/1.1 wire bytes are split into status + fields with
-  :func:`verge.http.h2server.parse_wire_head`; the native head object built from them is
-  memoised per rendered head, so a hot cache entry's fields are parsed once.
+* a :class:`~verge.http.response.Response` becomes a native head object (status + fields,
+  :func:`verge.http.h2server.fields_of`), memoised on the Response, so a hot cache entry's
+  head is built once; it serves both protocols (hyper frames HTTP/1.1 itself: Content-Length
+  or chunked, keep-alive, ``Connection: close`` when asked);
+* an HTTP/1.1 WebSocket upgrade is accepted with :meth:`NativeH1ResponseWriter.upgrade`,
+  which returns a :class:`NativeUpgradedStream` (what :mod:`verge.edge.tunnel` splices).
 
-TLS: the certificate is chosen by SNI from the same certificate set the Python listener uses
-(:class:`verge.http.tls.CertSpec`; exact names, ``*.parent`` wildcards, a default), and
-:meth:`NativeH2Server.reload` swaps it under a running server. Only ``h2`` is offered by
-ALPN on this listener (HTTP/1.1 clients cannot connect); session tickets are per process
-(not yet the node's shared key ring), OCSP responses are stapled when configured.
+TLS: ALPN offers ``h2`` and ``http/1.1`` (no ALPN: HTTP/1.1). The certificate is chosen by
+SNI from the same certificate set the Python listener uses (:class:`verge.http.tls.CertSpec`;
+exact names, ``*.parent`` wildcards, a default), and :meth:`NativeH2Server.reload` swaps it
+under a running server. Session tickets are sealed with the node's shared keys
+(:meth:`NativeH2Server.set_ticket_keys`, the input of ``TlsStore.set_ticket_keys``), so every
+worker resumes every other's sessions; OCSP responses are stapled when configured.
+
+Protection: timeouts from :class:`~verge.http.server.ServerLimits` (handshake and HTTP/1.1
+head: ``header_timeout``; idle: ``keepalive_timeout``) and the HTTP/2 flood caps of
+:class:`verge.http.h2server.H2ServerProtocol`, enforced natively (native/h2front/src/guard.rs).
 """
 
 from __future__ import annotations
@@ -35,21 +45,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from verge.http.h2server import (
-    parse_wire_head,
+    H2ServerProtocol,
+    fields_of,
     request_from_fields,
     request_problem,
     response_fields,
 )
-from verge.http.message import Request
+from verge.http.message import Request, known_host, set_host
+from verge.http.response import Response, write_body
 from verge.http.server import (
+    FRAMING_FIELDS,
     NO_BODY_STATUSES,
-    FileResponse,
     ProtocolLimitError,
     QueuedBody,
     ServerLimits,
-    simple_response,
+    text_response,
 )
+from verge.http.target import BadTarget, normalize_target
 from verge.http.tls import CertSpec, normalise_host
+from verge.http.tls_tickets import TicketKey
 
 log = logging.getLogger("verge.native_h2")
 
@@ -61,7 +75,6 @@ except ImportError:  # not built: scripts/build-native.sh
 BUILD_HINT = "the native HTTP/2 engine is not built: run scripts/build-native.sh"
 MAX_CONCURRENT_STREAMS = 100
 FILE_CHUNK = 64 * 1024
-HEAD_MEMO_SIZE = 4096  # rendered heads remembered (cache entries render theirs once)
 
 # Event kinds from the native side (see native/h2front/src/lib.rs).
 REQUEST, DATA, END, GONE, ROOM = range(5)
@@ -111,6 +124,105 @@ def native_cert_set(certs: Sequence[CertSpec], default: CertSpec | None):
         ([normalise_host(host) for host in spec.hosts], *load_cert_parts(spec)) for spec in certs
     ]
     return entries, (load_cert_parts(default) if default is not None else None)
+
+
+# ----- limits --------------------------------------------------------------------------------
+
+
+def native_limits(limits: ServerLimits) -> dict[str, float | int]:
+    """The native server's timeouts and HTTP/2 flood caps: the Python servers' values.
+
+    The TLS handshake gets ``header_timeout``, as on the Python TLS listener (alpn.py); the
+    caps are :class:`H2ServerProtocol`'s (the native side adds its own for WINDOW_UPDATE,
+    empty DATA, PRIORITY and the resets the server is made to send).
+    """
+    return {
+        "handshake_timeout": limits.header_timeout,
+        "header_timeout": limits.header_timeout,
+        "keepalive_timeout": limits.keepalive_timeout,
+        "resets_per_second": H2ServerProtocol.MAX_RESETS_PER_SECOND,
+        "dropped_per_second": H2ServerProtocol.MAX_RESETS_PER_SECOND,
+        "pings_per_second": H2ServerProtocol.MAX_PINGS_PER_SECOND,
+        "settings_per_second": H2ServerProtocol.MAX_SETTINGS_PER_SECOND,
+    }
+
+
+# ----- HTTP/1.1 requests ----------------------------------------------------------------------
+
+
+def request_from_http1(
+    method: bytes,
+    target: bytes,
+    fields: list[tuple[bytes, bytes]],
+    version: str,
+    client: str,
+    limits: ServerLimits,
+) -> tuple[Request, tuple[int, str] | None]:
+    """A Request from an HTTP/1.x head hyper parsed, and (status, reason) if it must be
+    refused: the checks :class:`verge.http.server.HttpServerProtocol` makes on top of its
+    parser, in its order (URL 414, fields 431, target, Host, framing 400/501, body 413).
+
+    hyper already refused what llhttp refuses (bad syntax, obs-fold, differing
+    Content-Lengths, chunked on HTTP/1.0, more than 100 fields: 431).
+    """
+    headers: list[tuple[str, str]] = []
+    hmap: dict[str, str] = {}
+    size = 0
+    problem: tuple[int, str] | None = None
+    for raw_name, raw_value in fields:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        size += len(raw_name) + len(raw_value) + 4
+        headers.append((name, value))
+        if "_" in name and name.replace("_", "-") in FRAMING_FIELDS:
+            problem = problem or (400, f"ambiguous framing field {name}")
+        if name in hmap:
+            if name == "host":
+                problem = problem or (400, "exactly one Host header is required")
+            hmap[name] = hmap[name] + ", " + value
+        else:
+            hmap[name] = value
+    method_name, raw_target = method.decode("latin-1"), target.decode("latin-1")
+    if len(target) > limits.max_url_bytes:
+        problem = (414, "request URL too long")
+    elif size > limits.max_header_bytes:
+        problem = (431, "request header fields too large")
+    normal, authority = raw_target, None
+    if problem is None:
+        try:
+            normal, authority = normalize_target(method_name, raw_target)
+        except BadTarget as exc:
+            problem = (exc.status, str(exc))
+    if authority is not None:  # absolute-form: its authority is the host (RFC 9112 §3.2.2)
+        headers = set_host(headers, hmap, authority)
+    elif problem is None and not known_host(hmap.get("host")):
+        problem = (400, "invalid Host header")
+    request = Request(method_name, normal, None, None, headers, version, client, None, hmap)
+    request.scheme = "https"
+    request.keep_alive = _keeps_alive(version, hmap)
+    return request, problem or _framing_problem(version, hmap, limits)
+
+
+def _keeps_alive(version: str, hmap: dict[str, str]) -> bool:
+    tokens = {t.strip().lower() for t in hmap.get("connection", "").split(",")}
+    if "upgrade" in hmap and "upgrade" in tokens:
+        return False  # unless accepted, the answer closes the connection
+    return "close" not in tokens if version == "1.1" else "keep-alive" in tokens
+
+
+def _framing_problem(version: str, hmap: dict[str, str], limits) -> tuple[int, str] | None:
+    """server.py's Host and body-framing rules (hyper keeps a Content-Length that came
+    before Transfer-Encoding, so both can be seen here; the other order, see service.rs)."""
+    if "host" not in hmap and version == "1.1":
+        return 400, "exactly one Host header is required"
+    te = hmap.get("transfer-encoding")
+    if te is not None and "content-length" in hmap:
+        return 400, "both Transfer-Encoding and Content-Length"
+    if te is not None and te.strip().lower() != "chunked":
+        return 501, "unsupported transfer-coding"
+    length = hmap.get("content-length", "").strip()
+    if length.isdigit() and int(length) > limits.max_body_bytes:
+        return 413, "request body too large"
+    return None
 
 
 # ----- request bodies and response writers --------------------------------------------------
@@ -182,15 +294,17 @@ class NativeResponseWriter:
         self.started = True
         self.status = status
         self._no_body = self._method == "HEAD" or status in NO_BODY_STATUSES
-        self._open(self._front.native.head(status, response_fields(status, headers,
-                                                                    content_length)))
+        self._open(
+            self._front.native.head(status, response_fields(status, headers, content_length))
+        )
 
     def _open(self, head) -> None:
         native = self._front.native
+        close = not self.keep_alive  # HTTP/1.1 only: Connection: close
         if self._no_body:
-            native.respond([(self._id, head, b"")])
+            native.respond([(self._id, head, b"", close)])
             self.finished = True
-        elif not native.start_stream(self._id, head):
+        elif not native.start_stream(self._id, head, close):
             raise ConnectionResetError("stream closed")
 
     async def write(self, data: bytes) -> None:
@@ -212,29 +326,22 @@ class NativeResponseWriter:
             offset += len(data)
             count -= len(data)
 
-    def send_prepared(
-        self, status: int, data: bytes | tuple[bytes, bytes], body_bytes: int
-    ) -> None:
-        """Send a response rendered whole as HTTP/1.1 wire bytes."""
-        self.started = self.finished = True
-        self.status = status
-        self.bytes_sent = body_bytes
-        self._front.native.respond([self._front.wire_answer(self._id, data, self._method)])
-
-    async def send_file_response(self, status: int, response: FileResponse) -> None:
-        """A pre-rendered head, then the file range; closes the fd."""
-        self.started = True
-        self.status = status
+    async def send(self, response: Response) -> None:
+        """Send a whole response: one ``respond`` for a bytes body, else the head and the
+        streamed body."""
+        if not response.streamed:
+            self.started = self.finished = True
+            self.status = response.status
+            answer = self._front.answer(self._id, response, self._method, not self.keep_alive)
+            self.bytes_sent = len(answer[2])
+            self._front.native.respond([answer])
+            return
+        self.start(response.status, response.headers, content_length=response.length)
         try:
-            head = self._front.head_of(response.head)
-            self._no_body = self._method == "HEAD" or head.status in NO_BODY_STATUSES
-            self._open(head)
-            await self.sendfile(response.fd, response.offset, response.count)
+            await write_body(self, response.body)
         finally:
-            if response.close_fd:
-                os.close(response.fd)
+            response.discard()
         await self.end()
-        self.bytes_sent = response.count
 
     async def end(self) -> None:
         if self.finished:
@@ -248,11 +355,100 @@ class NativeResponseWriter:
         self._front.native.abort(self._id)
 
 
+class NativeH1ResponseWriter(NativeResponseWriter):
+    """The writer of an HTTP/1.1 request: the HTTP/2 one plus :meth:`upgrade` (its presence
+    is what :func:`verge.edge.tunnel.wants_tunnel` looks for)."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, front: NativeH2Server, stream_id: int, request: Request) -> None:
+        super().__init__(front, stream_id, request)
+        self._request = request
+        self.keep_alive = request.keep_alive
+
+    def upgrade(self, headers: list[tuple[str, str]]) -> NativeUpgradedStream:
+        """Accept the request's ``Upgrade``: send the 101 with ``headers`` and take over the
+        connection. RuntimeError if the request was not an upgrade or a response started."""
+        request = self._request
+        if (
+            self.started
+            or request.version != "1.1"
+            or "upgrade" not in request.hmap
+            or request.body is not None
+        ):
+            raise RuntimeError("not an upgrade request, or the response has started")
+        self.started = self.finished = True
+        self.status = 101
+        self.keep_alive = False
+        fields = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers
+            if name.lower() not in FRAMING_FIELDS
+        ]
+        front = self._front
+        stream = NativeUpgradedStream(front, self._id)
+        front._bodies[self._id] = stream
+        if not front.native.upgrade(self._id, front.native.head(101, fields)):
+            front._bodies.pop(self._id, None)
+            raise ConnectionResetError("client gone")
+        return stream
+
+
+class NativeUpgradedStream(QueuedBody):
+    """The connection after ``101 Switching Protocols``: raw bytes both ways (the native
+    counterpart of :class:`verge.http.server.UpgradedStream`).
+
+    ``read()`` returns the next bytes (b'' once the client has closed its side); the native
+    side reads at most ``BODY_WINDOW`` bytes ahead. ``write()`` queues, ``drain()`` waits
+    while too much is queued, ``close()`` closes the connection after the queued bytes.
+    """
+
+    def __init__(self, front: NativeH2Server, stream_id: int) -> None:
+        super().__init__(front.loop)
+        self._front = front
+        self._id = stream_id
+        self._full = False
+        self.closed = False
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        self._chunks.append(data)
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self.finish()
+
+    async def read(self) -> bytes:
+        data = await self._next()
+        if data is None:
+            return b""
+        self._front.native.ack(self._id, len(data))
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        if data and self._front.native.send(self._id, bytes(data)):
+            self._full = True
+
+    async def drain(self) -> None:
+        if self.error is not None:
+            raise ConnectionResetError("connection closed")
+        if self._full:
+            self._full = False
+            await self._front.wait_room(self._id)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._front.native.abort(self._id)
+
+
 # ----- the server ----------------------------------------------------------------------
 
 
 class NativeH2Server:
-    """The native TLS + HTTP/2 listener feeding ``app`` on this loop."""
+    """The native TLS listener (HTTP/2 and HTTP/1.1 by ALPN) feeding ``app`` on this loop."""
 
     def __init__(
         self,
@@ -272,7 +468,6 @@ class NativeH2Server:
         self._bodies: dict[int, NativeBody] = {}
         self._tasks: dict[int, asyncio.Task] = {}
         self._room: dict[int, asyncio.Future] = {}
-        self._heads: dict[bytes, object] = {}
         entries, default_parts = native_cert_set(certs, default)
         self.native = _h2front.Server(
             sock.detach(),
@@ -280,20 +475,34 @@ class NativeH2Server:
             default_parts,
             max_streams=max_streams,
             max_header_list=limits.max_header_bytes + 4096,
+            limits=native_limits(limits),
         )
         self.loop.add_reader(self.native.fileno(), self._on_ready)
 
     # --- lifecycle ---
     def reload(self, certs: Sequence[CertSpec], default: CertSpec | None = None) -> None:
-        """New certificates for new handshakes; raises (and keeps the old set) if one is bad."""
-        self.native.set_certs(*native_cert_set(certs, default))
+        """New certificates for new handshakes; raises (and keeps the old set) if one is bad.
 
-    def set_ticket_keys(self, keys) -> bool:
-        """Shared session ticket keys are not supported by the native front yet."""
-        return False
+        The timeouts follow ``limits`` too, read once the current callback is done: the
+        worker reloads certificates first and updates the shared limits right after.
+        """
+        self.native.set_certs(*native_cert_set(certs, default))
+        self.loop.call_soon(self.apply_limits)
+
+    def apply_limits(self) -> None:
+        """Push the current ``limits`` (timeouts) to the native side, for new connections."""
+        self.native.set_limits(native_limits(self.limits))
+
+    def set_ticket_keys(self, keys: Sequence[TicketKey]) -> bool:
+        """Seal session tickets with ``keys[0]``, accept tickets sealed with any of ``keys``
+        (the node's shared keys, as ``TlsStore.set_ticket_keys``). Tickets of this listener
+        and of the Python one (OpenSSL's format) do not resume on each other."""
+        self.native.set_ticket_keys([key.to_bytes() for key in keys])
+        return True
 
     def close(self) -> None:
-        """Stop accepting; every connection gets GOAWAY and its streams in flight finish."""
+        """Stop accepting; every HTTP/2 connection gets GOAWAY, every HTTP/1.1 one closes
+        after its response in flight (idle ones at once); requests in flight finish."""
         self.native.shutdown()
 
     @property
@@ -330,7 +539,13 @@ class NativeH2Server:
             self.native.respond(answers)
 
     def _on_request(self, event: tuple, answers: list) -> None:
-        _, stream_id, method, path, authority, headers, has_body, client = event
+        _, stream_id, method, path, authority, headers, has_body, client, version = event
+        if version != "2":
+            request, problem = request_from_http1(
+                method, path, headers, version, client, self.limits
+            )
+            self._dispatch(stream_id, request, problem, has_body, answers)
+            return
         fields = [(b":method", method), (b":scheme", b"https")]
         if path is not None:
             fields.append((b":path", path))
@@ -338,16 +553,29 @@ class NativeH2Server:
             fields.append((b":authority", authority))
         fields.extend(headers)
         request, malformed = request_from_fields(fields, "2", client, "https")
-        body = NativeBody(self, stream_id) if has_body else None
-        request.body = body
+        request.body = NativeBody(self, stream_id) if has_body else None
         problem = request_problem(request, malformed, self.limits)
+        self._dispatch(stream_id, request, problem, has_body, answers)
+
+    def _dispatch(
+        self,
+        stream_id: int,
+        request: Request,
+        problem: tuple[int, str] | None,
+        has_body: bool,
+        answers: list,
+    ) -> None:
+        """Refuse the request, answer it from ``handle_fast``, or start its task."""
+        if has_body and request.body is None:
+            request.body = NativeBody(self, stream_id)
+            length = request.hmap.get("content-length", "")
+            if length.isdigit() and "transfer-encoding" not in request.hmap:
+                request.body.length = int(length)
+        body = request.body
         if problem is not None:
             status, message = problem
-            answers.append(
-                self.wire_answer(
-                    stream_id, simple_response(status, f"{message}\n".encode()), request.method
-                )
-            )
+            refusal = text_response(status, f"{message}\n", close=request.version != "2")
+            answers.append(self.answer(stream_id, refusal, request.method))
             if body is not None:
                 self.native.discard_body(stream_id)
             return
@@ -356,12 +584,12 @@ class NativeH2Server:
                 result = self.app.handle_fast(request)
             except Exception as exc:  # an app bug must not kill the worker
                 self.app.report_error(request, exc)
-                result = simple_response(500, b"internal error\n")
+                result = text_response(500, "internal error\n")
             if result is not None:
-                if type(result) is FileResponse:
-                    self._spawn(stream_id, self._run_file(stream_id, request, result))
+                if result.streamed:
+                    self._spawn(stream_id, self._run_send(stream_id, request, result))
                 else:
-                    answers.append(self.wire_answer(stream_id, result, request.method))
+                    answers.append(self.answer(stream_id, result, request.method))
                 return
         else:
             self._bodies[stream_id] = body
@@ -376,7 +604,9 @@ class NativeH2Server:
         self._tasks.pop(stream_id, None)
         self._room.pop(stream_id, None)
         body = self._bodies.pop(stream_id, None)
-        if body is not None and not body.complete:
+        if isinstance(body, NativeUpgradedStream):
+            body.close()  # the handler is done with the connection
+        elif body is not None and not body.complete:
             self.native.discard_body(stream_id)  # unread: the native side stops reading
 
     def _on_gone(self, stream_id: int) -> None:
@@ -407,65 +637,58 @@ class NativeH2Server:
             waiter.set_result(None)
 
     # --- responses ---
-    def head_of(self, head: bytes):
-        """The native head for an HTTP/1.1-rendered head (memoised per rendered head)."""
-        native_head = self._heads.get(head)
-        if native_head is None:
-            status, fields = parse_wire_head(head)
-            native_head = self.native.head(status, fields)
-            if len(self._heads) >= HEAD_MEMO_SIZE:
-                self._heads.clear()
-            self._heads[head] = native_head
-        return native_head
+    def answer(self, stream_id: int, response: Response, method: str, close: bool = False) -> tuple:
+        """(id, head, body[, close]) for ``respond``: a Response with a bytes body (or none);
+        ``close`` (or ``response.close``) closes an HTTP/1.1 connection after it."""
+        head = response.native
+        if head is None:
+            head = response.native = self.native.head(response.status, fields_of(response))
+        body = response.body
+        if method == "HEAD" or response.status in NO_BODY_STATUSES or not body:
+            body = b""
+        if close or response.close:
+            return stream_id, head, body, True
+        return stream_id, head, body
 
-    def wire_answer(self, stream_id: int, data, method: str) -> tuple:
-        """(id, head, body) for ``respond`` from HTTP/1.1 wire bytes or (wire, more body)."""
-        extra = b""
-        if type(data) is tuple:
-            data, extra = data
-        end = data.find(b"\r\n\r\n")
-        head = data[:end] if end >= 0 else data
-        body = data[end + 4 :] if end >= 0 else b""
-        native_head = self.head_of(bytes(head))
-        if method == "HEAD" or native_head.status in NO_BODY_STATUSES:
-            return stream_id, native_head, b""
-        if extra:
-            body = (bytes(body), bytes(extra))
-        return stream_id, native_head, body
+    def _writer(self, stream_id: int, request: Request) -> NativeResponseWriter:
+        if request.version == "2":
+            return NativeResponseWriter(self, stream_id, request)
+        return NativeH1ResponseWriter(self, stream_id, request)
 
     async def _run(self, stream_id: int, request: Request) -> None:
-        writer = NativeResponseWriter(self, stream_id, request)
+        writer = self._writer(stream_id, request)
         try:
             await self.app.handle(request, writer)
             if writer.started:
                 await writer.end()
             else:
-                writer.send_prepared(500, simple_response(500, b"no response\n"), 0)
+                await writer.send(text_response(500, "no response\n"))
         except (asyncio.CancelledError, ConnectionError):
             writer.abort()
         except ProtocolLimitError as exc:
-            self._answer_error(writer, exc.status, f"{exc}\n".encode())
+            await self._answer_error(writer, exc.status, f"{exc}\n")
         except Exception as exc:
             self.app.report_error(request, exc)
-            self._answer_error(writer, 500, b"internal error\n")
+            await self._answer_error(writer, 500, "internal error\n")
 
-    async def _run_file(self, stream_id: int, request: Request, result: FileResponse) -> None:
-        writer = NativeResponseWriter(self, stream_id, request)
+    async def _run_send(self, stream_id: int, request: Request, response: Response) -> None:
+        writer = self._writer(stream_id, request)
         try:
-            await writer.send_file_response(0, result)
+            await writer.send(response)
         except (asyncio.CancelledError, ConnectionError, OSError):
             writer.abort()
 
     @staticmethod
-    def _answer_error(writer: NativeResponseWriter, status: int, body: bytes) -> None:
+    async def _answer_error(writer: NativeResponseWriter, status: int, message: str) -> None:
         if writer.started:
             writer.abort()
         else:
-            writer.send_prepared(status, simple_response(status, body), len(body))
+            await writer.send(text_response(status, message))
 
 
 async def serve_native_h2(
     app, sock, limits: ServerLimits, certs: Sequence[CertSpec], default: CertSpec | None = None
 ) -> NativeH2Server:
-    """Serve ``app`` over TLS + HTTP/2 (native engine) on a bound, listening socket."""
+    """Serve ``app`` over TLS, HTTP/2 and HTTP/1.1 (native engine), on a bound, listening
+    socket."""
     return NativeH2Server(app, sock, limits, certs, default)

@@ -1,451 +1,117 @@
-//! Verge's native HTTPS front (`verge.http._h2front`): TLS and HTTP/2 in one Rust thread,
-//! the application in Python.
+//! Verge's native HTTPS front (`verge.http._h2front`): TLS, HTTP/2 and HTTP/1.1 in one Rust
+//! thread, the application in Python.
 //!
 //! Why: the Python HTTP/2 server (h2 on the ssl module) costs about four times what nginx
 //! does per request. Here rustls terminates TLS (the certificate picked by SNI from a table
-//! Python swaps on reload) and hyper/h2 frame the streams, on a current-thread tokio runtime
-//! of its own. Requests do not call into Python: they are queued, and an eventfd wakes the
-//! worker's asyncio loop, which takes a whole batch with `take()` and answers with one
-//! `respond()` call (design B of .notes/H2_SPIKE.md). No code in this thread takes the GIL.
+//! Python swaps on reload, session tickets sealed with the node's shared keys) and hyper
+//! frames the requests, on a current-thread tokio runtime of its own. Requests do not call
+//! into Python: they are queued, and an eventfd wakes the worker's asyncio loop, which takes
+//! a whole batch with `take()` and answers with one `respond()` call (design B of
+//! .notes/H2_SPIKE.md). No code in this thread takes the GIL.
+//!
+//! The modules, one concern each:
+//!   tls.rs      certificates by SNI, ALPN (h2, http/1.1), shared session tickets
+//!   conn.rs     accept loop, per-connection driver, timeouts
+//!   guard.rs    the HTTP/2 frame guard (CONTINUATION, reset, PING/SETTINGS... floods)
+//!   http1.rs    HTTP/1.1: the head clock, upgraded connections (WebSocket) spliced to Python
+//!   service.rs  one request of either protocol: queued, body streamed, answer awaited
+//!   bridge.rs   the event queue and the response bodies Python fills
 //!
 //! Events handed to Python (tuples, first item the kind):
-//!   (0, id, method, path, authority|None, [(name, value)], has_body, client)  a request
-//!   (1, id, data)   request body bytes (credit comes back with `ack`)
-//!   (2, id)         request body complete
-//!   (3, id)         stream gone (client reset, connection closed)
+//!   (0, id, method, target, authority|None, [(name, value)], has_body, client, version)
+//!        a request; version "2", "1.1" or "1.0"; HTTP/1.x targets are as sent (Python
+//!        normalises them), HTTP/2 ones are :path
+//!   (1, id, data)   request body (or upgraded connection) bytes; credit comes back with `ack`
+//!   (2, id)         request body complete (upgraded: the client closed its side)
+//!   (3, id)         request gone (client reset, connection closed)
 //!   (4, id)         the response stream drained below the low-water mark
-//!
-//! Flood caps: SETTINGS_MAX_CONCURRENT_STREAMS and MAX_HEADER_LIST_SIZE (h2 enforces both);
-//! Debian's h2 0.3.13 carries the pending-accept-reset limit (rapid reset); a connection whose
-//! clients drop more than RESET_LIMIT unanswered streams is closed. Not handled yet: the
-//! CONTINUATION flood (h2 < 0.3.26) and the 2024 reset-flood fix (see H2_SPIKE.md).
+
+mod bridge;
+mod conn;
+mod guard;
+mod http1;
+mod service;
+mod tls;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::os::unix::io::FromRawFd;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use hyper::body::HttpBody;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::{HeaderMap, StatusCode};
 use hyper::server::conn::Http;
-use hyper::service::service_fn;
-use hyper::{Body, Request, Response};
+use hyper::{Response, Uri, Version};
 use pyo3::exceptions::{PyConnectionResetError, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
-use tokio_rustls::rustls::sign::CertifiedKey;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use tokio::sync::{mpsc, watch};
 
-const BODY_WINDOW: usize = 256 * 1024; // request-body bytes queued for Python, unread
-const HIGH_WATER: usize = 256 * 1024; // response bytes queued before Python's writer waits
-const LOW_WATER: usize = 64 * 1024; // ... and wakes again below this
-const RESET_LIMIT: u32 = 200; // unanswered streams a client may drop per connection
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const DRAIN_LIMIT: Duration = Duration::from_secs(30); // the thread's own bound after stop
+use bridge::{Answer, Chunk, Credit, Event, Flow, OutBody, OutStream, Shared, StreamBody, BODY_WINDOW, HIGH_WATER};
+use conn::{Ctx, Settings};
+use guard::Caps;
+use http1::Tunnel;
+use tls::{CertEntry, CertParts, SharedCerts, SharedTickets};
+
 const NAME_CACHE: usize = 256; // header names kept as Python bytes objects
+const H1_BUFFER: usize = 64 * 1024; // hyper's HTTP/1.1 read buffer: caps a request head
+const HEADER_BLOCK_SLACK: u32 = 1024; // frame headers of a block split in several frames
 
-// ----- certificates: the SNI table ------------------------------------------------------
+// ----- limits ---------------------------------------------------------------------------------
 
-/// Certificates by host name, swapped whole on reload: an exact name, then `*.parent` for
-/// one more label, then the default (None: the handshake is refused). The same rules as
-/// verge.http.tls.HostTable; names arrive normalised by Python.
-#[derive(Default)]
-struct CertTable {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Option<Arc<CertifiedKey>>,
-}
-
-impl CertTable {
-    fn lookup(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        if let Some(name) = server_name {
-            let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if let Some(key) = self.exact.get(&name) {
-                return Some(key.clone());
-            }
-            if let Some((_, parent)) = name.split_once('.') {
-                if let Some(key) = self.wildcard.get(parent) {
-                    return Some(key.clone());
-                }
-            }
-        }
-        self.default.clone()
+fn default_settings(max_header_list: u32) -> Settings {
+    Settings {
+        handshake_timeout: Duration::from_secs(10),
+        header_timeout: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(75),
+        caps: Caps {
+            max_header_block: max_header_list + HEADER_BLOCK_SLACK,
+            resets: 100,
+            server_resets: 100,
+            pings: 50,
+            settings: 20,
+            window_updates: 1000,
+            empty_data: 100,
+            other: 1000,
+            dropped_per_second: 100,
+        },
     }
 }
 
-struct Resolver(Arc<RwLock<Arc<CertTable>>>);
-
-impl ResolvesServerCert for Resolver {
-    fn resolve(&self, hello: ClientHello) -> Option<Arc<CertifiedKey>> {
-        let table = self.0.read().unwrap().clone();
-        table.lookup(hello.server_name())
+fn seconds(value: &PyAny) -> PyResult<Duration> {
+    let secs: f64 = value.extract()?;
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(PyValueError::new_err("a timeout is a positive number of seconds"));
     }
+    Ok(Duration::from_secs_f64(secs))
 }
 
-/// (chain DER list, key DER, OCSP DER or None) from Python.
-type CertParts = (Vec<Vec<u8>>, Vec<u8>, Option<Vec<u8>>);
-
-fn certified_key(parts: CertParts) -> PyResult<Arc<CertifiedKey>> {
-    let (chain, key, ocsp) = parts;
-    if chain.is_empty() {
-        return Err(PyValueError::new_err("certificate chain is empty"));
-    }
-    let signing = rustls::sign::any_supported_type(&rustls::PrivateKey(key))
-        .map_err(|_| PyValueError::new_err("unsupported or invalid private key"))?;
-    let mut certified = CertifiedKey::new(chain.into_iter().map(rustls::Certificate).collect(), signing);
-    certified.ocsp = ocsp.filter(|der| !der.is_empty());
-    Ok(Arc::new(certified))
-}
-
-/// entries: [(hosts, chain, key, ocsp)]; the first entry naming a host wins.
-fn build_table(entries: Vec<(Vec<String>, Vec<Vec<u8>>, Vec<u8>, Option<Vec<u8>>)>, default: Option<CertParts>) -> PyResult<CertTable> {
-    let mut table = CertTable::default();
-    for (hosts, chain, key, ocsp) in entries {
-        let certified = certified_key((chain, key, ocsp))?;
-        for host in hosts {
-            match host.strip_prefix("*.") {
-                Some(parent) => table.wildcard.entry(parent.to_owned()).or_insert_with(|| certified.clone()),
-                None => table.exact.entry(host).or_insert_with(|| certified.clone()),
-            };
+/// Applies {name: value} to the settings; unknown names are an error (a typo must not pass).
+fn apply_limits(settings: &mut Settings, limits: &PyDict) -> PyResult<()> {
+    for (key, value) in limits.iter() {
+        let key: &str = key.extract()?;
+        let caps = &mut settings.caps;
+        match key {
+            "handshake_timeout" => settings.handshake_timeout = seconds(value)?,
+            "header_timeout" => settings.header_timeout = seconds(value)?,
+            "keepalive_timeout" => settings.keepalive_timeout = seconds(value)?,
+            "resets_per_second" => caps.resets = value.extract()?,
+            "server_resets_per_second" => caps.server_resets = value.extract()?,
+            "pings_per_second" => caps.pings = value.extract()?,
+            "settings_per_second" => caps.settings = value.extract()?,
+            "window_updates_per_second" => caps.window_updates = value.extract()?,
+            "empty_data_per_second" => caps.empty_data = value.extract()?,
+            "other_frames_per_second" => caps.other = value.extract()?,
+            "dropped_per_second" => caps.dropped_per_second = value.extract()?,
+            _ => return Err(PyValueError::new_err(format!("unknown limit {key:?}"))),
         }
     }
-    table.default = default.map(certified_key).transpose()?;
-    Ok(table)
+    Ok(())
 }
 
-fn tls_config(table: Arc<RwLock<Arc<CertTable>>>) -> Arc<rustls::ServerConfig> {
-    let mut cfg = rustls::ServerConfig::builder()
-        .with_safe_defaults()
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver(table)));
-    cfg.alpn_protocols = vec![b"h2".to_vec()]; // this increment serves HTTP/2 only
-    if let Ok(ticketer) = rustls::Ticketer::new() {
-        cfg.ticketer = ticketer; // per process; Verge's shared key ring: not yet
-    }
-    Arc::new(cfg)
-}
-
-// ----- the queue between the tokio thread and the asyncio loop ---------------------------
-
-enum Event {
-    Request { id: u64, method: hyper::Method, uri: hyper::Uri, headers: HeaderMap, has_body: bool, client: Arc<str> },
-    Data { id: u64, data: Bytes },
-    End { id: u64 },
-    Gone { id: u64 },
-    Room { id: u64 },
-}
-
-/// One response stream Python writes into (the async path). Only the map of open streams
-/// holds the sender: `finish` drops it, which ends the body.
-struct OutStream {
-    tx: mpsc::UnboundedSender<Chunk>,
-    flow: Arc<Flow>,
-}
-
-/// Bytes queued for a response stream, and whether its writer waits for room.
-#[derive(Default)]
-struct Flow {
-    queued: AtomicUsize,
-    wants_room: AtomicBool,
-}
-
-enum Chunk {
-    Data(Bytes),
-    Abort,
-}
-
-#[derive(Default)]
-struct Inner {
-    events: Vec<Event>,
-    waiters: HashMap<u64, oneshot::Sender<Response<OutBody>>>,
-    bodies: HashMap<u64, Arc<Semaphore>>,
-    streams: HashMap<u64, Arc<OutStream>>,
-}
-
-struct Shared {
-    inner: Mutex<Inner>,
-    next_id: AtomicU64,
-    efd: i32,
-    live: AtomicUsize,
-    kick: Notify,
-}
-
-impl Shared {
-    /// Queue an event (tokio thread only); the first one of a batch schedules the wake-up.
-    fn push(&self, event: Event) {
-        let first = {
-            let mut inner = self.inner.lock().unwrap();
-            inner.events.push(event);
-            inner.events.len() == 1
-        };
-        if first {
-            self.kick.notify_one();
-        }
-    }
-
-    fn wake_python(&self) {
-        let one: u64 = 1;
-        unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
-    }
-}
-
-/// Writes the eventfd once per scheduler pass rather than per request: after a kick it
-/// yields, so the connections made ready by the same poll queue their requests first, and
-/// the asyncio loop (often on the same core) wakes once for the whole batch.
-async fn waker(shared: Arc<Shared>) {
-    loop {
-        shared.kick.notified().await;
-        tokio::task::yield_now().await;
-        shared.wake_python();
-    }
-}
-
-// ----- response bodies -----------------------------------------------------------------------
-
-/// A whole body (the fast path) or a stream Python writes into.
-enum OutBody {
-    Full(Option<Bytes>),
-    Stream(StreamBody),
-}
-
-struct StreamBody {
-    rx: mpsc::UnboundedReceiver<Chunk>,
-    flow: Arc<Flow>,
-    shared: Arc<Shared>,
-    id: u64,
-    done: bool,
-}
-
-impl Drop for StreamBody {
-    fn drop(&mut self) {
-        self.shared.inner.lock().unwrap().streams.remove(&self.id);
-        if !self.done {
-            self.shared.push(Event::Gone { id: self.id }); // a writer may be waiting for room
-        }
-    }
-}
-
-impl HttpBody for OutBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_data(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        match self.get_mut() {
-            OutBody::Full(data) => Poll::Ready(data.take().map(Ok)),
-            OutBody::Stream(stream) => match stream.rx.poll_recv(cx) {
-                Poll::Ready(Some(Chunk::Data(data))) => {
-                    let left = stream.flow.queued.fetch_sub(data.len(), Ordering::AcqRel) - data.len();
-                    if left <= LOW_WATER && stream.flow.wants_room.swap(false, Ordering::AcqRel) {
-                        stream.shared.push(Event::Room { id: stream.id });
-                    }
-                    Poll::Ready(Some(Ok(data)))
-                }
-                Poll::Ready(Some(Chunk::Abort)) => {
-                    stream.done = true;
-                    Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::Other, "aborted"))))
-                }
-                Poll::Ready(None) => {
-                    stream.done = true;
-                    Poll::Ready(None)
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn poll_trailers(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, Self::Error>> {
-        Poll::Ready(Ok(None))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self, OutBody::Full(None))
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            OutBody::Full(Some(data)) => hyper::body::SizeHint::with_exact(data.len() as u64),
-            OutBody::Full(None) => hyper::body::SizeHint::with_exact(0),
-            OutBody::Stream(_) => hyper::body::SizeHint::default(),
-        }
-    }
-}
-
-fn bare_response(status: u16) -> Response<OutBody> {
-    let mut response = Response::new(OutBody::Full(None));
-    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    response
-}
-
-// ----- per connection and per stream ------------------------------------------------------
-
-struct ConnInfo {
-    client: Arc<str>,
-    resets: AtomicU32,
-    kill: Notify,
-}
-
-/// Notes a stream dropped before Python answered it: Python hears `Gone`, and a client
-/// dropping too many closes its connection.
-struct StreamGuard {
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
-    id: u64,
-    answered: bool,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        self.shared.inner.lock().unwrap().waiters.remove(&self.id);
-        self.shared.push(Event::Gone { id: self.id });
-        if self.conn.resets.fetch_add(1, Ordering::Relaxed) + 1 >= RESET_LIMIT {
-            self.conn.kill.notify_one();
-        }
-    }
-}
-
-async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Body>) -> Result<Response<OutBody>, Infallible> {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let (parts, body) = req.into_parts();
-    let has_body = !body.is_end_stream();
-    let (tx, rx) = oneshot::channel();
-    let mut guard = StreamGuard { shared: shared.clone(), conn: conn.clone(), id, answered: false };
-    let credit = has_body.then(|| Arc::new(Semaphore::new(BODY_WINDOW)));
-    let first = {
-        let mut inner = shared.inner.lock().unwrap();
-        inner.waiters.insert(id, tx);
-        if let Some(credit) = &credit {
-            inner.bodies.insert(id, credit.clone());
-        }
-        inner.events.push(Event::Request {
-            id,
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
-            has_body,
-            client: conn.client.clone(),
-        });
-        inner.events.len() == 1
-    };
-    if first {
-        shared.kick.notify_one();
-    }
-    if let Some(credit) = credit {
-        tokio::spawn(pump_body(shared.clone(), id, body, credit));
-    }
-    let response = rx.await.unwrap_or_else(|_| bare_response(503));
-    guard.answered = true;
-    Ok(response)
-}
-
-/// Request body to Python, at most BODY_WINDOW bytes ahead of what it has read.
-async fn pump_body(shared: Arc<Shared>, id: u64, mut body: Body, credit: Arc<Semaphore>) {
-    'read: loop {
-        match body.data().await {
-            None => {
-                shared.push(Event::End { id });
-                break;
-            }
-            Some(Err(_)) => {
-                shared.push(Event::Gone { id });
-                break;
-            }
-            Some(Ok(mut data)) => {
-                while !data.is_empty() {
-                    let part = data.split_to(data.len().min(BODY_WINDOW));
-                    match credit.acquire_many(part.len() as u32).await {
-                        Ok(permit) => permit.forget(),
-                        Err(_) => break 'read, // Python discarded the body
-                    }
-                    shared.push(Event::Data { id, data: part });
-                }
-            }
-        }
-    }
-    shared.inner.lock().unwrap().bodies.remove(&id);
-}
-
-struct LiveGuard(Arc<Shared>);
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-async fn connection(
-    tcp: tokio::net::TcpStream,
-    client: Arc<str>,
-    acceptor: tokio_rustls::TlsAcceptor,
-    http: Arc<Http>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let _live = LiveGuard(shared.clone());
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        _ => return,
-    };
-    let info = Arc::new(ConnInfo { client, resets: AtomicU32::new(0), kill: Notify::new() });
-    let svc_info = info.clone();
-    let svc = service_fn(move |req| handle(shared.clone(), svc_info.clone(), req));
-    let conn = http.serve_connection(tls, svc);
-    tokio::pin!(conn);
-    if !*stop.borrow() {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = info.kill.notified() => return, // too many dropped streams: close
-            _ = stop.changed() => {}
-        }
-    }
-    conn.as_mut().graceful_shutdown(); // GOAWAY; streams in flight finish
-    let _ = conn.await;
-}
-
-async fn serve(listener: std::net::TcpListener, http: Arc<Http>, tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!("h2front: cannot listen: {err}");
-            return;
-        }
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tokio::spawn(waker(shared.clone()));
-    while !*stop.borrow() {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await; // EMFILE and the like
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        shared.live.fetch_add(1, Ordering::SeqCst);
-        let client: Arc<str> = Arc::from(peer.ip().to_string());
-        tokio::spawn(connection(tcp, client, acceptor.clone(), http.clone(), shared.clone(), stop.clone()));
-    }
-    drop(listener); // stop accepting; connections drain (Python waits, bounded)
-    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-    while shared.live.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-// ----- the Python API ---------------------------------------------------------------------
+// ----- response heads -------------------------------------------------------------------------
 
 /// A response head built once (status + fields) and reused for every response that shares it.
 #[pyclass(frozen)]
@@ -492,39 +158,67 @@ fn body_bytes(obj: &PyAny) -> PyResult<Bytes> {
     Ok(joined.freeze())
 }
 
+/// An HTTP/1.x request-target as sent: origin-form, absolute-form (Python reduces it and
+/// takes its authority as Host), asterisk-form, or a CONNECT's authority-form.
+fn h1_target(uri: &Uri) -> String {
+    if uri.scheme().is_some() {
+        uri.to_string()
+    } else if let Some(path) = uri.path_and_query() {
+        path.as_str().to_owned()
+    } else if let Some(authority) = uri.authority() {
+        authority.as_str().to_owned()
+    } else {
+        "/".to_owned()
+    }
+}
+
+// ----- the server -------------------------------------------------------------------------------
+
 #[pyclass]
 struct Server {
     shared: Arc<Shared>,
-    certs: Arc<RwLock<Arc<CertTable>>>,
+    certs: SharedCerts,
+    tickets: Arc<SharedTickets>,
+    settings: Arc<RwLock<Settings>>,
     stop: watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    names: HashMap<HeaderName, Py<PyBytes>>,
+    // every method takes &self (interior mutability): `join` waits with the GIL released,
+    // and the loop's `take` must not then fail with "Already borrowed"
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    names: Mutex<HashMap<HeaderName, Py<PyBytes>>>,
+    versions: [Py<PyString>; 3], // "2", "1.1", "1.0"
 }
 
 impl Server {
-    fn name_bytes(&mut self, py: Python, name: &HeaderName) -> Py<PyBytes> {
-        if let Some(known) = self.names.get(name) {
+    fn name_bytes(names: &mut HashMap<HeaderName, Py<PyBytes>>, py: Python, name: &HeaderName) -> Py<PyBytes> {
+        if let Some(known) = names.get(name) {
             return known.clone_ref(py);
         }
         let made: Py<PyBytes> = PyBytes::new(py, name.as_str().as_bytes()).into();
-        if self.names.len() < NAME_CACHE {
-            self.names.insert(name.clone(), made.clone_ref(py));
+        if names.len() < NAME_CACHE {
+            names.insert(name.clone(), made.clone_ref(py));
         }
         made
     }
 
-    fn event_tuple(&mut self, py: Python, event: Event) -> PyObject {
+    fn event_tuple(&self, py: Python, names: &mut HashMap<HeaderName, Py<PyBytes>>, event: Event) -> PyObject {
         match event {
-            Event::Request { id, method, uri, headers, has_body, client } => {
+            Event::Request { id, method, uri, headers, has_body, client, version } => {
                 let fields = PyList::empty(py);
                 for (name, value) in headers.iter() {
-                    let name = self.name_bytes(py, name);
+                    let name = Self::name_bytes(names, py, name);
                     let _ = fields.append((name, PyBytes::new(py, value.as_bytes())));
                 }
-                let path = uri.path_and_query().map(|p| PyBytes::new(py, p.as_str().as_bytes()));
-                let authority = uri.authority().map(|a| PyBytes::new(py, a.as_str().as_bytes()));
                 let method = PyBytes::new(py, method.as_str().as_bytes());
-                (0u8, id, method, path, authority, fields, has_body, &*client).into_py(py)
+                if version == Version::HTTP_2 {
+                    let path = uri.path_and_query().map(|p| PyBytes::new(py, p.as_str().as_bytes()));
+                    let authority = uri.authority().map(|a| PyBytes::new(py, a.as_str().as_bytes()));
+                    let version = self.versions[0].clone_ref(py);
+                    (0u8, id, method, path, authority, fields, has_body, &*client, version).into_py(py)
+                } else {
+                    let target = PyBytes::new(py, h1_target(&uri).as_bytes());
+                    let version = self.versions[if version == Version::HTTP_10 { 2 } else { 1 }].clone_ref(py);
+                    (0u8, id, method, target, py.None(), fields, has_body, &*client, version).into_py(py)
+                }
             }
             Event::Data { id, data } => (1u8, id, PyBytes::new(py, &data)).into_py(py),
             Event::End { id } => (2u8, id).into_py(py),
@@ -534,47 +228,74 @@ impl Server {
     }
 }
 
+fn http_builders(max_streams: u32, max_header_list: u32, stream_window: u32, connection_window: u32) -> (Http, Http) {
+    let mut h2 = Http::new();
+    h2.http2_only(true)
+        .http2_max_concurrent_streams(max_streams)
+        .http2_max_header_list_size(max_header_list)
+        .http2_initial_stream_window_size(stream_window)
+        .http2_initial_connection_window_size(connection_window)
+        .http2_max_send_buf_size(256 * 1024);
+    let mut h1 = Http::new();
+    h1.http1_only(true)
+        .http1_keep_alive(true)
+        .http1_title_case_headers(true) // "Content-Type", as nginx and the Python server write
+        .max_buf_size(H1_BUFFER);
+    (h1, h2)
+}
+
 #[pymethods]
 impl Server {
-    /// Serve TLS + HTTP/2 on a listening socket (its fd is now owned by the server).
+    /// Serve TLS (HTTP/2 and HTTP/1.1 by ALPN) on a listening socket (its fd is now owned by
+    /// the server). `limits`: see `set_limits`.
     #[new]
-    #[args(default = "None", max_streams = "100", max_header_list = "65536", stream_window = "262144", connection_window = "1048576")]
+    #[args(default = "None", max_streams = "100", max_header_list = "65536", stream_window = "262144", connection_window = "1048576", limits = "None")]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python,
         fd: i32,
-        certs: Vec<(Vec<String>, Vec<Vec<u8>>, Vec<u8>, Option<Vec<u8>>)>,
+        certs: Vec<CertEntry>,
         default: Option<CertParts>,
         max_streams: u32,
         max_header_list: u32,
         stream_window: u32,
         connection_window: u32,
+        limits: Option<&PyDict>,
     ) -> PyResult<Self> {
-        let table = Arc::new(RwLock::new(Arc::new(build_table(certs, default)?)));
+        let table: SharedCerts = Arc::new(RwLock::new(Arc::new(tls::build_table(certs, default)?)));
+        let mut settings = default_settings(max_header_list);
+        if let Some(limits) = limits {
+            apply_limits(&mut settings, limits)?;
+        }
+        let settings = Arc::new(RwLock::new(settings));
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
             return Err(PyOSError::new_err("eventfd failed"));
         }
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         listener.set_nonblocking(true).map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let shared = Arc::new(Shared { inner: Mutex::new(Inner::default()), next_id: AtomicU64::new(1), efd, live: AtomicUsize::new(0), kick: Notify::new() });
-        let mut http = Http::new();
-        http.http2_only(true)
-            .http2_max_concurrent_streams(max_streams)
-            .http2_max_header_list_size(max_header_list)
-            .http2_initial_stream_window_size(stream_window)
-            .http2_initial_connection_window_size(connection_window)
-            .http2_max_send_buf_size(256 * 1024);
-        let (http, tls, thread_shared) = (Arc::new(http), tls_config(table.clone()), shared.clone());
+        let shared = Arc::new(Shared::new(efd));
+        let tickets = Arc::new(SharedTickets::new());
+        let (h1, h2) = http_builders(max_streams, max_header_list, stream_window, connection_window);
+        let ctx = Arc::new(Ctx {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(table.clone(), tickets.clone())),
+            h1,
+            h2,
+            shared: shared.clone(),
+            settings: settings.clone(),
+        });
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("verge-h2front".into())
             .spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-                runtime.block_on(serve(listener, http, tls, thread_shared, stopped));
+                runtime.block_on(conn::serve(listener, ctx, stopped));
                 runtime.shutdown_timeout(Duration::from_millis(100));
             })
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(Server { shared, certs: table, stop, thread: Some(thread), names: HashMap::new() })
+        let versions = ["2", "1.1", "1.0"].map(|v| PyString::new(py, v).into());
+        let (thread, names) = (Mutex::new(Some(thread)), Mutex::new(HashMap::new()));
+        Ok(Server { shared, certs: table, tickets, settings, stop, thread, names, versions })
     }
 
     /// The eventfd to watch (loop.add_reader): readable while events wait.
@@ -583,24 +304,26 @@ impl Server {
     }
 
     /// Every waiting event, as tuples (see the module docs).
-    fn take<'p>(&mut self, py: Python<'p>) -> &'p PyList {
+    fn take<'p>(&self, py: Python<'p>) -> &'p PyList {
         let mut counter = 0u64;
         unsafe { libc::read(self.shared.efd, &mut counter as *mut u64 as *mut libc::c_void, 8) };
         let events = std::mem::take(&mut self.shared.inner.lock().unwrap().events);
         let list = PyList::empty(py);
+        let mut names = self.names.lock().unwrap();
         for event in events {
-            let _ = list.append(self.event_tuple(py, event));
+            let _ = list.append(self.event_tuple(py, &mut names, event));
         }
         list
     }
 
-    /// A reusable response head from a status and [(name, value)] (lower-case bytes).
+    /// A reusable response head from a status and [(name, value)] (bytes).
     fn head(&self, status: u16, fields: &PyList) -> PyResult<Head> {
         make_head(status, fields)
     }
 
-    /// Whole responses: [(id, Head, body)]; body is bytes or a sequence of bytes. Answers
-    /// to streams that are gone are dropped.
+    /// Whole responses: [(id, Head, body)] or [(id, Head, body, close)]; body is bytes or a
+    /// sequence of bytes; `close` ends an HTTP/1.1 connection after the response. Answers
+    /// to requests that are gone are dropped.
     fn respond(&self, answers: &PyList) -> PyResult<()> {
         let mut ready = Vec::with_capacity(answers.len());
         for item in answers.iter() {
@@ -608,29 +331,54 @@ impl Server {
             let id: u64 = item.get_item(0)?.extract()?;
             let head: PyRef<Head> = item.get_item(1)?.extract()?;
             let body = body_bytes(item.get_item(2)?)?;
-            let body = if body.is_empty() { None } else { Some(body) };
-            ready.push((id, with_head(&head, OutBody::Full(body))));
+            let close = item.len() > 3 && item.get_item(3)?.is_true()?;
+            ready.push((id, Answer { response: with_head(&head, OutBody::full(body)), close, tunnel: None }));
         }
         let mut inner = self.shared.inner.lock().unwrap();
-        for (id, response) in ready {
+        for (id, answer) in ready {
             if let Some(tx) = inner.waiters.remove(&id) {
-                let _ = tx.send(response);
+                let _ = tx.send(answer);
             }
         }
         Ok(())
     }
 
-    /// Start a streamed response; False when the stream is gone.
-    fn start_stream(&self, id: u64, head: PyRef<Head>) -> bool {
+    /// Start a streamed response; False when the request is gone.
+    #[args(close = "false")]
+    fn start_stream(&self, id: u64, head: PyRef<Head>, close: bool) -> bool {
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(Flow::default());
-        let out = Arc::new(OutStream { tx, flow: flow.clone() });
-        let body = StreamBody { rx, flow, shared: self.shared.clone(), id, done: false };
+        let body = StreamBody { rx, flow: flow.clone(), shared: self.shared.clone(), id, done: false };
         let mut inner = self.shared.inner.lock().unwrap();
         let Some(waiter) = inner.waiters.remove(&id) else { return false };
-        inner.streams.insert(id, out);
+        inner.streams.insert(id, Arc::new(OutStream { tx, flow }));
         drop(inner);
-        waiter.send(with_head(&head, OutBody::Stream(body))).is_ok()
+        let response = with_head(&head, OutBody::stream(body));
+        waiter.send(Answer { response, close, tunnel: None }).is_ok()
+    }
+
+    /// Accept an HTTP/1.1 upgrade: answer with `head` (a 101 whose fields include Upgrade
+    /// and Connection), then the connection is a byte stream: the client's bytes arrive as
+    /// events 1 and 2 (`ack` them), `send` writes to it, `finish` or `abort` closes it.
+    /// False when the request is gone.
+    fn upgrade(&self, id: u64, head: PyRef<Head>) -> bool {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flow = Arc::new(Flow::default());
+        let credit = Credit::new();
+        let mut inner = self.shared.inner.lock().unwrap();
+        let Some(waiter) = inner.waiters.remove(&id) else { return false };
+        inner.streams.insert(id, Arc::new(OutStream { tx, flow: flow.clone() }));
+        inner.bodies.insert(id, credit.clone());
+        drop(inner);
+        let tunnel = Tunnel { rx, flow, credit };
+        let answer = Answer { response: with_head(&head, OutBody::empty()), close: false, tunnel: Some(tunnel) };
+        if waiter.send(answer).is_ok() {
+            return true;
+        }
+        let mut inner = self.shared.inner.lock().unwrap();
+        inner.streams.remove(&id);
+        inner.bodies.remove(&id);
+        false
     }
 
     /// Queue body bytes; True when the writer should wait for room (event 4).
@@ -649,46 +397,68 @@ impl Server {
         Ok(full)
     }
 
-    /// Response bytes queued and not yet taken by HTTP/2 (None: the stream is gone).
+    /// Response bytes queued and not yet taken by the protocol (None: the stream is gone).
     fn queued(&self, id: u64) -> Option<usize> {
         let inner = self.shared.inner.lock().unwrap();
         inner.streams.get(&id).map(|out| out.flow.queued.load(Ordering::Acquire))
     }
 
-    /// End a streamed response (END_STREAM after the queued bytes).
+    /// End a streamed response (END_STREAM or the last chunk after the queued bytes).
     fn finish(&self, id: u64) {
         self.shared.inner.lock().unwrap().streams.remove(&id);
     }
 
-    /// Reset a streamed response (RST_STREAM) or answer a pending one with a bare 500.
+    /// Reset a streamed response (RST_STREAM; HTTP/1.1: the connection closes) or answer a
+    /// pending one with a bare 500.
     fn abort(&self, id: u64) {
         let mut inner = self.shared.inner.lock().unwrap();
         if let Some(out) = inner.streams.remove(&id) {
             let _ = out.tx.send(Chunk::Abort);
         } else if let Some(waiter) = inner.waiters.remove(&id) {
-            let _ = waiter.send(bare_response(500));
+            let _ = waiter.send(Answer::bare(500));
         }
     }
 
     /// Give back credit for `count` request-body bytes Python has read.
     fn ack(&self, id: u64, count: usize) {
         if let Some(credit) = self.shared.inner.lock().unwrap().bodies.get(&id) {
-            credit.add_permits(count);
+            credit.permits.add_permits(count);
         }
     }
 
     /// Python will not read the rest of this request body.
     fn discard_body(&self, id: u64) {
         if let Some(credit) = self.shared.inner.lock().unwrap().bodies.remove(&id) {
-            credit.close();
+            credit.discard();
         }
     }
 
     /// Swap the certificate table (new handshakes use it; open connections keep theirs).
     #[args(default = "None")]
-    fn set_certs(&self, certs: Vec<(Vec<String>, Vec<Vec<u8>>, Vec<u8>, Option<Vec<u8>>)>, default: Option<CertParts>) -> PyResult<()> {
-        let table = Arc::new(build_table(certs, default)?);
+    fn set_certs(&self, certs: Vec<CertEntry>, default: Option<CertParts>) -> PyResult<()> {
+        let table = Arc::new(tls::build_table(certs, default)?);
         *self.certs.write().unwrap() = table;
+        Ok(())
+    }
+
+    /// The node's session ticket keys, 80 bytes each (verge.http.tls_tickets.TicketKey
+    /// .to_bytes()), the encrypting key first; all of them open presented tickets.
+    fn set_ticket_keys(&self, keys: Vec<Vec<u8>>) -> PyResult<()> {
+        self.tickets.set_keys(&keys)
+    }
+
+    /// The names of the ticket keys in use, encrypting key first.
+    fn ticket_key_names<'p>(&self, py: Python<'p>) -> Vec<&'p PyBytes> {
+        self.tickets.key_names().iter().map(|name| PyBytes::new(py, name)).collect()
+    }
+
+    /// Timeouts (seconds: handshake_timeout, header_timeout, keepalive_timeout) and HTTP/2
+    /// flood caps (per second: resets, server_resets, pings, settings, window_updates,
+    /// empty_data, other_frames, dropped; each `<name>_per_second`). New connections use them.
+    fn set_limits(&self, limits: &PyDict) -> PyResult<()> {
+        let mut settings = *self.settings.read().unwrap();
+        apply_limits(&mut settings, limits)?;
+        *self.settings.write().unwrap() = settings;
         Ok(())
     }
 
@@ -697,16 +467,17 @@ impl Server {
         self.shared.live.load(Ordering::SeqCst)
     }
 
-    /// Stop accepting and send GOAWAY on every connection; streams in flight finish.
-    /// Returns at once: the asyncio loop must keep answering meanwhile.
+    /// Stop accepting and send GOAWAY on every connection (HTTP/1.1: keep-alive off);
+    /// requests in flight finish. Returns at once: the asyncio loop must keep answering.
     fn shutdown(&self) {
         let _ = self.stop.send(true);
     }
 
     /// Wait for the server thread (after `shutdown` and the drain).
-    fn join(&mut self, py: Python) {
+    fn join(&self, py: Python) {
         let _ = self.stop.send(true);
-        if let Some(thread) = self.thread.take() {
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(thread) = thread {
             py.allow_threads(|| {
                 let _ = thread.join();
             });
@@ -720,5 +491,6 @@ fn _h2front(_py: Python, m: &PyModule) -> PyResult<()> {
     m.add_class::<Head>()?;
     m.add("BODY_WINDOW", BODY_WINDOW)?;
     m.add("HIGH_WATER", HIGH_WATER)?;
+    m.add("TICKET_KEY_BYTES", tls::KEY_BYTES)?;
     Ok(())
 }
