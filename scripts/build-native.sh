@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build Verge's native HTTPS front (native/h2front) and install it as
-# verge/http/_h2front.<abi>.so, for `verge edge --https ... --h2-engine native`.
+# verge/http/_h2front.<abi>.so: the HTTPS engine of `verge edge --https ...` (--h2-engine auto|native).
 #
 # The crate builds offline from Debian's packaged crates (/usr/share/cargo/registry, see
 # native/h2front/.cargo/config.toml): missing librust-*-dev packages are installed with

@@ -66,8 +66,12 @@ def _choose_h2_engine(engine: str, https: bool) -> None:
     """--h2-engine: checked here, handed to the workers through their environment."""
     from verge.edge.worker import H2_ENGINE_ENV
 
-    if engine not in ("python", "native"):
-        _fail("--h2-engine must be 'python' or 'native'")
+    if engine not in ("auto", "python", "native"):
+        _fail("--h2-engine must be 'auto', 'python' or 'native'")
+    if engine == "auto":
+        from verge.http import native_h2
+
+        engine = "native" if https and native_h2.available() else "python"
     if engine == "native":
         from verge.http import native_h2
 
@@ -105,8 +109,9 @@ def edge(
     tls_cert: Annotated[Path | None, typer.Option(help="Default certificate (PEM chain) for --https.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Key of --tls-cert.")] = None,
     h2_engine: Annotated[str, typer.Option(
-        help="HTTPS engine: 'python' (TLS 1.2/1.3, HTTP/2 and HTTP/1.1) or 'native' (Rust: "
-             "rustls + hyper, HTTP/2 only; build it with scripts/build-native.sh).")] = "python",
+        help="HTTPS engine: 'native' (Rust: rustls + hyper, HTTP/2 and HTTP/1.1, built by "
+             "make install / scripts/build-native.sh), 'python' (the ssl module + h2), or "
+             "'auto': native when it is built, else python.")] = "auto",
 ) -> None:
     """Run an edge cache node in front of one or more origins."""
     from verge.config import ConfigError

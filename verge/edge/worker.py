@@ -180,8 +180,9 @@ class Worker:
     async def _serve_https(self) -> None:
         """The TLS listener: SNI picks the certificate, ALPN the protocol (h2 or http/1.1).
 
-        With ``verge edge --h2-engine native`` (VERGE_H2_ENGINE=native) the native front
-        (:mod:`verge.http.native_h2`) serves it instead: TLS and HTTP/2 in Rust, h2 only.
+        With the native engine (``verge edge --h2-engine native``, or ``auto`` when it is
+        built: VERGE_H2_ENGINE=native) the native front (:mod:`verge.http.native_h2`) serves
+        it: TLS, HTTP/2 and HTTP/1.1 in Rust; else the Python ssl + h2 listener.
         """
         from verge.http.alpn import serve_tls
         from verge.http.tls import TlsStore
