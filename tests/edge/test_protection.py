@@ -6,6 +6,7 @@ spoofed X-Forwarded-For from an untrusted peer, a denied user agent."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from verge.protect.waf import CRS_DIR
@@ -145,3 +146,28 @@ def test_detect_mode_counts_but_serves(protected, origin):
         metrics = admin.get("/metrics").text
     assert 'verge_waf_requests_total{outcome="detected",service="site"} 1.0' in metrics
     assert 'verge_waf_requests_total{outcome="blocked",service="site"} 0.0' in metrics
+
+
+TWO_WORKER_CONFIG = """
+services:
+  - name: site
+    hosts: [127.0.0.1]
+    origins: ["{origin}"]
+    protection:
+      rate_limits:
+        - {{name: by-ip, match: {{path: /ip/}}, rate: 5/m, burst: 4}}
+        - {{name: by-key, match: {{path: /key/}}, key: "header:X-Api-Key", rate: 5/m, burst: 4}}
+"""
+
+
+@pytest.mark.parametrize(("path", "headers"), [("/ip/a", {}), ("/key/a", {"X-Api-Key": "k"})])
+def test_limits_are_exact_across_two_workers(edge_factory, origin, path, headers):
+    """Each request on a new connection (the kernel would spread them over both workers):
+    client-IP keys meet in one worker (the steering BPF program), header keys in the node's
+    shared table — exactly the burst gets through, not one burst per worker."""
+    origin.route("/*", headers=[("Cache-Control", "no-store")], body=b"ok\n")
+    edge = edge_factory(config=TWO_WORKER_CONFIG.format(origin=origin.url), workers=2)
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with edge.client(limits=fresh) as c:
+        statuses = [c.get(path, headers=headers).status_code for _ in range(12)]
+    assert statuses.count(200) == 5 and statuses.count(429) == 7

@@ -45,7 +45,14 @@ from verge.edge.deliver import (
 from verge.edge.fetch import Fetcher, proxy_request_headers, relayed
 from verge.edge.ingest import EdgeIngest
 from verge.edge.origins import OriginSet, ParentSet
-from verge.edge.protect import ADMITTED, FieldsWriter, ServiceProtection, with_fields
+from verge.edge.protect import (
+    ADMITTED,
+    ALONE,
+    FieldsWriter,
+    ProtectSharing,
+    ServiceProtection,
+    with_fields,
+)
 from verge.edge.signing import admit, take_param
 from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
@@ -104,7 +111,9 @@ class EdgeApp:
     def __init__(self, config, cache: TieredCache, pool: OriginPool, *, metrics: EdgeMetrics,
                  access_log: AccessLog, node: str = "verge", name: str | None = None,
                  parents: Sequence[str] = (), compute: EdgeCompute | None = None,
-                 ingest: EdgeIngest | None = None) -> None:
+                 ingest: EdgeIngest | None = None,
+                 protect: ProtectSharing = ALONE) -> None:
+        self.protect = protect  # rate-limit state across workers (verge.edge.protect)
         self.cache = cache
         self.pool = pool
         self.metrics = metrics
@@ -174,9 +183,16 @@ class EdgeApp:
         if service.protection is None:
             return None
         if previous is not None and previous.protection is not None and \
-                previous.service.protection == service.protection:
+                previous.service.protection == service.protection and \
+                previous.protection.sharing == self.protect:
             return previous.protection
-        return ServiceProtection(service.name, service.protection)
+        return ServiceProtection(service.name, service.protection, self.protect)
+
+    def set_protect_sharing(self, *, steered: bool) -> None:
+        """The listeners could not steer clients to workers (or now can): rebuild the rate
+        limits with their state where it is exact (worker-local or the shared table)."""
+        self.protect = dataclasses.replace(self.protect, steered=steered)
+        self.apply_config(self.config)
 
     def protection_stats(self) -> dict:
         """{service: counters} of the services with a protection block (for /metrics)."""

@@ -35,6 +35,7 @@ from verge.edge.compute import MODULE_PREFIX
 from verge.http.server import ServerLimits, ensure_sweeper, reuseport_socket, serve
 from verge.http.tls import InlinePemFiles
 from verge.http.tls_tickets import TicketKeySchedule
+from verge.protect.shared import SharedTable
 
 log = logging.getLogger("verge.node")
 
@@ -81,11 +82,11 @@ class WorkerHandle:
         self.lock = asyncio.Lock()
         self.started_at = 0.0
 
-    async def start(self, init: dict) -> None:
+    async def start(self, init: dict, shared_fds: tuple[int, ...] = ()) -> None:
         parent, child = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "verge.edge.worker", "--fd", str(child.fileno())],
-            pass_fds=(child.fileno(),),
+            pass_fds=(child.fileno(), *shared_fds),
         )
         child.close()
         self.started_at = time.monotonic()
@@ -126,6 +127,9 @@ class Node:
         self._stopping = asyncio.Event()
         self.agent: ControlAgent | None = None
         self.ticket_keys = TicketKeySchedule()  # shared by all workers; never logged
+        # rate-limit state every worker sees (keys the client steering cannot make
+        # worker-local: verge.edge.protect)
+        self.rate_table = SharedTable.create()
         self.pem_files = InlinePemFiles(Path(options.cache_dir) / "control" / "certs")
         if options.control:
             self.agent = ControlAgent(self, options.control, options.join_token)
@@ -189,7 +193,8 @@ class Node:
     def init_payload(self, index: int) -> dict:
         return {"index": index, "options": self.options.public(),
                 "config": self.local_config(self.config).model_dump(mode="json"),
-                "tls_tickets": self.ticket_keys.encoded()}
+                "tls_tickets": self.ticket_keys.encoded(),
+                "rate_table_fd": self.rate_table.fileno()}
 
     def reserve_listen_port(self) -> socket.socket:
         """Bind (not listen) the client port with SO_REUSEPORT for the node's lifetime.
@@ -220,7 +225,8 @@ class Node:
         https_reservation = self.reserve_https_port()
         if self.agent is not None:
             await self.agent.catch_up()
-        await asyncio.gather(*(w.start(self.init_payload(w.index)) for w in self.workers))
+        shared = (self.rate_table.fileno(),)
+        await asyncio.gather(*(w.start(self.init_payload(w.index), shared) for w in self.workers))
         admin = AdminApp(self)
         await serve(admin, admin_sock, ServerLimits(max_body_bytes=1 << 20))
         loop = asyncio.get_running_loop()
@@ -265,7 +271,8 @@ class Node:
                     if time.monotonic() - worker.started_at < 1.0:
                         await asyncio.sleep(1.0)
                     with contextlib.suppress(Exception):
-                        await worker.start(self.init_payload(worker.index))
+                        await worker.start(self.init_payload(worker.index),
+                                           (self.rate_table.fileno(),))
 
     def sweep_after(self, worker: WorkerHandle) -> None:
         """Remove the temp files a dead worker left in the disk tier (a fill cut short by

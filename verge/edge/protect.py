@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from verge.http.response import Response
 from verge.http.server import text_response
 from verge.protect.ratelimit import RateLimiter, too_many_requests
 from verge.protect.settings import Protection
+from verge.protect.shared import SharedTable
 from verge.protect.waf import Waf, WafUnavailable
 
 log = logging.getLogger("verge.protect")
@@ -40,16 +42,32 @@ class Admission(NamedTuple):
 ADMITTED = Admission()
 
 
+@dataclass(frozen=True, slots=True)
+class ProtectSharing:
+    """How a worker's rate limits meet the other workers': the node's shared table (None:
+    each worker counts alone) and whether each client address's connections are steered to
+    one worker (then client-IP keys are exact in the worker's own memory)."""
+
+    table: SharedTable | None = None
+    steered: bool = False
+
+
+ALONE = ProtectSharing()  # one worker's own counts (tests, single processes)
+
+
 class ServiceProtection:
     """What the protect phase holds for one service (built once per config change of its
     ``protection`` block: rate-limit state survives reloads that leave it alone)."""
 
-    def __init__(self, service: str, settings: Protection, *, steered: bool = False) -> None:
+    def __init__(self, service: str, settings: Protection,
+                 sharing: ProtectSharing = ALONE) -> None:
         self.service = service
         self.settings = settings
+        self.sharing = sharing
         self.addresses = settings.client_addresses()
         self.limiter = RateLimiter(settings.rule_specs(), addresses=self.addresses,
-                                   steered=steered, scope=service) \
+                                   shared=sharing.table, steered=sharing.steered,
+                                   scope=service) \
             if settings.rate_limits else None
         deny = settings.deny
         self.deny = deny.deny_list() if deny.cidrs or deny.user_agents or deny.countries \

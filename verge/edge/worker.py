@@ -30,6 +30,7 @@ from verge.config import Config
 from verge.edge.app import EdgeApp
 from verge.edge.compute import EdgeCompute
 from verge.edge.ingest import EdgeIngest
+from verge.edge.protect import ProtectSharing
 from verge.http.client import OriginPool
 from verge.http.server import (
     CLOCK,
@@ -41,6 +42,8 @@ from verge.http.server import (
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
+from verge.protect.shared import SharedTable
+from verge.protect.steer import attach_client_steering
 
 log = logging.getLogger("verge.worker")
 H2_ENGINE_ENV = "VERGE_H2_ENGINE"  # "native": HTTPS by verge.http.native_h2
@@ -91,7 +94,12 @@ class Worker:
         self.metrics = EdgeMetrics()
         self.access_log = AccessLog(self.options.get("access_log"))
         self.compute = EdgeCompute(self.options["cache_dir"])
+        table_fd = init.get("rate_table_fd")
+        self.workers = workers
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
+                           protect=ProtectSharing(
+                               SharedTable.attach(table_fd) if table_fd is not None else None,
+                               steered=True),  # until a listener refuses the steering
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
                            compute=self.compute,
@@ -108,6 +116,7 @@ class Worker:
             await asyncio.wait({mounting}, timeout=MOUNT_SECONDS)
         host, port = self.options["listen_host"], self.options["listen_port"]
         sock = reuseport_socket(host, port)
+        self.steer(sock)
         self.server = await serve(self.app, sock, self.limits)
         if self.options.get("https_port"):
             await self._serve_https()
@@ -189,6 +198,7 @@ class Worker:
 
         host, port = self.options["https_host"], self.options["https_port"]
         sock = reuseport_socket(host, port)
+        self.steer(sock)
         self.app.https_port = port
         if os.environ.get(H2_ENGINE_ENV) == "native":
             from verge.http.native_h2 import serve_native_h2
@@ -202,6 +212,20 @@ class Worker:
                                               self.tls.server_context())
         self.set_ticket_keys(self.ticket_keys)
         await self._serve_h3(host, port)
+
+    def steer(self, sock: socket.socket) -> None:
+        """Send each client address's connections to one worker (a classic BPF program on
+        the port's SO_REUSEPORT group), so client-IP rate limits are exact in the worker's
+        own memory. A kernel that refuses it leaves the kernel's spreading: those limits
+        then go through the node's shared table."""
+        if self.workers == 1:
+            return
+        try:
+            attach_client_steering(sock, self.workers)
+        except OSError as exc:
+            log.warning("client steering unavailable (%s): rate limits use the shared table",
+                        exc)
+            self.app.set_protect_sharing(steered=False)
 
     def set_ticket_keys(self, encoded: list[str]) -> dict:
         """The node's shared session ticket keys (first encrypts), so any worker resumes."""
