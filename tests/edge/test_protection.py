@@ -6,6 +6,9 @@ spoofed X-Forwarded-For from an untrusted peer, a denied user agent."""
 
 from __future__ import annotations
 
+import re
+import socket
+
 import httpx
 import pytest
 
@@ -171,3 +174,43 @@ def test_limits_are_exact_across_two_workers(edge_factory, origin, path, headers
     with edge.client(limits=fresh) as c:
         statuses = [c.get(path, headers=headers).status_code for _ in range(12)]
     assert statuses.count(200) == 5 and statuses.count(429) == 7
+
+
+CAPPED_CONFIG = """
+services:
+  - name: site
+    hosts: [127.0.0.1]
+    origins: ["{origin}"]
+    protection: {{connections_per_ip: 3}}
+"""
+
+
+def unanswered(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_cap_per_address_and_a_raised_open_files_limit(edge_factory, origin):
+    origin.route("/*", body=b"ok\n")
+    edge = edge_factory(config=CAPPED_CONFIG.format(origin=origin.url))
+    held = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(3)]
+    try:
+        for sock in held:  # the three are served
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        extra = socket.create_connection(("127.0.0.1", edge.port))
+        extra.sendall(b"GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert unanswered(extra)  # the fourth is closed (reset) unanswered
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+    with edge.client() as c:  # closed connections no longer count
+        assert c.get("/a").status_code == 200
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert "verge_connections_refused_by_cap 1.0" in metrics
+    limit = re.search(r"^verge_open_files_limit (\S+)$", metrics, re.MULTILINE)
+    assert float(limit.group(1)) >= 1024

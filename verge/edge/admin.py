@@ -71,6 +71,8 @@ class AdminApp(HttpApp):
             "cache_memory_objects": sum(s.get("memory_objects", 0) for s in stats),
             "cache_disk_bytes": self.node.disk.used_bytes,
             "workers": len(stats),
+            "open_files_limit": min((s.get("open_files_limit", 0) for s in stats), default=0),
+            "connections_refused_by_cap": sum(s.get("connections_refused", 0) for s in stats),
         }
         body = render(snap, gauges)
         return text_response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")

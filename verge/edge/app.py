@@ -48,6 +48,7 @@ from verge.edge.origins import OriginSet, ParentSet
 from verge.edge.protect import (
     ADMITTED,
     ALONE,
+    ConnectionGate,
     FieldsWriter,
     ProtectSharing,
     ServiceProtection,
@@ -161,6 +162,9 @@ class EdgeApp:
                                                     self._protection(service, previous))
         self.config = config
         self.runtimes = runtimes
+        self.connection_gate = ConnectionGate.of(
+            [s.protection for s in config.services if s.protection is not None],
+            getattr(self, "connection_gate", None))
         if self.compute is not None and config.functions != self._functions:
             self.compute.apply(config.functions)
             self._functions = list(config.functions)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from verge.http.response import Response
 from verge.http.server import text_response
+from verge.protect.deny import ConnectionCap
 from verge.protect.ratelimit import RateLimiter, too_many_requests
 from verge.protect.settings import Protection
 from verge.protect.shared import SharedTable
@@ -127,6 +128,38 @@ class ServiceProtection:
     def close(self) -> None:
         if self.waf is not None:
             self.waf.close()
+
+
+class ConnectionGate:
+    """The per-address connection cap of a node (``connections_per_ip``): a connection has
+    no service when it is accepted, so the smallest cap any service asks for applies, and
+    the services' trusted proxies are exempt (many clients share their address). IPv6
+    clients count per /64 (or the configured prefix), as their rate limits do."""
+
+    def __init__(self, services: list[Protection]) -> None:
+        capped = [p for p in services if p.connections_per_ip is not None]
+        self.limit = min(p.connections_per_ip for p in capped)
+        exempt = sorted({cidr for p in services for cidr in p.trusted_proxies})
+        self.key = (self.limit, tuple(exempt))
+        self.cap = ConnectionCap(self.limit, exempt=exempt)
+        self.addresses = capped[0].client_addresses()
+
+    @classmethod
+    def of(cls, services: list[Protection], previous: ConnectionGate | None):
+        """The gate for a config (None: no service caps connections); the previous one is
+        kept, with its counts, when the cap is the same."""
+        if not any(p.connections_per_ip is not None for p in services):
+            return None
+        gate = cls(services)
+        if previous is not None and previous.key == gate.key:
+            return previous
+        return gate
+
+    def opened(self, peer: str) -> bool:
+        return self.cap.opened(self.addresses.peer_key(peer))
+
+    def closed(self, peer: str) -> None:
+        self.cap.closed(self.addresses.peer_key(peer))
 
 
 def with_fields(response: Response, fields) -> Response:

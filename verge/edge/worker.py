@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -172,6 +173,9 @@ class Worker:
             snap["connections"] = len(HttpServerProtocol.connections)
             snap["functions"] = self.compute.stats()
             snap["protection"] = self.app.protection_stats()
+            snap["open_files_limit"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            gate = self.app.connection_gate
+            snap["connections_refused"] = gate.cap.refused if gate is not None else 0
             return {"ok": True, "stats": snap}
         if op == "config":
             self.apply_config(Config.model_validate(msg["config"]))
@@ -303,6 +307,22 @@ class Worker:
                 log.exception("disk index flush failed")
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (often 1024 -> 524288): a flood of
+    connections must meet the connection caps and timeouts, not EMFILE on accept. Returns
+    the limit now in force (reported in the worker's stats)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+    return soft
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="verge edge worker (started by `verge edge`)")
     parser.add_argument("--fd", type=int, required=True)
@@ -318,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         data += chunk
     init = json.loads(data)
+    raise_open_files_limit()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     CLOCK.tick()
     worker = Worker(init)

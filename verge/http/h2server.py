@@ -45,11 +45,11 @@ from verge.http.server import (
     CLOCK,
     FRAMING_FIELDS,
     NO_BODY_STATUSES,
-    HttpServerProtocol,
     ProtocolLimitError,
     QueuedBody,
     ServerLimits,
     adopt_transport,
+    release_transport,
     text_response,
 )
 from verge.http.target import BadTarget, normalize_target
@@ -461,6 +461,7 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client = ""
         self.scheme = "http"
+        self.gate = None  # the connection gate that counted this connection (adopt_transport)
         self.max_header_list_size = limits.max_header_bytes + 4096
         self.conn = self._new_connection()
         self._streams: dict[int, _Stream] = {}
@@ -498,13 +499,14 @@ class H2ServerProtocol(StreamDispatch, asyncio.Protocol):
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
-        adopt_transport(self, transport)  # the shared sweeper enforces our timeouts
+        if not adopt_transport(self, transport):  # the shared sweeper enforces our timeouts
+            return
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(self.CONNECTION_WINDOW - 65535)
         self._flush()
 
     def connection_lost(self, exc) -> None:
-        HttpServerProtocol.connections.discard(self)
+        release_transport(self)
         self._closing = True
         for stream in list(self._streams.values()):
             self._kill_stream(stream, ConnectionResetError("client closed the connection"))

@@ -454,9 +454,11 @@ class ResponseWriter:
         await self._proto.drain()
 
 
-def adopt_transport(proto, transport) -> None:
+def adopt_transport(proto, transport) -> bool:
     """What every TCP protocol (HTTP/1.1, HTTP/2) does first: no Nagle delay, note the peer
-    and the scheme, and join the set the shared sweeper visits for timeouts."""
+    and the scheme, pass the application's connection gate (``app.connection_gate``: the
+    per-address connection cap; refused: abort, return False) and join the set the shared
+    sweeper visits for timeouts."""
     proto.transport = transport
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -465,7 +467,21 @@ def adopt_transport(proto, transport) -> None:
     peer = transport.get_extra_info("peername")
     proto.client = peer[0] if peer else ""
     proto.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+    gate = getattr(proto.app, "connection_gate", None)
+    if gate is not None and not gate.opened(proto.client):
+        transport.abort()
+        return False
+    proto.gate = gate
     HttpServerProtocol.connections.add(proto)
+    return True
+
+
+def release_transport(proto) -> None:
+    """The counterpart of :func:`adopt_transport` when the connection is lost."""
+    HttpServerProtocol.connections.discard(proto)
+    gate, proto.gate = proto.gate, None
+    if gate is not None:
+        gate.closed(proto.client)
 
 
 class HttpServerProtocol(asyncio.Protocol):
@@ -481,6 +497,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.client = ""
         self.scheme = "http"
+        self.gate = None  # the connection gate that counted this connection (adopt_transport)
         self._queue: deque[Request] = deque()
         self._busy = False
         self._closing = False
@@ -504,7 +521,7 @@ class HttpServerProtocol(asyncio.Protocol):
         adopt_transport(self, transport)
 
     def connection_lost(self, exc) -> None:
-        HttpServerProtocol.connections.discard(self)
+        release_transport(self)
         self._closing = True
         if self._body is not None and not self._body.complete:
             self._body.fail(ConnectionResetError("client closed the connection"))
