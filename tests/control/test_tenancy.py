@@ -127,6 +127,44 @@ def test_services(world: World, role: str) -> None:
     assert mine["version"] == 1 and mine["hosts"] == list(A_HOSTS)
 
 
+PROTECTION = {
+    "rate_limits": [{"name": "api", "match": {"path": "/api/"}, "rate": "100/s", "burst": 200}],
+    "connections_per_ip": 256,
+    "deny": {"cidrs": ["203.0.113.0/24"], "user_agents": ["(?i)sqlmap"]},
+    "waf": {"paranoia": 1, "mode": "block", "exclude": [{"path": "/upload", "rules": [920420]}]},
+}
+
+
+def test_protection(world: World, role: str) -> None:
+    """A tenant sets its own service's protection (round trip to the API and the edges'
+    bundle); B can set it on neither A's service nor with a bounded-out value."""
+    api, (b, denied) = world.api, intruder(world, role)
+    body = service_body("a-web", *A_HOSTS, protection=PROTECTION)
+    put = api.put(f"{V1}/services/a-web", world.a, json=body, headers={"If-Match": "1"})
+    assert put.status_code == 200, put.text
+    stored = api.get(f"{V1}/services/a-web", world.a).json()["protection"]
+    assert stored["rate_limits"][0]["rate"] == "100/s" and stored["waf"]["exclude"] == \
+        [{"path": "/upload", "rules": [920420]}]
+    bundle = api.get(f"{V1}/nodes/self/config", api.join("edge-2")).json()
+    [service] = [s for s in bundle["config"]["services"] if s["name"] == "a-web"]
+    assert service["protection"] == stored
+    evil = service_body("a-web", "b.verge.test", protection={"rate_limits": []})
+    assert api.put(f"{V1}/services/a-web", b, json=evil,
+                   headers={"If-Match": "*"}).status_code == denied
+    for hostile in (
+        {"rate_limits": [{"name": "x", "rate": "lots/s"}]},
+        {"rate_limits": [{"name": "x", "rate": "1/s", "burst": 2**64}]},
+        {"deny": {"user_agents": ["(a*)*b" * 200]}},
+        {"deny": {"cidrs": ["10.0.0.0/33"]}},
+        {"waf": {"paranoia": 9}},
+        {"rate_limits": [{"name": "x", "rate": "1/s"}, {"name": "x", "rate": "2/s"}]},
+    ):
+        bad = service_body("b-web", "b.verge.test", protection=hostile)
+        answer = api.put(f"{V1}/services/b-web", world.b, json=bad, headers={"If-Match": "*"})
+        assert answer.status_code == 422, (hostile, answer.text)
+    assert api.get(f"{V1}/services/a-web", world.a).json()["protection"] == stored
+
+
 def test_hostnames(world: World, role: str) -> None:
     api, (b, _denied) = world.api, intruder(world, role)
     seen = api.get(f"{V1}/hostnames", b).json()
