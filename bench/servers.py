@@ -21,7 +21,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +248,7 @@ def start_verge(
     workers: int,
     cpus: str | None,
     admin_token: str,
+    extra_args: Sequence[str] = (),
 ) -> Server:
     """`verge edge` with its own cache dir and access log; ready when /healthz answers 200."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +270,7 @@ def start_verge(
         str(workers),
         "--access-log",
         str(workdir / "access.log"),
+        *extra_args,
     ]
     server = spawn(name, argv, workdir / "verge.log", port, cpus)
     server.extra["admin"] = f"http://127.0.0.1:{admin_port}"

@@ -35,6 +35,7 @@ MAX_PATTERN = 256
 MAX_PATTERNS = 64
 PATTERN_MEMORY = 2 << 20  # RE2 max_mem per pattern (program + DFA cache)
 MEMO_SIZE = 4096
+_UNKNOWN = object()  # an address not yet in a memo
 MEMO_VALUE_CHARS = 1024  # longer user agents are matched every time, not memoised
 
 CountryLookup = Callable[[str], str | None]
@@ -103,7 +104,8 @@ class UserAgentPatterns:
 class DenyList:
     """Refuse clients by address prefix, country or user agent."""
 
-    __slots__ = ("cidrs", "countries", "user_agents", "_country_of", "_country_memo")
+    __slots__ = ("cidrs", "countries", "user_agents", "_country_of", "_country_memo",
+                 "_address_memo")
 
     def __init__(
         self,
@@ -120,6 +122,7 @@ class DenyList:
             raise ValueError("deny.countries needs a GeoIP database (a country lookup)")
         self._country_of = country_of
         self._country_memo: dict[str, str | None] = {}
+        self._address_memo: dict[str, str | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self.cidrs or self.countries or self.user_agents)
@@ -139,8 +142,17 @@ class DenyList:
         return None
 
     def check(self, address: str, user_agent: str | None) -> str | None:
-        """Why a request is refused ("cidr", "country:XX", "user-agent#N"), or None."""
-        reason = self.check_address(address)
+        """Why a request is refused ("cidr", "country:XX", "user-agent#N"), or None.
+
+        The address verdict is memoised (a few thousand addresses: a client sends many
+        requests), so a request from a known address costs a dict lookup."""
+        memo = self._address_memo
+        reason = memo.get(address, _UNKNOWN)
+        if reason is _UNKNOWN:
+            reason = self.check_address(address)
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            memo[address] = reason
         if reason is None and user_agent is not None and self.user_agents:
             index = self.user_agents.match(user_agent)
             if index is not None:
