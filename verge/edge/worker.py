@@ -4,7 +4,7 @@ Started by the node supervisor (:mod:`verge.edge.node`) as ``python -m verge.edg
 --fd N``: a fresh interpreter rather than a fork, so no event loop, SQLite connection or
 thread state leaks from the parent. File descriptor N is the worker's end of a socketpair;
 the supervisor sends one JSON line per command (init, purge, stats, config, tls_tickets,
-kv, function_logs)
+kv, function_logs, protection_events)
 and the worker answers each with one JSON line. When the supervisor goes away, the worker
 exits.
 """
@@ -31,7 +31,7 @@ from verge.config import Config
 from verge.edge.app import EdgeApp
 from verge.edge.compute import EdgeCompute
 from verge.edge.ingest import EdgeIngest
-from verge.edge.protect import ProtectSharing
+from verge.edge.protect import ProtectSharing, take_events
 from verge.http.client import OriginPool
 from verge.http.server import (
     CLOCK,
@@ -43,8 +43,9 @@ from verge.http.server import (
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
+from verge.protect.keys import steerable
 from verge.protect.shared import SharedTable
-from verge.protect.steer import attach_client_steering
+from verge.protect.steer import attach_client_steering, detach_client_steering
 
 log = logging.getLogger("verge.worker")
 H2_ENGINE_ENV = "VERGE_H2_ENGINE"  # "native": HTTPS by verge.http.native_h2
@@ -97,10 +98,11 @@ class Worker:
         self.compute = EdgeCompute(self.options["cache_dir"])
         table_fd = init.get("rate_table_fd")
         self.workers = workers
+        self.listeners: list[socket.socket] = []  # the HTTP and HTTPS listening sockets
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
                            protect=ProtectSharing(
                                SharedTable.attach(table_fd) if table_fd is not None else None,
-                               steered=True),  # until a listener refuses the steering
+                               steered=False),  # until the listeners steer (steer())
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
                            compute=self.compute,
@@ -117,7 +119,8 @@ class Worker:
             await asyncio.wait({mounting}, timeout=MOUNT_SECONDS)
         host, port = self.options["listen_host"], self.options["listen_port"]
         sock = reuseport_socket(host, port)
-        self.steer(sock)
+        self.listeners.append(sock)  # (steered when a client-IP rate limit asks for it)
+        self.steer()
         self.server = await serve(self.app, sock, self.limits)
         if self.options.get("https_port"):
             await self._serve_https()
@@ -184,6 +187,9 @@ class Worker:
             return {"ok": True, "seq": self.compute.kv.refresh()}
         if op == "function_logs":
             return {"ok": True, "records": self.compute.take_logs()}
+        if op == "protection_events":  # the refusals kept since the last call (verge.edge.protect)
+            guards = (r.protection for r in self.app.runtimes.values() if r.protection is not None)
+            return {"ok": True, "events": take_events(guards)}
         if op == "tls_tickets":
             return self.set_ticket_keys(msg["keys"])
         if op == "ping":
@@ -202,7 +208,8 @@ class Worker:
 
         host, port = self.options["https_host"], self.options["https_port"]
         sock = reuseport_socket(host, port)
-        self.steer(sock)
+        self.listeners.append(sock)
+        self.steer()
         self.app.https_port = port
         if os.environ.get(H2_ENGINE_ENV) == "native":
             from verge.http.native_h2 import serve_native_h2
@@ -217,19 +224,28 @@ class Worker:
         self.set_ticket_keys(self.ticket_keys)
         await self._serve_h3(host, port)
 
-    def steer(self, sock: socket.socket) -> None:
-        """Send each client address's connections to one worker (a classic BPF program on
-        the port's SO_REUSEPORT group), so client-IP rate limits are exact in the worker's
-        own memory. A kernel that refuses it leaves the kernel's spreading: those limits
-        then go through the node's shared table."""
-        if self.workers == 1:
-            return
-        try:
-            attach_client_steering(sock, self.workers)
-        except OSError as exc:
-            log.warning("client steering unavailable (%s): rate limits use the shared table",
-                        exc)
-            self.app.set_protect_sharing(steered=False)
+    def steer(self) -> None:
+        """While a service limits by client address, send each address's connections to one
+        worker (a classic BPF program on the ports' SO_REUSEPORT groups), so those limits
+        are exact in the worker's own memory; otherwise (and where the kernel refuses the
+        program) leave the kernel's spreading, and rate limits meet in the node's shared
+        table. Steering is off when nothing needs it: behind a proxy, or for a load test
+        from one address, it would put every connection on one worker."""
+        wanted = self.workers > 1 and wants_steering(self.config)
+        steered = wanted
+        for sock in self.listeners:
+            try:
+                if wanted:
+                    attach_client_steering(sock, self.workers)
+                else:
+                    detach_client_steering(sock)
+            except OSError as exc:
+                if wanted:
+                    log.warning("client steering unavailable (%s): rate limits use the "
+                                "shared table", exc)
+                steered = False
+        if steered != self.app.protect.steered:
+            self.app.set_protect_sharing(steered=steered)
 
     def set_ticket_keys(self, encoded: list[str]) -> dict:
         """The node's shared session ticket keys (first encrypts), so any worker resumes."""
@@ -280,6 +296,7 @@ class Worker:
         """
         self.config = config
         self.app.apply_config(config)
+        self.steer()
         self.app.start()
         if getattr(self, "tls", None) is not None:  # certificates rotate without a restart
             self.tls.reload(*tls_certs(config))
@@ -305,6 +322,16 @@ class Worker:
                 self.disk.flush()  # batched access times for the disk tier's LRU
             except Exception:
                 log.exception("disk index flush failed")
+
+
+def wants_steering(config: Config) -> bool:
+    """Whether a service limits requests by the client's address as the kernel sees it
+    (a client_ip key, no trusted proxies: behind those the peer is the proxy)."""
+    return any(
+        steerable(rule.key)
+        for service in config.services if service.protection is not None
+        and not service.protection.trusted_proxies
+        for rule in service.protection.rate_limits)
 
 
 def raise_open_files_limit() -> int:
