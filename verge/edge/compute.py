@@ -317,7 +317,10 @@ class EdgeCompute:
                 deployed.pool_until = time.monotonic() + INLINE_BACKOFF_S
                 return None
             # else the epoch ticker caught up on ticks it owed (it had waited for the GIL)
-            # just as the run started: the deadline came early; once more, then the pool
+            # just as the run started: the deadline came early; once more, then the pool —
+            # for a while too: twice cut short is a busy machine or a heavy function, and
+            # either way the loop should not pay for a third try
+        deployed.pool_until = time.monotonic() + INLINE_BACKOFF_S
         return None
 
     def _refuse(self, deployed: Deployed) -> Refusal:
