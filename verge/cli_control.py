@@ -1,5 +1,5 @@
-"""Operator commands for the control plane: `verge tenant|token|service|origin|node|fn|kv ...`
-and `verge hostnames`.
+"""Operator commands for the control plane: `verge tenant|token|service|origin|node|fn|kv ...`,
+`verge protection events` and `verge hostnames`.
 
 An operator runs these against `verge control` instead of editing YAML on every edge. Each
 command is a thin shell over `verge.control.client.ControlClient`: read flags (and files), make
@@ -1102,6 +1102,53 @@ def fn_rm(
 
 
 # ---------------------------------------------------------------------------------------------
+# verge protection events
+# ---------------------------------------------------------------------------------------------
+
+protection_app = typer.Typer(
+    help="Edge protection (deny lists, rate limits, WAF): what the edges refused.",
+    no_args_is_help=True,
+)
+EVENT_COLUMNS = [
+    ("time", "TIME"),
+    ("node", "NODE"),
+    ("client", "CLIENT"),
+    ("method", "METHOD"),
+    ("target", "TARGET"),
+    ("status", "STATUS"),
+    ("kind", "KIND"),
+    ("detail", "DETAIL"),
+]
+
+
+def _event_row(event: dict[str, Any]) -> dict[str, Any]:
+    moment = _timestamp(event.get("at"))
+    when = moment.strftime("%Y-%m-%d %H:%M:%S") if moment else event.get("at")
+    status = event.get("status")
+    return {**event, "time": when, "status": None if status == 0 else status}  # 0: dropped
+
+
+@protection_app.command("events")
+def protection_events(
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, help="How many of the newest events.")
+    ] = 100,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """A sample of the requests the edges refused for a service (deny list, rate limit, WAF,
+    dropped connections), oldest first; times are UTC."""
+    with _session(control, token) as client:
+        events = client.protection_events(service, limit)
+    if as_json:
+        _print_json(events)
+    else:
+        _table(f"Blocked requests of {service}", [_event_row(e) for e in events], EVENT_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
 # verge kv put|get|list|rm
 # ---------------------------------------------------------------------------------------------
 
@@ -1281,4 +1328,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(node_app, name="node")
     app.add_typer(fn_app, name="fn")
     app.add_typer(kv_app, name="kv")
+    app.add_typer(protection_app, name="protection")
     app.command("hostnames")(hostnames)

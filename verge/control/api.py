@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from verge import config as vconfig
+from verge.control import protection as events_store
 from verge.control.auth import Principal
 from verge.control.functions import (
     MAX_KEY_BYTES,
@@ -48,6 +49,7 @@ from verge.control.functions import (
     FunctionStore,
     TooLarge,
 )
+from verge.control.protection import ProtectionEvents
 from verge.control.store import Store, StoreError, pydantic_error
 from verge.routing.health import HealthMonitor, Target
 
@@ -326,6 +328,45 @@ class LogsIn(BaseModel):
     records: list[ReportMap] = Field(max_length=vconfig.MAX_LOG_RECORDS)
 
 
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+"""No control characters (PostgreSQL refuses NUL in text; a terminal would obey the rest)."""
+EventClient = Annotated[
+    str, StringConstraints(max_length=events_store.MAX_CLIENT, pattern=_PRINTABLE)
+]
+EventMethod = Annotated[
+    str, StringConstraints(max_length=events_store.MAX_METHOD, pattern=_PRINTABLE)
+]
+EventHost = Annotated[str, StringConstraints(max_length=events_store.MAX_HOST, pattern=_PRINTABLE)]
+EventTarget = Annotated[
+    str, StringConstraints(max_length=events_store.MAX_TARGET, pattern=_PRINTABLE)
+]
+EventDetail = Annotated[
+    str, StringConstraints(max_length=events_store.MAX_DETAIL, pattern=_PRINTABLE)
+]
+
+
+class ProtectionEventIn(BaseModel):
+    """One request an edge refused (verge.edge.protect); unknown keys are ignored, so that
+    a newer edge's extra field does not get its whole batch refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    service: Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_NAME)]
+    t: Timestamp
+    client: EventClient = ""
+    method: EventMethod = ""
+    host: EventHost = ""
+    target: EventTarget = ""
+    status: Annotated[int, Field(ge=0, le=events_store.MAX_STATUS)]
+    """The answer's status; 0: the connection was dropped without one."""
+    kind: Literal["deny", "rate-limit", "waf", "drop"]
+    detail: EventDetail = ""
+
+
+class ProtectionEventsIn(_Body):
+    events: list[ProtectionEventIn] = Field(max_length=events_store.MAX_EVENTS_PER_UPLOAD)
+
+
 class JoinIn(_Body):
     name: NodeName
     url: HttpUrl
@@ -384,8 +425,13 @@ def _functions(request: Request) -> FunctionStore:
     return request.app.state.functions
 
 
+def _protection_events(request: Request) -> ProtectionEvents:
+    return request.app.state.protection_events
+
+
 StoreDep = Annotated[Store, Depends(_store)]
 FunctionsDep = Annotated[FunctionStore, Depends(_functions)]
+EventsDep = Annotated[ProtectionEvents, Depends(_protection_events)]
 
 
 def authenticated(
@@ -657,6 +703,18 @@ def remove_origin(
 ) -> dict:
     service = store.remove_origin(principal, name, url, _if_match(if_match, required=False))
     return _versioned(response, service)
+
+
+@services.get("/services/{name}/protection/events")
+def protection_events(
+    name: NamePath,
+    events: EventsDep,
+    principal: Reader,
+    limit: Annotated[int, Query(ge=1, le=events_store.EVENTS_KEPT)] = 100,
+) -> dict:
+    """A sample of the requests edges refused (deny list, rate limit, WAF, dropped
+    connections): the newest ``limit``, oldest first."""
+    return events.list(principal, name, limit)
 
 
 @certificates.post("/certificates", status_code=201)
@@ -974,6 +1032,14 @@ def node_function_logs(body: LogsIn, fns: FunctionsDep, principal: NodeCaller) -
     return fns.add_logs(principal, body.records)
 
 
+@edge.post("/nodes/self/protection-events")
+def node_protection_events(
+    body: ProtectionEventsIn, events: EventsDep, principal: NodeCaller
+) -> dict:
+    """Requests this node refused: ``{"accepted", "skipped"}`` (skipped: unknown services)."""
+    return events.add(principal, [event.model_dump() for event in body.events])
+
+
 @edge.post("/nodes/self/stats")
 def ingest_stats(
     body: StatsIn,
@@ -1244,6 +1310,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     )
     app.state.store, app.state.settings, app.state.watches = store, settings, watches
     app.state.functions = function_store
+    app.state.protection_events = ProtectionEvents(store)
     routers = (health, tenants, tokens, services, certificates, purges, functions, kv)
     for router in (*routers, fleet, reports, edge):
         app.include_router(router)

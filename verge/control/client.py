@@ -362,6 +362,16 @@ class ControlClient:
         body = self._json("GET", f"/functions/{_segment(name)}/logs", params={"limit": limit})
         return list(body.get("items", []))
 
+    # -- edge protection ---------------------------------------------------------------------
+
+    def protection_events(self, service: str, limit: int = 100) -> list[Json]:
+        """The newest `limit` requests edges refused for `service`, oldest first: each
+        {"at", "node", "client", "method", "host", "target", "status", "kind", "detail"}."""
+        body = self._json(
+            "GET", f"/services/{_segment(service)}/protection/events", params={"limit": limit}
+        )
+        return list(body.get("items", []))
+
     # -- edge KV -----------------------------------------------------------------------------
 
     def kv_put(self, namespace: str, key: str, value: bytes, tenant: str | None = None) -> Json:
@@ -481,6 +491,10 @@ class ControlClient:
 
     def send_function_logs(self, records: list[Json]) -> None:
         self._send("POST", "/nodes/self/function-logs", body={"records": records})
+
+    def send_protection_events(self, events: list[Json]) -> Json:
+        """Upload refused requests (node credential) -> {"accepted", "skipped"}."""
+        return self._json("POST", "/nodes/self/protection-events", body={"events": events})
 
     def send_stats(self, samples: list[Json], idempotency_key: str) -> None:
         """Upload samples; a retry with the same key is ignored by the server."""

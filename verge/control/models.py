@@ -337,6 +337,30 @@ class FunctionLog(Base):
     record: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class ProtectionEvent(Base):
+    """A request an edge refused (deny list, rate limit, WAF, dropped connection): a sample,
+    the newest ``verge.control.protection.EVENTS_KEPT`` per service. Goes with its service."""
+
+    __tablename__ = "protection_events"
+    __table_args__ = (Index("ix_protection_events_service_id_id", "service_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id", ondelete="CASCADE"))
+    node: Mapped[str] = mapped_column(String(63))
+    at: Mapped[datetime]
+    """When the edge refused the request."""
+    client: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(String(255))
+    target: Mapped[str] = mapped_column(String(512))
+    status: Mapped[int] = mapped_column(Integer)
+    """The answer's status; 0 when the connection was dropped without one."""
+    kind: Mapped[str] = mapped_column(String(16))
+    """deny, rate-limit, waf or drop."""
+    detail: Mapped[str] = mapped_column(String(200))
+    """The deny reason, the rate-limit rule, the WAF's rule ids or reason."""
+
+
 class KvNamespace(Base):
     """An edge KV namespace and the tenant that owns it (made by its first write or grant)."""
 

@@ -57,6 +57,13 @@ STATS_INTERVAL = 5.0
 LONG_POLL = 25.0
 MAX_PENDING_LOGS = 2000
 """Function log records held while the control plane is away (the oldest are dropped)."""
+MAX_PENDING_EVENTS = 2000
+"""Protection events (refused requests) held while the control plane is away (the oldest
+are dropped: they are a sample)."""
+EVENTS_BATCH = 500
+"""Most protection events sent in one call."""
+RETRIED_CLIENT_ERRORS = (408, 429)
+"""4xx answers that say "later", not "never": a batch refused otherwise is dropped."""
 
 
 def job_targets(job: dict, disk: DiskStore) -> list[tuple[str, str]]:
@@ -141,6 +148,9 @@ class ControlAgent:
         self.spool = StatsSpool(self.dir / "spool.db")
         self.kv = EdgeKV(self.dir / KV_FILE, writer=True)
         self.pending_logs: list[dict] = []
+        self.pending_events: list[dict] = []
+        self.events_dropped = 0
+        """Protection events the control plane refused (4xx): dropped, not retried."""
         self._last_snapshot: dict[str, list[int]] = {}
         self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
         self.connected = False
@@ -174,7 +184,8 @@ class ControlAgent:
 
     # ----- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> None:
-        """Join (once), then keep all four loops running until cancelled."""
+        """Join (once), then keep every loop running until cancelled (each its own: one
+        that fails, say stats the control plane refuses, holds up none of the others)."""
         while not self._load_credential():
             try:
                 await self.join()
@@ -187,7 +198,8 @@ class ControlAgent:
         await asyncio.gather(self._loop(self._config_once), self._loop(self._purges_once),
                              self._loop(self._kv_once),
                              self._loop(self._heartbeat_once, HEARTBEAT_INTERVAL),
-                             self._loop(self._stats_once, STATS_INTERVAL))
+                             self._loop(self._stats_once, STATS_INTERVAL),
+                             self._loop(self._ship_protection_events, STATS_INTERVAL))
 
     async def _loop(self, step, interval: float = 0.0) -> None:
         backoff = 0.5
@@ -377,6 +389,36 @@ class ControlAgent:
             await self._call("POST", "/api/v1/nodes/self/function-logs",
                              json={"records": batch})
             del self.pending_logs[:len(batch)]
+
+    async def _ship_protection_events(self) -> None:
+        """Collect the workers' refused requests and send the oldest batch (kept until
+        accepted). A batch the control plane refuses (4xx: invalid, or a control plane
+        without the endpoint) is dropped, not retried: it would be refused again."""
+        replies = await self.node.broadcast({"op": "protection_events"})
+        for reply in replies:
+            self.pending_events.extend(reply.get("events", []))
+        del self.pending_events[:-MAX_PENDING_EVENTS]
+        if not self.pending_events:
+            return
+        batch = self.pending_events[:EVENTS_BATCH]
+        try:
+            await self._call("POST", "/api/v1/nodes/self/protection-events",
+                             json={"events": batch})
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            if not 400 <= status < 500 or status in RETRIED_CLIENT_ERRORS:
+                raise
+            self._dropped_events(len(batch), status, exc.response.text)
+        del self.pending_events[:len(batch)]
+
+    def _dropped_events(self, count: int, status: int, answer: str) -> None:
+        """Log the first refused batch as a warning, later ones at debug level only."""
+        first = self.events_dropped == 0
+        self.events_dropped += count
+        (log.warning if first else log.debug)(
+            "the control plane refused %d protection events (%d: %s); dropped them "
+            "(%d so far; further refusals are logged at debug level)",
+            count, status, answer.strip()[:200], self.events_dropped)
 
     def _samples(self, stats: list[dict]) -> list[dict]:
         """Per-service deltas since the previous call (worker counters are cumulative)."""

@@ -356,6 +356,7 @@ class EdgeApp:
         if route.protection is not None:  # the protect phase: once per request
             admitted = original.admitted = route.protection.admit(request)
             if admitted.refusal is not None:
+                route.protection.refused(request, admitted)
                 self._log(request, admitted.refusal.status, _body_bytes(admitted.refusal),
                           "protect", started)
                 return admitted.refusal
@@ -489,9 +490,11 @@ class EdgeApp:
             if admitted is None:  # (handle_fast took it for requests without a body)
                 admitted = route.protection.admit(request)
             if admitted.drop:
+                route.protection.refused(request, admitted)
                 self._log(request, 0, 0, "protect", started)
                 raise ConnectionResetError("dropped by a rate limit")
             if admitted.refusal is not None:
+                route.protection.refused(request, admitted)
                 await self._refuse(request, writer, admitted.refusal, started)
                 return
             if admitted.fields:
@@ -521,7 +524,7 @@ class EdgeApp:
         if route.key is None:
             waf = self._waf_for(route, request, cache_hit=False)
             if waf is not None:
-                inspected = await self._inspect(waf, request, body)
+                inspected = await self._inspect(waf, request, body, route.protection)
                 if type(inspected) is Response:
                     await self._refuse(request, writer, inspected, started)
                     return
@@ -540,19 +543,22 @@ class EdgeApp:
         return waf if waf.applies(request, cache_hit=cache_hit,
                                   has_body=request.body is not None) else None
 
-    async def _inspect(self, waf: Waf, request, body: bytes | None) -> bytes | None | Response:
-        """The WAF's verdict: a refusal, or the body to forward (read whole when it is small
-        enough to inspect; a larger or unsized one is inspected by its head only, or refused
-        with 413 when the WAF's ``oversize`` says block)."""
+    async def _inspect(self, waf: Waf, request, body: bytes | None,
+                       guard: ServiceProtection) -> bytes | None | Response:
+        """The WAF's verdict: a refusal (recorded on ``guard``), or the body to forward (read
+        whole when it is small enough to inspect; a larger or unsized one is inspected by its
+        head only, or refused with 413 when the WAF's ``oversize`` says block)."""
         limit = waf.settings.max_body_bytes
         if body is None and request.body is not None:
             length = request.body.length
             if length is not None and length <= limit:
                 body = await request.body.read_all(limit=limit)
             elif waf.settings.oversize == "block":
+                guard.refused_by_waf(request, 413)
                 return text_response(413, "request body too large to inspect\n")
         result = await waf.inspect(request, body)
         if result.blocked:
+            guard.refused_by_waf(request, result.status, result)
             return text_response(result.status, "forbidden by the web application firewall\n",
                                  [("Cache-Control", "no-store")])
         return body
@@ -633,7 +639,7 @@ class EdgeApp:
         only_if_cached = "only-if-cached" in policy.parse_cache_control(hmap.get("cache-control"))
         waf = self._waf_for(route, request, cache_hit=entry is not None)
         if waf is not None:
-            refusal = await self._inspect(waf, request, None)
+            refusal = await self._inspect(waf, request, None, route.protection)
             if type(refusal) is Response:
                 await self._refuse(request, writer, refusal, started)
                 return

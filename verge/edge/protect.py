@@ -11,12 +11,22 @@ Limits are per node, as nginx's ``limit_req``, Varnish's vsthrottle and Fastly's
 limiting count: a client spread over N edges gets N times the rate. Within a node they are
 exact for client-IP keys when the listening sockets steer each client to one worker
 (verge.protect.steer), else per worker (``RateLimiter.placement()`` says which).
+
+Every refusal is also kept as an event (``ServiceProtection.record``): the newest
+``EVENTS_KEPT`` per service and worker, taken by the node agent (the worker's
+``protection_events`` command, :func:`take_events`) and shipped to the control plane, where
+``verge protection events SERVICE`` shows them. An event holds what the access log holds
+(the client address, method, host and the target as the pipeline used it: a signed URL's
+token is already out) plus why it was refused; never a header value.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,21 +36,39 @@ from verge.protect.deny import ConnectionCap
 from verge.protect.ratelimit import RateLimiter, too_many_requests
 from verge.protect.settings import Protection
 from verge.protect.shared import SharedTable
-from verge.protect.waf import Waf, WafUnavailable
+from verge.protect.waf import Waf, WafResult, WafUnavailable
 
 log = logging.getLogger("verge.protect")
 
 
 class Admission(NamedTuple):
     """The protect phase's outcome: answer ``refusal`` instead (403, 429), ``drop`` the
-    connection without an answer, or go on and add ``fields`` to the response."""
+    connection without an answer, or go on and add ``fields`` to the response. A refusal or
+    a drop says why: ``kind`` ("deny", "rate-limit", "drop") and ``detail`` (the deny
+    reason, the rule's name)."""
 
     refusal: Response | None = None
     drop: bool = False
     fields: tuple[tuple[str, str], ...] = ()
+    kind: str = ""
+    detail: str = ""
 
 
 ADMITTED = Admission()
+
+EVENTS_KEPT = 200
+"""Refusals kept per service and worker until the agent takes them (the newest)."""
+MAX_EVENT_CLIENT = 64
+MAX_EVENT_METHOD = 32
+MAX_EVENT_HOST = 255
+MAX_EVENT_TARGET = 512
+MAX_EVENT_DETAIL = 200
+"""Bounds of an event's texts: the control plane refuses longer ones (verge.control.protection
+has the same numbers; tests/edge/test_protection_events.py checks that they agree)."""
+MAX_TAKE_BYTES = 48 * 1024
+"""Most JSON bytes of events one ``protection_events`` answer carries: a worker's answer is
+one line, read by the supervisor with asyncio's 64 KiB line limit. The rest waits."""
+_UNPRINTABLE = {code: "?" for code in (*range(0x20), 0x7F)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +106,7 @@ class ServiceProtection:
                         "not applied", service)
         self.denied = 0
         self.waf = self._load_waf(settings)
+        self.events: deque[tuple] = deque(maxlen=EVENTS_KEPT)
 
     def _load_waf(self, settings: Protection) -> Waf | None:
         if settings.waf is None:
@@ -98,16 +127,41 @@ class ServiceProtection:
             if reason is not None:
                 self.denied += 1
                 return Admission(text_response(403, f"forbidden ({reason})\n",
-                                               [("Cache-Control", "no-store")]))
+                                               [("Cache-Control", "no-store")]),
+                                 kind="deny", detail=reason)
         if self.limiter is None:
             return ADMITTED
         verdict = self.limiter.evaluate(request, time.monotonic() if now is None else now)
         if verdict.action == "block":
             status, fields, body = too_many_requests(verdict)
-            return Admission(Response(status, fields, body))
+            return Admission(Response(status, fields, body), kind="rate-limit",
+                             detail=verdict.rule)
         if verdict.action == "drop":
-            return Admission(drop=True)
+            return Admission(drop=True, kind="drop", detail=verdict.rule)
         return Admission(fields=verdict.headers) if verdict.headers else ADMITTED
+
+    def refused(self, request, admission: Admission) -> None:
+        """Record the refusal (or drop: status 0) the protect phase decided."""
+        status = admission.refusal.status if admission.refusal is not None else 0
+        self.record(request, status, admission.kind, admission.detail)
+
+    def refused_by_waf(self, request, status: int, result: WafResult | None = None) -> None:
+        """Record a WAF refusal: the rule ids that matched, else the WAF's reason
+        ("oversize", "timeout", "overload", "error"); no result: a body too large to inspect
+        was refused before the WAF saw it (``oversize: block``)."""
+        if result is not None and result.rule_ids:
+            detail = ",".join(map(str, result.rule_ids))
+        else:
+            detail = result.reason if result is not None and result.reason else "oversize"
+        self.record(request, status, "waf", detail)
+
+    def record(self, request, status: int, kind: str, detail: str) -> None:
+        """Keep one refused request (the newest EVENTS_KEPT stay): texts cut to their bounds
+        here, so a flood of long targets holds a bounded amount of memory."""
+        self.events.append((time.time(), self.addresses.address(request)[:MAX_EVENT_CLIENT],
+                            request.method[:MAX_EVENT_METHOD], request.host[:MAX_EVENT_HOST],
+                            request.target[:MAX_EVENT_TARGET], status, kind,
+                            detail[:MAX_EVENT_DETAIL]))
 
     def sweep(self) -> None:
         if self.limiter is not None:
@@ -128,6 +182,37 @@ class ServiceProtection:
     def close(self) -> None:
         if self.waf is not None:
             self.waf.close()
+
+
+def take_events(protections: Iterable[ServiceProtection],
+                budget: int = MAX_TAKE_BYTES) -> list[dict]:
+    """The events kept so far, oldest first per service, removed from the rings; the
+    services take turns, and at most ``budget`` bytes of JSON are taken (the rest stays for
+    the next call)."""
+    rings = [(guard.service, guard.events) for guard in protections if guard.events]
+    taken: list[dict] = []
+    while rings and budget > 0:
+        for service, ring in rings:
+            event = _event(service, ring[0])
+            budget -= len(json.dumps(event)) + 2
+            if budget < 0 and taken:
+                break
+            ring.popleft()
+            taken.append(event)
+        rings = [(service, ring) for service, ring in rings if ring]
+    return taken
+
+
+def _event(service: str, kept: tuple) -> dict:
+    t, client, method, host, target, status, kind, detail = kept
+    return {"service": service, "t": t, "client": _printable(client), "method": _printable(method),
+            "host": _printable(host), "target": _printable(target), "status": status,
+            "kind": kind, "detail": _printable(detail)}
+
+
+def _printable(text: str) -> str:
+    """Control characters as "?" (the control plane refuses them in an event)."""
+    return text.translate(_UNPRINTABLE) if not text.isprintable() else text
 
 
 class ConnectionGate:

@@ -36,6 +36,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -187,8 +188,31 @@ def _silent_log_callback() -> object:
     return ctypes.cast(_libc_free, _LogCallback)
 
 
+_INSTANCES: dict[str, tuple[ctypes.CDLL, int, object]] = {}
+_INSTANCES_LOCK = threading.Lock()
+
+
+def _instance(library_path: str, connector: str) -> tuple[ctypes.CDLL, int]:
+    """The process's one ModSecurity instance of a library, created on first use and never
+    freed. Why: ``msc_cleanup`` runs the library's global teardown (libxml2's and curl's
+    cleanup), so freeing one instance while another thread evaluates with another crashed
+    the process (SIGBUS in msc_process_request_body); rule sets stay per Engine."""
+    with _INSTANCES_LOCK:
+        known = _INSTANCES.get(library_path)
+        if known is None:
+            lib = _load(library_path)
+            modsec = lib.msc_init()
+            if not modsec:
+                raise EngineError("libmodsecurity could not allocate its engine")
+            log_callback = _silent_log_callback()  # kept alive with the instance
+            lib.msc_set_log_cb(modsec, log_callback)
+            lib.msc_set_connector_info(modsec, connector.encode())
+            known = _INSTANCES[library_path] = (lib, modsec, log_callback)
+        return known[0], known[1]
+
+
 class Engine:
-    """A ModSecurity instance with one compiled rule set; evaluates requests.
+    """One compiled rule set on the process's ModSecurity instance; evaluates requests.
 
     Load rules with :meth:`add_rules` / :meth:`add_file` before the first
     :meth:`evaluate`; rules are not changed afterwards (build a new Engine instead).
@@ -196,14 +220,10 @@ class Engine:
 
     def __init__(self, library: str | None = None, connector: str = "verge") -> None:
         self.library_path = library or find_library()
-        self._lib = _load(self.library_path)
-        self._modsec = self._lib.msc_init()
+        self._lib, self._modsec = _instance(self.library_path, connector)
         self._rules = self._lib.msc_create_rules_set()
-        if not self._modsec or not self._rules:
-            raise EngineError("libmodsecurity could not allocate its engine")
-        self._log_callback = _silent_log_callback()  # kept alive with the engine
-        self._lib.msc_set_log_cb(self._modsec, self._log_callback)
-        self._lib.msc_set_connector_info(self._modsec, connector.encode())
+        if not self._rules:
+            raise EngineError("libmodsecurity could not allocate a rule set")
         self.reports_rule_ids = hasattr(self._lib, "msc_get_rules_messages_rule_ids")
         self.rule_count = 0
 
@@ -307,10 +327,8 @@ class Engine:
         return tuple(dict.fromkeys(ids[: min(count, MAX_RULE_IDS)]))
 
     def close(self) -> None:
-        """Free the rule set and the engine (no evaluate() may be running)."""
+        """Free the rule set (no evaluate() of this Engine may be running); the process's
+        ModSecurity instance stays (see :func:`_instance`)."""
         if self._rules:
             self._lib.msc_rules_cleanup(self._rules)
             self._rules = None
-        if self._modsec:
-            self._lib.msc_cleanup(self._modsec)
-            self._modsec = None
