@@ -150,6 +150,7 @@ class ControlAgent:
         self.pending_logs: list[dict] = []
         self.pending_events: list[dict] = []
         self.events_dropped = 0
+        self._refused_kinds: set[str] = set()  # batches the control plane refused (4xx)
         """Protection events the control plane refused (4xx): dropped, not retried."""
         self._last_snapshot: dict[str, list[int]] = {}
         self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
@@ -373,8 +374,9 @@ class ControlAgent:
         """Spool this interval's counters, then send everything spooled (oldest first)."""
         self.spool.add(self._samples(await self.node.stats()))
         for key, body in self.spool.pending():
-            await self._call("POST", "/api/v1/nodes/self/stats", content=body,
-                             headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+            await self._send_or_drop(
+                "POST", "/api/v1/nodes/self/stats", "stats samples", content=body,
+                headers={"Idempotency-Key": key, "Content-Type": "application/json"})
             self.spool.done(key)
         await self._ship_function_logs()
 
@@ -386,8 +388,8 @@ class ControlAgent:
         del self.pending_logs[:-MAX_PENDING_LOGS]
         if self.pending_logs:
             batch = self.pending_logs[:500]
-            await self._call("POST", "/api/v1/nodes/self/function-logs",
-                             json={"records": batch})
+            await self._send_or_drop("POST", "/api/v1/nodes/self/function-logs",
+                                     "function log records", json={"records": batch})
             del self.pending_logs[:len(batch)]
 
     async def _ship_protection_events(self) -> None:
@@ -401,24 +403,29 @@ class ControlAgent:
         if not self.pending_events:
             return
         batch = self.pending_events[:EVENTS_BATCH]
+        if not await self._send_or_drop("POST", "/api/v1/nodes/self/protection-events",
+                                        "protection events", json={"events": batch}):
+            self.events_dropped += len(batch)
+        del self.pending_events[:len(batch)]
+
+    async def _send_or_drop(self, method: str, path: str, what: str, **kw) -> bool:
+        """Send a batch; True when accepted. A batch the control plane refuses with a 4xx
+        (invalid, or a control plane without the endpoint) is dropped, not retried: it
+        would be refused again, and the batches behind it would never go. The first drop of
+        each kind is a warning, later ones are logged at debug level only."""
         try:
-            await self._call("POST", "/api/v1/nodes/self/protection-events",
-                             json={"events": batch})
+            await self._call(method, path, **kw)
+            return True
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
             if not 400 <= status < 500 or status in RETRIED_CLIENT_ERRORS:
                 raise
-            self._dropped_events(len(batch), status, exc.response.text)
-        del self.pending_events[:len(batch)]
-
-    def _dropped_events(self, count: int, status: int, answer: str) -> None:
-        """Log the first refused batch as a warning, later ones at debug level only."""
-        first = self.events_dropped == 0
-        self.events_dropped += count
-        (log.warning if first else log.debug)(
-            "the control plane refused %d protection events (%d: %s); dropped them "
-            "(%d so far; further refusals are logged at debug level)",
-            count, status, answer.strip()[:200], self.events_dropped)
+            first = what not in self._refused_kinds
+            self._refused_kinds.add(what)
+            (log.warning if first else log.debug)(
+                "the control plane refused %s (%d: %s); dropped them", what, status,
+                exc.response.text.strip()[:200])
+            return False
 
     def _samples(self, stats: list[dict]) -> list[dict]:
         """Per-service deltas since the previous call (worker counters are cumulative)."""
@@ -430,6 +437,8 @@ class ControlAgent:
                     acc[i] += v
         samples, now = [], time.time()
         for service, values in totals.items():
+            if not service:  # requests that matched no service: nobody's to report
+                continue
             previous = self._last_snapshot.get(service, [0] * len(values))
             delta = [max(0, a - b) for a, b in zip(values, previous, strict=True)]
             if any(delta):
