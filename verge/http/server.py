@@ -499,6 +499,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.scheme = "http"
         self.gate = None  # the connection gate that counted this connection (adopt_transport)
         self._queue: deque[Request] = deque()
+        self._draining = False  # _after_response is answering the queue (not re-entered)
         self._busy = False
         self._closing = False
         self._shutting_down = False
@@ -748,12 +749,18 @@ class HttpServerProtocol(asyncio.Protocol):
             return
         if self._state == "idle":
             self._since = CLOCK.mono
-        while self._queue and not self._busy and not self._closing:
-            request = self._queue.popleft()
-            if self.transport is not None and len(self._queue) == self.limits.max_pipelined \
-                    and not self._failed:
-                self.transport.resume_reading()
-            self._dispatch(request)
+        if self._draining:  # called back from a fast answer of the loop below: it goes on
+            return
+        self._draining = True
+        try:
+            while self._queue and not self._busy and not self._closing:
+                request = self._queue.popleft()
+                if self.transport is not None and \
+                        len(self._queue) == self.limits.max_pipelined and not self._failed:
+                    self.transport.resume_reading()
+                self._dispatch(request)
+        finally:
+            self._draining = False
         if self._failed and not self._busy and not self._queue:
             if self._pending_error is not None:
                 self.write_raw(self._pending_error)

@@ -1,0 +1,188 @@
+"""A short flood from one /24 against a protected edge, while a legitimate client works.
+
+The issue "Edge protection" promises that a flood from many addresses of one /24 leaves a
+legitimate client from another address served, that a per-IP connection cap holds and
+that the worker never runs out of file descriptors. This is the bounded, end-to-end form
+of that promise (bench/flood_bench.py measures the latency side): a real one-worker edge
+whose service has a rate limit per client address and ``connections_per_ip``, 50 flooding
+addresses 127.0.1.1-50 (Linux routes all of 127/8 to the loopback interface, so a client
+socket bound to one of them connects from it), each opening more connections than the cap
+allows and pipelining more requests than its rate allows, while a client from 127.0.0.1
+makes sequential requests. Every loop is bounded (a fixed number of connections and
+requests per address), so the counts are exact: the edge's /metrics must agree with what
+the flooders saw. Afterwards the worker is the same process, healthy, and its open
+descriptors are back near where they started (no leaked sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(90)
+
+CONFIG = """
+services:
+  - name: site
+    hosts: [127.0.0.1]
+    origins: ["{origin}"]
+    protection:
+      rate_limits:
+        - {{name: per-ip, match: {{path: /}}, key: client_ip, rate: 10/s, burst: {burst}}}
+      connections_per_ip: {cap}
+"""
+BURST = 50  # the legitimate client's requests all fit in it, whatever the timing
+CAP = 2
+FLOODERS = [f"127.0.1.{n}" for n in range(1, 51)]
+CONNECTIONS_PER_FLOODER = 4  # two over the cap: all held open until every one is resolved
+PIPELINED = 30  # per connection: the CAP served ones carry 60 > BURST + refill
+LEGIT_REQUESTS = 40
+FD_SLACK = 4  # descriptors the worker may hold beyond its baseline once all clients left
+STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+
+
+@dataclass
+class Tally:
+    """What the flooders saw."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    served: int = 0  # connections that got all their answers
+    refused: int = 0  # connections closed or reset before any answer
+
+
+async def answers(reader: asyncio.StreamReader, expected: int) -> list[int]:
+    """Status codes read until ``expected`` answers, EOF or a reset."""
+    data = b""
+    with contextlib.suppress(ConnectionError):
+        while len(STATUS_LINE.findall(data)) < expected:
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    return [int(code) for code in STATUS_LINE.findall(data)]
+
+
+async def flood_from(source: str, port: int, tally: Tally) -> None:
+    """One flooding address: CONNECTIONS_PER_FLOODER connections, all open at once, each
+    carrying PIPELINED requests; closed only when every one has its answers or was refused."""
+    request = f"GET /obj HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    streams = [
+        await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        for _ in range(CONNECTIONS_PER_FLOODER)
+    ]
+    try:
+        for _, writer in streams:
+            with contextlib.suppress(ConnectionError):
+                writer.write(request * PIPELINED)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(answers(reader, PIPELINED) for reader, _ in streams)), 30
+        )
+    finally:
+        for _, writer in streams:
+            writer.close()
+    for statuses in results:
+        tally.statuses.update(statuses)
+        if len(statuses) == PIPELINED:
+            tally.served += 1
+        elif not statuses:
+            tally.refused += 1
+
+
+async def flood(port: int) -> Tally:
+    tally = Tally()
+    await asyncio.gather(*(flood_from(source, port, tally) for source in FLOODERS))
+    return tally
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The edge's worker processes: children of the supervisor running verge.edge.worker."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if (
+                int(stat.rpartition(")")[2].split()[1]) == supervisor
+                and b"verge.edge.worker" in cmdline
+            ):
+                pids.append(int(entry))
+    return pids
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fds_settle(pid: int, at_most: int, timeout: float = 15.0) -> int:
+    """The worker's open descriptors once they are at most ``at_most`` (the edge closes its
+    side of a connection when it reads the client's FIN: asynchronously), or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (count := open_fds(pid)) > at_most and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count
+
+
+def metric(text: str, line_start: str) -> float:
+    match = re.search(rf"^{re.escape(line_start)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{line_start} not in /metrics"
+    return float(match.group(1))
+
+
+@pytest.fixture
+def flood_sources():
+    """The flooding addresses must be bindable (every 127/8 address is, on Linux)."""
+    for source in (FLOODERS[0], FLOODERS[-1]):
+        with socket.socket() as sock:
+            try:
+                sock.bind((source, 0))
+            except OSError as exc:
+                pytest.fail(f"cannot bind {source} (needed to flood from a /24): {exc}")
+    return FLOODERS
+
+
+def test_a_flood_from_one_slash_24_is_limited_and_the_legitimate_client_is_served(
+    edge_factory, origin, flood_sources
+):
+    origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"x" * 1024)
+    edge = edge_factory(config=CONFIG.format(origin=origin.url, burst=BURST, cap=CAP))
+    [worker] = worker_pids(edge.proc.pid)
+    with edge.client() as warm:  # a memory hit from now on; the origin pool holds its socket
+        assert warm.get("/obj").status_code == 200
+    baseline = open_fds(worker)  # (the warm-up connection may still count: 1 more at most)
+
+    with ThreadPoolExecutor(1) as pool, edge.client() as legit:
+        flooding = pool.submit(asyncio.run, flood(edge.port))
+        legit_statuses = [legit.get("/obj").status_code for _ in range(LEGIT_REQUESTS)]
+        tally = flooding.result(timeout=60)
+    assert legit_statuses == [200] * LEGIT_REQUESTS
+
+    over_the_cap = len(FLOODERS) * (CONNECTIONS_PER_FLOODER - CAP)
+    assert (tally.served, tally.refused) == (len(FLOODERS) * CAP, over_the_cap)
+    assert sum(tally.statuses.values()) == len(FLOODERS) * CAP * PIPELINED
+    assert set(tally.statuses) == {200, 429} and tally.statuses[429] > 0
+
+    with edge.admin() as admin:
+        assert admin.get("/healthz").status_code == 200
+        metrics = admin.get("/metrics").text
+    counted = 'verge_rate_limit_requests_total{outcome="%s",rule="per-ip",service="site"}'
+    assert metric(metrics, counted % "blocked") == tally.statuses[429]
+    assert metric(metrics, counted % "allowed") == 1 + LEGIT_REQUESTS + tally.statuses[200]
+    assert metric(metrics, "verge_connections_refused_by_cap") == over_the_cap
+    assert metric(metrics, "verge_open_files_limit") >= 1024
+
+    assert edge.proc.poll() is None and worker_pids(edge.proc.pid) == [worker]  # no restart
+    assert fds_settle(worker, baseline + FD_SLACK) <= baseline + FD_SLACK  # nothing leaked
+    with edge.client() as after:
+        assert after.get("/obj").status_code == 200
