@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -373,7 +374,12 @@ def test_module_cache_deserialises_on_next_load(artefact_dir, wasm):
             f"\ncold start from artefact: load {loaded_ms:.2f} ms "
             f"(deserialise {again.loaded.load_ms:.2f} ms), first request done at {cold_ms:.2f} ms"
         )
-    artefacts[0].write_bytes(b"corrupt")
+    # corrupted by a replace, as the runtime itself writes artefacts: truncating the file in
+    # place under a module still mapped from it (not yet collected) makes the next touch of
+    # those pages SIGBUS — whatever thread the garbage collector happens to run in
+    corrupt = artefacts[0].with_suffix(".corrupt")
+    corrupt.write_bytes(b"corrupt")
+    os.replace(corrupt, artefacts[0])
     with Runtime(artefact_dir) as third:
         assert third.load(wasm["echo"]).loaded.source == "compiled"
         assert third.invoke(third.load(wasm["echo"]), post()).ok
