@@ -81,6 +81,7 @@ def test_a_header_keyed_limit_with_a_penalty_box(protected, origin):
         assert login("k1").status_code == 429
         boxed = login("k1")
         assert boxed.status_code == 429 and int(boxed.headers["retry-after"]) > 60  # 10 min box
+        assert boxed.headers["connection"] == "close"  # a boxed client loses its connection
         assert login("k2").status_code == 200
         assert c.get("/login").status_code == 200  # GET is not in the rule's methods
 

@@ -55,6 +55,7 @@ class Admission(NamedTuple):
 
 
 ADMITTED = Admission()
+REFUSALS_KEPT = 1024  # distinct 429 answers memoised per service
 
 EVENTS_KEPT = 200
 """Refusals kept per service and worker until the agent takes them (the newest)."""
@@ -105,6 +106,8 @@ class ServiceProtection:
             log.warning("service %s: deny.countries needs a GeoIP database on the edge; "
                         "not applied", service)
         self.denied = 0
+        self._refusals: dict[tuple, Response] = {}  # 429s by their fields (_too_many)
+        self._penalised = {rule.name for rule in settings.rate_limits if rule.penalty}
         self.waf = self._load_waf(settings)
         self.events: deque[tuple] = deque(maxlen=EVENTS_KEPT)
 
@@ -133,12 +136,26 @@ class ServiceProtection:
             return ADMITTED
         verdict = self.limiter.evaluate(request, time.monotonic() if now is None else now)
         if verdict.action == "block":
-            status, fields, body = too_many_requests(verdict)
-            return Admission(Response(status, fields, body), kind="rate-limit",
-                             detail=verdict.rule)
+            return Admission(self._too_many(verdict), kind="rate-limit", detail=verdict.rule)
         if verdict.action == "drop":
             return Admission(drop=True, kind="drop", detail=verdict.rule)
         return Admission(fields=verdict.headers) if verdict.headers else ADMITTED
+
+    def _too_many(self, verdict) -> Response:
+        """The 429 of a verdict, memoised by its fields (the rule and the seconds to wait):
+        under a flood most refusals repeat one of a few answers, and a refusal must cost
+        less than the hit it refuses (the Response memoises its rendering too). A client in
+        a rule's penalty box also loses its connection: whatever it pipelined behind the
+        refused request is not parsed and answered one by one."""
+        key = verdict.headers
+        response = self._refusals.get(key)
+        if response is None:
+            status, fields, body = too_many_requests(verdict)
+            if len(self._refusals) >= REFUSALS_KEPT:
+                self._refusals.clear()
+            response = self._refusals[key] = Response(
+                status, fields, body, close=verdict.rule in self._penalised)
+        return response
 
     def refused(self, request, admission: Admission) -> None:
         """Record the refusal (or drop: status 0) the protect phase decided."""
