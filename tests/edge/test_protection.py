@@ -12,6 +12,8 @@ import socket
 import httpx
 import pytest
 
+from tests.conftest import EdgeProcess
+from tests.origin import make_origin
 from verge.protect.waf import CRS_DIR
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,14 +34,39 @@ services:
 """
 
 
-@pytest.fixture
-def protected(edge_factory, origin):
-    def start(mode: str = "block"):
-        origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"origin says hi\n")
-        return edge_factory(config=CONFIG.format(origin=origin.url, mode=mode))
+@pytest.fixture(scope="module")
+def shared_origin():
+    """One origin and one edge per WAF mode for the module (each test uses its own paths
+    and keys, so the edges' counts stay the tests' own)."""
+    origin = make_origin()
+    origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"origin says hi\n")
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="module")
+def edges(shared_origin, tmp_path_factory):
     if not (CRS_DIR / "REQUEST-901-INITIALIZATION.conf").exists():
         pytest.fail("the OWASP CRS is not installed: make waf-deps (scripts/waf-deps.sh)")
+    started: dict[str, EdgeProcess] = {}
+    yield started
+    for edge in started.values():
+        edge.stop()
+
+
+@pytest.fixture
+def protected(edges, shared_origin, tmp_path_factory):
+    def start(mode: str = "block") -> EdgeProcess:
+        if mode not in edges:
+            config = CONFIG.format(origin=shared_origin.url, mode=mode)
+            edges[mode] = EdgeProcess(tmp_path_factory.mktemp(mode), config=config).start()
+        return edges[mode]
     return start
+
+
+@pytest.fixture
+def origin(shared_origin):  # (the tests below read what the shared origin saw)
+    return shared_origin
 
 
 def test_a_rate_limit_refuses_hits_and_misses_alike_with_the_draft_fields(protected, origin):
