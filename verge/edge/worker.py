@@ -101,8 +101,10 @@ class Worker:
         self.listeners: list[socket.socket] = []  # the HTTP and HTTPS listening sockets
         self.app = EdgeApp(config, cache, self.pool, metrics=self.metrics,
                            protect=ProtectSharing(
-                               SharedTable.attach(table_fd) if table_fd is not None else None,
-                               steered=False),  # until the listeners steer (steer())
+                               # one worker: every key is exact in its own memory
+                               SharedTable.attach(table_fd)
+                               if table_fd is not None and workers > 1 else None,
+                               steered=workers == 1),  # (more: once they steer, steer())
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
                            compute=self.compute,
@@ -231,7 +233,9 @@ class Worker:
         program) leave the kernel's spreading, and rate limits meet in the node's shared
         table. Steering is off when nothing needs it: behind a proxy, or for a load test
         from one address, it would put every connection on one worker."""
-        wanted = self.workers > 1 and wants_steering(self.config)
+        if self.workers == 1:  # every client is this worker's: its own counts are exact
+            return
+        wanted = wants_steering(self.config)
         steered = wanted
         for sock in self.listeners:
             try:
