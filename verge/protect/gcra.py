@@ -36,6 +36,7 @@ coarse once-a-second clock of verge.http.server is too coarse for rates above 1/
 
 from __future__ import annotations
 
+import abc
 import math
 from itertools import islice
 from typing import NamedTuple
@@ -71,7 +72,7 @@ def _positive_finite(value: float, what: str, *, allow_zero: bool = False) -> fl
     return float(value)
 
 
-class Limit:
+class Limit(abc.ABC):
     """What every GCRA table shares: the parameters, and Decisions built on ``update``.
 
     Subclasses store the state (:class:`Gcra`: a dict in this process;
@@ -97,14 +98,14 @@ class Limit:
             raise ValueError(f"{count}/{period}s with burst {burst} is out of range")
         self.evicted = 0  # live keys forgotten because the table was full
 
+    @abc.abstractmethod
     def update(self, key: str, now: float) -> float:
         """Count one request; allowed: the key's new ``TAT - now`` (> 0), refused: minus the
         seconds to wait (< 0). :meth:`check` without the Decision, for the hot path."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def state(self, key: str, now: float) -> tuple[float | None, float | None]:
         """(TAT, end of penalty) of a key at ``now``; None for what is not recorded."""
-        raise NotImplementedError
 
     def remaining(self, ahead: float) -> int:
         """Requests that pass right now when the key's TAT is ``ahead`` seconds away."""
