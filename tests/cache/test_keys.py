@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from verge.cache.keys import cache_key, key_for_url, key_prefix, normalize_path, normalize_query
+from verge.cache.keys import (
+    CacheKey,
+    cache_key,
+    key_for_url,
+    key_prefix,
+    normalize_path,
+    normalize_query,
+)
 
 
 @pytest.mark.parametrize(
@@ -194,3 +203,31 @@ def test_key_for_url_matches_cache_key() -> None:
     assert key_for_url("http://Example.com:80/x/./y?a=%7e") == cache_key(
         "example.com", "/x/y", "a=~"
     )
+
+
+def _rule(**settings) -> SimpleNamespace:
+    return SimpleNamespace(**{"sort_query": False, "ignore_query": False, "key_headers": (),
+                              **settings})
+
+
+def test_cache_key_value_without_rule_is_the_default_key() -> None:
+    key = CacheKey.under(None, "Example.com:8080", "/a/./b", "y=2&x=1")
+    assert key.text == key.url == cache_key("example.com", "/a/b", "y=2&x=1")
+    assert key.scope() == ("url", key.text)
+
+
+def test_cache_key_value_folds_the_query_as_its_rule_says() -> None:
+    assert CacheKey.under(_rule(sort_query=True), "h", "/p", "y=2&x=1").text == "h/p?x=1&y=2"
+    assert CacheKey.under(_rule(ignore_query=True), "h", "/p", "utm=1").text == "h/p"
+
+
+def test_cache_key_value_with_key_headers_invalidates_every_header_variant() -> None:
+    rule = _rule(key_headers=("X-Tenant",))
+    a = CacheKey.under(rule, "h", "/api", "", {"x-tenant": "a"})
+    b = CacheKey.under(rule, "h", "/api", "", {"x-tenant": "b"})
+    bare = CacheKey.under(rule, "h", "/api", "")  # an unsafe method's invalidation
+    assert a.url == b.url == bare.url == "h/api" and a.text != b.text
+    kind, prefix = bare.scope()
+    assert kind == "prefix" and a.text.startswith(prefix) and b.text.startswith(prefix)
+    # a longer path is not swept along: the prefix ends with the key-header separator
+    assert not CacheKey.under(rule, "h", "/api2", "", {"x-tenant": "a"}).text.startswith(prefix)

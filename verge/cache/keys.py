@@ -15,6 +15,7 @@ the common case (no ``%``, no dot segment, no query, no key headers) does almost
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from verge import uri
@@ -107,6 +108,43 @@ def cache_key(
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """The cache key of one request under the rule that matches it: the one value the lookup,
+    the fill lock, the store and invalidation use, built once in the route phase.
+
+    ``url`` is the primary part (host, path and the query as the rule folds it: sorted,
+    ignored); ``text`` is the stored key, ``url`` followed by the values of the rule's key
+    headers (the same string without them); ``rule`` is the rule that made it (None: the
+    service's defaults). The Vary variant inputs are the request's fields, chosen between at
+    lookup: the Vary names are the stored response's, not known before it is found.
+    """
+
+    url: str
+    text: str
+    rule: object | None = None
+
+    @classmethod
+    def under(cls, rule, host: str, path: str, query: str,
+              request_headers: Mapping[str, str] | None = None) -> CacheKey:
+        """The key of a URL under ``rule`` (its ``sort_query``, ``ignore_query`` and
+        ``key_headers``; None: the defaults), with the key headers' values taken from
+        ``request_headers`` (absent when None)."""
+        url = cache_key(host, path, query, sort_query=bool(rule and rule.sort_query),
+                        ignore_query=bool(rule and rule.ignore_query))
+        if rule is None or not rule.key_headers:
+            return cls(url, url, rule)
+        return cls(url, url + _header_suffix(rule.key_headers, request_headers), rule)
+
+    def scope(self) -> tuple[str, str]:
+        """What removes every entry of this URL under its rule (RFC 9111 §4.4 invalidation):
+        ``("url", key)``, or ``("prefix", url + "\\n")`` when key headers make one entry
+        per header value."""
+        if self.rule is None or not self.rule.key_headers:
+            return "url", self.text
+        return "prefix", self.url + "\n"
+
+
 def key_prefix(host: str, path_prefix: str) -> str:
     """The string every key under ``host`` + ``path_prefix`` starts with (purge by prefix).
 
@@ -143,8 +181,7 @@ def url_keys(config, url: str) -> list[str]:
     rule = service.match_rule(path)
     found = {base, cache_key(key_host, path, query)}
     if rule is not None:
-        found.add(cache_key(key_host, path, query, sort_query=rule.sort_query,
-                            ignore_query=rule.ignore_query))
+        found.add(CacheKey.under(rule, key_host, path, query).url)
     return sorted(found)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from verge.cache import keys, policy
 from verge.cache.filllock import NodeFillLocks
+from verge.cache.keys import CacheKey
 from verge.cache.store import CacheEntry, TieredCache
 from verge.compute.wagi import Answer, Pass
 from verge.edge.compress import choose_encoding, compress_bytes, is_compressible
@@ -82,7 +83,7 @@ class Route:
 
     service: object
     rule: object | None
-    key: str | None  # None: not cacheable (bypass, method)
+    key: CacheKey | None  # None: not cacheable (bypass, method)
     plan: HeaderPlan
     origins: OriginSet
     policy: policy.PolicyOptions = policy.DEFAULT_OPTIONS  # the rule's RFC 9111 settings
@@ -273,8 +274,8 @@ class EdgeApp:
             query = request.query
             if signed is not None:  # every viewer's token maps to the same entry
                 query = take_param(query, signed.param)[1]
-            key = rule_key(rule, self.config.key_host(service, request.host), request.path,
-                           query, request.hmap)
+            key = CacheKey.under(rule, self.config.key_host(service, request.host),
+                                 request.path, query, request.hmap)
         route = Route(service, rule, key, runtime.plans[index, request.scheme == "https"],
                       runtime.rule_origins.get(index, runtime.origins), signed=signed,
                       protection=runtime.protection)
@@ -366,7 +367,7 @@ class EdgeApp:
         if key is None or route.function is not None or "upgrade" in request.hmap:
             return None  # (Upgrade: a WebSocket is tunnelled by handle())
         hmap = request.hmap
-        entry = self.cache.lookup_memory(key, hmap)
+        entry = self.cache.lookup_memory(key.text, hmap)
         if entry is None:
             return None
         now = time.time()
@@ -634,7 +635,7 @@ class EdgeApp:
 
     async def _cached(self, request, writer, route: Route, started: float) -> None:
         hmap = request.hmap
-        entry = self.cache.lookup(route.key, hmap)
+        entry = self.cache.lookup(route.key.text, hmap)
         now = time.time()
         only_if_cached = "only-if-cached" in policy.parse_cache_control(hmap.get("cache-control"))
         waf = self._waf_for(route, request, cache_hit=entry is not None)
@@ -744,7 +745,7 @@ class EdgeApp:
 
     def _invalidate(self, request, service, response_headers) -> None:
         """RFC 9111 §4.4: the target URI and same-host Location/Content-Location, each under
-        the key its own rule gives it (the route phase's rule_key), every stored variant:
+        the key its own rule gives it (the route phase's CacheKey), every stored variant:
         with key headers, every key that starts with the URL's part."""
         targets = [request.target]
         for name in ("location", "content-location"):
@@ -758,16 +759,16 @@ class EdgeApp:
                     continue
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
             path, _, query = target.partition("?")
-            key_host = self.config.key_host(service, request.host)
             rule = service.match_rule(keys.normalize_path(path))
             if rule is not None and rule.signed is not None:
                 query = take_param(query, rule.signed.param)[1]
-            if rule is not None and rule.key_headers:
-                prefix = rule_key(rule, key_host, path, query, None, with_headers=False)
-                self.cache.purge_memory("prefix", prefix + "\n", soft=False)
-                self.cache.purge_disk("prefix", prefix + "\n", soft=False)
+            key_host = self.config.key_host(service, request.host)
+            kind, value = CacheKey.under(rule, key_host, path, query).scope()
+            if kind == "url":
+                self.cache.invalidate(value)
             else:
-                self.cache.invalidate(rule_key(rule, key_host, path, query, None))
+                self.cache.purge_memory(kind, value, soft=False)
+                self.cache.purge_disk(kind, value, soft=False)
 
     # ----- reporting ----------------------------------------------------------------------------------
     def _log(self, request, status, sent: int, result: str, started: float) -> None:
@@ -800,19 +801,6 @@ def policy_options(config, rule) -> policy.PolicyOptions:
         rule_ttl=ttl, rule_override=override,
         heuristic_fraction=config.cache.heuristic_fraction,
         heuristic_max=config.cache.heuristic_max,
-    )
-
-
-def rule_key(rule, host: str, path: str, query: str, request_headers,
-             with_headers: bool = True) -> str:
-    """The cache key of a URL under the rule that matches it (its query handling and key
-    headers): the one construction for lookups and for invalidation."""
-    return keys.cache_key(
-        host, path, query,
-        sort_query=bool(rule and rule.sort_query),
-        ignore_query=bool(rule and rule.ignore_query),
-        key_headers=rule.key_headers if rule is not None and with_headers else (),
-        request_headers=request_headers,
     )
 
 

@@ -138,19 +138,19 @@ class Fetcher:
         """The fetch phase for a miss or a stored entry that must be revalidated (why:
         'stale' or 'request', the RFC 9211 fwd reason): join or start the key's fill
         (waiting for another worker's fill of the key first). Returns what to deliver."""
-        fill = self.fills.get(route.key)
+        fill = self.fills.get(route.key.text)
         collapsed = fill is not None
         if collapsed and visited(request, self.app.name):
             # A tier loop came back to us: joining our own fill would wait for ourselves.
             return await self._own_fetch(request, route)
         stripe = None
         if fill is None and self.locks is not None and not visited(request, self.app.name):
-            outcome = await self._node_fill(route.key, request)
+            outcome = await self._node_fill(route.key.text, request)
             if isinstance(outcome, CacheEntry):
                 return Fetched("entry", entry=outcome, result="collapsed",
                                cache_status=f"{self.app.node}; hit; detail=collapsed")
             stripe = outcome
-            fill = self.fills.get(route.key)  # another waiter of this worker started it
+            fill = self.fills.get(route.key.text)  # another waiter of this worker started it
             collapsed = fill is not None
             if collapsed and stripe is not None:
                 self.locks.release(stripe)
@@ -164,11 +164,11 @@ class Fetcher:
     def background_refresh(self, request, route: Route, stale: CacheEntry) -> None:
         """stale-while-revalidate: refresh without a waiting client (collapsed as usual; a
         key another worker is filling is left to it)."""
-        if route.key in self.fills:
+        if route.key.text in self.fills:
             return
         stripe = None
         if self.locks is not None:
-            stripe = self.locks.try_acquire(route.key)
+            stripe = self.locks.try_acquire(route.key.text)
             if stripe is None:
                 return
         fill = self._start_fill(request, route, stale, "stale", stripe)
@@ -229,8 +229,8 @@ class Fetcher:
     # ----- fills ---------------------------------------------------------------------------------
     def _start_fill(self, request, route: Route, stale: CacheEntry | None,
                     why: str = "stale", stripe: int | None = None) -> Fill:
-        fill = Fill(route.key, self.app.cache.max_memory_object)
-        self.fills[route.key] = fill
+        fill = Fill(route.key.text, self.app.cache.max_memory_object)
+        self.fills[route.key.text] = fill
         task = asyncio.get_running_loop().create_task(
             self._run_fill(fill, request, route, stale, why))
         task.add_done_callback(lambda t: self._fill_done(fill, t, stripe))
@@ -297,7 +297,7 @@ class Fetcher:
         to the next) unless this request already passed through us, then to the origin."""
         parents = self.app.parents
         if parents is not None and not visited(request, self.app.name):
-            candidates = parents.order_for(route.key)
+            candidates = parents.order_for(route.key.text)
             if candidates:
                 try:
                     response, _ = await parents.request("GET", request.target,
@@ -346,7 +346,7 @@ class Fetcher:
         variant = policy.secondary_key(freshness.vary, request.hmap)
         headers = storable_headers(response.headers, route.strip_cookies)
         length = _content_length(response.headers)
-        writer = cache.disk.writer(route.key, variant)
+        writer = cache.disk.writer(route.key.text, variant)
         fill.attach_writer(writer)
         status_note = f"; fwd-status={response.status}" if stale is not None else ""
         fill.set_head(FillHead("stream", response.status, response.reason, headers, variant,
@@ -363,14 +363,14 @@ class Fetcher:
             return
         response.release()
         entry = CacheEntry(
-            key=route.key, variant=variant, status=response.status, reason=response.reason,
+            key=route.key.text, variant=variant, status=response.status, reason=response.reason,
             headers=headers, freshness=freshness, tags=tags_of(headers), body_size=fill.size,
         )
         try:
             # the index write (and eviction) run on the disk's writer thread: hits go on
             entry.disk = await cache.commit_async(writer, entry, freshness.vary)
         except OSError as exc:
-            log.error("could not store %r on disk: %r", route.key, exc)
+            log.error("could not store %r on disk: %r", route.key.text, exc)
             writer.abort()
         if fill.size <= cache.max_memory_object:
             entry.body = fill.buffered
@@ -387,7 +387,7 @@ class Fetcher:
 
     async def _own_fetch(self, request, route: Route) -> Fetched:
         """A waiter that cannot use the collapsed response fetches on its own (uncollapsed)."""
-        fill = Fill(route.key, self.app.cache.max_memory_object)
+        fill = Fill(route.key.text, self.app.cache.max_memory_object)
         await self._run_fill(fill, request, route, None)
         return _outcome(fill, fill.head.result(), False)
 
