@@ -36,7 +36,7 @@ def get() -> Request:
 
 
 def test_a_full_hit_is_built_once_per_age_second(app, clock):
-    key = app.cached_route(get())[0].key
+    key = app.cached_route(get())[0].key.text
     entry = CacheEntry(key=key, variant="", status=200, reason="OK",
                        headers=[("Content-Type", "application/octet-stream")],
                        freshness=policy.Freshness(response_time=1_000_000.0,
