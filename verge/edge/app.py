@@ -354,15 +354,19 @@ class EdgeApp:
             self._log(request, route.status, _body_bytes(route), "none", started)
             return route
         admitted = ADMITTED
-        if route.protection is not None:  # the protect phase: once per request
-            admitted = original.admitted = route.protection.admit(request)
-            if admitted.refusal is not None:
-                route.protection.refused(request, admitted)
-                self._log(request, admitted.refusal.status, _body_bytes(admitted.refusal),
-                          "protect", started)
-                return admitted.refusal
-            if admitted.drop or self._waf_for(route, request, cache_hit=True) is not None:
-                return None  # handle() drops the connection or inspects
+        guard = route.protection
+        if guard is not None:  # the protect phase: once per request
+            admitted = original.admitted = guard.admit(request)
+            if admitted is not ADMITTED:
+                if admitted.refusal is not None:
+                    guard.refused(request, admitted)
+                    self._log(request, admitted.refusal.status, _body_bytes(admitted.refusal),
+                              "protect", started)
+                    return admitted.refusal
+                if admitted.drop:
+                    return None  # handle() drops the connection
+            if guard.waf is not None and self._waf_for(route, request, cache_hit=True):
+                return None  # handle() inspects
         key = route.key
         if key is None or route.function is not None or "upgrade" in request.hmap:
             return None  # (Upgrade: a WebSocket is tunnelled by handle())
