@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from verge.cache import keys, policy
 from verge.cache.filllock import NodeFillLocks
@@ -92,6 +93,29 @@ class Route:
     signed: object | None = None  # the rule's SignedUrls: every request is checked (_signed)
     admission: object | None = None  # a signed request's admission (verge.edge.signing)
     protection: ServiceProtection | None = None  # the service's protect phase
+
+
+class Answered(NamedTuple):
+    """A phase's answer to the client instead of going on (and its access-log result)."""
+
+    response: Response
+    result: str
+
+    @property
+    def sent(self) -> int:
+        return 0 if self.result == "error" else _body_bytes(self.response)
+
+
+class Passed(NamedTuple):
+    """The compute phase let the request go on, maybe rewritten (a new route)."""
+
+    route: Route
+    body: bytes
+    request: Request
+
+
+def _failed(status: int, message: str) -> Answered:
+    return Answered(text_response(status, f"{message}\n"), "error")
 
 
 @dataclass(slots=True)
@@ -518,10 +542,13 @@ class EdgeApp:
             if route.function.spec.phase == "response":
                 await self._response_phase(request, writer, route, started)
                 return
-            passed = await self._compute(request, writer, route, started)
-            if passed is None:
+            outcome = await self._compute(request, route)
+            if type(outcome) is Answered:
+                await writer.send(outcome.response)
+                self._log(request, outcome.response.status, outcome.sent, outcome.result,
+                          started)
                 return
-            route, body, request = passed
+            route, body, request = outcome
         await self._fetch_or_proxy(request, writer, route, started, body)
 
     async def _fetch_or_proxy(self, request, writer, route: Route, started: float,
@@ -601,9 +628,9 @@ class EdgeApp:
             return
         await writer.send(Response(status, headers, body))
 
-    async def _compute(self, request, writer, route: Route, started: float):
-        """The compute phase. Returns None when the function answered (or failed: a 5xx was
-        sent), else the request's new route, its body (read for the function) and the
+    async def _compute(self, request, route: Route) -> Answered | Passed:
+        """The compute phase: the function's answer (or the 5xx of its failure), or the
+        request as it passes on — its new route, its body (read for the function) and the
         request as the function rewrote it."""
         body = b""
         if request.body is not None:
@@ -613,29 +640,22 @@ class EdgeApp:
         result = invocation.result
         if isinstance(result, Answer):
             headers = [*result.headers, ("Cache-Status", f"{self.node}; detail=function")]
-            await writer.send(Response(result.status, headers, result.body))
-            self._log(request, result.status, len(result.body), "function", started)
-            return None
+            return Answered(Response(result.status, headers, result.body), "function")
         if not isinstance(result, Pass):
-            await self._error(request, writer, invocation.error_status,
-                              f"edge function {deployed.spec.name} failed: {invocation.error}",
-                              started)
-            return None
+            return _failed(invocation.error_status,
+                           f"edge function {deployed.spec.name} failed: {invocation.error}")
         target, headers = result.edit_request(request.target, request.headers)
         try:  # the function's rewrite is normalised like a client's target
             target = normalize_target(request.method, target)[0]
         except BadTarget as exc:
-            await self._error(request, writer, 502,
-                              f"edge function {deployed.spec.name} rewrote to a bad target: {exc}",
-                              started)
-            return None
+            return _failed(502, f"edge function {deployed.spec.name} rewrote to a bad target: "
+                                f"{exc}")
         request = request.replace(target=target, headers=headers)
         route = self.route(request)
         if type(route) is not Route:
-            await writer.send(route)
-            return None
+            return Answered(route, "none")
         route.function = None
-        return route, body, request
+        return Passed(route, body, request)
 
     async def _cached(self, request, writer, route: Route, started: float) -> None:
         hmap = request.hmap
