@@ -79,6 +79,8 @@ prepare_registry() {
         patch --quiet --forward -p1 -d "$registry/$name_version" < "$p" || {
             echo "build-native: $p does not apply to $name_version" >&2; exit 1; }
         echo "build-native: patched $name_version with $(basename "$p")"
+        # cargo does not notice changed files in a directory source: rebuild the crate
+        (cd "$CRATE" && cargo clean --release --offline -p "${name_version%-*}" 2>/dev/null) || true
     done
     echo "$stamp" > "$registry/.verge-stamp"
 }

@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import ssl
+import subprocess
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,9 @@ needs_native = pytest.mark.skipif(
 pytestmark = [pytest.mark.timeout(60), needs_native]
 
 FILE_BYTES = os.urandom(300 * 1024)
+BIG_CHUNK = bytes(256 * 1024)
+BIG_CHUNKS = 256  # /big: 64 MiB, far more than the socket buffers hold for a client not reading
+LATE_READ = 0.3  # /late-digest waits this long before reading the body
 
 
 @dataclass
@@ -48,11 +54,14 @@ class Seen:
 
 
 class RecordingApp(HttpApp):
-    """Records each request; answers by path (see `handle`)."""
+    """Records each request; answers by path (see `handle`). ``connection_gate`` is the
+    per-address connection cap the server consults (verge.edge.protect.ConnectionGate)."""
 
     def __init__(self, file_path: Path) -> None:
         self.seen: list[Seen] = []
         self.file_path = file_path
+        self.connection_gate = None
+        self.errors: list[str] = []  # how /big ended when the client went away
 
     def _record(self, request) -> Seen:
         seen = Seen(request.method, request.target, request.version, dict(request.hmap))
@@ -70,10 +79,18 @@ class RecordingApp(HttpApp):
         if request.path == "/ws":
             await self._websocket_echo(request, writer)
             return
+        if request.path == "/refuse":  # as a rate limit does: the body is never read
+            await writer.send(text_response(429, "slow down\n"))
+            return
+        if request.path == "/big":
+            await self._big(writer)
+            return
+        if request.path == "/late-digest":
+            await asyncio.sleep(LATE_READ)
         body = await request.body.read_all(1 << 30) if request.body is not None else b""
         seen.body = body
         path = request.path
-        if path == "/digest":
+        if path in ("/digest", "/late-digest"):
             await writer.send(text_response(200, hashlib.sha256(body).hexdigest()))
         elif path == "/stream":
             writer.start(200, [("Content-Type", "text/plain")])
@@ -89,6 +106,16 @@ class RecordingApp(HttpApp):
             await writer.send(text_response(200, "slow\n"))
         else:
             await writer.send(text_response(200, f"{request.method} {request.target}\n"))
+
+    async def _big(self, writer) -> None:
+        writer.start(200, [("Content-Type", "application/octet-stream")])
+        try:
+            for _ in range(BIG_CHUNKS):
+                await writer.write(BIG_CHUNK)
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            self.errors.append(type(exc).__name__)
+            raise
+        await writer.end()
 
     async def _websocket_echo(self, request, writer) -> None:
         """Accept any upgrade and echo bytes until the client closes (no WebSocket framing:
@@ -154,6 +181,18 @@ class NativeHarness:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         return self.context(alpn).wrap_socket(raw, server_hostname="shop.test")
 
+    def connections(self) -> int:
+        return self.call(lambda: self.server.connections)
+
+    def wait_connections(self, count: int, limit: float = 5.0) -> bool:
+        """Wait until the server has ``count`` connections open (True) or ``limit`` passes."""
+        deadline = time.monotonic() + limit
+        while self.connections() != count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stop(self) -> None:
         server = self.server
 
@@ -187,6 +226,36 @@ def native_certs(tmp_path_factory):
 def native(native_certs, tmp_path):
     with running(native_certs, tmp_path) as harness:
         yield harness
+
+
+def statuses(wire: bytes) -> list[int]:
+    """The status codes of the HTTP/1.x responses in ``wire`` (bodies here never contain
+    'HTTP/1.')."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", wire)]
+
+
+def curl(native, *args: str, text: bool = True) -> subprocess.CompletedProcess:
+    """curl against the harness (shop.test resolved to it, its CA trusted); HTTP/1.1
+    unless ``args`` say otherwise."""
+    return subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http1.1",
+            "--cacert",
+            native.ca,
+            "--resolve",
+            f"shop.test:{native.port}:127.0.0.1",
+            *args,
+        ],
+        capture_output=True,
+        text=text,
+        timeout=20,
+    )
+
+
+def url(native, path: str) -> str:
+    return f"https://shop.test:{native.port}{path}"
 
 
 def read_until_closed(sock: ssl.SSLSocket, limit: float = 5.0) -> bytes:

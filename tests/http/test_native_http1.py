@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
+import re
 
 import pytest
 
 from tests.http.test_native_harness import (
     FILE_BYTES,
+    curl,
     needs_native,
     read_until_closed,
     running,
     session_certs,
+    statuses,
+    url,
 )
 
 pytestmark = [pytest.mark.timeout(60), needs_native]
@@ -36,6 +39,7 @@ def native(native_certs, tmp_path):
 
 
 HEAD = b"Host: shop.test\r\n"
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\n" + HEAD + b"\r\n"
 
 
 def exchange(native, data: bytes) -> bytes:
@@ -43,33 +47,6 @@ def exchange(native, data: bytes) -> bytes:
     with native.tls() as sock:
         sock.sendall(data)
         return read_until_closed(sock, 3.0)
-
-
-def statuses(wire: bytes) -> list[int]:
-    """The status codes of the responses in ``wire`` (bodies here never contain 'HTTP/1.')."""
-    return [int(line.split(b" ")[1]) for line in wire.split(b"\r\n") if line.startswith(b"HTTP/1.")]
-
-
-def curl(native, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--http1.1",
-            "--cacert",
-            native.ca,
-            "--resolve",
-            f"shop.test:{native.port}:127.0.0.1",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-
-
-def url(native, path: str) -> str:
-    return f"https://shop.test:{native.port}{path}"
 
 
 def test_keep_alive_serves_requests_in_turn_on_one_connection(native):
@@ -113,24 +90,71 @@ def test_bodies_by_length_and_chunked_stream_to_the_app(native):
     assert [len(s.body) for s in native.app.seen] == [len(body), len(body)]
 
 
+CHUNKED_UPLOAD = (
+    b"POST /digest HTTP/1.1\r\n" + HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+)
+
+
+def test_a_chunked_upload_keeps_its_connection_for_the_next_request(native):
+    """The request after a chunked body is read on the same connection, whether it is sent
+    after the answer or right behind the body."""
+    digest = hashlib.sha256(b"hello world").hexdigest().encode()
+    with native.tls() as sock:
+        sock.sendall(CHUNKED_UPLOAD)
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(digest)
+        assert b"Connection: close" not in first
+        sock.sendall(
+            CHUNKED_UPLOAD + b"GET /fast HTTP/1.1\r\n" + HEAD + b"Connection: close\r\n\r\n"
+        )
+        rest = read_until_closed(sock, 3)
+    assert statuses(rest) == [200, 200] and rest.endswith(b"fast\n")
+    assert [s.target for s in native.app.seen] == ["/digest", "/digest", "/fast"]
+    assert [s.body for s in native.app.seen[:2]] == [b"hello world"] * 2
+
+
+def test_curl_reuses_the_connection_after_a_chunked_upload(native):
+    upload = native.app.file_path.parent / "upload.bin"
+    upload.write_bytes(os.urandom(300 * 1024))
+    out = curl(
+        native,
+        "-v",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{upload}",
+        url(native, "/digest"),
+        "--next",
+        "--http1.1",
+        "--cacert",
+        native.ca,
+        "--resolve",
+        f"shop.test:{native.port}:127.0.0.1",
+        url(native, "/fast"),
+    )
+    assert out.stdout == hashlib.sha256(upload.read_bytes()).hexdigest() + "fast\n", out.stderr
+    assert re.search(r"Re-?using existing", out.stderr, re.IGNORECASE), out.stderr
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    ],
+)
+def test_content_length_with_transfer_encoding_is_refused_either_way(native, fields):
+    wire = exchange(native, b"POST /a HTTP/1.1\r\n" + HEAD + fields + b"\r\n0\r\n\r\n" + SMUGGLED)
+    assert statuses(wire) == [400], wire
+    assert native.app.seen == []
+
+
 def test_streamed_and_file_responses(native):
     streamed = curl(native, "-D", "-", url(native, "/stream"))
     assert "Transfer-Encoding: chunked" in streamed.stdout
     assert streamed.stdout.endswith("one two three")
-    got = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--http1.1",
-            "--cacert",
-            native.ca,
-            "--resolve",
-            f"shop.test:{native.port}:127.0.0.1",
-            url(native, "/file"),
-        ],
-        capture_output=True,
-        timeout=20,
-    ).stdout
+    got = curl(native, url(native, "/file"), text=False).stdout
     assert got == FILE_BYTES[1000:201_000]
 
 
@@ -168,16 +192,13 @@ def test_refusals_match_the_python_server(native, request_bytes, status):
     assert native.app.seen == []
 
 
-SMUGGLED = b"GET /smuggled HTTP/1.1\r\n" + HEAD + b"\r\n"
-
-
 @pytest.mark.parametrize(
     "attack",
     [
         # CL then TE: both visible, refused
         b"POST /a HTTP/1.1\r\n" + HEAD + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"0\r\n\r\n" + SMUGGLED,
-        # TE then CL: hyper drops the CL and reads chunked; the connection closes after it
+        # TE then CL: refused too (patched hyper; it used to drop the CL and read chunked)
         b"POST /a HTTP/1.1\r\n" + HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
         b"0\r\n\r\n" + SMUGGLED,
         # two differing Content-Lengths

@@ -30,8 +30,17 @@ under a running server. Session tickets are sealed with the node's shared keys
 worker resumes every other's sessions; OCSP responses are stapled when configured.
 
 Protection: timeouts from :class:`~verge.http.server.ServerLimits` (handshake and HTTP/1.1
-head: ``header_timeout``; idle: ``keepalive_timeout``) and the HTTP/2 flood caps of
-:class:`verge.http.h2server.H2ServerProtocol`, enforced natively (native/h2front/src/guard.rs).
+head: ``header_timeout``; idle: ``keepalive_timeout``; a request body that stops arriving:
+``body_timeout``, 408; a client that stops reading: ``send_timeout``), the HTTP/1.1 head
+limits (the field count follows from ``max_header_bytes``, as on the Python server), the
+HTTP/2 flood caps of :class:`verge.http.h2server.H2ServerProtocol`, enforced natively
+(native/h2front/src/guard.rs), and the application's connection gate
+(``app.connection_gate``, the per-address cap of :mod:`verge.edge.protect`): while there is
+one, each accepted connection is admitted or closed by it before its TLS handshake, and
+counted until it closes, as the Python listeners count theirs.
+
+``Expect: 100-continue`` (HTTP/1.1): the 100 is sent when the application starts reading
+the body (:class:`NativeBody`), so a request refused unread never gets one.
 """
 
 from __future__ import annotations
@@ -77,7 +86,11 @@ MAX_CONCURRENT_STREAMS = 100
 FILE_CHUNK = 64 * 1024
 
 # Event kinds from the native side (see native/h2front/src/lib.rs).
-REQUEST, DATA, END, GONE, ROOM = range(5)
+REQUEST, DATA, END, GONE, ROOM, OPEN, CLOSED = range(7)
+# A request event's body state: none, one, one sent on 100 Continue (once read).
+NO_BODY, BODY, BODY_ON_READ = range(3)
+MIN_FIELD_BYTES = 5  # the smallest field as ServerLimits.max_header_bytes counts it: "a:" + 4
+HEAD_SLACK = 4096  # request line and framing of a head, over the URL and field limits
 
 
 def available() -> bool:
@@ -134,12 +147,18 @@ def native_limits(limits: ServerLimits) -> dict[str, float | int]:
 
     The TLS handshake gets ``header_timeout``, as on the Python TLS listener (alpn.py); the
     caps are :class:`H2ServerProtocol`'s (the native side adds its own for WINDOW_UPDATE,
-    empty DATA, PRIORITY and the resets the server is made to send).
+    empty DATA, PRIORITY and the resets the server is made to send). The Python server
+    counts header bytes, not fields (each at least ``MIN_FIELD_BYTES``): more fields than
+    fit in ``max_header_bytes`` are refused (431) by hyper, fewer reach the byte check here.
     """
     return {
         "handshake_timeout": limits.header_timeout,
         "header_timeout": limits.header_timeout,
         "keepalive_timeout": limits.keepalive_timeout,
+        "body_timeout": limits.body_timeout,
+        "send_timeout": limits.send_timeout,
+        "max_header_fields": limits.max_header_bytes // MIN_FIELD_BYTES,
+        "max_head_bytes": limits.max_url_bytes + limits.max_header_bytes + HEAD_SLACK,
         "resets_per_second": H2ServerProtocol.MAX_RESETS_PER_SECOND,
         "dropped_per_second": H2ServerProtocol.MAX_RESETS_PER_SECOND,
         "pings_per_second": H2ServerProtocol.MAX_PINGS_PER_SECOND,
@@ -163,7 +182,8 @@ def request_from_http1(
     parser, in its order (URL 414, fields 431, target, Host, framing 400/501, body 413).
 
     hyper already refused what llhttp refuses (bad syntax, obs-fold, differing
-    Content-Lengths, chunked on HTTP/1.0, more than 100 fields: 431).
+    Content-Lengths, Content-Length with Transfer-Encoding, chunked on HTTP/1.0, more fields
+    than ``max_header_bytes`` can hold: 431).
     """
     headers: list[tuple[str, str]] = []
     hmap: dict[str, str] = {}
@@ -210,8 +230,8 @@ def _keeps_alive(version: str, hmap: dict[str, str]) -> bool:
 
 
 def _framing_problem(version: str, hmap: dict[str, str], limits) -> tuple[int, str] | None:
-    """server.py's Host and body-framing rules (hyper keeps a Content-Length that came
-    before Transfer-Encoding, so both can be seen here; the other order, see service.rs)."""
+    """server.py's Host and body-framing rules (Content-Length with Transfer-Encoding is
+    refused by hyper already: native/h2front/patches/hyper-0.14.19-verge.patch)."""
     if "host" not in hmap and version == "1.1":
         return 400, "exactly one Host header is required"
     te = hmap.get("transfer-encoding")
@@ -229,12 +249,15 @@ def _framing_problem(version: str, hmap: dict[str, str], limits) -> tuple[int, s
 
 
 class NativeBody(QueuedBody):
-    """A stream's request body; reading gives the native side credit for more."""
+    """A stream's request body; reading gives the native side credit for more. A body sent
+    on ``100 Continue`` (``on_read``) is asked for at the first read, as the Python server's
+    :class:`~verge.http.server.RequestBody` sends its 100 then."""
 
-    def __init__(self, front: NativeH2Server, stream_id: int) -> None:
+    def __init__(self, front: NativeH2Server, stream_id: int, on_read: bool = False) -> None:
         super().__init__(front.loop)
         self._front = front
         self._id = stream_id
+        self._on_read = on_read
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -248,6 +271,9 @@ class NativeBody(QueuedBody):
 
     async def read(self) -> bytes:
         """The next chunk, or b'' at the end of the body."""
+        if self._on_read:
+            self._on_read = False
+            self._front.native.start_body(self._id)
         data = await self._next()
         if data is None:
             return b""
@@ -468,6 +494,7 @@ class NativeH2Server:
         self._bodies: dict[int, NativeBody] = {}
         self._tasks: dict[int, asyncio.Task] = {}
         self._room: dict[int, asyncio.Future] = {}
+        self._admitted: dict[int, tuple] = {}  # connection id: (the gate that counted it, client)
         entries, default_parts = native_cert_set(certs, default)
         self.native = _h2front.Server(
             sock.detach(),
@@ -475,7 +502,7 @@ class NativeH2Server:
             default_parts,
             max_streams=max_streams,
             max_header_list=limits.max_header_bytes + 4096,
-            limits=native_limits(limits),
+            limits=self._native_limits(),
         )
         self.loop.add_reader(self.native.fileno(), self._on_ready)
 
@@ -490,8 +517,13 @@ class NativeH2Server:
         self.loop.call_soon(self.apply_limits)
 
     def apply_limits(self) -> None:
-        """Push the current ``limits`` (timeouts) to the native side, for new connections."""
-        self.native.set_limits(native_limits(self.limits))
+        """Push the current ``limits`` (timeouts, head limits) and whether the application
+        has a connection gate to the native side, for new connections."""
+        self.native.set_limits(self._native_limits())
+
+    def _native_limits(self) -> dict[str, float | int | bool]:
+        gated = getattr(self.app, "connection_gate", None) is not None
+        return {**native_limits(self.limits), "connection_gate": gated}
 
     def set_ticket_keys(self, keys: Sequence[TicketKey]) -> bool:
         """Seal session tickets with ``keys[0]``, accept tickets sealed with any of ``keys``
@@ -519,6 +551,7 @@ class NativeH2Server:
     # --- the batch ---
     def _on_ready(self) -> None:
         answers: list = []
+        verdicts: list = []
         for event in self.native.take():
             kind = event[0]
             if kind == REQUEST:
@@ -535,16 +568,43 @@ class NativeH2Server:
                 self._on_gone(event[1])
             elif kind == ROOM:
                 self._wake_room(event[1])
+            elif kind == OPEN:
+                verdicts.append((event[1], self._admit(event[1], event[2])))
+            elif kind == CLOSED:
+                self._release(event[1])
         if answers:
             self.native.respond(answers)
+        if verdicts:
+            for late in self.native.admit(verdicts):  # the connection stopped waiting
+                self._release(late)
+
+    # --- the connection gate ---
+    def _admit(self, conn_id: int, client: str) -> bool:
+        """The application's connection gate on a new connection (no gate: admitted,
+        uncounted). Refusals count in the gate (``verge_connections_refused_by_cap``)."""
+        gate = getattr(self.app, "connection_gate", None)
+        if gate is None:
+            return True
+        if not gate.opened(client):
+            return False
+        self._admitted[conn_id] = (gate, client)
+        return True
+
+    def _release(self, conn_id: int) -> None:
+        counted = self._admitted.pop(conn_id, None)
+        if counted is not None:
+            gate, client = counted
+            gate.closed(client)
 
     def _on_request(self, event: tuple, answers: list) -> None:
-        _, stream_id, method, path, authority, headers, has_body, client, version = event
+        _, stream_id, method, path, authority, headers, body, client, version = event
         if version != "2":
             request, problem = request_from_http1(
                 method, path, headers, version, client, self.limits
             )
-            self._dispatch(stream_id, request, problem, has_body, answers)
+            if body != NO_BODY:
+                request.body = self._http1_body(stream_id, request, body == BODY_ON_READ)
+            self._dispatch(stream_id, request, problem, answers)
             return
         fields = [(b":method", method), (b":scheme", b"https")]
         if path is not None:
@@ -553,24 +613,25 @@ class NativeH2Server:
             fields.append((b":authority", authority))
         fields.extend(headers)
         request, malformed = request_from_fields(fields, "2", client, "https")
-        request.body = NativeBody(self, stream_id) if has_body else None
+        request.body = NativeBody(self, stream_id) if body != NO_BODY else None
         problem = request_problem(request, malformed, self.limits)
-        self._dispatch(stream_id, request, problem, has_body, answers)
+        self._dispatch(stream_id, request, problem, answers)
+
+    def _http1_body(self, stream_id: int, request: Request, on_read: bool) -> NativeBody:
+        body = NativeBody(self, stream_id, on_read)
+        length = request.hmap.get("content-length", "")
+        if length.isdigit() and "transfer-encoding" not in request.hmap:
+            body.length = int(length)
+        return body
 
     def _dispatch(
         self,
         stream_id: int,
         request: Request,
         problem: tuple[int, str] | None,
-        has_body: bool,
         answers: list,
     ) -> None:
         """Refuse the request, answer it from ``handle_fast``, or start its task."""
-        if has_body and request.body is None:
-            request.body = NativeBody(self, stream_id)
-            length = request.hmap.get("content-length", "")
-            if length.isdigit() and "transfer-encoding" not in request.hmap:
-                request.body.length = int(length)
         body = request.body
         if problem is not None:
             status, message = problem
@@ -680,10 +741,12 @@ class NativeH2Server:
 
     @staticmethod
     async def _answer_error(writer: NativeResponseWriter, status: int, message: str) -> None:
+        """As the Python server: the error answered (HTTP/1.1: and the connection closed,
+        its request body possibly unread), or the response reset if it has started."""
         if writer.started:
             writer.abort()
         else:
-            await writer.send(text_response(status, message))
+            await writer.send(text_response(status, message, close=True))
 
 
 async def serve_native_h2(

@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::HttpBody;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::http::{HeaderMap, StatusCode};
 use hyper::Response;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -31,7 +32,7 @@ pub enum Event {
         method: hyper::Method,
         uri: hyper::Uri,
         headers: HeaderMap,
-        has_body: bool,
+        body: BodyState,
         client: Arc<str>,
         version: hyper::Version,
     },
@@ -39,6 +40,20 @@ pub enum Event {
     End { id: u64 },
     Gone { id: u64 },
     Room { id: u64 },
+    /// A connection accepted while the connection gate is on: Python admits it or not
+    /// (`admit`); `id` is the connection's, in the same space as the requests'.
+    Open { id: u64, client: Arc<str> },
+    /// A connection Python admitted has closed.
+    Closed { id: u64 },
+}
+
+/// Whether a request has a body, and whether it waits for Python's first read
+/// (`Expect: 100-continue`: the client sends it after the 100 that reading brings).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BodyState {
+    None = 0,
+    Ready = 1,
+    OnRead = 2,
 }
 
 /// Python's answer to one request: the response, whether an HTTP/1.1 connection closes
@@ -55,6 +70,17 @@ impl Answer {
         let mut response = Response::new(OutBody::empty());
         *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         Answer { response, close: false, tunnel: None }
+    }
+
+    /// A short plain-text answer that closes an HTTP/1.1 connection (the Python server's
+    /// protocol-error answers: `simple_response(..., close=True)`).
+    pub fn closing(status: u16, text: &'static str) -> Self {
+        let mut answer = Answer::bare(status);
+        *answer.response.body_mut() = OutBody::full(Bytes::from_static(text.as_bytes()));
+        let type_ = HeaderValue::from_static("text/plain; charset=utf-8");
+        answer.response.headers_mut().insert(CONTENT_TYPE, type_);
+        answer.close = true;
+        answer
     }
 }
 
@@ -84,15 +110,17 @@ impl Flow {
 }
 
 /// Python's credit for one request body (or upgraded connection): the bytes it may be sent
-/// ahead of reading (`ack` gives them back), and whether it gave up on the rest.
+/// ahead of reading (`ack` gives them back), whether it started reading (`start_body`, for
+/// a body sent on 100 Continue) and whether it gave up on the rest.
 pub struct Credit {
     pub permits: Semaphore,
+    pub wanted: Notify,
     pub discarded: Notify,
 }
 
 impl Credit {
     pub fn new() -> Arc<Self> {
-        Arc::new(Credit { permits: Semaphore::new(BODY_WINDOW), discarded: Notify::new() })
+        Arc::new(Credit { permits: Semaphore::new(BODY_WINDOW), wanted: Notify::new(), discarded: Notify::new() })
     }
 
     /// Python will not read more: the reader stops now, even while it waits for bytes
@@ -114,6 +142,8 @@ pub struct Inner {
     pub waiters: HashMap<u64, oneshot::Sender<Answer>>,
     pub bodies: HashMap<u64, Arc<Credit>>,
     pub streams: HashMap<u64, Arc<OutStream>>,
+    /// Connections waiting for Python's verdict on the connection gate (`admit`).
+    pub admissions: HashMap<u64, oneshot::Sender<bool>>,
 }
 
 pub struct Shared {

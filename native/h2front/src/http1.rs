@@ -2,8 +2,9 @@
 //! (WebSocket) spliced to Python.
 //!
 //! hyper parses HTTP/1.1 itself, strictly (httparse: no obs-fold, differing Content-Lengths
-//! refused, chunk sizes checked); what it does not do, and Python does (native_h2.py, the
-//! rules of verge/http/server.py), is the Host, target and size checks.
+//! refused, chunk sizes checked; patched: Content-Length with Transfer-Encoding refused, the
+//! field count from Python's byte cap, see patches/); what it does not do, and Python does
+//! (native_h2.py, the rules of verge/http/server.py), is the Host, target and size checks.
 //!
 //! An `Upgrade` request that Python accepts (`Server.upgrade`) is answered 101 through the
 //! usual waiter; hyper then hands over the raw connection and `splice` copies it both ways:

@@ -18,13 +18,16 @@
 //!   bridge.rs   the event queue and the response bodies Python fills
 //!
 //! Events handed to Python (tuples, first item the kind):
-//!   (0, id, method, target, authority|None, [(name, value)], has_body, client, version)
-//!        a request; version "2", "1.1" or "1.0"; HTTP/1.x targets are as sent (Python
-//!        normalises them), HTTP/2 ones are :path
+//!   (0, id, method, target, authority|None, [(name, value)], body, client, version)
+//!        a request; body 0: none, 1: one, 2: one sent on 100 Continue, that is once Python
+//!        starts reading (`start_body`); version "2", "1.1" or "1.0"; HTTP/1.x targets are
+//!        as sent (Python normalises them), HTTP/2 ones are :path
 //!   (1, id, data)   request body (or upgraded connection) bytes; credit comes back with `ack`
 //!   (2, id)         request body complete (upgraded: the client closed its side)
-//!   (3, id)         request gone (client reset, connection closed)
+//!   (3, id)         request gone (client reset, connection closed, body timeout)
 //!   (4, id)         the response stream drained below the low-water mark
+//!   (5, id, client) a connection to admit or refuse (`admit`), while the gate is on
+//!   (6, id)         an admitted connection closed
 
 mod bridge;
 mod conn;
@@ -50,13 +53,12 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use tokio::sync::{mpsc, watch};
 
 use bridge::{Answer, Chunk, Credit, Event, Flow, OutBody, OutStream, Shared, StreamBody, BODY_WINDOW, HIGH_WATER};
-use conn::{Ctx, Settings};
+use conn::{Ctx, Settings, H1_BUFFER};
 use guard::Caps;
 use http1::Tunnel;
 use tls::{CertEntry, CertParts, SharedCerts, SharedTickets};
 
 const NAME_CACHE: usize = 256; // header names kept as Python bytes objects
-const H1_BUFFER: usize = 64 * 1024; // hyper's HTTP/1.1 read buffer: caps a request head
 const HEADER_BLOCK_SLACK: u32 = 1024; // frame headers of a block split in several frames
 
 // ----- limits ---------------------------------------------------------------------------------
@@ -66,6 +68,11 @@ fn default_settings(max_header_list: u32) -> Settings {
         handshake_timeout: Duration::from_secs(10),
         header_timeout: Duration::from_secs(10),
         keepalive_timeout: Duration::from_secs(75),
+        body_timeout: Duration::from_secs(60),
+        send_timeout: Duration::from_secs(60),
+        max_header_fields: 100,
+        max_head_bytes: H1_BUFFER,
+        gated: false,
         caps: Caps {
             max_header_block: max_header_list + HEADER_BLOCK_SLACK,
             resets: 100,
@@ -97,6 +104,11 @@ fn apply_limits(settings: &mut Settings, limits: &PyDict) -> PyResult<()> {
             "handshake_timeout" => settings.handshake_timeout = seconds(value)?,
             "header_timeout" => settings.header_timeout = seconds(value)?,
             "keepalive_timeout" => settings.keepalive_timeout = seconds(value)?,
+            "body_timeout" => settings.body_timeout = seconds(value)?,
+            "send_timeout" => settings.send_timeout = seconds(value)?,
+            "max_header_fields" => settings.max_header_fields = value.extract()?,
+            "max_head_bytes" => settings.max_head_bytes = value.extract()?,
+            "connection_gate" => settings.gated = value.extract()?,
             "resets_per_second" => caps.resets = value.extract()?,
             "server_resets_per_second" => caps.server_resets = value.extract()?,
             "pings_per_second" => caps.pings = value.extract()?,
@@ -202,7 +214,8 @@ impl Server {
 
     fn event_tuple(&self, py: Python, names: &mut HashMap<HeaderName, Py<PyBytes>>, event: Event) -> PyObject {
         match event {
-            Event::Request { id, method, uri, headers, has_body, client, version } => {
+            Event::Request { id, method, uri, headers, body, client, version } => {
+                let body = body as u8;
                 let fields = PyList::empty(py);
                 for (name, value) in headers.iter() {
                     let name = Self::name_bytes(names, py, name);
@@ -213,17 +226,19 @@ impl Server {
                     let path = uri.path_and_query().map(|p| PyBytes::new(py, p.as_str().as_bytes()));
                     let authority = uri.authority().map(|a| PyBytes::new(py, a.as_str().as_bytes()));
                     let version = self.versions[0].clone_ref(py);
-                    (0u8, id, method, path, authority, fields, has_body, &*client, version).into_py(py)
+                    (0u8, id, method, path, authority, fields, body, &*client, version).into_py(py)
                 } else {
                     let target = PyBytes::new(py, h1_target(&uri).as_bytes());
                     let version = self.versions[if version == Version::HTTP_10 { 2 } else { 1 }].clone_ref(py);
-                    (0u8, id, method, target, py.None(), fields, has_body, &*client, version).into_py(py)
+                    (0u8, id, method, target, py.None(), fields, body, &*client, version).into_py(py)
                 }
             }
             Event::Data { id, data } => (1u8, id, PyBytes::new(py, &data)).into_py(py),
             Event::End { id } => (2u8, id).into_py(py),
             Event::Gone { id } => (3u8, id).into_py(py),
             Event::Room { id } => (4u8, id).into_py(py),
+            Event::Open { id, client } => (5u8, id, &*client).into_py(py),
+            Event::Closed { id } => (6u8, id).into_py(py),
         }
     }
 }
@@ -426,6 +441,31 @@ impl Server {
         }
     }
 
+    /// Python starts reading this request body: one sent on 100 Continue (body 2 in the
+    /// request event) is asked for now.
+    fn start_body(&self, id: u64) {
+        if let Some(credit) = self.shared.inner.lock().unwrap().bodies.get(&id) {
+            credit.wanted.notify_one();
+        }
+    }
+
+    /// The connection gate's verdicts: [(id, admitted)] for Open events. Returns the ids
+    /// admitted too late (the connection gave up waiting and closed): Python uncounts them.
+    fn admit(&self, verdicts: Vec<(u64, bool)>) -> Vec<u64> {
+        let mut late = Vec::new();
+        let mut inner = self.shared.inner.lock().unwrap();
+        for (id, admitted) in verdicts {
+            let delivered = match inner.admissions.remove(&id) {
+                Some(waiter) => waiter.send(admitted).is_ok(),
+                None => false,
+            };
+            if admitted && !delivered {
+                late.push(id);
+            }
+        }
+        late
+    }
+
     /// Python will not read the rest of this request body.
     fn discard_body(&self, id: u64) {
         if let Some(credit) = self.shared.inner.lock().unwrap().bodies.remove(&id) {
@@ -452,9 +492,12 @@ impl Server {
         self.tickets.key_names().iter().map(|name| PyBytes::new(py, name)).collect()
     }
 
-    /// Timeouts (seconds: handshake_timeout, header_timeout, keepalive_timeout) and HTTP/2
-    /// flood caps (per second: resets, server_resets, pings, settings, window_updates,
-    /// empty_data, other_frames, dropped; each `<name>_per_second`). New connections use them.
+    /// Timeouts (seconds: handshake_timeout, header_timeout, keepalive_timeout,
+    /// body_timeout, send_timeout), HTTP/1.1 head limits (max_header_fields,
+    /// max_head_bytes), the connection gate (connection_gate: True while Python's gate is
+    /// on) and HTTP/2 flood caps (per second: resets, server_resets, pings, settings,
+    /// window_updates, empty_data, other_frames, dropped; each `<name>_per_second`). New
+    /// connections use them.
     fn set_limits(&self, limits: &PyDict) -> PyResult<()> {
         let mut settings = *self.settings.read().unwrap();
         apply_limits(&mut settings, limits)?;

@@ -3,17 +3,25 @@
 //! HTTP/2 streams and HTTP/1.1 requests take the same path; what differs is said where it
 //! differs (the `Connection: close` an HTTP/1.1 answer may carry, and the upgrade handle of
 //! an HTTP/1.1 `Upgrade` request, kept until Python accepts or refuses it).
+//!
+//! The body pump reads at most BODY_WINDOW bytes ahead of Python, and:
+//!   * `Expect: 100-continue` (HTTP/1.x): it reads nothing until Python starts reading
+//!     (`start_body`); hyper sends the 100 Continue when the body is first polled, so a
+//!     request refused unread (413, 429...) never gets one, as on the Python server;
+//!   * the body timeout: a client that sends nothing of its body for `body_timeout`
+//!     (while the pump waits for it, not while Python is busy) gets 408 and the connection
+//!     closes (HTTP/1.1; HTTP/2: the stream is reset), as the Python server's sweeper does.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hyper::body::HttpBody;
-use hyper::header::{HeaderValue, CONNECTION, TRANSFER_ENCODING, UPGRADE};
-use hyper::{Body, Request, Response};
+use hyper::header::{HeaderValue, CONNECTION, EXPECT, UPGRADE};
+use hyper::{Body, Request, Response, Version};
 use tokio::sync::oneshot;
 
-use crate::bridge::{Answer, Credit, Event, OutBody, Shared, BODY_WINDOW};
+use crate::bridge::{Answer, BodyState, Credit, Event, OutBody, Shared, BODY_WINDOW};
 use crate::conn::{ConnInfo, Flight};
 use crate::http1;
 
@@ -44,16 +52,14 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<B
     // it resolves to the raw connection once a 101 has been sent (see http1.rs), and is
     // dropped unused when Python answers otherwise.
     let upgrade = (conn.http1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
-    // Smuggling: hyper drops a Content-Length that follows Transfer-Encoding and frames the
-    // body as chunked. That is what RFC 9112 §6.3 says, but it also says to close after such
-    // a request, and hyper does not tell us which requests had both: so the connection
-    // closes after every chunked request (bytes after the body are never read as a request).
-    let close_after = conn.http1 && req.headers().contains_key(TRANSFER_ENCODING);
+    // (Smuggling: a request with both Content-Length and Transfer-Encoding never gets here;
+    // patched hyper refuses it, see patches/hyper-0.14.19-verge.patch. So a chunked body
+    // ends where hyper's decoder says, and the connection stays open after it.)
+    let body_state = body_state(&req);
     let (parts, body) = req.into_parts();
-    let has_body = !body.is_end_stream();
     let (tx, rx) = oneshot::channel();
     let mut guard = StreamGuard { shared: shared.clone(), conn: conn.clone(), id, answered: false };
-    let credit = has_body.then(Credit::new);
+    let credit = (body_state != BodyState::None).then(Credit::new);
     let first = {
         let mut inner = shared.inner.lock().unwrap();
         inner.waiters.insert(id, tx);
@@ -65,7 +71,7 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<B
             method: parts.method,
             uri: parts.uri,
             headers: parts.headers,
-            has_body,
+            body: body_state,
             client: conn.client.clone(),
             version: parts.version,
         });
@@ -75,12 +81,13 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<B
         shared.kick.notify_one();
     }
     if let Some(credit) = credit {
-        tokio::spawn(pump_body(shared.clone(), id, body, credit));
+        let on_read = body_state == BodyState::OnRead;
+        tokio::spawn(pump_body(shared.clone(), conn.clone(), id, body, credit, on_read));
     }
     let answer = rx.await.unwrap_or_else(|_| Answer::bare(503));
     guard.answered = true;
     let Answer { mut response, close, tunnel } = answer;
-    if conn.http1 && (close || close_after) {
+    if conn.http1 && close {
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
     if let Some(tunnel) = tunnel {
@@ -93,18 +100,44 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<B
     Ok(response)
 }
 
-/// Request body to Python, at most BODY_WINDOW bytes ahead of what it has read.
-async fn pump_body(shared: Arc<Shared>, id: u64, mut body: Body, credit: Arc<Credit>) {
-    'read: loop {
+fn body_state(req: &Request<Body>) -> BodyState {
+    if req.body().is_end_stream() {
+        return BodyState::None;
+    }
+    let expects = |value: &HeaderValue| value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+    // HTTP/1.x (hyper answers `Expect` on 1.0 too, as the Python server does)
+    if req.version() != Version::HTTP_2 && req.headers().get(EXPECT).is_some_and(expects) {
+        BodyState::OnRead
+    } else {
+        BodyState::Ready
+    }
+}
+
+/// Request body to Python, at most BODY_WINDOW bytes ahead of what it has read (`on_read`:
+/// from Python's first read on); see the module docs.
+async fn pump_body(shared: Arc<Shared>, conn: Arc<ConnInfo>, id: u64, body: Body, credit: Arc<Credit>, on_read: bool) {
+    let wanted = !on_read
+        || tokio::select! {
+            _ = credit.wanted.notified() => true,
+            _ = credit.discarded.notified() => false,
+        };
+    if wanted {
+        read_body(&shared, &conn, id, body, &credit).await;
+    }
+    shared.inner.lock().unwrap().bodies.remove(&id);
+}
+
+async fn read_body(shared: &Shared, conn: &ConnInfo, id: u64, mut body: Body, credit: &Credit) {
+    loop {
         let next = tokio::select! {
-            next = body.data() => next,
-            _ = credit.discarded.notified() => break,
+            next = tokio::time::timeout(conn.body_timeout, body.data()) => next,
+            _ = credit.discarded.notified() => return,
+        };
+        let Ok(next) = next else {
+            return body_timed_out(shared, conn, id);
         };
         match next {
-            None => {
-                shared.push(Event::End { id });
-                break;
-            }
+            None => return shared.push(Event::End { id }),
             Some(Err(_)) => {
                 // HTTP/1.1: a malformed body (a bad chunk) is the client's error, and hyper
                 // waits for the answer; HTTP/2: the stream is gone, and so is its waiter.
@@ -112,20 +145,31 @@ async fn pump_body(shared: Arc<Shared>, id: u64, mut body: Body, credit: Arc<Cre
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(Answer { close: true, ..Answer::bare(400) });
                 }
-                shared.push(Event::Gone { id });
-                break;
+                return shared.push(Event::Gone { id });
             }
             Some(Ok(mut data)) => {
                 while !data.is_empty() {
                     let part = data.split_to(data.len().min(BODY_WINDOW));
                     match credit.permits.acquire_many(part.len() as u32).await {
                         Ok(permit) => permit.forget(),
-                        Err(_) => break 'read, // Python discarded the body
+                        Err(_) => return, // Python discarded the body
                     }
                     shared.push(Event::Data { id, data: part });
                 }
             }
         }
     }
-    shared.inner.lock().unwrap().bodies.remove(&id);
+}
+
+/// No body bytes for `body_timeout`: 408 if Python has not answered yet (HTTP/1.1: then
+/// the connection closes), else the connection ends (HTTP/1.1) or the stream is reset when
+/// the pump drops the body (HTTP/2). Python hears that the request is gone.
+fn body_timed_out(shared: &Shared, conn: &ConnInfo, id: u64) {
+    let waiter = shared.inner.lock().unwrap().waiters.remove(&id);
+    match waiter {
+        Some(waiter) => drop(waiter.send(Answer::closing(408, "request body timeout\n"))),
+        None if conn.http1 => conn.kill(),
+        None => {}
+    }
+    shared.push(Event::Gone { id });
 }
