@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps waf-deps
+.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps waf-deps functions
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,19 @@ SYSTEM_FILES := /usr/lib/wasm32-wasi/libc.a:wasi-libc \
                 /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a:libclang-rt-14-dev-wasm32
 system-deps:
 	@bash scripts/system-deps.sh $(SYSTEM_TOOLS) $(SYSTEM_FILES) postgresql
+
+# The example edge functions (examples/functions/*.c, see its README) -> FN_OUT/*.wasm, with
+# the flags the tests use (tests/compute/conftest.py). Needs the toolchain of `system-deps`.
+FN_DIR  := examples/functions
+FN_OUT  ?= $(FN_DIR)/build
+CLANG   ?= $(shell for c in clang-14 clang clang-16 clang-19; do command -v $$c && break; done)
+WASM_CFLAGS := --target=wasm32-wasi -O2 -Wl,--strip-all
+functions: $(patsubst $(FN_DIR)/%.c,$(FN_OUT)/%.wasm,$(wildcard $(FN_DIR)/*.c))
+
+$(FN_OUT)/%.wasm: $(FN_DIR)/%.c $(FN_DIR)/verge.h
+	@test -n "$(CLANG)" || { echo "clang not found: apt-get install clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 (or make system-deps)"; exit 1; }
+	@mkdir -p $(@D)
+	$(CLANG) $(WASM_CFLAGS) -I$(FN_DIR) $< -o $@
 
 # What `verge up` needs: ffmpeg for the stream server's transcoder, curl for the banner's examples,
 # npm to vendor hls.js for the player page (scripts/vendor-web.sh).

@@ -112,6 +112,9 @@ def edge(
         help="HTTPS engine: 'native' (Rust: rustls + hyper, HTTP/2 and HTTP/1.1, built by "
              "make install / scripts/build-native.sh), 'python' (the ssl module + h2), or "
              "'auto': native when it is built, else python.")] = "auto",
+    geoip: Annotated[Path | None, typer.Option(
+        help="GeoIP database (MaxMind format: GeoLite2-Country or -City, as the router's geoip) "
+             "where services' deny.countries are looked up. Default: the config's geoip.")] = None,
 ) -> None:
     """Run an edge cache node in front of one or more origins."""
     from verge.config import ConfigError
@@ -147,6 +150,7 @@ def edge(
     _choose_h2_engine(h2_engine, bool(https))
     if not cfg.services and not control:
         _fail("no services: give --origin URL, a --config file with services, or --control")
+    options.geoip = _edge_geoip(geoip, cfg, bool(control))
     options.access_log = access_log if access_log is not None else cfg.access_log
     checks = [(listen_host, listen_port, "--listen"), (admin_host, admin_port, "--admin")]
     if options.https_host:
@@ -159,6 +163,26 @@ def edge(
     if admin_token is None:
         typer.echo(f"admin token: {token}", err=True)
     run_node(options, cfg)
+
+
+def _edge_geoip(flag: Path | None, cfg, control: bool) -> str | None:
+    """The edge's GeoIP database (--geoip, else the config's geoip), checked now; without one,
+    a config file's service that denies countries is an error (with --control the services
+    come later: the edge warns and its /stats names them)."""
+    path = flag or (Path(cfg.geoip) if cfg.geoip else None)
+    if path is None:
+        denying = [s.name for s in cfg.services if s.protection and s.protection.deny.countries]
+        if denying and not control:
+            _fail(f"service {denying[0]!r}: deny.countries needs a GeoIP database: "
+                  "--geoip PATH or geoip: PATH in the config")
+        return None
+    from verge.protect.deny import open_country_lookup
+
+    try:
+        open_country_lookup(str(path))
+    except ValueError as exc:
+        _fail(str(exc))
+    return str(path.resolve())
 
 
 @app.command()
@@ -286,6 +310,7 @@ def up(
     router_port: Annotated[int, typer.Option(help="Router's HTTP redirect port on 127.0.0.1.")] = 8053,
     rtmp_port: Annotated[int, typer.Option(help="Stream server's RTMP port on 127.0.0.1.")] = 1935,
     stream_port: Annotated[int, typer.Option(help="Stream server's HTTP port on 127.0.0.1 (the edges' origin for /live/).")] = 8090,
+    geoip: Annotated[Path | None, typer.Option(help="GeoIP database (MaxMind format) for the router and the edges (deny.countries).")] = None,
 ) -> None:
     """The whole platform locally: control plane, edges, a sample origin; prints URLs and an admin token."""
     from verge.up import UpOptions, run_up
@@ -295,7 +320,7 @@ def up(
     run_up(UpOptions(state_dir=state_dir, control_port=control_port, edge_port=edge_port,
                      origin_port=origin_port, edges=edges, https_port=https_port,
                      dns_port=dns_port, router_port=router_port, rtmp_port=rtmp_port,
-                     stream_port=stream_port))
+                     stream_port=stream_port, geoip=geoip))
 
 
 @app.command()

@@ -1102,11 +1102,11 @@ def fn_rm(
 
 
 # ---------------------------------------------------------------------------------------------
-# verge protection events
+# verge protection events|stats
 # ---------------------------------------------------------------------------------------------
 
 protection_app = typer.Typer(
-    help="Edge protection (deny lists, rate limits, WAF): what the edges refused.",
+    help="Edge protection (deny lists, rate limits, WAF): what the edges counted and refused.",
     no_args_is_help=True,
 )
 EVENT_COLUMNS = [
@@ -1146,6 +1146,37 @@ def protection_events(
         _print_json(events)
     else:
         _table(f"Blocked requests of {service}", [_event_row(e) for e in events], EVENT_COLUMNS)
+
+
+RULE_COLUMNS = [
+    ("kind", "KIND"),
+    ("rule", "RULE"),
+    ("allowed", "ALLOWED"),
+    ("limited", "LIMITED"),
+    ("blocked", "BLOCKED"),
+]
+
+
+@protection_app.command("stats")
+def protection_stats(
+    service: Annotated[str, typer.Argument(help="Service name.")],
+    minutes: Annotated[
+        int, typer.Option(min=1, max=60 * 24 * 31, help="How far back to count.")
+    ] = 60,
+    control: ControlUrl = DEFAULT_CONTROL,
+    token: Token = None,
+    as_json: AsJson = False,
+) -> None:
+    """Per rule, what the edges allowed, limited and blocked for a service (rate limits;
+    the deny lists and the WAF as rule "-") over the last MINUTES."""
+    with _session(control, token) as client:
+        stats = client.protection_stats(service, since=time.time() - 60 * minutes,
+                                        step=max(10, 60 * minutes // 360))
+    if as_json:
+        _print_json(stats)
+        return
+    rows = [{**rule, "rule": rule["rule"] or "-"} for rule in stats.get("rules", [])]
+    _table(f"Protection of {service}, last {minutes} min", rows, RULE_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from verge.protect.settings import Protection
+from verge.protect.settings import MAX_TRUSTED_PROXIES, CidrText, Protection
 
 __all__ = [
     "ByteSize",
@@ -1102,10 +1102,20 @@ class _HostIndex:
 class Config(_Model):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: Limits = Field(default_factory=Limits)
+    proxy_protocol: list[CidrText] = Field(default_factory=list,
+                                           max_length=MAX_TRUSTED_PROXIES)
+    """Load balancers (addresses or CIDRs) in front of the plain-HTTP port that send the
+    PROXY protocol (v1 or v2): the header is then required and read, only from these peers
+    (others are closed), and names the client for rate limits, deny lists, the connection
+    cap and logs. Empty: off."""
     origin_timeouts: OriginTimeouts = Field(default_factory=OriginTimeouts)
     compression: Compression = Field(default_factory=Compression)
     access_log: FilePath | None = None
     """"-" for stdout, a file path, or null for no access log."""
+    geoip: FilePath | None = None
+    """A MaxMind-format database (GeoLite2-Country or -City; the router's ``geoip`` setting):
+    where the edge looks up the country of a service's ``deny.countries``. A node setting
+    (``verge edge --geoip PATH`` wins): opened once per worker at start."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     functions: list[EdgeFunction] = Field(default_factory=list, max_length=MAX_FUNCTIONS)

@@ -221,6 +221,8 @@ class UpOptions:
     router_port: int = 8053
     rtmp_port: int = 1935
     stream_port: int = 8090
+    geoip: Path | None = None
+    """A GeoIP database: the router's geoip, and its edges' (services' deny.countries)."""
 
 
 class Platform:
@@ -461,6 +463,7 @@ class Platform:
                 str(self.cert.cert_file),
                 "--tls-key",
                 str(self.cert.key_file),
+                *(["--geoip", str(opts.geoip.resolve())] if opts.geoip else []),
             ],
             "verge edge ready",
             secret_env={"VERGE_JOIN_TOKEN": join_token, "VERGE_ADMIN_TOKEN": admin_token},
@@ -497,6 +500,8 @@ class Platform:
                 for i, name in enumerate(regions)
             ],
         }
+        if opts.geoip:
+            config["geoip"] = str(opts.geoip.resolve())
         path = opts.state_dir / "router.yaml"
         path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
         token = api.post("/api/v1/tokens", json={"name": "verge-up-router", "role": "read_only"})

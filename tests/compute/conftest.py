@@ -1,18 +1,25 @@
-"""Builds the example functions (tests/compute/examples/*.c) with clang + wasi-libc.
+"""Builds C functions with clang + wasi-libc: the test functions (tests/compute/examples/*.c)
+and the documented examples for function authors (examples/functions/*.c).
 
-They are compiled once per test session into a temporary directory; without the toolchain
-(Debian: clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32) the wasm tests are skipped.
+Both include the one header, examples/functions/verge.h. They are compiled once per test
+session into a temporary directory, with the flags `make functions` uses; without the
+toolchain (Debian: clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32) the wasm tests are
+skipped.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).parent / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = Path(__file__).parent / "examples"  # the test functions
+FUNCTIONS = ROOT / "examples" / "functions"  # verge.h and the examples for function authors
+WASM_CFLAGS = ("--target=wasm32-wasi", "-O2", "-Wl,--strip-all")  # as in the Makefile
 CLANG_CANDIDATES = ("clang-14", "clang", "clang-16", "clang-19")
 SYSROOT_HINTS = (Path("/usr/lib/wasm32-wasi/libc.a"), Path("/usr/share/wasi-sysroot"))
 MISSING_TOOLCHAIN = (
@@ -29,8 +36,10 @@ def find_clang() -> str | None:
     return next((c for c in CLANG_CANDIDATES if shutil.which(c)), None)
 
 
-def build_examples(out: Path) -> dict[str, Path]:
-    """Compile every example in parallel; pytest.skip when the toolchain is incomplete."""
+def compile_c(sources: Iterable[Path], out: Path) -> dict[str, Path]:
+    """Compile each source into out/<stem>.wasm in parallel: {stem: path}.
+
+    pytest.skip when the toolchain is missing or incomplete."""
     clang = find_clang()
     if clang is None:
         pytest.skip(
@@ -40,18 +49,9 @@ def build_examples(out: Path) -> dict[str, Path]:
     if not any(p.exists() for p in SYSROOT_HINTS):
         pytest.skip("wasi-libc not installed (apt-get install wasi-libc)")
     procs = {}
-    for source in sorted(EXAMPLES.glob("*.c")):
+    for source in sources:
         target = out / f"{source.stem}.wasm"
-        cmd = [
-            clang,
-            "--target=wasm32-wasi",
-            "-O2",
-            "-Wl,--strip-all",
-            f"-I{EXAMPLES}",
-            str(source),
-            "-o",
-            str(target),
-        ]
+        cmd = [clang, *WASM_CFLAGS, f"-I{FUNCTIONS}", str(source), "-o", str(target)]
         procs[source.stem] = (target, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
     built = {}
     for name, (target, proc) in procs.items():
@@ -62,6 +62,16 @@ def build_examples(out: Path) -> dict[str, Path]:
             raise RuntimeError(f"building {name}.c failed:\n{err}")
         built[name] = target
     return built
+
+
+def build_examples(out: Path) -> dict[str, Path]:
+    """The test functions (tests/compute/examples/*.c)."""
+    return compile_c(sorted(EXAMPLES.glob("*.c")), out)
+
+
+def build_function_examples(out: Path) -> dict[str, Path]:
+    """The examples for function authors (examples/functions/*.c)."""
+    return compile_c(sorted(FUNCTIONS.glob("*.c")), out)
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,34 @@ def test_failing_kv_backend_is_an_error_code():
     assert st.kv_get(b"k") == host.E_UNAVAILABLE and st.kv_put(b"k", b"v") == host.E_UNAVAILABLE
 
 
+def test_kv_delete_and_the_keys_a_function_may_write():
+    kv = DictKV({("ns", b"k"): b"v"})
+    reader = state(Capabilities.of(kv_namespace="ns"), kv=kv)
+    assert reader.kv_delete(b"k") == host.E_DENIED and reader.denied == ["kv_delete"]
+    writer = state(Capabilities.of(kv_namespace="ns", kv_write=True), kv=kv)
+    assert writer.kv_delete(b"k") == 0 and ("ns", b"k") not in kv.data
+    assert writer.kv_delete(b"absent") == 0  # not an error: the replica may lag behind
+    for key in (b"", b"k" * (host.MAX_KEY_BYTES + 1), b"\xff\xfe", b"a\0b"):
+        assert writer.kv_put(key, b"v") == host.E_INVALID  # keys are text (the API names them)
+        assert writer.kv_delete(key) == host.E_INVALID
+    assert writer.kv_put("ключ".encode(), b"v") == 0 and writer.kv_writes == 3
+    assert reader.kv_get(b"\xff\xfe") == host.E_NOT_FOUND  # reads take any bytes
+
+    class Full:
+        def get(self, namespace, key):
+            return None
+
+        def put(self, namespace, key, value=None):
+            raise host.KVFull("the outbox is full")
+
+        delete = put
+
+    full = state(Capabilities.of(kv_namespace="ns", kv_write=True), kv=Full())
+    assert full.kv_put(b"k", b"v") == host.E_FULL and full.kv_delete(b"k") == host.E_FULL
+    no_delete = state(Capabilities.of(kv_namespace="ns", kv_write=True), kv=object())
+    assert no_delete.kv_delete(b"k") == host.E_UNAVAILABLE  # a store without deletions
+
+
 def test_fetch_budget_is_a_violation():
     calls: list[FetchRequest] = []
 

@@ -12,12 +12,18 @@ tens of microseconds); all parameters are i32, pointers into the guest's linear 
         Copies min(len, out_cap) bytes of the value; returns its full length, so a
         result > out_cap means "retry with a bigger buffer".
     kv_put(key_ptr, key_len, val_ptr, val_len) -> 0 | error
+    kv_delete(key_ptr, key_len) -> 0 | error
+        Deleting an absent key is not an error (the edge's replica may lag behind).
     fetch(req_ptr, req_len, out_ptr, out_cap) -> len | error
         Request: ``METHOD URL`` line, ``Name: value`` lines, blank line, body.
         Response: ``Status: 200 OK``, header lines, blank line, body (CGI form, see
         :func:`verge.compute.wagi.encode_response`); truncated to out_cap like kv_get.
 
-Errors are negative (``E_*`` below, mirrored in ``tests/compute/examples/verge.h``).
+Errors are negative (``E_*`` below, mirrored in ``examples/functions/verge.h``). Keys are
+text: a key a function writes must be 1..512 bytes of UTF-8 without NUL (the control plane
+stores it and the API names it), else ``E_INVALID``; reads take any bytes. A KV store that
+cannot take a write now (the edge's outbox to the control plane is full) raises
+:class:`KVFull`, which the function sees as ``E_FULL``.
 Going over the sub-request budget is a violation, not an error code: the invocation
 is stopped and reported as ``subrequest_limit``. Out-of-bounds pointers trap.
 """
@@ -43,6 +49,7 @@ E_INVALID = -3  # malformed request / key
 E_UPSTREAM = -4  # fetch failed (connect error, timeout, ...)
 E_TOO_LARGE = -5  # value or request over the host's size limits
 E_UNAVAILABLE = -6  # the edge provides no such service on this node
+E_FULL = -7  # the edge cannot queue another KV write now (its outbox is full)
 
 MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 1024 * 1024
@@ -58,12 +65,18 @@ class Violation(Exception):
         self.outcome = outcome
 
 
+class KVFull(Exception):
+    """Raised by a :class:`KVStore` that cannot take a write now (the function: ``E_FULL``)."""
+
+
 class KVStore(Protocol):
     """The edge KV as functions see it: one namespace per function, bytes to bytes."""
 
     def get(self, namespace: str, key: bytes) -> bytes | None: ...
 
     def put(self, namespace: str, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, namespace: str, key: bytes) -> None: ...
 
 
 class DictKV:
@@ -77,6 +90,20 @@ class DictKV:
 
     def put(self, namespace: str, key: bytes, value: bytes) -> None:
         self.data[(namespace, key)] = value
+
+    def delete(self, namespace: str, key: bytes) -> None:
+        self.data.pop((namespace, key), None)
+
+
+def writable_key(key: bytes) -> bool:
+    """Whether a function may write ``key``: 1..MAX_KEY_BYTES bytes of UTF-8, no NUL."""
+    if not key or len(key) > MAX_KEY_BYTES or b"\0" in key:
+        return False
+    try:
+        key.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -185,17 +212,34 @@ class HostState:
         return E_NOT_FOUND if value is None else value
 
     def kv_put(self, key: bytes, value: bytes) -> int:
-        if self.caps.kv_namespace is None or not self.caps.kv_write:
-            return self._deny("kv_put")
-        if self.services.kv is None:
-            return E_UNAVAILABLE
-        if not key or len(key) > MAX_KEY_BYTES:
-            return E_INVALID
+        refused = self._check_write("kv_put", key)
+        if refused:
+            return refused
         if len(value) > MAX_VALUE_BYTES:
             return E_TOO_LARGE
+        return self._write(self.services.kv.put, key, value)
+
+    def kv_delete(self, key: bytes) -> int:
+        refused = self._check_write("kv_delete", key)
+        if refused:
+            return refused
+        delete = getattr(self.services.kv, "delete", None)
+        return E_UNAVAILABLE if delete is None else self._write(delete, key)
+
+    def _check_write(self, what: str, key: bytes) -> int:
+        """0 when a write of ``key`` may go ahead, else the error code."""
+        if self.caps.kv_namespace is None or not self.caps.kv_write:
+            return self._deny(what)
+        if self.services.kv is None:
+            return E_UNAVAILABLE
+        return 0 if writable_key(key) else E_INVALID
+
+    def _write(self, operation: Callable, key: bytes, *value: bytes) -> int:
         self.kv_writes += 1
         try:
-            self._timed(self.services.kv.put, self.caps.kv_namespace, key, value)
+            self._timed(operation, self.caps.kv_namespace, key, *value)
+        except KVFull:
+            return E_FULL
         except Exception:
             return E_UNAVAILABLE
         return 0
@@ -284,6 +328,11 @@ def define_host_functions(linker: wasmtime.Linker, current: StateGetter) -> None
         result = state.fetch(state.read(req_ptr, req_len))
         return result if isinstance(result, int) else state.write(out_ptr, out_cap, result)
 
+    def kv_delete(key_ptr: int, key_len: int) -> int:
+        state = current()
+        return state.kv_delete(state.read(key_ptr, key_len))
+
     linker.define_func("verge", "kv_get", four_to_one, kv_get)
     linker.define_func("verge", "kv_put", four_to_one, kv_put)
+    linker.define_func("verge", "kv_delete", wasmtime.FuncType([i32, i32], [i32]), kv_delete)
     linker.define_func("verge", "fetch", four_to_one, fetch)

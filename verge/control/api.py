@@ -43,13 +43,15 @@ from verge import config as vconfig
 from verge.control import protection as events_store
 from verge.control.auth import Principal
 from verge.control.functions import (
+    KV_NODE_WRITES,
     MAX_KEY_BYTES,
     MAX_MODULE_BYTES,
     MAX_VALUE_BYTES,
+    VALUE_BASE64_CHARS,
     FunctionStore,
     TooLarge,
 )
-from verge.control.protection import ProtectionEvents
+from verge.control.protection import ProtectionCounts, ProtectionEvents
 from verge.control.store import Store, StoreError, pydantic_error
 from verge.routing.health import HealthMonitor, Target
 
@@ -328,6 +330,28 @@ class LogsIn(BaseModel):
     records: list[ReportMap] = Field(max_length=vconfig.MAX_LOG_RECORDS)
 
 
+class KvWriteIn(_Body):
+    """One function write queued on an edge (its outbox); the store checks namespace, key
+    and value one by one, so one bad write does not get the others refused."""
+
+    id: Annotated[int, Field(ge=1, le=vconfig.MAX_SEQ)]
+    """Grows per outbox: a write id not above the last one applied is a duplicate."""
+    namespace: Name
+    key: Annotated[str, StringConstraints(min_length=1, max_length=4 * MAX_KEY_BYTES)]
+    value: Annotated[str, StringConstraints(max_length=2 * VALUE_BASE64_CHARS)] | None
+    """The value, base64; null: a deletion. Over 1 MiB decoded: that write is refused (413);
+    a text over twice that gets the whole batch refused (422)."""
+    t: Timestamp | None = None
+    """When the function wrote it (informative: the order is the control plane's)."""
+    function: Name | None = None
+
+
+class KvWritesIn(_Body):
+    outbox: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$", max_length=64)]
+    """The outbox's random id (write ids are counted per outbox)."""
+    writes: list[KvWriteIn] = Field(max_length=KV_NODE_WRITES)
+
+
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 """No control characters (PostgreSQL refuses NUL in text; a terminal would obey the rest)."""
 EventClient = Annotated[
@@ -406,8 +430,28 @@ class SampleIn(BaseModel):
     origin_count: Count = 0
 
 
+class ProtectionCountIn(BaseModel):
+    """What one node's protect phase counted for one service and rule over a few seconds
+    (verge.control.protection.ProtectionCounts; unknown keys ignored)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    t: Timestamp
+    service: Annotated[str, StringConstraints(min_length=1, max_length=vconfig.MAX_NAME)]
+    kind: Literal["rate-limit", "deny", "waf"]
+    rule: Annotated[str, StringConstraints(max_length=vconfig.MAX_NAME, pattern=r"^[a-z0-9_-]*$")]
+    """The rate-limit rule's name; "" for the deny lists and the WAF."""
+    allowed: Count = 0
+    limited: Count = 0
+    blocked: Count = 0
+
+
 class StatsIn(BaseModel):
     samples: list[SampleIn] = Field(max_length=vconfig.MAX_STATS_SAMPLES)
+    protection: list[ProtectionCountIn] = Field(
+        default_factory=list, max_length=events_store.MAX_COUNTS_PER_UPLOAD
+    )
+    """Per-rule protection counters (deltas), counted once per idempotency key as well."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +473,14 @@ def _protection_events(request: Request) -> ProtectionEvents:
     return request.app.state.protection_events
 
 
+def _protection_counts(request: Request) -> ProtectionCounts:
+    return request.app.state.protection_counts
+
+
 StoreDep = Annotated[Store, Depends(_store)]
 FunctionsDep = Annotated[FunctionStore, Depends(_functions)]
 EventsDep = Annotated[ProtectionEvents, Depends(_protection_events)]
+CountsDep = Annotated[ProtectionCounts, Depends(_protection_counts)]
 
 
 def authenticated(
@@ -715,6 +764,22 @@ def protection_events(
     """A sample of the requests edges refused (deny list, rate limit, WAF, dropped
     connections): the newest ``limit``, oldest first."""
     return events.list(principal, name, limit)
+
+
+@services.get("/services/{name}/protection/stats")
+def protection_stats(
+    name: NamePath,
+    counts: CountsDep,
+    principal: Reader,
+    since: Annotated[float | None, _epoch_query("Epoch seconds (default: 1 h ago)")] = None,
+    until: Annotated[float | None, _epoch_query("Epoch seconds")] = None,
+    step: Annotated[int, Query(ge=1, le=86400, description="Seconds per point")] = 10,
+) -> dict:
+    """What the edges' protect phase counted for the service, per rule: ``{"service",
+    "since", "step", "rules": [{"kind", "rule", "allowed", "limited", "blocked"}] (totals
+    over the range), "series": [{"t", "kind", "rule", "allowed", "limited", "blocked"}]}``.
+    ``kind`` rate-limit (``rule``: its name), deny or waf (``rule`` "")."""
+    return counts.query(principal, name, since=since, until=until, step=step)
 
 
 @certificates.post("/certificates", status_code=201)
@@ -1027,6 +1092,17 @@ async def node_kv(
     return {"changes": changes or []}
 
 
+@edge.post("/nodes/self/kv")
+def node_kv_writes(body: KvWritesIn, fns: FunctionsDep, principal: NodeCaller) -> dict:
+    """Function KV writes from this node's outbox, applied like API writes (kv seq, audit):
+    ``{"kv_seq", "applied", "refused", "duplicates", "results": [{"id", "seq"} | {"id",
+    "duplicate": true} | {"id", "error", "field", "status"}]}``. Refused writes (no active
+    function may write the namespace, bad key, value over 1 MiB) are answered one by one."""
+    return fns.kv_node_writes(
+        principal, body.outbox, [write.model_dump() for write in body.writes]
+    )
+
+
 @edge.post("/nodes/self/function-logs")
 def node_function_logs(body: LogsIn, fns: FunctionsDep, principal: NodeCaller) -> dict:
     return fns.add_logs(principal, body.records)
@@ -1044,11 +1120,17 @@ def node_protection_events(
 def ingest_stats(
     body: StatsIn,
     store: StoreDep,
+    counts: CountsDep,
     principal: NodeCaller,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict:
     samples = [sample.model_dump() for sample in body.samples]
-    return store.ingest_stats(principal, samples, idempotency_key)
+    result = store.ingest_stats(principal, samples, idempotency_key)
+    if body.protection:
+        result["protection"] = counts.add(
+            principal, [count.model_dump() for count in body.protection], idempotency_key
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1228,6 +1310,9 @@ async def _prune_forever(store: Store, settings: Settings) -> None:
     while True:
         try:
             removed = await run_in_threadpool(store.prune_stats, settings.stats_retention_days)
+            removed += await run_in_threadpool(
+                ProtectionCounts(store).prune, settings.stats_retention_days
+            )
             if removed:
                 log.info("pruned %d old stats rows", removed)
         except Exception as exc:
@@ -1311,6 +1396,7 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     app.state.store, app.state.settings, app.state.watches = store, settings, watches
     app.state.functions = function_store
     app.state.protection_events = ProtectionEvents(store)
+    app.state.protection_counts = ProtectionCounts(store)
     routers = (health, tenants, tokens, services, certificates, purges, functions, kv)
     for router in (*routers, fleet, reports, edge):
         app.include_router(router)

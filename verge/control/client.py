@@ -372,6 +372,19 @@ class ControlClient:
         )
         return list(body.get("items", []))
 
+    def protection_stats(self, service: str, since: float | None = None,
+                         until: float | None = None, step: int = 10) -> Json:
+        """What the edges' protect phase counted for `service` per rule: {"service",
+        "since", "step", "rules": [{"kind", "rule", "allowed", "limited", "blocked"}],
+        "series": [...]} (see the API)."""
+        params: dict[str, Any] = {"step": step}
+        if since is not None:
+            params["since"] = since
+        if until is not None:
+            params["until"] = until
+        return self._json("GET", f"/services/{_segment(service)}/protection/stats",
+                          params=params)
+
     # -- edge KV -----------------------------------------------------------------------------
 
     def kv_put(self, namespace: str, key: str, value: bytes, tenant: str | None = None) -> Json:
@@ -488,6 +501,11 @@ class ControlClient:
             timeout=wait + self.timeout,
         )
         return list(body.get("changes", []))
+
+    def send_kv_writes(self, outbox: str, writes: list[Json]) -> Json:
+        """Function KV writes from this node's outbox (node credential): ``{"kv_seq",
+        "applied", "refused", "duplicates", "results": [...]}`` (see the API)."""
+        return self._json("POST", "/nodes/self/kv", body={"outbox": outbox, "writes": writes})
 
     def send_function_logs(self, records: list[Json]) -> None:
         self._send("POST", "/nodes/self/function-logs", body={"records": records})

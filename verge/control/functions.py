@@ -16,6 +16,15 @@ tombstones, so an edge that has applied everything up to N asks for ``seq > N`` 
 (eventual consistency, last writer wins). A namespace belongs to the tenant that first wrote
 it or first granted it to a function.
 
+Functions granted ``kv_write`` write through the same path: their edge queues the writes in
+an outbox (verge.edge.compute.KVOutbox) and its agent sends them here in batches
+(:meth:`FunctionStore.kv_node_writes`), where they take kv seq numbers like API writes, in
+the order this store applies them: concurrent writers of a key, edges or the API, resolve by
+last writer wins in kv seq order (the API's ETag is that seq). A node may write only the
+namespaces an active function is granted ``kv_write`` on. Per outbox (its random id, per
+node) a counter keeps the highest write id applied, so a batch sent again after a lost
+answer is not applied twice: the edge sends its writes in id order.
+
 Logs: edges report failed invocations, stderr and load errors; the newest ``LOGS_KEPT`` per
 function are kept.
 """
@@ -37,6 +46,7 @@ from verge.control.auth import Principal
 from verge.control.models import (
     CONFIG_VERSION,
     KV_SEQ,
+    Counter,
     FunctionLog,
     FunctionVersion,
     KvEntry,
@@ -46,6 +56,7 @@ from verge.control.models import (
 )
 from verge.control.store import (
     Conflict,
+    Forbidden,
     Invalid,
     NotFound,
     Store,
@@ -63,6 +74,11 @@ MAX_VALUE_BYTES = 1 * MiB
 """The same bounds as the edge's host API (verge.compute.host), so every stored value fits."""
 KV_BATCH = 1000
 """Most KV changes handed to a node in one answer."""
+KV_NODE_WRITES = 1000
+"""Most function writes one node upload may carry."""
+VALUE_BASE64_CHARS = (MAX_VALUE_BYTES // 3 + 1) * 4
+"""Base64 of the largest value: a longer text is refused before decoding."""
+OUTBOX_COUNTER_PREFIX = "kvo:"
 LOGS_KEPT = 300
 """Log records kept per function (the newest)."""
 MAX_LOG_RECORDS = 1000
@@ -352,12 +368,7 @@ class FunctionStore:
                 ns = self._claim_namespace(session, principal, namespace, owner.id, "namespace")
             elif not principal.can_see_tenant(ns.tenant_id):
                 raise Conflict(f"KV namespace {namespace!r} belongs to another tenant", "namespace")
-            seq = store._bump(session, KV_SEQ)
-            entry = session.get(KvEntry, (namespace, key), with_for_update=True)
-            if entry is None:
-                entry = KvEntry(namespace=namespace, key=key)
-                session.add(entry)
-            entry.value, entry.seq, entry.deleted, entry.updated_at = value, seq, False, utcnow()
+            seq = self._set_entry(session, namespace, key, value)
             store._audit(
                 session,
                 principal,
@@ -368,6 +379,151 @@ class FunctionStore:
             )
         store._emit("kv")
         return {"namespace": namespace, "key": key, "seq": seq, "size": len(value)}
+
+    def _set_entry(
+        self, session: Session, namespace: str, key: str, value: bytes | None
+    ) -> int | None:
+        """Write (``value`` None: delete) one key with the next kv seq; that seq, or None
+        for the deletion of an absent key (nothing changes). The one write path of the API
+        and of the edges' function writes. Locks in one order, the kv_seq counter first,
+        then the key (PostgreSQL: two writers of a key never wait on each other crosswise);
+        a caller creates namespaces before, never while holding the counter."""
+        session.execute(select(Counter.value).where(Counter.name == KV_SEQ).with_for_update())
+        entry = session.get(KvEntry, (namespace, key), with_for_update=True)
+        if value is None and (entry is None or entry.deleted):
+            return None
+        seq = self.store._bump(session, KV_SEQ)
+        if entry is None:
+            entry = KvEntry(namespace=namespace, key=key)
+            session.add(entry)
+        entry.value, entry.deleted = (b"", True) if value is None else (value, False)
+        entry.seq, entry.updated_at = seq, utcnow()
+        return seq
+
+    def kv_node_writes(
+        self, principal: Principal, outbox: str, writes: Sequence[dict]
+    ) -> dict:
+        """Apply a node's queued function writes (``{"id","namespace","key","value":
+        base64|null,"function"?}``, ids growing per outbox) in one transaction.
+
+        Returns ``{"kv_seq", "applied", "refused", "duplicates", "results": [{"id",
+        "seq"} | {"id", "duplicate": true} | {"id", "error", "field", "status"}]}`` in the
+        order of ``writes``. A write refused (a namespace no active function may write, a bad
+        key, a value over 1 MiB) is answered, not retried: the others still apply. Writes of
+        one key in one batch apply as the last of them (it would win anyway).
+        """
+        store = self.store
+        ordered = sorted(writes, key=lambda write: int(write["id"]))
+        results: dict[int, dict] = {}
+        with store._writing() as session:
+            mark = self._outbox_mark(session, principal, outbox)
+            grants = self._write_grants(session)
+            latest: dict[tuple[str, str], tuple[list[int], bytes | None, str | None]] = {}
+            refused: list[tuple[dict, StoreError]] = []
+            for write in ordered:
+                write_id = int(write["id"])
+                if write_id <= mark.value:
+                    results[write_id] = {"id": write_id, "duplicate": True}
+                    continue
+                try:
+                    item, value = _node_write(write, grants)
+                except StoreError as exc:
+                    refused.append((write, exc))
+                    results[write_id] = {"id": write_id, "error": exc.message,
+                                         "field": exc.field, "status": exc.status}
+                    continue
+                ids = latest.pop(item, ([], None, None))[0]  # re-added: applied in write order
+                latest[item] = ([*ids, write_id], value, write.get("function"))
+            applied = self._apply_node_writes(session, principal, latest, grants, results)
+            if refused:
+                self._audit_refused(session, principal, refused)
+            if ordered:
+                mark.value = max(mark.value, int(ordered[-1]["id"]))
+            kv_seq = store._counter(session, KV_SEQ)
+        if applied:
+            store._emit("kv")
+        answers = [results[int(write["id"])] for write in writes]
+        return {
+            "kv_seq": kv_seq,
+            "applied": sum(1 for a in answers if "seq" in a),
+            "refused": sum(1 for a in answers if "error" in a),
+            "duplicates": sum(1 for a in answers if a.get("duplicate")),
+            "results": answers,
+        }
+
+    def _outbox_mark(self, session: Session, principal: Principal, outbox: str) -> Counter:
+        """The (locked) counter of the highest write id applied from a node's outbox."""
+        name = outbox_counter(principal.node_id or 0, outbox)
+        mark = session.get(Counter, name, with_for_update=True)
+        if mark is None:  # a concurrent first batch of the same outbox: 409, sent again
+            mark = Counter(name=name, value=0)
+            session.add(mark)
+            session.flush()
+        return mark
+
+    def _write_grants(self, session: Session) -> dict[str, int]:
+        """Namespace -> tenant of the active functions granted ``kv_write`` (every node
+        runs every active function)."""
+        rows = session.execute(
+            select(FunctionVersion.spec, FunctionVersion.tenant_id).where(
+                FunctionVersion.active.is_(True)
+            )
+        ).all()
+        return {
+            spec["kv_namespace"]: tenant_id
+            for spec, tenant_id in rows
+            if spec.get("kv_write") and spec.get("kv_namespace")
+        }
+
+    def _apply_node_writes(
+        self,
+        session: Session,
+        principal: Principal,
+        latest: dict[tuple[str, str], tuple[list[int], bytes | None, str | None]],
+        grants: dict[str, int],
+        results: dict[int, dict],
+    ) -> int:
+        """Write each key's last value; audit once per namespace (sizes, never values)."""
+        audits: dict[str, dict] = {}
+        changed = 0
+        for namespace in sorted({namespace for namespace, _ in latest}):  # before the counter
+            if session.get(KvNamespace, namespace) is None:
+                self._claim_namespace(session, principal, namespace, grants[namespace], "namespace")
+        for (namespace, key), (ids, value, function) in latest.items():
+            seq = self._set_entry(session, namespace, key, value)
+            for write_id in ids:
+                results[write_id] = {"id": write_id, "seq": seq}
+            if seq is None:
+                continue
+            changed += 1
+            audit = audits.setdefault(
+                namespace,
+                {"puts": 0, "deletes": 0, "bytes": 0, "functions": set(), "seqs": [seq, seq]},
+            )
+            audit["deletes" if value is None else "puts"] += 1
+            audit["bytes"] += len(value or b"")
+            audit["seqs"][1] = seq
+            if function:
+                audit["functions"].add(str(function)[:63])
+        for namespace, detail in audits.items():
+            detail["functions"] = sorted(detail["functions"])
+            self.store._audit(
+                session, principal, "kv.node_write", f"kv:{namespace}", grants[namespace], detail
+            )
+        return changed
+
+    def _audit_refused(
+        self, session: Session, principal: Principal, refused: list[tuple[dict, StoreError]]
+    ) -> None:
+        namespaces = sorted({str(write.get("namespace"))[:63] for write, _ in refused})
+        self.store._audit(
+            session,
+            principal,
+            "kv.node_write.refused",
+            f"node:{principal.name}",
+            None,
+            {"writes": len(refused), "namespaces": namespaces[:20], "reason": refused[0][1].message},
+        )
 
     def kv_get(self, principal: Principal, namespace: str, key: str) -> tuple[bytes, int]:
         """(value, seq) of a live key."""
@@ -382,11 +538,9 @@ class FunctionStore:
         store = self.store
         with store._writing() as session:
             ns = self._visible_namespace(session, principal, namespace)
-            entry = session.get(KvEntry, (namespace, key), with_for_update=True)
-            if entry is None or entry.deleted:
+            seq = self._set_entry(session, namespace, key, None)
+            if seq is None:
                 raise NotFound(f"no key {key!r} in namespace {namespace!r}", "key")
-            seq = store._bump(session, KV_SEQ)
-            entry.value, entry.seq, entry.deleted, entry.updated_at = b"", seq, True, utcnow()
             store._audit(
                 session, principal, "kv.delete", f"kv:{namespace}/{key}", ns.tenant_id, {"seq": seq}
             )
@@ -488,6 +642,37 @@ def _function_spec(fields: dict[str, Any], digest: str) -> vconfig.EdgeFunction:
     return spec
 
 
+def outbox_counter(node_id: int, outbox: str) -> str:
+    """The counter (32 characters at most) holding the highest write id applied from one
+    outbox of one node."""
+    digest = hashlib.sha256(f"{node_id}/{outbox}".encode()).hexdigest()
+    return OUTBOX_COUNTER_PREFIX + digest[:28]
+
+
+def _node_write(write: dict, grants: dict[str, int]) -> tuple[tuple[str, str], bytes | None]:
+    """((namespace, key), value or None for a deletion) of a node's write, checked."""
+    namespace = check_namespace(str(write.get("namespace", "")))
+    if namespace not in grants:
+        raise Forbidden(
+            f"no active function is granted kv_write on namespace {namespace!r}", "namespace"
+        )
+    key = check_key(str(write.get("key", "")))
+    if "\0" in key:
+        raise Invalid("a key may not contain NUL", "key")
+    encoded = write.get("value")
+    if encoded is None:
+        return (namespace, key), None
+    if len(encoded) > VALUE_BASE64_CHARS:
+        raise TooLarge(f"the value is over {MAX_VALUE_BYTES} bytes", "value")
+    try:
+        value = base64.b64decode(encoded, validate=True)
+    except (ValueError, TypeError):
+        raise Invalid("the value is not valid base64", "value") from None
+    if len(value) > MAX_VALUE_BYTES:
+        raise TooLarge(f"the value is {len(value)} bytes; at most {MAX_VALUE_BYTES}", "value")
+    return (namespace, key), value
+
+
 def _rollback_target(
     rows: list[FunctionVersion], active: FunctionVersion, version: int | None
 ) -> FunctionVersion:
@@ -559,6 +744,8 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_MODULE_BYTES",
     "MAX_VALUE_BYTES",
+    "KV_NODE_WRITES",
+    "VALUE_BASE64_CHARS",
     "FunctionStore",
     "TooLarge",
     "check_module",

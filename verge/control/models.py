@@ -361,6 +361,32 @@ class ProtectionEvent(Base):
     """The deny reason, the rate-limit rule, the WAF's rule ids or reason."""
 
 
+class ProtectionCount(Base):
+    """What one node's protect phase counted for one service, per rule, in one time bucket
+    (verge.control.protection.ProtectionCounts): a rate-limit rule's allowed, limited (over
+    the rate) and blocked requests; the deny lists' and the WAF's refusals. Goes with its
+    service."""
+
+    __tablename__ = "protection_counts"
+    __table_args__ = (Index("ix_protection_counts_service_id_bucket", "service_id", "bucket"),)
+
+    service_id: Mapped[int] = mapped_column(
+        ForeignKey("services.id", ondelete="CASCADE"), primary_key=True
+    )
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    """rate-limit, deny or waf."""
+    rule: Mapped[str] = mapped_column(String(63), primary_key=True)
+    """The rate-limit rule's name; "" for the deny lists and the WAF."""
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    """Start of the bucket, epoch seconds."""
+    allowed: Mapped[int] = mapped_column(BigInteger, default=0)
+    limited: Mapped[int] = mapped_column(BigInteger, default=0)
+    blocked: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class KvNamespace(Base):
     """An edge KV namespace and the tenant that owns it (made by its first write or grant)."""
 

@@ -9,14 +9,20 @@ autonomy, as KubeEdge/OpenYurt promise):
                           it holds certificate keys, so like node.json it is mode 0600;
 * ``control/purge_seq``   the last purge sequence number applied; missed purges are fetched
                           and applied on reconnect, before their acknowledgement;
-* ``control/spool.db``    stats samples not yet accepted by the control plane (SQLite WAL),
-                          sent with idempotency keys so a retry never counts twice;
+* ``control/spool.db``    stats samples (and per-rule protection counts) not yet accepted
+                          by the control plane (SQLite WAL), sent with idempotency keys so
+                          a retry never counts twice;
 * ``control/modules/``    edge function modules (``<sha256>.wasm``, checked against their
                           name) of the saved bundle: fetched before a bundle reaches the
                           workers, so a function keeps running on a restart without the
                           control plane; modules no bundle uses any more are removed;
 * ``control/kv.db``       the edge KV replica (SQLite WAL): every change up to the last
-                          sequence number applied; workers read it into memory.
+                          sequence number applied; workers read it into memory;
+* ``control/kv-outbox.db`` function KV writes not yet applied by the control plane
+                          (verge.edge.compute.KVOutbox): the workers commit each one
+                          (fsync'd) before the function's call returns; the agent sends
+                          them oldest first and removes each once the replica holds it
+                          (or the control plane refused it: logged, and in `verge fn logs`).
 
 Every file is written atomically (temp + rename) so a ``kill -9`` leaves the old or the new
 version, never a torn one. Long polls (config and purges) wake on change; a failed call
@@ -43,7 +49,7 @@ from pydantic import ValidationError
 from verge.cache.purge import PurgeScope, key_host, scoped_tag
 from verge.cache.store import purge_disk
 from verge.config import Config
-from verge.edge.compute import KV_FILE, MODULE_PREFIX, EdgeKV
+from verge.edge.compute import KV_FILE, MODULE_PREFIX, OUTBOX_FILE, EdgeKV, KVOutbox
 from verge.files import write_atomic
 
 if TYPE_CHECKING:
@@ -64,6 +70,12 @@ EVENTS_BATCH = 500
 """Most protection events sent in one call."""
 RETRIED_CLIENT_ERRORS = (408, 429)
 """4xx answers that say "later", not "never": a batch refused otherwise is dropped."""
+KV_OUTBOX_POLL = 1.0
+"""Seconds between looks at the KV outbox while it has nothing to send and no worker said
+it wrote (a wake-up datagram lost: the outbox file is the truth, the nudge only a hint)."""
+KV_RETRIED_CLIENT_ERRORS = (*RETRIED_CLIENT_ERRORS, 409)
+"""For KV writes 409 is also "later": a concurrent change (the outbox's first batch sent
+twice at once) that the control plane asks to try again."""
 
 
 def job_targets(job: dict, disk: DiskStore) -> list[tuple[str, str]]:
@@ -118,10 +130,12 @@ class StatsSpool:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS spool (key TEXT PRIMARY KEY, body TEXT)")
 
-    def add(self, samples: list[dict]) -> None:
-        if samples:
+    def add(self, samples: list[dict], protection: list[dict] | None = None) -> None:
+        """Spool one interval's samples and per-rule protection counts (one upload)."""
+        if samples or protection:
+            body = {"samples": samples, **({"protection": protection} if protection else {})}
             self.db.execute("INSERT INTO spool VALUES (?, ?)",
-                            (uuid.uuid4().hex, json.dumps({"samples": samples})))
+                            (uuid.uuid4().hex, json.dumps(body)))
 
     def pending(self, limit: int = 50) -> list[tuple[str, str]]:
         return self.db.execute("SELECT key, body FROM spool ORDER BY rowid LIMIT ?",
@@ -147,12 +161,17 @@ class ControlAgent:
         self.purge_seq = self._read_int("purge_seq")
         self.spool = StatsSpool(self.dir / "spool.db")
         self.kv = EdgeKV(self.dir / KV_FILE, writer=True)
+        self.outbox = KVOutbox(self.dir / OUTBOX_FILE, create=True)
+        self.kv_writes_dropped = 0  # function writes the control plane refused
+        self._kv_written = asyncio.Event()  # a worker queued a write (KVOutbox.nudge)
+        self._kv_socket: socket.socket | None = None
         self.pending_logs: list[dict] = []
         self.pending_events: list[dict] = []
         self.events_dropped = 0
         self._refused_kinds: set[str] = set()  # batches the control plane refused (4xx)
         """Protection events the control plane refused (4xx): dropped, not retried."""
         self._last_snapshot: dict[str, list[int]] = {}
+        self._last_protection: dict[tuple[str, str, str], tuple[int, int, int]] = {}
         self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
         self.connected = False
 
@@ -196,8 +215,9 @@ class ControlAgent:
             except httpx.HTTPError as exc:
                 log.warning("control plane unreachable (%s); retrying", exc)
                 await asyncio.sleep(1)
+        self._listen_for_kv_writes()
         await asyncio.gather(self._loop(self._config_once), self._loop(self._purges_once),
-                             self._loop(self._kv_once),
+                             self._loop(self._kv_once), self._loop(self._ship_kv_writes),
                              self._loop(self._heartbeat_once, HEARTBEAT_INTERVAL),
                              self._loop(self._stats_once, STATS_INTERVAL),
                              self._loop(self._ship_protection_events, STATS_INTERVAL))
@@ -314,11 +334,91 @@ class ControlAgent:
         if not changes:
             return
         await asyncio.to_thread(self.kv.apply, changes)
+        await asyncio.to_thread(self.outbox.forget_applied, self.kv.seq)
+        await self._tell_workers_kv()
+
+    async def _tell_workers_kv(self) -> None:
+        """Have every worker refresh its KV view (replica rows, settled outbox writes)."""
         replies = await self.node.broadcast({"op": "kv"})
         failed = [r.get("error") for r in replies if not r.get("ok")]
-        if failed:  # a worker restarting reads the file at start anyway
+        if failed:  # a worker restarting reads the files at start anyway
             log.warning("KV update (seq %d) did not reach %d worker(s): %s",
                         self.kv.seq, len(failed), failed)
+
+    async def _ship_kv_writes(self) -> None:
+        """Send the oldest function KV writes of the outbox (or wait for a worker's write).
+
+        Applied writes get their seq and stay until the replica has it; refused ones are
+        removed, logged and reported to `verge fn logs` (the function's next write of the
+        key may still succeed: a refused write is a grant or a bound, not a network fault).
+        A batch refused as a whole with a 4xx (other than "later") is dropped the same way,
+        not retried forever. Network errors and 5xx raise: the loop backs off and retries.
+        """
+        self._kv_written.clear()  # before looking: a write after the look wakes us again
+        writes = await asyncio.to_thread(self.outbox.pending)
+        if not writes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kv_written.wait(), KV_OUTBOX_POLL)
+            return
+        body = {"outbox": self.outbox.id, "writes": [write.wire() for write in writes]}
+        try:
+            response = await self._call("POST", "/api/v1/nodes/self/kv", json=body)
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            if not 400 <= status < 500 or status in KV_RETRIED_CLIENT_ERRORS:
+                raise
+            reason = f"{status}: {exc.response.text.strip()[:200]}"
+            await asyncio.to_thread(self.outbox.drop, writes)
+            self._kv_writes_refused([(write, reason) for write in writes])
+            await self._tell_workers_kv()
+            return
+        answer = response.json()
+        settled = await asyncio.to_thread(self.outbox.settle, writes, answer["results"],
+                                          int(answer["kv_seq"]), self.kv.seq)
+        self._kv_writes_refused(settled.refused)
+        if settled.forgotten:
+            await self._tell_workers_kv()
+
+    def _listen_for_kv_writes(self) -> None:
+        """Workers send a datagram to this outbox's socket after each write they queue
+        (an abstract Unix socket: no file, no path length limit); it wakes the shipping
+        loop at once rather than at its next look."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self.outbox.wake_address)
+        except OSError as exc:  # another agent of this cache dir still runs: poll only
+            log.warning("KV outbox wake-ups unavailable (%s); polling every %.1f s", exc,
+                        KV_OUTBOX_POLL)
+            sock.close()
+            return
+        sock.setblocking(False)
+        self._kv_socket = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._kv_woken)
+
+    def _kv_woken(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._kv_socket is not None and self._kv_socket.recv(64):
+                pass
+        self._kv_written.set()
+
+    def _kv_writes_refused(self, refused: list) -> None:
+        """Log function writes the control plane refused (one warning per batch) and keep
+        a record per write for `verge fn logs`."""
+        if not refused:
+            return
+        self.kv_writes_dropped += len(refused)
+        first, reason = refused[0]
+        log.warning("the control plane refused %d function KV write(s), dropped; first: "
+                    "%s/%r by %s: %s", len(refused), first.namespace, first.key,
+                    first.function, reason)
+        now = time.time()
+        for write, why in refused:
+            if write.function:
+                self.pending_logs.append({
+                    "function": write.function, "t": now, "outcome": "kv_write_refused",
+                    "error": f"KV write of {write.namespace}/{write.key.decode(errors='replace')}"
+                             f" refused by the control plane: {why}"[:2000]})
+        del self.pending_logs[:-MAX_PENDING_LOGS]
 
     # ----- purges ---------------------------------------------------------------------------------
     async def _purges_once(self) -> None:
@@ -363,16 +463,20 @@ class ControlAgent:
                 "memory_bytes": sum(s.get("memory_bytes", 0) for s in stats),
                 "disk_bytes": self.node.disk.used_bytes}
         alive = sum(1 for w in self.node.workers if w.alive())
+        outbox_writes, outbox_bytes = await asyncio.to_thread(self.outbox.size)
         await self._call("POST", "/api/v1/nodes/self/heartbeat", json={
             "health": {"workers": alive, "workers_expected": len(self.node.workers),
                        "status": "ok" if alive == len(self.node.workers) else "degraded",
-                       "kv_seq": self.kv.seq},
+                       "kv_seq": self.kv.seq, "kv_outbox_writes": outbox_writes,
+                       "kv_outbox_bytes": outbox_bytes,
+                       "kv_writes_refused": self.kv_writes_dropped},
             "load": load, "config_version": self.config_version, "purge_seq": self.purge_seq,
             **self.whereabouts()})
 
     async def _stats_once(self) -> None:
         """Spool this interval's counters, then send everything spooled (oldest first)."""
-        self.spool.add(self._samples(await self.node.stats()))
+        stats = await self.node.stats()
+        self.spool.add(self._samples(stats), self._protection_samples(stats))
         for key, body in self.spool.pending():
             await self._send_or_drop(
                 "POST", "/api/v1/nodes/self/stats", "stats samples", content=body,
@@ -446,10 +550,30 @@ class ControlAgent:
         self._last_snapshot = totals
         return samples
 
+    def _protection_samples(self, stats: list[dict]) -> list[dict]:
+        """Per service and rule, what the protect phases counted since the previous call
+        (verge.control.protection.ProtectionCounts): the workers' cumulative counters summed,
+        minus the previous sums (a restarted worker's lower counts give no negative)."""
+        totals = protection_totals(snap.get("protection") or {} for snap in stats)
+        samples, now = [], time.time()
+        for (service, kind, rule), counts in totals.items():
+            previous = self._last_protection.get((service, kind, rule), (0, 0, 0))
+            delta = [max(0, a - b) for a, b in zip(counts, previous, strict=True)]
+            if any(delta):
+                samples.append({"t": now, "service": service, "kind": kind, "rule": rule,
+                                **dict(zip(PROTECTION_COUNTERS, delta, strict=True))})
+        self._last_protection = totals
+        return samples
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.http.aclose()
+        if self._kv_socket is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._kv_socket.fileno())
+            self._kv_socket.close()
         self.kv.close()
+        self.outbox.close()
 
 
 def _reasons(exc: ValueError) -> str:
@@ -457,6 +581,35 @@ def _reasons(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
     return str(exc)
+
+
+PROTECTION_COUNTERS = ("allowed", "limited", "blocked")
+
+
+def protection_totals(per_worker) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+    """(service, kind, rule) -> (allowed, limited, blocked) summed over the workers' protection
+    stats (verge.edge.protect.ServiceProtection.stats): each rate-limit rule; the deny lists
+    (blocked: refused); the WAF (allowed: inspected and served, limited: matched, blocked)."""
+    totals: dict[tuple[str, str, str], list[int]] = {}
+
+    def add(key: tuple[str, str, str], *counts: int) -> None:
+        into = totals.setdefault(key, [0, 0, 0])
+        for i, n in enumerate(counts):
+            into[i] += int(n or 0)
+
+    for services in per_worker:
+        for service, stats in services.items():
+            for rule, counts in (stats.get("rules") or {}).items():
+                add((service, "rate-limit", rule),
+                    *(counts.get(name, 0) for name in PROTECTION_COUNTERS))
+            if stats.get("denied"):
+                add((service, "deny", ""), 0, 0, stats["denied"])
+            waf = stats.get("waf") or {}
+            if waf:
+                blocked = waf.get("blocked", 0)
+                add((service, "waf", ""), max(0, waf.get("inspected", 0) - blocked),
+                    waf.get("detected", 0), blocked)
+    return {key: tuple(counts) for key, counts in totals.items()}
 
 
 # order of the per-service counters kept by verge.observe.metrics.EdgeMetrics.services

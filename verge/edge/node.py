@@ -62,6 +62,7 @@ class NodeOptions:
     join_token: str | None = None
     region: str | None = None
     parents: list[str] = field(default_factory=list)  # shield edges' URLs (tiered cache)
+    geoip: str | None = None  # GeoIP database for deny.countries (verge edge --geoip)
 
     def public(self) -> dict:
         """Options as sent to workers (the admin token stays in the supervisor)."""

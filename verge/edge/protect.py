@@ -32,9 +32,9 @@ from typing import NamedTuple
 
 from verge.http.response import Response
 from verge.http.server import text_response
-from verge.protect.deny import ConnectionCap
-from verge.protect.ratelimit import RateLimiter, too_many_requests
-from verge.protect.settings import Protection
+from verge.protect.deny import ConnectionCap, CountryLookup, DenyList
+from verge.protect.ratelimit import ALLOW, RateLimiter, too_many_requests
+from verge.protect.settings import DenySettings, Protection
 from verge.protect.shared import SharedTable
 from verge.protect.waf import Waf, WafResult, WafUnavailable
 
@@ -55,6 +55,7 @@ class Admission(NamedTuple):
 
 
 ADMITTED = Admission()
+_monotonic = time.monotonic
 REFUSALS_KEPT = 1024  # distinct 429 answers memoised per service
 
 EVENTS_KEPT = 200
@@ -74,12 +75,14 @@ _UNPRINTABLE = {code: "?" for code in (*range(0x20), 0x7F)}
 
 @dataclass(frozen=True, slots=True)
 class ProtectSharing:
-    """How a worker's rate limits meet the other workers': the node's shared table (None:
-    each worker counts alone) and whether each client address's connections are steered to
-    one worker (then client-IP keys are exact in the worker's own memory)."""
+    """What a worker's protect phases share: the node's rate table (None: each worker counts
+    alone), whether each client address's connections are steered to one worker (then
+    client-IP keys are exact in the worker's own memory), and the node's GeoIP database as
+    a country lookup (None: no database, so ``deny.countries`` cannot apply)."""
 
     table: SharedTable | None = None
     steered: bool = False
+    country_of: CountryLookup | None = None
 
 
 ALONE = ProtectSharing()  # one worker's own counts (tests, single processes)
@@ -99,12 +102,7 @@ class ServiceProtection:
                                    shared=sharing.table, steered=sharing.steered,
                                    scope=service) \
             if settings.rate_limits else None
-        deny = settings.deny
-        self.deny = deny.deny_list() if deny.cidrs or deny.user_agents or deny.countries \
-            else None
-        if deny.countries:
-            log.warning("service %s: deny.countries needs a GeoIP database on the edge; "
-                        "not applied", service)
+        self.deny, self.unapplied = _deny_list(service, settings.deny, sharing.country_of)
         self.denied = 0
         self._refusals: dict[tuple, Response] = {}  # 429s by their fields (_too_many)
         self._penalised = {rule.name for rule in settings.rate_limits if rule.penalty}
@@ -132,9 +130,12 @@ class ServiceProtection:
                 return Admission(text_response(403, f"forbidden ({reason})\n",
                                                [("Cache-Control", "no-store")]),
                                  kind="deny", detail=reason)
-        if self.limiter is None:
+        limiter = self.limiter
+        if limiter is None:
             return ADMITTED
-        verdict = self.limiter.evaluate(request, time.monotonic() if now is None else now)
+        verdict = limiter.evaluate(request, _monotonic() if now is None else now)
+        if verdict is ALLOW:  # the common case: within every limit, no fields to add
+            return ADMITTED
         if verdict.action == "block":
             return Admission(self._too_many(verdict), kind="rate-limit", detail=verdict.rule)
         if verdict.action == "drop":
@@ -185,7 +186,9 @@ class ServiceProtection:
             self.limiter.sweep(time.monotonic())
 
     def stats(self) -> dict:
-        """Plain counters for /metrics (summed over workers by verge.observe.metrics)."""
+        """Plain counters for /metrics (summed over workers by verge.observe.metrics), and
+        the settings this edge cannot apply (``unapplied``: the admin API's /stats shows
+        them, e.g. "deny.countries" on an edge without a GeoIP database)."""
         waf = self.waf.counters if self.waf is not None else None
         return {
             "rules": self.limiter.stats() if self.limiter is not None else {},
@@ -194,11 +197,34 @@ class ServiceProtection:
                 "inspected": waf.inspected, "blocked": waf.blocked, "detected": waf.detected,
                 "timeouts": waf.timeouts, "errors": waf.errors + waf.overloads,
             },
+            "unapplied": list(self.unapplied),
         }
 
     def close(self) -> None:
         if self.waf is not None:
             self.waf.close()
+
+
+COUNTRIES_UNAPPLIED = "deny.countries"
+"""What ``ServiceProtection.unapplied`` names when a service denies countries on an edge
+without a GeoIP database (``verge edge --geoip PATH``, the config's ``geoip``)."""
+
+
+def _deny_list(service: str, deny: DenySettings,
+               country_of: CountryLookup | None) -> tuple[DenyList | None, tuple[str, ...]]:
+    """A service's deny list (None: it denies nothing) and what of it cannot apply here.
+
+    Countries need the node's GeoIP database. Without one they are left out, loudly: a
+    warning at load and ``unapplied`` in the stats, never a list that seems to work."""
+    unapplied: tuple[str, ...] = ()
+    countries = deny.countries
+    if countries and country_of is None:
+        log.warning("service %s: deny.countries %s needs a GeoIP database on the edge "
+                    "(verge edge --geoip PATH); not applied", service, ",".join(countries))
+        unapplied, countries = (COUNTRIES_UNAPPLIED,), []
+    if not (deny.cidrs or deny.user_agents or countries):
+        return None, unapplied
+    return DenyList(deny.cidrs, countries, deny.user_agents, country_of=country_of), unapplied
 
 
 def take_events(protections: Iterable[ServiceProtection],

@@ -43,6 +43,8 @@ from verge.http.server import (
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
+from verge.protect.cidr import CidrSet
+from verge.protect.deny import CountryLookup, open_country_lookup
 from verge.protect.keys import steerable
 from verge.protect.shared import SharedTable
 from verge.protect.steer import attach_client_steering, detach_client_steering
@@ -53,9 +55,12 @@ DRAIN_SECONDS = 3.0  # SIGTERM: how long requests in flight may take (the superv
 MOUNT_SECONDS = 15.0  # start-up waits this long for the ingest routes (the supervisor: 30 s)
 
 
-def server_limits(config: Config) -> ServerLimits:
+def server_limits(config: Config, *, plain: bool = False) -> ServerLimits:
+    """The protocol limits of the config; ``plain``: for the plain-HTTP port, the only one a
+    PROXY protocol header may precede (before TLS it would need the TLS layer's help)."""
     limits = config.limits
     return ServerLimits(
+        proxy_from=CidrSet(config.proxy_protocol) if plain and config.proxy_protocol else None,
         max_header_bytes=limits.max_header_bytes,
         max_url_bytes=limits.max_url_bytes,
         max_body_bytes=limits.max_body_bytes,
@@ -104,12 +109,14 @@ class Worker:
                                # one worker: every key is exact in its own memory
                                SharedTable.attach(table_fd)
                                if table_fd is not None and workers > 1 else None,
-                               steered=workers == 1),  # (more: once they steer, steer())
+                               steered=workers == 1,  # (more: once they steer, steer())
+                               country_of=country_lookup(self.options.get("geoip"))),
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
                            compute=self.compute,
                            ingest=EdgeIngest(self.options["cache_dir"], self.index, self.compute))
-        self.limits = server_limits(config)
+        self.limits = server_limits(config)  # HTTPS and HTTP/3
+        self.http_limits = server_limits(config, plain=True)  # the plain port: PROXY too
         self.ticket_keys: list[str] = init.get("tls_tickets") or []  # encoded; never logged
 
     async def run(self, ctrl: socket.socket) -> None:
@@ -123,7 +130,7 @@ class Worker:
         sock = reuseport_socket(host, port)
         self.listeners.append(sock)  # (steered when a client-IP rate limit asks for it)
         self.steer()
-        self.server = await serve(self.app, sock, self.limits)
+        self.server = await serve(self.app, sock, self.http_limits)
         if self.options.get("https_port"):
             await self._serve_https()
         # What start-up built (config, routes, modules) lives as long as the process: out of
@@ -306,9 +313,10 @@ class Worker:
             self.tls.reload(*tls_certs(config))
         if getattr(self, "h3", None) is not None:  # and for new HTTP/3 connections
             self.h3_certs.reload(*tls_certs(config))
-        new_limits = server_limits(config)
-        for name in new_limits.__dataclass_fields__:  # the protocols share this object
-            setattr(self.limits, name, getattr(new_limits, name))
+        for limits, plain in ((self.limits, False), (self.http_limits, True)):
+            new_limits = server_limits(config, plain=plain)
+            for name in new_limits.__dataclass_fields__:  # the protocols share these objects
+                setattr(limits, name, getattr(new_limits, name))
         timeouts = config.origin_timeouts
         self.pool.connect_timeout = timeouts.connect
         self.pool.first_byte_timeout = timeouts.first_byte
@@ -328,9 +336,26 @@ class Worker:
                 log.exception("disk index flush failed")
 
 
+def country_lookup(path: str | None) -> CountryLookup | None:
+    """The node's GeoIP database (``verge edge --geoip``), opened once per worker for the
+    services' ``deny.countries``. None without one, or when it cannot be opened (the CLI
+    checked it; a file gone since then leaves country lists unapplied, each with a warning,
+    rather than the worker down)."""
+    if not path:
+        return None
+    try:
+        return open_country_lookup(path)
+    except ValueError as exc:
+        log.error("%s: deny.countries not applied", exc)
+        return None
+
+
 def wants_steering(config: Config) -> bool:
     """Whether a service limits requests by the client's address as the kernel sees it
-    (a client_ip key, no trusted proxies: behind those the peer is the proxy)."""
+    (a client_ip key, no trusted proxies and no PROXY protocol: behind those the peer is
+    the proxy)."""
+    if config.proxy_protocol:  # every peer is a load balancer
+        return False
     return any(
         steerable(rule.key)
         for service in config.services if service.protection is not None

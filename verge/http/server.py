@@ -39,9 +39,11 @@ from email.utils import formatdate
 
 import httptools
 
+from verge.http import proxy_protocol
 from verge.http.message import Request, known_host, set_host
 from verge.http.response import FileBody, Response, write_body
 from verge.http.target import BadTarget, normalize_target
+from verge.protect.cidr import CidrSet
 
 REASONS = {
     100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
@@ -84,6 +86,7 @@ class ServerLimits:
     send_timeout: float = 60.0
     max_pipelined: int = 64
     zero_copy: bool = False  # file bodies with sendfile(2) instead of pread + write
+    proxy_from: CidrSet | None = None  # peers whose PROXY protocol header is required and read
 
 
 class Clock:
@@ -461,11 +464,11 @@ class ResponseWriter:
         await self._proto.drain()
 
 
-def adopt_transport(proto, transport) -> bool:
+def adopt_transport(proto, transport, *, gate: bool = True) -> bool:
     """What every TCP protocol (HTTP/1.1, HTTP/2) does first: no Nagle delay, note the peer
-    and the scheme, pass the application's connection gate (``app.connection_gate``: the
-    per-address connection cap; refused: abort, return False) and join the set the shared
-    sweeper visits for timeouts."""
+    and the scheme, pass the application's connection gate (:func:`pass_gate`; refused:
+    abort, return False; ``gate=False``: later, once a PROXY header named the client) and
+    join the set the shared sweeper visits for timeouts."""
     proto.transport = transport
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -474,12 +477,20 @@ def adopt_transport(proto, transport) -> bool:
     peer = transport.get_extra_info("peername")
     proto.client = peer[0] if peer else ""
     proto.scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+    if gate and not pass_gate(proto):
+        return False
+    HttpServerProtocol.connections.add(proto)
+    return True
+
+
+def pass_gate(proto) -> bool:
+    """The application's connection gate (``app.connection_gate``: the per-address
+    connection cap) for the connection's client; refused: the connection is aborted."""
     gate = getattr(proto.app, "connection_gate", None)
     if gate is not None and not gate.opened(proto.client):
-        transport.abort()
+        proto.transport.abort()
         return False
     proto.gate = gate
-    HttpServerProtocol.connections.add(proto)
     return True
 
 
@@ -526,10 +537,21 @@ class HttpServerProtocol(asyncio.Protocol):
         self._backlog: bytes | None = None  # read, not parsed yet: waits for the next turn
         self._turn_requests = 0  # requests started in this turn (TURN_REQUESTS)
         self._turn_scheduled = False
+        self._proxy_header: bytearray | None = None  # a PROXY header being read (proxy_from)
 
     # ----- connection lifecycle -------------------------------------------------------
     def connection_made(self, transport) -> None:
-        adopt_transport(self, transport)
+        trusted = self.limits.proxy_from
+        if trusted is None:
+            adopt_transport(self, transport)
+            return
+        adopt_transport(self, transport, gate=False)
+        if self.client not in trusted:  # only a trusted balancer may name the client
+            self.app.report_protocol_error(self.client, 400, "PROXY header from an untrusted peer")
+            transport.abort()
+            return
+        self._proxy_header = bytearray()
+        self._state, self._since = "head", CLOCK.mono
 
     def connection_lost(self, exc) -> None:
         release_transport(self)
@@ -557,6 +579,9 @@ class HttpServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self._failed:
             return
+        if self._proxy_header is not None:
+            self._read_proxy_header(data)
+            return
         if self._upgraded is not None:
             self._upgraded.feed(data)
             return
@@ -574,6 +599,29 @@ class HttpServerProtocol(asyncio.Protocol):
         else:
             self._turn_requests = 0
             self._feed_turn(data)
+
+    def _read_proxy_header(self, data: bytes) -> None:
+        """The PROXY header first (verge.http.proxy_protocol): it names the client that the
+        rate limits, deny lists, connection cap and logs then see; the rest is HTTP."""
+        buffer = self._proxy_header
+        buffer += data
+        try:
+            parsed = proxy_protocol.parse(buffer)
+        except proxy_protocol.ProxyHeaderError as exc:
+            self.app.report_protocol_error(self.client, 400, str(exc))
+            self.transport.abort()
+            return
+        if parsed is None:
+            return
+        header, used = parsed
+        self._proxy_header = None
+        if header.client is not None:
+            self.client = header.client
+        if not pass_gate(self):
+            return
+        self._state, self._since = "idle", CLOCK.mono
+        if used < len(buffer):
+            self.data_received(bytes(buffer[used:]))
 
     def _feed(self, data) -> bool:
         """Parse bytes (the callbacks below dispatch the requests); False when the

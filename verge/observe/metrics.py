@@ -124,16 +124,26 @@ def _merge_protection(per_worker: Iterable[dict]) -> dict[str, dict]:
 
 
 def _merge_functions(per_worker: Iterable[dict]) -> dict[str, dict]:
-    """Edge function counters summed over workers (peak memory: the largest)."""
+    """Edge function counters summed over workers (peak memory: the largest), in total and
+    per version (``versions``: module sha256 prefix -> the same counters)."""
     merged: dict[str, dict] = {}
     for functions in per_worker:
         for name, stats in functions.items():
-            into = merged.setdefault(name, {"invocations": 0, "errors": 0, "cpu_ms": 0.0,
-                                            "peak_memory": 0})
-            for field in ("invocations", "errors", "cpu_ms"):
-                into[field] += stats.get(field, 0)
-            into["peak_memory"] = max(into["peak_memory"], stats.get("peak_memory", 0))
+            into = merged.setdefault(name, {**_no_counts(), "versions": {}})
+            _add_counts(into, stats)
+            for version, counts in (stats.get("versions") or {}).items():
+                _add_counts(into["versions"].setdefault(version, _no_counts()), counts)
     return merged
+
+
+def _no_counts() -> dict:
+    return {"invocations": 0, "errors": 0, "cpu_ms": 0.0, "peak_memory": 0}
+
+
+def _add_counts(into: dict, stats: dict) -> None:
+    for field in ("invocations", "errors", "cpu_ms"):
+        into[field] += stats.get(field, 0)
+    into["peak_memory"] = max(into["peak_memory"], stats.get("peak_memory", 0))
 
 
 class _SnapshotCollector:
@@ -173,7 +183,9 @@ class _SnapshotCollector:
 
 
 def _function_families(functions: dict[str, dict]):
-    """Per edge function: invocations, errors (limits, crashes), CPU time, peak memory."""
+    """Per edge function: invocations, errors (limits, crashes), CPU time, peak memory, over
+    all its versions (a redeploy does not reset them); and runs and errors per version
+    (``version``: the module's sha256, 12 hex digits; ``unloaded``: it failed to load)."""
     families = {
         "invocations": CounterMetricFamily("verge_function_invocations", "Edge function runs",
                                            labels=["function"]),
@@ -185,11 +197,23 @@ def _function_families(functions: dict[str, dict]):
         "peak_memory": GaugeMetricFamily("verge_function_peak_memory_bytes",
                                          "Largest linear memory a run used", labels=["function"]),
     }
+    per_version = {
+        "invocations": CounterMetricFamily("verge_function_version_invocations",
+                                           "Edge function runs per module version",
+                                           labels=["function", "version"]),
+        "errors": CounterMetricFamily("verge_function_version_errors",
+                                      "Edge function runs per module version that failed",
+                                      labels=["function", "version"]),
+    }
     for name, stats in sorted(functions.items()):
         for field, family in families.items():
             value = stats.get(field, 0)
             family.add_metric([name], value / 1000 if field == "cpu_ms" else value)
+        for version, counts in sorted((stats.get("versions") or {}).items()):
+            for field, family in per_version.items():
+                family.add_metric([name, version], counts.get(field, 0))
     yield from families.values()
+    yield from per_version.values()
 
 
 def _protection_families(services: dict[str, dict]):

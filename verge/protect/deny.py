@@ -2,9 +2,12 @@
 
 :class:`DenyList` answers "is this client refused, and why" with a short reason ("cidr",
 "country:XX", "user-agent#N") or None. Address prefixes use verge/protect/cidr.py (one bisect
-for thousands of prefixes); the country comes from a lookup callable (the router's GeoIP
-database through :func:`open_country_lookup`, or anything that maps an address to an ISO
-code) and is memoised, since a database lookup costs more than the rest of the check.
+for thousands of prefixes); the country comes from a lookup callable (a MaxMind database
+through :func:`open_country_lookup`: on the edge the one ``verge edge --geoip`` names, opened
+once per worker; or anything that maps an address to an ISO code) and is memoised, since a
+database lookup costs more than the rest of the check. An address the database does not
+know, a record without a country, or an IPv6 address in an IPv4-only database has no
+country: it is not refused (an IPv4-mapped address is looked up as the IPv4 one it carries).
 
 User-agent patterns are regular expressions written by tenants and run on every request of
 the shared edge workers, so a pattern must not be able to stall a worker: Python's ``re``
@@ -176,7 +179,9 @@ class DenyList:
 
 def open_country_lookup(path: str) -> CountryLookup:
     """An address -> ISO country code lookup on a MaxMind-format database (GeoLite2-Country
-    or -City: the file the router's ``geoip`` setting names)."""
+    or -City: the file the router's ``geoip`` setting names, and the edge's ``--geoip``).
+    The country, else the registered country; None when the record has neither. A file
+    that is missing or not such a database is a ValueError naming it."""
     import maxminddb
 
     try:

@@ -3,7 +3,8 @@
  * the operator logged in with (kept in sessionStorage, i.e. this tab only).
  *
  * Views (hash routes): #fleet (auto-refresh every 2 s), #services, #purge (seq, then the
- * acknowledgement progress from GET /purge/{seq}), #stats (uPlot charts over GET /stats).
+ * acknowledgement progress from GET /purge/{seq}), #stats (uPlot charts over GET /stats; with
+ * a service chosen, its protection counters per rule over GET /services/NAME/protection/stats).
  * Every value from the API is put into the page as text, never as HTML.
  */
 (() => {
@@ -501,7 +502,7 @@
    * not return (no traffic) count as zero. The bucket still in progress is left out: edges push
    * their samples every few seconds, so it would always show a misleading dip.
    */
-  function regularBuckets(series, since, now, step) {
+  function regularBuckets(series, since, now, step, counters = COUNTERS) {
     const points = series
       .map((b) => ({ ...b, t: epochSeconds(b.t) }))
       .filter((b) => b.t !== null)
@@ -514,7 +515,7 @@
     const grid = [];
     for (let i = 0; i <= last; i += 1) {
       const empty = { t: first + i * step, origin_ms_avg: null };
-      for (const c of COUNTERS) empty[c] = 0;
+      for (const c of counters) empty[c] = 0;
       grid.push(byIndex.has(i) ? { ...empty, ...byIndex.get(i), t: first + i * step } : empty);
     }
     return grid;
@@ -570,10 +571,10 @@
     },
 
     resize() {
-      for (const entry of this.charts.values()) {
+      for (const entry of [...this.charts.values(), ...protection.charts.values()]) {
         const width = entry.card.querySelector(".chart").clientWidth;
         if (entry.chart && width > 0 && Math.abs(entry.chart.width - width) > 1) {
-          entry.chart.setSize({ width, height: 180 });
+          entry.chart.setSize({ width, height: entry.chart.height });
         }
       }
     },
@@ -636,6 +637,7 @@
       } catch (err) {
         showError($("stats-error"), err);
       }
+      await protection.load($("stats-service").value, since, now, step);
     },
 
     start() {
@@ -648,6 +650,130 @@
     },
     stop() {
       this.poll.stop();
+    },
+  };
+
+  // ---- protection: one service's counters per rule -------------------------------------------
+
+  /** The three outcomes of a rule, as GET /services/NAME/protection/stats counts them. */
+  const OUTCOMES = [
+    { key: "allowed", color: COLORS.green },
+    { key: "limited", color: COLORS.amber },
+    { key: "blocked", color: COLORS.red },
+  ];
+  const OUTCOME_KEYS = OUTCOMES.map((o) => o.key);
+
+  /** What a (kind, rule) pair is called on the page. */
+  function ruleTitle(kind, rule) {
+    if (kind === "rate-limit") return `rate limit ${rule}`;
+    return kind === "deny" ? "deny lists" : kind === "waf" ? "WAF" : `${kind} ${rule}`;
+  }
+
+  function protectionChartOptions(width) {
+    return {
+      width,
+      height: 160,
+      legend: { show: false },
+      cursor: { drag: { x: false, y: false } },
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      axes: [
+        { stroke: "#6b7280", grid: { stroke: "#eef0f3" }, values: (u, ticks) => ticks.map(hhmm) },
+        { stroke: "#6b7280", grid: { stroke: "#eef0f3" }, size: 80, values: (u, ticks) => ticks.map(fmt.rate) },
+      ],
+      series: [
+        {},
+        ...OUTCOMES.map((o) => ({ label: o.key, stroke: o.color, width: 1.5, value: (u, v) => fmt.rate(v) })),
+      ],
+    };
+  }
+
+  const protection = {
+    charts: new Map(), // "kind/rule" -> {card, chart (uPlot or null)}
+    service: null,
+    resizes: new ResizeObserver(() => stats.resize()),
+
+    reset(service) {
+      this.resizes.disconnect();
+      for (const entry of this.charts.values()) if (entry.chart) entry.chart.destroy();
+      this.charts.clear();
+      $("protection-plots").replaceChildren();
+      $("protection-table").tBodies[0].replaceChildren();
+      this.service = service;
+    },
+
+    /** The chosen service's counters over the stats view's range (none chosen: a hint). */
+    async load(service, since, now, step) {
+      if (service !== this.service) this.reset(service);
+      $("protection-hint").hidden = Boolean(service);
+      $("protection-service").textContent = service ? `· ${service}` : "";
+      if (!service) {
+        $("protection-empty").hidden = true;
+        $("protection-table").hidden = true;
+        showError($("protection-error"), null);
+        return;
+      }
+      const params = new URLSearchParams({ since: String(since), step: String(step) });
+      try {
+        const result = await api("GET", `/services/${encodeURIComponent(service)}/protection/stats?${params}`);
+        if (service !== this.service) return; // the choice changed meanwhile
+        this.render(result, since, now, step);
+        showError($("protection-error"), null);
+      } catch (err) {
+        showError($("protection-error"), err);
+      }
+    },
+
+    render(result, since, now, step) {
+      const rules = result.rules || [];
+      $("protection-empty").hidden = rules.length > 0;
+      $("protection-table").hidden = rules.length === 0;
+      $("protection-table").tBodies[0].replaceChildren(
+        ...rules.map((r) =>
+          h("tr", { dataset: { rule: `${r.kind}/${r.rule}` } },
+            h("td", {}, ruleTitle(r.kind, r.rule)),
+            ...OUTCOME_KEYS.map((key) => h("td", { class: "num", dataset: { outcome: key } }, fmt.count(r[key])))),
+        ),
+      );
+      const keys = rules.map((r) => `${r.kind}/${r.rule}`);
+      for (const [key, entry] of this.charts) {
+        if (keys.includes(key)) continue;
+        if (entry.chart) entry.chart.destroy();
+        this.resizes.unobserve(entry.card);
+        entry.card.remove();
+        this.charts.delete(key);
+      }
+      // every card first, then the charts: each takes its width from the laid-out grid
+      rules.forEach((r, i) => this.card(keys[i], ruleTitle(r.kind, r.rule)));
+      rules.forEach((r, i) => {
+        const points = (result.series || []).filter((p) => p.kind === r.kind && p.rule === r.rule);
+        const buckets = regularBuckets(points, since, now, step, OUTCOME_KEYS);
+        this.draw(keys[i], [buckets.map((b) => b.t), ...OUTCOME_KEYS.map((o) => buckets.map((b) => b[o] / step))]);
+      });
+    },
+
+    card(key, title) {
+      if (this.charts.has(key)) return;
+      const card = h(
+        "section",
+        { class: "plot", dataset: { protection: key } },
+        h("header", {}, h("h2", {}, title), h("span", { class: "now" }, "requests/s")),
+        h("div", { class: "chart" },
+          HAVE_UPLOT ? null : h("p", { class: "muted" }, "No plot: uPlot is missing (run make install).")),
+      );
+      $("protection-plots").append(card);
+      this.resizes.observe(card); // a card added later narrows the others
+      this.charts.set(key, { card, chart: null });
+    },
+
+    draw(key, data) {
+      const entry = this.charts.get(key);
+      if (!HAVE_UPLOT) return;
+      if (entry.chart) {
+        entry.chart.setData(data);
+        return;
+      }
+      const target = entry.card.querySelector(".chart");
+      entry.chart = new window.uPlot(protectionChartOptions(Math.max(target.clientWidth, 200)), data, target);
     },
   };
 
