@@ -73,7 +73,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadgen import WrkError, run_wrk
-from servers import Server, ServerError, start_origin, start_verge
+from servers import (
+    Server,
+    ServerError,
+    cpu_seconds,
+    start_origin,
+    start_verge,
+    worker_pids,
+)
 from tools import BUSY_LOAD, ToolError, add_sbin_to_path, install_signal_handlers, require
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -487,24 +494,6 @@ def use_uvloop() -> None:
 # --- the edge's side --------------------------------------------------------------------------
 
 
-def worker_pids(server: Server) -> list[int]:
-    """The edge's worker processes: children of its supervisor running verge.edge.worker."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                if (
-                    int(stat.rpartition(")")[2].split()[1]) == server.process.pid
-                    and b"verge.edge.worker" in cmdline
-                ):
-                    pids.append(int(entry))
-    if not pids:
-        raise BenchError(f"no workers found under the {server.name} edge ({server.process.pid})")
-    return sorted(pids)
-
-
 def open_fds(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
@@ -622,16 +611,6 @@ class Usage:
     rss_peak: int
     edge_cpu: float
     load_cpu: float
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of the processes, from /proc/PID/stat."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
 
 
 def run_processes(

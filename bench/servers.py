@@ -28,6 +28,7 @@ from pathlib import Path
 STOP_GRACE_S = 5.0
 READY_TIMEOUT_S = 30.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class ServerError(RuntimeError):
@@ -95,6 +96,32 @@ def _proc_stat_fields(pid: str) -> list[str] | None:
     except OSError:
         return None
     return raw.rpartition(")")[2].split()
+
+
+def worker_pids(server: Server) -> list[int]:
+    """A `verge edge`'s worker processes: children of its supervisor running
+    verge.edge.worker."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        fields = _proc_stat_fields(entry) if entry.isdigit() else None
+        if fields is None or int(fields[1]) != server.process.pid:
+            continue
+        with contextlib.suppress(OSError):
+            if b"verge.edge.worker" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                pids.append(int(entry))
+    if not pids:
+        raise ServerError(f"no workers found under the {server.name} edge ({server.process.pid})")
+    return sorted(pids)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of the processes, from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        fields = _proc_stat_fields(str(pid))
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def session_rss_bytes(session_id: int) -> int:

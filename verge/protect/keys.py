@@ -45,6 +45,7 @@ class RequestLike(Protocol):
     """What key functions read of verge.http.message.Request."""
 
     method: str
+    target: str
     client: str
 
     @property

@@ -145,8 +145,10 @@ class RuleSpec:
         _check_int(self.burst, "burst", 0, MAX_BURST)
         if not isinstance(self.penalty, int | float) or not 0 <= self.penalty <= MAX_PENALTY:
             raise ValueError(f"penalty must be 0..{MAX_PENALTY:.0f} seconds, not {self.penalty!r}")
-        if not isinstance(self.path, str) or not self.path.startswith("/") or len(self.path) > 1024:
-            raise ValueError(f"path {self.path!r} must be a prefix starting with '/'")
+        if not isinstance(self.path, str) or not self.path.startswith("/") or len(self.path) > 1024 \
+                or "?" in self.path or "#" in self.path:
+            raise ValueError(f"path {self.path!r} must be a path prefix starting with '/' "
+                             f"(no '?' or '#')")
         for method in self.methods:
             if not isinstance(method, str) or not _METHOD_RE.fullmatch(method):
                 raise ValueError(f"invalid method {method!r}: upper-case, e.g. GET or POST")
@@ -311,13 +313,16 @@ class RateLimiter:
         return {rule.name: rule.placement for rule in self._rules}
 
     def evaluate(self, request: RequestLike, now: float) -> Verdict:
-        """Count the request against the rules that match it; ``now``: time.monotonic()."""
-        method, path = request.method, request.path
+        """Count the request against the rules that match it; ``now``: time.monotonic().
+
+        A prefix holds no '?' (RuleSpec), so it starts the target exactly when it starts the
+        path: the target is matched, and a hit never splits it."""
+        method, target = request.method, request.target
         hit = None
         for rule in self._rules:
-            if path.startswith(rule.prefix) and (rule.methods is None or method in rule.methods):
+            if target.startswith(rule.prefix) and (rule.methods is None or method in rule.methods):
                 if hit is not None:
-                    hits = [r for r in self._rules if r.matches(method, path)]
+                    hits = [r for r in self._rules if r.matches(method, request.path)]
                     return self._several(hits, request, now)
                 hit = rule
         if hit is None:

@@ -93,8 +93,9 @@ def _pattern(pattern: str) -> str:
 
 
 def _path_prefix(path: str) -> str:
-    if not path.startswith("/"):
-        raise ValueError(f"path {path!r} must start with '/' (a prefix such as /api/)")
+    if not path.startswith("/") or "?" in path or "#" in path:
+        raise ValueError(f"path {path!r} must be a path prefix such as /api/ (starting with "
+                         f"'/', no '?' or '#')")
     return path
 
 
