@@ -98,6 +98,7 @@ class ServiceProtection:
         self.settings = settings
         self.sharing = sharing
         self.addresses = settings.client_addresses()
+        self._proxied = self.addresses.trusts_proxies  # else the peer is the client
         self.limiter = RateLimiter(settings.rule_specs(), addresses=self.addresses,
                                    shared=sharing.table, steered=sharing.steered,
                                    scope=service) \
@@ -122,9 +123,12 @@ class ServiceProtection:
 
     def admit(self, request, now: float | None = None) -> Admission:
         """Deny lists, then rate limits (the first rule that refuses decides)."""
-        if self.deny is not None:
-            reason = self.deny.check(self.addresses.address(request),
-                                     request.hmap.get("user-agent"))
+        deny = self.deny
+        if deny is not None:
+            client = request.client  # the address as the kernel gave it is canonical IPv4
+            if self._proxied or ":" in client:
+                client = self.addresses.address(request)
+            reason = deny.check(client, request.hmap.get("user-agent"))
             if reason is not None:
                 self.denied += 1
                 return Admission(text_response(403, f"forbidden ({reason})\n",

@@ -107,7 +107,7 @@ class UserAgentPatterns:
 class DenyList:
     """Refuse clients by address prefix, country or user agent."""
 
-    __slots__ = ("cidrs", "countries", "user_agents", "_country_of", "_country_memo",
+    __slots__ = ("cidrs", "countries", "user_agents", "_agents", "_country_of", "_country_memo",
                  "_address_memo")
 
     def __init__(
@@ -121,6 +121,7 @@ class DenyList:
         self.cidrs = CidrSet(cidrs)
         self.countries = frozenset(code.upper() for code in countries)
         self.user_agents = UserAgentPatterns(user_agents)
+        self._agents = self.user_agents if self.user_agents else None  # (checked per request)
         if self.countries and country_of is None:
             raise ValueError("deny.countries needs a GeoIP database (a country lookup)")
         self._country_of = country_of
@@ -156,8 +157,9 @@ class DenyList:
             if len(memo) >= MEMO_SIZE:
                 memo.clear()
             memo[address] = reason
-        if reason is None and user_agent is not None and self.user_agents:
-            index = self.user_agents.match(user_agent)
+        agents = self._agents
+        if reason is None and user_agent is not None and agents is not None:
+            index = agents.match(user_agent)
             if index is not None:
                 reason = f"user-agent#{index}"
         return reason
