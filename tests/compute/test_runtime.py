@@ -13,9 +13,10 @@ import pytest
 
 from verge.compute import host
 from verge.compute.host import Capabilities, DictKV, FetchRequest, FetchResponse, HostServices
-from verge.compute.runtime import EpochTicker, Limits, Outcome, Runtime
-from verge.compute.wagi import Answer, CgiRequest, Pass
+from verge.compute.runtime import EpochTicker, Limits, Outcome, PoolSettings, Runtime
+from verge.compute.wagi import Answer, CgiRequest, Pass, build_environ
 
+MiB = 1024 * 1024
 GET = CgiRequest(
     "GET", "/hello?x=1", headers=[("Host", "shop.example"), ("Accept", "*/*")], host="shop.example"
 )
@@ -87,6 +88,23 @@ def test_echo_sees_cgi_environment_and_body(runtime, wasm):
     assert "PATH" not in env and "HOME" not in env  # nothing inherited from the host
     assert body == "BODY!"
     assert inv.stderr == b"log line for the edge\n"
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [{}, {"HTTP_X_TAG": "mine", "API_KEY": "k"}, {"SERVER_NAME": "mine", "HTTP_COOKIE": "c"}],
+    ids=["none", "overrides-a-header", "overrides-a-cgi-variable"],
+)
+def test_the_guest_sees_exactly_build_environ(runtime, wasm, declared):
+    """The runtime's C arrays carry the environment of wagi.build_environ, in its order."""
+    caps = Capabilities.of(env=declared)
+    fn = runtime.load(wasm["echo"], name="echo", caps=caps)
+    request = post(body=b"")
+    request.headers.append(("X-Naïve", "grüße"))
+    inv = runtime.invoke(fn, request, request_id="rid")
+    env_text = body_text(inv).split("--body--\n")[0]
+    expected = build_environ(request, request_id="rid", function_env=caps.env)
+    assert env_text.splitlines() == [f"{name}={value}" for name, value in expected]
 
 
 def test_large_request_body_reaches_stdin(runtime, wasm):
@@ -184,8 +202,7 @@ def test_runaway_function_does_not_disturb_others(runtime, wasm):
 def test_memory_bomb_stopped_at_limit(runtime, wasm, memory_mb):
     limit = memory_mb * 1024 * 1024
     # a generous CPU budget: what must stop the bomb is the memory limit, even on a busy machine
-    fn = runtime.load(wasm["membomb"], name="bomb",
-                      limits=Limits(memory_bytes=limit, cpu_ms=2000))
+    fn = runtime.load(wasm["membomb"], name="bomb", limits=Limits(memory_bytes=limit, cpu_ms=2000))
     start = time.perf_counter()
     inv = runtime.invoke(fn, GET)
     assert (time.perf_counter() - start) * 1e3 < 2000
@@ -196,6 +213,67 @@ def test_memory_bomb_stopped_at_limit(runtime, wasm, memory_mb):
 def test_memory_above_pool_maximum_is_refused(runtime, wasm):
     with pytest.raises(ValueError, match="memory limit"):
         runtime.load(wasm["hello"], limits=Limits(memory_bytes=1 << 40))
+
+
+# -- the pooling allocator's slots under limits ---------------------------------------------
+
+
+def small_pool(slots: int) -> Runtime:
+    return Runtime(None, pooling=PoolSettings(max_instances=slots, max_memory_bytes=16 * MiB))
+
+
+def test_limit_violations_give_their_pool_slots_back(wasm):
+    """More memory bombs and runaway loops than the pool has slots, one after the other:
+    each is stopped by its limit and its slot comes back, so a hello still runs after them."""
+    with small_pool(2) as rt:
+        small = Limits(memory_bytes=8 * MiB)
+        bomb = rt.load(
+            wasm["membomb"], name="bomb", limits=Limits(memory_bytes=8 * MiB, cpu_ms=2000)
+        )
+        loop = rt.load(wasm["loop"], name="loop", limits=Limits(memory_bytes=8 * MiB, cpu_ms=10))
+        hello = rt.load(wasm["hello"], name="hello", limits=small)
+        for _ in range(3):  # six violations through two slots
+            assert rt.invoke(bomb, GET).outcome == Outcome.MEMORY_LIMIT
+            assert rt.invoke(loop, GET).outcome == Outcome.TIMEOUT
+        inv = rt.invoke(hello, GET)
+        assert inv.ok and inv.result.body == b"hello from wasm\n"
+        assert inv.peak_memory < MiB  # the slot a bomb filled starts small again
+
+
+def test_a_full_pool_refuses_with_an_error_and_recovers(wasm):
+    """Instances alive at once are bounded by the pool: one more fails with outcome error
+    (not a memory limit), and the pool serves again once they end."""
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def blocking_fetch(request: FetchRequest) -> FetchResponse:
+        entered.release()
+        release.wait(10)
+        return FetchResponse(200, [], b"late")
+
+    with small_pool(2) as rt:
+        waiting = fetch_fn(rt, wasm, "http://api.example.com/", memory_bytes=8 * MiB)
+        hello = rt.load(wasm["hello"], name="hello", limits=Limits(memory_bytes=8 * MiB))
+        services = HostServices(fetch=blocking_fetch)
+        results: list = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(rt.invoke(waiting, GET, services=services))
+            )
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            assert entered.acquire(timeout=10) and entered.acquire(timeout=10)
+            full = rt.invoke(hello, GET)
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(10)
+        assert full.outcome == Outcome.ERROR and full.error_status == 500
+        assert "concurrent limit" in full.error
+        assert [r.outcome for r in results] == [Outcome.ANSWER, Outcome.ANSWER]
+        assert rt.invoke(hello, GET).ok
 
 
 def test_response_size_cap(runtime, wasm):
@@ -209,6 +287,24 @@ def test_response_size_cap(runtime, wasm):
     assert inv.outcome == Outcome.RESPONSE_TOO_LARGE and inv.result is None
     assert inv.stdout_bytes == limits.max_response_bytes + 1  # never read past the cap
     assert runtime.invoke(small, GET).result.body == b"b" * 1000  # scratch file reset
+
+
+def test_stderr_is_capped_and_never_carried_over(runtime, wasm):
+    """stderr past max_stderr_bytes is cut (and says so); the next run's stderr is its own."""
+    noisy = """(module
+      (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 16) "Content-Type: text/plain\\n\\n")
+      (func (export "_start")
+        (i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (i32.const 26))
+        (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 3000))
+        (drop (call $write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))))"""
+    fn = runtime.load(noisy, limits=Limits(max_stderr_bytes=1000))
+    inv = runtime.invoke(fn, GET)
+    assert inv.ok and inv.stderr_truncated and inv.stderr == b"\0" * 1000
+    quiet = runtime.invoke(runtime.load(wasm["hello"]), GET)
+    assert quiet.stderr == b"" and not quiet.stderr_truncated
 
 
 # -- capabilities ---------------------------------------------------------------------

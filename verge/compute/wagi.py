@@ -53,6 +53,7 @@ SET_HEADER = "x-verge-set-header"
 REMOVE_HEADER = "x-verge-remove-header"
 _CONTROL_HEADERS = frozenset({PASS_HEADER, REWRITE_PATH_HEADER, SET_HEADER, REMOVE_HEADER})
 _DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "status"}
+_NOT_ANSWERED = frozenset(_DROPPED_RESPONSE_HEADERS | _CONTROL_HEADERS)  # (lower case)
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 
 MAX_HEAD_BYTES = 64 * 1024  # the CGI header block of a function's output
@@ -137,6 +138,30 @@ class Pass:
 Result = Answer | Pass
 
 
+CGI_NAMES = (  # the environment every invocation gets, in this order (values: cgi_values)
+    "GATEWAY_INTERFACE",
+    "SERVER_SOFTWARE",
+    "SERVER_PROTOCOL",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "REQUEST_METHOD",
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "X_RAW_PATH_INFO",
+    "PATH_TRANSLATED",
+    "QUERY_STRING",
+    "REQUEST_URI",
+    "REMOTE_ADDR",
+    "REMOTE_HOST",
+    "CONTENT_LENGTH",
+    "X_MATCHED_ROUTE",
+    "X_FULL_URL",
+    "VERGE_REQUEST_ID",
+    "VERGE_PHASE",
+)
+_HEADER_NAMES_CACHED = 1024  # header name -> variable name, for names seen before
+
+
 def build_environ(
     req: CgiRequest,
     *,
@@ -145,32 +170,8 @@ def build_environ(
     function_env: tuple[tuple[str, str], ...] = (),
 ) -> list[tuple[str, str]]:
     """The CGI environment (name, value) pairs for one invocation."""
-    raw_path, _, query = req.target.partition("?")
-    raw_path = raw_path or "/"
-    host = req.host or "localhost"
-    server_name = _strip_port(host)
-    env = [
-        ("GATEWAY_INTERFACE", "CGI/1.1"),
-        ("SERVER_SOFTWARE", "Verge"),
-        ("SERVER_PROTOCOL", req.protocol),
-        ("SERVER_NAME", server_name),
-        ("SERVER_PORT", str(req.server_port)),
-        ("REQUEST_METHOD", req.method),
-        ("SCRIPT_NAME", ""),
-        ("PATH_INFO", unquote(raw_path, errors="replace")),
-        ("X_RAW_PATH_INFO", raw_path),
-        ("PATH_TRANSLATED", raw_path),
-        ("QUERY_STRING", query),
-        ("REQUEST_URI", req.target),
-        ("REMOTE_ADDR", req.remote_addr),
-        ("REMOTE_HOST", req.remote_addr),
-        ("CONTENT_LENGTH", str(len(req.body))),
-        ("X_MATCHED_ROUTE", req.route),
-        ("X_FULL_URL", f"{req.scheme}://{host}{req.target}"),
-        ("VERGE_REQUEST_ID", request_id),
-        ("VERGE_PHASE", phase),
-    ]
-    env.extend(_header_environ(req.headers))
+    env = list(zip(CGI_NAMES, cgi_values(req, request_id, phase), strict=True))
+    env.extend(header_environ(req.headers).items())
     if function_env:
         declared = {name for name, _ in function_env}
         env = [(n, v) for n, v in env if n not in declared]
@@ -178,18 +179,66 @@ def build_environ(
     return env
 
 
-def _header_environ(headers: Headers) -> list[tuple[str, str]]:
+def cgi_values(req: CgiRequest, request_id: str = "", phase: str = "request") -> list[str]:
+    """The values of :data:`CGI_NAMES` for ``req`` (the runtime's fast path; see
+    :func:`build_environ` for the whole environment)."""
+    raw_path, _, query = req.target.partition("?")
+    raw_path = raw_path or "/"
+    host = req.host or "localhost"
+    remote = req.remote_addr
+    return [
+        "CGI/1.1",
+        "Verge",
+        req.protocol,
+        _strip_port(host),
+        str(req.server_port),
+        req.method,
+        "",
+        unquote(raw_path, errors="replace"),
+        raw_path,
+        raw_path,
+        query,
+        req.target,
+        remote,
+        remote,
+        str(len(req.body)),
+        req.route,
+        f"{req.scheme}://{host}{req.target}",
+        request_id,
+        phase,
+    ]
+
+
+def header_environ(headers: Headers) -> dict[str, str]:
+    """One variable per request header: ``HTTP_*`` (repeats joined with ", "), and
+    ``CONTENT_TYPE``; Content-Length and names that are not tokens are left out."""
     merged: dict[str, str] = {}
     for name, value in headers:
-        key = name.upper().replace("-", "_")
-        if key == "CONTENT_TYPE":
-            merged["CONTENT_TYPE"] = value
+        key = _VARIABLE_OF.get(name)
+        if key is None:
+            key = _variable_of(name)
+        if not key:
             continue
-        if key == "CONTENT_LENGTH" or not key.replace("_", "").isalnum():
-            continue
+        if key in merged and key != "CONTENT_TYPE":
+            merged[key] = f"{merged[key]}, {value}"
+        else:
+            merged[key] = value
+    return merged
+
+
+_VARIABLE_OF: dict[str, str] = {}
+
+
+def _variable_of(header: str) -> str:
+    """The variable a header goes into ("" for none), remembered for the next request."""
+    key = header.upper().replace("-", "_")
+    if key == "CONTENT_LENGTH" or not key.replace("_", "").isalnum():
+        key = ""
+    elif key != "CONTENT_TYPE":
         key = "HTTP_" + key
-        merged[key] = merged[key] + ", " + value if key in merged else value
-    return list(merged.items())
+    if len(_VARIABLE_OF) < _HEADER_NAMES_CACHED:
+        _VARIABLE_OF[header] = key
+    return key
 
 
 def _strip_port(host: str) -> str:
@@ -215,9 +264,11 @@ def split_head(data: bytes) -> tuple[list[tuple[str, str]], int]:
     lines = head.split("\n")
     if len(lines) > MAX_HEADER_LINES:
         raise BadOutput(f"more than {MAX_HEADER_LINES} header lines")
+    crlf = "\r" in head
     fields = []
     for line in lines:
-        line = line.rstrip("\r")
+        if crlf:
+            line = line.rstrip("\r")
         if not line:
             continue
         name, colon, value = line.partition(":")
@@ -230,9 +281,9 @@ def split_head(data: bytes) -> tuple[list[tuple[str, str]], int]:
 
 def _head_end(data: bytes) -> tuple[int, int]:
     """(index of the blank line, its length), or (-1, 0) when the head is incomplete."""
-    if data[:1] == b"\n":
+    if data.startswith(b"\n"):
         return 0, 1
-    if data[:2] == b"\r\n":
+    if data.startswith(b"\r\n"):
         return 0, 2
     lf = data.find(b"\n\n", 0, MAX_HEAD_BYTES)
     crlf = data.find(b"\n\r\n", 0, MAX_HEAD_BYTES)
@@ -256,19 +307,18 @@ def parse_status(value: str) -> int:
 def parse_output(data: bytes) -> Result:
     """A function's stdout -> :class:`Answer` or :class:`Pass` (raises :class:`BadOutput`)."""
     fields, body_at = split_head(data)
-    names = {n.lower() for n, _ in fields}
+    names = [name.lower() for name, _ in fields]
     if PASS_HEADER in names and _is_pass(fields):
         return _parse_pass(fields)
-    if not names & {"content-type", "location", "status"}:
+    if "content-type" not in names and "location" not in names and "status" not in names:
         raise BadOutput("output has none of Content-Type, Location, Status")
     status = 0
     headers: Headers = []
-    for name, value in fields:
-        low = name.lower()
+    for field_, low in zip(fields, names, strict=True):
         if low == "status":
-            status = parse_status(value)
-        elif low not in _DROPPED_RESPONSE_HEADERS and low not in _CONTROL_HEADERS:
-            headers.append((name, value))
+            status = parse_status(field_[1])
+        elif low not in _NOT_ANSWERED:
+            headers.append(field_)
     if not status:
         status = 302 if "location" in names else 200
     return Answer(status, headers, data[body_at:])
