@@ -80,6 +80,9 @@ def test_pass_rewrites_the_request_and_continues_to_the_origin(fn_edge, origin):
     seen = [req for req in origin.requests if req.path == "/rewritten?from=GET"]
     assert len(seen) == 1
     assert seen[0].headers["x-from-function"] == "yes" and "cookie" not in seen[0].headers
+    with fn_edge.admin() as admin:  # each request ran the function once: the run the fast
+        (worker,) = admin.get("/stats").json()["workers"]  # path made went on with it
+        assert worker["functions"]["echo"]["invocations"] == 2
 
 
 def test_runaway_functions_get_a_5xx_and_others_keep_their_latency(fn_edge):

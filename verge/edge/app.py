@@ -391,8 +391,10 @@ class EdgeApp:
                     return None  # handle() drops the connection
             if guard.waf is not None and self._waf_for(route, request, cache_hit=True):
                 return None  # handle() inspects
+        if route.function is not None:
+            return self._function_fast(original, request, route, admitted, started)
         key = route.key
-        if key is None or route.function is not None or "upgrade" in request.hmap:
+        if key is None or "upgrade" in request.hmap:
             return None  # (Upgrade: a WebSocket is tunnelled by handle())
         hmap = request.hmap
         entry = self.cache.lookup_memory(key.text, hmap)
@@ -426,6 +428,26 @@ class EdgeApp:
         if admitted.fields:
             response = with_fields(response, admitted.fields)
         self._log(request, response.status, _body_bytes(response), "hit", started)
+        return response
+
+    def _function_fast(self, original: Request, request: Request, route: Route, admitted,
+                       started: float) -> Response | None:
+        """A request-phase function that may run inline answers here, without a task (most
+        small functions do); its run is kept on the request when the request goes on, so
+        the async path does not run it again."""
+        if route.function.spec.phase != "request" or "upgrade" in request.hmap:
+            return None
+        invocation = self.compute.invoke_now(route.function, request, self.new_request_id())
+        if invocation is None:
+            return None
+        outcome = self._function_outcome(request, route, invocation)
+        if type(outcome) is not Answered:
+            original.computed = invocation
+            return None
+        response = outcome.response
+        if admitted.fields:
+            response = with_fields(response, admitted.fields)
+        self._log(request, response.status, outcome.sent, outcome.result, started)
         return response
 
     def _full_hit(self, entry: CacheEntry, freshness, plan, now: float) -> Response:
@@ -631,12 +653,20 @@ class EdgeApp:
     async def _compute(self, request, route: Route) -> Answered | Passed:
         """The compute phase: the function's answer (or the 5xx of its failure), or the
         request as it passes on — its new route, its body (read for the function) and the
-        request as the function rewrote it."""
+        request as the function rewrote it. A run the fast path made is not made again."""
         body = b""
         if request.body is not None:
             body = await request.body.read_all(limit=FUNCTION_BODY_LIMIT)
+        invocation = request.computed
+        if invocation is None:
+            invocation = await self.compute.invoke(route.function, request, body,
+                                                   self.new_request_id())
+        return self._function_outcome(request, route, invocation, body)
+
+    def _function_outcome(self, request, route: Route, invocation,
+                          body: bytes = b"") -> Answered | Passed:
+        """What a function's run means for the request (see :meth:`_compute`)."""
         deployed = route.function
-        invocation = await self.compute.invoke(deployed, request, body, self.new_request_id())
         result = invocation.result
         if isinstance(result, Answer):
             headers = [*result.headers, ("Cache-Status", f"{self.node}; detail=function")]

@@ -795,10 +795,7 @@ class EdgeCompute:
         `response` (status, headers, body) it runs in response-editing mode."""
         if not deployed.available:
             return self._refuse(deployed)
-        cgi = CgiRequest(method=request.method, target=request.target,
-                         headers=list(request.headers), body=body, scheme=request.scheme,
-                         host=request.hmap.get("host", ""), remote_addr=request.client,
-                         route=next(iter(deployed.spec.routes)))
+        cgi = _cgi_request(deployed, request, body)
         invocation = self._invoke_inline(deployed, cgi, request_id, response)
         if invocation is None:
             if self._pool is None:
@@ -813,6 +810,18 @@ class EdgeCompute:
             if invocation.cpu_ms < INLINE_CPU_MS / 2:  # it was a one-off (a cold first run)
                 deployed.pool_until = 0.0
         self._count(deployed, invocation)
+        return invocation
+
+    def invoke_now(self, deployed: Deployed, request, request_id: str):
+        """The inline run of a request-phase function for a request without a body, on the
+        caller's stack (the fast path: no task, no thread); None when the function must run
+        on the pool (or failed to load): the async path then runs it."""
+        if not deployed.available:
+            return None
+        invocation = self._invoke_inline(deployed, _cgi_request(deployed, request, b""),
+                                         request_id, None)
+        if invocation is not None:
+            self._count(deployed, invocation)
         return invocation
 
     def _invoke_inline(self, deployed: Deployed, cgi: CgiRequest, request_id: str, response):
@@ -901,6 +910,13 @@ class EdgeCompute:
         if self.runtime is not None:
             self.runtime.close()
         self.kv.close()
+
+
+def _cgi_request(deployed: Deployed, request, body: bytes) -> CgiRequest:
+    return CgiRequest(method=request.method, target=request.target,
+                      headers=list(request.headers), body=body, scheme=request.scheme,
+                      host=request.hmap.get("host", ""), remote_addr=request.client,
+                      route=next(iter(deployed.spec.routes)))
 
 
 def _same_claim(old_spec, new_spec) -> bool:

@@ -84,7 +84,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "_path", "_query", "headers", "version", "client", "body",
-                 "_map", "keep_alive", "_host", "service", "scheme", "admitted")
+                 "_map", "keep_alive", "_host", "service", "scheme", "admitted", "computed")
 
     def __init__(self, method: str, target: str, path: str | None = None,
                  query: str | None = None, headers: Headers | None = None, version: str = "1.1",
@@ -104,6 +104,7 @@ class Request:
         self.service = ""  # the name of the service it was routed to (for stats)
         self.scheme = "http"  # "https" when it arrived over TLS
         self.admitted = None  # the protect phase's verdict, once taken (verge.edge.protect)
+        self.computed = None  # an edge function's run, when the fast path made it
 
     def __repr__(self) -> str:
         return f"Request({self.method} {self.target} HTTP/{self.version})"
