@@ -153,6 +153,9 @@ MAX_SUBREQUESTS = 100
 MAX_STREAM_APPS = 100
 MAX_STREAM_KEYS = 10_000
 MAX_RENDITIONS = 16
+MAX_WEBRTC_CANDIDATES = 16
+"""Addresses a stream server gathers or advertises WebRTC candidates on."""
+MAX_WEBRTC_VIEWERS = 100_000
 MAX_QUOTA_RECORDS = 1_000_000_000
 MAX_BATCH_RECORDS = 100_000
 
@@ -991,6 +994,31 @@ class StreamApp(_Model):
     (protect it with a signed rule at the edge). DASH and HTTP-FLV stay in the clear."""
 
 
+def _ip_address(value: str) -> str:
+    ip = _ip_literal(value.strip())
+    if ip is None:
+        raise ValueError(f"invalid IP address {value!r}")
+    return ip
+
+
+class WebRtcSettings(_Model):
+    """WebRTC playback (WHEP at /APP/NAME/whep): candidates, viewer limits, reaping."""
+
+    candidates: list[Annotated[str, Field(max_length=64), AfterValidator(_ip_address)]] = Field(
+        default_factory=list, max_length=MAX_WEBRTC_CANDIDATES
+    )
+    """Host candidate addresses. Local ones are gathered on (instead of every interface but
+    127.0.0.1); others (a 1:1 NAT's public address) are advertised with a gathered port."""
+    max_viewers_per_stream: int = Field(50, ge=1, le=MAX_WEBRTC_VIEWERS)
+    max_viewers: int = Field(500, ge=1, le=MAX_WEBRTC_VIEWERS)
+    """WebRTC viewers of the whole server; beyond either limit a WHEP offer gets 503."""
+    session_timeout: Annotated[
+        float, Field(ge=0.5, le=MAX_TIMEOUT), BeforeValidator(_duration_input)
+    ] = 15.0
+    """A session whose viewer sent no RTCP receiver report this long (never connected, or
+    vanished) is ended."""
+
+
 class StreamSettings(_Model):
     """`verge stream`: live ingest, packaging (LL-HLS, HLS, DASH, HTTP-FLV) and VOD."""
 
@@ -1011,6 +1039,8 @@ class StreamSettings(_Model):
     """Largest file accepted by the VOD upload API (POST /vod/NAME)."""
     upload_token: Secret | None = Field(default=None, repr=False)
     """Bearer token for the VOD upload API; unset: uploads are disabled."""
+    webrtc: WebRtcSettings = Field(default_factory=WebRtcSettings)
+    """WebRTC playback (WHEP): candidate addresses, viewer limits, session reaping."""
 
 
 class Hsts(_Model):

@@ -62,6 +62,5 @@ def test_importing_the_package_loads_no_library() -> None:
 
 def test_every_compat_module_checks_out() -> None:
     versions = loudly(check_all)
-    assert {"h2", "hpack", "aioquic", "pylsqpack", "CPython", "OpenSSL", "wasmtime"} <= set(
-        versions
-    )
+    assert {"h2", "hpack", "aioquic", "pylsqpack", "CPython", "OpenSSL", "wasmtime",
+            "aioice"} <= set(versions)

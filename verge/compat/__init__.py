@@ -10,7 +10,8 @@ any release, so they are kept here and nowhere else in :mod:`verge`:
   stream limits and send buffers, the CONNECTION_REFUSED packet;
 * :mod:`verge.compat.openssl` — CPython's ``_ssl`` layout and libssl/libcrypto via ctypes;
 * :mod:`verge.compat.wasmtime` — wasmtime's ``_ffi`` (pooling, WASI config, exports) and
-  guest memory addresses.
+  guest memory addresses;
+* :mod:`verge.compat.aioice` — the host addresses ICE gathers on (WebRTC playback).
 
 Each module states what it touches, why, and what to look at when upgrading; declares
 ``SUPPORTED`` (the :class:`VersionRange` s it was written and tested against); and has a
@@ -32,7 +33,7 @@ from typing import Any
 
 __all__ = ["LIBRARIES", "CompatError", "Expect", "VersionRange", "check_all", "require_versions"]
 
-LIBRARIES = ("h2", "aioquic", "openssl", "wasmtime")  # the submodules of this package
+LIBRARIES = ("h2", "aioquic", "openssl", "wasmtime", "aioice")  # the submodules of this package
 
 
 class CompatError(RuntimeError):

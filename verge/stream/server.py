@@ -14,6 +14,7 @@ URLs (SRS / MediaMTX conventions), relative to the HTTP listener:
     /APP/NAME/...             renditions' playlists, init segments, segments and parts
     /APP/NAME                 the player page; /APP/NAME/chat its chat (verge.stream.web)
     /APP/NAME/key             the AES-128 key of an app with ``encrypt: true`` (never cached)
+    /APP/NAME/whep            WebRTC playback: WHEP (POST an SDP offer; verge.stream.webrtc)
 
 Cache semantics for the CDN: segments and parts are immutable (a year), playlists live a
 second or less, HTTP-FLV is not stored. A publisher that disconnects has ``grace`` seconds to
@@ -54,6 +55,7 @@ from verge.stream.rtmp.session import AudioTag, Publish, VideoTag
 from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg
 from verge.stream.vod import VodLibrary, recording_from_live, recording_name
 from verge.stream.web import serve_web
+from verge.stream.webrtc import WhepService, handle_whep
 
 log = logging.getLogger("verge.stream")
 
@@ -69,6 +71,7 @@ M3U8 = "application/vnd.apple.mpegurl"
 MPD = "application/dash+xml"
 STARTUP_WAIT = 8.0  # seconds a first request may wait for a new stream's first segment
 STREAM_DOC_RE = re.compile(r"/(?P<stream>[^/]+/[^/.]+)\.(?P<kind>m3u8|mpd)")
+WHEP_RE = re.compile(r"/(?P<stream>[^/]+/[^/]+)/whep(?:/(?P<session>[A-Za-z0-9_-]{1,64}))?")
 RENDITION_RE = re.compile(r"/(?P<stream>[^/]+/[^/.]+)/(?P<rendition>[a-z0-9-]+)/(?P<file>[\w.-]+)")
 
 
@@ -170,6 +173,7 @@ class StreamServer:
         self.http_port = 0
         self.chat = ChatHub()
         self.vod = VodLibrary(settings)
+        self.whep = WhepService(settings.webrtc)
 
     # ----- publishing -------------------------------------------------------------------------
     def authorize(self, app: str, name: str, key: str | None) -> bool:
@@ -193,6 +197,7 @@ class StreamServer:
             log.info("stream %s: live", stream)
         channel.live = True
         channel.publishes += 1
+        self.whep.on_publish(stream)
 
     def _resume(self, channel: Channel) -> None:
         """A new publish of a stream in its grace period: its timestamps start over, so a new
@@ -246,6 +251,7 @@ class StreamServer:
             channel.clock.frame(tag.timestamp, len(tag.data), video and tag.is_keyframe and
                                 not tag.is_sequence_header, video)
             channel.fanout.on_tag(tag)
+            self.whep.on_media(stream, tag)
             if channel.job is not None:
                 channel.job.write_media(tag)
 
@@ -262,8 +268,10 @@ class StreamServer:
         channel.ending = None
         channel.live = False
         channel.fanout.end()
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.whep.on_end(channel.path))
         if channel.job is not None:
-            asyncio.get_running_loop().create_task(self._finish(channel))
+            loop.create_task(self._finish(channel))
         log.info("stream %s: ended", channel.path)
 
     async def _finish(self, channel: Channel) -> None:
@@ -290,6 +298,7 @@ class StreamServer:
 
     async def close(self) -> None:
         await self.chat.close()
+        await self.whep.close()
         await self.vod.close()
         if self.rtmp is not None:
             await self.rtmp.close()
@@ -319,10 +328,15 @@ class StreamHttp(HttpApp):
             await self.server.vod.handle(request, writer)
             return
         if path == "/metrics" and request.method == "GET":
-            body = self.server.metrics.render(self.server)
+            body = self.server.metrics.render(self.server) + self.server.whep.render_metrics()
             await _send(writer, 200, body, "text/plain; version=0.0.4", NO_STORE)
             return
         self.server.metrics.request(_kind(path))
+        if whep := WHEP_RE.fullmatch(path):
+            channel = self.server.channels.get(whep["stream"])
+            await handle_whep(self.server.whep, request, writer, whep["stream"], whep["session"],
+                              live=channel is not None and channel.live)
+            return
         if request.method not in ("GET", "HEAD"):
             await writer.send(text_response(405, "method not allowed\n"))
             return

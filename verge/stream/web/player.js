@@ -1,5 +1,6 @@
-// The player page of one stream: LL-HLS with hls.js, a latency readout, and the stream's chat.
-// Every URL is relative to the page (/APP/NAME), so it works directly and through an edge.
+// The player page of one stream: LL-HLS with hls.js or real-time WebRTC (WHEP), a latency
+// readout for both, and the stream's chat. Every URL is relative to the page (/APP/NAME), so
+// it works directly and through an edge. ?mode=webrtc starts in WebRTC.
 (function () {
   "use strict";
 
@@ -7,7 +8,7 @@
   const name = decodeURIComponent(location.pathname.replace(/\/+$/, "").split("/").pop());
   const base = encodeURIComponent(name);
   const video = $("video");
-  const verge = (window.verge = { name: name, hls: null, chat: null });
+  const verge = (window.verge = { name: name, hls: null, chat: null, rtc: null, mode: "hls" });
 
   document.title = name + " · Verge live";
   $("title").textContent = name;
@@ -45,13 +46,14 @@
       setState("offline");
       notice("Waiting for the stream… (" + data.details + ")");
       hls.destroy();
-      setTimeout(startHls, 2000);
+      verge.hls = null;
+      setTimeout(() => verge.mode === "hls" && !verge.hls && startHls(), 2000);
     });
     hls.loadSource(base + ".m3u8");
     hls.attachMedia(video);
   }
 
-  function startVideo() {
+  function startLlHls() {
     if (window.Hls && window.Hls.isSupported()) {
       startHls();
     } else if (video.canPlayType("application/vnd.apple.mpegurl")) {
@@ -63,8 +65,88 @@
     }
   }
 
+  function stopHls() {
+    if (verge.hls) verge.hls.destroy();
+    verge.hls = null;
+    video.removeAttribute("src");
+  }
+
+  // ----- real-time: WebRTC over WHEP (POST the offer, DELETE the session when done) ----------
+  function iceGathered(pc, timeoutMs) {
+    // the server takes no trickled candidates: the offer must carry ours
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => pc.iceGatheringState === "complete" && resolve();
+      pc.addEventListener("icegatheringstatechange", done);
+      setTimeout(resolve, timeoutMs);
+    });
+  }
+
+  async function startWebRtc() {
+    const pc = new RTCPeerConnection();
+    const session = { pc: pc, location: null, retry: null };
+    verge.rtc = session;
+    pc.addTransceiver("video", { direction: "recvonly" });
+    pc.addTransceiver("audio", { direction: "recvonly" });
+    const stream = new MediaStream();
+    pc.ontrack = (event) => {
+      stream.addTrack(event.track);
+      video.srcObject = stream;
+      play();
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === "failed" && verge.rtc === session) restartWebRtc("connection failed");
+    };
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await iceGathered(pc, 2000);
+      const response = await fetch(base + "/whep", {
+        method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp,
+      });
+      const text = await response.text();
+      if (response.status !== 201) throw new Error(text.trim() || "HTTP " + response.status);
+      session.location = new URL(response.headers.get("Location"), location.href).href;
+      await pc.setRemoteDescription({ type: "answer", sdp: text });
+      notice("");
+    } catch (error) {
+      if (verge.rtc === session) restartWebRtc(error.message);
+    }
+  }
+
+  function restartWebRtc(reason) {
+    setState("offline");
+    notice("Waiting for the stream… (" + reason + ")");
+    stopWebRtc();
+    verge.rtc = { retry: setTimeout(startWebRtc, 3000) };
+  }
+
+  function stopWebRtc() {
+    const session = verge.rtc;
+    verge.rtc = null;
+    if (!session) return;
+    clearTimeout(session.retry);
+    if (session.location) fetch(session.location, { method: "DELETE", keepalive: true }).catch(() => {});
+    if (session.pc) session.pc.close();
+    video.srcObject = null;
+  }
+
+  function startVideo(mode) {
+    stopWebRtc();
+    stopHls();
+    verge.mode = mode;
+    $("mode").value = mode;
+    ["latency", "clock", "buffer", "level"].forEach((id) => ($(id).textContent = "–"));
+    setState("connecting");
+    if (mode === "webrtc") startWebRtc();
+    else startLlHls();
+  }
+
   function seconds(value) {
     return Number.isFinite(value) ? value.toFixed(1) + " s" : "–";
+  }
+
+  function millis(value) {
+    return Number.isFinite(value) ? Math.round(value * 1000) + " ms" : "–";
   }
 
   function bufferAhead() {
@@ -80,6 +162,10 @@
   // latency as hls.js sees it (live edge minus playhead), and against the wall clock via the
   // playlist's EXT-X-PROGRAM-DATE-TIME (glass-to-glass minus the encoder's own delay)
   function updateStats() {
+    if (verge.mode === "webrtc") {
+      updateRtcStats();
+      return;
+    }
     const hls = verge.hls;
     if (!hls) return;
     const target = hls.targetLatency;
@@ -91,6 +177,35 @@
     const level = hls.levels && hls.levels[hls.currentLevel];
     $("level").textContent = level ? (level.height ? level.height + "p" : "audio") +
       (level.bitrate ? " · " + Math.round(level.bitrate / 1000) + " kb/s" : "") : "–";
+    if (!video.paused && video.readyState >= 3) setState("live", true);
+  }
+
+  // WebRTC: the receiver's playout delay (jitter buffer) plus half the round trip; and the
+  // played frame's send time (the server's RTCP sender reports map RTP time to its clock)
+  // against this clock, which is the server's own on one machine or with NTP.
+  const NTP_EPOCH_MS = 2208988800000;
+  async function updateRtcStats() {
+    const pc = verge.rtc && verge.rtc.pc;
+    if (!pc) return;
+    let inbound = null;
+    let rtt = NaN;
+    (await pc.getStats()).forEach((stat) => {
+      if (stat.type === "inbound-rtp" && stat.kind === "video") inbound = stat;
+      if (stat.type === "candidate-pair" && stat.nominated && stat.currentRoundTripTime !== undefined) {
+        rtt = stat.currentRoundTripTime;
+      }
+    });
+    if (!inbound) return;
+    const playout = inbound.jitterBufferEmittedCount
+      ? inbound.jitterBufferDelay / inbound.jitterBufferEmittedCount : NaN;
+    const latency = playout + (Number.isFinite(rtt) ? rtt / 2 : 0);
+    $("latency").textContent = millis(latency) + " (jitter buffer" +
+      (Number.isFinite(rtt) ? " + RTT/2" : "") + ")";
+    const sent = inbound.estimatedPlayoutTimestamp;
+    $("clock").textContent = sent ? millis((Date.now() - (sent - NTP_EPOCH_MS)) / 1000) : "–";
+    $("buffer").textContent = "–";
+    $("level").textContent = video.videoWidth
+      ? video.videoHeight + "p · H.264 pass-through" : "–";
     if (!video.paused && video.readyState >= 3) setState("live", true);
   }
 
@@ -192,7 +307,16 @@
     textInput.focus();
   });
 
-  startVideo();
+  $("mode").addEventListener("change", () => {
+    const url = new URL(location.href);
+    if ($("mode").value === "webrtc") url.searchParams.set("mode", "webrtc");
+    else url.searchParams.delete("mode");
+    history.replaceState(null, "", url);
+    startVideo($("mode").value);
+  });
+  window.addEventListener("pagehide", stopWebRtc);
+
+  startVideo(new URLSearchParams(location.search).get("mode") === "webrtc" ? "webrtc" : "hls");
   setInterval(updateStats, 500);
   connectChat();
 })();
