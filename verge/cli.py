@@ -96,8 +96,11 @@ def edge(
     config: Annotated[Path | None, typer.Option(help="YAML config file (services, rules, limits).")] = None,
     access_log: Annotated[str | None, typer.Option(
         help="Access log: a file path, '-' for stdout. Default: the config's access_log, else off.")] = None,
-    control: Annotated[str | None, typer.Option(
-        envvar="VERGE_CONTROL", help="Control plane URL: take services, purges from it.")] = None,
+    control: Annotated[list[str] | None, typer.Option(
+        envvar="VERGE_CONTROL",
+        help="Control plane URL: take services, purges from it. Repeat the flag, or separate "
+             "URLs with commas (VERGE_CONTROL too), to list the replicas of one control "
+             "plane: the edge uses one and fails over to the next.")] = None,
     join_token: Annotated[str | None, typer.Option(
         envvar="VERGE_JOIN_TOKEN", callback=secret_value, help="Join token (first start with --control). @FILE reads it from a file.")] = None,
     name: Annotated[str | None, typer.Option(help="Node name in the fleet (default: host name).")] = None,
@@ -125,6 +128,7 @@ def edge(
     if workers < 0:
         _fail("--workers must be >= 0")
     token = admin_token or secrets.token_urlsafe(24)
+    control = _control_urls(control)
     options = NodeOptions(
         listen_host=listen_host, listen_port=listen_port, admin_host=admin_host,
         admin_port=admin_port, admin_token=token, cache_dir=str(cache_dir.resolve()),
@@ -163,6 +167,19 @@ def edge(
     if admin_token is None:
         typer.echo(f"admin token: {token}", err=True)
     run_node(options, cfg)
+
+
+def _control_urls(values: list[str] | None) -> list[str]:
+    """--control (repeated, or comma-separated; VERGE_CONTROL too): the replicas' URLs."""
+    if not values:
+        return []
+    from verge.control.client import control_urls
+
+    try:
+        return control_urls(values)
+    except ValueError as exc:
+        _fail(f"--control: {exc}")
+        return []  # not reached: _fail exits
 
 
 def _edge_geoip(flag: Path | None, cfg, control: bool) -> str | None:
@@ -329,7 +346,7 @@ def router(
     dns: Annotated[str, typer.Option(help="HOST:PORT of the authoritative DNS server (UDP and TCP).")] = "127.0.0.1:5353",
     http: Annotated[str | None, typer.Option(help="HOST:PORT of the HTTP 302 router (off when not given).")] = None,
     control: Annotated[str | None, typer.Option(
-        envvar="VERGE_CONTROL", help="Control plane URL: edges, health and hostnames from it.")] = None,
+        envvar="VERGE_CONTROL", help="Control plane URL (several: comma-separated replicas): edges, health and hostnames from it.")] = None,
     token: Annotated[str | None, typer.Option(envvar="VERGE_TOKEN", callback=secret_value, help="Control-plane token (read-only is enough). @FILE reads it from a file.")] = None,
 ) -> None:
     """Route users to the nearest healthy edge: GeoDNS (ECS-aware) and HTTP redirects."""
@@ -345,6 +362,8 @@ def router(
         _fail(str(exc))
     if control and not token:
         _fail("--control needs --token (or VERGE_TOKEN)")
+    if control:
+        control = ",".join(_control_urls([control]))  # checked here: a clear error, exit 2
     if not control and not cfg.edges:
         _fail(f"{config}: no edges listed and no --control to take them from")
     dns_host, dns_port = _split_hostport(dns, "--dns")

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
 
 DEFAULT_CONTROL = "http://127.0.0.1:7000"
 POLL_INTERVAL = 0.2
-"""Seconds between purge-status polls in `verge purge --control`."""
+"""Seconds between purge-status polls in `verge purge --control` once the server stopped
+waiting (the purge timed out there)."""
+STATUS_WAIT = 1.0
+"""Longest purge-status long poll in `verge purge --control` (the progress bar's pace)."""
 
 EXIT_FAILED = 1
 """The control plane refused or could not be reached."""
@@ -85,7 +88,10 @@ def _session(control: str, token: str | None) -> Iterator[ControlClient]:
 
     if not token:
         _fail("a control-plane token is required (--token or VERGE_TOKEN)", EXIT_USAGE)
-    client = ControlClient(control, token)
+    try:
+        client = ControlClient(control, token)
+    except ValueError as exc:  # --control / VERGE_CONTROL: one URL or several, comma-separated
+        _fail(f"--control: {exc}", EXIT_USAGE)
     try:
         yield client
     except ControlError as exc:
@@ -433,7 +439,11 @@ def token_revoke(
     token: Token = None,
     as_json: AsJson = False,
 ) -> None:
-    """Revoke a token: every call made with it is refused (401) from now on."""
+    """Revoke a token: every call made with it is refused (401) from now on.
+
+    Other replicas on the same PostgreSQL refuse it once its notification reaches them:
+    milliseconds, and at most 1 s (how long a replica may remember a login).
+    """
     with _session(control, token) as client:
         client.revoke_token(token_id)
     _report(as_json, {"revoked": token_id}, f"token {token_id} revoked")
@@ -1288,7 +1298,10 @@ def kv_rm(
 def _wait_for_acks(
     client: ControlClient, seq: int, expected: int, timeout: float, show: bool
 ) -> dict[str, Any]:
-    """Poll GET /purge/{seq} until nothing is pending or `timeout` passes; the last status."""
+    """Follow GET /purge/{seq} until nothing is pending or `timeout` passes; the last status.
+
+    Each call long-polls (the control plane answers the moment the last edge acknowledges),
+    at most STATUS_WAIT seconds so that the progress bar moves."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     deadline = time.monotonic() + timeout
@@ -1302,12 +1315,14 @@ def _wait_for_acks(
     with Progress(*columns, console=_console(stderr=True), disable=not show) as progress:
         task = progress.add_task("purge", total=expected)
         while True:
-            status = client.purge_status(seq)
+            remaining = max(0.0, deadline - time.monotonic())
+            status = client.purge_status(seq, wait=min(STATUS_WAIT, remaining))
             acked, pending = status.get("acked", []), status.get("pending", [])
             progress.update(task, completed=len(acked), total=len(acked) + len(pending))
             if not pending or time.monotonic() >= deadline:
                 return status
-            time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+            if status.get("done"):  # timed out on the server: it answers at once from now on
+                time.sleep(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
 
 
 def purge_via_control(
@@ -1322,7 +1337,12 @@ def purge_via_control(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """`verge purge --control`: queue the purge, then follow the edges' acknowledgements."""
+    """`verge purge --control`: queue the purge, then follow the edges' acknowledgements.
+
+    Complete (exit 0) only when every registered, non-revoked edge has acknowledged, up or
+    not; otherwise "incomplete" naming each edge that has not (exit 1): those apply the
+    purge when they reach the control plane again (on a restart, before serving from cache).
+    """
     with _session(control, token) as client:
         job = client.purge(urls=urls, prefixes=prefixes, tags=tags, soft=soft, service=service)
         seq, expected = int(job["seq"]), len(job.get("nodes", []))
@@ -1334,16 +1354,17 @@ def purge_via_control(
     elif not pending:
         kind = "soft purge (mark stale)" if soft else "purge"
         if acked:
-            _done(f"{kind} #{seq} acknowledged by all {len(acked)} edges")
+            _done(f"{kind} #{seq} acknowledged by all {len(acked)} edges: complete")
         else:
-            _done(f"{kind} #{seq} queued; no edge is up now (edges apply it when they reconnect)")
+            _done(f"{kind} #{seq} queued; no edge is up now (none is registered)")
     if pending:
         down = set(status.get("down") or [])
         names = [f"{name} (down)" if name in down else name for name in sorted(pending)]
         _fail(
-            f"purge #{seq}: {len(pending)} of {len(acked) + len(pending)} edges did not "
-            f"acknowledge within {timeout:g}s: {', '.join(names)}; they apply it when they "
-            "reconnect"
+            f"purge #{seq} incomplete: {len(pending)} of {len(acked) + len(pending)} edges "
+            f"did not acknowledge within {timeout:g}s: {', '.join(names)}; they may still "
+            "serve the purged objects and apply the purge when they reach the control plane "
+            "again"
         )
 
 

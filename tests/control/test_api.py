@@ -592,7 +592,8 @@ def _start_server(db_url: str, *extra: str) -> tuple[subprocess.Popen, str, list
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k != "VERGE_ADMIN_TOKEN"},
+        env={**{k: v for k, v in os.environ.items() if k != "VERGE_ADMIN_TOKEN"},
+             "VERGE_SECRET": "test-secret"},  # required with PostgreSQL
     )
     errors: list[str] = []
     threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()

@@ -109,6 +109,7 @@ def control(request: pytest.FixtureRequest,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env={**os.environ, "VERGE_SECRET": "test-secret"},  # required with PostgreSQL
     )
     lines: list[str] = []
     found: list[str] = []

@@ -9,8 +9,10 @@ the store, which answers 404 for another tenant's service exactly as for a missi
 Blocking database work never runs on the event loop: plain ``def`` endpoints run in the thread
 pool, and the two long-poll endpoints (``async``) call the store through it. A long poll holds
 no thread while it waits: it sleeps on a :class:`VersionWatch`, woken at once by a change
-committed in this process, and by a change another replica committed (same database) within
-``poll_interval``, because while anyone waits one poller per watch re-reads the counter.
+committed in this process and, on PostgreSQL, by another replica's (its NOTIFY, heard by the
+store's listener). While no notification can be heard (SQLite, or the LISTEN connection is
+down) a change another replica committed wakes waiters within ``poll_interval``, because
+while anyone waits one poller per watch re-reads the counter.
 
 Errors are JSON ``{"error": "...", "field": "..."}``; pydantic errors name the field the way
 the config file errors do (``origins[0].url``).
@@ -95,14 +97,21 @@ class ApiError(Exception):
 class VersionWatch:
     """Wakes long-poll waiters when a counter (config version, purge seq) may have moved.
 
-    ``notify()`` (any thread) wakes every waiter at once: this process committed a change.
-    While anyone waits, one poller task reads the counter every ``interval`` seconds and
-    wakes the waiters when it differs from the last reading: another replica committed.
+    ``notify()`` (any thread) wakes every waiter at once: this process, or another replica
+    (heard through PostgreSQL NOTIFY), committed a change. While anyone waits, one poller task
+    reads the counter every ``interval`` seconds and wakes the waiters when it differs from
+    the last reading: a change nobody announced. While ``live()`` (notifications are heard)
+    it reads only every ``LIVE_POLL_INTERVAL`` seconds, as a safety net.
     Waiters re-check with their own query, so a spurious wake-up costs one read.
     """
 
-    def __init__(self, read: Callable[[], int], interval: float) -> None:
+    LIVE_POLL_INTERVAL = 10.0
+
+    def __init__(
+        self, read: Callable[[], int], interval: float, live: Callable[[], bool] | None = None
+    ) -> None:
         self._read, self._interval = read, interval
+        self._live = live or (lambda: False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event = asyncio.Event()
         self._waiters = 0
@@ -167,7 +176,16 @@ class VersionWatch:
             if value != last:  # the first reading wakes too: a change may predate the poller
                 self._wake()
                 last = value
-            await asyncio.sleep(self._interval)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Sleep until the next reading: short while notifications are not heard."""
+        slept, step = 0.0, max(self._interval, 0.01)
+        while slept < self.LIVE_POLL_INTERVAL and not self._closed and self._waiters > 0:
+            await asyncio.sleep(step)
+            slept += step
+            if not self._live():
+                return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1027,15 +1045,32 @@ async def node_config(
     principal: NodeCaller,
     after: Annotated[int, _seq_query("The bundle version the node has")] = 0,
     wait: Annotated[float, _wait_query("Seconds to wait for a newer one")] = 0,
+    digest: Annotated[
+        str | None,
+        Query(
+            max_length=80,
+            description="The digest of the bundle the node has: a bundle with other content "
+            "is answered at once, whatever its version",
+        ),
+    ] = None,
 ) -> dict | Response:
-    """The whole config bundle once its version is greater than ``after``."""
+    """The whole config bundle once its version is greater than ``after`` (or, when the node
+    says which ``digest`` it has, once the content differs from it).
+
+    ``ETag`` is the bundle's digest. 503 when this replica cannot build the bundle whole (a
+    certificate key it cannot open): never a bundle with a part left out.
+    """
 
     async def newer() -> dict | None:
         bundle = await run_in_threadpool(store.bundle)
+        if digest:
+            return bundle if bundle["digest"] != digest else None
         return bundle if bundle["version"] > after else None
 
     bundle = await request.app.state.watches["config"].wait(newer, _wait(request, wait))
-    return Response(status_code=204) if bundle is None else bundle
+    if bundle is None:
+        return Response(status_code=204)
+    return JSONResponse(bundle, headers={"ETag": f'"{bundle["digest"]}"'})
 
 
 @edge.get("/nodes/self/purges")
@@ -1361,11 +1396,14 @@ def create_app(store: Store, settings: Settings | None = None) -> FastAPI:
     """The control-plane API over ``store`` (already migrated)."""
     settings = settings or Settings()
     function_store = FunctionStore(store)
+    def hears_others() -> bool:
+        return store.hears_others
+
     watches = {
-        "config": VersionWatch(store.config_version, settings.poll_interval),
-        "purges": VersionWatch(store.purge_seq, settings.poll_interval),
-        "acks": VersionWatch(store.ack_count, settings.poll_interval),
-        "kv": VersionWatch(function_store.kv_seq, settings.poll_interval),
+        "config": VersionWatch(store.config_version, settings.poll_interval, hears_others),
+        "purges": VersionWatch(store.purge_seq, settings.poll_interval, hears_others),
+        "acks": VersionWatch(store.ack_count, settings.poll_interval, hears_others),
+        "kv": VersionWatch(function_store.kv_seq, settings.poll_interval, hears_others),
     }
     store.subscribe(lambda topic: watches[topic].notify())
 

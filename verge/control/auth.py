@@ -12,6 +12,12 @@ Roles, widest first: ``admin`` (everything, every tenant), ``tenant_admin`` (its
 services, purges and tokens), ``read_only`` (GET in its tenant, or everywhere when it has no
 tenant), ``join`` (only ``POST /nodes/join``) and ``node`` (only ``/nodes/self/*``).
 This module is pure: the store looks tokens up, the API asks :class:`Principal` for rights.
+
+Logins are remembered for a second (:class:`LoginCache`): every edge request carries a
+credential, and a database read per request was a good part of a global purge's cost. A
+revocation anywhere must end that at once: the store clears the cache on every revocation or
+re-join, its own and, on PostgreSQL, every other replica's (heard through LISTEN/NOTIFY,
+verge.control.notify). A lookup that started before a clear never refills the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -125,3 +133,43 @@ class Principal:
 
     def can_see_tenant(self, tenant_id: int | None) -> bool:
         return self.is_operator and (self.tenant_id is None or self.tenant_id == tenant_id)
+
+
+LOGIN_CACHE_SECONDS = 1.0
+"""How long a successful login is remembered, unless a revocation clears it first."""
+
+
+class LoginCache:
+    """Token text -> Principal for ``ttl`` seconds, cleared by any revocation (thread-safe).
+
+    ``generation()`` is taken before the database lookup and handed to ``put``: when a
+    revocation cleared the cache in between, the (possibly stale) answer is not kept.
+    """
+
+    def __init__(self, ttl: float = LOGIN_CACHE_SECONDS, max_entries: int = 10_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> Principal | None:
+        entry = self._entries.get(text)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
+
+    def generation(self) -> int:
+        return self._generation
+
+    def put(self, text: str, principal: Principal, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[text] = (principal, time.monotonic() + self.ttl)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()

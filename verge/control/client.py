@@ -11,10 +11,10 @@ in threads (`asyncio.to_thread`) so one slow call never stalls the event loop.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -23,6 +23,39 @@ NO_RESPONSE = 0
 """`ControlError.status` when no HTTP answer arrived (refused, timed out, bad URL)."""
 
 Json = dict[str, Any]
+
+
+def control_urls(values: str | Iterable[str]) -> list[str]:
+    """The control-plane base URLs in ``values``: each a URL or a comma-separated list (a
+    repeated ``--control`` flag, ``VERGE_CONTROL=http://a:7000,http://b:7000``).
+
+    Replicas of one control plane (one store) are interchangeable: callers try them in order
+    and stay with the first that answers. Duplicates are dropped; a trailing ``/`` too.
+    Raises ValueError naming the first value that is not an ``http(s)://HOST[:PORT][/PATH]``.
+    """
+    urls: list[str] = []
+    for value in [values] if isinstance(values, str) else values:
+        for part in (piece.strip() for piece in value.split(",")):
+            if part and (url := _control_url(part)) not in urls:
+                urls.append(url)
+    if not urls:
+        raise ValueError("no control plane URL given")
+    return urls
+
+
+def _control_url(text: str) -> str:
+    problem = f"{text!r} is not a control plane URL (http[s]://HOST[:PORT])"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises on a bad port)
+        httpx.URL(text)
+    except (ValueError, httpx.InvalidURL):
+        raise ValueError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(problem)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{text!r}: a control plane URL takes no query, fragment or user")
+    return text.rstrip("/")
 
 
 class ControlError(Exception):
@@ -94,16 +127,20 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
 class ControlClient:
     """`ControlClient(url, token)`: one method per control-plane API call.
 
-    `url` is the control plane's base URL (http://127.0.0.1:7000); `token` the bearer token
+    `url` is the control plane's base URL (http://127.0.0.1:7000), or several replicas' (a
+    list, or comma-separated): a call goes to the one that answered last and moves on to the
+    next when it cannot be reached, or, for reads, when it answers 5xx or not at all (a
+    write that may have reached a replica is not sent twice). `token` is the bearer token
     (an operator token, a join token, or a node credential). `timeout` applies to each call;
     long polls wait that much longer than the `wait` they ask the server for.
     """
 
-    def __init__(self, url: str, token: str | None, timeout: float = 10) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, url: str | Iterable[str], token: str | None, timeout: float = 10) -> None:
+        self.urls = control_urls(url)
+        self.url = self.urls[0]
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx.Client(headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -130,25 +167,41 @@ class ControlClient:
     ) -> httpx.Response:
         """One request; any status >= 300 or transport failure becomes a ControlError.
 
-        ``body`` is sent as JSON, ``content`` as raw bytes (KV values)."""
+        ``body`` is sent as JSON, ``content`` as raw bytes (KV values). Tried on each
+        replica in turn, starting with the one that answered last (see the class)."""
         url = (API_PREFIX + path) if api else path
-        try:
-            response = self._http.request(
-                method,
-                url,
-                json=body,
-                content=content,
-                params=_drop_none(params or {}),
-                headers=headers,
-                timeout=timeout if timeout is not None else self.timeout,
-            )
-        except httpx.TimeoutException:
-            raise ControlError(NO_RESPONSE, f"{self.url}: no answer within the timeout") from None
-        except httpx.HTTPError as exc:
-            raise ControlError(NO_RESPONSE, f"cannot reach {self.url}: {exc}") from None
-        if response.status_code >= 300:
-            raise _error_from_response(response)
-        return response
+        retry_any = method in ("GET", "HEAD")
+        replicas = [self.url, *(u for u in self.urls if u != self.url)]
+        failure: ControlError | None = None
+        for base in replicas:
+            try:
+                response = self._http.request(
+                    method,
+                    base + url,
+                    json=body,
+                    content=content,
+                    params=_drop_none(params or {}),
+                    headers=headers,
+                    timeout=timeout if timeout is not None else self.timeout,
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure = ControlError(NO_RESPONSE, f"cannot reach {base}: {exc}")
+                continue  # nothing was sent: any call may go elsewhere
+            except httpx.TimeoutException:
+                failure = ControlError(NO_RESPONSE, f"{base}: no answer within the timeout")
+            except httpx.HTTPError as exc:
+                failure = ControlError(NO_RESPONSE, f"cannot reach {base}: {exc}")
+            else:
+                if response.status_code < 500 or not retry_any:
+                    self.url = base
+                    if response.status_code >= 300:
+                        raise _error_from_response(response)
+                    return response
+                failure = _error_from_response(response)
+            if not retry_any:
+                break
+        assert failure is not None
+        raise failure
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._send(method, path, **kwargs)
@@ -301,9 +354,14 @@ class ControlClient:
             body["service"] = service
         return self._json("POST", "/purge", body=body)
 
-    def purge_status(self, seq: int) -> Json:
-        """GET /purge/{seq} -> {"seq", "acked": [names], "pending": [names], "created_at"}."""
-        return self._json("GET", f"/purge/{int(seq)}")
+    def purge_status(self, seq: int, wait: float = 0) -> Json:
+        """GET /purge/{seq} -> {"seq", "acked": [names], "pending": [names], "down", "done",
+        "timed_out", "created_at"}; with `wait`, the server answers as soon as the purge is
+        done (nobody pending, or timed out) or after `wait` seconds."""
+        params = {"wait": wait} if wait > 0 else None
+        return self._json(
+            "GET", f"/purge/{int(seq)}", params=params, timeout=wait + self.timeout
+        )
 
     # -- edge functions ----------------------------------------------------------------------
 

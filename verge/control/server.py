@@ -7,6 +7,14 @@ The listening socket is bound before uvicorn starts so that port 0 works: the re
 once the app has started and the socket accepts connections. A generated admin token is
 printed once, on stderr (``admin token: vrg_...``); it is never shown again.
 
+Several replicas may share one PostgreSQL database (behind a load balancer, or all listed on
+every edge). Start-up is safe when they start together: migrations and the bootstrap admin
+token each take an advisory lock, so one replica creates the admin token and the others say
+one exists. A replica refuses to start (exit 2) without ``VERGE_SECRET`` on PostgreSQL, or
+when the secret does not open the stored certificate keys: it could not build the config
+bundle the others serve. Each replica LISTENs for the others' changes (verge.control.notify)
+so that their commits wake its long-polling edges and their revocations reach its logins.
+
 uvicorn runs on uvloop with its own access log off: the app writes one JSON line per request
 to stderr instead. On SIGTERM/SIGINT waiting long polls are answered at once, so shutdown does
 not wait for nodes' 25-second polls.
@@ -25,11 +33,14 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from verge.control.api import Settings, create_app, release_waiters
-from verge.control.store import Store, StoreError
+from verge.control.certificates import SecretUnavailable, sealer_for
+from verge.control.store import Store, StoreError, normalize_url
 from verge.control.web import mount_dashboard
 
 DEFAULT_LISTEN = "127.0.0.1:7000"
 DEFAULT_DB = "sqlite:///verge.db"
+LISTEN_WAIT = 5.0
+"""Seconds start-up waits for the change listener before serving anyway (polling)."""
 
 
 class _Server(uvicorn.Server):
@@ -68,14 +79,59 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def check_secret(db_url: str) -> None:
+    """PostgreSQL replicas must share VERGE_SECRET (certificate keys): StoreError without."""
+    url = normalize_url(db_url)
+    if url.startswith("sqlite"):
+        return
+    try:
+        sealer_for(url)
+    except SecretUnavailable as exc:
+        raise StoreError(f"refusing to start: {exc}") from None
+
+
 def prepare_store(db_url: str, admin_token: str | None) -> Store:
-    """Open and migrate the store; make the admin token (printed once when generated)."""
+    """Open and migrate the store; make the admin token (printed once when generated).
+
+    StoreError when this replica could not serve: PostgreSQL without VERGE_SECRET, or a
+    stored certificate key the secret does not open.
+    """
     store = Store(db_url)
-    store.migrate()
-    generated = store.ensure_admin_token(admin_token)
-    if generated:
-        print(f"admin token: {generated}", file=sys.stderr, flush=True)
+    try:
+        store.migrate()
+        check_secret(db_url)
+        generated = store.ensure_admin_token(admin_token)
+        if generated:
+            print(f"admin token: {generated}", file=sys.stderr, flush=True)
+        elif not admin_token:
+            print(
+                "an admin token exists already; none generated",
+                file=sys.stderr,
+                flush=True,
+            )
+        _check_bundle(store)
+    except BaseException:
+        store.close()
+        raise
     return store
+
+
+def _check_bundle(store: Store) -> None:
+    """Fail start-up (StoreError) when this replica cannot build the config bundle whole."""
+    try:
+        store.bundle()
+    except StoreError as exc:
+        raise StoreError(f"refusing to start: {exc.message}") from None
+
+
+def _listen(store: Store) -> None:
+    """Hear other replicas' changes (PostgreSQL); warn when the listener is not up yet."""
+    if store.listen() and not store.wait_listening(LISTEN_WAIT):
+        print(
+            "warning: cannot LISTEN for other replicas' changes yet; polling meanwhile",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run_control(host: str, port: int, db_url: str, admin_token: str | None = None) -> None:
@@ -88,6 +144,7 @@ def run_control(host: str, port: int, db_url: str, admin_token: str | None = Non
         store = prepare_store(db_url, admin_token)
     except (StoreError, SQLAlchemyError, ValueError, OSError) as exc:
         _fail(describe_error(exc))
+    _listen(store)
     try:
         sock = _bind(host, port)
     except OSError as exc:

@@ -14,15 +14,18 @@ an endpoint at all) are the API's job. Results are plain JSON-ready dicts in the
 
 After a commit that changes the config bundle or queues a purge the store calls its
 subscribers (``subscribe``) with "config" or "purges", from whatever thread committed; the API
-uses that to wake long-polling nodes at once.
+uses that to wake long-polling nodes at once. On PostgreSQL the same transaction also
+NOTIFYs the other replicas (verge.control.notify): once ``listen()`` runs, their commits reach
+this store's subscribers too, and their revocations clear its login cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -67,6 +70,7 @@ from verge.control.hostnames import (
 )
 from verge.control.models import (
     CONFIG_VERSION,
+    KV_SEQ,
     PURGE_SEQ,
     STAT_COUNTERS,
     AuditEntry,
@@ -85,10 +89,17 @@ from verge.control.models import (
     Token,
     utcnow,
 )
+from verge.control.notify import (
+    EVERYTHING,
+    ChangeListener,
+    announce,
+    libpq_dsn,
+    new_replica_id,
+)
 
 log = logging.getLogger("verge.control.store")
 
-AUTH_CACHE_SECONDS = 1.0
+AUTH_CACHE_SECONDS = auth.LOGIN_CACHE_SECONDS
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DEFAULT_TENANT = "default"
@@ -102,6 +113,10 @@ PURGE_TIMEOUT = 60.0
 (they are still listed as pending, and apply it when they come back)."""
 _MIGRATION_LOCK = 0x76657267  # "verg": pg_advisory_xact_lock key while migrating
 _NAMES_LOCK = 0x766E616D  # "vnam": held while hosts or zones are claimed (PostgreSQL)
+_BOOTSTRAP_LOCK = 0x7661646D  # "vadm": held while the first admin token is made (PostgreSQL)
+_TOPIC_OF_COUNTER = {CONFIG_VERSION: "config", PURGE_SEQ: "purges", KV_SEQ: "kv"}
+"""Which subscribers a counter's bump wakes (here and, through NOTIFY, on other replicas)."""
+_WATCHED_TOPICS = ("config", "purges", "acks", "kv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,14 +273,28 @@ class Store:
         self._writer = sessionmaker(
             self.engine.execution_options(verge_write=True), expire_on_commit=False
         )
+        # The bundle is read in one snapshot: its version and its content always match.
+        self._snapshot_reader = (
+            sessionmaker(
+                self.engine.execution_options(isolation_level="REPEATABLE READ"),
+                expire_on_commit=False,
+            )
+            if self.is_postgres
+            else self._reader
+        )
         self._listeners: list[Callable[[str], None]] = []
         self._cache_lock = threading.Lock()
         self._sqlite_write_lock = threading.Lock()
-        self._auth_cache: dict[str, tuple[Principal, float]] = {}
+        self._logins = auth.LoginCache()
         self._config_cache: tuple[int, vconfig.Config, dict] | None = None
         self._sealer: KeySealer | None = None
+        self.replica_id = new_replica_id()
+        """Tells this process's change notifications from other replicas' (PostgreSQL)."""
+        self._change_listener: ChangeListener | None = None
 
     def close(self) -> None:
+        if self._change_listener is not None:
+            self._change_listener.stop()
         self.engine.dispose()
 
     # -- schema, sessions, notifications ----------------------------------------------------
@@ -279,6 +308,48 @@ class Store:
                 connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    def listen(self) -> bool:
+        """Hear other replicas' changes (PostgreSQL LISTEN); False on SQLite (one process).
+
+        Returns at once; ``hears_others`` says whether the connection is up right now.
+        """
+        if not self.is_postgres:
+            return False
+        if self._change_listener is None:
+            self._change_listener = ChangeListener(
+                libpq_dsn(self.engine.url), self.replica_id, self._heard
+            )
+            self._change_listener.start()
+        return True
+
+    def wait_listening(self, timeout: float) -> bool:
+        """Wait until other replicas' changes are heard (False: not within ``timeout``)."""
+        listener = self._change_listener
+        return listener is not None and listener.wait_live(timeout)
+
+    @property
+    def hears_others(self) -> bool:
+        """Whether another replica's change reaches this store's subscribers at once."""
+        return self._change_listener is not None and self._change_listener.live
+
+    def _heard(self, topic: str) -> None:
+        """Another replica committed ``topic`` (or, EVERYTHING, the listener reconnected)."""
+        if topic in ("auth", EVERYTHING):
+            self._logins.clear()
+        for watched in _WATCHED_TOPICS:
+            if topic in (watched, EVERYTHING):
+                self._emit(watched)
+
+    def _announce(self, session: Session, topic: str) -> None:
+        """Tell the other replicas about ``topic`` when this transaction commits."""
+        if self.is_postgres:
+            announce(session, topic, self.replica_id)
+
+    def _logins_revoked(self, session: Session) -> None:
+        """A credential stopped (or changed): forget cached logins here and everywhere."""
+        self._logins.clear()
+        self._announce(session, "auth")
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Call ``listener("config" | "purges" | "acks" | "kv")`` after such a commit (any thread)."""
@@ -312,7 +383,13 @@ class Store:
             raise Conflict(f"conflicts with a concurrent change ({reason}); try again") from exc
 
     def _bump(self, session: Session, name: str) -> int:
-        """Increment a counter; the row stays locked until commit (numbers in commit order)."""
+        """Increment a counter; the row stays locked until commit (numbers in commit order).
+
+        Other replicas hear of it when the transaction commits (config, purges, kv).
+        """
+        topic = _TOPIC_OF_COUNTER.get(name)
+        if topic is not None:
+            self._announce(session, topic)
         return session.execute(
             update(Counter)
             .where(Counter.name == name)
@@ -375,20 +452,22 @@ class Store:
     def authenticate(self, text: str) -> Principal | None:
         """The caller behind a bearer token, or None (unknown, wrong secret, revoked).
 
-        Valid answers are remembered for AUTH_CACHE_SECONDS: every edge request carries a
-        credential, and a read per request was a good part of a global purge's cost. This
-        process forgets them at once on any revocation or re-join; another replica's
-        revocation takes effect here within AUTH_CACHE_SECONDS.
+        Valid answers are remembered for AUTH_CACHE_SECONDS (auth.LoginCache), forgotten at
+        once on any revocation or re-join: this process's, and another replica's as soon as
+        its notification arrives. A PostgreSQL store that listens but has lost its LISTEN
+        connection caches nothing (it would not hear of revocations).
         """
-        cached = self._auth_cache.get(text)
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
+        cached = self._logins.get(text)
+        if cached is not None:
+            return cached
+        generation = self._logins.generation()
         principal = self._authenticate(text)
-        if principal is not None:
-            if len(self._auth_cache) > 10_000:
-                self._auth_cache.clear()
-            self._auth_cache[text] = (principal, time.monotonic() + AUTH_CACHE_SECONDS)
+        if principal is not None and self._may_cache_logins():
+            self._logins.put(text, principal, generation)
         return principal
+
+    def _may_cache_logins(self) -> bool:
+        return self._change_listener is None or self._change_listener.live
 
     def _authenticate(self, text: str) -> Principal | None:
         token_id, secret = auth.parse(text)
@@ -413,8 +492,21 @@ class Store:
 
         ``given`` (``--admin-token``) is added as an admin token unless it exists already.
         Without it, a random admin token is made when the store has no active admin token.
+        Replicas starting together on one PostgreSQL database take turns (an advisory lock),
+        so the given token is added once and at most one random admin token is ever made.
+        A unique-key clash anyway (a replica of an older version) is retried once.
         """
+        try:
+            return self._ensure_admin_token(given)
+        except Conflict as exc:
+            if "concurrent change" not in exc.message:
+                raise
+            return self._ensure_admin_token(given)
+
+    def _ensure_admin_token(self, given: str | None) -> str | None:
         with self._writing() as session:
+            if self.is_postgres:
+                session.execute(text(f"SELECT pg_advisory_xact_lock({_BOOTSTRAP_LOCK})"))
             if given:
                 issued = auth.from_text(given)
                 existing = session.get(Token, issued.id)
@@ -522,7 +614,7 @@ class Store:
                 if not others:
                     raise Conflict("this is the last admin token; create another one first")
             token.revoked_at = utcnow()
-            self._auth_cache.clear()
+            self._logins_revoked(session)
             self._audit(
                 session,
                 principal,
@@ -531,6 +623,7 @@ class Store:
                 token.tenant_id,
                 {"name": token.name, "role": token.role},
             )
+        self._logins.clear()  # again: a login looked up meanwhile saw the token unrevoked
 
     # -- tenants -------------------------------------------------------------------------------
 
@@ -982,15 +1075,26 @@ class Store:
             return self._counter(session, CONFIG_VERSION)
 
     def bundle(self) -> dict:
-        """``{"version": V, "config": Config JSON}``: every service of every tenant."""
-        with self._reading() as session:
-            return self._current_config(session)[2]
+        """``{"version": V, "digest": "sha256:<hex>", "config": Config JSON}``.
 
-    def _current_config(self, session: Session) -> tuple[int, vconfig.Config, dict]:
+        Every service of every tenant. The version and the content come from one snapshot
+        (PostgreSQL: REPEATABLE READ), so every replica's bundle V is the same bundle; the
+        digest (sha256 of the canonical config JSON) names that content itself. A bundle that
+        cannot be built whole (a certificate key no configured secret opens) is Unavailable,
+        never handed out without the part.
+        """
+        with self._snapshot_reader() as session, session.begin():
+            return self._current_config(session, snapshot=True)[2]
+
+    def _current_config(
+        self, session: Session, snapshot: bool = False
+    ) -> tuple[int, vconfig.Config, dict]:
         """(version, Config, bundle), built once per version.
 
-        The version is read before the services: if a change commits in between, the bundle
-        holds content newer than its number (the node fetches it again, harmless), never older.
+        Only a build in one snapshot (``bundle()``) is remembered: in another transaction a
+        change may commit between reading the version and the content. Outside a snapshot
+        (routing a purge) certificates whose keys cannot be opened are left out instead of
+        failing: routing needs none.
         """
         version = self._counter(session, CONFIG_VERSION)
         cached = self._config_cache
@@ -1002,13 +1106,19 @@ class Store:
             .where(FunctionVersion.active.is_(True))
             .order_by(FunctionVersion.name)
         ).all()
-        data = {
-            "services": list(specs),
-            "tls": self._tls_section(session),
-            "functions": list(functions),
-        }
+        try:
+            tls = self._tls_section(session)
+        except Unavailable:
+            if snapshot:
+                raise
+            tls = {}
+        data = {"services": list(specs), "tls": tls, "functions": list(functions)}
         config = vconfig.config_from_data(data, "<control-plane bundle>")
-        built = (version, config, {"version": version, "config": config.model_dump(mode="json")})
+        content = config.model_dump(mode="json")
+        bundle = {"version": version, "digest": bundle_digest(content), "config": content}
+        built = (version, config, bundle)
+        if not snapshot:
+            return built
         with self._cache_lock:
             if self._config_cache is None or self._config_cache[0] <= version:
                 self._config_cache = built
@@ -1159,7 +1269,12 @@ class Store:
         self._audit(session, principal, action, f"certificate:{row.name}", row.tenant_id, detail)
 
     def _tls_section(self, session: Session) -> dict:
-        """The bundle's ``tls``: certificates with their keys opened (node credentials only)."""
+        """The bundle's ``tls``: certificates with their keys opened (node credentials only).
+
+        A key this replica cannot open (no VERGE_SECRET, or not the one that sealed it) makes
+        the whole bundle Unavailable: an edge keeps its last good bundle rather than lose a
+        certificate.
+        """
         rows = session.scalars(select(TlsCertificate).order_by(TlsCertificate.name)).all()
         if not rows:
             return {}
@@ -1171,8 +1286,13 @@ class Store:
             try:
                 key_pem = self._key_sealer().open(row.key_sealed)
             except (ValueError, StoreError) as exc:
-                log.error("certificate %r left out of the config bundle: %s", row.name, exc)
-                continue
+                reason = exc.message if isinstance(exc, StoreError) else str(exc)
+                log.error("config bundle %s withheld: certificate %r: %s",
+                          self._counter(session, CONFIG_VERSION), row.name, reason)
+                raise Unavailable(
+                    f"this control-plane replica cannot build the config bundle: the key of "
+                    f"certificate {row.name!r} cannot be opened ({reason})"
+                ) from None
             entries.append(
                 {
                     "name": row.name,
@@ -1356,6 +1476,7 @@ class Store:
             ).all()
             session.add_all(PurgeAck(seq=s, node_id=node.id, acked_at=now) for s in seqs)
             node.acked_seq = top
+            self._announce(session, "acks")
         self._emit("acks")
 
     def ack_count(self) -> int:
@@ -1387,7 +1508,7 @@ class Store:
                 session.add(node)
             node.url, node.admin_url, node.region = url, admin_url, region
             node.credential_id, node.credential_sha256 = issued.id, issued.digest
-            self._auth_cache.clear()
+            self._logins_revoked(session)
             node.joined_at, node.revoked = utcnow(), False
             self._audit(
                 session,
@@ -1398,6 +1519,7 @@ class Store:
                 {"url": url, "admin_url": admin_url, "region": region, "rejoin": rejoin},
             )
             config_version = self._counter(session, CONFIG_VERSION)
+        self._logins.clear()
         return {
             "node": name,
             "credential": issued.text,
@@ -1462,8 +1584,9 @@ class Store:
             if node.revoked:
                 return
             node.revoked = True
-            self._auth_cache.clear()
+            self._logins_revoked(session)
             self._audit(session, principal, "node.revoke", f"node:{name}", None)
+        self._logins.clear()
 
     def _status(self, node: Node, now: datetime) -> str:
         if node.revoked:
@@ -1669,6 +1792,12 @@ class _PurgeResolver:
 # ---------------------------------------------------------------------------------------------
 # Views and checks
 # ---------------------------------------------------------------------------------------------
+
+
+def bundle_digest(config_json: dict) -> str:
+    """The content identity of a bundle: sha256 of its canonical JSON (sorted keys)."""
+    canonical = json.dumps(config_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _tenant_view(tenant: Tenant, zones: Sequence[str]) -> dict:

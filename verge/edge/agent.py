@@ -4,7 +4,8 @@ Runs inside the node supervisor (:mod:`verge.edge.node`). What it keeps on disk,
 node's cache directory, is what lets an edge work without the control plane (offline
 autonomy, as KubeEdge/OpenYurt promise):
 
-* ``control/node.json``   the node credential received when joining;
+* ``control/node.json``   the node credential received when joining: valid for the fleet
+                          (whichever replica, or URL, answers), not for one URL;
 * ``control/bundle.json`` the last good config bundle (version + Config), applied at start;
                           it holds certificate keys, so like node.json it is mode 0600;
 * ``control/purge_seq``   the last purge sequence number applied; missed purges are fetched
@@ -27,6 +28,12 @@ autonomy, as KubeEdge/OpenYurt promise):
 Every file is written atomically (temp + rename) so a ``kill -9`` leaves the old or the new
 version, never a torn one. Long polls (config and purges) wake on change; a failed call
 backs off and retries, so the control plane may come and go.
+
+The control plane may run as several replicas on one store (``--control A --control B``).
+Every call goes to the replica that answered last; one that cannot be reached, does not
+answer in time or answers 5xx makes the agent move to the next one at once (for every
+loop: long polls waiting on the old replica are re-issued on the new one). Heartbeats move
+with the rest, so the fleet's view of this node does not depend on which replica is up.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import socket
 import sqlite3
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +69,9 @@ log = logging.getLogger("verge.agent")
 HEARTBEAT_INTERVAL = 2.0
 STATS_INTERVAL = 5.0
 LONG_POLL = 25.0
+CALL_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+"""A call that is not a long poll: a replica silent for longer is treated as down."""
+LONG_POLL_TIMEOUT = httpx.Timeout(LONG_POLL + 5.0, connect=2.0)
 MAX_PENDING_LOGS = 2000
 """Function log records held while the control plane is away (the oldest are dropped)."""
 MAX_PENDING_EVENTS = 2000
@@ -122,6 +133,24 @@ class AgentError(Exception):
     """The control plane refused us (bad join token, revoked credential)."""
 
 
+class _ReplicaMoved(Exception):
+    """Another call moved to the next replica while this long poll waited on the old one."""
+
+
+def split_control_urls(control: str | Sequence[str]) -> list[str]:
+    """Base URLs of the control plane's replicas (a comma-separated string, or a list of
+    URLs as the CLI checked them), without trailing slashes or duplicates."""
+    parts = control.split(",") if isinstance(control, str) else control
+    urls: list[str] = []
+    for part in parts:
+        url = part.strip().rstrip("/")
+        if url and url not in urls:
+            urls.append(url)
+    if not urls:
+        raise ValueError("no control plane URL")
+    return urls
+
+
 class StatsSpool:
     """Samples waiting for the control plane, durable across crashes (SQLite WAL)."""
 
@@ -149,15 +178,19 @@ class StatsSpool:
 
 
 class ControlAgent:
-    def __init__(self, node: Node, control_url: str, join_token: str | None) -> None:
+    def __init__(self, node: Node, control: str | Sequence[str], join_token: str | None) -> None:
         self.node = node
-        self.control_url = control_url.rstrip("/")
+        self.control_urls = split_control_urls(control)
+        self.control_url = self.control_urls[0]
+        """The replica calls go to: the one that answered last."""
+        self._moved = asyncio.Event()  # set (and replaced) when control_url changes
         self.join_token = join_token
         self.dir = Path(node.options.cache_dir) / "control"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.credential: str | None = None
         self.node_name = node.options.node
         self.config_version = 0
+        self.config_digest: str | None = None  # the bundle's content hash (any replica's)
         self.purge_seq = self._read_int("purge_seq")
         self.spool = StatsSpool(self.dir / "spool.db")
         self.kv = EdgeKV(self.dir / KV_FILE, writer=True)
@@ -172,7 +205,7 @@ class ControlAgent:
         """Protection events the control plane refused (4xx): dropped, not retried."""
         self._last_snapshot: dict[str, list[int]] = {}
         self._last_protection: dict[tuple[str, str, str], tuple[int, int, int]] = {}
-        self.http = httpx.AsyncClient(base_url=self.control_url, timeout=LONG_POLL + 10)
+        self.http = httpx.AsyncClient(timeout=CALL_TIMEOUT)
         self.connected = False
 
     # ----- state on disk ---------------------------------------------------------------------
@@ -186,20 +219,24 @@ class ControlAgent:
         """The last good bundle, or None (nothing saved, or unreadable)."""
         try:
             data = json.loads((self.dir / "bundle.json").read_text())
-            return int(data["version"]), Config.model_validate(data["config"])
+            saved = int(data["version"]), Config.model_validate(data["config"])
+            digest = data.get("digest")
+            self.config_digest = digest if isinstance(digest, str) else None
+            return saved
         except (OSError, ValueError, KeyError) as exc:
             if (self.dir / "bundle.json").exists():
                 log.error("saved config bundle unusable: %s", exc)
             return None
 
     def _load_credential(self) -> bool:
+        """The saved credential, whichever URLs it was saved with: a node belongs to the
+        fleet (the control plane's store), which any replica, under any name, speaks for.
+        To move an edge to another fleet, remove control/node.json (or the cache dir)."""
         try:
             data = json.loads((self.dir / "node.json").read_text())
-        except (OSError, ValueError):
+            self.credential, self.node_name = str(data["credential"]), str(data["node"])
+        except (OSError, ValueError, KeyError, TypeError):
             return False
-        if data.get("control") != self.control_url:
-            return False
-        self.credential, self.node_name = data["credential"], data["node"]
         return True
 
     # ----- lifecycle ----------------------------------------------------------------------------
@@ -254,49 +291,109 @@ class ControlAgent:
         if not self.join_token:
             raise AgentError("no credential saved and no --join-token given")
         body = {"name": self.node_name or socket.gethostname(), **self.whereabouts()}
-        response = await self.http.post("/api/v1/nodes/join", json=body,
-                                        headers={"Authorization": f"Bearer {self.join_token}"})
-        if response.status_code in (401, 403):
-            raise AgentError(f"join refused: {response.text.strip()}")
-        response.raise_for_status()
+        try:
+            response = await self._call("POST", "/api/v1/nodes/join", json=body,
+                                        token=self.join_token)
+        except AgentError as exc:
+            raise AgentError(f"join refused: {exc}") from None
         data = response.json()
         self.credential, self.node_name = data["credential"], data["node"]
         write_atomic(self.dir / "node.json", json.dumps({
-            "control": self.control_url, "node": self.node_name,
+            "controls": self.control_urls, "node": self.node_name,
             "credential": self.credential}).encode())
-        log.warning("joined the control plane as %s", self.node_name)
+        log.warning("joined the control plane as %s (through %s)", self.node_name,
+                    self.control_url)
 
-    async def _call(self, method: str, path: str, **kw) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.credential}", **kw.pop("headers", {})}
-        response = await self.http.request(method, path, headers=headers, **kw)
-        if response.status_code in (401, 403):
-            raise AgentError(f"{path}: {response.status_code} {response.text.strip()}")
-        response.raise_for_status()
-        return response
+    async def _call(self, method: str, path: str, *, token: str | None = None,
+                    long_poll: bool = False, **kw) -> httpx.Response:
+        """One API call on the current replica, moving on to the next one (and staying
+        there) when it cannot be reached, times out or answers 5xx; each replica is tried
+        at most once per call. 401/403 raise AgentError, other 4xx HTTPStatusError."""
+        headers = {"Authorization": f"Bearer {token or self.credential}",
+                   **kw.pop("headers", {})}
+        kw.setdefault("timeout", LONG_POLL_TIMEOUT if long_poll else CALL_TIMEOUT)
+        tried: set[str] = set()
+        while True:
+            base = self.control_url
+            tried.add(base)
+            try:
+                response = await self._request(base, method, path, headers, long_poll, kw)
+            except _ReplicaMoved:
+                continue
+            except httpx.TransportError as exc:
+                if not self._fail_over(base, repr(exc), tried):
+                    raise
+                continue
+            if response.status_code >= 500 and self._fail_over(
+                    base, f"HTTP {response.status_code}", tried):
+                continue
+            if response.status_code in (401, 403):
+                raise AgentError(f"{path}: {response.status_code} {response.text.strip()}")
+            response.raise_for_status()
+            return response
+
+    async def _request(self, base: str, method: str, path: str, headers: dict,
+                       long_poll: bool, kw: dict) -> httpx.Response:
+        """The request on ``base``; a long poll gives way (``_ReplicaMoved``) when another
+        call has moved to another replica meanwhile, to be re-issued there at once."""
+        send = self.http.request(method, base + path, headers=headers, **kw)
+        if not long_poll or len(self.control_urls) == 1:
+            return await send
+        request = asyncio.ensure_future(send)
+        moved = asyncio.ensure_future(self._moved.wait())
+        try:
+            await asyncio.wait((request, moved), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+        if request.done():
+            return request.result()
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await request
+        raise _ReplicaMoved
+
+    def _fail_over(self, base: str, reason: str, tried: set[str]) -> bool:
+        """``base`` failed: move to the replica after it (unless another call already
+        moved). True when the call should be tried again: on a replica it has not tried."""
+        if len(self.control_urls) == 1:
+            return False
+        if base == self.control_url:
+            following = self.control_urls[(self.control_urls.index(base) + 1)
+                                          % len(self.control_urls)]
+            log.warning("control plane %s failed (%s); switching to %s", base, reason[:200],
+                        following)
+            self.control_url = following
+            self._moved.set()
+            self._moved = asyncio.Event()
+        return self.control_url not in tried
 
     # ----- config ---------------------------------------------------------------------------------
     async def _config_once(self) -> None:
-        response = await self._call("GET", "/api/v1/nodes/self/config",
-                                    params={"after": self.config_version, "wait": LONG_POLL})
+        params = {"after": self.config_version, "wait": LONG_POLL}
+        if self.config_digest is not None:  # a replica with other content answers at once
+            params["digest"] = self.config_digest
+        response = await self._call("GET", "/api/v1/nodes/self/config", long_poll=True,
+                                    params=params)
         if response.status_code == 204:
             return
         data = response.json()
-        await self.apply_bundle(int(data["version"]), data["config"])
+        await self.apply_bundle(int(data["version"]), data["config"], data.get("digest"))
 
-    async def apply_bundle(self, version: int, raw: dict) -> None:
-        """Validate, save as the last good bundle, then switch every worker to it."""
+    async def apply_bundle(self, version: int, raw: dict, digest: str | None = None) -> None:
+        """Validate, save as the last good bundle (with its content digest, which a replica
+        compares with its own), then switch every worker to it."""
         try:
             config = Config.model_validate(raw)
         except ValueError as exc:  # reasons only: the input may hold certificate keys
             log.error("config bundle %d rejected, keeping version %d: %s",
                       version, self.config_version, _reasons(exc))
-            self.config_version = version  # do not fetch the same bad bundle again
+            self.config_version, self.config_digest = version, digest  # not fetched again
             return
         await self.fetch_modules(config)
         write_atomic(self.dir / "bundle.json",
-                     json.dumps({"version": version, "config": raw}).encode())
+                     json.dumps({"version": version, "digest": digest, "config": raw}).encode())
         result = await self.node.apply_config(config)
-        self.config_version = version
+        self.config_version, self.config_digest = version, digest
         if result.get("ok"):
             self.prune_modules(config)
 
@@ -328,7 +425,7 @@ class ControlAgent:
     # ----- edge KV --------------------------------------------------------------------------------
     async def _kv_once(self) -> None:
         """Follow the KV change feed: persist each batch, then have every worker load it."""
-        response = await self._call("GET", "/api/v1/nodes/self/kv",
+        response = await self._call("GET", "/api/v1/nodes/self/kv", long_poll=True,
                                     params={"after": self.kv.seq, "wait": LONG_POLL})
         changes = response.json().get("changes", [])
         if not changes:
@@ -423,7 +520,7 @@ class ControlAgent:
     # ----- purges ---------------------------------------------------------------------------------
     async def _purges_once(self) -> None:
         """Poll for purges after the last applied one; the poll itself acknowledges that one."""
-        response = await self._call("GET", "/api/v1/nodes/self/purges",
+        response = await self._call("GET", "/api/v1/nodes/self/purges", long_poll=True,
                                     params={"after": self.purge_seq, "wait": LONG_POLL})
         for job in response.json().get("purges", []):
             targets = job_targets(job, self.node.disk)
@@ -438,23 +535,31 @@ class ControlAgent:
         """Before the workers serve from cache: apply purges missed while this edge was down.
 
         Only the disk tier exists at this point (worker memory is empty), so the purges are
-        applied there directly. If the control plane cannot be reached within ``timeout``, the
-        edge serves anyway (offline autonomy) and the purge loop catches up on reconnect.
+        applied there directly, every batch until none is left. Each replica gets its share
+        of ``timeout`` (a hung one does not use up the time of the next). If none answers,
+        the edge serves anyway (offline autonomy) and the purge loop catches up on reconnect.
         """
         if not self._load_credential():
             return
+        attempt = httpx.Timeout(max(1.0, timeout / len(self.control_urls)), connect=1.0)
         try:
-            async with asyncio.timeout(timeout):
-                response = await self._call("GET", "/api/v1/nodes/self/purges",
-                                            params={"after": self.purge_seq, "wait": 0})
-                for job in response.json().get("purges", []):
-                    for kind, value in job_targets(job, self.node.disk):
-                        purge_disk(self.node.disk, kind, value, bool(job.get("soft")))
-                    self.purge_seq = max(self.purge_seq, int(job["seq"]))
-                write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(), durable=False)
+            async with asyncio.timeout(timeout + len(self.control_urls)):
+                while jobs := await self._missed_purges(attempt):
+                    for job in jobs:
+                        for kind, value in job_targets(job, self.node.disk):
+                            purge_disk(self.node.disk, kind, value, bool(job.get("soft")))
+                        self.purge_seq = max(self.purge_seq, int(job["seq"]))
+                    write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(),
+                                 durable=False)
             # the purge loop's first poll (after=purge_seq) acknowledges them
         except (TimeoutError, httpx.HTTPError, AgentError) as exc:
             log.warning("could not catch up on purges before serving (%r); will retry", exc)
+
+    async def _missed_purges(self, timeout: httpx.Timeout) -> list[dict]:
+        response = await self._call("GET", "/api/v1/nodes/self/purges", timeout=timeout,
+                                    params={"after": self.purge_seq, "wait": 0})
+        jobs = response.json().get("purges", [])
+        return [job for job in jobs if int(job["seq"]) > self.purge_seq]
 
     # ----- heartbeat and stats -----------------------------------------------------------------------
     async def _heartbeat_once(self) -> None:

@@ -58,7 +58,9 @@ class NodeOptions:
     tls_cert: str | None = None     # this node's default certificate (PEM) and key
     tls_key: str | None = None
     ticket_rotation: float = 3600.0  # seconds between TLS session ticket key rotations
-    control: str | None = None      # control plane URL (verge edge --control)
+    # control plane replicas' URLs (verge edge --control A --control B, or "A,B"): the agent
+    # talks to one at a time and fails over to the next
+    control: list[str] = field(default_factory=list)
     join_token: str | None = None
     region: str | None = None
     parents: list[str] = field(default_factory=list)  # shield edges' URLs (tiered cache)
