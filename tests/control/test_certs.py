@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.cli import run_verge
 from tests.control.conftest import Api
 from verge.certs import CertFiles, ensure_ca
 from verge.control.certificates import KeySealer, sni_assignment
@@ -398,9 +399,7 @@ def test_postgresql_needs_verge_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.timeout(120)
 def test_cli_cert_add_list_rm(tmp_path, origin, ca) -> None:
-    import os
     import subprocess
-    import sys
 
     from tests.control.test_fleet import ADMIN, Fleet
 
@@ -410,16 +409,10 @@ def test_cli_cert_add_list_rm(tmp_path, origin, ca) -> None:
         cert, key = ca.issue("cli.test")
         (tmp_path / "c.pem").write_text(cert)
         (tmp_path / "k.pem").write_text(key)
-        env = {**os.environ, "VERGE_CONTROL": fleet.control_url, "VERGE_TOKEN": ADMIN}
+        env = {"VERGE_CONTROL": fleet.control_url, "VERGE_TOKEN": ADMIN}
 
         def verge(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [sys.executable, "-m", "verge.cli", "cert", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            return run_verge(["cert", *args], env)
 
         added = verge(
             "add", "cli", "--cert", str(tmp_path / "c.pem"), "--key", str(tmp_path / "k.pem")

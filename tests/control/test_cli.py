@@ -1,9 +1,9 @@
 """The operator CLI against a real control plane: `verge tenant|token|service|origin|node|purge`.
 
 One `verge control` process (SQLite, port 0) serves the whole module; each test uses its own
-names. Every command runs as `python -m verge.cli ...` in a subprocess, as an operator runs it:
-success prints a table (or JSON with --json), failure prints one line on stderr and exits
-non-zero. Edge nodes are played by `ControlClient` with a join token and then the node
+names. Every command runs through the CLI's entry point (`verge.cli.app`) with the control URL
+and token in the environment, as an operator runs it: success prints a table (or JSON with
+--json), failure prints one line on stderr and exits non-zero. Edge nodes are played by `ControlClient` with a join token and then the node
 credential, which also exercises the client's edge-side calls; the real edge agent is covered
 by test_fleet.py.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.cli import run_verge
 from verge.control.client import ControlClient, ControlError, Versioned
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,21 +49,14 @@ class ControlPlane:
     url: str
     workdir: Path
 
-    def run(self, *args: str, token: str | None = ADMIN, timeout: float = 60) -> Result:
-        """`verge ARGS` with the control URL and token in the environment, as an operator's shell."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VERGE_")}
+    def run(self, *args: str, token: str | None = ADMIN) -> Result:
+        """`verge ARGS` with the control URL and token in the environment, as an operator's
+        shell has them (tests.cli: the CLI's entry point in this process)."""
+        env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("VERGE_")}
         env["VERGE_CONTROL"] = self.url
-        if token is not None:
-            env["VERGE_TOKEN"] = token
-        out = subprocess.run(
-            [*VERGE, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            cwd=self.workdir,
-        )
-        return Result(out.returncode, out.stdout, out.stderr)
+        env["VERGE_TOKEN"] = token
+        done = run_verge(args, env, cwd=self.workdir)
+        return Result(done.returncode, done.stdout, done.stderr)
 
     def ok(self, *args: str, token: str | None = ADMIN) -> Result:
         result = self.run(*args, token=token)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
+from tests.cli import run_verge
 from tests.control.conftest import Api
-from tests.control.test_fleet import ADMIN, VERGE, Fleet, get, wait_until
+from tests.control.test_fleet import ADMIN, Fleet, get, wait_until
 from verge.control import protection
 from verge.edge.agent import ControlAgent
 
@@ -215,13 +214,7 @@ def fleet(tmp_path, origin):
 
 def verge(fleet: Fleet, *args: str) -> str:
     """Run a `verge` control command (token in the environment); its stdout."""
-    out = subprocess.run(
-        [*VERGE, *args, "--control", fleet.control_url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "VERGE_TOKEN": ADMIN},
-    )
+    out = run_verge([*args, "--control", fleet.control_url], {"VERGE_TOKEN": ADMIN})
     assert out.returncode == 0, out.stderr
     return out.stdout
 

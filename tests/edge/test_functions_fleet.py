@@ -3,13 +3,15 @@ one real edge: deploy, new version, rollback, KV replication, logs, and offline 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import subprocess
+from pathlib import Path
 
 import pytest
 
+from tests.cli import run_verge
 from tests.compute.conftest import build_examples
-from tests.control.test_fleet import ADMIN, VERGE, Fleet, get, wait_until
+from tests.control.test_fleet import ADMIN, Fleet, get, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,14 +31,19 @@ def fleet(tmp_path, origin):
 
 def verge(fleet: Fleet, *args: str) -> str:
     """Run a `verge` control command; its stdout (the test fails on a non-zero exit)."""
-    out = subprocess.run(
-        [*VERGE, *args, "--control", fleet.control_url, "--token", ADMIN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_verge([*args, "--control", fleet.control_url, "--token", ADMIN])
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def saved_module(cache_dir: Path, function: str) -> str | None:
+    """The module of ``function`` in the edge's last good bundle (what a restart runs)."""
+    try:
+        bundle = json.loads((cache_dir / "control" / "bundle.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((f["module"] for f in bundle["config"].get("functions", [])
+                 if f["name"] == function), None)
 
 
 def answer(url: str, path: str) -> str:
@@ -114,6 +121,9 @@ def test_deploy_rollback_kv_and_offline_autonomy(fleet, modules, origin):
     )
     assert answer(url, "/api/hello/x") == "hello from wasm\n"
     verge(fleet, "fn", "rollback", "hello", "--version", "1")
+    good = "sha256:" + hashlib.sha256(modules["hello"].read_bytes()).hexdigest()
+    wait_until(lambda: saved_module(fleet.tmp / "e1", "hello") == good,
+               what="the rollback saved on the edge")  # before the control plane goes
 
     # the control plane goes away: functions keep answering, with their KV
     fleet.control.kill()
