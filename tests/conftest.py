@@ -134,3 +134,15 @@ def edge_factory(tmp_path):
 def edge(edge_factory, origin):
     """One edge (one worker) in front of the test origin."""
     return edge_factory(origin_url=origin.url)
+
+
+@pytest.fixture
+def fleet(tmp_path, origin):
+    """A real `verge control` (tests.control.test_fleet.Fleet) in front of the test origin;
+    edges are started by the test; everything is stopped after it."""
+    from tests.control.test_fleet import Fleet
+
+    fleet = Fleet(tmp_path, origin.url)
+    fleet.start_control()
+    yield fleet
+    fleet.stop()

@@ -114,14 +114,6 @@ class Fleet:
             self.control.kill(signal.SIGTERM)
 
 
-@pytest.fixture
-def fleet(tmp_path, origin):
-    fleet = Fleet(tmp_path, origin.url)
-    fleet.start_control()
-    yield fleet
-    fleet.stop()
-
-
 def get(url: str, path: str, host: str = "shop.test") -> httpx.Response:
     return httpx.get(url + path, headers={"Host": host}, timeout=10)
 

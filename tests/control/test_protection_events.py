@@ -204,14 +204,6 @@ async def test_the_agent_ships_events_and_drops_a_batch_the_control_plane_refuse
 # ---- end to end: a control plane, an edge, the CLI -----------------------------------------------
 
 
-@pytest.fixture
-def fleet(tmp_path, origin):
-    fleet = Fleet(tmp_path, origin.url)
-    fleet.start_control()
-    yield fleet
-    fleet.stop()
-
-
 def verge(fleet: Fleet, *args: str) -> str:
     """Run a `verge` control command (token in the environment); its stdout."""
     out = run_verge([*args, "--control", fleet.control_url], {"VERGE_TOKEN": ADMIN})

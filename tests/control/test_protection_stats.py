@@ -21,7 +21,7 @@ import pytest
 
 from tests.browser import missing
 from tests.control.conftest import Api
-from tests.control.test_fleet import Fleet, wait_until
+from tests.control.test_fleet import wait_until
 from tests.control.test_protection_events import verge
 from tests.edge.test_deny_countries import write_geo_db
 from verge.control import protection
@@ -284,14 +284,6 @@ async def test_the_agent_ships_deltas_with_its_stats(api: Api, tenants, tmp_path
 
 
 # ---- end to end: a control plane, an edge with a GeoIP database, a tenant's token ----------------
-
-
-@pytest.fixture
-def fleet(tmp_path, origin):
-    fleet = Fleet(tmp_path, origin.url)
-    fleet.start_control()
-    yield fleet
-    fleet.stop()
 
 
 def get(url: str, path: str, source: str = "127.0.0.1", **headers: str) -> httpx.Response:

@@ -21,14 +21,6 @@ def modules(tmp_path_factory):
     return build_examples(tmp_path_factory.mktemp("fn-fleet"))
 
 
-@pytest.fixture
-def fleet(tmp_path, origin):
-    fleet = Fleet(tmp_path, origin.url)
-    fleet.start_control()
-    yield fleet
-    fleet.stop()
-
-
 def verge(fleet: Fleet, *args: str) -> str:
     """Run a `verge` control command; its stdout (the test fails on a non-zero exit)."""
     out = run_verge([*args, "--control", fleet.control_url, "--token", ADMIN])

@@ -204,14 +204,6 @@ async def test_counters_survive_deployments(modules, tmp_path):
 # ----- end to end: a control plane and edges -----------------------------------------------------
 
 
-@pytest.fixture
-def fleet(tmp_path, origin):
-    fleet = Fleet(tmp_path, origin.url)
-    fleet.start_control()
-    yield fleet
-    fleet.stop()
-
-
 class EdgeClient:
     """Requests to one edge for shop.test on one keep-alive connection."""
 
