@@ -62,11 +62,7 @@ async def test_a_thousand_pipelined_answers_drain_after_an_async_one():
             await asyncio.sleep(0)
         assert queued() <= limit + TURN_REQUESTS
         app.gate.set()
-        bodies = []
-        for _ in range(count + 1):
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            bodies.append(await reader.readexactly(length))
+        bodies = await read_answers(reader, count + 1)
         assert bodies[0] == b"slow\n"
         assert bodies[1:] == [b"%d\n" % i for i in range(count)]  # all of them, in order
         writer.close()
