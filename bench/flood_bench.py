@@ -112,6 +112,9 @@ services:
            action: {action}, penalty: {penalty}}}
       connections_per_ip: {cap}
 """
+GUARD = """
+flood: {{rate: {rate}, burst: {burst}, penalty: {penalty}}}
+"""
 
 
 class BenchError(RuntimeError):
@@ -147,15 +150,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add("--cap", type=int, default=8, help="protected: connections_per_ip")
     add("--penalty", default="10s", help="protected: penalty box once over the limit")
-    add("--actions", default="block,drop", help="protected edges, one per rate-limit action")
+    add("--actions", default="block,drop,guard",
+        help="protected edges, one per rate-limit action; guard: drop plus the node's flood "
+             "guard (top-level flood:)")
+    add("--guard-rate", default="2000/s", help="guard: the flood guard's rate per /24")
     add("--json", type=Path, help="also write the results to this file")
     add("--quick", action="store_true", help="smoke test: 1 round of 3 s phases")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.rounds, opts.duration = 1, 3.0
     opts.actions = [a for a in opts.actions.split(",") if a]
-    if not set(opts.actions) <= {"block", "drop", "log"}:
-        parser.error("--actions: a comma-separated list of block, drop, log")
+    if not set(opts.actions) <= {"block", "drop", "log", "guard"}:
+        parser.error("--actions: a comma-separated list of block, drop, log, guard")
     if not 1 <= opts.addresses <= 254 or opts.workers not in (1, 2):
         parser.error("--addresses in 1..254, --workers 1 or 2")
     if (
@@ -747,16 +753,18 @@ def start_edges(root: Path, origin: Server, opts: argparse.Namespace) -> list[Ed
         extra: tuple[str, ...] = ()
         if name != "unprotected":
             config = root / f"{name}.yaml"
-            config.write_text(
-                PROTECTED.format(
-                    origin=origin.port,
-                    rate=opts.rate,
-                    burst=opts.burst,
-                    action=name,
-                    cap=opts.cap,
-                    penalty=opts.penalty,
-                )
+            text = PROTECTED.format(
+                origin=origin.port,
+                rate=opts.rate,
+                burst=opts.burst,
+                action="drop" if name == "guard" else name,
+                cap=opts.cap,
+                penalty=opts.penalty,
             )
+            if name == "guard":
+                count = int(opts.guard_rate.partition("/")[0])
+                text += GUARD.format(rate=opts.guard_rate, burst=count, penalty=opts.penalty)
+            config.write_text(text)
             extra = ("--config", str(config))
         try:
             server = start_verge(name, root / name, VERGE, origin.port, **common, extra_args=extra)

@@ -2,7 +2,9 @@
 
 ``verge vod add movie.mp4 --name movie`` transcodes to the stream application's ladder with a
 progress bar; the running ``verge stream`` serves the entry at /vod/movie.m3u8, .mpd and .mp4
-(the library is a directory: no server needs to be told).
+(the library is a directory: no server needs to be told). ``verge vod analyze movie`` (re-)runs
+the video analysis (scene cuts, thumbnails, black/silence, faces: verge.stream.analysis) of an
+entry, served at /vod/movie/analysis; ``vod add`` runs it too unless ``--no-analyze``.
 
 Without ``--config`` or ``--data-dir``, a ``verge up`` state directory here (``.verge-up/`` with
 up.json) means the demo's stream config: the entry goes where the demo's stream server (and so
@@ -58,6 +60,18 @@ def _demo_stream(config: Path | None, data_dir: Path | None) -> DemoStream | Non
     return demo
 
 
+def _progress_bar():
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, transient=False)
+
+
 def _library(config: Path | None, data_dir: Path | None) -> VodLibrary:
     from verge.config import ConfigError, load_config
     from verge.stream.vod import VodLibrary
@@ -80,24 +94,19 @@ def vod_add(
     app: Annotated[
         str | None, typer.Option(help="Stream application whose ladder to use (default: first).")
     ] = None,
+    analyze: Annotated[
+        bool, typer.Option(help="Analyse it too (scenes, thumbnails, black, silence, faces).")
+    ] = True,
 ) -> None:
     """Transcode FILE to the ABR ladder (HLS + DASH) and a progressive MP4, with a progress bar."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
-
     from verge.stream.transcode import FfmpegNotFound
     from verge.stream.vod import VodError
 
     demo = _demo_stream(config, data_dir)
     library = _library(demo.config if demo else config, data_dir)
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeRemainingColumn(),
-    )
     try:
         ladder = library.ladder(app)
-        with Progress(*columns, transient=False) as bar:
+        with _progress_bar() as bar:
             task = bar.add_task(f"packaging {name}", total=1.0)
             entry = asyncio.run(
                 library.package_file(
@@ -106,6 +115,8 @@ def vod_add(
             )
     except (VodError, FfmpegNotFound) as exc:
         _fail(str(exc))
+    if analyze:
+        _analyze(library, name)
     renditions = ", ".join(
         f"{r['name']} {r['width']}x{r['height']}" if r.get("width") else r["name"]
         for r in entry.renditions
@@ -148,6 +159,47 @@ def _serve_command(config: Path | None, data_dir: Path | None, library: VodLibra
     if config is not None:
         return f"`verge stream --config {config.resolve()}`{here}"
     return f"`verge stream`{here} (data_dir ./stream-data)"
+
+
+def _analyze(library: VodLibrary, name: str) -> dict:
+    """Analyse entry ``name`` with a progress bar; a failure is reported, not fatal."""
+    from verge.stream.transcode import FfmpegNotFound
+    from verge.stream.vod import VodError
+
+    try:
+        with _progress_bar() as bar:
+            task = bar.add_task(f"analysing {name}", total=1.0)
+            result = asyncio.run(
+                library.analyze(name, lambda done: bar.update(task, completed=done))
+            )
+    except (VodError, FfmpegNotFound) as exc:
+        typer.secho(f"analysis failed: {exc}", fg=typer.colors.YELLOW, err=True)
+        return {}
+    kinds = [e["kind"] for e in result["events"]]
+    found = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no events"
+    typer.echo(
+        f"{name}: {len(result['scenes'])} scene cuts, {len(result['thumbnails'])} thumbnails, "
+        f"{found} (detector: {result['detector']}) -> /vod/{name}/analysis"
+    )
+    return result
+
+
+@vod_app.command("analyze")
+def vod_analyze(
+    name: Annotated[str, typer.Argument(help="Entry to (re-)analyse.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """(Re-)analyse an entry: scene cuts, thumbnails, black/silent stretches, faces and people.
+
+    The result is served at /vod/NAME/analysis, the chapters (WebVTT) and thumbnails below it.
+    """
+    demo = _demo_stream(config, data_dir)
+    library = _library(demo.config if demo else config, data_dir)
+    if library.get(name) is None:
+        _fail(f"no VOD entry {name!r} in {library.root}")
+    if not _analyze(library, name):
+        raise typer.Exit(1)
 
 
 @vod_app.command("list")

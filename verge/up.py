@@ -671,6 +671,7 @@ def banner(up: dict, state_dir: Path) -> str:
     router        DNS {up["dns"]} (zone {up["zone"]}), HTTP {up["router"]}/
     stream        publish to {up["rtmp"]}/NAME?key={up["stream_key"]}
                   watch {up["watch"]}/NAME (player), NAME.m3u8, NAME.mpd, NAME.flv
+                  WebRTC (WHEP) {up["watch"]}/NAME/whep, player {up["watch"]}/NAME?mode=webrtc
     vod           verge vod add FILE --name NAME, then {up["vod"]}/NAME.m3u8 (recordings too)
     service       {up["service"]} ({up["hostname"]}, the default service on every edge)
     state         {state_dir / UP_JSON}

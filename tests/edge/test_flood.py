@@ -186,3 +186,71 @@ def test_a_flood_from_one_slash_24_is_limited_and_the_legitimate_client_is_serve
     assert fds_settle(worker, baseline + FD_SLACK) <= baseline + FD_SLACK  # nothing leaked
     with edge.client() as after:
         assert after.get("/obj").status_code == 200
+
+
+GUARDED = """
+flood: {{rate: 100/s, burst: 100, penalty: 30s}}
+services:
+  - name: site
+    hosts: [127.0.0.1]
+    origins: ["{origin}"]
+"""
+
+
+def _connects(source: str, port: int, timeout: float = 0.5) -> bool:
+    with socket.socket() as client:
+        client.bind((source, 0))
+        client.settimeout(timeout)
+        try:
+            client.connect(("127.0.0.1", port))
+        except TimeoutError:
+            return False
+        return True
+
+
+def test_the_flood_guard_refuses_the_flooding_network_whole_and_in_the_kernel(
+    edge_factory, origin, flood_sources
+):
+    """50 addresses of 127.0.1.0/24, each below any per-address limit, pipeline 1,500
+    requests at once: the node's flood guard boxes the /24, drops its connections and its
+    new SYNs (a connection from an address that never sent a request does not even complete
+    its handshake), while 127.0.0.1 is served throughout."""
+    origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"x" * 1024)
+    edge = edge_factory(config=GUARDED.format(origin=origin.url))
+    with edge.client() as warm:
+        assert warm.get("/obj").status_code == 200
+    tally = Tally()
+
+    async def one_connection_each() -> None:
+        request = f"GET /obj HTTP/1.1\r\nHost: 127.0.0.1:{edge.port}\r\n\r\n".encode()
+
+        async def flooder(source: str) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port,
+                                                           local_addr=(source, 0))
+            with contextlib.suppress(ConnectionError):
+                writer.write(request * PIPELINED)
+            tally.statuses.update(await asyncio.wait_for(answers(reader, PIPELINED), 30))
+            writer.close()
+
+        await asyncio.gather(*(flooder(source) for source in flood_sources))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool, edge.client() as legit:
+        flooding = pool.submit(asyncio.run, one_connection_each())
+        legit_statuses = [legit.get("/obj").status_code for _ in range(LEGIT_REQUESTS)]
+        flooding.result(timeout=60)
+    elapsed = time.monotonic() - started
+    assert legit_statuses == [200] * LEGIT_REQUESTS
+    served = tally.statuses[200]  # the burst and what the rate refilled, then nothing
+    assert set(tally.statuses) <= {200} and 0 < served <= 101 + 100 * elapsed
+    assert served < len(flood_sources) * PIPELINED / 2
+
+    assert not _connects("127.0.1.200", edge.port)  # the SYN is dropped in the kernel
+    assert _connects("127.0.2.1", edge.port)  # another network connects
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert metric(metrics, "verge_flood_boxes") == 1
+    assert metric(metrics, "verge_flood_boxed") == 1
+    assert metric(metrics, "verge_flood_dropped") >= 1
+    with edge.client() as after:
+        assert after.get("/obj").status_code == 200

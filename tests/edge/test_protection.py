@@ -242,3 +242,51 @@ def test_a_connection_cap_per_address_and_a_raised_open_files_limit(edge_factory
     assert "verge_connections_refused_by_cap 1.0" in metrics
     limit = re.search(r"^verge_open_files_limit (\S+)$", metrics, re.MULTILINE)
     assert float(limit.group(1)) >= 1024
+
+
+TWO_TENANTS_CONFIG = """
+services:
+  - name: strict
+    hosts: [a.test]
+    origins: ["{origin}"]
+    protection: {{connections_per_ip: 2}}
+  - name: open
+    hosts: [b.test]
+    origins: ["{origin}"]
+"""
+
+
+def ask(sock: socket.socket, host: str) -> int | None:
+    """One GET for ``host`` on ``sock``: the status, or None when the edge closed unanswered."""
+    sock.sendall(f"GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return None
+            data += chunk
+    except ConnectionResetError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    while len(body) < length:  # the whole answer: the next one starts clean
+        body += sock.recv(4096)
+    return int(head[9:12])
+
+
+def test_one_services_connection_cap_never_narrows_another_services(edge_factory, origin):
+    """A tenant's ``connections_per_ip: 2`` must not cap the clients of the node's other
+    services: the connections are accepted, the open service serves all four, and the
+    strict one drops the connections beyond its own cap when they ask it."""
+    origin.route("/*", body=b"ok\n")
+    edge = edge_factory(config=TWO_TENANTS_CONFIG.format(origin=origin.url))
+    held = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(4)]
+    try:
+        assert [ask(sock, "b.test") for sock in held] == [200] * 4
+        assert [ask(sock, "a.test") for sock in held] == [None, None, 200, 200]
+    finally:
+        for sock in held:
+            sock.close()
+    with edge.admin() as admin:
+        assert "verge_connections_refused_by_cap 2.0" in admin.get("/metrics").text

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from verge.config import ConfigError
+from verge.health import HealthState
 from verge.routing.geo import RegionMap
 from verge.routing.hashing import rank
-from verge.routing.health import HealthState
 from verge.routing.settings import RegionSpec, RouterConfig, load_router_config
 from verge.routing.table import Edge, RoutingTable, edge_addresses
 

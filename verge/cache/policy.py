@@ -30,7 +30,7 @@ from email.utils import formatdate
 from functools import lru_cache
 from types import MappingProxyType
 
-from verge.http.message import HOP_BY_HOP
+from verge.http_semantics import HOP_BY_HOP
 
 __all__ = [
     "HEURISTICALLY_CACHEABLE",

@@ -405,7 +405,10 @@ def _json(status: int, doc: dict, *, retry_after: int | None = None) -> Response
 
 # ----- the runnable node -----------------------------------------------------------------------
 @dataclass
-class NodeOptions:
+class IngestNodeOptions:
+    """How ``python -m verge.compute.forwarder`` runs: route, spool and forwarder in one process
+    (not the edge node's verge.edge.node.NodeOptions: an edge mounts these parts per route)."""
+
     spool: str
     sink: str
     listen: str = "127.0.0.1:8090"
@@ -418,7 +421,7 @@ class NodeOptions:
     limits: IngestLimits = field(default_factory=IngestLimits)
 
 
-async def run_node(options: NodeOptions) -> None:
+async def run_node(options: IngestNodeOptions) -> None:
     """Serve the ingest route and forward the spool until SIGTERM/SIGINT."""
     spool = await AsyncSpool.open(
         options.spool,
@@ -465,7 +468,7 @@ async def _tick_forever(spool: AsyncSpool, interval: float) -> None:
             _log("error", "aggregator tick failed", error=repr(exc))
 
 
-def parse_args(argv: list[str] | None = None) -> NodeOptions:
+def parse_args(argv: list[str] | None = None) -> IngestNodeOptions:
     p = argparse.ArgumentParser(
         prog="python -m verge.compute.forwarder",
         description="Edge data ingestion: POST /ingest, durable spool,"
@@ -495,7 +498,7 @@ def parse_args(argv: list[str] | None = None) -> NodeOptions:
         build_aggregator(a.aggregate)  # fail early on a bad spec
     except ValueError as exc:
         p.error(str(exc))
-    return NodeOptions(
+    return IngestNodeOptions(
         spool=a.spool,
         sink=a.sink,
         listen=a.listen,

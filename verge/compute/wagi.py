@@ -45,7 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from verge.http.message import HOP_BY_HOP, Headers
+from verge.http.message import Headers
+from verge.http_semantics import HOP_BY_HOP, reason_phrase
 
 PASS_HEADER = "x-verge-pass"
 REWRITE_PATH_HEADER = "x-verge-rewrite-path"
@@ -58,27 +59,6 @@ _TRUTHY = frozenset({"1", "true", "yes", "on"})
 
 MAX_HEAD_BYTES = 64 * 1024  # the CGI header block of a function's output
 MAX_HEADER_LINES = 200
-
-REASONS = {
-    200: "OK",
-    201: "Created",
-    204: "No Content",
-    301: "Moved Permanently",
-    302: "Found",
-    303: "See Other",
-    304: "Not Modified",
-    307: "Temporary Redirect",
-    308: "Permanent Redirect",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 
 
 class BadOutput(ValueError):
@@ -249,7 +229,7 @@ def _strip_port(host: str) -> str:
 
 def encode_response(status: int, headers: Headers, body: bytes) -> bytes:
     """An HTTP response in CGI form: the input of response editing and of ``fetch``."""
-    lines = [f"Status: {status} {REASONS.get(status, '')}".rstrip()]
+    lines = [f"Status: {status} {reason_phrase(status)}".rstrip()]
     lines.extend(f"{n}: {v}" for n, v in headers)
     head = "\n".join(lines) + "\n\n"
     return head.encode("latin-1", "replace") + body

@@ -55,7 +55,7 @@ from verge.control.functions import (
 )
 from verge.control.protection import ProtectionCounts, ProtectionEvents
 from verge.control.store import Store, StoreError, pydantic_error
-from verge.routing.health import HealthMonitor, Target
+from verge.health import HealthMonitor, Target
 
 log = logging.getLogger("verge.control")
 

@@ -1,16 +1,22 @@
 """A thin, synchronous client for the control-plane REST API (see .notes/CONTROL_API.md).
 
-The operator CLI and the edge agent talk to the control plane through this one class so that
-the wire details live in one place: the `/api/v1` prefix, the bearer token, pagination, ETags
-and how errors come back. Every method is one API call; a non-2xx answer (or no answer at all)
-raises `ControlError` carrying the server's own error text and the field it names, so callers
-can print it as is. It is synchronous on purpose: the CLI is, and the agent runs its long polls
-in threads (`asyncio.to_thread`) so one slow call never stalls the event loop.
+The operator CLI and the router talk to the control plane through `ControlClient`, the edge
+agent through `NodeClient`, so that the wire details live in one place: the `/api/v1` prefix,
+the node API's paths, the bearer token, pagination, ETags, timeouts, failover between
+replicas and how errors come back. Every method is one API call; a non-2xx answer raises
+`ControlError` carrying the server's own error text and the field it names, so callers can
+print it as is. `ControlClient` is synchronous, as the CLI is; `NodeClient` is asynchronous,
+because the agent keeps several long polls open at once and moves them all to another
+replica the moment one call finds its replica down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import hashlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +24,19 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+log = logging.getLogger("verge.agent")
+
 API_PREFIX = "/api/v1"
+# The node API (edge side), under API_PREFIX: one spelling for NodeClient and ControlClient.
+NODE_JOIN = "/nodes/join"
+NODE_CONFIG = "/nodes/self/config"
+NODE_PURGES = "/nodes/self/purges"
+NODE_KV = "/nodes/self/kv"
+NODE_MODULES = "/nodes/self/modules"
+NODE_HEARTBEAT = "/nodes/self/heartbeat"
+NODE_STATS = "/nodes/self/stats"
+NODE_FUNCTION_LOGS = "/nodes/self/function-logs"
+NODE_PROTECTION_EVENTS = "/nodes/self/protection-events"
 NO_RESPONSE = 0
 """`ControlError.status` when no HTTP answer arrived (refused, timed out, bad URL)."""
 
@@ -490,15 +508,12 @@ class ControlClient:
             "GET", "/stats", params={"service": service, "node": node, "since": since, "step": step}
         )
 
-    # -- edge side (join token, then the node credential) ------------------------------------
+    # -- edge side, synchronous (a stand-in edge for tests and scripts; see NodeClient) --------
 
     def join(self, name: str, url: str, admin_url: str, region: str | None = None) -> Json:
         """POST /nodes/join (join token) -> {"node", "credential"}."""
-        return self._json(
-            "POST",
-            "/nodes/join",
-            body=_drop_none({"name": name, "url": url, "admin_url": admin_url, "region": region}),
-        )
+        body = _drop_none({"name": name, "url": url, "admin_url": admin_url, "region": region})
+        return self._json("POST", NODE_JOIN, body=body)
 
     def heartbeat(
         self,
@@ -507,79 +522,24 @@ class ControlClient:
         health: Json | None = None,
         load: Json | None = None,
     ) -> Json:
-        return self._json(
-            "POST",
-            "/nodes/self/heartbeat",
-            body={
-                "health": health or {},
-                "load": load or {},
-                "config_version": config_version,
-                "purge_seq": purge_seq,
-            },
-        )
-
-    def node_config(self, after: int = 0, wait: float = 25) -> Json | None:
-        """Long poll: {"version", "config"} once the bundle is newer than `after`, else None."""
-        response = self._send(
-            "GET",
-            "/nodes/self/config",
-            params={"after": after, "wait": wait},
-            timeout=wait + self.timeout,
-        )
-        return None if response.status_code == 204 else response.json()
+        body = {
+            "health": health or {},
+            "load": load or {},
+            "config_version": config_version,
+            "purge_seq": purge_seq,
+        }
+        return self._json("POST", NODE_HEARTBEAT, body=body)
 
     def node_purges(self, after: int = 0, wait: float = 25) -> list[Json]:
         """Long poll: purges with seq > `after` ([] when none arrived within `wait`)."""
-        response = self._send(
-            "GET",
-            "/nodes/self/purges",
-            params={"after": after, "wait": wait},
-            timeout=wait + self.timeout,
+        body = self._json(
+            "GET", NODE_PURGES, params={"after": after, "wait": wait}, timeout=wait + self.timeout
         )
-        if response.status_code == 204 or not response.content:
-            return []
-        return list(response.json().get("purges", []))
+        return list(body.get("purges", []))
 
     def ack_purges(self, seq: int) -> None:
         """Acknowledge every purge up to and including `seq`."""
-        self._send("POST", "/nodes/self/purges/ack", body={"seq": seq})
-
-    def node_module(self, sha256: str) -> bytes:
-        """A function module by sha256 (node credential)."""
-        return self._send(
-            "GET", f"/nodes/self/modules/{_segment(sha256)}", timeout=max(self.timeout, 60)
-        ).content
-
-    def node_kv(self, after: int = 0, wait: float = 25) -> list[Json]:
-        """Long poll: KV changes with seq > `after` ([] when none arrived within `wait`)."""
-        body = self._json(
-            "GET",
-            "/nodes/self/kv",
-            params={"after": after, "wait": wait},
-            timeout=wait + self.timeout,
-        )
-        return list(body.get("changes", []))
-
-    def send_kv_writes(self, outbox: str, writes: list[Json]) -> Json:
-        """Function KV writes from this node's outbox (node credential): ``{"kv_seq",
-        "applied", "refused", "duplicates", "results": [...]}`` (see the API)."""
-        return self._json("POST", "/nodes/self/kv", body={"outbox": outbox, "writes": writes})
-
-    def send_function_logs(self, records: list[Json]) -> None:
-        self._send("POST", "/nodes/self/function-logs", body={"records": records})
-
-    def send_protection_events(self, events: list[Json]) -> Json:
-        """Upload refused requests (node credential) -> {"accepted", "skipped"}."""
-        return self._json("POST", "/nodes/self/protection-events", body={"events": events})
-
-    def send_stats(self, samples: list[Json], idempotency_key: str) -> None:
-        """Upload samples; a retry with the same key is ignored by the server."""
-        self._send(
-            "POST",
-            "/nodes/self/stats",
-            body={"samples": samples},
-            headers={"Idempotency-Key": idempotency_key},
-        )
+        self._send("POST", NODE_PURGES + "/ack", body={"seq": seq})
 
 
 def iter_all(fetch: Callable[[int, int], Page], page_size: int = 200) -> Iterator[Json]:
@@ -596,3 +556,178 @@ def iter_all(fetch: Callable[[int, int], Page], page_size: int = 200) -> Iterato
 def _segment(value: str) -> str:
     """A path segment with '/', '?', '#' and '%' escaped, so a name never changes the route."""
     return quote(str(value), safe="")
+
+
+# -- the node API, asynchronous: what the edge agent speaks ----------------------------------
+
+NODE_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+"""A node call that is not a long poll: a replica silent for longer is treated as down."""
+LONG_POLL_GRACE = 5.0
+"""Seconds a long poll waits beyond the ``wait`` it asks the server for."""
+
+
+class CredentialRefused(ControlError):
+    """401/403 from the node API: the join token or the node credential is not valid (any more)."""
+
+
+class _ReplicaMoved(Exception):
+    """Another call moved to the next replica while this long poll waited on the old one."""
+
+
+class NodeClient:
+    """`NodeClient(urls, token)`: one async method per node API call, for the edge agent.
+
+    Failover: every call goes to the replica that answered last; one that cannot be reached,
+    does not answer in time or answers 5xx makes the client move to the next one at once
+    (and stay there), for every call: node calls are safe to repeat (sequence numbers,
+    idempotency keys, outbox ids), so unlike ControlClient's writes they move too. A long
+    poll waiting on the old replica is re-issued on the new one at once. Each replica is
+    tried at most once per call.
+
+    Errors: 401/403 raise CredentialRefused; another status >= 400 a ControlError with the
+    server's message; no answer from the last replica tried, its httpx.TransportError.
+    ``token`` is the node credential (set it after :meth:`join`); ``http`` may be replaced
+    (tests hand it an ASGI transport).
+    """
+
+    def __init__(self, urls: str | Iterable[str], token: str | None = None) -> None:
+        self.urls = control_urls(urls)
+        self.url = self.urls[0]
+        self.token = token
+        self.http = httpx.AsyncClient(timeout=NODE_TIMEOUT)
+        self._moved = asyncio.Event()  # set (and replaced) when url changes
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    async def join(
+        self, join_token: str, name: str, url: str, admin_url: str, region: str | None
+    ) -> Json:
+        """POST /nodes/join with a join token -> {"node", "credential"}."""
+        body = {"name": name, "url": url, "admin_url": admin_url, "region": region}
+        return (await self._call("POST", NODE_JOIN, json=body, token=join_token)).json()
+
+    async def config(self, after: int, wait: float, digest: str | None = None) -> Json | None:
+        """Long poll: {"version", "config", "digest"} once the bundle is newer than ``after``
+        (or, given this node's ``digest``, differs from it: another replica's), else None."""
+        params: dict[str, Any] = {"after": after, "wait": wait}
+        if digest is not None:
+            params["digest"] = digest
+        response = await self._call("GET", NODE_CONFIG, wait=wait, params=params)
+        return None if response.status_code == 204 else response.json()
+
+    async def purges(
+        self, after: int, wait: float, timeout: httpx.Timeout | None = None
+    ) -> list[Json]:
+        """Purges with seq > ``after`` (a long poll when ``wait``); the call acknowledges
+        every purge up to ``after``."""
+        kw = {"timeout": timeout} if timeout is not None else {}
+        response = await self._call(
+            "GET", NODE_PURGES, wait=wait, params={"after": after, "wait": wait}, **kw
+        )
+        return list(response.json().get("purges", []))
+
+    async def kv_changes(self, after: int, wait: float) -> list[Json]:
+        """Long poll: edge KV changes with seq > ``after`` ([] when none came within ``wait``)."""
+        response = await self._call(
+            "GET", NODE_KV, wait=wait, params={"after": after, "wait": wait}
+        )
+        return list(response.json().get("changes", []))
+
+    async def module(self, digest: str) -> bytes:
+        """The function module named ``sha256:<digest>``, checked against its digest."""
+        content = (await self._call("GET", f"{NODE_MODULES}/{_segment(digest)}")).content
+        if hashlib.sha256(content).hexdigest() != digest:
+            raise ValueError(f"module {digest} arrived corrupted; fetching it again")
+        return content
+
+    async def heartbeat(self, body: Json) -> None:
+        """{"health", "load", "config_version", "purge_seq", "url", "admin_url", "region"}."""
+        await self._call("POST", NODE_HEARTBEAT, json=body)
+
+    async def send_stats(self, body: str, idempotency_key: str) -> None:
+        """A spooled upload (JSON text); a retry with the same key is ignored by the server."""
+        headers = {"Idempotency-Key": idempotency_key, "Content-Type": "application/json"}
+        await self._call("POST", NODE_STATS, content=body, headers=headers)
+
+    async def send_function_logs(self, records: list[Json]) -> None:
+        await self._call("POST", NODE_FUNCTION_LOGS, json={"records": records})
+
+    async def send_protection_events(self, events: list[Json]) -> Json:
+        """Refused requests -> {"accepted", "skipped"}."""
+        response = await self._call("POST", NODE_PROTECTION_EVENTS, json={"events": events})
+        return response.json()
+
+    async def send_kv_writes(self, outbox: str, writes: list[Json]) -> Json:
+        """Function KV writes of this node's outbox -> {"kv_seq", "results": [...], ...}."""
+        response = await self._call("POST", NODE_KV, json={"outbox": outbox, "writes": writes})
+        return response.json()
+
+    # -- transport -------------------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, *, token: str | None = None, wait: float = 0.0, **kw: Any
+    ) -> httpx.Response:
+        """One call on the current replica, failing over as the class says."""
+        headers = {"Authorization": f"Bearer {token or self.token}", **kw.pop("headers", {})}
+        kw.setdefault(
+            "timeout", httpx.Timeout(wait + LONG_POLL_GRACE, connect=2.0) if wait else NODE_TIMEOUT
+        )
+        tried: set[str] = set()
+        while True:
+            base = self.url
+            tried.add(base)
+            try:
+                response = await self._request(base, method, API_PREFIX + path, headers, wait, kw)
+            except _ReplicaMoved:
+                continue
+            except httpx.TransportError as exc:
+                if not self._fail_over(base, repr(exc), tried):
+                    raise
+                continue
+            status = response.status_code
+            if status >= 500 and self._fail_over(base, f"HTTP {status}", tried):
+                continue
+            if status in (401, 403):
+                raise CredentialRefused(status, f"{path}: {status} {response.text.strip()}")
+            if status >= 400:
+                raise _error_from_response(response)
+            return response
+
+    async def _request(
+        self, base: str, method: str, path: str, headers: dict, wait: float, kw: dict
+    ) -> httpx.Response:
+        """The request on ``base``; a long poll gives way (``_ReplicaMoved``) when another
+        call has moved to another replica meanwhile, to be re-issued there at once."""
+        send = self.http.request(method, base + path, headers=headers, **kw)
+        if not wait or len(self.urls) == 1:
+            return await send
+        request = asyncio.ensure_future(send)
+        moved = asyncio.ensure_future(self._moved.wait())
+        try:
+            await asyncio.wait((request, moved), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+        if request.done():
+            return request.result()
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await request
+        raise _ReplicaMoved
+
+    def _fail_over(self, base: str, reason: str, tried: set[str]) -> bool:
+        """``base`` failed: move to the replica after it (unless another call already
+        moved). True when the call should be tried again: on a replica it has not tried."""
+        if len(self.urls) == 1:
+            return False
+        if base == self.url:
+            following = self.urls[(self.urls.index(base) + 1) % len(self.urls)]
+            log.warning(
+                "control plane %s failed (%s); switching to %s", base, reason[:200], following
+            )
+            self.url = following
+            self._moved.set()
+            self._moved = asyncio.Event()
+        return self.url not in tried

@@ -1,8 +1,10 @@
 """Edge functions and the edge KV in the control-plane store (the part of the store for issue 7).
 
-Kept out of ``store.py`` so that file does not grow further; :class:`FunctionStore` wraps a
-:class:`~verge.control.store.Store` and uses its transactions, counters, audit log and
-notifications the same way the store's own operations do (same package, same rules).
+Kept beside the store package rather than in it: :class:`FunctionStore` wraps a
+:class:`~verge.control.store.Store` and uses only its public unit of work (``reading()``,
+``writing()``, ``bump()``, ``counter()``, ``audit()``, ``emit()``, ``list_scoped()``) and
+its public lookups (``visible_service()``, ``tenant_for_service()``), exactly as the store's
+own aggregates do (verge.control.store).
 
 Functions: every deploy stores a new *version* (spec + module bytes); exactly one version of
 a name is ``active`` and only that one is in the config bundle, with its module named
@@ -62,6 +64,7 @@ from verge.control.store import (
     Store,
     StoreError,
     iso,
+    page_of,
     scoped,
     validation_error,
 )
@@ -144,8 +147,8 @@ class FunctionStore:
         digest = check_module(module)
         spec = _function_spec(fields, digest)
         store = self.store
-        with store._writing() as session:
-            service = store._visible_service(session, principal, spec.service)
+        with store.writing() as session:
+            service = store.visible_service(session, principal, spec.service)
             tenant_id = service.tenant_id
             rows = self._versions(session, spec.name, lock=True)
             if rows and rows[0].tenant_id != tenant_id:
@@ -173,8 +176,8 @@ class FunctionStore:
             )
             session.add(row)
             session.flush()
-            config_version = store._bump(session, CONFIG_VERSION)
-            store._audit(
+            config_version = store.bump(session, CONFIG_VERSION)
+            store.audit(
                 session,
                 principal,
                 "function.deploy",
@@ -191,7 +194,7 @@ class FunctionStore:
                 },
             )
             view = _function_view(row, service.tenant.name)
-        store._emit("config")
+        store.emit("config")
         return view
 
     def list(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
@@ -200,14 +203,18 @@ class FunctionStore:
             .where(FunctionVersion.active.is_(True))
             .order_by(FunctionVersion.name)
         )
-        return self.store._list_scoped(
-            principal, query, FunctionVersion.tenant_id, limit, offset,
+        return self.store.list_scoped(
+            principal,
+            query,
+            FunctionVersion.tenant_id,
+            limit,
+            offset,
             lambda row: _function_view(row, row.tenant.name),
         )
 
     def get(self, principal: Principal, name: str) -> dict:
         """``{..active version.., "versions": [{"version", "module_sha256", ...}]}``."""
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             rows = self._visible(session, principal, name)
             active = next(row for row in rows if row.active)
             return {
@@ -218,15 +225,15 @@ class FunctionStore:
     def rollback(self, principal: Principal, name: str, version: int | None = None) -> dict:
         """Make ``version`` (default: the one before the active one) the active version."""
         store = self.store
-        with store._writing() as session:
+        with store.writing() as session:
             rows = self._visible(session, principal, name, lock=True)
             active = next(row for row in rows if row.active)
             target = _rollback_target(rows, active, version)
             if target is not active:
                 active.active, target.active = False, True
                 session.flush()
-                config_version = store._bump(session, CONFIG_VERSION)
-                store._audit(
+                config_version = store.bump(session, CONFIG_VERSION)
+                store.audit(
                     session,
                     principal,
                     "function.rollback",
@@ -240,20 +247,20 @@ class FunctionStore:
                 )
             view = _function_view(target, target.tenant.name)
         if target is not active:
-            store._emit("config")
+            store.emit("config")
         return view
 
     def delete(self, principal: Principal, name: str) -> None:
         store = self.store
-        with store._writing() as session:
+        with store.writing() as session:
             rows = self._visible(session, principal, name, lock=True)
             tenant_id = rows[0].tenant_id
             for row in rows:
                 session.delete(row)
             session.execute(delete(FunctionLog).where(FunctionLog.name == name))
             session.flush()
-            config_version = store._bump(session, CONFIG_VERSION)
-            store._audit(
+            config_version = store.bump(session, CONFIG_VERSION)
+            store.audit(
                 session,
                 principal,
                 "function.delete",
@@ -261,11 +268,11 @@ class FunctionStore:
                 tenant_id,
                 {"versions": len(rows), "config_version": config_version},
             )
-        store._emit("config")
+        store.emit("config")
 
     def module(self, digest: str) -> bytes:
         """The bytes of a module by sha256 (for nodes)."""
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             found = session.scalar(
                 select(FunctionVersion.module)
                 .where(FunctionVersion.module_sha256 == digest.lower())
@@ -299,7 +306,7 @@ class FunctionStore:
         """Store a node's log records (``{"function", "t"?, ...}``), keeping LOGS_KEPT each."""
         records = list(records)[:MAX_LOG_RECORDS]
         names: set[str] = set()
-        with self.store._writing() as session:
+        with self.store.writing() as session:
             for record in records:
                 name = str(record.get("function", ""))[:63]
                 if not name:
@@ -330,7 +337,7 @@ class FunctionStore:
 
     def logs(self, principal: Principal, name: str, limit: int = 100) -> dict:
         """The newest ``limit`` records, oldest first: ``{"items": [{"at", "node", ...}]}``."""
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             self._visible(session, principal, name)
             rows = session.scalars(
                 select(FunctionLog)
@@ -345,8 +352,8 @@ class FunctionStore:
     # -- KV -----------------------------------------------------------------------------------------
 
     def kv_seq(self) -> int:
-        with self.store._reading() as session:
-            return self.store._counter(session, KV_SEQ)
+        with self.store.reading() as session:
+            return self.store.counter(session, KV_SEQ)
 
     def kv_put(
         self,
@@ -361,15 +368,15 @@ class FunctionStore:
         if len(value) > MAX_VALUE_BYTES:
             raise TooLarge(f"the value is {len(value)} bytes; at most {MAX_VALUE_BYTES}", "value")
         store = self.store
-        with store._writing() as session:
+        with store.writing() as session:
             ns = session.get(KvNamespace, namespace)
             if ns is None:
-                owner = store._tenant_for_service(session, principal, tenant)
+                owner = store.tenant_for_service(session, principal, tenant)
                 ns = self._claim_namespace(session, principal, namespace, owner.id, "namespace")
             elif not principal.can_see_tenant(ns.tenant_id):
                 raise Conflict(f"KV namespace {namespace!r} belongs to another tenant", "namespace")
             seq = self._set_entry(session, namespace, key, value)
-            store._audit(
+            store.audit(
                 session,
                 principal,
                 "kv.put",
@@ -377,7 +384,7 @@ class FunctionStore:
                 ns.tenant_id,
                 {"seq": seq, "size": len(value)},
             )
-        store._emit("kv")
+        store.emit("kv")
         return {"namespace": namespace, "key": key, "seq": seq, "size": len(value)}
 
     def _set_entry(
@@ -392,7 +399,7 @@ class FunctionStore:
         entry = session.get(KvEntry, (namespace, key), with_for_update=True)
         if value is None and (entry is None or entry.deleted):
             return None
-        seq = self.store._bump(session, KV_SEQ)
+        seq = self.store.bump(session, KV_SEQ)
         if entry is None:
             entry = KvEntry(namespace=namespace, key=key)
             session.add(entry)
@@ -400,9 +407,7 @@ class FunctionStore:
         entry.seq, entry.updated_at = seq, utcnow()
         return seq
 
-    def kv_node_writes(
-        self, principal: Principal, outbox: str, writes: Sequence[dict]
-    ) -> dict:
+    def kv_node_writes(self, principal: Principal, outbox: str, writes: Sequence[dict]) -> dict:
         """Apply a node's queued function writes (``{"id","namespace","key","value":
         base64|null,"function"?}``, ids growing per outbox) in one transaction.
 
@@ -415,7 +420,7 @@ class FunctionStore:
         store = self.store
         ordered = sorted(writes, key=lambda write: int(write["id"]))
         results: dict[int, dict] = {}
-        with store._writing() as session:
+        with store.writing() as session:
             mark = self._outbox_mark(session, principal, outbox)
             grants = self._write_grants(session)
             latest: dict[tuple[str, str], tuple[list[int], bytes | None, str | None]] = {}
@@ -429,8 +434,12 @@ class FunctionStore:
                     item, value = _node_write(write, grants)
                 except StoreError as exc:
                     refused.append((write, exc))
-                    results[write_id] = {"id": write_id, "error": exc.message,
-                                         "field": exc.field, "status": exc.status}
+                    results[write_id] = {
+                        "id": write_id,
+                        "error": exc.message,
+                        "field": exc.field,
+                        "status": exc.status,
+                    }
                     continue
                 ids = latest.pop(item, ([], None, None))[0]  # re-added: applied in write order
                 latest[item] = ([*ids, write_id], value, write.get("function"))
@@ -439,9 +448,9 @@ class FunctionStore:
                 self._audit_refused(session, principal, refused)
             if ordered:
                 mark.value = max(mark.value, int(ordered[-1]["id"]))
-            kv_seq = store._counter(session, KV_SEQ)
+            kv_seq = store.counter(session, KV_SEQ)
         if applied:
-            store._emit("kv")
+            store.emit("kv")
         answers = [results[int(write["id"])] for write in writes]
         return {
             "kv_seq": kv_seq,
@@ -507,7 +516,7 @@ class FunctionStore:
                 audit["functions"].add(str(function)[:63])
         for namespace, detail in audits.items():
             detail["functions"] = sorted(detail["functions"])
-            self.store._audit(
+            self.store.audit(
                 session, principal, "kv.node_write", f"kv:{namespace}", grants[namespace], detail
             )
         return changed
@@ -516,18 +525,22 @@ class FunctionStore:
         self, session: Session, principal: Principal, refused: list[tuple[dict, StoreError]]
     ) -> None:
         namespaces = sorted({str(write.get("namespace"))[:63] for write, _ in refused})
-        self.store._audit(
+        self.store.audit(
             session,
             principal,
             "kv.node_write.refused",
             f"node:{principal.name}",
             None,
-            {"writes": len(refused), "namespaces": namespaces[:20], "reason": refused[0][1].message},
+            {
+                "writes": len(refused),
+                "namespaces": namespaces[:20],
+                "reason": refused[0][1].message,
+            },
         )
 
     def kv_get(self, principal: Principal, namespace: str, key: str) -> tuple[bytes, int]:
         """(value, seq) of a live key."""
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             self._visible_namespace(session, principal, namespace)
             entry = session.get(KvEntry, (namespace, key))
             if entry is None or entry.deleted:
@@ -536,15 +549,15 @@ class FunctionStore:
 
     def kv_delete(self, principal: Principal, namespace: str, key: str) -> dict:
         store = self.store
-        with store._writing() as session:
+        with store.writing() as session:
             ns = self._visible_namespace(session, principal, namespace)
             seq = self._set_entry(session, namespace, key, None)
             if seq is None:
                 raise NotFound(f"no key {key!r} in namespace {namespace!r}", "key")
-            store._audit(
+            store.audit(
                 session, principal, "kv.delete", f"kv:{namespace}/{key}", ns.tenant_id, {"seq": seq}
             )
-        store._emit("kv")
+        store.emit("kv")
         return {"namespace": namespace, "key": key, "seq": seq}
 
     def kv_keys(
@@ -567,7 +580,7 @@ class FunctionStore:
         )
         if prefix:
             query = query.where(KvEntry.key.startswith(prefix, autoescape=True))
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             self._visible_namespace(session, principal, namespace)
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.execute(query.limit(limit).offset(offset)).all()
@@ -575,7 +588,7 @@ class FunctionStore:
             {"key": key, "seq": seq, "size": size, "updated_at": iso(updated)}
             for key, seq, size, updated in rows
         ]
-        return {"items": items, "total": total, "limit": limit, "offset": offset}
+        return page_of(items, total, limit, offset)
 
     def kv_namespaces(self, principal: Principal, limit: int = 50, offset: int = 0) -> dict:
         live = (
@@ -590,15 +603,15 @@ class FunctionStore:
             .order_by(KvNamespace.name)
         )
         query = scoped(query, principal, KvNamespace.tenant_id)
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.execute(query.limit(limit).offset(offset)).all()
         items = [{"namespace": name, "tenant": tenant, "keys": keys} for name, tenant, keys in rows]
-        return {"items": items, "total": total, "limit": limit, "offset": offset}
+        return page_of(items, total, limit, offset)
 
     def kv_changes(self, after: int, limit: int = KV_BATCH) -> list[dict]:
         """Changes with seq > after, oldest first; values base64, ``null`` for a deletion."""
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             rows = session.scalars(
                 select(KvEntry).where(KvEntry.seq > after).order_by(KvEntry.seq).limit(limit)
             ).all()
@@ -614,7 +627,7 @@ class FunctionStore:
             ns = KvNamespace(name=name, tenant_id=tenant_id, created_at=utcnow())
             session.add(ns)
             session.flush()
-            self.store._audit(session, principal, "kv.namespace.create", f"kv:{name}", tenant_id)
+            self.store.audit(session, principal, "kv.namespace.create", f"kv:{name}", tenant_id)
         elif ns.tenant_id != tenant_id:
             raise Conflict(f"KV namespace {name!r} belongs to another tenant", field)
         return ns

@@ -74,6 +74,9 @@ class AdminApp(HttpApp):
             "open_files_limit": min((s.get("open_files_limit", 0) for s in stats), default=0),
             "connections_refused_by_cap": sum(s.get("connections_refused", 0) for s in stats),
         }
+        if any("flood" in s for s in stats):  # the node's flood guard is on
+            for name in ("dropped", "refused", "boxes", "boxed"):
+                gauges[f"flood_{name}"] = sum(s.get("flood", {}).get(name, 0) for s in stats)
         body = render(snap, gauges)
         return text_response(200, body, content_type="text/plain; version=0.0.4; charset=utf-8")
 

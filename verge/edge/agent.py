@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +56,7 @@ from pydantic import ValidationError
 from verge.cache.purge import PurgeScope, key_host, scoped_tag
 from verge.cache.store import purge_disk
 from verge.config import Config
+from verge.control.client import ControlError, CredentialRefused, NodeClient
 from verge.edge.compute import KV_FILE, MODULE_PREFIX, OUTBOX_FILE, EdgeKV, KVOutbox
 from verge.files import write_atomic
 
@@ -69,9 +69,7 @@ log = logging.getLogger("verge.agent")
 HEARTBEAT_INTERVAL = 2.0
 STATS_INTERVAL = 5.0
 LONG_POLL = 25.0
-CALL_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
-"""A call that is not a long poll: a replica silent for longer is treated as down."""
-LONG_POLL_TIMEOUT = httpx.Timeout(LONG_POLL + 5.0, connect=2.0)
+"""Seconds the control plane may hold a config, purge or KV poll before answering."""
 MAX_PENDING_LOGS = 2000
 """Function log records held while the control plane is away (the oldest are dropped)."""
 MAX_PENDING_EVENTS = 2000
@@ -130,25 +128,7 @@ def bundle_modules(config: Config) -> set[str]:
 
 
 class AgentError(Exception):
-    """The control plane refused us (bad join token, revoked credential)."""
-
-
-class _ReplicaMoved(Exception):
-    """Another call moved to the next replica while this long poll waited on the old one."""
-
-
-def split_control_urls(control: str | Sequence[str]) -> list[str]:
-    """Base URLs of the control plane's replicas (a comma-separated string, or a list of
-    URLs as the CLI checked them), without trailing slashes or duplicates."""
-    parts = control.split(",") if isinstance(control, str) else control
-    urls: list[str] = []
-    for part in parts:
-        url = part.strip().rstrip("/")
-        if url and url not in urls:
-            urls.append(url)
-    if not urls:
-        raise ValueError("no control plane URL")
-    return urls
+    """This node cannot join: no join token given, or the control plane refused it."""
 
 
 class StatsSpool:
@@ -180,14 +160,11 @@ class StatsSpool:
 class ControlAgent:
     def __init__(self, node: Node, control: str | Sequence[str], join_token: str | None) -> None:
         self.node = node
-        self.control_urls = split_control_urls(control)
-        self.control_url = self.control_urls[0]
-        """The replica calls go to: the one that answered last."""
-        self._moved = asyncio.Event()  # set (and replaced) when control_url changes
+        self.client = NodeClient(control)
+        """The node API, with failover over the control plane's replicas."""
         self.join_token = join_token
         self.dir = Path(node.options.cache_dir) / "control"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.credential: str | None = None
         self.node_name = node.options.node
         self.config_version = 0
         self.config_digest: str | None = None  # the bundle's content hash (any replica's)
@@ -205,8 +182,33 @@ class ControlAgent:
         """Protection events the control plane refused (4xx): dropped, not retried."""
         self._last_snapshot: dict[str, list[int]] = {}
         self._last_protection: dict[tuple[str, str, str], tuple[int, int, int]] = {}
-        self.http = httpx.AsyncClient(timeout=CALL_TIMEOUT)
         self.connected = False
+
+    @property
+    def credential(self) -> str | None:
+        """The node credential (None until joined or loaded from node.json)."""
+        return self.client.token
+
+    @credential.setter
+    def credential(self, value: str | None) -> None:
+        self.client.token = value
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self.client.http
+
+    @http.setter
+    def http(self, value: httpx.AsyncClient) -> None:
+        self.client.http = value
+
+    @property
+    def control_urls(self) -> list[str]:
+        return self.client.urls
+
+    @property
+    def control_url(self) -> str:
+        """The replica calls go to: the one that answered last."""
+        return self.client.url
 
     # ----- state on disk ---------------------------------------------------------------------
     def _read_int(self, name: str) -> int:
@@ -249,7 +251,7 @@ class ControlAgent:
             except AgentError as exc:
                 log.error("cannot join the control plane: %s", exc)
                 await asyncio.sleep(5)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ControlError) as exc:
                 log.warning("control plane unreachable (%s); retrying", exc)
                 await asyncio.sleep(1)
         self._listen_for_kv_writes()
@@ -270,7 +272,7 @@ class ControlAgent:
                     await asyncio.sleep(interval)
             except asyncio.CancelledError:
                 raise
-            except AgentError as exc:
+            except (AgentError, CredentialRefused) as exc:
                 log.error("control plane refused this node: %s", exc)
                 await asyncio.sleep(10)
             except Exception as exc:  # network down, control plane restarting...
@@ -290,13 +292,11 @@ class ControlAgent:
     async def join(self) -> None:
         if not self.join_token:
             raise AgentError("no credential saved and no --join-token given")
-        body = {"name": self.node_name or socket.gethostname(), **self.whereabouts()}
         try:
-            response = await self._call("POST", "/api/v1/nodes/join", json=body,
-                                        token=self.join_token)
-        except AgentError as exc:
+            data = await self.client.join(self.join_token, self.node_name or socket.gethostname(),
+                                          **self.whereabouts())
+        except CredentialRefused as exc:
             raise AgentError(f"join refused: {exc}") from None
-        data = response.json()
         self.credential, self.node_name = data["credential"], data["node"]
         write_atomic(self.dir / "node.json", json.dumps({
             "controls": self.control_urls, "node": self.node_name,
@@ -304,79 +304,12 @@ class ControlAgent:
         log.warning("joined the control plane as %s (through %s)", self.node_name,
                     self.control_url)
 
-    async def _call(self, method: str, path: str, *, token: str | None = None,
-                    long_poll: bool = False, **kw) -> httpx.Response:
-        """One API call on the current replica, moving on to the next one (and staying
-        there) when it cannot be reached, times out or answers 5xx; each replica is tried
-        at most once per call. 401/403 raise AgentError, other 4xx HTTPStatusError."""
-        headers = {"Authorization": f"Bearer {token or self.credential}",
-                   **kw.pop("headers", {})}
-        kw.setdefault("timeout", LONG_POLL_TIMEOUT if long_poll else CALL_TIMEOUT)
-        tried: set[str] = set()
-        while True:
-            base = self.control_url
-            tried.add(base)
-            try:
-                response = await self._request(base, method, path, headers, long_poll, kw)
-            except _ReplicaMoved:
-                continue
-            except httpx.TransportError as exc:
-                if not self._fail_over(base, repr(exc), tried):
-                    raise
-                continue
-            if response.status_code >= 500 and self._fail_over(
-                    base, f"HTTP {response.status_code}", tried):
-                continue
-            if response.status_code in (401, 403):
-                raise AgentError(f"{path}: {response.status_code} {response.text.strip()}")
-            response.raise_for_status()
-            return response
-
-    async def _request(self, base: str, method: str, path: str, headers: dict,
-                       long_poll: bool, kw: dict) -> httpx.Response:
-        """The request on ``base``; a long poll gives way (``_ReplicaMoved``) when another
-        call has moved to another replica meanwhile, to be re-issued there at once."""
-        send = self.http.request(method, base + path, headers=headers, **kw)
-        if not long_poll or len(self.control_urls) == 1:
-            return await send
-        request = asyncio.ensure_future(send)
-        moved = asyncio.ensure_future(self._moved.wait())
-        try:
-            await asyncio.wait((request, moved), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            moved.cancel()
-        if request.done():
-            return request.result()
-        request.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await request
-        raise _ReplicaMoved
-
-    def _fail_over(self, base: str, reason: str, tried: set[str]) -> bool:
-        """``base`` failed: move to the replica after it (unless another call already
-        moved). True when the call should be tried again: on a replica it has not tried."""
-        if len(self.control_urls) == 1:
-            return False
-        if base == self.control_url:
-            following = self.control_urls[(self.control_urls.index(base) + 1)
-                                          % len(self.control_urls)]
-            log.warning("control plane %s failed (%s); switching to %s", base, reason[:200],
-                        following)
-            self.control_url = following
-            self._moved.set()
-            self._moved = asyncio.Event()
-        return self.control_url not in tried
-
     # ----- config ---------------------------------------------------------------------------------
     async def _config_once(self) -> None:
-        params = {"after": self.config_version, "wait": LONG_POLL}
-        if self.config_digest is not None:  # a replica with other content answers at once
-            params["digest"] = self.config_digest
-        response = await self._call("GET", "/api/v1/nodes/self/config", long_poll=True,
-                                    params=params)
-        if response.status_code == 204:
+        # with the digest, a replica with other content answers at once
+        data = await self.client.config(self.config_version, LONG_POLL, self.config_digest)
+        if data is None:
             return
-        data = response.json()
         await self.apply_bundle(int(data["version"]), data["config"], data.get("digest"))
 
     async def apply_bundle(self, version: int, raw: dict, digest: str | None = None) -> None:
@@ -407,12 +340,10 @@ class ControlAgent:
             path = module_file(self.node.options.cache_dir, digest)
             if path.exists():
                 continue
-            response = await self._call("GET", f"/api/v1/nodes/self/modules/{digest}")
-            if hashlib.sha256(response.content).hexdigest() != digest:
-                raise RuntimeError(f"module {digest} arrived corrupted; fetching it again")
+            content = await self.client.module(digest)  # checked against its digest
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, response.content)
-            log.info("fetched edge function module %s (%d bytes)", digest, len(response.content))
+            write_atomic(path, content)
+            log.info("fetched edge function module %s (%d bytes)", digest, len(content))
 
     def prune_modules(self, config: Config) -> None:
         """Remove modules the running (and saved) bundle no longer uses."""
@@ -425,9 +356,7 @@ class ControlAgent:
     # ----- edge KV --------------------------------------------------------------------------------
     async def _kv_once(self) -> None:
         """Follow the KV change feed: persist each batch, then have every worker load it."""
-        response = await self._call("GET", "/api/v1/nodes/self/kv", long_poll=True,
-                                    params={"after": self.kv.seq, "wait": LONG_POLL})
-        changes = response.json().get("changes", [])
+        changes = await self.client.kv_changes(self.kv.seq, LONG_POLL)
         if not changes:
             return
         await asyncio.to_thread(self.kv.apply, changes)
@@ -457,19 +386,17 @@ class ControlAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kv_written.wait(), KV_OUTBOX_POLL)
             return
-        body = {"outbox": self.outbox.id, "writes": [write.wire() for write in writes]}
         try:
-            response = await self._call("POST", "/api/v1/nodes/self/kv", json=body)
-        except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            if not 400 <= status < 500 or status in KV_RETRIED_CLIENT_ERRORS:
+            answer = await self.client.send_kv_writes(self.outbox.id,
+                                                      [write.wire() for write in writes])
+        except ControlError as exc:
+            if not _dropped(exc, KV_RETRIED_CLIENT_ERRORS):
                 raise
-            reason = f"{status}: {exc.response.text.strip()[:200]}"
+            reason = f"{exc.status}: {exc.message[:200]}"
             await asyncio.to_thread(self.outbox.drop, writes)
             self._kv_writes_refused([(write, reason) for write in writes])
             await self._tell_workers_kv()
             return
-        answer = response.json()
         settled = await asyncio.to_thread(self.outbox.settle, writes, answer["results"],
                                           int(answer["kv_seq"]), self.kv.seq)
         self._kv_writes_refused(settled.refused)
@@ -520,9 +447,7 @@ class ControlAgent:
     # ----- purges ---------------------------------------------------------------------------------
     async def _purges_once(self) -> None:
         """Poll for purges after the last applied one; the poll itself acknowledges that one."""
-        response = await self._call("GET", "/api/v1/nodes/self/purges", long_poll=True,
-                                    params={"after": self.purge_seq, "wait": LONG_POLL})
-        for job in response.json().get("purges", []):
+        for job in await self.client.purges(self.purge_seq, LONG_POLL):
             targets = job_targets(job, self.node.disk)
             result = await self.node.purge(targets, bool(job.get("soft")))
             if not result["ok"]:
@@ -552,13 +477,11 @@ class ControlAgent:
                     write_atomic(self.dir / "purge_seq", str(self.purge_seq).encode(),
                                  durable=False)
             # the purge loop's first poll (after=purge_seq) acknowledges them
-        except (TimeoutError, httpx.HTTPError, AgentError) as exc:
+        except (TimeoutError, httpx.HTTPError, ControlError) as exc:
             log.warning("could not catch up on purges before serving (%r); will retry", exc)
 
     async def _missed_purges(self, timeout: httpx.Timeout) -> list[dict]:
-        response = await self._call("GET", "/api/v1/nodes/self/purges", timeout=timeout,
-                                    params={"after": self.purge_seq, "wait": 0})
-        jobs = response.json().get("purges", [])
+        jobs = await self.client.purges(self.purge_seq, 0, timeout)
         return [job for job in jobs if int(job["seq"]) > self.purge_seq]
 
     # ----- heartbeat and stats -----------------------------------------------------------------------
@@ -569,7 +492,7 @@ class ControlAgent:
                 "disk_bytes": self.node.disk.used_bytes}
         alive = sum(1 for w in self.node.workers if w.alive())
         outbox_writes, outbox_bytes = await asyncio.to_thread(self.outbox.size)
-        await self._call("POST", "/api/v1/nodes/self/heartbeat", json={
+        await self.client.heartbeat({
             "health": {"workers": alive, "workers_expected": len(self.node.workers),
                        "status": "ok" if alive == len(self.node.workers) else "degraded",
                        "kv_seq": self.kv.seq, "kv_outbox_writes": outbox_writes,
@@ -583,9 +506,7 @@ class ControlAgent:
         stats = await self.node.stats()
         self.spool.add(self._samples(stats), self._protection_samples(stats))
         for key, body in self.spool.pending():
-            await self._send_or_drop(
-                "POST", "/api/v1/nodes/self/stats", "stats samples", content=body,
-                headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+            await self._send_or_drop(self.client.send_stats(body, key), "stats samples")
             self.spool.done(key)
         await self._ship_function_logs()
 
@@ -597,8 +518,8 @@ class ControlAgent:
         del self.pending_logs[:-MAX_PENDING_LOGS]
         if self.pending_logs:
             batch = self.pending_logs[:500]
-            await self._send_or_drop("POST", "/api/v1/nodes/self/function-logs",
-                                     "function log records", json={"records": batch})
+            await self._send_or_drop(self.client.send_function_logs(batch),
+                                     "function log records")
             del self.pending_logs[:len(batch)]
 
     async def _ship_protection_events(self) -> None:
@@ -612,28 +533,27 @@ class ControlAgent:
         if not self.pending_events:
             return
         batch = self.pending_events[:EVENTS_BATCH]
-        if not await self._send_or_drop("POST", "/api/v1/nodes/self/protection-events",
-                                        "protection events", json={"events": batch}):
+        if not await self._send_or_drop(self.client.send_protection_events(batch),
+                                        "protection events"):
             self.events_dropped += len(batch)
         del self.pending_events[:len(batch)]
 
-    async def _send_or_drop(self, method: str, path: str, what: str, **kw) -> bool:
+    async def _send_or_drop(self, send: Awaitable[object], what: str) -> bool:
         """Send a batch; True when accepted. A batch the control plane refuses with a 4xx
         (invalid, or a control plane without the endpoint) is dropped, not retried: it
         would be refused again, and the batches behind it would never go. The first drop of
         each kind is a warning, later ones are logged at debug level only."""
         try:
-            await self._call(method, path, **kw)
+            await send
             return True
-        except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            if not 400 <= status < 500 or status in RETRIED_CLIENT_ERRORS:
+        except ControlError as exc:
+            if not _dropped(exc, RETRIED_CLIENT_ERRORS):
                 raise
             first = what not in self._refused_kinds
             self._refused_kinds.add(what)
             (log.warning if first else log.debug)(
-                "the control plane refused %s (%d: %s); dropped them", what, status,
-                exc.response.text.strip()[:200])
+                "the control plane refused %s (%d: %s); dropped them", what, exc.status,
+                exc.message[:200])
             return False
 
     def _samples(self, stats: list[dict]) -> list[dict]:
@@ -672,13 +592,20 @@ class ControlAgent:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self.http.aclose()
+            await self.client.aclose()
         if self._kv_socket is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._kv_socket.fileno())
             self._kv_socket.close()
         self.kv.close()
         self.outbox.close()
+
+
+def _dropped(exc: ControlError, retried: Sequence[int]) -> bool:
+    """Whether a refused batch is dropped: a 4xx that does not say "later" (a refused
+    credential is not a refused batch: the loop waits for the operator instead)."""
+    return (not isinstance(exc, CredentialRefused) and 400 <= exc.status < 500
+            and exc.status not in retried)
 
 
 def _reasons(exc: ValueError) -> str:

@@ -50,6 +50,7 @@ from verge.edge.origins import OriginSet, ParentSet
 from verge.edge.protect import (
     ADMITTED,
     ALONE,
+    FLOODED,
     ConnectionGate,
     FieldsWriter,
     ProtectSharing,
@@ -66,6 +67,7 @@ from verge.http.target import BadTarget, normalize_target
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
 from verge.observe.records import RequestRecords
+from verge.protect.flood import FloodGuard
 from verge.protect.waf import Waf
 from verge.uri import has_encoded_separator
 
@@ -187,9 +189,16 @@ class EdgeApp:
                                                     self._protection(service, previous))
         self.config = config
         self.runtimes = runtimes
+        flood = getattr(config, "flood", None)
+        self.flood = FloodGuard.of(flood.spec() if flood is not None else None,
+                                   getattr(self, "flood", None), workers=self.protect.workers,
+                                   listeners=self.protect.listeners)
         self.connection_gate = ConnectionGate.of(
-            [s.protection for s in config.services if s.protection is not None],
-            getattr(self, "connection_gate", None))
+            [s.protection for s in config.services],
+            getattr(self, "connection_gate", None), self.flood)
+        for runtime in runtimes.values():
+            if runtime.protection is not None:
+                runtime.protection.bind_gate(self.connection_gate)
         if self.compute is not None and config.functions != self._functions:
             self.compute.apply(config.functions)
             self._functions = list(config.functions)
@@ -369,6 +378,10 @@ class EdgeApp:
 
     def handle_fast(self, request) -> Response | None:
         """Answer a fresh memory hit without a task; None sends the request down the async path."""
+        flood = self.flood
+        if flood is not None and not flood.admit(request.client, time.monotonic()):
+            request.admitted = FLOODED
+            return None  # handle() drops the connection
         if request.method not in CACHEABLE_METHODS:
             return None
         started = time.perf_counter()
@@ -531,6 +544,10 @@ class EdgeApp:
     async def handle(self, request, writer: ResponseWriter) -> None:
         started = time.perf_counter()
         admitted = request.admitted
+        if self.flood is not None and (admitted is FLOODED or request.body is not None and
+                                       not self.flood.admit(request.client, time.monotonic())):
+            self._log(request, 0, 0, "flood", started)  # (with a body: handle_fast never saw it)
+            raise ConnectionResetError("dropped by the flood guard")
         route, request = self.cached_route(request)
         if type(route) is not Route:
             writer.keep_alive = False

@@ -42,6 +42,9 @@ log = logging.getLogger("verge.node")
 
 @dataclass
 class NodeOptions:
+    """`verge edge`'s flags: listeners, workers, cache directory, control plane (the config
+    file says what to serve; these say how this node runs)."""
+
     listen_host: str
     listen_port: int
     admin_host: str

@@ -27,12 +27,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from verge.http.response import Response
 from verge.http.server import text_response
 from verge.protect.deny import ConnectionCap, CountryLookup, DenyList
+from verge.protect.flood import FloodGuard
 from verge.protect.ratelimit import ALLOW, RateLimiter, too_many_requests
 from verge.protect.settings import DenySettings, Protection
 from verge.protect.shared import SharedTable
@@ -55,6 +56,8 @@ class Admission(NamedTuple):
 
 
 ADMITTED = Admission()
+FLOODED = Admission(drop=True, kind="flood", detail="the network is over the node's flood rate")
+"""A request the node's flood guard refused (verge.protect.flood): its connection is dropped."""
 _monotonic = time.monotonic
 REFUSALS_KEPT = 1024  # distinct 429 answers memoised per service
 
@@ -83,6 +86,11 @@ class ProtectSharing:
     table: SharedTable | None = None
     steered: bool = False
     country_of: CountryLookup | None = None
+    workers: int = 1
+    """The node's workers: the flood guard's rate is shared among them."""
+    listeners: list = field(default_factory=list, compare=False)
+    """The worker's listening sockets (filled as they open), where the flood guard puts its
+    kernel filter."""
 
 
 ALONE = ProtectSharing()  # one worker's own counts (tests, single processes)
@@ -109,6 +117,14 @@ class ServiceProtection:
         self._penalised = {rule.name for rule in settings.rate_limits if rule.penalty}
         self.waf = self._load_waf(settings)
         self.events: deque[tuple] = deque(maxlen=EVENTS_KEPT)
+        self._gate: ConnectionGate | None = None  # set when its cap is below the node's
+
+    def bind_gate(self, gate: ConnectionGate | None) -> None:
+        """Check this service's own connection cap per request when the node's gate lets
+        more connections in than it allows (see :class:`ConnectionGate`)."""
+        cap = self.settings.connections_per_ip
+        self._gate = gate if gate is not None and gate.cap is not None and cap is not None \
+            and (gate.limit is None or cap < gate.limit) else None
 
     def _load_waf(self, settings: Protection) -> Waf | None:
         if settings.waf is None:
@@ -122,7 +138,11 @@ class ServiceProtection:
             return None
 
     def admit(self, request, now: float | None = None) -> Admission:
-        """Deny lists, then rate limits (the first rule that refuses decides)."""
+        """The connection cap, deny lists, then rate limits (the first rule that refuses
+        decides)."""
+        gate = self._gate
+        if gate is not None and gate.beyond(request.client, self.settings.connections_per_ip):
+            return Admission(drop=True, kind="drop", detail="connections_per_ip")
         deny = self.deny
         if deny is not None:
             client = request.client  # the address as the kernel gave it is canonical IPv4
@@ -263,35 +283,71 @@ def _printable(text: str) -> str:
 
 
 class ConnectionGate:
-    """The per-address connection cap of a node (``connections_per_ip``): a connection has
-    no service when it is accepted, so the smallest cap any service asks for applies, and
-    the services' trusted proxies are exempt (many clients share their address). IPv6
-    clients count per /64 (or the configured prefix), as their rate limits do."""
+    """What a new connection passes before the handshake: the node's flood guard (its
+    network is not in the penalty box: verge.protect.flood) and the per-address connection
+    cap (``connections_per_ip``).
 
-    def __init__(self, services: list[Protection]) -> None:
-        capped = [p for p in services if p.connections_per_ip is not None]
-        self.limit = min(p.connections_per_ip for p in capped)
-        exempt = sorted({cidr for p in services for cidr in p.trusted_proxies})
-        self.key = (self.limit, tuple(exempt))
-        self.cap = ConnectionCap(self.limit, exempt=exempt)
-        self.addresses = capped[0].client_addresses()
+    A connection has no service when it is accepted, and the services are different
+    tenants', so the accept-time cap is the *largest* of the services' caps (none when one
+    service sets none): no tenant's cap can narrow another's. A service whose own cap is
+    smaller drops the connections beyond it when they ask it for something
+    (:meth:`beyond`, from its protect phase). The services' trusted proxies are exempt (many
+    clients share their address). IPv6 clients count per /64 (or the configured prefix), as
+    their rate limits do."""
+
+    def __init__(self, services: list[Protection | None],
+                 flood: FloodGuard | None = None) -> None:
+        """``services``: the protection block of every service of the node (None: none)."""
+        capped = [p for p in services if p is not None and p.connections_per_ip is not None]
+        self.flood = flood
+        self.limit = max(p.connections_per_ip for p in capped) \
+            if capped and len(capped) == len(services) else None
+        exempt = sorted({cidr for p in services if p is not None for cidr in p.trusted_proxies})
+        self.key = (self.limit, tuple(exempt), id(flood), bool(capped))
+        self.cap = ConnectionCap(self.limit or UNCAPPED, exempt=exempt) if capped else None
+        self.addresses = capped[0].client_addresses() if capped else None
+        self.refused_late = 0  # connections a service with a smaller cap dropped
 
     @classmethod
-    def of(cls, services: list[Protection], previous: ConnectionGate | None):
-        """The gate for a config (None: no service caps connections); the previous one is
-        kept, with its counts, when the cap is the same."""
-        if not any(p.connections_per_ip is not None for p in services):
+    def of(cls, services: list[Protection | None], previous: ConnectionGate | None,
+           flood: FloodGuard | None = None):
+        """The gate for a config (None: no flood guard and no service caps connections);
+        the previous one is kept, with its counts, when nothing about it changed."""
+        if flood is None and not any(p is not None and p.connections_per_ip is not None
+                                     for p in services):
             return None
-        gate = cls(services)
+        gate = cls(services, flood)
         if previous is not None and previous.key == gate.key:
             return previous
         return gate
 
+    @property
+    def refused(self) -> int:
+        """Connections refused by a cap, at accept or later (the flood guard counts its own)."""
+        return (self.cap.refused if self.cap is not None else 0) + self.refused_late
+
     def opened(self, peer: str) -> bool:
-        return self.cap.opened(self.addresses.peer_key(peer))
+        flood = self.flood
+        if flood is not None and flood.boxed and flood.refuses(peer, _monotonic()):
+            return False
+        cap = self.cap
+        return cap is None or cap.opened(self.addresses.peer_key(peer))
 
     def closed(self, peer: str) -> None:
-        self.cap.closed(self.addresses.peer_key(peer))
+        if self.cap is not None:
+            self.cap.closed(self.addresses.peer_key(peer))
+
+    def beyond(self, peer: str, limit: int) -> bool:
+        """Whether ``peer`` holds more than ``limit`` open connections (counted: the caller
+        drops the one asking)."""
+        key = self.addresses.peer_key(peer)
+        if key in self.cap.exempt or self.cap.count(key) <= limit:
+            return False
+        self.refused_late += 1
+        return True
+
+
+UNCAPPED = 1 << 62  # a count that is never reached: connections counted, never refused
 
 
 def with_fields(response: Response, fields) -> Response:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import httptools
 
-from verge.http.message import HOP_BY_HOP
 from verge.http.tls import origin_client_context
+from verge.http_semantics import HOP_BY_HOP
 
 log = logging.getLogger("verge.tunnel")
 

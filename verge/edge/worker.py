@@ -21,6 +21,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 
 import uvloop
 
@@ -56,18 +57,13 @@ MOUNT_SECONDS = 15.0  # start-up waits this long for the ingest routes (the supe
 
 
 def server_limits(config: Config, *, plain: bool = False) -> ServerLimits:
-    """The protocol limits of the config; ``plain``: for the plain-HTTP port, the only one a
-    PROXY protocol header may precede (before TLS it would need the TLS layer's help)."""
-    limits = config.limits
+    """The protocol limits of the config: its ``limits`` section passed by field name (each
+    is a ServerLimits field), and the cache's sendfile choice. ``plain``: for the plain-HTTP
+    port, the only one a PROXY protocol header may precede (before TLS it would need the TLS
+    layer's help)."""
+    proxy_from = CidrSet(config.proxy_protocol) if plain and config.proxy_protocol else None
     return ServerLimits(
-        proxy_from=CidrSet(config.proxy_protocol) if plain and config.proxy_protocol else None,
-        max_header_bytes=limits.max_header_bytes,
-        max_url_bytes=limits.max_url_bytes,
-        max_body_bytes=limits.max_body_bytes,
-        header_timeout=limits.header_timeout,
-        keepalive_timeout=limits.keepalive_timeout,
-        body_timeout=limits.body_timeout,
-        zero_copy=config.cache.sendfile,
+        **config.limits.model_dump(), zero_copy=config.cache.sendfile, proxy_from=proxy_from
     )
 
 
@@ -110,7 +106,8 @@ class Worker:
                                SharedTable.attach(table_fd)
                                if table_fd is not None and workers > 1 else None,
                                steered=workers == 1,  # (more: once they steer, steer())
-                               country_of=country_lookup(self.options.get("geoip"))),
+                               country_of=country_lookup(self.options.get("geoip")),
+                               workers=workers, listeners=self.listeners),
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
                            compute=self.compute,
@@ -187,7 +184,9 @@ class Worker:
             snap["protection"] = self.app.protection_stats()
             snap["open_files_limit"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             gate = self.app.connection_gate
-            snap["connections_refused"] = gate.cap.refused if gate is not None else 0
+            snap["connections_refused"] = gate.refused if gate is not None else 0
+            if self.app.flood is not None:
+                snap["flood"] = self.app.flood.stats()
             return {"ok": True, "stats": snap}
         if op == "config":
             self.apply_config(Config.model_validate(msg["config"]))
@@ -328,6 +327,8 @@ class Worker:
             await asyncio.sleep(1.0)
             ticks += 1
             self.app.records.flush()
+            if self.app.flood is not None:
+                self.app.flood.sweep(time.monotonic())  # networks whose penalty is over
             if ticks % 5 == 0:
                 self.app.sweep_protection()  # expired rate-limit keys
             try:

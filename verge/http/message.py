@@ -10,24 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from verge.http_semantics import HOP_BY_HOP  # also importable from here, as before
 from verge.uri import valid_authority
 
 Headers = list[tuple[str, str]]
-
-# RFC 9110 §7.6.1: connection-specific fields, never forwarded by a proxy.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-    }
-)
 
 
 def header_map(headers: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -43,19 +43,8 @@ from verge.http import proxy_protocol
 from verge.http.message import Request, known_host, set_host
 from verge.http.response import FileBody, Response, write_body
 from verge.http.target import BadTarget, normalize_target
+from verge.http_semantics import REASONS
 from verge.protect.cidr import CidrSet
-
-REASONS = {
-    100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
-    204: "No Content", 206: "Partial Content", 301: "Moved Permanently", 302: "Found",
-    303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-    412: "Precondition Failed", 413: "Content Too Large", 414: "URI Too Long",
-    416: "Range Not Satisfiable", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}
 
 COPY_CHUNK = 256 * 1024
 # Fairness between connections: a read larger than TURN_SLICE is parsed a slice at a time,
@@ -77,6 +66,10 @@ NO_BODY_STATUSES = frozenset({204, 304}) | frozenset(range(100, 200))
 
 @dataclass(slots=True)
 class ServerLimits:
+    """What a listener allows one connection. The config's ``limits`` section has the same
+    field names (verge.edge.worker.server_limits passes it by name; this layer imports no
+    config)."""
+
     max_header_bytes: int = 16 * 1024
     max_url_bytes: int = 8 * 1024
     max_body_bytes: int = 100 * 1024 * 1024

@@ -251,10 +251,6 @@ class TlsStore:
             self._tickets.set_keys(keys)
         return self._tickets is not None
 
-    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
-        """The context a handshake with this SNI would use (None: it would be refused)."""
-        return self._table.lookup(server_name)
-
     def _build(
         self, certs: Sequence[CertSpec], default: CertSpec | None
     ) -> HostTable[ssl.SSLContext]:

@@ -80,7 +80,8 @@ class Limit(abc.ABC):
     ``state``.
     """
 
-    __slots__ = ("count", "period", "burst", "interval", "tolerance", "penalty", "evicted")
+    __slots__ = ("count", "period", "burst", "interval", "tolerance", "ceiling", "penalty",
+                 "evicted")
 
     def __init__(self, count: int, period: float, burst: int = 0, penalty: float = 0.0) -> None:
         _check_int(count, "count", 1)
@@ -96,6 +97,10 @@ class Limit(abc.ABC):
             self.interval = self.tolerance = math.inf
         if not (self.interval > 0.0 and math.isfinite(self.tolerance)):
             raise ValueError(f"{count}/{period}s with burst {burst} is out of range")
+        # A request is refused when its TAT is further ahead than the tolerance. TATs are sums
+        # of intervals on a clock of ~1e5 s, so "exactly the tolerance" comes out 1e-13 over
+        # or under it: a millionth of an interval of slack lets exactly burst + 1 through.
+        self.ceiling = self.tolerance + self.interval * 1e-6
         self.evicted = 0  # live keys forgotten because the table was full
 
     @abc.abstractmethod
@@ -129,7 +134,7 @@ class Limit(abc.ABC):
         ahead = max(tat - now, 0.0) if tat is not None else 0.0
         if release is not None and now < release:
             return _decision(Decision, (False, release - now, 0, max(ahead, release - now)))
-        if ahead > self.tolerance:
+        if ahead > self.ceiling:
             return _decision(Decision, (False, ahead - self.tolerance, 0, ahead))
         ahead += self.interval
         return _decision(Decision, (True, 0.0, self.remaining(ahead), ahead))
@@ -180,7 +185,7 @@ class Gcra(Limit):
             tat = now
         elif tat < now:
             tat = now
-        if tat - now > self.tolerance:
+        if tat - now > self.ceiling:
             table[key] = tat
             return self._refuse(key, now, tat - now)
         tat += self.interval

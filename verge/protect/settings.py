@@ -219,3 +219,32 @@ class Protection(_Model):
 
     def client_addresses(self) -> ClientAddresses:
         return ClientAddresses(self.trusted_proxies, ipv6_prefix=self.ipv6_prefix)
+
+
+class FloodSettings(_Model):
+    """The node's flood guard (the config's top-level ``flood:``; verge.protect.flood): the
+    operator's, never a tenant's, since it refuses whole networks for every service.
+
+    ::
+
+        flood: {rate: 2000/s, burst: 4000, penalty: 1m, ipv4_prefix: 24, exempt: [10.0.0.0/8]}
+    """
+
+    rate: RateText
+    """Requests per network (all services of the node together)."""
+    burst: int = Field(0, ge=0, le=MAX_BURST, strict=True)
+    penalty: Annotated[float, Field(ge=1, le=86_400), BeforeValidator(_duration)] = 60.0
+    """How long a network over the rate is refused: requests dropped with their connection,
+    new connections dropped by the listeners' kernel filter."""
+    ipv4_prefix: int = Field(24, ge=8, le=32, strict=True)
+    ipv6_prefix: int = Field(48, ge=16, le=128, strict=True)
+    exempt: list[CidrText] = Field(default_factory=list, max_length=MAX_TRUSTED_PROXIES)
+    """Networks never counted (your load balancers, monitoring, a campus NAT)."""
+
+    def spec(self):
+        """The guard's parsed settings (verge.protect.flood.FloodSpec)."""
+        from verge.protect.flood import FloodSpec
+
+        count, period = parse_rate(self.rate)
+        return FloodSpec(count, period, self.burst, self.penalty, self.ipv4_prefix,
+                         self.ipv6_prefix, tuple(self.exempt))

@@ -141,7 +141,7 @@ class SharedGcra(Limit):
             if tat < now:
                 tat = now
             ahead = tat - now
-            if ahead > self.tolerance:
+            if ahead > self.ceiling:
                 wait = self.sentence(ahead)
                 if self.penalty > 0.0:
                     SLOT.pack_into(

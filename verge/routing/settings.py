@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from verge.config import Duration, Slug, _config_host, _conflict, _Model, load_model_file
+from verge.config import Duration, Model, Slug, config_host, conflict, load_model_file
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -46,7 +46,7 @@ def _dns_name(value: str) -> str:
 DnsName = Annotated[str, AfterValidator(_dns_name)]
 
 
-class RegionSpec(_Model):
+class RegionSpec(Model):
     """A region (cache group): its client networks and the regions to fall back to, in order."""
 
     name: Slug
@@ -57,7 +57,6 @@ class RegionSpec(_Model):
     """Continent codes for the GeoIP database ("EU", "NA", "AS", ...)."""
     neighbours: list[Slug] = Field(default_factory=list)
 
-
     @field_validator("countries", "continents")
     @classmethod
     def _upper_codes(cls, codes: list[str]) -> list[str]:
@@ -67,7 +66,7 @@ class RegionSpec(_Model):
         return [code.upper() for code in codes]
 
 
-class EdgeSpec(_Model):
+class EdgeSpec(Model):
     """A statically listed edge (routers without a control plane)."""
 
     name: Slug
@@ -80,14 +79,12 @@ class EdgeSpec(_Model):
     """Overrides the health check URL; with neither, a TCP connect to `url` is the check."""
 
 
-
-class Nameserver(_Model):
+class Nameserver(Model):
     name: DnsName
     addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(min_length=1)
 
 
-
-class HealthSettings(_Model):
+class HealthSettings(Model):
     enabled: bool = True
     interval: Duration = 1.0
     timeout: Duration = 1.0
@@ -97,7 +94,7 @@ class HealthSettings(_Model):
     """Consecutive good checks that bring it back."""
 
 
-class RouterConfig(_Model):
+class RouterConfig(Model):
     zone: DnsName
     """The CDN zone the DNS router is authoritative for; service hostnames live inside it."""
     ttl: int = Field(10, ge=0, le=3600)
@@ -119,11 +116,10 @@ class RouterConfig(_Model):
     answers: int = Field(1, ge=1, le=8)
     """Addresses per DNS answer: the best edge, then the next ones in failover order."""
 
-
     @field_validator("hostnames")
     @classmethod
     def _check_hostnames(cls, names: list[str]) -> list[str]:
-        return [_config_host(name) for name in names]
+        return [config_host(name) for name in names]
 
     @model_validator(mode="after")
     def _check_references(self) -> RouterConfig:
@@ -132,18 +128,20 @@ class RouterConfig(_Model):
         for index, region in enumerate(self.regions):
             for position, neighbour in enumerate(region.neighbours):
                 if neighbour not in names or neighbour == region.name:
-                    raise _conflict(("regions", index, "neighbours", position),
-                                    f"{neighbour!r} is not another region")
+                    raise conflict(
+                        ("regions", index, "neighbours", position),
+                        f"{neighbour!r} is not another region",
+                    )
         if self.default_region is not None and self.default_region not in names:
-            raise _conflict(("default_region",), f"no region named {self.default_region!r}")
+            raise conflict(("default_region",), f"no region named {self.default_region!r}")
         _unique([edge.name for edge in self.edges], "edges", "edge")
         for index, edge in enumerate(self.edges):
             if edge.region is not None and edge.region not in names:
-                raise _conflict(("edges", index, "region"), f"no region named {edge.region!r}")
+                raise conflict(("edges", index, "region"), f"no region named {edge.region!r}")
         for index, host in enumerate(self.hostnames):
             bare = host.removeprefix("*.")
             if bare != self.zone and not bare.endswith("." + self.zone):
-                raise _conflict(("hostnames", index), f"{host!r} is outside the zone {self.zone}")
+                raise conflict(("hostnames", index), f"{host!r} is outside the zone {self.zone}")
         return self
 
 
@@ -151,7 +149,7 @@ def _unique(names: list[str], where: str, what: str) -> None:
     seen: set[str] = set()
     for index, name in enumerate(names):
         if name in seen:
-            raise _conflict((where, index, "name"), f"another {what} is already named {name!r}")
+            raise conflict((where, index, "name"), f"another {what} is already named {name!r}")
         seen.add(name)
 
 

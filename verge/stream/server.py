@@ -15,6 +15,8 @@ URLs (SRS / MediaMTX conventions), relative to the HTTP listener:
     /APP/NAME                 the player page; /APP/NAME/chat its chat (verge.stream.web)
     /APP/NAME/key             the AES-128 key of an app with ``encrypt: true`` (never cached)
     /APP/NAME/whep            WebRTC playback: WHEP (POST an SDP offer; verge.stream.webrtc)
+    /APP/NAME/analysis        scene cuts, thumbnails, black/silence/faces of an app with
+                              ``analysis: true`` (verge.stream.analysis; its files below it)
 
 Cache semantics for the CDN: segments and parts are immutable (a year), playlists live a
 second or less, HTTP-FLV is not stored. A publisher that disconnects has ``grace`` seconds to
@@ -34,10 +36,13 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qs
 
 from verge.config import StreamApp, StreamSettings
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
+from verge.stream.analysis import LiveAnalyzer, analysis_file, content_type
+from verge.stream.analysis.runner import RESULT
 from verge.stream.chat import ChatHub
 from verge.stream.fanout import FlvFanout
 from verge.stream.ingest import RtmpServer
@@ -66,12 +71,17 @@ IMMUTABLE = ("Cache-Control", "public, max-age=31536000, immutable")
 SHORT = ("Cache-Control", "public, max-age=1")  # live playlists: the edge collapses and reuses
 BLOCKED = ("Cache-Control", "public, max-age=6")  # the answer for one _HLS_msn/_HLS_part
 PRIVATE = ("Cache-Control", "private, no-store")  # the AES key: no cache may keep it
+ANALYSIS_LIVE = ("Cache-Control", "public, max-age=2")  # a live analysis grows every few seconds
 ENCRYPTION = Encryption()
 M3U8 = "application/vnd.apple.mpegurl"
 MPD = "application/dash+xml"
 STARTUP_WAIT = 8.0  # seconds a first request may wait for a new stream's first segment
 STREAM_DOC_RE = re.compile(r"/(?P<stream>[^/]+/[^/.]+)\.(?P<kind>m3u8|mpd)")
 WHEP_RE = re.compile(r"/(?P<stream>[^/]+/[^/]+)/whep(?:/(?P<session>[A-Za-z0-9_-]{1,64}))?")
+ANALYSIS_RE = re.compile(
+    r"/(?P<stream>[^/]+/[^/.]+)/analysis"
+    r"(?:/(?P<run>[0-9a-f]{6,16})/(?P<file>[\w.-]{1,64}))?"
+)
 RENDITION_RE = re.compile(r"/(?P<stream>[^/]+/[^/.]+)/(?P<rendition>[a-z0-9-]+)/(?P<file>[\w.-]+)")
 
 
@@ -93,6 +103,7 @@ class Channel:
     metrics: StreamMetrics | None = None
     timed: str | None = None  # the rendition whose parts' ingest-to-playlist latency is measured
     key: bytes | None = None  # the AES-128 key of an encrypting app (one per stream)
+    analyzer: LiveAnalyzer | None = None  # apps with ``analysis: true``
 
     @property
     def encryption(self) -> Encryption | None:
@@ -101,6 +112,8 @@ class Channel:
     def on_output(self, rendition: str, kind: str, data: bytes) -> None:
         """Transcoder bytes (one fMP4 output) into the packager; wake the waiters when an
         init, part or segment came of it (most pipe reads complete none)."""
+        if self.analyzer is not None:  # a non-blocking pipe write to a niced process
+            self.analyzer.write(rendition, data)
         target = self.packager.renditions.get(rendition)
         if target is None:  # on_plan names every output before its first byte
             target = self.packager.add_rendition(rendition)
@@ -128,6 +141,8 @@ class Channel:
         """The transcoder's outputs are known: every rendition exists before its first byte,
         so the multivariant playlist never lists a partial ladder."""
         self.timed = next((t.name for t in tracks if t.kind == "video"), None)
+        if self.analyzer is not None:
+            self.analyzer.plan(tracks)
         for track in tracks:
             if track.name not in self.packager.renditions:
                 self.packager.add_rendition(track.name, track.bitrate or 0)
@@ -142,6 +157,8 @@ class Channel:
                     discontinuity.reason)
         self.clock.restarted()
         self.packager.restart()
+        if self.analyzer is not None:
+            self.analyzer.restart()
 
     async def _notify(self) -> None:
         async with self.changed:
@@ -172,7 +189,7 @@ class StreamServer:
         self.http: asyncio.AbstractServer | None = None
         self.http_port = 0
         self.chat = ChatHub()
-        self.vod = VodLibrary(settings)
+        self.vod = VodLibrary(settings, auto_analyze=transcode)
         self.whep = WhepService(settings.webrtc)
 
     # ----- publishing -------------------------------------------------------------------------
@@ -206,6 +223,8 @@ class StreamServer:
         channel.clock.restarted()
         channel.fanout.end()  # new sequence headers: HTTP-FLV viewers reconnect
         channel.fanout = FlvFanout()
+        if channel.analyzer is not None:  # a new timeline: a new analysis run
+            channel.analyzer.restart()
         if channel.job is not None:
             old, channel.job = channel.job, self._transcoder(channel)
             asyncio.get_running_loop().create_task(old.close())
@@ -221,7 +240,8 @@ class StreamServer:
         job = TranscodeJob(
             ladder_from_config(r.model_dump() for r in channel.app.ladder), ffmpeg=self.ffmpeg,
             on_output=current(channel.on_output), on_restart=current(channel.on_restart),
-            on_plan=current(channel.on_plan), name=channel.path)
+            on_plan=current(channel.on_plan), name=channel.path,
+            part_target=self.settings.part_target)  # one ffmpeg fragment per LL-HLS part
         return job
 
     def _new_channel(self, stream: str, app: StreamApp) -> Channel:
@@ -233,8 +253,15 @@ class StreamServer:
             part_target=settings.part_target, segment_target=settings.segment_target,
             window=settings.dvr_window, stream_naming=naming), metrics=self.metrics,
             key=os.urandom(16) if app.encrypt else None)
+        channel.packager.timeline.arrival = channel.clock.arrival_of  # PDT from the ingest
         if self.transcode:
             channel.job = self._transcoder(channel)
+            if app.analysis:
+                channel.analyzer = LiveAnalyzer(
+                    self.ffmpeg,
+                    Path(settings.data_dir) / "analysis" / stream,
+                    f"/{stream}/analysis",
+                )
         return channel
 
     def on_metadata(self, stream: str, metadata: dict) -> None:
@@ -284,8 +311,11 @@ class StreamServer:
             try:
                 await self.vod.record(name, recording_from_live(channel.packager))
                 log.info("stream %s: recorded as /vod/%s", channel.path, name)
+                self.vod.analyze_later(name)
             except Exception as exc:  # a failed recording must not take the server down
                 log.error("stream %s: recording failed: %r", channel.path, exc)
+        if channel.analyzer is not None:  # its final result (bounded wait), after the recording
+            await channel.analyzer.close()
 
     # ----- serving ----------------------------------------------------------------------------
     async def start(self, rtmp: tuple[str, int], http: tuple[str, int]) -> None:
@@ -308,6 +338,8 @@ class StreamServer:
             channel.fanout.end()
             if channel.job is not None:
                 await channel.job.close()
+            if channel.analyzer is not None:
+                await channel.analyzer.close()
         if self.http is not None:
             self.http.close()
 
@@ -347,6 +379,9 @@ class StreamHttp(HttpApp):
             return
         if path.endswith("/key"):
             await self.stream_key(writer, path[1:-4])
+            return
+        if analysis := ANALYSIS_RE.fullmatch(path):
+            await self.stream_analysis(writer, analysis)
             return
         resource = _resource(path)
         channel = self.server.channels.get(resource[0]) if resource else None
@@ -430,6 +465,28 @@ class StreamHttp(HttpApp):
         else:
             await _send(writer, 200, data, "video/mp4" if name.endswith(".mp4") else "video/iso.segment",
                   IMMUTABLE)
+
+    async def stream_analysis(self, writer, match: re.Match) -> None:
+        """The live analysis (JSON), or one of its files (chapters, thumbnails)."""
+        channel = self.server.channels.get(match["stream"])
+        analyzer = channel.analyzer if channel is not None else None
+        if analyzer is None:
+            await _send(writer, 404, b"no analysis for this stream\n", "text/plain", NO_STORE)
+            return
+        if match["run"] is None:
+            run = analyzer.current()
+            path = run / RESULT if run is not None else None
+        else:
+            path = analysis_file(analyzer.root, match["run"], match["file"])
+        try:
+            data = path.read_bytes() if path is not None else None
+        except OSError:
+            data = None
+        if data is None:
+            await _send(writer, 404, b"not analysed (yet)\n", "text/plain", NO_STORE)
+            return
+        cache = IMMUTABLE if path.suffix == ".jpg" else ANALYSIS_LIVE
+        await _send(writer, 200, data, content_type(path.name), cache)
 
     async def http_flv(self, request, writer, stream: str) -> None:
         channel = self.server.channels.get(stream)

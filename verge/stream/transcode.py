@@ -13,8 +13,12 @@ Outputs: one video track per rendition (``source`` is a stream copy when the inp
 and one shared audio track named ``audio`` (a copy when the input is AAC, which is all the
 RTMP ingest accepts; otherwise AAC at the ladder's highest ``audio_bitrate``). Every output is a
 separate fragmented MP4 written to its own pipe with :data:`FMP4_FLAGS`, so each byte stream is
-one CMAF track: an init segment (ftyp+moov) then moof+mdat fragments of about 200 ms, cut at
-every keyframe of video. Encoded rungs get a keyframe every second (``-g`` = 1 s of frames,
+one CMAF track: an init segment (ftyp+moov) then moof+mdat fragments, cut at every keyframe of
+video and every 200 ms or, given the LL-HLS part target, just under it (:func:`fragment_for`):
+each fragment is then one part, complete (and listed) when ffmpeg writes it, so the packager
+never waits for a second fragment to fill a part. Encoding adds no delay of its own either:
+x264 ``-tune zerolatency`` (no B-frames, no lookahead, sliced threads instead of frame threads)
+and ``-flags low_delay`` on the decoder (no frame threads). Encoded rungs get a keyframe every second (``-g`` = 1 s of frames,
 ``keyint_min`` equal, no scene cuts, plus a time-based forced keyframe), so segment boundaries
 line up across renditions. Rungs taller than the source are skipped: never upscale; so are
 rungs of the source's own height when the ladder keeps the source (the same size twice).
@@ -60,18 +64,36 @@ from verge.stream.rtmp import amf0
 
 log = logging.getLogger("verge.stream.transcode")
 
-#: Muxer options for every output: fragmented MP4 (CMAF track), ~200 ms fragments, cut at video
-#: keyframes, written as soon as each fragment is complete. The packager relies on these.
-FMP4_FLAGS: tuple[str, ...] = (
-    "-f",
-    "mp4",
-    "-movflags",
-    "+empty_moov+default_base_moof+frag_keyframe+separate_moof+skip_trailer+cmaf",
-    "-frag_duration",
-    "200000",
-    "-flush_packets",
-    "1",
-)
+#: The share of the LL-HLS part target a fragment is cut at: ffmpeg ends a fragment at the first
+#: frame at least this far from its start, so a fragment is this plus up to one frame; 0.9 keeps
+#: 25/30/50/60 fps video and 44.1/48 kHz AAC fragments within the part target.
+FRAGMENT_SHARE = 0.9
+
+
+def fmp4_flags(fragment: float = 0.2) -> tuple[str, ...]:
+    """Muxer options for every output: fragmented MP4 (CMAF track), fragments cut ``fragment``
+    seconds apart and at video keyframes, each written the moment it is complete. The packager
+    relies on these."""
+    return (
+        "-f",
+        "mp4",
+        "-movflags",
+        "+empty_moov+default_base_moof+frag_keyframe+separate_moof+skip_trailer+cmaf",
+        "-frag_duration",
+        str(round(fragment * 1_000_000)),
+        "-flush_packets",
+        "1",
+    )
+
+
+def fragment_for(part_target: float) -> float:
+    """The fragment duration that makes each fragment one LL-HLS part of at most ``part_target``
+    (a part is complete, and listed, the moment ffmpeg writes its fragment)."""
+    return part_target * FRAGMENT_SHARE
+
+
+#: ~200 ms fragments (VOD packaging and the default).
+FMP4_FLAGS: tuple[str, ...] = fmp4_flags()
 
 #: Input options: read FLV from stdin and start after the first packets. (``-fflags nobuffer``
 #: is left out on purpose: it discards the packets read while probing, i.e. the first frames.)
@@ -333,13 +355,17 @@ def resolve_ffmpeg(ffmpeg: str | None = None) -> str:
     return found
 
 
-def ffmpeg_command(ffmpeg: str, tracks: list[OutputTrack], fds: list[int]) -> list[str]:
-    """The full command line; output ``i`` goes to file descriptor ``fds[i]``."""
+def ffmpeg_command(
+    ffmpeg: str, tracks: list[OutputTrack], fds: list[int], fragment: float | None = None
+) -> list[str]:
+    """The full command line; output ``i`` goes to file descriptor ``fds[i]``, in fragments of
+    ``fragment`` seconds (:data:`FMP4_FLAGS` without)."""
     command = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning"]
     command += [*INPUT_FLAGS, "-i", "pipe:0"]
+    muxer = FMP4_FLAGS if fragment is None else fmp4_flags(fragment)
     for track, fd in zip(tracks, fds, strict=True):
         command += _output_args(track)
-        command += [*FMP4_FLAGS, f"pipe:{fd}"]
+        command += [*muxer, f"pipe:{fd}"]
     return command
 
 
@@ -637,6 +663,9 @@ class TranscodeJob:
     - ``on_restart(Discontinuity)``: before a new process's output begins (``attempt`` >= 1
       after ffmpeg died, 0 after a change of input format)
     - ``on_exit(ok, reason)``: once, when the job is over (closed, or ffmpeg gave up)
+
+    ``part_target`` (the LL-HLS part target, seconds) sets the fragment duration: one fragment
+    per part (:func:`fragment_for`); without it, :data:`FMP4_FLAGS`.
     """
 
     decide_window = 1.0
@@ -658,8 +687,10 @@ class TranscodeJob:
         max_backoff: float = 10.0,
         stable_after: float = 30.0,
         close_timeout: float = 5.0,
+        part_target: float | None = None,
     ) -> None:
         self.ladder = list(ladder)
+        self.fragment = fragment_for(part_target) if part_target else None
         if not self.ladder:
             raise ValueError("the ladder is empty")
         self.ffmpeg = resolve_ffmpeg(ffmpeg)
@@ -996,7 +1027,7 @@ class TranscodeJob:
         pipes = [os.pipe() for _ in self.tracks]
         try:
             process = await asyncio.create_subprocess_exec(
-                *ffmpeg_command(self.ffmpeg, self.tracks, [w for _, w in pipes]),
+                *ffmpeg_command(self.ffmpeg, self.tracks, [w for _, w in pipes], self.fragment),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,

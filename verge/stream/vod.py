@@ -45,6 +45,14 @@ from verge.config import StreamSettings
 from verge.files import write_atomic
 from verge.http.ranges import Unsatisfiable, content_range, if_range_ok, parse_range
 from verge.procs import pid_alive
+from verge.stream.analysis import (
+    AnalysisError,
+    analysis_file,
+    analyze_entry,
+    content_type,
+    latest_run,
+)
+from verge.stream.analysis.runner import RESULT
 from verge.stream.package import dash, hls
 from verge.stream.package.cmaf import (
     Event,
@@ -68,6 +76,7 @@ from verge.stream.transcode import (
     plan_outputs,
     resolve_ffmpeg,
 )
+from verge.stream.web import serve_web
 
 log = logging.getLogger("verge.stream.vod")
 
@@ -87,6 +96,9 @@ PARTIAL = ".partial-"
 UPLOAD = ".upload-"
 WORK = ".work"
 IMMUTABLE = "public, max-age=31536000, immutable"
+ANALYSIS_DIR = "analysis"
+ANALYSIS_CACHE = "public, max-age=300"  # a re-analysis shows within minutes
+PLAYER = "_player"  # /vod/_player/FILE: the player page's assets (never an entry name)
 PLAYLIST_CACHE = "public, max-age=3600"
 DOWNLOAD_CACHE = "public, max-age=86400"
 NO_STORE = "no-store"
@@ -622,12 +634,17 @@ class VodJob:
 class VodLibrary:
     """The entries under ``settings.data_dir``/vod: packaging, recording, serving, uploads."""
 
-    def __init__(self, settings: StreamSettings, *, ffmpeg: str | None = None) -> None:
+    def __init__(
+        self, settings: StreamSettings, *, ffmpeg: str | None = None, auto_analyze: bool = False
+    ) -> None:
         self.settings = settings
         self.root = Path(settings.data_dir) / VOD_DIR
         self.jobs: dict[str, VodJob] = {}
+        self.analyses: dict[str, asyncio.Task] = {}
+        self.auto_analyze = auto_analyze  # analyse uploads and recordings once they are ready
         self._ffmpeg = ffmpeg
         self._slots: asyncio.Semaphore | None = None
+        self._analysis_slots: asyncio.Semaphore | None = None
         self.sweep()
 
     # --- the entries --------------------------------------------------------------------------
@@ -823,11 +840,70 @@ class VodLibrary:
             "rendition": top.name if top else None,
         }
 
+    # --- analysis (verge.stream.analysis: scenes, thumbnails, black, silence, faces) -----------
+
+    async def analyze(
+        self, name: str, progress: Progress | None = None, *, detector: str = "auto"
+    ) -> dict[str, Any]:
+        """(Re-)analyse entry ``name`` in a niced process; the result (also served at
+        /vod/NAME/analysis). ``progress`` as for packaging."""
+        entry = self.get(name)
+        if entry is None:
+            raise VodError(f"no VOD entry {name!r}")
+        ffmpeg = resolve_ffmpeg(self._ffmpeg)
+        try:
+            return await analyze_entry(
+                ffmpeg, entry.path, entry.meta, progress=progress, detector=detector
+            )
+        except AnalysisError as exc:
+            raise VodError(str(exc)) from exc
+
+    def analyze_later(self, name: str) -> asyncio.Task:
+        """Analyse ``name`` in the background (one analysis at a time); the task."""
+        running = self.analyses.get(name)
+        if running is not None and not running.done():
+            return running
+        task = self.analyses[name] = asyncio.get_running_loop().create_task(
+            self._analyze_queued(name)
+        )
+        return task
+
+    async def _analyze_queued(self, name: str) -> None:
+        if self._analysis_slots is None:
+            self._analysis_slots = asyncio.Semaphore(1)
+        try:
+            async with self._analysis_slots:
+                await self.analyze(name)
+            log.info("vod %s: analysed", name)
+        except (VodError, FfmpegNotFound, OSError) as exc:  # the entry plays without it
+            log.warning("vod %s: analysis failed: %s", name, exc)
+
+    async def _analysis(self, request, writer, parts: Sequence[str]) -> None:
+        """/vod/NAME/analysis (the JSON) and /vod/NAME/analysis/RUN/FILE (thumbnails, VTT)."""
+        entry = self.get(parts[0])
+        root = entry.path / ANALYSIS_DIR if entry is not None else None
+        if root is not None and len(parts) == 2:
+            run = latest_run(root)
+            if run is not None:
+                await send_file(request, writer, run / RESULT, "application/json", ANALYSIS_CACHE)
+                return
+            task = self.analyses.get(parts[0])
+            state = "running" if task is not None and not task.done() else "none"
+            await _send_json(writer, 404, {"error": "not analysed (yet)", "state": state})
+            return
+        path = analysis_file(root, parts[2], parts[3]) if root and len(parts) == 4 else None
+        if path is None:
+            await _not_found(writer)
+            return
+        cache = IMMUTABLE if path.suffix == ".jpg" else ANALYSIS_CACHE
+        await send_file(request, writer, path, content_type(path.name), cache)
+
     # --- uploads ------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop the packaging jobs (their partial entries are removed)."""
+        """Stop the packaging jobs and analyses (their partial output is removed)."""
         tasks = [job.task for job in self.jobs.values() if job.task and not job.task.done()]
+        tasks += [task for task in self.analyses.values() if not task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -849,6 +925,8 @@ class VodLibrary:
                 )
             job.state, job.progress = "ready", 1.0
             log.info("vod %s: ready", job.name)
+            if self.auto_analyze:
+                self.analyze_later(job.name)
         except asyncio.CancelledError:
             job.state, job.error = "failed", "cancelled"
             raise
@@ -871,6 +949,12 @@ class VodLibrary:
             await _send(writer, 405, b"method not allowed\n", "text/plain", NO_STORE)
         elif rest == "":
             await _send_json(writer, 200, [dict(e.meta) for e in self.entries()])
+        elif parts[0] == PLAYER or (len(parts) == 1 and NAME_RE.fullmatch(parts[0])):
+            # the player page (/vod/NAME) and its assets, as for live streams
+            if not await serve_web(request, writer, request.path, apps={"vod"}, chat=None):
+                await _not_found(writer)
+        elif len(parts) >= 2 and parts[1] == ANALYSIS_DIR:
+            await self._analysis(request, writer, parts)
         elif len(parts) == 1:
             await self._document(request, writer, parts[0])
         elif len(parts) == 2 and parts[1] == "status":

@@ -62,11 +62,18 @@ class Timeline:
     """
 
     anchors: dict[int, dash.PeriodAnchor] = field(default_factory=dict)
+    arrival: Callable[[float], float | None] | None = None
+    """When (wall clock) the input frame at an output media time reached the ingest, if known.
+    A period is anchored there rather than at when its first part left the transcoder, so
+    PROGRAM-DATE-TIME does not hide the transcoder's start-up and delay: a player's ``now -
+    PDT`` is glass-to-glass minus only the publisher's own capture, encoding and upload."""
 
     def wall(self, disc: int, media_seconds: float, now: float) -> float:
         anchor = self.anchors.get(disc)
         if anchor is None:
-            anchor = self.anchors[disc] = dash.PeriodAnchor(disc, now, media_seconds)
+            arrived = self.arrival(media_seconds) if self.arrival is not None else None
+            wall = now if arrived is None else min(arrived, now)
+            anchor = self.anchors[disc] = dash.PeriodAnchor(disc, wall, media_seconds)
         return anchor.wall + (media_seconds - anchor.media)
 
     @property

@@ -12,6 +12,12 @@
 
   document.title = name + " · Verge live";
   $("title").textContent = name;
+  // /vod/NAME: the same page for an on-demand entry (no chat, no WebRTC)
+  const vod = location.pathname.split("/")[1] === "vod";
+  if (vod) {
+    document.body.classList.add("vod");
+    document.title = name + " · Verge";
+  }
 
   // ----- video ---------------------------------------------------------------------------
   function notice(text) {
@@ -20,8 +26,8 @@
   }
 
   function setState(text, live) {
-    $("state").textContent = text;
-    $("state").classList.toggle("live", !!live);
+    $("state").textContent = vod && live ? "on demand" : text;
+    $("state").classList.toggle("live", !!live && !vod);
   }
 
   function play() {
@@ -29,8 +35,28 @@
     if (promise) promise.catch(() => notice("Press play to start (the browser blocked autoplay)."));
   }
 
+  // Low latency: hls.js holds back the playlist's PART-HOLD-BACK (three part targets) behind
+  // the live edge; after a stall it adds a fifth of a second, not hls.js' whole second per
+  // stall, and plays up to 1.25x until it is back at its target (hls.js does that only with
+  // more than a second buffered; catchUp() below handles falling far behind).
+  const HLS_CONFIG = {
+    lowLatencyMode: true,
+    backBufferLength: 30,
+    liveSyncOnStallIncrease: 0.2,
+    maxLiveSyncPlaybackRate: 1.25,
+  };
+  const CATCH_UP_AFTER = 2.0; // seconds later than the target: jump back to it
+
+  function catchUp(hls) {
+    const late = hls.latency - hls.targetLatency;
+    const to = hls.liveSyncPosition;
+    if (late > CATCH_UP_AFTER && !video.paused && Number.isFinite(to) && to > video.currentTime) {
+      video.currentTime = to;
+    }
+  }
+
   function startHls() {
-    const hls = new window.Hls({ lowLatencyMode: true, backBufferLength: 30 });
+    const hls = new window.Hls(HLS_CONFIG);
     verge.hls = hls;
     hls.on(window.Hls.Events.MANIFEST_PARSED, () => {
       notice("");
@@ -90,6 +116,9 @@
     pc.addTransceiver("audio", { direction: "recvonly" });
     const stream = new MediaStream();
     pc.ontrack = (event) => {
+      // real time: play each frame as soon as it is decodable (Chromium's playout-delay hint;
+      // the jitter buffer still grows if the network makes it)
+      if ("playoutDelayHint" in event.receiver) event.receiver.playoutDelayHint = 0;
       stream.addTrack(event.track);
       video.srcObject = stream;
       play();
@@ -160,7 +189,8 @@
   }
 
   // latency as hls.js sees it (live edge minus playhead), and against the wall clock via the
-  // playlist's EXT-X-PROGRAM-DATE-TIME (glass-to-glass minus the encoder's own delay)
+  // playlist's EXT-X-PROGRAM-DATE-TIME, which the server anchors at each frame's arrival at the
+  // ingest (glass-to-glass minus the publisher's own encoding and upload)
   function updateStats() {
     if (verge.mode === "webrtc") {
       updateRtcStats();
@@ -169,6 +199,7 @@
     const hls = verge.hls;
     if (!hls) return;
     const target = hls.targetLatency;
+    catchUp(hls);
     $("latency").textContent = seconds(hls.latency) +
       (Number.isFinite(target) ? " (target " + target.toFixed(1) + " s)" : "");
     const date = hls.playingDate;
@@ -207,6 +238,116 @@
     $("level").textContent = video.videoWidth
       ? video.videoHeight + "p · H.264 pass-through" : "–";
     if (!video.paused && video.readyState >= 3) setState("live", true);
+  }
+
+  // ----- analysis: scene chapters (WebVTT track + list) and thumbnails while scrubbing -------
+  // NAME/analysis (verge.stream.analysis): scenes [{time, thumbnail}], thumbnails [{time, url}],
+  // chapters (a WebVTT URL). Times are seconds from the start (a live stream's own timeline).
+  const analysis = (verge.analysis = { result: null, track: null, previews: [] });
+
+  function clock(t) {
+    const s = Math.max(0, Math.floor(t));
+    const hms = [Math.floor(s / 3600), Math.floor(s / 60) % 60, s % 60];
+    return (hms[0] ? hms[0] + ":" : "") + hms.slice(1).map((n, i) =>
+      i || hms[0] ? String(n).padStart(2, "0") : String(n)).join(":");
+  }
+
+  function seek(time) {
+    if (vod && Number.isFinite(time)) video.currentTime = time;
+  }
+
+  function showChapters(result) {
+    if (result.chapters && (!analysis.track || analysis.track.src !== new URL(result.chapters, location.href).href)) {
+      if (analysis.track) analysis.track.remove();
+      const track = document.createElement("track");
+      track.kind = "chapters";
+      track.label = "Scenes";
+      track.srclang = "en";
+      track.src = result.chapters;
+      video.append(track);
+      track.track.mode = "hidden"; // loaded (cues available) without being rendered
+      analysis.track = track;
+    }
+    const starts = [{ time: 0, thumbnail: (result.thumbnails[0] || {}).url }].concat(
+      result.scenes.filter((scene) => scene.time > 0));
+    const list = $("chapters");
+    list.replaceChildren(...starts.map((scene, i) => {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.time = scene.time;
+      if (scene.thumbnail) {
+        const img = document.createElement("img");
+        img.src = scene.thumbnail;
+        img.alt = "";
+        button.append(img);
+      }
+      const label = document.createElement("span");
+      label.textContent = "Scene " + (i + 1) + " · " + clock(scene.time);
+      button.append(label);
+      button.addEventListener("click", () => seek(scene.time));
+      li.append(button);
+      return li;
+    }));
+    $("chapters-box").hidden = starts.length < 2;
+  }
+
+  function showScrub(result) {
+    analysis.previews = result.thumbnails.map((t) => ({ time: t.time, url: t.url }))
+      .concat(result.scenes.filter((s) => s.thumbnail).map((s) => ({ time: s.time, url: s.thumbnail })))
+      .sort((a, b) => a.time - b.time);
+    const length = timelineLength();
+    $("scrub-marks").replaceChildren(...result.scenes.map((scene) => {
+      const mark = document.createElement("span");
+      mark.style.left = (100 * scene.time / length) + "%";
+      return mark;
+    }));
+    $("scrub").hidden = analysis.previews.length === 0;
+  }
+
+  function timelineLength() {
+    const duration = vod && Number.isFinite(video.duration) ? video.duration : 0;
+    return Math.max(duration, (analysis.result && analysis.result.duration) || 0, 1);
+  }
+
+  function previewAt(time) {
+    let best = null;
+    for (const preview of analysis.previews) if (preview.time <= time + 0.05) best = preview;
+    return best || analysis.previews[0] || null;
+  }
+
+  function scrubTime(event) {
+    const box = $("scrub").getBoundingClientRect();
+    const fraction = Math.min(1, Math.max(0, (event.clientX - box.left) / box.width));
+    return { x: fraction * box.width, time: fraction * timelineLength() };
+  }
+
+  $("scrub").addEventListener("mousemove", (event) => {
+    const at = scrubTime(event);
+    const preview = previewAt(at.time);
+    if (!preview) return;
+    $("scrub-thumb").src = preview.url;
+    $("scrub-time").textContent = clock(at.time);
+    $("scrub-preview").style.left = at.x + "px";
+    $("scrub-preview").hidden = false;
+  });
+  $("scrub").addEventListener("mouseleave", () => ($("scrub-preview").hidden = true));
+  $("scrub").addEventListener("click", (event) => seek(scrubTime(event).time));
+
+  function loadAnalysis() {
+    fetch(base + "/analysis")
+      .then((response) => (response.ok ? response.json() : null))
+      .then((result) => {
+        if (!result) return;
+        analysis.result = result;
+        showChapters(result);
+        showScrub(result);
+      })
+      .catch(() => {})
+      .finally(() => {
+        const done = vod && analysis.result && analysis.result.state === "done";
+        if (!done) setTimeout(loadAnalysis, vod ? 5000 : 10000);
+      });
   }
 
   // ----- chat ----------------------------------------------------------------------------
@@ -318,5 +459,6 @@
 
   startVideo(new URLSearchParams(location.search).get("mode") === "webrtc" ? "webrtc" : "hls");
   setInterval(updateStats, 500);
-  connectChat();
+  if (!vod) connectChat();
+  loadAnalysis();
 })();

@@ -5,6 +5,10 @@ clients back and forth); ``HealthMonitor`` polls every edge on an interval — H
 health URL, or a TCP connect when it has none — and reports transitions. The control plane
 runs one for the fleet (the verdict is stored with each node, shown in the dashboard and
 read by the routers); a router without a control plane runs its own.
+
+It lives outside both ``verge.control`` and ``verge.routing`` because both run it: the
+router already depends on the control plane's client, so the control plane must not depend
+on the router (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -1,0 +1,127 @@
+"""The flood guard (verge.protect.flood): networks counted and boxed, and the kernel filter
+that drops a boxed network's new connections, tried on real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from verge.config import Config, ConfigError, parse_config
+from verge.protect.flood import (
+    MAX_BOXED,
+    MAX_FILTERED,
+    FloodGuard,
+    FloodSpec,
+    apply_filter,
+    drop_program,
+)
+
+NOW = 1000.0
+
+
+def guard(count=10, burst=0, penalty=30.0, workers=1, **fields) -> FloodGuard:
+    return FloodGuard(FloodSpec(count, 1, burst, penalty, **fields), workers=workers)
+
+
+def test_a_network_over_its_rate_is_boxed_whole_and_others_go_on():
+    flood = guard(count=10, burst=9)
+    # ten addresses of one /24, one request each at the same instant: the network's burst
+    assert all(flood.admit(f"192.0.2.{n}", NOW) for n in range(1, 11))
+    assert not flood.admit("192.0.2.99", NOW)  # the 11th: over, and the /24 goes in the box
+    assert flood.boxed == {(4, 0xC0000200): NOW + 30.0}
+    assert not flood.admit("192.0.2.1", NOW + 5)  # the whole network, for the penalty
+    assert flood.refuses("192.0.2.200", NOW + 5)
+    assert flood.admit("198.51.100.7", NOW + 5) and not flood.refuses("198.51.100.7", NOW + 5)
+    assert flood.admit("192.0.3.1", NOW + 5)  # the next /24 is another network
+    assert flood.stats() == {"dropped": 2, "refused": 1, "boxes": 1, "boxed": 1, "filtered": 1}
+
+
+def test_the_box_opens_after_the_penalty_by_sweep_or_by_the_next_request():
+    flood = guard(count=1, penalty=10.0)
+    assert flood.admit("192.0.2.1", NOW) and not flood.admit("192.0.2.1", NOW)
+    assert not flood.refuses("192.0.2.1", NOW + 10.0)  # over at its end
+    assert flood.admit("192.0.2.1", NOW + 10.0)  # and released by the request
+    assert not flood.admit("192.0.2.1", NOW + 10.0)
+    assert flood.sweep(NOW + 19.9) == 0 and flood.sweep(NOW + 20.0) == 1
+    assert flood.boxed == {} and flood.filtered == ()
+
+
+def test_ipv6_networks_are_their_slash_48_and_mapped_ipv4_is_ipv4():
+    flood = guard(count=1)
+    assert flood.network("2001:db8:1:2::5") == flood.network("2001:db8:1:ffff::9")
+    assert flood.network("2001:db8:1:2::5") != flood.network("2001:db8:2::1")
+    assert flood.network("::ffff:192.0.2.9") == flood.network("192.0.2.1") == (4, 0xC0000200)
+    assert flood.admit("2001:db8:1::1", NOW) and not flood.admit("2001:db8:1:9::1", NOW)
+    assert flood.refuses("2001:db8:1:7::7", NOW) and flood.filtered is None  # v6: Python only
+
+
+def test_exempt_networks_and_non_addresses_are_never_counted():
+    flood = guard(count=1, exempt=("10.0.0.0/8",))
+    assert all(flood.admit("10.1.2.3", NOW) for _ in range(100))
+    assert all(flood.admit("unix-socket", NOW) for _ in range(100))
+    assert flood.boxed == {}
+
+
+def test_the_rate_is_shared_among_the_workers():
+    flood = guard(count=100, burst=40, workers=4)  # each worker: 25/s, burst 10
+    admitted = sum(flood.admit("192.0.2.1", NOW) for _ in range(100))
+    assert admitted == 11  # the first request plus the worker's burst
+
+
+def test_a_hostile_spread_over_many_networks_keeps_the_tables_bounded():
+    flood = guard(count=1)
+    for n in range(70_000):  # 70,000 distinct /24s, each over its rate
+        peer = f"10.{n >> 8 & 255}.{n & 255}.1"
+        flood.admit(peer, NOW)
+        flood.admit(peer, NOW)
+    assert len(flood._memo) <= 65_536 and len(flood.boxed) == MAX_BOXED
+    assert len(flood.filtered) == 1  # rebuilt at most every FILTER_EVERY seconds ...
+    flood.sweep(NOW + 1)  # ... and by the housekeeping
+    assert len(flood.filtered) == MAX_FILTERED
+    assert len(drop_program(flood.filtered, 0xFFFFFF00)) <= 4096  # what the kernel takes
+
+
+@pytest.mark.parametrize("fields", [{"ipv4_prefix": 7}, {"ipv6_prefix": 129}, {"penalty": 0}])
+def test_settings_out_of_bounds_are_refused(fields):
+    with pytest.raises(ValueError):
+        FloodSpec(1, 1, **fields)
+
+
+def test_the_config_section_is_bounded_and_parsed():
+    config = Config.model_validate({"flood": {"rate": "2000/s", "burst": 4000, "penalty": "2m",
+                                              "exempt": ["10.0.0.0/8"]}})
+    spec = config.flood.spec()
+    assert (spec.count, spec.period, spec.burst, spec.penalty) == (2000, 1, 4000, 120.0)
+    assert Config.model_validate({}).flood is None
+    for bad in ("flood: {rate: lots}", "flood: {rate: 1/s, ipv4_prefix: 40}",
+                "flood: {rate: 1/s, exempt: [300.0.0.0/8]}", "flood: {rate: 1/s, nope: 1}"):
+        with pytest.raises(ConfigError):
+            parse_config(bad)
+
+
+def _connects(source: str, port: int, timeout: float = 0.3) -> bool:
+    with socket.socket() as client:
+        client.bind((source, 0))
+        client.settimeout(timeout)
+        try:
+            client.connect(("127.0.0.1", port))
+        except TimeoutError:
+            return False
+        return True
+
+
+def test_the_kernel_filter_drops_only_the_boxed_networks_syns():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        flood = guard(count=1)
+        flood.listeners = [listener]
+        assert flood.admit("127.0.1.1", NOW) and not flood.admit("127.0.1.1", NOW)
+        assert flood.filtered == (0x7F000100,)
+        assert not _connects("127.0.1.77", port)  # the SYN is dropped: no handshake
+        assert _connects("127.0.0.1", port) and _connects("127.0.2.1", port)
+        flood.close()  # (a reload without the guard) takes the filter off
+        assert _connects("127.0.1.77", port)
+        apply_filter(listener, [], 0)  # detaching twice is harmless
