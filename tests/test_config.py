@@ -829,7 +829,7 @@ def test_example_config_loads():
     assert config.service_for_host("unknown.test").name == "fallback"
 
 
-# --- bounds: what one config may ask of an edge (the table at the top of verge/config.py) -----
+# --- bounds: what one config may ask of an edge (the table in verge/config/bounds.py) -----
 
 
 def _service_data(**changes) -> dict:

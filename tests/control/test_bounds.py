@@ -3,7 +3,7 @@
 An attack took the whole fleet down with one tenant call: an origin ``weight`` of 2**64 that
 the edges expanded into a list. The walk below fails naming every field that accepts an
 unbounded number, string, list or map, so a new field cannot come without its bound (the
-table is at the top of verge/config.py). Numbers need a maximum and a minimum, strings a
+table is verge/config/bounds.py). Numbers need a maximum and a minimum, strings a
 maxLength, arrays maxItems, open maps maxProperties (and bounded keys); booleans, enums and
 constants are bounded by nature; "any JSON value" is not. Then the regressions of the
 report: the huge weight, and the control plane's 500s on odd numbers, now clear 4xx.

@@ -420,7 +420,10 @@ async def test_live_stream_analysis(clip, tmp_path):
             thumb = await http.get(data["scenes"][0]["thumbnail"])
             assert thumb.status_code == 200 and "immutable" in thumb.headers["cache-control"]
             assert (await http.get(data["chapters"])).text.startswith("WEBVTT")
-            assert (await http.get("/live/other/analysis")).status_code == 404
+            other = await http.get("/live/other/analysis")  # polled by players: cacheable
+            assert (
+                other.status_code == 404 and other.headers["cache-control"] == "public, max-age=60"
+            )
     finally:
         publisher.kill()
         await publisher.wait()
@@ -504,3 +507,24 @@ async def test_player_shows_chapters_and_thumbnails_through_an_edge(vod_server, 
         await asyncio.to_thread(show_chapters, f"{edge.url}/vod/clip")
     finally:
         await asyncio.to_thread(edge.stop)
+
+
+# ---- `verge vod analyze NAME` -----------------------------------------------------------------
+
+
+@needs_ffmpeg
+@pytest.mark.timeout(120)
+def test_cli_vod_analyze_reruns_an_entry(vod_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from verge.cli_vod import vod_app
+
+    shutil.copytree(vod_data / "vod", tmp_path / "vod")
+    before = latest_run(tmp_path / "vod" / "clip" / "analysis")
+    ran = CliRunner().invoke(vod_app, ["analyze", "clip", "--data-dir", str(tmp_path)])
+    assert ran.exit_code == 0, ran.output
+    assert "clip: 3 scene cuts" in ran.output and "1 black" in ran.output
+    after = latest_run(tmp_path / "vod" / "clip" / "analysis")
+    assert after.name != before.name and not before.exists()  # the new run replaced the old
+    missing = CliRunner().invoke(vod_app, ["analyze", "nope", "--data-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "no VOD entry 'nope'" in missing.output

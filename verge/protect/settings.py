@@ -12,7 +12,7 @@
       trusted_proxies: [10.0.0.0/8]
 
 A tenant writes this block through the control plane, and the edge workers it runs on serve
-every tenant, so each number, string and list has a bound (the rule of verge/config.py's
+every tenant, so each number, string and list has a bound (the rule of verge/config/bounds.py's
 bounds table; the limits below are this block's, the shared ones have the same values as
 that table) and nothing a tenant writes can cost a worker more than a bounded amount per
 request: rate-limit state is bounded per rule (verge/protect/gcra.py), user-agent patterns

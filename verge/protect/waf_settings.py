@@ -3,7 +3,7 @@
     waf: {rules: owasp-crs, paranoia: 1, mode: block, on: [dynamic, misses],
           exclude: [{path: /upload, rules: [920420]}], budget_ms: 50, fail: open}
 
-Every field is bounded (the table below), as in verge/config.py: a tenant writes this through
+Every field is bounded (the table below), as in verge/config/bounds.py: a tenant writes this through
 the control plane, and what it may ask costs the edge CPU (the WAF's cost grows with the
 paranoia level, the bytes inspected and the time budget). The model imports nothing from
 verge, so verge.config can embed it without an import cycle. verge.protect.waf turns it into
@@ -22,7 +22,7 @@ __all__ = ["WafExclusion", "WafSettings"]
 KiB = 1024
 MiB = 1024 * KiB
 
-# Bounds (the same names and sizes as verge/config.py's table where they overlap)
+# Bounds (the same names and sizes as verge/config/bounds.py's table where they overlap)
 MAX_URL_PATH = 1024
 """An exclusion's path or path glob (verge.config.MAX_URL_PATH)."""
 MAX_EXCLUSIONS = 100

@@ -72,6 +72,7 @@ SHORT = ("Cache-Control", "public, max-age=1")  # live playlists: the edge colla
 BLOCKED = ("Cache-Control", "public, max-age=6")  # the answer for one _HLS_msn/_HLS_part
 PRIVATE = ("Cache-Control", "private, no-store")  # the AES key: no cache may keep it
 ANALYSIS_LIVE = ("Cache-Control", "public, max-age=2")  # a live analysis grows every few seconds
+NO_ANALYSIS = ("Cache-Control", "public, max-age=60")  # a stream of an app without analysis
 ENCRYPTION = Encryption()
 M3U8 = "application/vnd.apple.mpegurl"
 MPD = "application/dash+xml"
@@ -470,8 +471,8 @@ class StreamHttp(HttpApp):
         """The live analysis (JSON), or one of its files (chapters, thumbnails)."""
         channel = self.server.channels.get(match["stream"])
         analyzer = channel.analyzer if channel is not None else None
-        if analyzer is None:
-            await _send(writer, 404, b"no analysis for this stream\n", "text/plain", NO_STORE)
+        if analyzer is None:  # players poll for it: let the edges answer for a while
+            await _send(writer, 404, b"no analysis for this stream\n", "text/plain", NO_ANALYSIS)
             return
         if match["run"] is None:
             run = analyzer.current()
@@ -483,7 +484,7 @@ class StreamHttp(HttpApp):
         except OSError:
             data = None
         if data is None:
-            await _send(writer, 404, b"not analysed (yet)\n", "text/plain", NO_STORE)
+            await _send(writer, 404, b"not analysed (yet)\n", "text/plain", ANALYSIS_LIVE)
             return
         cache = IMMUTABLE if path.suffix == ".jpg" else ANALYSIS_LIVE
         await _send(writer, 200, data, content_type(path.name), cache)

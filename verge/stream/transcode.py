@@ -18,10 +18,11 @@ video and every 200 ms or, given the LL-HLS part target, just under it (:func:`f
 each fragment is then one part, complete (and listed) when ffmpeg writes it, so the packager
 never waits for a second fragment to fill a part. Encoding adds no delay of its own either:
 x264 ``-tune zerolatency`` (no B-frames, no lookahead, sliced threads instead of frame threads)
-and ``-flags low_delay`` on the decoder (no frame threads). Encoded rungs get a keyframe every second (``-g`` = 1 s of frames,
-``keyint_min`` equal, no scene cuts, plus a time-based forced keyframe), so segment boundaries
-line up across renditions. Rungs taller than the source are skipped: never upscale; so are
-rungs of the source's own height when the ladder keeps the source (the same size twice).
+and ``-flags low_delay`` on the decoder (no frame threads). Encoded rungs get a keyframe every
+second (``-g`` = 1 s of frames, ``keyint_min`` equal, no scene cuts, plus a time-based forced
+keyframe), so segment boundaries line up across renditions. Rungs taller than the source are
+skipped: never upscale; so are rungs of the source's own height when the ladder keeps the
+source (the same size twice).
 
 What the stream carries is decided before ffmpeg starts, from the first tags: onMetaData names
 the codecs it has (``videocodecid``/``audiocodecid``); the job then waits for the sequence
