@@ -152,7 +152,7 @@ def test_no_key_material_in_answers_audit_or_database(api: Api, ca: Ca) -> None:
         _no_key_anywhere(text, rotated_pems[1])
     actions = [e["action"] for e in api.get(f"{V1}/audit").json()["items"]]
     assert {"certificate.create", "certificate.update"} <= set(actions)
-    with api.store._reading() as session:  # sealed at rest
+    with api.store.reading() as session:  # sealed at rest
         row = session.query(TlsCertificate).one()
         assert "PRIVATE KEY" not in row.key_sealed
 

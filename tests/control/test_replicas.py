@@ -97,7 +97,7 @@ def pair(pg_url: str) -> Iterator[list[Replica]]:
 def admin_count(url: str) -> int:
     store = Store(url)
     try:
-        with store._reading() as session:
+        with store.reading() as session:
             return session.scalar(
                 select(func.count()).select_from(Token).where(Token.role == "admin")
             )

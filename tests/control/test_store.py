@@ -107,13 +107,13 @@ def test_only_secret_digests_are_stored(store: Store) -> None:
 def test_a_failed_change_leaves_no_trace(store: Store) -> None:
     store.create_service(ADMIN, _service("web", "a.test"))
     version = store.config_version()
-    with store._reading() as session:
+    with store.reading() as session:
         audited = session.scalar(select(func.count()).select_from(AuditEntry))
     with pytest.raises(Conflict) as clash:
         store.create_service(ADMIN, _service("other", "b.test", "a.test"))
     assert clash.value.field == "hosts[1]"
     assert store.config_version() == version
-    with store._reading() as session:
+    with store.reading() as session:
         assert session.scalar(select(func.count()).select_from(AuditEntry)) == audited
     assert [s["name"] for s in store.list_services(ADMIN)["items"]] == ["web"]
     store.create_service(ADMIN, _service("other", "b.test"))  # b.test was not left claimed
@@ -184,10 +184,10 @@ def test_old_stats_are_pruned(store: Store) -> None:
     old, recent = (now - timedelta(days=9)).timestamp(), (now - timedelta(days=1)).timestamp()
     store.ingest_stats(node, [{"t": old, "service": "web", "requests": 1}], "old")
     store.ingest_stats(node, [{"t": recent, "service": "web", "requests": 2}], "new")
-    with store._writing() as session:  # the "old" batch key was received long ago too
+    with store.writing() as session:  # the "old" batch key was received long ago too
         session.get_one(StatsBatch, (node.node_id, "old")).received_at = now - timedelta(days=9)
     assert store.prune_stats(7, now=now) == 2
-    with store._reading() as session:
+    with store.reading() as session:
         buckets = session.scalars(select(StatsSample.bucket)).all()
         keys = session.scalars(select(StatsBatch.key)).all()
     assert buckets == [int(recent) - int(recent) % 10] and keys == ["new"]
@@ -198,7 +198,7 @@ def test_acks_are_recorded_per_node_and_purge(store: Store) -> None:
     node = _node(store)
     later = [store.create_purge(ADMIN, tags=[f"t{i}"])["seq"] for i in range(3)]
     store.ack_purges(node, later[1])
-    with store._reading() as session:
+    with store.reading() as session:
         acked_seq = session.get_one(Node, node.node_id).acked_seq
     assert acked_seq == later[1]
     assert store.purge_status(ADMIN, later[0])["acked"] == ["edge-1"]
@@ -212,7 +212,7 @@ def test_tokens_store_no_secret_and_revocation_sticks(store: Store) -> None:
     assert store.authenticate(made["token"]) is not None
     store.revoke_token(ADMIN, made["id"])
     assert store.authenticate(made["token"]) is None
-    with store._reading() as session:
+    with store.reading() as session:
         assert session.get_one(Token, made["id"]).revoked_at is not None
 
 

@@ -450,7 +450,7 @@ def _age_heartbeats(api: Api, seconds: float) -> None:
 
     from verge.control.models import utcnow
 
-    with api.store._writing() as session:
+    with api.store.writing() as session:
         session.execute(
             update(Node).values(
                 last_heartbeat=utcnow() - timedelta(seconds=seconds),

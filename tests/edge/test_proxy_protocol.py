@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import EdgeProcess
 from tests.origin import make_origin
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
-from verge.protect.cidr import CidrSet
+from verge.cidr import CidrSet
 
 pytestmark = pytest.mark.timeout(60)
 

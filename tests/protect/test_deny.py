@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verge.protect.cidr import CidrSet, normalize_ip, parse_ip, parse_network
+from verge.cidr import CidrSet, normalize_ip, parse_ip, parse_network
 from verge.protect.deny import (
     MAX_PATTERNS,
     ConnectionCap,

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-log = logging.getLogger("verge.agent")
+log = logging.getLogger("verge.agent")  # NodeClient's failovers are the edge agent's
 
 API_PREFIX = "/api/v1"
 # The node API (edge side), under API_PREFIX: one spelling for NodeClient and ControlClient.

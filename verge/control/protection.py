@@ -68,7 +68,7 @@ class ProtectionEvents:
 
         ``{"accepted": stored, "skipped": for services the store does not know}``."""
         events = sorted(events[:MAX_EVENTS_PER_UPLOAD], key=lambda event: event["t"])
-        with self.store._writing() as session:
+        with self.store.writing() as session:
             ids = self._service_ids(session, {event["service"] for event in events})
             stored = [
                 _row(event, ids[event["service"]], principal.name)
@@ -85,8 +85,8 @@ class ProtectionEvents:
         """The newest ``limit`` events of a service the caller can see, oldest first:
         ``{"items": [{"at", "node", "client", "method", "host", "target", "status",
         "kind", "detail"}]}``."""
-        with self.store._reading() as session:
-            row = self.store._visible_service(session, principal, service)
+        with self.store.reading() as session:
+            row = self.store.visible_service(session, principal, service)
             rows = session.scalars(
                 select(ProtectionEvent)
                 .where(ProtectionEvent.service_id == row.id)
@@ -167,7 +167,7 @@ class ProtectionCounts:
             raise
 
     def _add(self, principal: Principal, samples: Sequence[dict], key: str | None) -> dict:
-        with self.store._writing() as session:
+        with self.store.writing() as session:
             if key:
                 if session.get(StatsBatch, (principal.node_id, _batch_key(key))) is not None:
                     return {"accepted": 0, "skipped": 0, "duplicate": True}
@@ -181,7 +181,7 @@ class ProtectionCounts:
         return {"accepted": len(known), "skipped": len(samples) - len(known), "duplicate": False}
 
     def _seen(self, principal: Principal, key: str) -> bool:
-        with self.store._reading() as session:
+        with self.store.reading() as session:
             return session.get(StatsBatch, (principal.node_id, _batch_key(key))) is not None
 
     def _upsert(
@@ -222,8 +222,8 @@ class ProtectionCounts:
         step = max(int(step), 1)
         start = (ProtectionCount.bucket - ProtectionCount.bucket % step).label("start")
         sums = [func.sum(getattr(ProtectionCount, name)).label(name) for name in COUNTERS]
-        with self.store._reading() as session:
-            row = self.store._visible_service(session, principal, service)
+        with self.store.reading() as session:
+            row = self.store.visible_service(session, principal, service)
             query = (
                 select(start, ProtectionCount.kind, ProtectionCount.rule, *sums)
                 .where(
@@ -249,7 +249,7 @@ class ProtectionCounts:
         """Delete buckets older than ``retention_days`` (their upload keys go with the
         stats batches': Store.prune_stats); rows deleted."""
         cutoff = (now or utcnow()) - timedelta(days=retention_days)
-        with self.store._writing() as session:
+        with self.store.writing() as session:
             result = session.execute(
                 delete(ProtectionCount).where(ProtectionCount.bucket < int(cutoff.timestamp()))
             )

@@ -44,7 +44,7 @@ from verge.http.server import (
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
-from verge.protect.cidr import CidrSet
+from verge.cidr import CidrSet
 from verge.protect.deny import CountryLookup, open_country_lookup
 from verge.protect.keys import steerable
 from verge.protect.shared import SharedTable

@@ -44,7 +44,7 @@ from verge.http.message import Request, known_host, set_host
 from verge.http.response import FileBody, Response, write_body
 from verge.http.target import BadTarget, normalize_target
 from verge.http_semantics import REASONS
-from verge.protect.cidr import CidrSet
+from verge.cidr import CidrSet
 
 COPY_CHUNK = 256 * 1024
 # Fairness between connections: a read larger than TURN_SLICE is parsed a slice at a time,

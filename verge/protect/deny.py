@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import re2
 
-from verge.protect.cidr import CidrSet, format_ip, parse_ip
+from verge.cidr import CidrSet, format_ip, parse_ip
 
 MAX_PATTERN = 256
 MAX_PATTERNS = 64

@@ -40,7 +40,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from verge.protect.cidr import CidrSet, parse_ip
+from verge.cidr import CidrSet, parse_ip
 from verge.protect.gcra import Gcra
 from verge.protect.steer import (
     BPF_ABS,

@@ -30,7 +30,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from verge.protect.cidr import CidrSet, format_ip, parse_ip
+from verge.cidr import CidrSet, format_ip, parse_ip
 
 MAX_PART = 128  # longer values are keyed by their hash
 MAX_HOPS = 16  # X-Forwarded-For hops examined from the right

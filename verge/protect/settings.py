@@ -18,8 +18,8 @@ that table) and nothing a tenant writes can cost a worker more than a bounded am
 request: rate-limit state is bounded per rule (verge/protect/gcra.py), user-agent patterns
 are RE2 (linear time) and bounded in length and number (verge/protect/deny.py).
 
-This module imports nothing from verge at import time (verge.config can import it without a
-cycle); durations use verge.config's syntax ("10m", "1h30m"), imported when first parsed.
+This module imports nothing of verge.config (verge.config imports it); durations use the
+syntax of verge.units ("10m", "1h30m"), the one the config uses.
 The models dump to JSON and validate back unchanged (rates and keys are kept in their
 canonical text: "100/s", "header:x-api-key").
 """
@@ -31,7 +31,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from verge.protect.cidr import parse_network
+from verge.cidr import parse_network
 from verge.protect.deny import MAX_PATTERN, MAX_PATTERNS, CountryLookup, DenyList
 from verge.protect.deny import compile_user_agent_pattern as _compile_pattern
 from verge.protect.keys import ClientAddresses, check_key_spec
@@ -43,6 +43,7 @@ from verge.protect.ratelimit import (
     parse_rate,
 )
 from verge.protect.waf_settings import WafSettings
+from verge.units import parse_duration
 
 # Bounds of this block (shared ones equal verge.config's: MAX_NAME, MAX_URL_PATH)
 MAX_NAME = 63
@@ -69,8 +70,6 @@ def _duration(value: object) -> object:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration, got {value!r}")
     if isinstance(value, str):
-        from verge.config import parse_duration
-
         return parse_duration(value)
     return value
 

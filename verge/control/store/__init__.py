@@ -102,12 +102,6 @@ class Store(
     ) -> None:
         super().__init__(url, heartbeat_interval=heartbeat_interval, purge_timeout=purge_timeout)
 
-    # The names these had before the store was a package; verge.control.protection and a few
-    # tests still use them. New code uses the public names.
-    _reading = StoreBase.reading
-    _writing = StoreBase.writing
-    _visible_service = Services.visible_service
-
 
 __all__ = [
     "AUTH_CACHE_SECONDS",

@@ -45,12 +45,16 @@
     liveSyncOnStallIncrease: 0.2,
     maxLiveSyncPlaybackRate: 1.25,
   };
-  const CATCH_UP_AFTER = 2.0; // seconds later than the target: jump back to it
+  const CATCH_UP_AFTER = 0.5; // seconds later than the target: skip ahead to it
 
+  // Playback starts at a keyframe, up to a GOP before hls.js' target, and a stall leaves it
+  // later still; hls.js speeds up only with over a second buffered. Skip ahead within what is
+  // buffered (no download, the decoder has the GOP) when it is half a second late.
   function catchUp(hls) {
     const late = hls.latency - hls.targetLatency;
     const to = hls.liveSyncPosition;
-    if (late > CATCH_UP_AFTER && !video.paused && Number.isFinite(to) && to > video.currentTime) {
+    if (!(late > CATCH_UP_AFTER) || video.paused || !Number.isFinite(to)) return;
+    if (to > video.currentTime && to < video.currentTime + bufferAhead() - 0.1) {
       video.currentTime = to;
     }
   }
