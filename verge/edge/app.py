@@ -62,7 +62,7 @@ from verge.edge.tunnel import TunnelError, open_tunnel, wants_tunnel
 from verge.http.client import OriginPool, UpstreamError
 from verge.http.message import Request
 from verge.http.response import FileBody, Response
-from verge.http.server import ResponseWriter, text_response
+from verge.http.server import ResponseWriter, close_connections, text_response
 from verge.http.target import BadTarget, normalize_target
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
@@ -193,6 +193,8 @@ class EdgeApp:
         self.flood = FloodGuard.of(flood.spec() if flood is not None else None,
                                    getattr(self, "flood", None), workers=self.protect.workers,
                                    listeners=self.protect.listeners)
+        if self.flood is not None:
+            self.flood.on_box = close_connections
         self.connection_gate = ConnectionGate.of(
             [s.protection for s in config.services],
             getattr(self, "connection_gate", None), self.flood)

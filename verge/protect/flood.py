@@ -9,8 +9,8 @@ flooder whose connection is closed opens another at once. So the guard counts re
 *network* (the client's /24 for IPv4, /48 for IPv6 by default, as CDNs' L7 DDoS rules key
 them), and a network over its rate is put in a penalty box for ``penalty`` seconds where:
 
-- its requests on open connections are dropped with the connection (no answer, no parse of
-  what it pipelined behind);
+- its open connections are closed at once, and any request it still sends on another is
+  dropped with its connection (no answer, no parse of what it pipelined behind);
 - its new connections are refused before the handshake completes: a classic BPF socket
   filter (``SO_ATTACH_FILTER``) on the listening sockets drops the SYNs of boxed IPv4
   networks, so a flooding network costs the worker nothing while it sits in the box (its
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from verge.cidr import CidrSet, parse_ip
@@ -120,6 +120,9 @@ class FloodGuard:
         self.listeners: list[socket.socket] = []  # where the kernel filter goes
         self.filtered: tuple[int, ...] | None = None  # the IPv4 networks in the filter now
         self.filter_ok = True
+        self.on_box: Callable[[Callable[[str], bool]], object] | None = None
+        """Called with a peer test when a network goes in the box: the server closes that
+        network's open connections at once (what they pipelined is never parsed)."""
         self._filter_stale = False
         self._filtered_at = float("-inf")
         self.dropped = 0  # requests dropped (their connections closed)
@@ -201,6 +204,8 @@ class FloodGuard:
             del boxed[next(iter(boxed))]
         boxed[network] = now + self.spec.penalty
         self.boxes += 1
+        if self.on_box is not None:
+            self.on_box(lambda peer: self.network(peer) == network)
         if network[0] == 4:
             self._filter_stale = True
             if now - self._filtered_at >= FILTER_EVERY:
