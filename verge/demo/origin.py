@@ -7,9 +7,13 @@ and very large responses, and a request echo. Every response carries ``X-Origin-
 a per-path counter of requests that reached this origin, so a cache hit at the edge is
 visible as a number that did not move.
 
-It is a small HTTP/1.1 server with keep-alive and pipelining, on asyncio streams with the
-httptools parser. It is demo content, not part of the edge's hot path, so it favours
-plain code over speed; large bodies are still streamed in both directions.
+It is an application of the project's own HTTP/1.1 server (:mod:`verge.http.server`), not
+a server of its own and not uvicorn: that server already does keep-alive, pipelining,
+``Expect: 100-continue``, streamed bodies both ways and the input limits, so the sample
+is only its routes; and the edges then fetch from the same HTTP code they serve with. An
+ASGI stack (uvicorn, FastAPI) would add an adaptor layer and its own logging for nothing
+the sample needs. 304 decisions use the cache policy's validator comparison
+(:func:`verge.cache.policy.not_modified_for`), the same one the edge answers clients with.
 """
 
 from __future__ import annotations
@@ -22,46 +26,43 @@ import html
 import json
 import logging
 import re
+import socket
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import formatdate, parsedate_to_datetime
-from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qsl, unquote, urlencode
 
-import httptools
-
-from verge.http.message import Headers, Request, split_target
+from verge.cache.policy import not_modified_for
+from verge.http.message import Headers, Request
+from verge.http.response import Response
+from verge.http.server import CLOCK, HttpApp, ServerLimits, serve
+from verge.http_semantics import REASONS
 
 log = logging.getLogger("verge.demo.origin")
 
 SERVER_NAME = "verge-demo-origin"
-IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle (or stall mid-body)
-READ_SIZE = 64 * 1024
+IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle (or stall mid-request)
 BIG_DEFAULT = 10 * 1024 * 1024
 BIG_MAX = 1024 * 1024 * 1024
+ECHO_MAX = BIG_MAX  # the largest request body /echo takes (413 beyond)
 SLOW_DEFAULT_MS = 1000
 SLOW_MAX_MS = 60_000
 STATIC_CACHE_CONTROL = "public, max-age=86400"
 STATIC_LAST_MODIFIED = "Mon, 01 Jan 2024 00:00:00 GMT"  # fixed: the assets never change
 ECHO_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+LIMITS = ServerLimits(
+    max_body_bytes=ECHO_MAX,
+    header_timeout=IDLE_TIMEOUT,
+    keepalive_timeout=IDLE_TIMEOUT,
+    body_timeout=IDLE_TIMEOUT,
+)
 
 
 # --------------------------------------------------------------------------- responses
-
-
-@dataclass(slots=True)
-class Response:
-    """A response to write: a byte body, or a streamed one of known length (or chunked)."""
-
-    status: int
-    headers: Headers = field(default_factory=list)
-    body: bytes | AsyncIterator[bytes] = b""
-    length: int | None = None  # streamed bodies only; None means Transfer-Encoding: chunked
 
 
 def text(status: int, body: str, headers: Headers | None = None) -> Response:
@@ -80,40 +81,17 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-# --------------------------------------------------------------------------- validators
-
-
-def etag_matches(if_none_match: str, etag: str) -> bool:
-    """Weak comparison (RFC 9110 §13.1.2): does the If-None-Match list name ``etag``?"""
-    wanted = etag.removeprefix("W/")
-    for candidate in if_none_match.split(","):
-        candidate = candidate.strip()
-        if candidate == "*" or candidate.removeprefix("W/") == wanted:
-            return True
-    return False
-
-
-def not_modified(request: Request, etag: str | None, last_modified: str | None) -> bool:
-    """True when the request's validators say the client's copy is current."""
-    if_none_match = request.header("if-none-match")
-    if if_none_match is not None:
-        return etag is not None and etag_matches(if_none_match, etag)
-    since = request.header("if-modified-since")
-    if since is None or last_modified is None:
-        return False
-    try:
-        return parsedate_to_datetime(last_modified) <= parsedate_to_datetime(since)
-    except (TypeError, ValueError):
-        return False
-
-
 def conditional(request: Request, headers: Headers) -> Response | None:
     """A body-less 304 carrying ``headers`` (minus Content-Type) when the request's
     validators match the ETag / Last-Modified among ``headers``; else None."""
     fields = {n.lower(): v for n, v in headers}
-    if not not_modified(request, fields.get("etag"), fields.get("last-modified")):
+    if not not_modified_for(request.hmap, fields.get("etag"), fields.get("last-modified")):
         return None
     return Response(304, [(n, v) for n, v in headers if n.lower() != "content-type"])
+
+
+def reason(status: int) -> str:
+    return REASONS.get(status, "Unknown")
 
 
 # --------------------------------------------------------------------------- content
@@ -246,9 +224,11 @@ def pick_language(accept_language: str) -> str:
 
 @dataclass(slots=True)
 class Call:
-    """What an endpoint sees: the request, its decoded query and the path past a prefix."""
+    """What an endpoint sees: the request, its decoded path and query, the path past a
+    prefix."""
 
     request: Request
+    path: str
     params: dict[str, str]
     tail: str = ""
 
@@ -265,7 +245,7 @@ async def get_home(call: Call) -> Response:
 
 
 async def get_static(call: Call) -> Response:
-    body, content_type = STATIC_FILES[call.request.path]
+    body, content_type = STATIC_FILES[call.path]
     headers = [
         ("Content-Type", content_type),
         ("Cache-Control", STATIC_CACHE_CONTROL),
@@ -397,251 +377,45 @@ PREFIXED: list[tuple[str, Endpoint]] = [
 ]
 
 
-def reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-# --------------------------------------------------------------------------- connection
-
-
-BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-END = object()  # parser event: the current request's body is complete
-
-
-@dataclass(slots=True)
-class Incoming:
-    """Parser event: a request head, and whether the connection may carry another."""
-
-    request: Request
-    keep_alive: bool
-
-
-class ParserEvents:
-    """httptools callbacks turned into a queue of events: Incoming, body bytes, END."""
-
-    def __init__(self) -> None:
-        self.queue: deque[object] = deque()
-        self.parser = httptools.HttpRequestParser(self)
-        self.upgraded = False  # Upgrade/CONNECT seen: no more requests on this connection
-        self._url = b""
-        self._headers: Headers = []
-
-    def feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.upgraded = True
-
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        target = self._url.decode("latin-1")
-        path, query = split_target(target)
-        request = Request(
-            method=self.parser.get_method().decode("ascii"),
-            target=target,
-            path=unquote(path),
-            query=query,
-            headers=self._headers,
-            version=self.parser.get_http_version(),
-        )
-        self.queue.append(Incoming(request, self.parser.should_keep_alive()))
-
-    def on_body(self, body: bytes) -> None:
-        self.queue.append(bytes(body))
-
-    def on_message_complete(self) -> None:
-        self.queue.append(END)
-
-
-class RequestBody:
-    """The body of the request being answered, read from the connection on demand."""
-
-    def __init__(self, connection: Connection, request: Request) -> None:
-        self.connection = connection
-        self.expects_continue = (request.header("expect") or "").lower() == "100-continue"
-        self.continue_sent = False
-        self.done = False
-        self.truncated = False
-
-    def send_continue(self) -> None:
-        """Tell a client waiting on ``Expect: 100-continue`` to send the body (once)."""
-        if self.expects_continue and not self.continue_sent and not self.done:
-            self.continue_sent = True
-            self.connection.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive; call :meth:`send_continue` before any response."""
-        while not self.done:
-            event = await self.connection.next_event()
-            if event is None or event is END:
-                self.done = True
-                self.truncated = event is None
-                return
-            assert isinstance(event, bytes)
-            yield event
-
-    async def discard(self) -> bool:
-        """Read and drop the rest; False when the connection cannot carry another request."""
-        if self.expects_continue and not self.continue_sent and not self.done:
-            return False  # the client is holding the body back: close instead of waiting
-        async for _ in self.chunks():
-            pass
-        return not self.truncated
-
-
-class Connection:
-    """One client connection: parse requests in order, answer each, keep alive."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, origin: DemoOrigin
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.origin = origin
-        self.events = ParserEvents()
-        self.eof = False
-        self.responding = False  # a response head is out: too late to answer 400
-
-    async def serve(self) -> None:
-        try:
-            while await self.serve_one():
-                pass
-        except httptools.HttpParserError:
-            if not self.responding:
-                self.writer.write(BAD_REQUEST)
-        except (ConnectionError, TimeoutError):
-            pass
-        finally:
-            self.writer.close()
-
-    async def next_event(self) -> object | None:
-        """The next parser event, reading as needed; None at end of stream."""
-        while not self.events.queue:
-            if self.eof or self.events.upgraded:
-                return None
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), IDLE_TIMEOUT)
-            if not data:
-                self.eof = True
-                continue
-            self.events.feed(data)
-        return self.events.queue.popleft()
-
-    async def serve_one(self) -> bool:
-        incoming = await self.next_event()
-        if incoming is None:
-            return False
-        assert isinstance(incoming, Incoming)
-        request, keep_alive = incoming.request, incoming.keep_alive
-        body = RequestBody(self, request)
-        started = time.perf_counter()
-        response = await self.origin.answer(request, body)
-        self.responding = True
-        complete = await self.write_response(request, response, keep_alive)
-        self.responding = False
-        log_request(request, response, started)
-        reusable = await body.discard()
-        return keep_alive and complete and reusable and not self.events.upgraded
-
-    async def write_response(self, request: Request, response: Response, keep_alive: bool) -> bool:
-        """Write head and body; False when the body came out short (connection is spent)."""
-        bodiless = request.method == "HEAD" or response.status in (204, 304)
-        streamed = not isinstance(response.body, bytes)
-        chunked = streamed and response.length is None and not bodiless
-        self.writer.write(self.head_bytes(response, bodiless, chunked, keep_alive))
-        if bodiless:
-            return True
-        if not streamed:
-            self.writer.write(response.body)  # type: ignore[arg-type]
-            await self.writer.drain()
-            return True
-        sent = await self.write_stream(response.body, chunked)  # type: ignore[arg-type]
-        return chunked or sent == response.length
-
-    def head_bytes(
-        self, response: Response, bodiless: bool, chunked: bool, keep_alive: bool
-    ) -> bytes:
-        lines = [f"HTTP/1.1 {response.status} {reason(response.status)}"]
-        lines += [f"{name}: {value}" for name, value in response.headers]
-        lines += [f"Date: {formatdate(usegmt=True)}", f"Server: {SERVER_NAME}"]
-        if chunked:
-            lines.append("Transfer-Encoding: chunked")
-        elif response.status not in (204, 304):
-            length = response.length if response.length is not None else len(response.body)  # type: ignore[arg-type]
-            lines.append(f"Content-Length: {length}")
-        if not keep_alive:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    async def write_stream(self, chunks: AsyncIterator[bytes], chunked: bool) -> int:
-        sent = 0
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            if chunked:
-                self.writer.write(b"%x\r\n" % len(chunk))
-            self.writer.write(chunk)
-            if chunked:
-                self.writer.write(b"\r\n")
-            sent += len(chunk)
-            await self.writer.drain()
-        if chunked:
-            self.writer.write(b"0\r\n\r\n")
-        await self.writer.drain()
-        return sent
-
-
-def log_request(request: Request, response: Response, started: float) -> None:
-    if not log.isEnabledFor(logging.INFO):
-        return
-    line = {
-        "ts": now_iso(),
-        "method": request.method,
-        "target": request.target,
-        "status": response.status,
-        "hits": dict(response.headers).get("X-Origin-Hits"),
-        "ms": round((time.perf_counter() - started) * 1000, 2),
-    }
-    log.info(json.dumps(line))
-
-
 # --------------------------------------------------------------------------- the origin
 
 
-class DemoOrigin:
+class DemoOrigin(HttpApp):
     """Routes requests to endpoints and counts, per path, the requests that arrived."""
+
+    log = log  # the server reports this app's errors under the demo's logger
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
 
-    async def answer(self, request: Request, body: RequestBody) -> Response:
-        self.hits[request.path] += 1
-        response = await self.dispatch(request, body)
-        response.headers.append(("X-Origin-Hits", str(self.hits[request.path])))
+    async def handle(self, request: Request, writer) -> None:
+        started = time.perf_counter()
+        response = await self.answer(request)
+        await writer.send(response)
+        log_request(request, response, started)
+
+    async def answer(self, request: Request) -> Response:
+        path = unquote(request.path)
+        self.hits[path] += 1
+        response = await self.dispatch(request, path)
+        response.headers += [
+            ("X-Origin-Hits", str(self.hits[path])),
+            ("Date", CLOCK.date),
+            ("Server", SERVER_NAME),
+        ]
         return response
 
-    async def dispatch(self, request: Request, body: RequestBody) -> Response:
-        if request.path == "/echo":
-            return echo(request, body)
+    async def dispatch(self, request: Request, path: str) -> Response:
+        if path == "/echo":
+            return await echo(request)
         if request.method not in ("GET", "HEAD"):
             return text(405, "method not allowed\n", [("Allow", "GET, HEAD")])
-        call = Call(request, dict(parse_qsl(request.query, keep_blank_values=True)))
-        endpoint = EXACT.get(request.path)
+        call = Call(request, path, dict(parse_qsl(request.query, keep_blank_values=True)))
+        endpoint = EXACT.get(path)
         if endpoint is None:
-            endpoint, call.tail = self.prefixed(request.path)
+            endpoint, call.tail = self.prefixed(path)
         if endpoint is None:
-            return text(404, f"not found: {request.path}\n")
+            return text(404, f"not found: {path}\n")
         return await endpoint(call)
 
     @staticmethod
@@ -652,7 +426,7 @@ class DemoOrigin:
         return None, ""
 
 
-def echo(request: Request, body: RequestBody) -> Response:
+async def echo(request: Request) -> Response:
     """Method and headers in ``X-Echo-*`` fields; the body streamed back unchanged."""
     if request.method in ("GET", "HEAD"):
         data = {"method": request.method, "target": request.target, "headers": request.headers}
@@ -669,28 +443,48 @@ def echo(request: Request, body: RequestBody) -> Response:
         ("X-Echo-Method", request.method),
         ("X-Echo-Headers", json.dumps(request.headers)),
     ]
-    body.send_continue()  # before our response head goes out
-    return Response(200, headers, body.chunks(), length=request_body_length(request))
+    if request.body is None:
+        return Response(200, headers, b"")
+    # The first read sends "100 Continue" to a client that asked for it: before our head.
+    first = await request.body.read()
+    return Response(200, headers, replay(first, request.body), request.body.length)
 
 
-def request_body_length(request: Request) -> int | None:
-    """The declared body length: Content-Length, None when chunked, 0 when neither."""
-    if request.header("transfer-encoding") is not None:
-        return None
-    return int(request.header("content-length") or 0)
+async def replay(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def log_request(request: Request, response: Response, started: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "ts": now_iso(),
+        "method": request.method,
+        "target": request.target,
+        "status": response.status,
+        "hits": dict(response.headers).get("X-Origin-Hits"),
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    log.info(json.dumps(line))
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-async def serve_origin(host: str, port: int) -> asyncio.Server:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (a name is resolved; port 0 picks one). No
+    SO_REUSEPORT: a second origin on a taken port fails instead of sharing it."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((host, port), family=family)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_origin(host: str, port: int) -> asyncio.AbstractServer:
     """Start the demo origin on ``host:port`` (port 0 picks one) and return the server."""
-    origin = DemoOrigin()
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await Connection(reader, writer, origin).serve()
-
-    return await asyncio.start_server(on_connect, host, port)
+    return await serve(DemoOrigin(), listen_socket(host, port), LIMITS)
 
 
 async def serve_forever(host: str, port: int) -> None:
