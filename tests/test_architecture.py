@@ -23,11 +23,7 @@ PACKAGE = ROOT / "verge"
 
 # Wiring: parts that start and connect the others (they own no logic of a layer).
 WIRING = (
-    "verge.cli",
-    "verge.cli_cert",
-    "verge.cli_control",
-    "verge.cli_secrets",
-    "verge.cli_vod",
+    "verge.cli",  # the package: verge.cli.edge, verge.cli.common, ...
     "verge.up",
     "verge.demo",
 )

@@ -324,7 +324,7 @@ def test_tokens_can_come_from_a_file_instead_of_the_command_line(tmp_path):
     """`--token @FILE` (and the VERGE_*TOKEN variables) keep secrets out of `ps`."""
     import typer
 
-    from verge.cli_secrets import secret_value
+    from verge.cli.secrets import secret_value
 
     token_file = tmp_path / "admin.token"
     token_file.write_text("vrg_secret_123\n")

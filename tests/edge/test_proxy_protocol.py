@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import EdgeProcess
 from tests.origin import make_origin
-from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
 from verge.cidr import CidrSet
+from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,7 +23,7 @@ import typer
 import uvloop
 
 from verge.certs import DevCertificates, dev_certificates, issue_cert, load_cert
-from verge.cli_cert import register
+from verge.cli.cert import register
 from verge.http.tls import CertSpec, TlsStore, origin_client_context, safe_server_context
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
@@ -389,7 +389,7 @@ def test_ip_san_verifies_with_openssl(tmp_path: Path) -> None:
 def test_cli_cert_dev(tmp_path: Path) -> None:
     out = tmp_path / "dev"
     script = (
-        "import typer, sys; from verge.cli_cert import register\n"
+        "import typer, sys; from verge.cli.cert import register\n"
         "app = typer.Typer(); register(app)\n"
         "@app.callback()\ndef main() -> None: pass\n"
         "app(sys.argv[1:])\n"

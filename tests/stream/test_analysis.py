@@ -517,7 +517,7 @@ async def test_player_shows_chapters_and_thumbnails_through_an_edge(vod_server, 
 def test_cli_vod_analyze_reruns_an_entry(vod_data, tmp_path):
     from typer.testing import CliRunner
 
-    from verge.cli_vod import vod_app
+    from verge.cli.vod import vod_app
 
     shutil.copytree(vod_data / "vod", tmp_path / "vod")
     before = latest_run(tmp_path / "vod" / "clip" / "analysis")

@@ -28,6 +28,7 @@ import uvloop
 from verge.cache.disk import DiskStore
 from verge.cache.memory import MemoryStore
 from verge.cache.store import TieredCache
+from verge.cidr import CidrSet
 from verge.config import Config
 from verge.edge.app import EdgeApp
 from verge.edge.compute import EdgeCompute
@@ -44,7 +45,6 @@ from verge.http.server import (
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
-from verge.cidr import CidrSet
 from verge.protect.deny import CountryLookup, open_country_lookup
 from verge.protect.keys import steerable
 from verge.protect.shared import SharedTable

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from verge.cli.common import fail, warn
+
 if TYPE_CHECKING:
     from verge.stream.vod import VodLibrary
     from verge.up import DemoStream
@@ -37,11 +39,6 @@ ConfigOption = Annotated[
 DataDirOption = Annotated[
     Path | None, typer.Option(help="Stream data directory (default: the config's data_dir).")
 ]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _demo_stream(config: Path | None, data_dir: Path | None) -> DemoStream | None:
@@ -79,7 +76,7 @@ def _library(config: Path | None, data_dir: Path | None) -> VodLibrary:
     try:
         settings = load_config(config).stream
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if data_dir is not None:
         settings = settings.model_copy(update={"data_dir": str(data_dir)})
     return VodLibrary(settings)
@@ -114,7 +111,7 @@ def vod_add(
                 )
             )
     except (VodError, FfmpegNotFound) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if analyze:
         _analyze(library, name)
     renditions = ", ".join(
@@ -173,7 +170,7 @@ def _analyze(library: VodLibrary, name: str) -> dict:
                 library.analyze(name, lambda done: bar.update(task, completed=done))
             )
     except (VodError, FfmpegNotFound) as exc:
-        typer.secho(f"analysis failed: {exc}", fg=typer.colors.YELLOW, err=True)
+        warn(f"analysis failed: {exc}")
         return {}
     kinds = [e["kind"] for e in result["events"]]
     found = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no events"
@@ -197,7 +194,7 @@ def vod_analyze(
     demo = _demo_stream(config, data_dir)
     library = _library(demo.config if demo else config, data_dir)
     if library.get(name) is None:
-        _fail(f"no VOD entry {name!r} in {library.root}")
+        fail(f"no VOD entry {name!r} in {library.root}")
     if not _analyze(library, name):
         raise typer.Exit(1)
 
@@ -221,8 +218,3 @@ def vod_list(
     for entry in entries:
         names = ",".join(r["name"] for r in entry.renditions)
         typer.echo(f"{entry.name}\t{entry.duration:.1f} s\t{names}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``vod`` command group to the ``verge`` app."""
-    app.add_typer(vod_app, name="vod")
