@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream conformance demo-regions clean system-deps waf-deps functions
+.PHONY: install demo demo-deps image image-stream test lint bench bench-zipf bench-purge bench-dns bench-tls bench-compute bench-stream bench-latency conformance demo-regions clean system-deps waf-deps functions
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -82,6 +82,10 @@ bench-compute: install
 
 bench-stream: install
 	$(BIN)/python bench/stream_bench.py
+
+# Glass-to-glass latency in headless Chromium (LL-HLS through an edge, and WebRTC/WHEP).
+bench-latency: install
+	$(BIN)/python bench/latency_bench.py --mode both --seconds 30
 
 # Three regions in network namespaces with user-space delays; needs root (ip netns).
 demo-regions: install

@@ -90,11 +90,6 @@ def test_the_playlist_holds_back_three_parts_and_blocks():
     assert durations and max(durations) <= PART_TARGET
 
 
-@pytest.mark.xfail(
-    StreamSettings().part_target > 0.25,
-    strict=False,
-    reason="the low-latency config defaults (issue 16) are not applied yet",
-)
 def test_the_defaults_are_the_low_latency_ones():
     settings = StreamSettings()
     assert settings.part_target <= 0.25 and settings.segment_target <= 1.0

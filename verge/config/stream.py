@@ -88,9 +88,9 @@ class StreamSettings(Model):
     apps: list[StreamApp] = Field(
         default_factory=lambda: [StreamApp()], min_length=1, max_length=MAX_STREAM_APPS
     )
-    part_target: Duration = 0.5
+    part_target: Duration = 0.25
     """LL-HLS part duration target (seconds)."""
-    segment_target: Duration = 2.0
+    segment_target: Duration = 1.0
     """Segment duration target: segments start at the first keyframe past it."""
     dvr_window: Duration = 120.0
     """How much of a live stream stays in the playlists."""
