@@ -10,6 +10,7 @@ by test_fleet.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.cli import run_verge
-from verge.control.client import ControlClient, ControlError, Versioned
+from verge.control.client import ControlClient, ControlError, NodeClient, Versioned
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,15 +139,41 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def join_node(control: ControlPlane, name: str) -> ControlClient:
+class FakeEdge:
+    """A stand-in edge speaking the node API through the agent's own client (NodeClient), on
+    an event loop of its own: use it from one thread at a time."""
+
+    def __init__(self, url: str, credential: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.client = NodeClient(url, credential)
+
+    def call(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        self.call(self.client.aclose())
+        self.loop.close()
+
+    def __enter__(self) -> FakeEdge:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def join_node(control: ControlPlane, name: str) -> FakeEdge:
     """A fake edge: joins with a fresh join token and talks with its node credential."""
     join_token = control.client().create_token("join", name=f"join-{name}")["token"]
-    with ControlClient(control.url, join_token) as joiner:
-        joined = joiner.join(
-            name, f"http://127.0.0.1:1/{name}", f"http://127.0.0.1:2/{name}", region="eu-test"
-        )
-    node = ControlClient(control.url, joined["credential"])
-    node.heartbeat(config_version=0, purge_seq=0, health={"ok": True}, load={"rps": 0})
+    joiner = FakeEdge(control.url, join_token)
+    try:
+        joined = joiner.call(joiner.client.join(
+            join_token, name, f"http://127.0.0.1:1/{name}", f"http://127.0.0.1:2/{name}",
+            "eu-test"))
+    finally:
+        joiner.close()
+    node = FakeEdge(control.url, joined["credential"])
+    node.call(node.client.heartbeat({"health": {"ok": True}, "load": {"rps": 0},
+                                     "config_version": 0, "purge_seq": 0}))
     return node
 
 
@@ -552,14 +579,13 @@ def test_node_list_shows_heartbeat_and_versions(control: ControlPlane) -> None:
     assert "node edge-list-1 revoked" in control.ok("node", "revoke", "edge-list-1").out
 
 
-def _ack_every_purge(node: ControlClient, stop: threading.Event) -> None:
-    """What an edge agent does: long-poll for purges, apply them, acknowledge."""
+def _ack_every_purge(node: FakeEdge, stop: threading.Event) -> None:
+    """What an edge agent does: long-poll for purges, apply them; the next poll (``after``
+    the last one applied) acknowledges them."""
     seq = 0
     while not stop.is_set():
-        for purge in node.node_purges(after=seq, wait=1):
+        for purge in node.call(node.client.purges(after=seq, wait=1)):
             seq = max(seq, int(purge["seq"]))
-        if seq:
-            node.ack_purges(seq)
 
 
 def test_purge_through_control_waits_for_every_edge(control: ControlPlane) -> None:

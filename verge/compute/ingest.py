@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,6 +261,3 @@ def encode_record(record: Any) -> bytes:
     """The compact JSON line a record is spooled and forwarded as."""
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
-
-def encode_records(records: Iterable[Any]) -> list[bytes]:
-    return [encode_record(record) for record in records]

@@ -299,10 +299,6 @@ class ModuleCache:
             self.loaded[digest] = loaded
             return loaded
 
-    def forget(self, digest: str) -> None:
-        with self._lock:
-            self.loaded.pop(digest, None)
-
     def _from_disk(self, digest: str) -> tuple[wasmtime.Module, str] | None:
         path = self.artefact_path(digest)
         if path is None or not path.exists():

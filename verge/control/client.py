@@ -508,39 +508,6 @@ class ControlClient:
             "GET", "/stats", params={"service": service, "node": node, "since": since, "step": step}
         )
 
-    # -- edge side, synchronous (a stand-in edge for tests and scripts; see NodeClient) --------
-
-    def join(self, name: str, url: str, admin_url: str, region: str | None = None) -> Json:
-        """POST /nodes/join (join token) -> {"node", "credential"}."""
-        body = _drop_none({"name": name, "url": url, "admin_url": admin_url, "region": region})
-        return self._json("POST", NODE_JOIN, body=body)
-
-    def heartbeat(
-        self,
-        config_version: int,
-        purge_seq: int,
-        health: Json | None = None,
-        load: Json | None = None,
-    ) -> Json:
-        body = {
-            "health": health or {},
-            "load": load or {},
-            "config_version": config_version,
-            "purge_seq": purge_seq,
-        }
-        return self._json("POST", NODE_HEARTBEAT, body=body)
-
-    def node_purges(self, after: int = 0, wait: float = 25) -> list[Json]:
-        """Long poll: purges with seq > `after` ([] when none arrived within `wait`)."""
-        body = self._json(
-            "GET", NODE_PURGES, params={"after": after, "wait": wait}, timeout=wait + self.timeout
-        )
-        return list(body.get("purges", []))
-
-    def ack_purges(self, seq: int) -> None:
-        """Acknowledge every purge up to and including `seq`."""
-        self._send("POST", NODE_PURGES + "/ack", body={"seq": seq})
-
 
 def iter_all(fetch: Callable[[int, int], Page], page_size: int = 200) -> Iterator[Json]:
     """Every item of a list endpoint, page by page: `iter_all(client.list_services)`."""

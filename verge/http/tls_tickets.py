@@ -235,11 +235,6 @@ class TicketKeyRing:
         self._by_name = {key.name: key for key in reversed(prepared)}
         self._encrypting = prepared[0]
 
-    def key_names(self) -> list[bytes]:
-        """The names of the keys in use, encrypting key first (for tests and diagnostics)."""
-        first = [self._encrypting.name] if self._encrypting else []
-        return first + [name for name in self._by_name if name not in first]
-
     def _attach(self, ctx_pointer: int) -> bool:
         return self._lib.ssl.SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx_pointer, self._callback) == 1
 

@@ -194,12 +194,6 @@ def _path(data: bytes, start: int, end: int, *kinds: str) -> tuple[int, int] | N
     return span
 
 
-def box_payload(box: Box) -> tuple[int, int]:
-    """(payload_start, end) of a top-level box's own bytes."""
-    size = _u32.unpack_from(box.data, 0)[0]
-    return (16 if size == 1 else 8), len(box.data)
-
-
 # --- init segment -----------------------------------------------------------------------------
 
 
