@@ -14,6 +14,7 @@ import statistics
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pytest
 
 from verge.stream import flv
 from verge.stream import transcode as tc
+from verge.stream.package.cmaf import Part
+from verge.stream.package.live import LiveStream
 
 pytestmark = pytest.mark.timeout(60)
 FFMPEG = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
@@ -281,6 +284,9 @@ def test_command_line() -> None:
     assert "-map 0:a:0 -c:a copy" in text
     assert text.count(" ".join(tc.FMP4_FLAGS)) == 3
     assert command[-1] == "pipe:9"
+    assert "-output_ts_offset" not in text and "frag_discont" not in text
+    restarted = " ".join(tc.ffmpeg_command("/usr/bin/ffmpeg", tracks, [7, 8, 9], offset=2.5))
+    assert restarted.count("+cmaf+frag_discont") == restarted.count("-output_ts_offset 2.500") == 3
 
 
 def test_flv_prefix_and_splitter(av_flv: bytes) -> None:
@@ -320,11 +326,11 @@ async def test_ladder_output_is_fragmented_mp4(av_flv: bytes, tmp_path: Path) ->
     job = got.job(max_lag=60.0)
     for offset in range(0, len(av_flv), 4096):
         job.feed(av_flv[offset : offset + 4096])
-    while job.pid is None:
+    while None in job.pids.values():
         await asyncio.sleep(0.01)
-    pid = job.pid
+    pids = list(job.pids.values())
     await job.close()
-    assert got.exits == [(True, "closed")] and _gone(pid)
+    assert got.exits == [(True, "closed")] and all(_gone(pid) for pid in pids)
     assert [t.name for t in got.plans[0]] == ["source", "240p", "audio"]  # 360p: the source's
     assert got.kinds == {"source": "video", "240p": "video", "audio": "audio"}
     expected = {"source": (640, 360), "240p": (426, 240)}
@@ -393,7 +399,8 @@ async def test_falling_behind_drops_until_a_keyframe(av_flv: bytes, tmp_path: Pa
     got = Collector()
     job = got.job(tc.ladder_from_config(["source"]), max_lag=2.5)
     job.feed(av_flv)  # 4 s at once: more than 2.5 s of lag
-    assert job._queued_bytes <= job.max_queue_bytes
+    copy = job.groups[tc.COPY]
+    assert copy._queued_bytes <= copy.max_queue_bytes
     await job.close()
     assert job.stats.drops >= 1 and job.stats.dropped_tags > 0
     path = _save(got.tracks["source"], tmp_path / "s.mp4")
@@ -411,46 +418,63 @@ async def test_gives_up_after_bounded_restarts(tmp_path: Path) -> None:
     job.feed(tc.flv_prefix(None, None, bytes.fromhex("af001210")))
     job.write_audio(0, bytes.fromhex("af01") + b"\0" * 10)
     job.write_audio(2000, bytes.fromhex("af01") + b"\0" * 10)  # past the decision window
+
+    async def publish() -> None:  # a restarted process starts at its first input tag
+        for timestamp in range(2020, 60_000, 20):
+            job.write_audio(timestamp, bytes.fromhex("af01") + b"\0" * 10)
+            await asyncio.sleep(0.02)
+
+    publisher = asyncio.create_task(publish())
     async with asyncio.timeout(10):
         await got.exited.wait()
+    publisher.cancel()
     [(ok, reason)] = got.exits
     assert not ok and "3 times" in reason and "status 3" in reason
-    assert job.stats.processes == 3 and job.stats.restarts == 2
-    assert got.restarts == []  # announced only when a new process gets media; none came
+    assert job.stats.processes == 3 and job.stats.restarts == 2  # audio only: no encoder
+    assert job.pids == {tc.COPY: None, tc.ENCODE: None}
+    # announced when a new process gets its first tag (if it lives that long)
+    assert all(r.attempt in (1, 2) and r.renditions == ("audio",) for r in got.restarts)
     assert list(job.stderr_tail) == ["boom: no such filter"]
     await job.close()
 
 
 async def test_restart_after_ffmpeg_dies_and_latency(av_flv: bytes, tmp_path: Path) -> None:
+    """Each process dies once (copy at 2 s, encode at 2.5 s): each restarts with a discontinuity
+    on its own renditions only, and output time goes on from where the input is."""
     got = Collector()
     job = got.job(tc.ladder_from_config(["source", "240p"]), backoff=0.05)
-    killed: list[int] = []
+    killed: dict[str, int] = {}
 
     def kill_once(timestamp: int) -> None:
-        if timestamp >= 2000 and not killed and job.pid is not None:
-            killed.append(job.pid)
-            os.kill(job.pid, signal.SIGKILL)
+        for group, at in ((tc.COPY, 2000), (tc.ENCODE, 2500)):
+            pid = job.pids[group]
+            if timestamp >= at and group not in killed and pid is not None:
+                killed[group] = pid
+                os.kill(pid, signal.SIGKILL)
 
     fed = await _feed_paced(job, av_flv, during=kill_once)
     await job.close()
-    assert killed and _gone(killed[0])
-    assert job.stats.processes == 2
-    [restart] = got.restarts
-    assert restart.attempt == 1 and "status -9" in restart.reason
-    assert restart.input_timestamp is not None and restart.input_timestamp % 1000 in (0, 40)
-    for name in ("source", "240p", "audio"):
-        track = got.tracks[name]
-        kinds = [kind for kind, _ in track.boxes]
-        assert kinds.count("ftyp") == 2  # a new init segment after the restart
-        second = kinds.index("ftyp", 1)
-        assert kinds[second : second + 3] == ["ftyp", "moov", "moof"]
-        path = tmp_path / f"{name}-after.mp4"
-        path.write_bytes(track.data[track.inits[1] :])
-        [stream] = _probe(path, "-show_streams")["streams"]
-        assert 1.0 <= float(stream["duration"]) <= 2.1  # output continued to the end
-        if name != "audio":
-            packets = _probe(path, "-show_packets")["packets"]
-            assert "K" in packets[0]["flags"]  # from a keyframe on
+    assert len(killed) == 2 and all(_gone(pid) for pid in killed.values())
+    assert job.stats.processes == 4
+    assert sorted(r.renditions for r in got.restarts) == [("240p",), ("source", "audio")]
+    for restart in got.restarts:
+        assert restart.attempt == 1 and "status -9" in restart.reason
+        assert restart.input_timestamp is not None and restart.input_timestamp % 1000 in (0, 40)
+        for name in restart.renditions:
+            track = got.tracks[name]
+            kinds = [kind for kind, _ in track.boxes]
+            assert kinds.count("ftyp") == 2  # a new init segment after the restart
+            second = kinds.index("ftyp", 1)
+            assert kinds[second : second + 3] == ["ftyp", "moov", "moof"]
+            path = tmp_path / f"{name}-after.mp4"
+            path.write_bytes(track.data[track.inits[1] :])
+            [stream] = _probe(path, "-show_streams")["streams"]
+            assert float(stream["duration"]) == pytest.approx(4.0, abs=0.15)  # on to the end
+            first = track.fragments[kinds[:second].count("moof")][0] / track.timescale
+            assert first == pytest.approx(restart.input_timestamp / 1000, abs=0.1)  # one timeline
+            if name != "audio":
+                packets = _probe(path, "-show_packets")["packets"]
+                assert "K" in packets[0]["flags"]  # from a keyframe on
     # Latency: feeding a fragment's first frame -> that fragment's moof arriving, before the kill.
     report = {}
     for name in ("source", "240p"):
@@ -483,8 +507,8 @@ async def test_new_sequence_header_replans(
     ]
     [change] = got.restarts
     assert change.attempt == 0 and "video sequence header changed" in change.reason
-    assert change.input_timestamp == 4040
-    assert job.stats.processes == 2
+    assert change.input_timestamp == 4040 and change.renditions == ("source", "audio")
+    assert job.stats.processes == 3  # copying: 2 (one per format); encoding: 1 (then no rung)
     source = got.tracks["source"]
     assert len(source.inits) == 2 and len(got.tracks["240p"].inits) == 1
     before, after = tmp_path / "before.mp4", tmp_path / "after.mp4"
@@ -494,4 +518,72 @@ async def test_new_sequence_header_replans(
     [new] = _probe(after, "-show_streams")["streams"]
     assert (old["width"], old["height"], new["width"], new["height"]) == (640, 360, 320, 240)
     assert float(old["duration"]) == pytest.approx(4.0, abs=0.1)
-    assert float(new["duration"]) == pytest.approx(2.0, abs=0.1)
+    assert float(new["duration"]) == pytest.approx(4.04 + 2.0, abs=0.1)  # one timeline
+
+
+@pytest.fixture(scope="module")
+def long_av_flv(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("in") / "long.flv"
+    return _make_flv(
+        path,
+        *("-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"),
+        *("-f", "lavfi", "-i", "sine", "-t", "6"),
+        *("-c:v", "libx264", "-preset", "veryfast", "-g", "25", "-crf", "10", "-c:a", "aac"),
+    )  # ~1.7 Mbit/s: the pipe to a stalled encoder holds well under a second of it
+
+
+@dataclass
+class PartCounter:
+    """The source and the 240p rung packaged as the stream server does; counts listed parts."""
+
+    packager: LiveStream = field(default_factory=lambda: LiveStream(part_target=0.25))
+    listed: dict[str, int] = field(default_factory=dict)
+    wanted: Callable[[], bool] = lambda: False
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_output(self, name: str, kind: str, data: bytes) -> None:
+        rendition = self.packager.renditions.get(name) or self.packager.add_rendition(name)
+        parts = sum(isinstance(event, Part) for event in rendition.feed(data))
+        self.listed[name] = self.listed.get(name, 0) + parts
+        if self.wanted():
+            self.reached.set()
+
+    async def until(self, name: str, count: int, also: Callable[[], bool] = lambda: True) -> None:
+        """Until ``name`` has ``count`` parts listed and ``also()`` holds (checked on output)."""
+        self.wanted = lambda: self.listed.get(name, 0) >= count and also()
+        self.reached = asyncio.Event()
+        if self.wanted():
+            return
+        async with asyncio.timeout(15):
+            await self.reached.wait()
+
+
+async def test_source_keeps_flowing_while_the_encoder_is_stalled(long_av_flv: bytes) -> None:
+    """SIGSTOP the encoding ffmpeg: the copied source goes on being listed part by part, the
+    encoder's queue is dropped (it lags past max_lag), and after SIGCONT the rung goes on."""
+    counter = PartCounter()
+    job = tc.TranscodeJob(
+        tc.ladder_from_config(["source", "240p"]),
+        on_output=counter.on_output,
+        part_target=0.25,
+        max_lag=1.0,
+    )
+    feeding = asyncio.create_task(_feed_paced(job, long_av_flv))
+    await counter.until("240p", 1)  # both processes run and the rung has made a part
+    encoder = job.pids[tc.ENCODE]
+    assert encoder is not None
+    os.kill(encoder, signal.SIGSTOP)
+    try:
+        rung_at_stop = counter.listed["240p"]
+        dropped = lambda: job.groups[tc.ENCODE].stats.drops >= 1  # noqa: E731
+        await counter.until("source", counter.listed["source"] + 8, dropped)  # 2 s of parts
+        assert counter.listed["240p"] <= rung_at_stop + 1  # one may have been in the pipe
+    finally:
+        os.kill(encoder, signal.SIGCONT)
+    resumed = counter.listed["240p"]
+    await counter.until("240p", resumed + 2)  # the same process goes on after the drop
+    await feeding
+    await job.close()
+    assert job.pids == {tc.COPY: None, tc.ENCODE: None} and _gone(encoder)
+    assert job.groups[tc.COPY].stats.drops == 0
+    assert job.stats.restarts == 0 and job.stats.processes == 2

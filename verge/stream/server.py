@@ -105,6 +105,7 @@ class Channel:
     timed: str | None = None  # the rendition whose parts' ingest-to-playlist latency is measured
     key: bytes | None = None  # the AES-128 key of an encrypting app (one per stream)
     analyzer: LiveAnalyzer | None = None  # apps with ``analysis: true``
+    analyzed_by_part: set[str] = field(default_factory=set)  # see _restart_analysis
 
     @property
     def encryption(self) -> Encryption | None:
@@ -113,7 +114,8 @@ class Channel:
     def on_output(self, rendition: str, kind: str, data: bytes) -> None:
         """Transcoder bytes (one fMP4 output) into the packager; wake the waiters when an
         init, part or segment came of it (most pipe reads complete none)."""
-        if self.analyzer is not None:  # a non-blocking pipe write to a niced process
+        by_part = rendition in self.analyzed_by_part
+        if self.analyzer is not None and not by_part:  # a non-blocking pipe write, niced process
             self.analyzer.write(rendition, data)
         target = self.packager.renditions.get(rendition)
         if target is None:  # on_plan names every output before its first byte
@@ -127,6 +129,10 @@ class Channel:
             events = []
         if rendition == self.timed and self.metrics is not None:
             self._time_parts(events)
+        if by_part and self.analyzer is not None:
+            for event in events:
+                if isinstance(event, Part):
+                    self.analyzer.write(rendition, event.data)
         if events:
             asyncio.get_running_loop().create_task(self._notify())
 
@@ -154,12 +160,33 @@ class Channel:
         return bool(renditions) and all(_has_segment(r) for r in renditions)
 
     def on_restart(self, discontinuity) -> None:
-        log.warning("stream %s: transcoder restarted (%s); discontinuity", self.path,
-                    discontinuity.reason)
-        self.clock.restarted()
-        self.packager.restart()
+        """A transcoder process restarted: its renditions (all, if it does not say) continue
+        after a discontinuity. Output time goes on (one timeline per job), so the ingest clock
+        does too."""
+        names = set(discontinuity.renditions or self.packager.renditions)
+        log.warning("stream %s: transcoder restarted (%s); discontinuity on %s", self.path,
+                    discontinuity.reason, ", ".join(sorted(names)))
+        for name in names:
+            if name in self.packager.renditions:
+                self.packager.renditions[name].restart()
         if self.analyzer is not None:
-            self.analyzer.restart()
+            self._restart_analysis(names)
+
+    def _restart_analysis(self, restarted: set[str]) -> None:
+        """A new analysis run when one of its inputs restarted. An input that goes on is cut
+        mid-stream: the new run gets its init segment, then its parts as the packager lists
+        them (whole fragments), until that input restarts too."""
+        watched = {self.analyzer.video, self.analyzer.audio} - {None}
+        if not watched & restarted:
+            return
+        self.analyzer.restart()
+        self.analyzed_by_part -= restarted
+        for name in watched - restarted:
+            rendition = self.packager.renditions.get(name)
+            init = rendition.init_bytes() if rendition is not None else None
+            if init is not None:
+                self.analyzer.write(name, init)
+                self.analyzed_by_part.add(name)
 
     async def _notify(self) -> None:
         async with self.changed:
@@ -226,6 +253,7 @@ class StreamServer:
         channel.fanout = FlvFanout()
         if channel.analyzer is not None:  # a new timeline: a new analysis run
             channel.analyzer.restart()
+            channel.analyzed_by_part.clear()
         if channel.job is not None:
             old, channel.job = channel.job, self._transcoder(channel)
             asyncio.get_running_loop().create_task(old.close())

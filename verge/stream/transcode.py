@@ -1,4 +1,4 @@
-"""ABR transcoding: one supervised ffmpeg process per live stream, FLV in, fragmented MP4 out.
+"""ABR transcoding: two supervised ffmpeg processes per live stream, FLV in, fragmented MP4 out.
 
 Why a process and not a library: ffmpeg (Debian's 5.1, or any build named by ``VERGE_FFMPEG``)
 already does H.264/AAC decoding, scaling and x264 encoding well; our job is to feed it, read it
@@ -6,8 +6,15 @@ and keep it alive. The packager (``verge.stream.package``) parses what comes out
 
 Data flow for one stream::
 
-    ingest tags --write_video/write_audio/feed--> bounded queue --stdin (FLV)--> ffmpeg
-    ffmpeg --pipe:N (one fd per track, fragmented MP4)--> on_output(name, kind, bytes)
+    ingest tags --write_video/write_audio/feed--+-> bounded queue --stdin (FLV)--> ffmpeg (copy)
+                                                +-> bounded queue --stdin (FLV)--> ffmpeg (encode)
+    each ffmpeg --pipe:N (one fd per track, fragmented MP4)--> on_output(name, kind, bytes)
+
+Why two: x264 on a busy machine falls behind, and one process copying and encoding holds the
+copied source back with it (ingest-to-part-listed went from ~0.2 s to 0.5-1.8 s with the
+default ladder). The copy process (source video copy, audio) and the encode process (the
+lower rungs, see :func:`group_of`) read the same input from separate queues, so a slow
+encoder delays, drops or restarts only its own renditions.
 
 Outputs: one video track per rendition (``source`` is a stream copy when the input is H.264)
 and one shared audio track named ``audio`` (a copy when the input is AAC, which is all the
@@ -30,20 +37,22 @@ header of each declared track (AVC/AAC). Without such metadata it waits for both
 headers, or for :attr:`TranscodeJob.decide_window` seconds of media, and goes with what it has
 seen. Audio-only input gives audio-only output; video-only input gives no audio output.
 
-Supervision: if ffmpeg exits while the stream is live, it is restarted (at most
-``max_restarts`` times in a row, with exponential backoff; a process that ran ``stable_after``
-seconds resets the count). The new process gets the FLV prefix again (header, metadata,
-sequence headers) and media from the next video keyframe; ``on_restart`` tells the packager
-there is a discontinuity (new init segments follow, timestamps restart at 0: with empty_moov
-the muxer starts every track at decode time 0). A changed sequence header (the publisher
-switched resolution or audio format) ends the running process after the tags before it and
-starts a new one with a new plan: same notice, ``attempt`` 0. ffmpeg's stderr is kept as its
-last lines only and logged when it fails.
+Supervision (per process): if ffmpeg exits while the stream is live, it is restarted (at
+most ``max_restarts`` times in a row, with exponential backoff; a process that ran
+``stable_after`` seconds resets the count). The new process gets the FLV prefix again (header,
+metadata, sequence headers) and media from the next video keyframe; ``on_restart`` tells the
+packager there is a discontinuity on that process's renditions (new init segments follow).
+Output time does not restart: the new process starts at the stream time of its first input
+tag (``-output_ts_offset``, with ``frag_discont`` so the first fragment's decode time says so;
+it starts once that tag is there), so both processes stay on one timeline whichever restarts. A
+changed sequence header (the publisher switched resolution or audio format) ends the running
+processes after the tags before it and starts new ones with a new plan: same notice,
+``attempt`` 0. ffmpeg's stderr is kept as its last lines only and logged when it fails.
 
-Back-pressure: tags wait in a queue bounded by media time (``max_lag``) and bytes; if ffmpeg
-falls further behind, the queue is dropped and input is skipped until the next video keyframe
-(logged), so memory never grows without bound. :meth:`TranscodeJob.close` sends EOF, lets
-ffmpeg flush its last fragments, and kills it after a timeout.
+Back-pressure: tags wait in a queue (one per process) bounded by media time (``max_lag``) and
+bytes; if its ffmpeg falls further behind, the queue is dropped and input is skipped until the
+next video keyframe (logged), so memory never grows without bound. :meth:`TranscodeJob.close`
+sends EOF, lets ffmpeg flush its last fragments, and kills it after a timeout.
 """
 
 from __future__ import annotations
@@ -113,6 +122,9 @@ FFMPEG_ENV = "VERGE_FFMPEG"
 AUDIO_TRACK = "audio"
 VIDEO = "video"
 AUDIO = "audio"
+COPY = "copy"
+ENCODE = "encode"
+GROUPS = (COPY, ENCODE)
 _AVC = 7
 _AAC = 10
 _DEFAULT_FPS = 30.0
@@ -288,6 +300,12 @@ def variants(tracks: Iterable[OutputTrack]) -> list[Variant]:
     ]
 
 
+def group_of(track: OutputTrack) -> str:
+    """Which process makes a track: :data:`COPY` for stream copies and the audio (cheap, never
+    held up by x264), :data:`ENCODE` for video that has to be encoded."""
+    return COPY if track.kind == AUDIO or track.copy else ENCODE
+
+
 def _fitting(ladder: list[Rendition], source: SourceInfo) -> list[Rendition]:
     """The rungs worth making: none taller than the source (no upscaling) and, when the ladder
     has the source itself, none of the source's own height (a 720p rung for a 720p source is
@@ -357,13 +375,22 @@ def resolve_ffmpeg(ffmpeg: str | None = None) -> str:
 
 
 def ffmpeg_command(
-    ffmpeg: str, tracks: list[OutputTrack], fds: list[int], fragment: float | None = None
+    ffmpeg: str,
+    tracks: list[OutputTrack],
+    fds: list[int],
+    fragment: float | None = None,
+    offset: float = 0.0,
 ) -> list[str]:
     """The full command line; output ``i`` goes to file descriptor ``fds[i]``, in fragments of
-    ``fragment`` seconds (:data:`FMP4_FLAGS` without)."""
+    ``fragment`` seconds (:data:`FMP4_FLAGS` without). Output time starts at ``offset`` seconds
+    (a restarted process continues the stream's timeline) instead of 0."""
     command = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning"]
     command += [*INPUT_FLAGS, "-i", "pipe:0"]
-    muxer = FMP4_FLAGS if fragment is None else fmp4_flags(fragment)
+    muxer = list(FMP4_FLAGS if fragment is None else fmp4_flags(fragment))
+    if offset > 0:  # frag_discont: the first fragment's decode time is the offset, not 0
+        flags = muxer.index("-movflags") + 1
+        muxer[flags] += "+frag_discont"
+        muxer += ["-output_ts_offset", f"{offset:.3f}"]
     for track, fd in zip(tracks, fds, strict=True):
         command += _output_args(track)
         command += [*muxer, f"pipe:{fd}"]
@@ -628,16 +655,27 @@ def _skip_scaling_list(bits: _Bits, size: int) -> None:
 class Discontinuity:
     """ffmpeg was restarted: new init segments follow, output time restarts near 0.
 
-    ``input_timestamp`` is the FLV timestamp (ms) of the first tag the new process gets, which
-    output time 0 now corresponds to (roughly).
+    ``input_timestamp`` is the FLV timestamp (ms) of the first tag the new process gets. Output
+    time goes on where it was (roughly: the stream time of that tag), so the stream keeps one
+    timeline. Only ``renditions`` restart: the copy and the encoding processes of a stream
+    restart independently.
     """
 
     attempt: int
     reason: str
     input_timestamp: int | None = None
+    renditions: tuple[str, ...] = ()
+    """The renditions (track names) the restarted process makes; the others go on."""
 
 
 OnOutput = Callable[[str, str, bytes], None]
+
+
+@dataclass(slots=True)
+class _Origin:
+    """The FLV timestamp (ms) of a stream's output time 0, shared by its processes."""
+
+    timestamp: int | None = None
 
 
 @dataclass(slots=True)
@@ -650,37 +688,26 @@ class _Stats:
     bytes_out: dict[str, int] = field(default_factory=dict)
 
 
-class TranscodeJob:
-    """Transcodes one live stream with one ffmpeg process (restarted if it dies).
-
-    Feed it from the ingest with :meth:`write_metadata`, :meth:`write_video`,
-    :meth:`write_audio` (FLV tag bodies) or :meth:`write_media` (ingest tags), or an FLV byte
-    stream with :meth:`feed`; all are synchronous and never block. Must be used inside a running
-    event loop. Callbacks (all synchronous, called on the loop):
-
-    - ``on_output(track_name, kind, data)``: fragmented MP4 bytes of one track, in order
-    - ``on_plan(tracks)``: when the job has decided what to produce (again after a change of
-      input format, e.g. a new resolution)
-    - ``on_restart(Discontinuity)``: before a new process's output begins (``attempt`` >= 1
-      after ffmpeg died, 0 after a change of input format)
-    - ``on_exit(ok, reason)``: once, when the job is over (closed, or ffmpeg gave up)
-
-    ``part_target`` (the LL-HLS part target, seconds) sets the fragment duration: one fragment
-    per part (:func:`fragment_for`); without it, :data:`FMP4_FLAGS`.
+class _ProcessJob:
+    """One supervised ffmpeg process making one group's tracks (:data:`COPY`: the stream copies
+    and the audio; :data:`ENCODE`: the encoded rungs), restarted if it dies. Every group gets
+    all the input and decides the same plan from it; it makes only its own share of the plan
+    and idles while that share is empty (until a change of input format plans again).
     """
 
     decide_window = 1.0
 
     def __init__(
         self,
-        ladder: Iterable[Rendition] = DEFAULT_LADDER,
+        ladder: list[Rendition],
         *,
-        ffmpeg: str | None = None,
+        ffmpeg: str,
         on_output: OnOutput,
-        on_plan: Callable[[list[OutputTrack]], None] | None = None,
-        on_restart: Callable[[Discontinuity], None] | None = None,
-        on_exit: Callable[[bool, str], None] | None = None,
-        name: str = "stream",
+        on_plan: Callable[[list[OutputTrack]], None],
+        on_restart: Callable[[Discontinuity], None] | None,
+        name: str,
+        group: str,
+        origin: _Origin,
         max_lag: float = 3.0,
         max_queue_bytes: int = 16 * 1024 * 1024,
         max_restarts: int = 5,
@@ -690,16 +717,15 @@ class TranscodeJob:
         close_timeout: float = 5.0,
         part_target: float | None = None,
     ) -> None:
-        self.ladder = list(ladder)
+        self.ladder = ladder
         self.fragment = fragment_for(part_target) if part_target else None
-        if not self.ladder:
-            raise ValueError("the ladder is empty")
-        self.ffmpeg = resolve_ffmpeg(ffmpeg)
+        self.ffmpeg = ffmpeg
         self.name = name
+        self.group = group
+        self.origin = origin
         self.on_output = on_output
         self.on_plan = on_plan
         self.on_restart = on_restart
-        self.on_exit = on_exit
         self.max_lag_ms = int(max_lag * 1000)
         self.max_queue_bytes = max_queue_bytes
         self.max_restarts = max_restarts
@@ -708,7 +734,10 @@ class TranscodeJob:
         self.stable_after = stable_after
         self.close_timeout = close_timeout
         self.source: SourceInfo | None = None
-        self.tracks: list[OutputTrack] = []
+        self.plan: list[OutputTrack] = []  # the whole stream's tracks
+        self.tracks: list[OutputTrack] = []  # this group's share of the plan
+        self.plans = 0  # how many plans were made (one more after each change of input format)
+        self.outcome: tuple[bool, str] | None = None
         self.stats = _Stats()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
         self._metadata: dict[str, Any] | None = None
@@ -738,31 +767,6 @@ class TranscodeJob:
         process = self._process
         return process.pid if process is not None and process.returncode is None else None
 
-    @property
-    def variants(self) -> list[Variant]:
-        return variants(self.tracks)
-
-    def feed(self, data: bytes) -> None:
-        """An FLV byte stream (header first), in chunks of any size; FlvError if it is not."""
-        if self._splitter is None:
-            self._splitter = FlvSplitter()
-        for tag_type, timestamp, body in self._splitter.feed(data):
-            self._accept(_Tag(tag_type, timestamp, body))
-
-    def write_metadata(self, metadata: Mapping[str, Any]) -> None:
-        self._accept(_Tag(flv.SCRIPT, 0, amf0.encode("onMetaData", amf0.EcmaArray(metadata))))
-
-    def write_video(self, timestamp: int, body: bytes) -> None:
-        self._accept(_Tag(flv.VIDEO, timestamp, body))
-
-    def write_audio(self, timestamp: int, body: bytes) -> None:
-        self._accept(_Tag(flv.AUDIO, timestamp, body))
-
-    def write_media(self, tag: Any) -> None:
-        """A :class:`VideoTag` or :class:`AudioTag` from the RTMP session."""
-        kind = flv.VIDEO if hasattr(tag, "codec_id") else flv.AUDIO
-        self._accept(_Tag(kind, tag.timestamp, tag.data))
-
     async def close(self) -> None:
         """End the stream: EOF to ffmpeg, wait for its last fragments, kill it after a timeout."""
         self._closing = True
@@ -774,10 +778,6 @@ class TranscodeJob:
             self._decided.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._task)
-
-    async def wait(self) -> None:
-        """Until the job is over (closed, or ffmpeg gave up)."""
-        await asyncio.shield(self._task)
 
     def _accept(self, tag: _Tag) -> None:
         if self._closing or self._done:
@@ -838,6 +838,8 @@ class TranscodeJob:
         source = self.source
         if source is None:
             return False
+        if not self.tracks:
+            return True  # drained by _idle, which looks for a change of input format
         if tag.tag_type == flv.VIDEO and not source.has_video:
             return False
         if tag.tag_type == flv.AUDIO and not source.has_audio:
@@ -906,19 +908,32 @@ class TranscodeJob:
 
     def _decide(self, video: bool, audio: bool) -> None:
         self.source = self._source_info(video, audio)
-        self.tracks = plan_outputs(self.ladder, self.source)
+        self._set_plan(plan_outputs(self.ladder, self.source))
         self._prefix_seq = (self._video_seq, self._audio_seq)
         self._trim_queue()
         self._decided.set()
+        self._announce_plan()
+
+    def _set_plan(self, plan: list[OutputTrack]) -> None:
+        self.plan = plan
+        self.tracks = [track for track in plan if group_of(track) == self.group]
+        self.plans += 1
+
+    def _announce_plan(self) -> None:
         self._log_plan()
-        if self.on_plan is not None:
-            self.on_plan(list(self.tracks))
+        self.on_plan(list(self.tracks))
 
     def _log_plan(self) -> None:
         outputs = ", ".join(
             f"{t.name}({'copy' if t.copy else t.height or t.bitrate})" for t in self.tracks
         )
-        log.info("transcode %s: input %s; outputs %s", self.name, self.source, outputs)
+        log.info(
+            "transcode %s (%s): input %s; outputs %s",
+            self.name,
+            self.group,
+            self.source,
+            outputs or "none",
+        )
 
     def _source_info(self, video: bool, audio: bool) -> SourceInfo:
         metadata = self._metadata or {}
@@ -962,19 +977,18 @@ class TranscodeJob:
             self._done = True
             self._queue.clear()
             await self._kill()
-            if self.on_exit is not None:
-                self.on_exit(ok, reason)
+            self.outcome = (ok, reason)
 
     async def _run(self) -> tuple[bool, str]:
         await self._decided.wait()
-        if not self.tracks:
+        if not self.plan:
             return (self._closing, "no audio or video in the stream")
         failures = 0
         while True:
             if self._reconfigure is not None:
                 self._replan()
             started = time.monotonic()
-            reason = await self._run_process()
+            reason = await self._run_process() if self.tracks else await self._idle()
             if self._reconfigure is not None and (self._queue or not self._closing):
                 self._pending_restart = Discontinuity(0, self._reconfigure)
                 continue  # the input format changed: on with a new process and plan
@@ -991,6 +1005,21 @@ class TranscodeJob:
                 return True, "closed"
             self._restart(failures, reason)
 
+    async def _idle(self) -> str:
+        """Nothing to make (say no rung below the source's height): take the input as a pump
+        would, without a process, until the end or a change of input format."""
+        while not self._closing:
+            while self._queue:
+                item = self._queue.popleft()
+                self._queued_bytes -= len(item.body)
+                if isinstance(item, _Barrier):
+                    self._prefix_seq = (item.video_seq, item.audio_seq)
+                    self._reconfigure = item.reason
+                    return "idle"
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return "idle"
+
     async def _restart_pause(self, failures: int) -> None:
         delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
         with contextlib.suppress(TimeoutError):
@@ -1004,10 +1033,8 @@ class TranscodeJob:
         assert source is not None
         self._reconfigure = None
         self.source = self._source_info(source.has_video, source.has_audio)
-        self.tracks = plan_outputs(self.ladder, self.source)
-        self._log_plan()
-        if self.on_plan is not None:
-            self.on_plan(list(self.tracks))
+        self._set_plan(plan_outputs(self.ladder, self.source))
+        self._announce_plan()
 
     def _restart(self, attempt: int, reason: str) -> None:
         self.stats.restarts += 1
@@ -1025,10 +1052,16 @@ class TranscodeJob:
         log.warning("transcode %s: ffmpeg %s; its last stderr lines:\n%s", self.name, reason, tail)
 
     async def _run_process(self) -> str:
+        offset = await self._timeline_offset()
+        if offset is None:
+            return "stopped before its first input"
         pipes = [os.pipe() for _ in self.tracks]
+        command = ffmpeg_command(
+            self.ffmpeg, self.tracks, [w for _, w in pipes], self.fragment, offset
+        )
         try:
             process = await asyncio.create_subprocess_exec(
-                *ffmpeg_command(self.ffmpeg, self.tracks, [w for _, w in pipes], self.fragment),
+                *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
@@ -1048,6 +1081,21 @@ class TranscodeJob:
         self.stats.processes += 1
         self.stderr_tail.clear()
         return await self._attend(process, [r for r, _ in pipes])
+
+    async def _timeline_offset(self) -> float | None:
+        """Where the next process's output time starts (seconds): 0 for the stream's first
+        process, else the stream time of its first input tag, so every process of the stream
+        (copy or encode, first or restarted) writes on one timeline. Waits for that tag; None
+        if the process is to stop before it comes."""
+        while not self._queue:
+            if self._stopping:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        first = self._queue[0].timestamp
+        if self.origin.timestamp is None:
+            self.origin.timestamp = first
+        return max(0, first - self.origin.timestamp) / 1000
 
     async def _attend(self, process: asyncio.subprocess.Process, read_fds: list[int]) -> str:
         readers = await self._open_readers(read_fds)
@@ -1147,7 +1195,8 @@ class TranscodeJob:
         (ffmpeg writes nothing before that), so the notice precedes the new init segments."""
         restart, self._pending_restart = self._pending_restart, None
         if restart is not None and self.on_restart is not None:
-            self.on_restart(replace(restart, input_timestamp=first.timestamp))
+            names = tuple(track.name for track in self.tracks)
+            self.on_restart(replace(restart, input_timestamp=first.timestamp, renditions=names))
 
     async def _read_stderr(self, process: asyncio.subprocess.Process) -> None:
         stderr = process.stderr
@@ -1199,10 +1248,177 @@ class TranscodeJob:
             await process.wait()
 
 
+class TranscodeJob:
+    """Transcodes one live stream with two supervised ffmpeg processes: one copies (the source
+    video and the audio), one encodes the lower rungs; each is restarted if it dies.
+
+    Both get every input tag through their own bounded queue, so an encoder that falls behind
+    holds up neither the copies nor the ingest: its queue is dropped (to the next keyframe) when
+    it lags by ``max_lag``, and if it dies only its renditions restart.
+
+    Feed it from the ingest with :meth:`write_metadata`, :meth:`write_video`,
+    :meth:`write_audio` (FLV tag bodies) or :meth:`write_media` (ingest tags), or an FLV byte
+    stream with :meth:`feed`; all are synchronous and never block. Must be used inside a running
+    event loop. Callbacks (all synchronous, called on the loop):
+
+    - ``on_output(track_name, kind, data)``: fragmented MP4 bytes of one track, in order
+    - ``on_plan(tracks)``: when the job has decided what to produce (again after a change of
+      input format, e.g. a new resolution); all the stream's tracks, in ladder order
+    - ``on_restart(Discontinuity)``: before a new process's output begins (``attempt`` >= 1
+      after ffmpeg died, 0 after a change of input format); ``renditions`` are the ones that
+      restart, the others go on
+    - ``on_exit(ok, reason)``: once, when the job is over (closed, or a process gave up)
+
+    ``part_target`` (the LL-HLS part target, seconds) sets the fragment duration: one fragment
+    per part (:func:`fragment_for`); without it, :data:`FMP4_FLAGS`. The other options
+    (``max_lag``, ``max_restarts``, ...) apply to each process.
+    """
+
+    def __init__(
+        self,
+        ladder: Iterable[Rendition] = DEFAULT_LADDER,
+        *,
+        ffmpeg: str | None = None,
+        on_output: OnOutput,
+        on_plan: Callable[[list[OutputTrack]], None] | None = None,
+        on_restart: Callable[[Discontinuity], None] | None = None,
+        on_exit: Callable[[bool, str], None] | None = None,
+        name: str = "stream",
+        **options: Any,
+    ) -> None:
+        self.ladder = list(ladder)
+        if not self.ladder:
+            raise ValueError("the ladder is empty")
+        ffmpeg = resolve_ffmpeg(ffmpeg)
+        self.name = name
+        self.on_plan = on_plan
+        self.on_exit = on_exit
+        self.tracks: list[OutputTrack] = []
+        self._plans = 0
+        self._splitter: FlvSplitter | None = None
+        origin = _Origin()
+        self.groups = {
+            group: _ProcessJob(
+                self.ladder,
+                ffmpeg=ffmpeg,
+                on_output=on_output,
+                on_plan=lambda _tracks, group=group: self._planned(group),
+                on_restart=on_restart,
+                name=name,
+                group=group,
+                origin=origin,
+                **options,
+            )
+            for group in GROUPS
+        }
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    @property
+    def pid(self) -> int | None:
+        """The copying ffmpeg's process id (it makes the source rendition), if it runs."""
+        return self.groups[COPY].pid
+
+    @property
+    def pids(self) -> dict[str, int | None]:
+        """Each group's running ffmpeg process id (None: not running, or nothing to make)."""
+        return {group: job.pid for group, job in self.groups.items()}
+
+    @property
+    def source(self) -> SourceInfo | None:
+        return self.groups[COPY].source
+
+    @property
+    def variants(self) -> list[Variant]:
+        return variants(self.tracks)
+
+    @property
+    def stats(self) -> _Stats:
+        """Both processes' counters added up (``bytes_in`` counts the input once)."""
+        total = _Stats(bytes_in=self.groups[COPY].stats.bytes_in)
+        for job in self.groups.values():
+            total.processes += job.stats.processes
+            total.restarts += job.stats.restarts
+            total.dropped_tags += job.stats.dropped_tags
+            total.drops += job.stats.drops
+            total.bytes_out.update(job.stats.bytes_out)
+        return total
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        """The last stderr lines of each process (the copying one first)."""
+        return [line for job in self.groups.values() for line in job.stderr_tail]
+
+    # Input (synchronous; from the ingest sink): every tag to every process's queue.
+
+    def feed(self, data: bytes) -> None:
+        """An FLV byte stream (header first), in chunks of any size; FlvError if it is not."""
+        if self._splitter is None:
+            self._splitter = FlvSplitter()
+        for tag_type, timestamp, body in self._splitter.feed(data):
+            self._accept(_Tag(tag_type, timestamp, body))
+
+    def write_metadata(self, metadata: Mapping[str, Any]) -> None:
+        self._accept(_Tag(flv.SCRIPT, 0, amf0.encode("onMetaData", amf0.EcmaArray(metadata))))
+
+    def write_video(self, timestamp: int, body: bytes) -> None:
+        self._accept(_Tag(flv.VIDEO, timestamp, body))
+
+    def write_audio(self, timestamp: int, body: bytes) -> None:
+        self._accept(_Tag(flv.AUDIO, timestamp, body))
+
+    def write_media(self, tag: Any) -> None:
+        """A :class:`VideoTag` or :class:`AudioTag` from the RTMP session."""
+        kind = flv.VIDEO if hasattr(tag, "codec_id") else flv.AUDIO
+        self._accept(_Tag(kind, tag.timestamp, tag.data))
+
+    def _accept(self, tag: _Tag) -> None:
+        for job in self.groups.values():
+            job._accept(tag)
+
+    # The two processes as one job.
+
+    def _planned(self, group: str) -> None:
+        """The first group to make a new plan announces the whole stream's tracks."""
+        planner = self.groups[group]
+        if planner.plans > self._plans:
+            self._plans = planner.plans
+            self.tracks = list(planner.plan)
+            if self.on_plan is not None:
+                self.on_plan(list(self.tracks))
+
+    async def close(self) -> None:
+        """End the stream: EOF to both processes, wait for their last fragments (each is
+        killed after a timeout)."""
+        await asyncio.gather(*(job.close() for job in self.groups.values()))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._task)
+
+    async def wait(self) -> None:
+        """Until the job is over (closed, or a process gave up)."""
+        await asyncio.shield(self._task)
+
+    async def _supervise(self) -> None:
+        """One process giving up ends the other too: a stream without its source (or without
+        its ladder) is not what the application asked for."""
+        pending = {job._task for job in self.groups.values()}
+        try:
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if pending and any(not ok for ok, _ in self._outcomes()):
+                    await asyncio.gather(*(job.close() for job in self.groups.values()))
+        finally:
+            failed = [reason for ok, reason in self._outcomes() if not ok]
+            if self.on_exit is not None:
+                self.on_exit(not failed, failed[0] if failed else "closed")
+
+    def _outcomes(self) -> list[tuple[bool, str]]:
+        return [job.outcome for job in self.groups.values() if job.outcome is not None]
+
+
 class _OutputReader(asyncio.Protocol):
     """Reads one output pipe and hands every chunk straight to the job (no extra buffering)."""
 
-    def __init__(self, job: TranscodeJob, track: OutputTrack, closed: asyncio.Future) -> None:
+    def __init__(self, job: _ProcessJob, track: OutputTrack, closed: asyncio.Future) -> None:
         self.job = job
         self.track = track
         self.closed = closed
