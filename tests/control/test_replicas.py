@@ -51,11 +51,14 @@ def pg_url(cluster: Cluster, pg_template: str) -> str:
 class Replica:
     """A ``verge control`` process on 127.0.0.1:0 with an admin client."""
 
-    def __init__(self, db: str, admin_token: str | None = ADMIN_TOKEN) -> None:
+    def __init__(
+        self, db: str, admin_token: str | None = ADMIN_TOKEN, timeout: float = 30.0
+    ) -> None:
         token_args = ["--admin-token", admin_token] if admin_token else []
         self.proc = Proc(
             [*VERGE, "control", "--listen", "127.0.0.1:0", "--db", db, *token_args],
             "verge control ready",
+            timeout,
         )
         self.url = self.proc.ready_line.split("ready: ")[1].strip()
         self.api = httpx.Client(base_url=self.url, timeout=30, headers=bearer(admin_token or ""))
@@ -69,10 +72,16 @@ class Replica:
         self.proc.kill()
 
 
+START_SECONDS = 4.0
+"""CPU seconds one `verge control` takes to come up here (imports, migrations): ten started
+at once on two cores need about 20 s of the machine before the last is ready."""
+
+
 def start_together(dbs: list[str], admin_token: str | None = ADMIN_TOKEN) -> list[Replica]:
     """Two replicas per database, all started at the same moment (fails unless all ready)."""
+    timeout = 30.0 + START_SECONDS * 2 * len(dbs)  # a busy CI machine shares its two cores
     with ThreadPoolExecutor(2 * len(dbs)) as pool:
-        futures = [pool.submit(Replica, db, admin_token) for db in dbs for _ in range(2)]
+        futures = [pool.submit(Replica, db, admin_token, timeout) for db in dbs for _ in range(2)]
         errors, replicas = [], []
         for future in futures:
             try:
@@ -108,6 +117,7 @@ def admin_count(url: str) -> int:
 # ---- start-up ---------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)  # two batches of ten starts, each allowed 110 s on a busy machine
 def test_replicas_started_together_with_one_admin_token_both_come_up(
     cluster: Cluster, pg_template: str
 ) -> None:
