@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sockets import connects
+
 pytestmark = pytest.mark.timeout(90)
 
 CONFIG = """
@@ -197,17 +199,6 @@ services:
 """
 
 
-def _connects(source: str, port: int, timeout: float = 0.5) -> bool:
-    with socket.socket() as client:
-        client.bind((source, 0))
-        client.settimeout(timeout)
-        try:
-            client.connect(("127.0.0.1", port))
-        except TimeoutError:
-            return False
-        return True
-
-
 def test_the_flood_guard_refuses_the_flooding_network_whole_and_in_the_kernel(
     edge_factory, origin, flood_sources
 ):
@@ -245,8 +236,8 @@ def test_the_flood_guard_refuses_the_flooding_network_whole_and_in_the_kernel(
     assert set(tally.statuses) <= {200} and 0 < served <= 101 + 100 * elapsed
     assert served < len(flood_sources) * PIPELINED / 2
 
-    assert not _connects("127.0.1.200", edge.port)  # the SYN is dropped in the kernel
-    assert _connects("127.0.2.1", edge.port)  # another network connects
+    assert not connects("127.0.1.200", edge.port)  # the SYN is dropped in the kernel
+    assert connects("127.0.2.1", edge.port)  # another network connects
     with edge.admin() as admin:
         metrics = admin.get("/metrics").text
     assert metric(metrics, "verge_flood_boxes") == 1

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from tests.sockets import connects
 from verge.config import Config, ConfigError, parse_config
 from verge.protect.flood import (
     MAX_BOXED,
@@ -100,17 +101,6 @@ def test_the_config_section_is_bounded_and_parsed():
             parse_config(bad)
 
 
-def _connects(source: str, port: int, timeout: float = 0.3) -> bool:
-    with socket.socket() as client:
-        client.bind((source, 0))
-        client.settimeout(timeout)
-        try:
-            client.connect(("127.0.0.1", port))
-        except TimeoutError:
-            return False
-        return True
-
-
 def test_the_kernel_filter_drops_only_the_boxed_networks_syns():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -120,8 +110,8 @@ def test_the_kernel_filter_drops_only_the_boxed_networks_syns():
         flood.listeners = [listener]
         assert flood.admit("127.0.1.1", NOW) and not flood.admit("127.0.1.1", NOW)
         assert flood.filtered == (0x7F000100,)
-        assert not _connects("127.0.1.77", port)  # the SYN is dropped: no handshake
-        assert _connects("127.0.0.1", port) and _connects("127.0.2.1", port)
+        assert not connects("127.0.1.77", port)  # the SYN is dropped: no handshake
+        assert connects("127.0.0.1", port) and connects("127.0.2.1", port)
         flood.close()  # (a reload without the guard) takes the filter off
-        assert _connects("127.0.1.77", port)
+        assert connects("127.0.1.77", port)
         apply_filter(listener, [], 0)  # detaching twice is harmless
