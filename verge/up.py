@@ -203,9 +203,9 @@ class Keeper:
         if self.announced or not self.child.ready_line:
             return
         self.announced = True
-        self.say(f"{self.child.name} is back (pid {self.child.proc.pid})")
-        if self.on_ready is not None:
+        if self.on_ready is not None:  # first, so whoever reads the line finds up.json current
             self.on_ready(self.child)
+        self.say(f"{self.child.name} is back (pid {self.child.proc.pid})")
 
 
 @dataclass
