@@ -167,7 +167,7 @@ def _config_map_file(docs: list[Doc], prefix: str, key: str) -> str:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_router_config_passes_the_routers_validation(overlay: str, tmp_path: Path):
-    from verge.routing.settings import load_router_config
+    from verge.config.router import load_router_config
 
     path = tmp_path / "router.yaml"
     path.write_text(_config_map_file(render(overlay), "verge-router", "router.yaml"))

@@ -12,8 +12,8 @@ import dns.rcode
 import httpx
 import pytest
 
+from verge.config.router import RouterConfig
 from verge.routing.router import Router, RouterOptions
-from verge.routing.settings import RouterConfig
 
 pytestmark = pytest.mark.timeout(30)
 

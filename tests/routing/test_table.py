@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 
 from verge.config import ConfigError
+from verge.config.router import RegionSpec, RouterConfig, load_router_config
 from verge.health import HealthState
 from verge.routing.geo import RegionMap
 from verge.routing.hashing import rank
-from verge.routing.settings import RegionSpec, RouterConfig, load_router_config
 from verge.routing.table import Edge, RoutingTable, edge_addresses
 
 ip = ipaddress.ip_address

@@ -45,8 +45,8 @@ def router(
     import uvloop
 
     from verge.config import ConfigError
+    from verge.config.router import load_router_config
     from verge.routing.router import RouterOptions, run_router
-    from verge.routing.settings import load_router_config
 
     try:
         cfg = load_router_config(config)

@@ -19,6 +19,8 @@ The modules, from the bottom up (import the names from ``verge.config``, as befo
 - serving, origins, rules, service, tls, stream, compute: the sections
 - model: ``Config``, the whole file, and its Host -> service index
 - loader: YAML -> model with file:line errors (``load_config``, ``load_model_file``, ...)
+- router: the request router's own file (``RouterConfig``, ``verge router --config``), built
+  from the same pieces; import it from ``verge.config.router``
 """
 
 from verge.config.base import (

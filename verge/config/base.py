@@ -1,7 +1,7 @@
 """What every config section is built from: the Model base, cross-field errors, bounded text,
 and the names a config holds (header names, hosts, slugs) with their normal forms.
 
-These are public so that other verge configs (the router's, verge.routing.settings) follow the
+These are public so that other verge configs (the router's, verge.config.router) follow the
 same rules and report errors the same way (verge.config.loader turns them into file:line).
 """
 

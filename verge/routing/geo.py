@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from verge.routing.settings import RegionSpec
+from verge.config.router import RegionSpec
 
 log = logging.getLogger("verge.routing")
 

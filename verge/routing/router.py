@@ -24,13 +24,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from verge.config.router import RouterConfig
 from verge.health import HealthMonitor, Target
 from verge.http.message import Request
 from verge.http.response import Response
 from verge.http.server import HttpApp, ServerLimits, reuseport_socket, serve, text_response
 from verge.routing.dns import start_dns_server
 from verge.routing.geo import RegionMap
-from verge.routing.settings import RouterConfig
 from verge.routing.table import Edge, RoutingTable, edge_addresses
 
 log = logging.getLogger("verge.router")

@@ -29,7 +29,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from verge.config import Duration, Model, Slug, config_host, conflict, load_model_file
+from verge.config.base import Model, Slug, config_host, conflict
+from verge.config.loader import load_model_file
+from verge.config.units import Duration
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
