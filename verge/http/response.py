@@ -48,10 +48,12 @@ class Response:
     ``length`` is the body's length when known (sent as Content-Length; for HEAD the length
     the GET would have), None when the body is streamed without a known length. ``close``
     asks the protocol to close the connection after it (HTTP/1.1 only). ``http1`` and
-    ``fields`` are the protocols' memoised renderings (see the module docstring)."""
+    ``fields`` are the protocols' memoised renderings (see the module docstring); ``variants``
+    the memoised copies of a shared response with a few more fields (verge.edge.protect's
+    ``with_fields``: a rate-limited hit's RateLimit fields)."""
 
     __slots__ = ("status", "headers", "length", "body", "reason", "close", "http1", "fields",
-                 "native")
+                 "native", "variants")
 
     def __init__(self, status: int, headers: Headers, body=None, length: int | None = None,
                  *, reason: str = "", close: bool = False) -> None:
@@ -66,6 +68,7 @@ class Response:
         self.http1: bytes | tuple[bytes, bytes] | None = None
         self.fields: list[tuple[bytes, bytes]] | None = None
         self.native = None  # the native HTTP/2 engine's head object (verge.http.native_h2)
+        self.variants: dict | None = None
 
     def __repr__(self) -> str:
         return f"Response({self.status}, length={self.length})"
