@@ -289,13 +289,19 @@ async def test_the_player_page_plays_webrtc_in_chromium(live):
     assert live.whep.reaped == 0  # ended by the page's DELETE, not reaped
 
 
-async def test_b_frames_are_refused_with_the_reason():
+async def test_b_frames_without_an_encoded_rung_are_refused_with_the_reason():
     service = WhepService(WebRtcSettings())
     frame = VideoTag("cam", 40, bytes([0x27, 1, 0, 0, 40]) + b"\0\0\0\1\x41", 7, False, False, 40)
     service.on_media("live/cam", frame)  # a composition-time offset: reordered frames
+    offer = await Viewer().offer()
+    with pytest.raises(WhepError) as starting:  # the transcoder has not planned yet
+        await service.create("live/cam", True, "application/sdp", offer)
+    assert starting.value.status == 503 and ("Retry-After", "1") in starting.value.headers
+    service.on_rendition_plan("live/cam", None)  # a ladder of only the source
     with pytest.raises(WhepError) as refused:
-        await service.create("live/cam", True, "application/sdp", await Viewer().offer())
-    assert refused.value.status == 409 and "-bf 0" in refused.value.reason
+        await service.create("live/cam", True, "application/sdp", offer)
+    assert refused.value.status == 409
+    assert "encodes no rendition" in refused.value.reason and "-bf 0" in refused.value.reason
     service.on_publish("live/cam")  # a new publish may come without them
     assert not service.feeds["live/cam"].has_bframes
 

@@ -36,6 +36,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -57,7 +58,7 @@ from verge.stream.package.live import (
 )
 from verge.stream.package.mp4 import Mp4Error
 from verge.stream.rtmp.session import AudioTag, Publish, VideoTag
-from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg
+from verge.stream.transcode import TranscodeJob, ladder_from_config, resolve_ffmpeg, rtc_track
 from verge.stream.vod import VodLibrary, recording_from_live, recording_name
 from verge.stream.web import serve_web
 from verge.stream.webrtc import WhepService, handle_whep
@@ -243,6 +244,8 @@ class StreamServer:
         channel.live = True
         channel.publishes += 1
         self.whep.on_publish(stream)
+        if channel.job is None:  # nothing encoded: a source with B-frames has no WebRTC video
+            self.whep.on_rendition_plan(stream, None)
 
     def _resume(self, channel: Channel) -> None:
         """A new publish of a stream in its grace period: its timestamps start over, so a new
@@ -266,10 +269,16 @@ class StreamServer:
         def current(callback):
             return lambda *args: callback(*args) if channel.job is job else None
 
+        def on_plan(tracks) -> None:
+            channel.on_plan(tracks)
+            rung = rtc_track(tracks)  # WebRTC's video when the source has B-frames
+            self.whep.on_rendition_plan(channel.path, rung.name if rung is not None else None)
+
         job = TranscodeJob(
             ladder_from_config(r.model_dump() for r in channel.app.ladder), ffmpeg=self.ffmpeg,
             on_output=current(channel.on_output), on_restart=current(channel.on_restart),
-            on_plan=current(channel.on_plan), name=channel.path,
+            on_plan=current(on_plan), name=channel.path,
+            on_flv=current(partial(self.whep.on_rendition_tag, channel.path)),
             part_target=self.settings.part_target)  # one ffmpeg fragment per LL-HLS part
         return job
 

@@ -37,6 +37,12 @@ header of each declared track (AVC/AAC). Without such metadata it waits for both
 headers, or for :attr:`TranscodeJob.decide_window` seconds of media, and goes with what it has
 seen. Audio-only input gives audio-only output; video-only input gives no audio output.
 
+WebRTC (``on_flv``): a source with B-frames cannot be passed through to browsers' WebRTC, so
+the encoding process also writes its top rung (:func:`rtc_track`) as FLV to one more pipe: the
+``tee`` muxer on that rung's output (one encode, two muxers; :func:`tee_target` escapes the
+options, ``+global_header`` because tee cannot tell the encoder), FLV tags flushed per frame and
+parsed as they come. Measured: no CPU difference worth the name (see verge.stream.webrtc).
+
 Supervision (per process): if ffmpeg exits while the stream is live, it is restarted (at
 most ``max_restarts`` times in a row, with exponential backoff; a process that ran
 ``stable_after`` seconds resets the count). The new process gets the FLV prefix again (header,
@@ -380,21 +386,65 @@ def ffmpeg_command(
     fds: list[int],
     fragment: float | None = None,
     offset: float = 0.0,
+    flv_fd: int | None = None,
 ) -> list[str]:
     """The full command line; output ``i`` goes to file descriptor ``fds[i]``, in fragments of
     ``fragment`` seconds (:data:`FMP4_FLAGS` without). Output time starts at ``offset`` seconds
-    (a restarted process continues the stream's timeline) instead of 0."""
+    (a restarted process continues the stream's timeline) instead of 0. With ``flv_fd``, the
+    :func:`rtc_track` of ``tracks`` is also written as FLV to that descriptor (one encode, two
+    muxers: :func:`tee_target`)."""
     command = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning"]
     command += [*INPUT_FLAGS, "-i", "pipe:0"]
     muxer = list(FMP4_FLAGS if fragment is None else fmp4_flags(fragment))
     if offset > 0:  # frag_discont: the first fragment's decode time is the offset, not 0
         flags = muxer.index("-movflags") + 1
         muxer[flags] += "+frag_discont"
-        muxer += ["-output_ts_offset", f"{offset:.3f}"]
+    timeline = ["-output_ts_offset", f"{offset:.3f}"] if offset > 0 else []
+    teed = rtc_track(tracks) if flv_fd is not None else None
     for track, fd in zip(tracks, fds, strict=True):
         command += _output_args(track)
-        command += [*muxer, f"pipe:{fd}"]
+        if track is teed and flv_fd is not None:
+            command += ["-flags:v", "+global_header", *timeline]  # tee cannot tell the encoder
+            command += ["-f", "tee", tee_target(muxer, f"pipe:{fd}", f"pipe:{flv_fd}")]
+        else:
+            command += [*muxer, *timeline, f"pipe:{fd}"]
     return command
+
+
+def rtc_track(tracks: Iterable[OutputTrack]) -> OutputTrack | None:
+    """The rendition WebRTC viewers of a stream with B-frames get: the tallest encoded video
+    rung (x264 ``-tune zerolatency``: no B-frames), or None if nothing is encoded."""
+    encoded = [t for t in tracks if t.kind == VIDEO and group_of(t) == ENCODE]
+    return max(encoded, key=lambda t: t.height or 0, default=None)
+
+
+#: Muxer options of the FLV copy: no onMetaData, no seeking back to patch the header (a pipe),
+#: each frame's tag written the moment it is muxed.
+FLV_SLAVE = {"f": "flv", "flvflags": "no_duration_filesize+no_metadata", "flush_packets": "1"}
+
+
+def tee_target(fmp4_muxer: list[str], fmp4: str, flv_target: str) -> str:
+    """The ``tee`` muxer's output naming an fMP4 output (the ``-f mp4 -movflags ...`` muxer
+    arguments given) and an FLV one. Two levels of escaping: tee splits outputs at ``|``
+    (``av_get_token``), then each ``[key=value:...]`` list at ``:``/``=``/``]``; a backslash
+    before any character is taken literally at both levels, so values are escaped twice."""
+    options = dict(zip(fmp4_muxer[::2], fmp4_muxer[1::2], strict=True))
+    fmp4_options = {key.lstrip("-"): value for key, value in options.items()}
+    fmp4_options["f"] = fmp4_options.pop("f", "mp4")
+    return "|".join(
+        _escape(_slave(slave_options, target), "|")
+        for slave_options, target in ((fmp4_options, fmp4), (FLV_SLAVE, flv_target))
+    )
+
+
+def _slave(options: Mapping[str, str], target: str) -> str:
+    pairs = ":".join(f"{_escape(k, '=:]')}={_escape(v, '=:]')}" for k, v in options.items())
+    return f"[{pairs}]{target}"  # the target is taken as it is (after the outer level)
+
+
+def _escape(text: str, special: str) -> str:
+    """A backslash before backslashes, quotes and ``special`` (``av_get_token`` unescaping)."""
+    return "".join(f"\\{c}" if c in f"\\'{special}" else c for c in text)
 
 
 def _output_args(track: OutputTrack) -> list[str]:
@@ -669,6 +719,8 @@ class Discontinuity:
 
 
 OnOutput = Callable[[str, str, bytes], None]
+OnFlvTag = Callable[[int, int, bytes], None]
+"""(tag type, timestamp in ms, body) of one FLV tag."""
 
 
 @dataclass(slots=True)
@@ -716,8 +768,10 @@ class _ProcessJob:
         stable_after: float = 30.0,
         close_timeout: float = 5.0,
         part_target: float | None = None,
+        on_flv: OnFlvTag | None = None,
     ) -> None:
         self.ladder = ladder
+        self.on_flv = on_flv
         self.fragment = fragment_for(part_target) if part_target else None
         self.ffmpeg = ffmpeg
         self.name = name
@@ -1055,9 +1109,16 @@ class _ProcessJob:
         offset = await self._timeline_offset()
         if offset is None:
             return "stopped before its first input"
-        pipes = [os.pipe() for _ in self.tracks]
+        teed = self.on_flv is not None and rtc_track(self.tracks) is not None
+        pipes = [os.pipe() for _ in range(len(self.tracks) + teed)]
+        writes = [w for _, w in pipes]
         command = ffmpeg_command(
-            self.ffmpeg, self.tracks, [w for _, w in pipes], self.fragment, offset
+            self.ffmpeg,
+            self.tracks,
+            writes[: len(self.tracks)],
+            self.fragment,
+            offset,
+            flv_fd=writes[-1] if teed else None,
         )
         try:
             process = await asyncio.create_subprocess_exec(
@@ -1218,9 +1279,13 @@ class _ProcessJob:
         loop = asyncio.get_running_loop()
         pipes = [os.fdopen(fd, "rb", buffering=0) for fd in read_fds]
         readers: list[_OutputReader] = []
+        kinds: list[type[_OutputReader]] = [_OutputReader] * len(self.tracks)
+        if len(pipes) > len(self.tracks):  # the FLV copy of the rtc_track, last
+            kinds.append(_FlvTagReader)
+        tracks = [*self.tracks, rtc_track(self.tracks)]
         try:
-            for track, pipe in zip(self.tracks, pipes, strict=True):
-                reader = _OutputReader(self, track, loop.create_future())
+            for kind, track, pipe in zip(kinds, tracks, pipes, strict=False):
+                reader = kind(self, track, loop.create_future())
                 await loop.connect_read_pipe(lambda reader=reader: reader, pipe)
                 readers.append(reader)
         except BaseException:
@@ -1230,6 +1295,13 @@ class _ProcessJob:
                 pipe.close()
             raise
         return readers
+
+    def _deliver_flv(self, tags: list[tuple[int, int, bytes]]) -> None:
+        for tag_type, timestamp, body in tags:
+            try:
+                self.on_flv(tag_type, timestamp, body)
+            except Exception:
+                log.exception("transcode %s: on_flv failed", self.name)
 
     def _deliver(self, track: OutputTrack, data: bytes) -> None:
         self.stats.bytes_out[track.name] = self.stats.bytes_out.get(track.name, 0) + len(data)
@@ -1268,6 +1340,9 @@ class TranscodeJob:
       after ffmpeg died, 0 after a change of input format); ``renditions`` are the ones that
       restart, the others go on
     - ``on_exit(ok, reason)``: once, when the job is over (closed, or a process gave up)
+    - ``on_flv(tag_type, timestamp, body)``: if given, the FLV tags of the :func:`rtc_track`
+      (the top encoded rung, for WebRTC), one per frame as the encoder makes it; each encoding
+      process's tags begin with the AVC sequence header, timestamps on the stream's timeline
 
     ``part_target`` (the LL-HLS part target, seconds) sets the fragment duration: one fragment
     per part (:func:`fragment_for`); without it, :data:`FMP4_FLAGS`. The other options
@@ -1283,6 +1358,7 @@ class TranscodeJob:
         on_plan: Callable[[list[OutputTrack]], None] | None = None,
         on_restart: Callable[[Discontinuity], None] | None = None,
         on_exit: Callable[[bool, str], None] | None = None,
+        on_flv: OnFlvTag | None = None,
         name: str = "stream",
         **options: Any,
     ) -> None:
@@ -1307,6 +1383,7 @@ class TranscodeJob:
                 name=name,
                 group=group,
                 origin=origin,
+                on_flv=on_flv if group == ENCODE else None,
                 **options,
             )
             for group in GROUPS
@@ -1440,6 +1517,24 @@ class _OutputReader(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class _FlvTagReader(_OutputReader):
+    """Reads the FLV copy of the rtc_track: each complete tag goes to ``on_flv`` as it comes
+    (ffmpeg flushes one tag per frame)."""
+
+    def __init__(self, job: _ProcessJob, track: OutputTrack, closed: asyncio.Future) -> None:
+        super().__init__(job, track, closed)
+        self.splitter = FlvSplitter()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            tags = self.splitter.feed(data)
+        except flv.FlvError as exc:
+            log.error("transcode %s: the FLV output is not FLV (%s)", self.job.name, exc)
+            self.close()
+            return
+        self.job._deliver_flv(tags)
 
 
 def _number(value: Any) -> float | None:
