@@ -14,8 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+import typer
 
 from tests.conftest import ROOT, VERGE, free_port
 
@@ -340,3 +342,51 @@ def test_tokens_can_come_from_a_file_instead_of_the_command_line(tmp_path):
 def test_version():
     done = subprocess.run([*VERGE, "--version"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.startswith("verge 0.")
+
+
+def _api_commands(seen: list) -> typer.Typer:
+    """Two commands made the way the control-plane commands are (`with_api`)."""
+    from verge.cli.common import Api, with_api
+
+    app = typer.Typer()
+
+    @app.command("one")
+    @with_api
+    def one(api: Api, name: Annotated[str, typer.Argument()], count: int = 1) -> None:
+        seen.append((api, name, count))
+
+    @app.command("raw")
+    @with_api(json_option=False)
+    def raw(api: Api) -> None:
+        seen.append(api)
+
+    return app
+
+
+def test_with_api_adds_control_token_and_json_after_a_commands_own_options():
+    from typer.testing import CliRunner
+
+    from verge.cli.common import DEFAULT_CONTROL, Api
+
+    seen: list = []
+    app, runner = _api_commands(seen), CliRunner()
+    result = runner.invoke(app, ["one", "x", "--count", "2", "--token", "t", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == [(Api(DEFAULT_CONTROL, "t", True), "x", 2)]
+    result = runner.invoke(app, ["raw"], env={"VERGE_CONTROL": "http://c:1", "VERGE_TOKEN": "v"})
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == Api("http://c:1", "v", False)
+    assert runner.invoke(app, ["raw", "--json"]).exit_code == 2  # no --json there
+    options = [p.name for p in typer.main.get_command(app).commands["one"].params]
+    assert options == ["name", "count", "control", "token", "as_json"]
+
+
+def test_api_prints_json_or_a_line_for_people(capsys):
+    from verge.cli.common import Api
+
+    Api(as_json=True).report({"deleted": "x"}, "x deleted")
+    Api().report({"deleted": "x"}, "x deleted")
+    Api(as_json=True).listing([{"a": 1}], "Things", [("a", "A")])
+    Api().listing([], "Things", [("a", "A")])
+    out = capsys.readouterr().out
+    assert out == '{\n  "deleted": "x"\n}\nx deleted\n[\n  {\n    "a": 1\n  }\n]\n(no things)\n'

@@ -13,21 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from verge.certs import DEFAULT_DEV_HOSTS, dev_certificates
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    EXIT_USAGE,
-    AsJson,
-    ControlUrl,
-    Token,
-    call,
-    done,
-    fail,
-    fail_line,
-    list_all,
-    print_json,
-    report,
-    warn,
-)
+from verge.cli.common import EXIT_USAGE, Api, done, fail, fail_line, warn, with_api
 
 CertFile = Annotated[Path, typer.Option("--cert", help="Certificate chain (PEM), server first.")]
 KeyFile = Annotated[Path, typer.Option("--key", help="Its private key (PEM, unencrypted).")]
@@ -74,9 +60,8 @@ def _read_pems(cert: Path, key: Path) -> tuple[str, str]:
         fail_line(f"cannot read {getattr(exc, 'filename', None) or 'file'}: {exc}", EXIT_USAGE)
 
 
-def _show_certificate(what: str, cert: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(cert)
+def _show_certificate(api: Api, what: str, cert: dict[str, Any]) -> None:
+    if api.printed_json(cert):
         return
     done(
         f"{what} {cert['name']}: {', '.join(cert.get('hosts', []))} "
@@ -86,64 +71,41 @@ def _show_certificate(what: str, cert: dict[str, Any], as_json: bool) -> None:
         warn(f"warning: {cert['warning']}")
 
 
+@with_api
 def cert_add(
+    api: Api,
     name: Annotated[str, typer.Argument(help="Certificate name: lower-case letters, digits, '-'.")],
     cert: CertFile,
     key: KeyFile,
     tenant: Annotated[
         str | None, typer.Option(help="Owning tenant (admin tokens; others use their own).")
     ] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Upload a certificate and key; every edge serves it by SNI within seconds, no restart."""
     cert_pem, key_pem = _read_pems(cert, key)
-    created = call(
-        control, token, lambda client: client.add_certificate(name, cert_pem, key_pem, tenant)
-    )
-    _show_certificate("certificate added:", created, as_json)
+    created = api.call(lambda client: client.add_certificate(name, cert_pem, key_pem, tenant))
+    _show_certificate(api, "certificate added:", created)
 
 
-def cert_rotate(
-    name: CertName,
-    cert: CertFile,
-    key: KeyFile,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def cert_rotate(api: Api, name: CertName, cert: CertFile, key: KeyFile) -> None:
     """Replace a certificate's chain and key (new handshakes get it; open connections keep theirs)."""
     cert_pem, key_pem = _read_pems(cert, key)
-    rotated = call(
-        control, token, lambda client: client.rotate_certificate(name, cert_pem, key_pem)
-    )
-    _show_certificate("certificate rotated:", rotated, as_json)
+    rotated = api.call(lambda client: client.rotate_certificate(name, cert_pem, key_pem))
+    _show_certificate(api, "certificate rotated:", rotated)
 
 
-def cert_list(
-    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
-) -> None:
+@with_api
+def cert_list(api: Api) -> None:
     """List certificates (names, hosts, expiry; never keys)."""
-    list_all(
-        control,
-        token,
-        as_json,
-        lambda client: client.list_certificates,
-        "Certificates",
-        CERT_COLUMNS,
-    )
+    api.list_all(lambda client: client.list_certificates, "Certificates", CERT_COLUMNS)
 
 
-def cert_rm(
-    name: CertName,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def cert_rm(api: Api, name: CertName) -> None:
     """Delete a certificate; edges stop offering it with the next config bundle."""
-    call(control, token, lambda client: client.delete_certificate(name))
-    report(as_json, {"deleted": name}, f"certificate {name} deleted")
+    api.call(lambda client: client.delete_certificate(name))
+    api.report({"deleted": name}, f"certificate {name} deleted")
 
 
 def register(app: typer.Typer) -> None:

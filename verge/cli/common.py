@@ -2,24 +2,28 @@
 the control-plane session, and output (tables for people, ``--json`` for scripts).
 
 Every control-plane command is a thin shell over `verge.control.client.ControlClient`: read
-flags (and files), make one or a few API calls, print a table or `--json`. Any failure is one
-line on stderr (the control plane's own message, with the field it names) and a non-zero exit,
-never a traceback. Heavy imports (httpx, rich, yaml) happen inside the functions so that
-`verge edge` does not pay for them at start.
+flags (and files), make one or a few API calls, print a table or `--json`. `with_api` gives
+each the --control, --token and --json options and hands it an `Api` that takes those steps.
+Any failure is one line on stderr (the control plane's own message, with the field it names)
+and a non-zero exit, never a traceback. Heavy imports (httpx, rich, yaml) happen inside the
+functions so that `verge edge` does not pay for them at start.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, get_type_hints
 
 import typer
 
-from verge.cli.secrets import secret_value
+from verge.cli.secrets import secret_option
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,12 +49,7 @@ ControlUrl = Annotated[
 ]
 Token = Annotated[
     str | None,
-    typer.Option(
-        "--token",
-        envvar="VERGE_TOKEN",
-        callback=secret_value,
-        help="API token (vrg_...) sent as Authorization: Bearer. @FILE reads it from a file.",
-    ),
+    secret_option("VERGE_TOKEN", "API token (vrg_...) sent as Authorization: Bearer.", "--token"),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ServiceName = Annotated[str, typer.Argument(help="Service name.")]
@@ -116,12 +115,6 @@ def session(control: str, token: str | None) -> Iterator[ControlClient]:
         fail_line(explain(exc))
     finally:
         client.close()
-
-
-def call(control: str, token: str | None, request: Callable[[ControlClient], T]) -> T:
-    """One API call in its own `session`: ``request(client)``'s result."""
-    with session(control, token) as client:
-        return request(client)
 
 
 def explain(exc: ControlError) -> str:
@@ -191,45 +184,98 @@ def table(title: str, items: Sequence[dict[str, Any]], columns: Columns) -> None
     console().print(rich_table)
 
 
-def listing(
-    as_json: bool,
-    items: list[dict[str, Any]],
-    title: str,
-    columns: Columns,
-    row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-) -> None:
-    """Items as the API returned them with --json, else a table of ``row(item)`` each."""
-    if as_json:
-        print_json(items)
-    else:
-        table(title, [row(item) for item in items] if row else items, columns)
+# ---------------------------------------------------------------------------------------------
+# Control-plane commands: --control, --token and --json given once
+# ---------------------------------------------------------------------------------------------
 
 
-def list_all(
-    control: str,
-    token: str | None,
-    as_json: bool,
-    pages: Callable[[ControlClient], Callable[[int, int], Page]],
-    title: str,
-    columns: Columns,
-    row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-) -> None:
-    """A `list` command: every page of ``pages(client)``, shown by `listing`."""
-    items = call(control, token, lambda client: every(pages(client)))
-    listing(as_json, items, title, columns, row)
+@dataclass(frozen=True)
+class Api:
+    """What a control-plane command's --control, --token and --json say, and the steps every
+    such command is made of: one or a few API calls in a `session`, then the result as JSON
+    (--json) or for people (a line, a table)."""
+
+    control: str = DEFAULT_CONTROL
+    token: str | None = None
+    as_json: bool = False
+
+    def session(self) -> AbstractContextManager[ControlClient]:
+        return session(self.control, self.token)
+
+    def call(self, request: Callable[[ControlClient], T]) -> T:
+        """One API call in its own `session`: ``request(client)``'s result."""
+        with self.session() as client:
+            return request(client)
+
+    def printed_json(self, value: Any) -> bool:
+        """With --json, print ``value`` and say so (the command is done)."""
+        if self.as_json:
+            print_json(value)
+        return self.as_json
+
+    def report(self, result: Any, message: str) -> None:
+        """A command's outcome: the raw result with --json, else one line for people."""
+        if not self.printed_json(result):
+            done(message)
+
+    def listing(
+        self,
+        items: list[dict[str, Any]],
+        title: str,
+        columns: Columns,
+        row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        """Items as the API returned them with --json, else a table of ``row(item)`` each."""
+        if not self.printed_json(items):
+            table(title, [row(item) for item in items] if row else items, columns)
+
+    def list_all(
+        self,
+        pages: Callable[[ControlClient], Callable[[int, int], Page]],
+        title: str,
+        columns: Columns,
+        row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        """A `list` command: every page of ``pages(client)``, shown by `listing`."""
+        self.listing(self.call(lambda client: every(pages(client))), title, columns, row)
+
+
+_API_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+    for name, kind, default in (
+        ("control", ControlUrl, DEFAULT_CONTROL),
+        ("token", Token, None),
+        ("as_json", AsJson, False),
+    )
+]
+
+
+def with_api(command: Callable[..., None] | None = None, *, json_option: bool = True) -> Any:
+    """A command ``f(api: Api, ...)`` as typer sees it: ``f(..., control, token, as_json)``.
+
+    Every control-plane command takes --control, --token and --json, last and alike; they
+    are written here once. ``@with_api`` (``@with_api(json_option=False)`` for a command with
+    no --json) goes below the group's ``.command(...)``.
+    """
+    if command is None:
+        return functools.partial(with_api, json_option=json_option)
+    hints = get_type_hints(command, localns={"Api": Api}, include_extras=True)
+    own = list(inspect.signature(command).parameters.values())[1:]  # after `api`
+    options = _API_OPTIONS if json_option else _API_OPTIONS[:2]
+    parameters = [p.replace(annotation=hints[p.name]) for p in own] + options
+
+    @functools.wraps(command)
+    def run(*args: Any, control: str, token: str | None, as_json: bool = False, **kw: Any) -> None:
+        command(Api(control, token, as_json), *args, **kw)
+
+    run.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+    return run
 
 
 def done(message: str) -> None:
     """A success line (plain text: names and URLs such as http://[::1]/ are not markup)."""
     typer.echo(message)
-
-
-def report(as_json: bool, result: Any, message: str) -> None:
-    """A command's outcome: the raw result with --json, else one line for people."""
-    if as_json:
-        print_json(result)
-    else:
-        done(message)
 
 
 def warn(message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from verge.cli.common import split_hostport
-from verge.cli.secrets import secret_value
+from verge.cli.secrets import secret_option
 
 
 def control(
@@ -23,10 +23,9 @@ def control(
     ] = "sqlite:///verge.db",
     admin_token: Annotated[
         str | None,
-        typer.Option(
-            envvar="VERGE_ADMIN_TOKEN",
-            callback=secret_value,
-            help="Admin API token to create on first start (default: a random one, printed once). @FILE reads it from a file.",
+        secret_option(
+            "VERGE_ADMIN_TOKEN",
+            "Admin API token to create on first start (default: a random one, printed once).",
         ),
     ] = None,
 ) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from verge.cli.common import control_urls, fail, split_hostport
-from verge.cli.secrets import secret_value
+from verge.cli.secrets import secret_option
 
 if TYPE_CHECKING:
     from verge.config import Config
@@ -33,10 +33,8 @@ CacheDir = Annotated[Path, typer.Option(help="Disk cache directory (kept across 
 Admin = Annotated[str, typer.Option(help="HOST:PORT of the admin API (purge, metrics).")]
 AdminToken = Annotated[
     str | None,
-    typer.Option(
-        envvar="VERGE_ADMIN_TOKEN",
-        callback=secret_value,
-        help="Token for the admin API; a random one is printed if not given. @FILE reads it from a file.",
+    secret_option(
+        "VERGE_ADMIN_TOKEN", "Token for the admin API; a random one is printed if not given."
     ),
 ]
 Workers = Annotated[int, typer.Option(help="Worker processes sharing the port (default: cores).")]
@@ -59,12 +57,7 @@ Control = Annotated[
     ),
 ]
 JoinToken = Annotated[
-    str | None,
-    typer.Option(
-        envvar="VERGE_JOIN_TOKEN",
-        callback=secret_value,
-        help="Join token (first start with --control). @FILE reads it from a file.",
-    ),
+    str | None, secret_option("VERGE_JOIN_TOKEN", "Join token (first start with --control).")
 ]
 Name = Annotated[str | None, typer.Option(help="Node name in the fleet (default: host name).")]
 Region = Annotated[str | None, typer.Option(help="Region (cache group) this edge belongs to.")]

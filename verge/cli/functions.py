@@ -8,20 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    EXIT_USAGE,
-    AsJson,
-    ControlUrl,
-    Token,
-    call,
-    done,
-    fail_line,
-    list_all,
-    print_json,
-    report,
-    table,
-)
+from verge.cli.common import EXIT_USAGE, Api, done, fail_line, table, with_api
 
 fn_app = typer.Typer(
     help="Edge functions (WebAssembly, WASI/WAGI): deployed to every edge, versioned.",
@@ -75,7 +62,9 @@ def _fn_row(fn: dict[str, Any]) -> dict[str, Any]:
 
 
 @fn_app.command("deploy")
+@with_api
 def fn_deploy(
+    api: Api,
     name: Annotated[str, typer.Argument(help="Function name: lower-case letters, digits, '-'.")],
     module: Annotated[Path, typer.Argument(help="The .wasm file (wasm32-wasi, WAGI-style).")],
     service: Annotated[str, typer.Option(help="The service whose requests it sees.")],
@@ -100,15 +89,10 @@ def fn_deploy(
     phase: Annotated[
         str, typer.Option(help="request: before the cache; response: edits the response.")
     ] = "request",
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Deploy a new version; every edge switches to it at once with its next config poll."""
     wasm = _read_module(module)
-    deployed = call(
-        control,
-        token,
+    deployed = api.call(
         lambda client: client.deploy_function(
             name,
             wasm,
@@ -124,8 +108,7 @@ def fn_deploy(
             phase=phase,
         ),
     )
-    report(
-        as_json,
+    api.report(
         deployed,
         f"function {name} version {deployed.get('version')} deployed to service {service} "
         f"({len(wasm)} bytes, sha256 {str(deployed.get('module_sha256', ''))[:16]}...)",
@@ -133,49 +116,33 @@ def fn_deploy(
 
 
 @fn_app.command("list")
-def fn_list(
-    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
-) -> None:
+@with_api
+def fn_list(api: Api) -> None:
     """List functions (the active version of each)."""
-    list_all(
-        control,
-        token,
-        as_json,
-        lambda client: client.list_functions,
-        "Functions",
-        FN_COLUMNS,
-        _fn_row,
-    )
+    api.list_all(lambda client: client.list_functions, "Functions", FN_COLUMNS, _fn_row)
 
 
 @fn_app.command("show")
-def fn_show(
-    name: FunctionName,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def fn_show(api: Api, name: FunctionName) -> None:
     """A function's active version and every stored version."""
-    fn = call(control, token, lambda client: client.get_function(name))
-    if as_json:
-        print_json(fn)
+    fn = api.call(lambda client: client.get_function(name))
+    if api.printed_json(fn):
         return
     table("Function", [_fn_row(fn)], FN_COLUMNS)
     table("Versions", [_fn_row(version) for version in fn["versions"]], VERSION_COLUMNS)
 
 
 @fn_app.command("logs")
+@with_api
 def fn_logs(
+    api: Api,
     name: FunctionName,
     limit: Annotated[int, typer.Option(help="How many of the newest records.")] = 100,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """What edges reported of the function: failures, its stderr, modules that did not load."""
-    records = call(control, token, lambda client: client.function_logs(name, limit))
-    if as_json:
-        print_json(records)
+    records = api.call(lambda client: client.function_logs(name, limit))
+    if api.printed_json(records):
         return
     if not records:
         done(f"(no log records for {name})")
@@ -196,29 +163,22 @@ def _log_line(record: dict[str, Any]) -> str:
 
 
 @fn_app.command("rollback")
+@with_api
 def fn_rollback(
+    api: Api,
     name: FunctionName,
     version: Annotated[
         int | None, typer.Option(help="Version to make active (default: the previous one).")
     ] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Make an earlier version active again on every edge."""
-    active = call(control, token, lambda client: client.rollback_function(name, version))
-    report(
-        as_json, active, f"function {name} rolled back: version {active.get('version')} is active"
-    )
+    active = api.call(lambda client: client.rollback_function(name, version))
+    api.report(active, f"function {name} rolled back: version {active.get('version')} is active")
 
 
 @fn_app.command("rm")
-def fn_rm(
-    name: FunctionName,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def fn_rm(api: Api, name: FunctionName) -> None:
     """Delete a function and all its versions; edges stop running it."""
-    call(control, token, lambda client: client.delete_function(name))
-    report(as_json, {"deleted": name}, f"function {name} deleted")
+    api.call(lambda client: client.delete_function(name))
+    api.report({"deleted": name}, f"function {name} deleted")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from verge.cli.common import DEFAULT_CONTROL, AsJson, ControlUrl, Token, call, print_json, table
+from verge.cli.common import Api, table, with_api
 
 if TYPE_CHECKING:
     from verge.control.client import ControlClient
@@ -39,21 +39,19 @@ def _hostname_row(item: dict[str, Any]) -> dict[str, Any]:
     return {**item, "covered": covered, "problems": kinds}
 
 
+@with_api
 def hostnames(
+    api: Api,
     conflicts: Annotated[
         bool, typer.Option("--conflicts", help="Only hosts with a conflict.")
     ] = False,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Who owns which hostname: every service host with its tenant, service, zone, the
     wildcards covering it, and conflicts (hosts outside their tenant's zones, inside another
     tenant's zone, or under another tenant's wildcard). Resolve a conflict by moving or
     deleting the service (`verge service edit|rm`) or with `verge tenant zone add|rm`."""
-    report = call(control, token, lambda client: _all_hostnames(client, conflicts))
-    if as_json:
-        print_json(report)
+    report = api.call(lambda client: _all_hostnames(client, conflicts))
+    if api.printed_json(report):
         return
     table("Hostnames", [_hostname_row(item) for item in report["items"]], HOSTNAME_COLUMNS)
     found = report.get("conflicts") or []

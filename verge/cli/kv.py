@@ -10,17 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    EXIT_USAGE,
-    AsJson,
-    ControlUrl,
-    Token,
-    call,
-    fail_line,
-    list_all,
-    report,
-)
+from verge.cli.common import EXIT_USAGE, Api, fail_line, with_api
 
 if TYPE_CHECKING:
     from verge.control.client import ControlClient, Page
@@ -36,7 +26,9 @@ KEY_COLUMNS = [("key", "KEY"), ("size", "BYTES"), ("seq", "SEQ"), ("updated_at",
 
 
 @kv_app.command("put")
+@with_api
 def kv_put(
+    api: Api,
     namespace: Namespace,
     key: Key,
     value: Annotated[
@@ -46,14 +38,11 @@ def kv_put(
     tenant: Annotated[
         str | None, typer.Option(help="Owner of a new namespace (admin tokens).")
     ] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Write a value; every edge has it within seconds (eventual consistency)."""
     data = _kv_value(value, file)
-    written = call(control, token, lambda client: client.kv_put(namespace, key, data, tenant))
-    report(as_json, written, f"{namespace}/{key} = {len(data)} bytes (seq {written.get('seq')})")
+    written = api.call(lambda client: client.kv_put(namespace, key, data, tenant))
+    api.report(written, f"{namespace}/{key} = {len(data)} bytes (seq {written.get('seq')})")
 
 
 def _kv_value(value: str | None, file: Path | None) -> bytes:
@@ -70,54 +59,37 @@ def _kv_value(value: str | None, file: Path | None) -> bytes:
 
 
 @kv_app.command("get")
-def kv_get(
-    namespace: Namespace,
-    key: Key,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-) -> None:
+@with_api(json_option=False)
+def kv_get(api: Api, namespace: Namespace, key: Key) -> None:
     """Print a value (raw bytes on stdout)."""
-    value = call(control, token, lambda client: client.kv_get(namespace, key))
+    value = api.call(lambda client: client.kv_get(namespace, key))
     sys.stdout.buffer.write(value)
     sys.stdout.flush()
 
 
 @kv_app.command("list")
+@with_api
 def kv_list(
+    api: Api,
     namespace: Annotated[
         str | None, typer.Argument(help="Namespace whose keys to list; none: list namespaces.")
     ] = None,
     prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """List namespaces, or the keys of one."""
     if namespace is None:
-        list_all(
-            control,
-            token,
-            as_json,
-            lambda client: client.kv_namespaces,
-            "KV namespaces",
-            NAMESPACE_COLUMNS,
-        )
+        api.list_all(lambda client: client.kv_namespaces, "KV namespaces", NAMESPACE_COLUMNS)
         return
 
     def keys(client: ControlClient) -> Callable[[int, int], Page]:
         return lambda limit, offset: client.kv_keys(namespace, prefix, limit, offset)
 
-    list_all(control, token, as_json, keys, f"Keys in {namespace}", KEY_COLUMNS)
+    api.list_all(keys, f"Keys in {namespace}", KEY_COLUMNS)
 
 
 @kv_app.command("rm")
-def kv_rm(
-    namespace: Namespace,
-    key: Key,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def kv_rm(api: Api, namespace: Namespace, key: Key) -> None:
     """Delete a key (edges drop it with the next change they apply)."""
-    deleted = call(control, token, lambda client: client.kv_delete(namespace, key))
-    report(as_json, deleted, f"{namespace}/{key} deleted (seq {deleted.get('seq')})")
+    deleted = api.call(lambda client: client.kv_delete(namespace, key))
+    api.report(deleted, f"{namespace}/{key} deleted (seq {deleted.get('seq')})")

@@ -7,16 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    AsJson,
-    ControlUrl,
-    Token,
-    call,
-    list_all,
-    report,
-    timestamp,
-)
+from verge.cli.common import Api, timestamp, with_api
 
 node_app = typer.Typer(help="Edge nodes registered with the control plane.", no_args_is_help=True)
 
@@ -62,22 +53,15 @@ def _node_row(node: dict[str, Any]) -> dict[str, Any]:
 
 
 @node_app.command("list")
-def node_list(
-    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
-) -> None:
+@with_api
+def node_list(api: Api) -> None:
     """List edge nodes: status, last heartbeat, config version and purge sequence they run."""
-    list_all(
-        control, token, as_json, lambda client: client.list_nodes, "Nodes", NODE_COLUMNS, _node_row
-    )
+    api.list_all(lambda client: client.list_nodes, "Nodes", NODE_COLUMNS, _node_row)
 
 
 @node_app.command("revoke")
-def node_revoke(
-    name: Annotated[str, typer.Argument(help="Node name.")],
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def node_revoke(api: Api, name: Annotated[str, typer.Argument(help="Node name.")]) -> None:
     """Revoke a node's credential: no more config or purges until it joins again (join token)."""
-    call(control, token, lambda client: client.revoke_node(name))
-    report(as_json, {"revoked": name}, f"node {name} revoked")
+    api.call(lambda client: client.revoke_node(name))
+    api.report({"revoked": name}, f"node {name} revoked")

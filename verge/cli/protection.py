@@ -8,18 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    AsJson,
-    ControlUrl,
-    ServiceName,
-    Token,
-    call,
-    listing,
-    print_json,
-    table,
-    timestamp,
-)
+from verge.cli.common import Api, ServiceName, table, timestamp, with_api
 
 protection_app = typer.Typer(
     help="Edge protection (deny lists, rate limits, WAF): what the edges counted and refused.",
@@ -52,42 +41,37 @@ def _event_row(event: dict[str, Any]) -> dict[str, Any]:
 
 
 @protection_app.command("events")
+@with_api
 def protection_events(
+    api: Api,
     service: ServiceName,
     limit: Annotated[
         int, typer.Option(min=1, max=1000, help="How many of the newest events.")
     ] = 100,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """A sample of the requests the edges refused for a service (deny list, rate limit, WAF,
     dropped connections), oldest first; times are UTC."""
-    events = call(control, token, lambda client: client.protection_events(service, limit))
-    listing(as_json, events, f"Blocked requests of {service}", EVENT_COLUMNS, _event_row)
+    events = api.call(lambda client: client.protection_events(service, limit))
+    api.listing(events, f"Blocked requests of {service}", EVENT_COLUMNS, _event_row)
 
 
 @protection_app.command("stats")
+@with_api
 def protection_stats(
+    api: Api,
     service: ServiceName,
     minutes: Annotated[
         int, typer.Option(min=1, max=60 * 24 * 31, help="How far back to count.")
     ] = 60,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Per rule, what the edges allowed, limited and blocked for a service (rate limits;
     the deny lists and the WAF as rule "-") over the last MINUTES."""
-    stats = call(
-        control,
-        token,
+    stats = api.call(
         lambda client: client.protection_stats(
             service, since=time.time() - 60 * minutes, step=max(10, 60 * minutes // 360)
-        ),
+        )
     )
-    if as_json:
-        print_json(stats)
+    if api.printed_json(stats):
         return
     rows = [{**rule, "rule": rule["rule"] or "-"} for rule in stats.get("rules", [])]
     table(f"Protection of {service}, last {minutes} min", rows, RULE_COLUMNS)

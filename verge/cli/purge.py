@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from verge.cli.common import console, done, fail, fail_line, print_json, session
-from verge.cli.secrets import secret_value
+from verge.cli.secrets import secret_option
 
 if TYPE_CHECKING:
     from verge.control.client import ControlClient
@@ -31,11 +31,7 @@ Targets = Annotated[
 Admin = Annotated[str, typer.Option(envvar="VERGE_ADMIN", help="Admin URL of the edge node.")]
 PurgeToken = Annotated[
     str | None,
-    typer.Option(
-        envvar="VERGE_TOKEN",
-        callback=secret_value,
-        help="Edge admin token (--admin), or control-plane token (--control). @FILE reads it from a file.",
-    ),
+    secret_option("VERGE_TOKEN", "Edge admin token (--admin), or control-plane token (--control)."),
 ]
 Tags = Annotated[
     list[str] | None, typer.Option(help="Purge by surrogate key (Surrogate-Key / Cache-Tag).")

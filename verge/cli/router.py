@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from verge.cli.common import control_urls, fail, split_hostport
-from verge.cli.secrets import secret_value
+from verge.cli.secrets import secret_option
 
 
 def router(
@@ -34,11 +34,7 @@ def router(
     ] = None,
     token: Annotated[
         str | None,
-        typer.Option(
-            envvar="VERGE_TOKEN",
-            callback=secret_value,
-            help="Control-plane token (read-only is enough). @FILE reads it from a file.",
-        ),
+        secret_option("VERGE_TOKEN", "Control-plane token (read-only is enough)."),
     ] = None,
 ) -> None:
     """Route users to the nearest healthy edge: GeoDNS (ECS-aware) and HTTP redirects."""

@@ -9,6 +9,7 @@ as curl does for ``-d @file``: the value then never appears in any process's arg
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,3 +32,13 @@ def secret_value(value: str | None) -> str | None:
     if not token or not token[0].strip():
         raise typer.BadParameter(f"the token file {path} is empty")
     return token[0].strip()
+
+
+def secret_option(envvar: str, description: str, *param_decls: str) -> Any:
+    """A token option (for ``Annotated[str | None, ...]``): the value, ENVVAR or ``@PATH``."""
+    return typer.Option(
+        *param_decls,
+        envvar=envvar,
+        callback=secret_value,
+        help=f"{description} @FILE reads it from a file.",
+    )

@@ -12,21 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    EXIT_USAGE,
-    AsJson,
-    ControlUrl,
-    ServiceName,
-    Token,
-    call,
-    cell,
-    fail_line,
-    list_all,
-    print_json,
-    report,
-    session,
-)
+from verge.cli.common import EXIT_USAGE, Api, ServiceName, cell, fail_line, with_api
 
 service_app = typer.Typer(
     help="Services: host names, origins and rules, served by every edge.", no_args_is_help=True
@@ -137,7 +123,9 @@ def _service_yaml(service: dict[str, Any]) -> str:
 
 
 @service_app.command("add")
+@with_api
 def service_add(
+    api: Api,
     name: Annotated[str, typer.Argument(help="Service name: lower-case letters, digits, '-'.")],
     host: Annotated[
         list[str] | None,
@@ -161,15 +149,11 @@ def service_add(
             help="YAML service spec (as in verge.yaml); --host/--origin etc. override it."
         ),
     ] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Create a service; every edge starts serving it once it fetches the new config."""
     spec = _service_spec(name, host, origin, tenant, default, rule_file, from_file)
-    created = call(control, token, lambda client: client.create_service(spec))
-    report(
-        as_json,
+    created = api.call(lambda client: client.create_service(spec))
+    api.report(
         created.data,
         f"service {name} created (version {created.version or '-'}): "
         f"{cell(spec['hosts'])} -> {cell(_hosts_and_origins(spec)['origins'])}",
@@ -177,64 +161,47 @@ def service_add(
 
 
 @service_app.command("list")
-def service_list(
-    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
-) -> None:
+@with_api
+def service_list(api: Api) -> None:
     """List the services this token can see."""
-    list_all(
-        control,
-        token,
-        as_json,
-        lambda client: client.list_services,
-        "Services",
-        SERVICE_COLUMNS,
-        _hosts_and_origins,
+    api.list_all(
+        lambda client: client.list_services, "Services", SERVICE_COLUMNS, _hosts_and_origins
     )
 
 
 @service_app.command("show")
-def service_show(
-    name: ServiceName,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def service_show(api: Api, name: ServiceName) -> None:
     """Print a service as YAML, ready to edit and feed to `service edit --from-file`."""
-    service = call(control, token, lambda client: client.get_service(name))
-    if as_json:
-        print_json(service.data)
+    service = api.call(lambda client: client.get_service(name))
+    if api.printed_json(service.data):
         return
     typer.echo(f"# service {name}, version {service.version or service.etag or '-'}")
     typer.echo(_service_yaml(service.data), nl=False)
 
 
 @service_app.command("rm")
-def service_rm(
-    name: ServiceName,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def service_rm(api: Api, name: ServiceName) -> None:
     """Delete a service; edges stop serving its hosts with their next config."""
-    call(control, token, lambda client: client.delete_service(name))
-    report(as_json, {"deleted": name}, f"service {name} deleted")
+    api.call(lambda client: client.delete_service(name))
+    api.report({"deleted": name}, f"service {name} deleted")
 
 
 @service_app.command("edit")
+@with_api
 def service_edit(
+    api: Api,
     name: ServiceName,
     from_file: Annotated[
         Path, typer.Option(help="The whole new service spec (YAML, as `service show` prints).")
     ],
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Replace a service with the file, unless someone else changed it since it was read."""
     from verge.control.client import ControlError
 
     spec = _service_file(from_file, name)
-    with session(control, token) as client:
+    with api.session() as client:
         current = client.get_service(name)
         try:
             updated = client.update_service(name, spec, current.etag)
@@ -245,8 +212,7 @@ def service_edit(
                 f"service {name!r} was changed by someone else while you edited it; "
                 f"run `verge service show {name}` and apply your change again"
             )
-    report(
-        as_json,
+    api.report(
         updated.data,
         f"service {name} updated (version {current.version or '-'} -> {updated.version or '-'})",
     )

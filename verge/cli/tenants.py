@@ -7,19 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    AsJson,
-    ControlUrl,
-    Token,
-    call,
-    every,
-    list_all,
-    print_json,
-    report,
-    table,
-    warn,
-)
+from verge.cli.common import Api, every, table, warn, with_api
 
 tenant_app = typer.Typer(
     help="Tenants: the owners of services and tokens, and the DNS zones their services may "
@@ -50,7 +38,9 @@ def _warn_conflicts(conflicts: list[str]) -> None:
 
 
 @tenant_app.command("add")
+@with_api
 def tenant_add(
+    api: Api,
     name: TenantName,
     zone: Annotated[
         list[str] | None,
@@ -60,14 +50,10 @@ def tenant_add(
             "create services for that name, names below it and *.NAME wildcards inside it.",
         ),
     ] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Create a tenant, with the zones its services may claim hosts in."""
-    tenant = call(control, token, lambda client: client.create_tenant(name, zone or []))
-    report(
-        as_json,
+    tenant = api.call(lambda client: client.create_tenant(name, zone or []))
+    api.report(
         tenant,
         f"tenant {tenant.get('name', name)} created (id {tenant.get('id', '-')}); zones: "
         f"{', '.join(tenant.get('zones') or []) or 'none (its tokens can claim no host yet)'}",
@@ -75,75 +61,63 @@ def tenant_add(
 
 
 @tenant_app.command("show")
-def tenant_show(
-    name: TenantName,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
-) -> None:
+@with_api
+def tenant_show(api: Api, name: TenantName) -> None:
     """Show a tenant and its zones."""
-    tenant = call(control, token, lambda client: client.get_tenant(name))
-    report(as_json, tenant, _tenant_line(tenant))
+    tenant = api.call(lambda client: client.get_tenant(name))
+    api.report(tenant, _tenant_line(tenant))
 
 
-def _report_zones(as_json: bool, tenant: dict) -> None:
+def _report_zones(api: Api, tenant: dict) -> None:
     """A tenant after a zone change, and the hosts now in conflict with its zones."""
-    report(as_json, tenant, _tenant_line(tenant))
-    if not as_json:
+    api.report(tenant, _tenant_line(tenant))
+    if not api.as_json:
         _warn_conflicts(tenant.get("conflicts") or [])
 
 
 @zone_app.command("add")
+@with_api
 def zone_add(
+    api: Api,
     tenant: TenantName,
     zones: Annotated[list[str], typer.Argument(metavar="ZONE...", help="DNS zones to delegate.")],
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Delegate zones to a tenant (refused when one nests in another tenant's zone)."""
-    _report_zones(as_json, call(control, token, lambda client: client.add_zones(tenant, zones)))
+    _report_zones(api, api.call(lambda client: client.add_zones(tenant, zones)))
 
 
 @zone_app.command("rm")
+@with_api
 def zone_rm(
+    api: Api,
     tenant: TenantName,
     zone: Annotated[str, typer.Argument(help="The zone to take back.")],
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Take a zone back: the tenant can claim no new host there (its services keep theirs)."""
-    _report_zones(as_json, call(control, token, lambda client: client.remove_zone(tenant, zone)))
+    _report_zones(api, api.call(lambda client: client.remove_zone(tenant, zone)))
 
 
 @zone_app.command("list")
+@with_api
 def zone_list(
+    api: Api,
     tenant: Annotated[
         str | None, typer.Argument(help="Tenant name (default: every tenant's zones).")
     ] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """List zones and the tenant each is delegated to."""
-    tenants = call(
-        control,
-        token,
-        lambda client: [client.get_tenant(tenant)] if tenant else every(client.list_tenants),
+    tenants = api.call(
+        lambda client: [client.get_tenant(tenant)] if tenant else every(client.list_tenants)
     )
     rows = [{"zone": z, "tenant": t["name"]} for t in tenants for z in t.get("zones") or []]
-    if as_json:
-        print_json(rows)
-    else:
+    if not api.printed_json(rows):
         table(
             "Zones", sorted(rows, key=lambda r: r["zone"]), [("zone", "ZONE"), ("tenant", "TENANT")]
         )
 
 
 @tenant_app.command("list")
-def tenant_list(
-    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
-) -> None:
+@with_api
+def tenant_list(api: Api) -> None:
     """List tenants."""
-    list_all(control, token, as_json, lambda client: client.list_tenants, "Tenants", TENANT_COLUMNS)
+    api.list_all(lambda client: client.list_tenants, "Tenants", TENANT_COLUMNS)

@@ -7,16 +7,7 @@ from typing import Annotated
 
 import typer
 
-from verge.cli.common import (
-    DEFAULT_CONTROL,
-    AsJson,
-    ControlUrl,
-    Token,
-    call,
-    list_all,
-    print_json,
-    report,
-)
+from verge.cli.common import Api, with_api
 
 token_app = typer.Typer(
     help="API tokens: admin, tenant_admin, read_only, and join tokens for edge nodes.",
@@ -40,7 +31,9 @@ class Role(StrEnum):
 
 
 @token_app.command("create")
+@with_api
 def token_create(
+    api: Api,
     role: Annotated[Role, typer.Option(help="What the token may do.")],
     tenant: Annotated[
         str | None,
@@ -51,16 +44,10 @@ def token_create(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="A label to recognise the token by.")] = None,
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Create a token. The secret is printed once, on stdout: store it now."""
-    created = call(
-        control, token, lambda client: client.create_token(role.value, tenant=tenant, name=name)
-    )
-    if as_json:
-        print_json(created)
+    created = api.call(lambda client: client.create_token(role.value, tenant=tenant, name=name))
+    if api.printed_json(created):
         return
     scope = f"tenant {created['tenant']}" if created.get("tenant") else "all tenants"
     typer.echo(
@@ -72,24 +59,22 @@ def token_create(
 
 
 @token_app.command("list")
-def token_list(
-    control: ControlUrl = DEFAULT_CONTROL, token: Token = None, as_json: AsJson = False
-) -> None:
+@with_api
+def token_list(api: Api) -> None:
     """List tokens (never their secrets)."""
-    list_all(control, token, as_json, lambda client: client.list_tokens, "Tokens", TOKEN_COLUMNS)
+    api.list_all(lambda client: client.list_tokens, "Tokens", TOKEN_COLUMNS)
 
 
 @token_app.command("revoke")
+@with_api
 def token_revoke(
+    api: Api,
     token_id: Annotated[str, typer.Argument(metavar="ID", help="Token id (from token list).")],
-    control: ControlUrl = DEFAULT_CONTROL,
-    token: Token = None,
-    as_json: AsJson = False,
 ) -> None:
     """Revoke a token: every call made with it is refused (401) from now on.
 
     Other replicas on the same PostgreSQL refuse it once its notification reaches them:
     milliseconds, and at most 1 s (how long a replica may remember a login).
     """
-    call(control, token, lambda client: client.revoke_token(token_id))
-    report(as_json, {"revoked": token_id}, f"token {token_id} revoked")
+    api.call(lambda client: client.revoke_token(token_id))
+    api.report({"revoked": token_id}, f"token {token_id} revoked")

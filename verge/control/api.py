@@ -566,6 +566,12 @@ def _epoch_query(description: str) -> Any:
     return Query(ge=0, le=vconfig.MAX_TIMESTAMP, allow_inf_nan=False, description=description)
 
 
+# A time series' range and resolution (/stats, /services/{name}/protection/stats).
+Since = Annotated[float | None, _epoch_query("Epoch seconds (default: 1 h ago)")]
+Until = Annotated[float | None, _epoch_query("Epoch seconds")]
+Step = Annotated[int, Query(ge=1, le=86400, description="Seconds per point")]
+
+
 NameQuery = Annotated[str | None, Query(max_length=vconfig.MAX_NAME)]
 NamePath = Annotated[str, Path(max_length=vconfig.MAX_NAME)]
 """A service, certificate, function, node or KV namespace name in the path."""
@@ -789,9 +795,9 @@ def protection_stats(
     name: NamePath,
     counts: CountsDep,
     principal: Reader,
-    since: Annotated[float | None, _epoch_query("Epoch seconds (default: 1 h ago)")] = None,
-    until: Annotated[float | None, _epoch_query("Epoch seconds")] = None,
-    step: Annotated[int, Query(ge=1, le=86400, description="Seconds per point")] = 10,
+    since: Since = None,
+    until: Until = None,
+    step: Step = 10,
 ) -> dict:
     """What the edges' protect phase counted for the service, per rule: ``{"service",
     "since", "step", "rules": [{"kind", "rule", "allowed", "limited", "blocked"}] (totals
@@ -893,9 +899,9 @@ def query_stats(
     principal: Reader,
     service: NameQuery = None,
     node: NameQuery = None,
-    since: Annotated[float | None, _epoch_query("Epoch seconds (default: 1 h ago)")] = None,
-    until: Annotated[float | None, _epoch_query("Epoch seconds")] = None,
-    step: Annotated[int, Query(ge=1, le=86400, description="Seconds per point")] = 10,
+    since: Since = None,
+    until: Until = None,
+    step: Step = 10,
 ) -> dict:
     return store.query_stats(
         principal, service=service, node=node, since=since, until=until, step=step

@@ -64,6 +64,7 @@ from verge.control.store import (
     Store,
     StoreError,
     iso,
+    keep_newest,
     page_of,
     scoped,
     validation_error,
@@ -323,17 +324,7 @@ class FunctionStore:
         return {"accepted": len(records)}
 
     def _prune_logs(self, session: Session, name: str) -> None:
-        oldest_kept = session.scalar(
-            select(FunctionLog.id)
-            .where(FunctionLog.name == name)
-            .order_by(FunctionLog.id.desc())
-            .offset(LOGS_KEPT - 1)
-            .limit(1)
-        )
-        if oldest_kept is not None:
-            session.execute(
-                delete(FunctionLog).where(FunctionLog.name == name, FunctionLog.id < oldest_kept)
-            )
+        keep_newest(session, FunctionLog, FunctionLog.name == name, LOGS_KEPT)
 
     def logs(self, principal: Principal, name: str, limit: int = 100) -> dict:
         """The newest ``limit`` records, oldest first: ``{"items": [{"at", "node", ...}]}``."""

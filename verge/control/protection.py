@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from verge.control.auth import Principal
 from verge.control.models import ProtectionCount, ProtectionEvent, Service, StatsBatch, utcnow
-from verge.control.store import STATS_BUCKET, Conflict, Store, iso
+from verge.control.store import STATS_BUCKET, Conflict, Store, iso, keep_newest
 
 EVENTS_KEPT = 1000
 """Events kept per service (the newest)."""
@@ -104,19 +104,7 @@ class ProtectionEvents:
 
     @staticmethod
     def _prune(session: Session, service_id: int) -> None:
-        oldest_kept = session.scalar(
-            select(ProtectionEvent.id)
-            .where(ProtectionEvent.service_id == service_id)
-            .order_by(ProtectionEvent.id.desc())
-            .offset(EVENTS_KEPT - 1)
-            .limit(1)
-        )
-        if oldest_kept is not None:
-            session.execute(
-                delete(ProtectionEvent).where(
-                    ProtectionEvent.service_id == service_id, ProtectionEvent.id < oldest_kept
-                )
-            )
+        keep_newest(session, ProtectionEvent, ProtectionEvent.service_id == service_id, EVENTS_KEPT)
 
 
 def _row(event: dict, service_id: int, node: str) -> ProtectionEvent:

@@ -170,27 +170,18 @@ def fields_of(response: Response) -> list[tuple[bytes, bytes]]:
     return fields
 
 
-class StreamResponseWriter:
-    """The HTTP/2 and HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`.
-
-    Protocol-neutral: it calls the connection's send_head, send_whole, queue_data,
-    wait_room, send_file_range and queue_end for its stream.
-    """
+class WriterState:
+    """What the stream writers (HTTP/2 and /3 here, the native front's in
+    :mod:`verge.http.native_h2`) share: the state the application and the access log read,
+    `start`, and the way a streamed response is sent through the writer's own ``_send_head``,
+    ``write`` and ``end``."""
 
     __slots__ = (
-        "_proto",
-        "_stream",
-        "started",
-        "finished",
-        "status",
-        "bytes_sent",
-        "keep_alive",
-        "_no_body",
+        "_method", "started", "finished", "status", "bytes_sent", "keep_alive", "_no_body",
     )
 
-    def __init__(self, proto, stream) -> None:
-        self._proto = proto
-        self._stream = stream
+    def __init__(self, method: str) -> None:
+        self._method = method
         self.started = False
         self.finished = False
         self.status = 0
@@ -206,11 +197,46 @@ class StreamResponseWriter:
         content_length: int | None = None,
         reason: str | None = None,
     ) -> None:
-        """Send HEADERS. ``reason`` does not exist in HTTP/2 and /3 and is ignored."""
+        """Send the head. ``reason`` does not exist in HTTP/2 and /3 and is ignored."""
         self.started = True
         self.status = status
-        self._no_body = self._stream.request.method == "HEAD" or status in NO_BODY_STATUSES
-        fields = response_fields(status, headers, content_length)
+        self._no_body = self._method == "HEAD" or status in NO_BODY_STATUSES
+        self._send_head(status, response_fields(status, headers, content_length))
+
+    def _send_head(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
+        """Put the head on the wire (and end the stream when ``_no_body``)."""
+        raise NotImplementedError
+
+    def _sent_whole(self, status: int) -> None:
+        """A whole response went out in one piece."""
+        self.started = self.finished = True
+        self.status = status
+
+    async def _send_streamed(self, response: Response) -> None:
+        """The head, the streamed body, the end; the body is discarded whatever happens."""
+        self.start(response.status, response.headers, content_length=response.length)
+        try:
+            await write_body(self, response.body)
+        finally:
+            response.discard()
+        await self.end()
+
+
+class StreamResponseWriter(WriterState):
+    """The HTTP/2 and HTTP/3 counterpart of :class:`verge.http.server.ResponseWriter`.
+
+    Protocol-neutral: it calls the connection's send_head, send_whole, queue_data,
+    wait_room, send_file_range and queue_end for its stream.
+    """
+
+    __slots__ = ("_proto", "_stream")
+
+    def __init__(self, proto, stream) -> None:
+        WriterState.__init__(self, stream.request.method)
+        self._proto = proto
+        self._stream = stream
+
+    def _send_head(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
         self._proto.send_head(self._stream, status, fields, end_stream=self._no_body)
         if self._no_body:
             self.finished = True
@@ -233,20 +259,14 @@ class StreamResponseWriter:
     async def send(self, response: Response) -> None:
         """Send a whole response: HEADERS (+ DATA) at once for a bytes body, else HEADERS
         and the streamed body."""
-        if not response.streamed:
-            self.started = self.finished = True
-            self.status = response.status
-            if response.body and self._stream.request.method != "HEAD" \
-                    and response.status not in NO_BODY_STATUSES:
-                self.bytes_sent = len(response.body)
-            self._proto.send_whole(self._stream, response)
+        if response.streamed:
+            await self._send_streamed(response)
             return
-        self.start(response.status, response.headers, content_length=response.length)
-        try:
-            await write_body(self, response.body)
-        finally:
-            response.discard()
-        await self.end()
+        self._sent_whole(response.status)
+        if response.body and self._method != "HEAD" \
+                and response.status not in NO_BODY_STATUSES:
+            self.bytes_sent = len(response.body)
+        self._proto.send_whole(self._stream, response)
 
     async def end(self) -> None:
         if self.finished:

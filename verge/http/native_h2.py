@@ -55,13 +55,13 @@ from pathlib import Path
 
 from verge.http.h2server import (
     H2ServerProtocol,
+    WriterState,
     fields_of,
     request_from_fields,
     request_problem,
-    response_fields,
 )
 from verge.http.message import Request, known_host, set_host
-from verge.http.response import Response, write_body
+from verge.http.response import Response
 from verge.http.server import (
     FRAMING_FIELDS,
     NO_BODY_STATUSES,
@@ -281,51 +281,20 @@ class NativeBody(QueuedBody):
         return data
 
 
-class NativeResponseWriter:
+class NativeResponseWriter(WriterState):
     """The native counterpart of :class:`verge.http.server.ResponseWriter` (the same
     methods the application calls): whole responses in one call, others streamed."""
 
-    __slots__ = (
-        "_front",
-        "_id",
-        "_method",
-        "started",
-        "finished",
-        "status",
-        "bytes_sent",
-        "keep_alive",
-        "_no_body",
-    )
+    __slots__ = ("_front", "_id")
 
     def __init__(self, front: NativeH2Server, stream_id: int, request: Request) -> None:
+        WriterState.__init__(self, request.method)
         self._front = front
         self._id = stream_id
-        self._method = request.method
-        self.started = False
-        self.finished = False
-        self.status = 0
-        self.bytes_sent = 0
-        self.keep_alive = True
-        self._no_body = False
 
-    def start(
-        self,
-        status: int,
-        headers: list[tuple[str, str]],
-        *,
-        content_length: int | None = None,
-        reason: str | None = None,
-    ) -> None:
-        """Send the head. ``reason`` does not exist in HTTP/2 and is ignored."""
-        self.started = True
-        self.status = status
-        self._no_body = self._method == "HEAD" or status in NO_BODY_STATUSES
-        self._open(
-            self._front.native.head(status, response_fields(status, headers, content_length))
-        )
-
-    def _open(self, head) -> None:
+    def _send_head(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
         native = self._front.native
+        head = native.head(status, fields)
         close = not self.keep_alive  # HTTP/1.1 only: Connection: close
         if self._no_body:
             native.respond([(self._id, head, b"", close)])
@@ -355,19 +324,13 @@ class NativeResponseWriter:
     async def send(self, response: Response) -> None:
         """Send a whole response: one ``respond`` for a bytes body, else the head and the
         streamed body."""
-        if not response.streamed:
-            self.started = self.finished = True
-            self.status = response.status
-            answer = self._front.answer(self._id, response, self._method, not self.keep_alive)
-            self.bytes_sent = len(answer[2])
-            self._front.native.respond([answer])
+        if response.streamed:
+            await self._send_streamed(response)
             return
-        self.start(response.status, response.headers, content_length=response.length)
-        try:
-            await write_body(self, response.body)
-        finally:
-            response.discard()
-        await self.end()
+        self._sent_whole(response.status)
+        answer = self._front.answer(self._id, response, self._method, not self.keep_alive)
+        self.bytes_sent = len(answer[2])
+        self._front.native.respond([answer])
 
     async def end(self) -> None:
         if self.finished:

@@ -38,7 +38,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from pydantic import ValidationError
-from sqlalchemy import Engine, Select, create_engine, event, func, select, update
+from sqlalchemy import Engine, Select, create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -160,6 +160,16 @@ def validation_error(exc: ValidationError, prefix: Sequence[str | int] = ()) -> 
 def scoped(query: Select, principal: Principal, tenant_column: Any) -> Select:
     """`query` limited to the caller's tenant unless the caller sees every tenant."""
     return query if principal.sees_all else query.where(tenant_column == principal.tenant_id)
+
+
+def keep_newest(session: Session, model: Any, which: Any, kept: int) -> None:
+    """Delete the rows of ``model`` that match ``which`` but the newest ``kept`` (by id): the
+    bounded logs (a function's records, a service's protection events)."""
+    oldest_kept = session.scalar(
+        select(model.id).where(which).order_by(model.id.desc()).offset(kept - 1).limit(1)
+    )
+    if oldest_kept is not None:
+        session.execute(delete(model).where(which, model.id < oldest_kept))
 
 
 def page_of(items: list[dict], total: int, limit: int, offset: int) -> dict:
