@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 	bash scripts/vendor-web.sh
 	bash scripts/build-native.sh $(BIN)/python
+	$(BIN)/python -c "from verge.compat import wasmtime as w; w.shim()"  # edge functions' C shim (optional: no gcc, no shim)
 
 # What the tests drive: curl, zstd, gzip, headless Chromium (dashboard), PostgreSQL (store
 # tests), npm (vendoring uPlot for the dashboard and hls.js for the player), dig (DNS router), openssl (TLS),

@@ -28,6 +28,16 @@ What is touched, and why (the runtime's docstring has the measurements):
 * **Failures as wasmtime-py exceptions** (only off the fast path): ``WasmtimeError._from_ptr``
   (an ``ExitTrap`` for a non-zero ``proc_exit``), ``Trap._from_ptr``, and the exception a
   Python host function raised, which wasmtime-py parks in ``wasmtime._func.LAST_EXCEPTION``.
+* **The native shim** (:func:`shim`, :class:`NativeSandbox`, :class:`NativeTicker`):
+  native/wasmshim/wasmshim.c, built by ``native/wasmshim/build.sh`` with gcc against
+  ``_ffi.dll``'s library (the wheel's ``_libwasmtime.so``) on first use into
+  ``$VERGE_NATIVE_CACHE`` / ``$XDG_CACHE_HOME`` / ``~/.cache`` (``verge-native/<hash of the
+  source and the library>/``); ``VERGE_WASMSHIM=off`` never uses it, ``VERGE_WASMSHIM=PATH``
+  loads a prebuilt one. One C call per invocation with the GIL released, and the epoch ticker
+  as a pthread. It declares the C API prototypes it uses itself (no headers ship with the
+  wheel) and takes the sizes of ``wasmtime_extern_t``/``wasmtime_instance_t`` and the offset
+  of ``of`` from ``_ffi`` at run time. Without gcc, or when the build fails, :func:`shim` is
+  None (logged once) and the runtime uses the ctypes path below: slower, same results.
 * **Host functions** see the sandbox's store and memory as wasmtime-py objects
   (:meth:`Sandbox.store_view`, :meth:`Sandbox.memory`, ``Memory._from_raw``), and
   :func:`memory_address` gives a memory's host address:
@@ -36,7 +46,8 @@ What is touched, and why (the runtime's docstring has the measurements):
 
 When upgrading wasmtime: the C API (``_bindings.py``) is regenerated each release; compare
 :func:`_c_signatures` with it, and look at ``_func.py`` (``LAST_EXCEPTION``), ``_error.py``
-and ``_trap.py`` (``_from_ptr``), ``_memory.py`` (``_from_raw``, ``data_ptr``). Run
+and ``_trap.py`` (``_from_ptr``), ``_memory.py`` (``_from_raw``, ``data_ptr``), and the
+prototypes at the top of native/wasmshim/wasmshim.c against crates/c-api/include. Run
 ``tests/compat/test_wasmtime.py`` and ``tests/compute/test_runtime.py``; then move
 ``SUPPORTED``. (Compiled artefacts are keyed by the wasmtime version already: an upgrade
 never loads a stale one.)
@@ -44,10 +55,19 @@ never loads a stale one.)
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import weakref
 from array import array
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 import wasmtime
@@ -59,19 +79,26 @@ from verge.compat import Expect, VersionRange
 __all__ = [
     "C_FUNCTIONS",
     "POOLING_AVAILABLE",
+    "SHIM_SOURCE",
     "POOLING_SETTERS",
     "SUPPORTED",
     "EnvArrays",
     "Sandbox",
+    "NativeSandbox",
+    "NativeTicker",
     "StoreView",
     "address",
+    "build_shim_command",
     "c_argv",
     "c_strings",
     "check",
     "enable_pooling_allocator",
     "memory_address",
+    "shim",
     "wasi_config",
 ]
+
+log = logging.getLogger(__name__)
 
 _MODULE = "verge/compat/wasmtime.py"
 WASMTIME = VersionRange("wasmtime", minimum="50.0.1", below="51", tested="50.0.1", module=_MODULE)
@@ -425,6 +452,312 @@ def memory_address(memory: wasmtime.Memory, store: Any) -> int:
     return ctypes.addressof(memory.data_ptr(store).contents)
 
 
+# --------------------------------------------------------------------------- the native shim
+
+SHIM_SOURCE = Path(__file__).resolve().parents[2] / "native" / "wasmshim"
+SHIM_ENV = "VERGE_WASMSHIM"  # "off": never; a path: that prebuilt library; unset: build
+_SHIM_ABI = 1
+_SHIM_USES = (  # wasmshim.c's C API beyond _c_signatures (check() looks for them)
+    "wasmtime_engine_increment_epoch",
+    "wasmtime_store_epoch_deadline_callback",
+    "wasmtime_error_new",
+)
+_SHIM_LIBRARY = "libwasmshim.so"
+_ITEM_BYTES = 64  # wasmshim.c's VS_ITEM_BYTES
+_shim_lock = threading.Lock()
+_shim_loaded: list[Any] = []  # [] not tried yet; [None] unavailable; [lib]
+
+
+def shim() -> Any:
+    """The wasmshim library (native/wasmshim: one C call per invocation, a native epoch
+    ticker), built with gcc on first use into a cache directory; None when it cannot be had
+    (no gcc, no source, ``VERGE_WASMSHIM=off``, not Linux): the pure-ctypes path is used."""
+    with _shim_lock:
+        if not _shim_loaded:
+            _shim_loaded.append(_load_shim())
+        return _shim_loaded[0]
+
+
+def _load_shim() -> Any:
+    setting = os.environ.get(SHIM_ENV, "")
+    if setting.lower() in ("off", "0", "no", "false"):
+        return None
+    try:
+        path = Path(setting) if setting else _build_shim()
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))  # (CDLL: every call releases the GIL)
+        if lib.vs_abi() != _SHIM_ABI:
+            raise OSError(f"{path}: ABI {lib.vs_abi()}, expected {_SHIM_ABI}")
+        _declare_shim(lib)
+        return lib
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("wasmshim unavailable (edge functions take the slower ctypes path): %s", exc)
+        return None
+
+
+def _shim_cache_dir() -> Path:
+    base = os.environ.get("VERGE_NATIVE_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    if base:
+        return Path(base) / "verge-native"
+    home = Path.home()
+    if os.access(home, os.W_OK):
+        return home / ".cache" / "verge-native"
+    return Path(tempfile.gettempdir()) / f"verge-native-{os.getuid()}"
+
+
+def _build_shim() -> Path | None:
+    """The library built from SHIM_SOURCE for this libwasmtime (cached by a hash of both)."""
+    source, script = SHIM_SOURCE / "wasmshim.c", SHIM_SOURCE / "build.sh"
+    libwasmtime = Path(ffi.dll._name).resolve()
+    if not (source.is_file() and script.is_file() and libwasmtime.is_file()):
+        return None
+    stat = libwasmtime.stat()
+    key = hashlib.sha256()
+    for part in (
+        source.read_bytes(),
+        script.read_bytes(),
+        str(libwasmtime).encode(),
+        f"{stat.st_size}.{stat.st_mtime_ns}".encode(),
+    ):
+        key.update(part)
+    target = _shim_cache_dir() / key.hexdigest()[:16] / _SHIM_LIBRARY
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{_SHIM_LIBRARY}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        subprocess.run(
+            ["sh", str(script), str(partial), str(libwasmtime.parent)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(partial, target)  # (atomic: workers may build at once)
+    except FileNotFoundError as exc:
+        raise OSError(f"cannot build: {exc}") from exc
+    except subprocess.CalledProcessError as exc:
+        raise OSError(f"build failed: {exc.stderr.strip()[-500:]}") from exc
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return target
+
+
+def build_shim_command(out: str) -> list[str]:
+    """The command that builds the shim to ``out`` (what :func:`shim` runs; for a Makefile)."""
+    return ["sh", str(SHIM_SOURCE / "build.sh"), out, str(Path(ffi.dll._name).resolve().parent)]
+
+
+def _declare_shim(lib: Any) -> None:
+    vp, i64, u64, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_size_t
+    signatures = {
+        "vs_ticker_start": ([vp, u64, u64], vp),
+        "vs_ticker_stop": ([vp], None),
+        "vs_ticker_free": ([vp], None),
+        "vs_ticker_parked": ([vp], ctypes.c_int),
+        "vs_ticker_bumps": ([vp], ctypes.c_ulong),
+        "vs_thread_new": (
+            [
+                vp,
+                vp,
+                size,
+                size,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                vp,
+                size,
+            ],
+            vp,
+        ),
+        "vs_thread_free": ([vp], None),
+        "vs_thread_out": ([vp], vp),
+        "vs_run": ([vp, vp, i64, u64, vp, size, vp, size, ctypes.c_char_p, size], ctypes.c_int),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    # enter/leave: short, called with the GIL held (no release and re-take)
+    for name in ("vs_ticker_enter", "vs_ticker_leave"):
+        setattr(lib, f"{name}_gil", ctypes.PYFUNCTYPE(None, vp)((name, lib)))
+
+
+_LIVE_TICKERS: weakref.WeakSet[NativeTicker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_tickers() -> None:
+    """Stop every ticker thread before the interpreter tears down the engines they bump."""
+    for ticker in list(_LIVE_TICKERS):
+        ticker.close()
+
+
+class NativeTicker:
+    """The engine's epoch ticker as a pthread (wasmshim): no GIL, never early.
+
+    Same interface as the runtime's Python ``EpochTicker``: ``enter``/``leave`` around each
+    run, it parks after ``idle_ticks`` ticks without one; each bump is a whole tick after the
+    previous one, so a deadline of n ticks is never reached in under n - 1 ticks.
+    """
+
+    def __init__(
+        self, lib: Any, engine: wasmtime.Engine, tick: float, idle_ticks: int = 500
+    ) -> None:
+        self._lib = lib
+        self._engine = engine  # (kept alive: the thread bumps it)
+        self.tick = tick
+        self.handle = lib.vs_ticker_start(address(engine), max(1, int(tick * 1e9)), idle_ticks)
+        if not self.handle:
+            raise OSError("cannot start the epoch ticker thread")
+        self._enter, self._leave = lib.vs_ticker_enter_gil, lib.vs_ticker_leave_gil
+        _LIVE_TICKERS.add(self)
+
+    def enter(self) -> None:
+        self._enter(self.handle)
+
+    def leave(self) -> None:
+        self._leave(self.handle)
+
+    @property
+    def _parked(self) -> bool:
+        return bool(self.handle and self._lib.vs_ticker_parked(self.handle))
+
+    @property
+    def bumps(self) -> int:
+        return self._lib.vs_ticker_bumps(self.handle) if self.handle else 0
+
+    def close(self) -> None:
+        """Stop ticking (runs that follow are not interrupted, as with the Python ticker)."""
+        if self.handle:
+            self._lib.vs_ticker_stop(self.handle)
+
+    def __del__(self) -> None:  # (sandboxes hold the ticker: none is left to use it)
+        handle, self.handle = self.handle, None
+        if handle:
+            self._lib.vs_ticker_free(handle)
+
+
+# the outcome of NativeSandbox.run (wasmshim.c's VS_* enums)
+RAN, SETUP_FAILED, INSTANTIATE_FAILED, START_FAILED, NO_EXPORTS, TIMED_OUT = range(6)
+_STATUS, _EXIT_CODE, _ERROR, _TRAP, _MEMORY, _STDOUT_LEN, _STDERR_SIZE = range(7)
+OUTPUT_BUFFER = 64 * 1024
+
+
+class NativeSandbox:
+    """Runs a command module without host imports in a fresh Store with one C call (the GIL
+    released throughout): store, limits, deadline, WASI (``envs``, ``argv``, ``stdin``;
+    stdout and stderr to the files at the two paths, which wasmtime creates or truncates),
+    instantiate, ``_start``, drop, and a read of stdout. One per thread.
+
+    After :meth:`run`: ``exit_code``, ``memory_size``, :meth:`stdout` (the first
+    ``OUTPUT_BUFFER`` bytes; ``stdout_len == OUTPUT_BUFFER``: there may be more),
+    ``stderr_size``, and :meth:`failure` for a status other than ``RAN``.
+    """
+
+    def __init__(
+        self,
+        lib: Any,
+        engine: wasmtime.Engine,
+        ticker: NativeTicker | None,
+        stdout: tuple[int, bytes],
+        stderr: tuple[int, bytes],
+    ) -> None:
+        self._lib = lib
+        self._keep = (engine, ticker, stdout[1], stderr[1])
+        self._buffer = ctypes.create_string_buffer(OUTPUT_BUFFER)
+        self._buffer_at = ctypes.addressof(self._buffer)
+        self._view = memoryview(self._buffer).cast("B")  # (a slice copies faster than string_at)
+        item = max(ctypes.sizeof(ffi.wasmtime_extern_t), ctypes.sizeof(ffi.wasmtime_instance_t))
+        if item > _ITEM_BYTES:
+            raise OSError(f"wasmtime values of {item} bytes: wasmshim has room for {_ITEM_BYTES}")
+        self._thread = lib.vs_thread_new(
+            address(engine),
+            ticker.handle if ticker else None,
+            _EXTERN_OF,
+            item,
+            stdout[1],
+            stdout[0],
+            stderr[1],
+            stderr[0],
+            self._buffer_at,
+            OUTPUT_BUFFER,
+        )
+        if not self._thread:
+            raise OSError("wasmshim: cannot make a thread context")
+        out = (ctypes.c_int64 * 7).from_address(lib.vs_thread_out(self._thread))
+        self._out = memoryview(out).cast("B").cast("q")
+        self._run = lib.vs_run
+
+    def run(
+        self,
+        pre: int,
+        memory_bytes: int,
+        budget_ns: int,
+        envs: Sequence[EnvArrays],
+        argv: int,
+        stdin: bytes,
+    ) -> int:
+        """One invocation of the ``InstancePre`` at ``pre``: ``RAN`` or why it did not.
+
+        It gets ``budget_ns`` of time from now, checked at each epoch tick: ``TIMED_OUT`` at
+        the first tick after the budget, never before it."""
+        flat = array("Q", [word for env in envs for word in env])
+        return self._run(
+            self._thread,
+            pre,
+            memory_bytes,
+            budget_ns,
+            flat.buffer_info()[0],
+            len(envs),
+            argv,
+            1,
+            stdin,
+            len(stdin),
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return self._out[_EXIT_CODE]
+
+    @property
+    def memory_size(self) -> int:
+        return self._out[_MEMORY]
+
+    @property
+    def stdout_len(self) -> int:
+        return self._out[_STDOUT_LEN]
+
+    @property
+    def stderr_size(self) -> int:
+        return self._out[_STDERR_SIZE]
+
+    def stdout(self) -> bytes:
+        return self._view[: self._out[_STDOUT_LEN]].tobytes()
+
+    def failure(self, status: int) -> BaseException:
+        """The exception for a failed :meth:`run` (an error or trap of wasmtime's, taken)."""
+        error, trap = self._out[_ERROR], self._out[_TRAP]
+        self._out[_ERROR] = self._out[_TRAP] = 0
+        if error:
+            return wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, _ERROR_P))
+        if trap:
+            return wasmtime.Trap._from_ptr(ctypes.cast(trap, _TRAP_P))
+        if status == NO_EXPORTS:
+            return wasmtime.WasmtimeError("not a command module: no memory or _start export")
+        return OSError("environment not valid UTF-8, or the output files cannot be opened")
+
+    def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread:
+            self._lib.vs_thread_free(thread)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- check
 
 
@@ -444,6 +777,8 @@ def check() -> None:
         expect.function(ffi, name)
         raw = expect.attribute(_bindings, f"_{name}", f"the C function {name}")
         expect.ctypes_function(raw, argtypes, restype, f"the C function {name}")
+    for name in _SHIM_USES:  # (declared again in native/wasmshim/wasmshim.c)
+        expect.function(ffi, name)
     expect.that(POOLING_AVAILABLE, "the pooling allocator's C API (gone)")
     expect.that(hasattr(ffi, "dll"), "_ffi.dll (gone)")
     expect.that(

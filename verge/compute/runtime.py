@@ -10,16 +10,24 @@ Why it looks like this:
 * **A fresh Store and instance per request.** Nothing survives a request: no globals, no
   heap, no file descriptors. wasmtime's pooling allocator keeps pre-reserved instance
   slots (reset between uses: copy-on-write data images, ``memory_init_cow``), which makes
-  instantiate + teardown ~35 µs cheaper. Natively, store + WASI + instantiate + ``_start`` +
-  drop of a hello-world costs ~17 µs; what a request adds around it is Python, so the
-  per-request path is lean (measured on a busy 2-core VM, thread CPU per invocation): the
-  store is driven through the C API directly (:class:`~verge.compat.wasmtime.Sandbox`, one
-  per thread: ~150 µs of wasmtime-py wrappers gone), the environment is C arrays built from
-  one joined string (the CGI names and the function's own variables once, not per request),
-  stdout is read with one ``pread``, the CGI output parsed in one pass. A hello-world
-  invocation: ~300 µs before, ~140 µs now; what is left is ~18 C calls, the two output
-  files wasmtime opens per request (~25 µs of kernel time: path walk and truncation), two
-  reads, and the Python around them.
+  instantiate + teardown ~35 µs cheaper.
+* **One C call per request** (the native path, for modules without host imports: most).
+  The wasmshim library (native/wasmshim, built with gcc against the wheel's libwasmtime on
+  first use, cached; :func:`verge.compat.wasmtime.shim`) does store, limits, time budget,
+  WASI context, instantiate, ``_start``, exit status, drop and the read of stdout in one call
+  with the GIL released (:class:`~verge.compat.wasmtime.NativeSandbox`, one per thread), and
+  runs the epoch ticker as a pthread (:class:`~verge.compat.wasmtime.NativeTicker`: no GIL
+  500 times a second). Measured on a busy 2-core VM (thread CPU per hello-world
+  invocation): ~300 µs with wasmtime-py's wrappers, ~150 µs driving the C API from ctypes
+  (18 calls), ~130 µs in one call (the run itself ~55-75 µs, half of it the stdout/stderr
+  files: path walk, truncation, write; the rest Python: the environment, the CGI parse, the
+  Invocation). Without gcc (or ``VERGE_WASMSHIM=off``), and for modules that import host
+  functions, the ctypes path (:class:`~verge.compat.wasmtime.Sandbox`) runs, with a Python
+  ticker when there is no shim: slower, same results (tests/compute/test_native.py).
+  Either way the environment is C arrays built from one joined string (the CGI names and
+  the function's own variables once, not per request), stdout is read with one ``pread``,
+  the CGI output parsed in one pass. The output files live in /dev/shm (~10 µs cheaper to
+  open than a memfd's /proc/self/fd path), else they are memfds.
 * **Few, coarse Python<->wasm crossings.** Per request: one ``_start`` call. The request
   goes in as WASI environment plus in-memory stdin bytes; stdout and stderr go to
   per-thread memfds that wasmtime opens by path and writes natively (a custom output
@@ -29,7 +37,9 @@ Why it looks like this:
 * **Limits.** CPU: epoch interruption (an engine-wide ticker thread bumps the epoch
   every ``tick_ms``; each Store gets a deadline of ``cpu_ms``; time spent waiting in host
   services is given back; wasm runs with the GIL released, so the ticker and host
-  functions run meanwhile). Memory: the store's limiter. Response: stdout beyond
+  functions run meanwhile). On the native path the deadline is one tick, and a callback
+  checks the clock at each tick: a run is stopped at the first tick after ``cpu_ms`` of
+  (wall-clock) time, never before it, however late the ticker is scheduled. Memory: the store's limiter. Response: stdout beyond
   ``max_response_bytes`` is an error (the memfd is only read up to the cap; its transient
   size is bounded by the CPU deadline). Sub-requests: counted in :mod:`.host`. Instances
   alive at once: the pool's ``max_instances`` (one more fails with outcome ``error``; a
@@ -42,7 +52,7 @@ Why it looks like this:
   only the ``verge`` host functions, which check :class:`~.host.Capabilities`.
 
 Thread model: create the Runtime in the process that uses it (after any fork: the ticker
-is a thread). :meth:`Runtime.invoke` is synchronous and thread-safe. wasmtime releases
+is a thread; ``native=False`` keeps it off the shim). :meth:`Runtime.invoke` is synchronous and thread-safe. wasmtime releases
 the GIL while wasm runs, so the edge calls it from a small thread pool
 (``loop.run_in_executor``); a ``fetch`` callable may then block on the event loop with
 ``asyncio.run_coroutine_threadsafe(...).result()``. Functions without fetch or KV writes are
@@ -401,10 +411,19 @@ class _Scratch:
     """Per-thread: the sandbox that runs invocations, and the output files wasmtime writes
     stdout and stderr into (it opens them by path, truncating, for each request)."""
 
-    def __init__(self, engine: wasmtime.Engine) -> None:
+    def __init__(self, engine: wasmtime.Engine, shim: object = None, ticker: object = None) -> None:
         self.sandbox = wasmtime_compat.Sandbox(engine)
         self.stdout_fd, self.stdout_path = _output_file("out")
         self.stderr_fd, self.stderr_path = _output_file("err")
+        self.native: wasmtime_compat.NativeSandbox | None = None
+        if shim is not None:  # modules without host imports run in one C call
+            self.native = wasmtime_compat.NativeSandbox(
+                shim,
+                engine,
+                ticker if isinstance(ticker, wasmtime_compat.NativeTicker) else None,
+                (self.stdout_fd, self.stdout_path),
+                (self.stderr_fd, self.stderr_path),
+            )
         weakref.finalize(
             self,
             _remove_outputs,
@@ -413,13 +432,52 @@ class _Scratch:
         )
 
 
+SHM_DIR = "/dev/shm"
+_OUTPUT_PREFIX = "verge-out-"
+_swept: list[bool] = []
+
+
 def _output_file(kind: str) -> tuple[int, bytes]:
-    """(fd, path) of a private file for a thread's stdout or stderr."""
+    """(fd, path) of a private file for a thread's stdout or stderr.
+
+    In /dev/shm (tmpfs) where there is one: wasmtime opens it ~10 µs faster per request than
+    a memfd's /proc/self/fd/N (a shorter path walk, no /proc permission checks); removed when
+    the thread's scratch goes, and a crashed process's are swept by the next one."""
+    if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK):
+        if not _swept:
+            _swept.append(True)
+            _sweep_outputs(SHM_DIR)
+        with contextlib.suppress(OSError):
+            prefix = f"{_OUTPUT_PREFIX}{os.getpid()}-{kind}-"
+            fd, path = tempfile.mkstemp(prefix=prefix, dir=SHM_DIR)  # 0600, O_EXCL, CLOEXEC
+            return fd, path.encode()
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create(f"verge-{kind}", os.MFD_CLOEXEC)
         return fd, f"/proc/self/fd/{fd}".encode()
     fd, path = tempfile.mkstemp(prefix=f"verge-{kind}-")  # portable fallback
     return fd, path.encode()
+
+
+def _sweep_outputs(directory: str) -> None:
+    """Remove output files left by processes that are gone (killed before their cleanup)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if not name.startswith(_OUTPUT_PREFIX):
+                continue
+            pid = name[len(_OUTPUT_PREFIX) :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's: alive)
+        return True
+    return True
 
 
 def _remove_outputs(fds: tuple[int, ...], paths: tuple[bytes, ...]) -> None:
@@ -461,6 +519,7 @@ class Runtime:
         tick_ms: float = 2.0,
         pooling: PoolSettings | bool = True,
         hook: Callable[[Invocation], None] | None = None,
+        native: bool = True,
     ) -> None:
         self.pool = PoolSettings() if pooling is True else (pooling or None)
         self.engine = make_engine(self.pool)
@@ -474,7 +533,12 @@ class Runtime:
             fingerprint=[ENGINE_SETTINGS, self.pool and asdict(self.pool)],
         )
         self.tick = tick_ms / 1000.0
-        self.ticker = EpochTicker(self.engine, self.tick)
+        self.shim = wasmtime_compat.shim() if native else None
+        self.ticker: EpochTicker | wasmtime_compat.NativeTicker
+        if self.shim is not None:
+            self.ticker = wasmtime_compat.NativeTicker(self.shim, self.engine, self.tick)
+        else:
+            self.ticker = EpochTicker(self.engine, self.tick)
         self.hook = hook
         self._local = threading.local()
 
@@ -565,7 +629,7 @@ class Runtime:
         try:
             return self._local.scratch
         except AttributeError:
-            scratch = self._local.scratch = _Scratch(self.engine)
+            scratch = self._local.scratch = _Scratch(self.engine, self.shim, self.ticker)
             return scratch
 
     def _deadline_ticks(self, seconds: float) -> int:
@@ -642,6 +706,8 @@ class _Run:
     def execute(self, envs: list[wasmtime_compat.EnvArrays], stdin: bytes) -> Invocation:
         rt, inv, state = self.rt, self.inv, self.state
         scratch = rt._scratch()
+        if state is None and scratch.native is not None:
+            return self._execute_native(scratch, scratch.native, envs, stdin)
         box = self.box = scratch.sandbox
         if state is not None:
             rt._local.state = state
@@ -671,6 +737,55 @@ class _Run:
         inv.cpu_ms = (time.thread_time() - cpu0) * 1e3
         return inv
 
+    def _execute_native(
+        self,
+        scratch: _Scratch,
+        native: wasmtime_compat.NativeSandbox,
+        envs: list[wasmtime_compat.EnvArrays],
+        stdin: bytes,
+    ) -> Invocation:
+        """:meth:`execute` in one C call (a module without host imports)."""
+        inv, limits = self.inv, self.limits
+        cpu0 = time.thread_time()
+        self.started = time.perf_counter()
+        status = native.run(
+            self.fn.loaded.pre_at,
+            limits.memory_bytes,
+            max(0, int(self.cpu_ms * 1e6)),
+            envs,
+            self.fn.argv,
+            stdin,
+        )
+        inv.peak_memory = native.memory_size
+        if status == wasmtime_compat.RAN:
+            inv.exit_code = code = native.exit_code
+            if code == 0:
+                inv.outcome = Outcome.ANSWER
+            else:
+                self._exited(code)
+        elif status == wasmtime_compat.TIMED_OUT:
+            self._timed_out()
+        elif status == wasmtime_compat.SETUP_FAILED:
+            inv.outcome, inv.error = Outcome.ERROR, f"could not start: {native.failure(status)}"
+        else:
+            failure = native.failure(status)
+            instantiating = status != wasmtime_compat.START_FAILED
+            self._failed(failure, instantiating=instantiating)
+        if status != wasmtime_compat.SETUP_FAILED:
+            self._collect_native(scratch, native)
+        inv.duration_ms = (time.perf_counter() - self.started) * 1e3
+        inv.cpu_ms = (time.thread_time() - cpu0) * 1e3
+        return inv
+
+    def _collect_native(self, scratch: _Scratch, native: wasmtime_compat.NativeSandbox) -> None:
+        if native.stderr_size:
+            self._read_stderr(scratch)
+        if native.stdout_len < wasmtime_compat.OUTPUT_BUFFER:
+            out = native.stdout()[: self.limits.max_response_bytes + 1]
+        else:  # (more than the buffer holds)
+            out = _read_capped(scratch.stdout_fd, self.limits.max_response_bytes)
+        self._take_output(out)
+
     def _run_wasm(self, box: wasmtime_compat.Sandbox) -> None:
         inv = self.inv
         failure = box.instantiate(self.fn.loaded.pre_at)
@@ -690,6 +805,10 @@ class _Run:
         if code == 0:
             inv.outcome = Outcome.ANSWER
             return
+        self._exited(code)
+
+    def _exited(self, code: int) -> None:
+        inv = self.inv
         inv.outcome, inv.error = Outcome.EXIT, f"exited with status {code}"
         if self._near_memory_limit():
             inv.outcome = Outcome.MEMORY_LIMIT
@@ -712,8 +831,7 @@ class _Run:
         code = getattr(exc, "trap_code", None) if isinstance(exc, wasmtime.Trap) else None
         message = _describe(exc, code)
         if code == wasmtime.TrapCode.INTERRUPT:
-            inv.outcome = Outcome.TIMEOUT
-            inv.error = f"CPU time limit of {self.cpu_ms:g} ms exceeded"
+            self._timed_out()
         elif instantiating:
             text = message.lower()
             pool_full = "concurrent limit" in text  # every instance slot is in use
@@ -729,6 +847,10 @@ class _Run:
         ):
             inv.outcome = Outcome.MEMORY_LIMIT
             inv.error = f"memory limit of {self.limits.memory_bytes} bytes reached ({message})"
+
+    def _timed_out(self) -> None:
+        self.inv.outcome = Outcome.TIMEOUT
+        self.inv.error = f"CPU time limit of {self.cpu_ms:g} ms exceeded"
 
     def _near_memory_limit(self) -> bool:
         """A failed run whose memory got within one big allocation of the limit ran out.
@@ -749,10 +871,18 @@ class _Run:
             )
             inv.denied = state.denied
         if os.lseek(scratch.stderr_fd, 0, os.SEEK_END):  # (its size: usually nothing)
-            err = _read_capped(scratch.stderr_fd, limits.max_stderr_bytes)
-            inv.stderr_truncated = len(err) > limits.max_stderr_bytes
-            inv.stderr = err[: limits.max_stderr_bytes]
-        out = _read_capped(scratch.stdout_fd, limits.max_response_bytes)
+            self._read_stderr(scratch)
+        self._take_output(_read_capped(scratch.stdout_fd, limits.max_response_bytes))
+
+    def _read_stderr(self, scratch: _Scratch) -> None:
+        inv, limits = self.inv, self.limits
+        err = _read_capped(scratch.stderr_fd, limits.max_stderr_bytes)
+        inv.stderr_truncated = len(err) > limits.max_stderr_bytes
+        inv.stderr = err[: limits.max_stderr_bytes]
+
+    def _take_output(self, out: bytes) -> None:
+        """stdout (up to the cap + 1 bytes) -> the result, or why there is none."""
+        inv, limits = self.inv, self.limits
         inv.stdout_bytes = len(out)
         if inv.outcome != Outcome.ANSWER:
             return

@@ -831,8 +831,9 @@ class EdgeCompute:
         if fn.caps.fetch_hosts or fn.caps.kv_write or fn.limits.cpu_ms <= INLINE_CPU_MS \
                 or time.monotonic() < deployed.pool_until:
             return None
+        services = HostServices(kv=self.kv) if fn.loaded.uses_host else None
         for _ in range(2):
-            invocation = self.runtime.invoke(fn, cgi, services=HostServices(kv=self.kv),
+            invocation = self.runtime.invoke(fn, cgi, services=services,
                                              request_id=request_id, response=response,
                                              cpu_ms=INLINE_CPU_MS)
             if invocation.outcome != "timeout":  # (Outcome.TIMEOUT: wasmtime loads lazily)
@@ -841,8 +842,8 @@ class EdgeCompute:
             if invocation.cpu_ms >= INLINE_CPU_MS:  # it really needs more: the pool, a while
                 deployed.pool_until = time.monotonic() + INLINE_BACKOFF_S
                 return None
-            # else the epoch ticker caught up on ticks it owed (it had waited for the GIL)
-            # just as the run started: the deadline came early; once more, then the pool —
+            # else it was cut short (the Python ticker's deadline came early, or a busy host
+            # preempted the run: its wall-clock budget went by): once more, then the pool —
             # for a while too: twice cut short is a busy machine or a heavy function, and
             # either way the loop should not pay for a third try
         deployed.pool_until = time.monotonic() + INLINE_BACKOFF_S

@@ -1,0 +1,380 @@
+/* wasmshim: one native call per edge-function invocation, and a native epoch ticker.
+ *
+ * Why: a hello-world invocation is ~17 us of wasmtime work, but driving it from Python through
+ * ctypes (18 C calls, their argument conversions, the Python around them) cost ~140 us of CPU;
+ * and a Python epoch ticker needs the GIL 500 times a second. Here the whole invocation (store,
+ * limits, deadline, WASI context, instantiate, _start, exit status, memory size, drop, the read
+ * of stdout) is one C call that Python makes with the GIL released (ctypes.CDLL), and the ticker
+ * is a pthread that never touches Python.
+ *
+ * Built against the libwasmtime bundled in the wasmtime wheel (no headers ship with it, so the
+ * few prototypes used are declared here, from wasmtime's crates/c-api/include; the wheel's
+ * version is pinned by verge/compat/wasmtime.py). Struct layouts of wasmtime values
+ * (wasmtime_instance_t, wasmtime_extern_t) are not assumed: they live in opaque buffers whose
+ * sizes and the offset of the extern's payload Python checks and passes in (vs_thread_new).
+ *
+ * Build: native/wasmshim/build.sh OUT.so LIBWASMTIME_DIR (verge.compat.wasmtime does it on
+ * first use). Only for modules without host imports: the Python path handles those.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ wasmtime's C API (50.x) */
+typedef struct wasm_engine_t wasm_engine_t;
+typedef struct wasmtime_store wasmtime_store_t;
+typedef struct wasmtime_context wasmtime_context_t;
+typedef struct wasmtime_error wasmtime_error_t;
+typedef struct wasm_trap_t wasm_trap_t;
+typedef struct wasi_config_t wasi_config_t;
+typedef struct wasmtime_instance_pre wasmtime_instance_pre_t;
+typedef struct {
+    size_t size;
+    uint8_t *data;
+} wasm_byte_vec_t;
+
+extern wasmtime_store_t *wasmtime_store_new(wasm_engine_t *, void *, void (*)(void *));
+extern wasmtime_context_t *wasmtime_store_context(wasmtime_store_t *);
+extern void wasmtime_store_limiter(wasmtime_store_t *, int64_t memory_size,
+                                   int64_t table_elements, int64_t instances, int64_t tables,
+                                   int64_t memories);
+extern void wasmtime_store_delete(wasmtime_store_t *);
+extern void wasmtime_context_set_epoch_deadline(wasmtime_context_t *, uint64_t);
+extern wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *, wasi_config_t *);
+extern wasi_config_t *wasi_config_new(void);
+extern void wasi_config_delete(wasi_config_t *);
+extern bool wasi_config_set_env(wasi_config_t *, size_t, const char *const *,
+                                const char *const *);
+extern bool wasi_config_set_argv(wasi_config_t *, size_t, const char *const *);
+extern void wasm_byte_vec_new(wasm_byte_vec_t *, size_t, const uint8_t *);
+extern void wasi_config_set_stdin_bytes(wasi_config_t *, wasm_byte_vec_t *);
+extern bool wasi_config_set_stdout_file(wasi_config_t *, const char *);
+extern bool wasi_config_set_stderr_file(wasi_config_t *, const char *);
+extern wasmtime_error_t *wasmtime_instance_pre_instantiate(const wasmtime_instance_pre_t *,
+                                                           wasmtime_context_t *, void *instance,
+                                                           wasm_trap_t **);
+extern bool wasmtime_instance_export_get(wasmtime_context_t *, const void *instance,
+                                         const char *, size_t, void *item);
+extern wasmtime_error_t *wasmtime_func_call(wasmtime_context_t *, const void *func,
+                                            const void *args, size_t, void *results, size_t,
+                                            wasm_trap_t **);
+extern size_t wasmtime_memory_data_size(const wasmtime_context_t *, const void *memory);
+extern bool wasmtime_error_exit_status(const wasmtime_error_t *, int *);
+extern void wasmtime_error_delete(wasmtime_error_t *);
+extern void wasmtime_engine_increment_epoch(wasm_engine_t *);
+extern wasmtime_error_t *wasmtime_error_new(const char *);
+typedef uint8_t wasmtime_update_deadline_kind_t; /* 0: WASMTIME_UPDATE_DEADLINE_CONTINUE */
+typedef wasmtime_error_t *(*vs_deadline_callback)(wasmtime_context_t *, void *, uint64_t *,
+                                                   wasmtime_update_deadline_kind_t *);
+extern void wasmtime_store_epoch_deadline_callback(wasmtime_store_t *, vs_deadline_callback,
+                                                   void *, void (*)(void *));
+
+#define VS_ABI 1
+int vs_abi(void) { return VS_ABI; }
+
+/* ------------------------------------------------------------------ the epoch ticker */
+
+/* Bumps the engine's epoch every `tick_ns` while invocations run; parks after `idle_ticks`
+ * ticks with none (an idle node does not wake 500 times a second); vs_ticker_enter wakes it.
+ * The schedule is the Python ticker's: on a fixed grid, one bump per wake, a late wake skips
+ * the grid points it missed (no catching up in a burst). Runs made by vs_run do not rely on
+ * it for "never stopped before cpu_ms": their deadline callback checks the clock. */
+typedef struct vs_ticker {
+    wasm_engine_t *engine;
+    uint64_t tick_ns;
+    uint64_t idle_ticks;
+    atomic_long running;
+    atomic_ulong entries;
+    atomic_int parked;
+    atomic_int stop;
+    atomic_ulong bumps;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    pthread_t thread;
+} vs_ticker;
+
+static void add_ns(struct timespec *t, uint64_t ns) {
+    uint64_t total = (uint64_t)t->tv_nsec + ns;
+    t->tv_sec += (time_t)(total / 1000000000u);
+    t->tv_nsec = (long)(total % 1000000000u);
+}
+
+static void *ticker_main(void *arg) {
+    vs_ticker *t = arg;
+    unsigned long seen = (unsigned long)-1;
+    uint64_t idle = 0;
+    struct timespec next, now;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    add_ns(&next, t->tick_ns);
+    while (!atomic_load(&t->stop)) {
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR) {
+        }
+        if (atomic_load(&t->stop)) break;
+        wasmtime_engine_increment_epoch(t->engine);
+        atomic_fetch_add(&t->bumps, 1);
+        add_ns(&next, t->tick_ns);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        while (next.tv_sec < now.tv_sec ||
+               (next.tv_sec == now.tv_sec && next.tv_nsec <= now.tv_nsec))
+            add_ns(&next, t->tick_ns); /* (woke late: skip the grid points missed) */
+        unsigned long entries = atomic_load(&t->entries);
+        if (entries != seen || atomic_load(&t->running) > 0) {
+            seen = entries;
+            idle = 0;
+            continue;
+        }
+        if (++idle < t->idle_ticks) continue;
+        pthread_mutex_lock(&t->lock);
+        atomic_store(&t->parked, 1);
+        while (atomic_load(&t->entries) == seen && !atomic_load(&t->stop))
+            pthread_cond_wait(&t->wake, &t->lock);
+        atomic_store(&t->parked, 0);
+        pthread_mutex_unlock(&t->lock);
+        idle = 0;
+        clock_gettime(CLOCK_MONOTONIC, &next);
+        add_ns(&next, t->tick_ns);
+    }
+    return NULL;
+}
+
+vs_ticker *vs_ticker_start(wasm_engine_t *engine, uint64_t tick_ns, uint64_t idle_ticks) {
+    vs_ticker *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->engine = engine;
+    t->tick_ns = tick_ns ? tick_ns : 1;
+    t->idle_ticks = idle_ticks ? idle_ticks : 1;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_cond_init(&t->wake, NULL);
+    if (pthread_create(&t->thread, NULL, ticker_main, t) != 0) {
+        free(t);
+        return NULL;
+    }
+    return t;
+}
+
+void vs_ticker_enter(vs_ticker *t) {
+    atomic_fetch_add(&t->running, 1);
+    atomic_fetch_add(&t->entries, 1);
+    if (atomic_load(&t->parked)) {
+        pthread_mutex_lock(&t->lock);
+        pthread_cond_signal(&t->wake);
+        pthread_mutex_unlock(&t->lock);
+    }
+}
+
+void vs_ticker_leave(vs_ticker *t) { atomic_fetch_sub(&t->running, 1); }
+
+int vs_ticker_parked(vs_ticker *t) { return atomic_load(&t->parked); }
+
+unsigned long vs_ticker_bumps(vs_ticker *t) { return atomic_load(&t->bumps); }
+
+/* Stop and join the thread (once; the engine must outlive this call). The ticker itself
+ * stays valid (enter/leave still work, nothing ticks) until vs_ticker_free. */
+void vs_ticker_stop(vs_ticker *t) {
+    pthread_mutex_lock(&t->lock);
+    int stopped = atomic_exchange(&t->stop, 1);
+    pthread_cond_signal(&t->wake);
+    pthread_mutex_unlock(&t->lock);
+    if (!stopped) pthread_join(t->thread, NULL);
+}
+
+void vs_ticker_free(vs_ticker *t) {
+    if (!t) return;
+    vs_ticker_stop(t);
+    pthread_mutex_destroy(&t->lock);
+    pthread_cond_destroy(&t->wake);
+    free(t);
+}
+
+/* ------------------------------------------------------------------ invocations */
+
+typedef struct {
+    size_t count;
+    const char *const *names;
+    const char *const *values;
+} vs_env;
+
+enum { /* vs_thread.out[VS_STATUS] */
+       VS_RAN = 0,          /* _start returned or exited: out[VS_EXIT_CODE] */
+       VS_SETUP = 1,        /* environment not UTF-8, output files, or the WASI context */
+       VS_INSTANTIATE = 2,  /* instantiation failed: out[VS_ERROR] or out[VS_TRAP] */
+       VS_START = 3,        /* _start failed: out[VS_ERROR] or out[VS_TRAP] */
+       VS_EXPORTS = 4,      /* no memory or _start export */
+       VS_TIMEOUT = 5,      /* stopped at its time budget (the deadline callback) */
+};
+enum { VS_STATUS, VS_EXIT_CODE, VS_ERROR, VS_TRAP, VS_MEMORY, VS_STDOUT_LEN, VS_STDERR_SIZE,
+       VS_OUT_FIELDS };
+
+#define VS_ITEM_BYTES 64 /* room for a wasmtime_instance_t / wasmtime_extern_t (checked) */
+
+/* Per thread: the engine, where outputs go, and where results come back. */
+typedef struct vs_thread {
+    wasm_engine_t *engine;
+    vs_ticker *ticker; /* may be NULL */
+    size_t extern_of;  /* offsetof(wasmtime_extern_t, of) */
+    const char *stdout_path, *stderr_path;
+    int stdout_fd, stderr_fd;
+    uint8_t *buffer; /* stdout is read into it, up to capacity */
+    size_t capacity;
+    uint64_t budget_end; /* CLOCK_MONOTONIC ns at which the run's time is up */
+    int timed_out;
+    int64_t out[VS_OUT_FIELDS];
+    _Alignas(16) unsigned char instance[VS_ITEM_BYTES];
+    _Alignas(16) unsigned char memory[VS_ITEM_BYTES];
+    _Alignas(16) unsigned char start[VS_ITEM_BYTES];
+} vs_thread;
+
+/* The strings are the caller's and must stay alive as long as the vs_thread. */
+vs_thread *vs_thread_new(wasm_engine_t *engine, vs_ticker *ticker, size_t extern_of,
+                         size_t item_bytes, const char *stdout_path, int stdout_fd,
+                         const char *stderr_path, int stderr_fd, uint8_t *buffer,
+                         size_t capacity) {
+    if (item_bytes > VS_ITEM_BYTES || extern_of >= item_bytes) return NULL;
+    vs_thread *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->engine = engine;
+    t->ticker = ticker;
+    t->extern_of = extern_of;
+    t->stdout_path = stdout_path;
+    t->stderr_path = stderr_path;
+    t->stdout_fd = stdout_fd;
+    t->stderr_fd = stderr_fd;
+    t->buffer = buffer;
+    t->capacity = capacity;
+    return t;
+}
+
+void vs_thread_free(vs_thread *t) { free(t); }
+
+int64_t *vs_thread_out(vs_thread *t) { return t->out; }
+
+static uint64_t monotonic_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+/* The epoch deadline (one tick) passed: stop the run if its time is really up, else go on
+ * for one more tick. So a run is stopped at the first tick after its budget, never before,
+ * however the ticker was scheduled (late wakes, skipped ticks, a busy host). */
+static wasmtime_error_t *on_deadline(wasmtime_context_t *cx, void *data, uint64_t *delta,
+                                     wasmtime_update_deadline_kind_t *kind) {
+    (void)cx;
+    vs_thread *t = data;
+    if (monotonic_ns() >= t->budget_end) {
+        t->timed_out = 1;
+        return wasmtime_error_new("time budget exhausted");
+    }
+    *delta = 1;
+    *kind = 0; /* WASMTIME_UPDATE_DEADLINE_CONTINUE */
+    return NULL;
+}
+
+static wasi_config_t *make_wasi(vs_thread *t, const vs_env *envs, size_t n_envs,
+                                const char *const *argv, size_t argc, const uint8_t *stdin_data,
+                                size_t stdin_len) {
+    wasi_config_t *config = wasi_config_new();
+    for (size_t i = 0; i < n_envs; i++) {
+        if (envs[i].count &&
+            !wasi_config_set_env(config, envs[i].count, envs[i].names, envs[i].values))
+            goto fail;
+    }
+    if (!wasi_config_set_argv(config, argc, argv)) goto fail;
+    if (stdin_len) {
+        wasm_byte_vec_t vec;
+        wasm_byte_vec_new(&vec, stdin_len, stdin_data); /* copies */
+        wasi_config_set_stdin_bytes(config, &vec);      /* takes ownership */
+    }
+    if (!wasi_config_set_stdout_file(config, t->stdout_path) ||
+        !wasi_config_set_stderr_file(config, t->stderr_path))
+        goto fail;
+    return config;
+fail:
+    wasi_config_delete(config);
+    return NULL;
+}
+
+static int run_in(vs_thread *t, wasmtime_context_t *cx, const wasmtime_instance_pre_t *pre) {
+    int64_t *out = t->out;
+    wasm_trap_t *trap = NULL;
+    wasmtime_error_t *error = wasmtime_instance_pre_instantiate(pre, cx, t->instance, &trap);
+    if (error && t->timed_out) { /* (a start function that ran out of time) */
+        wasmtime_error_delete(error);
+        return VS_TIMEOUT;
+    }
+    if (error || trap) {
+        out[VS_ERROR] = (int64_t)(intptr_t)error;
+        out[VS_TRAP] = (int64_t)(intptr_t)trap;
+        return VS_INSTANTIATE;
+    }
+    if (!wasmtime_instance_export_get(cx, t->instance, "memory", 6, t->memory) ||
+        !wasmtime_instance_export_get(cx, t->instance, "_start", 6, t->start))
+        return VS_EXPORTS;
+    error = wasmtime_func_call(cx, t->start + t->extern_of, NULL, 0, NULL, 0, &trap);
+    out[VS_MEMORY] = (int64_t)wasmtime_memory_data_size(cx, t->memory + t->extern_of);
+    if (error) {
+        int code = 0;
+        if (wasmtime_error_exit_status(error, &code)) {
+            wasmtime_error_delete(error);
+            out[VS_EXIT_CODE] = code;
+            return VS_RAN;
+        }
+        if (t->timed_out) {
+            wasmtime_error_delete(error);
+            return VS_TIMEOUT;
+        }
+        out[VS_ERROR] = (int64_t)(intptr_t)error;
+        return VS_START;
+    }
+    if (trap) {
+        out[VS_TRAP] = (int64_t)(intptr_t)trap;
+        return VS_START;
+    }
+    return VS_RAN;
+}
+
+/* One invocation in a fresh store; results in t->out (see the enums). The run gets
+ * `budget_ns` of (wall-clock) time from now, checked at each epoch tick (VS_TIMEOUT). On VS_RAN, stdout's first bytes (up to the buffer's
+ * capacity) are in the buffer and out[VS_STDERR_SIZE] says whether anything went to stderr.
+ * Errors and traps returned in out are the caller's. */
+int vs_run(vs_thread *t, const wasmtime_instance_pre_t *pre, int64_t memory_bytes,
+           uint64_t budget_ns, const vs_env *envs, size_t n_envs,
+           const char *const *argv, size_t argc, const uint8_t *stdin_data, size_t stdin_len) {
+    int64_t *out = t->out;
+    memset(out, 0, sizeof t->out);
+    t->timed_out = 0;
+    t->budget_end = monotonic_ns() + budget_ns;
+    if (t->ticker) vs_ticker_enter(t->ticker);
+    wasmtime_store_t *store = wasmtime_store_new(t->engine, NULL, NULL);
+    wasmtime_context_t *cx = wasmtime_store_context(store);
+    wasmtime_store_limiter(store, memory_bytes, -1, -1, -1, -1);
+    wasmtime_context_set_epoch_deadline(cx, 1);
+    wasmtime_store_epoch_deadline_callback(store, on_deadline, t, NULL);
+    int status = VS_SETUP;
+    wasi_config_t *config = make_wasi(t, envs, n_envs, argv, argc, stdin_data, stdin_len);
+    if (config) {
+        wasmtime_error_t *error = wasmtime_context_set_wasi(cx, config); /* takes it */
+        if (error)
+            out[VS_ERROR] = (int64_t)(intptr_t)error;
+        else
+            status = run_in(t, cx, pre);
+    }
+    if (t->ticker) vs_ticker_leave(t->ticker);
+    wasmtime_store_delete(store);
+    out[VS_STATUS] = status;
+    if (config) { /* the output files were opened (truncated): read what was written */
+        ssize_t got = pread(t->stdout_fd, t->buffer, t->capacity, 0);
+        out[VS_STDOUT_LEN] = got < 0 ? 0 : got;
+        off_t size = lseek(t->stderr_fd, 0, SEEK_END);
+        out[VS_STDERR_SIZE] = size < 0 ? 0 : size;
+    }
+    return status;
+}

@@ -1,0 +1,180 @@
+"""The native path (native/wasmshim: one C call per invocation, a native epoch ticker) against
+the pure-ctypes fallback: the same Invocation, the same limits, and a clean fallback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from verge.compat import wasmtime as compat
+from verge.compute import runtime as runtime_module
+from verge.compute.host import Capabilities
+from verge.compute.runtime import Limits, Outcome, PoolSettings, Runtime
+from verge.compute.wagi import CgiRequest
+
+MiB = 1024 * 1024
+GET = CgiRequest("GET", "/hello?x=1", headers=[("Host", "shop.example")], host="shop.example")
+POST = CgiRequest(
+    "POST",
+    "/api/echo?a=1",
+    headers=[("Host", "shop.example"), ("X-Tag", "a"), ("X-Tag", "b"), ("X-Naïve", "grüße")],
+    body=b"BODY!",
+    host="shop.example",
+    remote_addr="192.0.2.7",
+)
+SAME = ("outcome", "result", "error", "exit_code", "stdout_bytes", "stderr", "stderr_truncated")
+
+needs_shim = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "gcc")) is None or compat.shim() is None,
+    reason="wasmshim not available (no gcc): the fallback path is what runs",
+)
+
+
+@pytest.fixture(scope="module")
+def pair(artefact_dir):
+    """The same modules on a native runtime and on the pure-ctypes one."""
+    native, fallback = Runtime(artefact_dir), Runtime(artefact_dir, native=False)
+    yield native, fallback
+    native.close()
+    fallback.close()
+
+
+def both(pair, module, request, **load):
+    native, fallback = pair
+    runs = []
+    for rt in (native, fallback):
+        fn = rt.load(module, **load)
+        runs.append(rt.invoke(fn, request, request_id="rid-1"))
+    return runs
+
+
+@needs_shim
+def test_the_runtime_uses_the_shim(pair, wasm):
+    native, fallback = pair
+    assert isinstance(native.ticker, compat.NativeTicker) and native.shim is not None
+    assert fallback.shim is None and isinstance(fallback.ticker, runtime_module.EpochTicker)
+    fn = native.load(wasm["hello"], name="hello")
+    assert not fn.loaded.uses_host
+    native.invoke(fn, GET)
+    assert native._scratch().native is not None
+
+
+@needs_shim
+@pytest.mark.parametrize(
+    ("name", "request_", "env", "limits"),
+    [
+        ("hello", GET, {}, Limits()),
+        ("hello_wat", GET, {}, Limits()),
+        ("echo", POST, {"API_KEY": "k", "SERVER_NAME": "mine"}, Limits()),
+        ("echo", CgiRequest("POST", "/fail", body=b"x"), {}, Limits()),  # exit 3 + stderr
+        ("echo", CgiRequest("POST", "/garbage", body=b"x"), {}, Limits()),  # bad output
+        ("echo", CgiRequest("POST", "/pass", body=b"x"), {}, Limits()),
+        ("bigout", GET, {"SIZE": "1000"}, Limits(max_response_bytes=2000)),
+        ("bigout", GET, {"SIZE": str(200 * 1024)}, Limits(max_response_bytes=MiB)),  # > buffer
+        ("bigout", GET, {"SIZE": str(3 * MiB)}, Limits(max_response_bytes=MiB)),  # too large
+        ("membomb", GET, {}, Limits(memory_bytes=8 * MiB, cpu_ms=2000)),
+        ("loop", GET, {}, Limits(cpu_ms=10)),
+        ("sandbox", GET, {}, Limits()),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_native_and_fallback_give_the_same_invocation(pair, wasm, name, request_, env, limits):
+    caps = Capabilities.of(env=env)
+    native, fallback = both(pair, wasm[name], request_, name=name, caps=caps, limits=limits)
+    for attribute in SAME:
+        assert getattr(native, attribute) == getattr(fallback, attribute), attribute
+    assert native.peak_memory == fallback.peak_memory
+    assert native.cpu_ms > 0 and native.duration_ms > 0
+
+
+@needs_shim
+def test_a_trap_is_the_same_trap(pair):
+    wat = '(module (memory (export "memory") 1) (func (export "_start") unreachable))'
+    native, fallback = both(pair, wat, GET, name="trap")
+    assert native.outcome == fallback.outcome == Outcome.TRAP
+    assert native.error == fallback.error and "unreachable" in native.error
+
+
+@needs_shim
+@pytest.mark.parametrize("cpu_ms", [3, 12, 30])
+def test_a_spinning_loop_is_stopped_at_its_budget_never_before(pair, wasm, cpu_ms):
+    native, _ = pair
+    fn = native.load(wasm["loop"], name="loop", limits=Limits(cpu_ms=cpu_ms))
+    for _ in range(3):
+        start = time.perf_counter()
+        inv = native.invoke(fn, GET)
+        elapsed = (time.perf_counter() - start) * 1e3
+        assert inv.outcome == Outcome.TIMEOUT and inv.error_status == 503
+        assert inv.error == f"CPU time limit of {cpu_ms:g} ms exceeded"
+        assert cpu_ms <= elapsed < cpu_ms + 50, elapsed  # (slack: a busy 2-core machine)
+
+
+@needs_shim
+def test_a_speculative_budget_is_a_budget_too(pair, wasm):
+    native, _ = pair
+    fn = native.load(wasm["loop"], name="loop", limits=Limits(cpu_ms=1000))
+    start = time.perf_counter()
+    inv = native.invoke(fn, GET, cpu_ms=4)
+    assert inv.outcome == Outcome.TIMEOUT and "4 ms" in inv.error
+    assert 4 <= (time.perf_counter() - start) * 1e3 < 200
+
+
+@needs_shim
+def test_the_pool_is_not_exhausted_by_native_runs(wasm):
+    with Runtime(None, pooling=PoolSettings(max_instances=2, max_memory_bytes=16 * MiB)) as rt:
+        small = Limits(memory_bytes=8 * MiB)
+        hello = rt.load(wasm["hello"], name="hello", limits=small)
+        bomb = rt.load(wasm["membomb"], name="bomb", limits=Limits(memory_bytes=8 * MiB))
+        loop = rt.load(wasm["loop"], name="loop", limits=Limits(memory_bytes=8 * MiB, cpu_ms=5))
+        for _ in range(3):
+            assert rt.invoke(bomb, GET).outcome == Outcome.MEMORY_LIMIT
+            assert rt.invoke(loop, GET).outcome == Outcome.TIMEOUT
+        for _ in range(50):
+            assert rt.invoke(hello, GET).outcome == Outcome.ANSWER
+
+
+@needs_shim
+def test_native_ticker_parks_when_idle_and_wakes_on_enter(pair):
+    native, _ = pair
+    ticker = compat.NativeTicker(native.shim, native.engine, tick=0.001, idle_ticks=3)
+    try:
+        deadline = time.monotonic() + 5
+        while not ticker._parked and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert ticker._parked
+        parked_at = ticker.bumps
+        ticker.enter()
+        while ticker.bumps < parked_at + 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert not ticker._parked and ticker.bumps >= parked_at + 3
+        ticker.leave()
+    finally:
+        ticker.close()
+    ticker.close()  # (twice is fine)
+
+
+def test_shim_off_means_the_fallback(monkeypatch):
+    monkeypatch.setenv(compat.SHIM_ENV, "off")
+    assert compat._load_shim() is None
+
+
+def test_a_failed_build_means_the_fallback(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv(compat.SHIM_ENV, raising=False)
+    monkeypatch.setenv("VERGE_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert compat._load_shim() is None
+    assert "wasmshim unavailable" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+
+
+def test_output_files_of_dead_processes_are_swept(tmp_path):
+    prefix = runtime_module._OUTPUT_PREFIX
+    dead, mine = tmp_path / f"{prefix}999999999-out-x", tmp_path / f"{prefix}{os.getpid()}-out-y"
+    other = tmp_path / "unrelated"
+    for path in (dead, mine, other):
+        path.write_bytes(b"")
+    runtime_module._sweep_outputs(str(tmp_path))
+    assert not dead.exists() and mine.exists() and other.exists()
