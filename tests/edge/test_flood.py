@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.sockets import connects
+from verge.http.server import LISTEN_BACKLOG
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -245,3 +248,130 @@ def test_the_flood_guard_refuses_the_flooding_network_whole_and_in_the_kernel(
     assert metric(metrics, "verge_flood_dropped") >= 1
     with edge.client() as after:
         assert after.get("/obj").status_code == 200
+
+
+async def open_from(source: str, port: int) -> tuple | None:
+    """A connection from ``source``, or None when its handshake does not complete in 1 s."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), 1.0
+        )
+    except (OSError, TimeoutError):
+        return None
+
+
+def wait_for_metric(edge, line_start: str, at_least: float, timeout: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        with edge.admin() as admin:
+            value = metric(admin.get("/metrics").text, line_start)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_the_flood_guard_boxes_a_network_that_opens_connections_before_it_sends_a_request(
+    edge_factory, origin
+):
+    """250 addresses of 127.0.4.0/24 connect at once, over the guard's burst of 100 (new
+    connections count like requests): the /24 is boxed at accept, the connections it got are
+    aborted, and none of them is served when it then asks."""
+    origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"x" * 1024)
+    edge = edge_factory(config=GUARDED.format(origin=origin.url))
+    request = f"GET /obj HTTP/1.1\r\nHost: 127.0.0.1:{edge.port}\r\n\r\n".encode()
+
+    async def storm() -> tuple[int, list[int]]:
+        streams = await asyncio.gather(
+            *(open_from(f"127.0.4.{n}", edge.port) for n in range(1, 251))
+        )
+        opened = [stream for stream in streams if stream is not None]
+        await asyncio.to_thread(wait_for_metric, edge, "verge_flood_boxes", 1)
+        for _, writer in opened:
+            with contextlib.suppress(ConnectionError):
+                writer.write(request)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(answers(reader, 1) for reader, _ in opened)), 30
+        )
+        for _, writer in opened:
+            writer.close()
+        return len(opened), [status for statuses in results for status in statuses]
+
+    opened, statuses = asyncio.run(storm())
+    assert opened > 101 and statuses == []  # handshakes the kernel made; nothing served
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert metric(metrics, "verge_flood_boxes") == 1
+    assert metric(metrics, "verge_flood_refused") >= 1  # the rest: refused at accept
+    assert not connects("127.0.4.251", edge.port)  # and now in the kernel
+    with edge.client() as legit:
+        assert legit.get("/obj").status_code == 200
+
+
+def test_a_pipelined_read_over_the_burst_boxes_the_network_before_it_is_parsed(
+    edge_factory, origin
+):
+    """One connection from 127.0.5.1 writes 2,000 pipelined GETs at once (~90 KB, read in a
+    few large reads): the first read alone carries more requests than the /24 may still send,
+    so it is boxed at that read, and next to nothing is served (at most what a first read
+    under TURN_SLICE bytes could hold, were the kernel to split it there)."""
+    origin.route("/*", headers=[("Cache-Control", "max-age=60")], body=b"x" * 1024)
+    edge = edge_factory(config=GUARDED.format(origin=origin.url))
+    request = f"GET /obj HTTP/1.1\r\nHost: 127.0.0.1:{edge.port}\r\n\r\n".encode()
+
+    async def pipeline() -> list[int]:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", edge.port, local_addr=("127.0.5.1", 0)
+        )
+        with contextlib.suppress(ConnectionError):
+            writer.write(request * 2000)
+        statuses = await asyncio.wait_for(answers(reader, 2000), 30)
+        writer.close()
+        return statuses
+
+    statuses = asyncio.run(pipeline())
+    assert len(statuses) <= 2048 // len(request)
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert metric(metrics, "verge_flood_boxes") == 1
+    assert metric(metrics, "verge_flood_dropped") > 101  # the read's requests, unparsed
+    assert not connects("127.0.5.9", edge.port)
+
+
+def test_an_upload_full_of_request_lines_is_not_taken_for_a_flood(edge_factory, origin):
+    """A POST whose 100 KB body is an access log (2,000 "GET / HTTP/1.1" lines, more than the
+    guard's burst) arrives in large reads: the body is not weighed as pipelined requests, so
+    the upload is answered and its network is not boxed."""
+    origin.route("/*", headers=[("Cache-Control", "no-store")], body=b"stored")
+    edge = edge_factory(config=GUARDED.format(origin=origin.url))
+    log = b'127.0.0.1 - - [07/Dec/2026] "GET / HTTP/1.1" 200 12\n' * 2000
+    upload = (f"POST /logs HTTP/1.1\r\nHost: 127.0.0.1:{edge.port}\r\n"
+              f"Content-Length: {len(log)}\r\n\r\n").encode() + log
+
+    async def post() -> list[int]:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", edge.port, local_addr=("127.0.6.1", 0)
+        )
+        writer.write(upload)
+        statuses = await asyncio.wait_for(answers(reader, 1), 30)
+        writer.close()
+        return statuses
+
+    assert asyncio.run(post()) == [200]
+    with edge.admin() as admin:
+        metrics = admin.get("/metrics").text
+    assert metric(metrics, "verge_flood_boxes") == 0
+    assert connects("127.0.6.2", edge.port)
+
+
+def test_the_listener_keeps_its_long_accept_queue(edge_factory, origin):
+    """The worker's listening socket queues LISTEN_BACKLOG completed connections (as the
+    kernel caps it), not asyncio's default of 100: a flood of connections overflowed 100 at
+    once, and a legitimate client's handshake then waited a whole SYN retry (1 s)."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("ss (iproute2) is not installed")
+    edge = edge_factory(config=GUARDED.format(origin=origin.url))
+    listing = subprocess.run([ss, "-Hltn", f"sport = :{edge.port}"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert int(listing[2]) == min(LISTEN_BACKLOG, somaxconn)  # Send-Q: the backlog

@@ -10,8 +10,11 @@ import pytest
 from tests.sockets import connects
 from verge.config import Config, ConfigError, parse_config
 from verge.protect.flood import (
+    FILTER_EVERY,
     MAX_BOXED,
+    MAX_ESCALATION,
     MAX_FILTERED,
+    MIN_BURST,
     FloodGuard,
     FloodSpec,
     apply_filter,
@@ -43,8 +46,8 @@ def test_the_box_opens_after_the_penalty_by_sweep_or_by_the_next_request():
     assert flood.admit("192.0.2.1", NOW) and not flood.admit("192.0.2.1", NOW)
     assert not flood.refuses("192.0.2.1", NOW + 10.0)  # over at its end
     assert flood.admit("192.0.2.1", NOW + 10.0)  # and released by the request
-    assert not flood.admit("192.0.2.1", NOW + 10.0)
-    assert flood.sweep(NOW + 19.9) == 0 and flood.sweep(NOW + 20.0) == 1
+    assert not flood.admit("192.0.2.1", NOW + 10.0)  # boxed again at once: twice as long
+    assert flood.sweep(NOW + 29.9) == 0 and flood.sweep(NOW + 30.0) == 1
     assert flood.boxed == {} and flood.filtered == ()
 
 
@@ -115,3 +118,84 @@ def test_the_kernel_filter_drops_only_the_boxed_networks_syns():
         flood.close()  # (a reload without the guard) takes the filter off
         assert connects("127.0.1.77", port)
         apply_filter(listener, [], 0)  # detaching twice is harmless
+
+
+def test_new_connections_count_like_requests_and_box_a_network_that_opens_too_many():
+    flood = guard(count=10, burst=9)
+    assert all(flood.accept(f"192.0.2.{n}", NOW) for n in range(1, 11))  # the burst
+    assert not flood.accept("192.0.2.50", NOW)  # the 11th connection boxes the /24 ...
+    assert flood.boxed == {(4, 0xC0000200): NOW + 30.0}
+    assert not flood.admit("192.0.2.1", NOW + 1)  # ... before it sent a single request
+    assert not flood.accept("192.0.2.1", NOW + 1)
+    assert flood.accept("198.51.100.1", NOW + 1) and flood.admit("198.51.100.1", NOW + 1)
+    assert flood.accept("unix-socket", NOW) and flood.accept("10.0.0.1", NOW)
+    assert flood.stats() == {"dropped": 1, "refused": 2, "boxes": 1, "boxed": 1, "filtered": 1}
+
+
+def test_connections_and_requests_share_the_network_s_rate():
+    flood = guard(count=10, burst=9)
+    assert all(flood.accept("192.0.2.1", NOW) for _ in range(5))
+    assert all(flood.admit("192.0.2.2", NOW) for _ in range(5))
+    assert not flood.admit("192.0.2.3", NOW)
+
+
+def test_the_default_burst_is_a_tenth_of_a_second_of_the_rate():
+    assert FloodSpec(2000, 1).effective_burst == 200
+    assert FloodSpec(120_000, 60).effective_burst == 200
+    assert FloodSpec(50, 1).effective_burst == MIN_BURST  # at least a few at once
+    assert FloodSpec(2000, 1, burst=0).effective_burst == 0  # an explicit one is kept
+    flood = FloodGuard(FloodSpec(2000, 1))
+    assert sum(flood.admit("192.0.2.1", NOW) for _ in range(1000)) == 201
+    workers = FloodGuard(FloodSpec(2000, 1), workers=2)  # each worker: half
+    assert sum(workers.admit("192.0.2.1", NOW) for _ in range(1000)) == 101
+    assert Config.model_validate({"flood": {"rate": "2000/s"}}).flood.spec().burst is None
+
+
+def test_a_repeat_offender_sits_twice_as_long_each_time_up_to_a_bound():
+    flood = guard(count=1, penalty=10.0)
+    ends = []
+    now = NOW
+    for _ in range(7):  # boxed again each time it comes back right after its release
+        while flood.admit("192.0.2.1", now):
+            pass
+        ends.append(flood.boxed[(4, 0xC0000200)] - now)
+        now = flood.boxed[(4, 0xC0000200)] + 1.0
+    assert ends == [10.0, 20.0, 40.0, 80.0, 160.0, 160.0, 160.0]  # MAX_ESCALATION = 16
+    assert MAX_ESCALATION == 16
+    # one more sentence of good behaviour after a release and it starts afresh
+    flood.sweep(now)
+    now += 2 * 160.0
+    flood.sweep(now)
+    assert flood.strikes == {}
+    while flood.admit("192.0.2.1", now):
+        pass
+    assert flood.boxed[(4, 0xC0000200)] == now + 10.0
+
+
+def test_the_kernel_filter_goes_on_at_the_first_box_and_later_ones_at_the_next_connection():
+    flood = guard(count=1)
+    assert flood.admit("192.0.2.1", NOW) and not flood.admit("192.0.2.1", NOW)
+    assert flood.filtered == (0xC0000200,)  # the first box: at once
+    assert flood.admit("198.51.100.1", NOW + 0.05)
+    assert not flood.admit("198.51.100.1", NOW + 0.05)
+    assert flood.filtered == (0xC0000200,)  # within FILTER_EVERY of the last rebuild: later,
+    assert not flood.accept("198.51.100.2", NOW + 0.06)
+    assert flood.filtered == (0xC0000200,)
+    assert flood.accept("203.0.113.1", NOW + FILTER_EVERY)  # at the next connection after it
+    assert flood.filtered == (0xC6336400, 0xC0000200)
+    flood.sweep(NOW + 31.0)  # both released: the filter is emptied ...
+    assert flood.filtered == ()
+    assert flood.admit("192.0.2.1", NOW + 31.01) and not flood.admit("192.0.2.1", NOW + 31.01)
+    assert flood.filtered == (0xC0000200,)  # ... and the next first box goes on at once
+
+
+def test_a_read_carrying_more_requests_than_the_network_may_send_boxes_it_unparsed():
+    flood = guard(count=10, burst=9)
+    assert flood.admit_read("192.0.2.1", 10, NOW)  # the whole burst: parsed, counted later
+    assert flood.limit.state((4, 0xC0000200), NOW) == (None, None)  # (nothing counted)
+    assert all(flood.admit("192.0.2.1", NOW) for _ in range(4))
+    assert flood.admit_read("192.0.2.2", 6, NOW)  # what is left of it
+    assert not flood.admit_read("192.0.2.3", 7, NOW)  # more: boxed at the read
+    assert flood.boxed == {(4, 0xC0000200): NOW + 30.0} and flood.dropped == 7
+    assert not flood.admit_read("192.0.2.4", 1, NOW + 1)  # a boxed network's reads too
+    assert flood.admit_read("198.51.100.1", 10, NOW) and flood.admit_read("unix", 10**6, NOW)

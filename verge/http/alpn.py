@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from verge.http.h2server import H2ServerProtocol
-from verge.http.server import HttpServerProtocol, ServerLimits
+from verge.http.server import LISTEN_BACKLOG, HttpServerProtocol, ServerLimits
 
 
 class AlpnDispatch(asyncio.Protocol):
@@ -27,7 +27,9 @@ class AlpnDispatch(asyncio.Protocol):
 
 
 async def serve_tls(app, sock, limits: ServerLimits, ssl_context) -> asyncio.AbstractServer:
-    """Serve ``app`` over TLS on a bound socket, HTTP/2 or HTTP/1.1 by ALPN."""
+    """Serve ``app`` over TLS on a bound socket, HTTP/2 or HTTP/1.1 by ALPN (with the long
+    accept queue of verge.http.server.serve: asyncio would listen again with 100)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: AlpnDispatch(app, limits, loop), sock=sock,
-                                    ssl=ssl_context, ssl_handshake_timeout=limits.header_timeout)
+                                    ssl=ssl_context, ssl_handshake_timeout=limits.header_timeout,
+                                    backlog=LISTEN_BACKLOG)

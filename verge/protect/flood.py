@@ -5,9 +5,10 @@ over many addresses of one network, each address below its own limit: 254 addres
 sending 200 requests/s each are 50,000 requests/s, ten times what a core serves, while no
 address breaks a limit of 300/s. Refusing those requests one by one does not help either: a
 refused request still costs its parse and its check (about a third of a cache hit), and a
-flooder whose connection is closed opens another at once. So the guard counts requests per
-*network* (the client's /24 for IPv4, /48 for IPv6 by default, as CDNs' L7 DDoS rules key
-them), and a network over its rate is put in a penalty box for ``penalty`` seconds where:
+flooder whose connection is closed opens another at once. So the guard counts requests and
+new connections per *network* (the client's /24 for IPv4, /48 for IPv6 by default, as CDNs'
+L7 DDoS rules key them), and a network over its rate is put in a penalty box for ``penalty``
+seconds (longer for a repeat offender, below) where:
 
 - its open connections are closed at once, and any request it still sends on another is
   dropped with its connection (no answer, no parse of what it pipelined behind);
@@ -31,10 +32,38 @@ listener's filter runs with the skb's data at the TCP header, so loads relative 
 returned 0 drops the packet, anything else keeps it. Accepted connections inherit the
 listener's filter as it was at accept; a filter only ever drops networks boxed at that time,
 so an older copy on a legitimate connection never harms it.
+
+The onset, before the box: a flood costs the worker whatever it is allowed until its network
+is boxed, and that is what a legitimate client on the same worker waits behind (the box
+itself then makes the flood free). So the guard boxes early and cheaply:
+
+- a new connection counts like a request (:meth:`FloodGuard.accept`, from the connection
+  gate): a network that opens connections faster than the rate allows is boxed before it
+  sends a single request, and the rest of its connections are refused at accept (accepting
+  one and building its protocol costs as much as serving a small request);
+- the first request over the rate boxes the network: its connections are aborted and marked
+  closing, so what they pipelined behind is never parsed; and a large read is weighed before
+  it is parsed (:meth:`FloodGuard.admit_read`: 64 KiB of pipelined GETs are ~1,500 requests,
+  parsed 32 a turn): one that carries more requests than the network may still send at once
+  boxes it at the read, so a flood on a few connections is not parsed for a whole burst;
+- the kernel filter goes on at the first box (later boxes within FILTER_EVERY of a rebuild
+  wait for the next new connection after it, not for the once-a-second housekeeping);
+- a network boxed again soon after its release (within one more sentence) sits twice as
+  long each time, up to MAX_ESCALATION times the penalty: a flood that resumes after every
+  release pays the onset once per doubling sentence instead of once per ``penalty``.
+
+The default burst is a tenth of a second of the rate (at least MIN_BURST). The burst is what
+a flood is served at once at its onset, so with ~50 µs a served request it is the stall it
+causes: 2000/s gives a burst of 200, ~10 ms. The rate, not the burst, is what must cover a
+real /24 with many users behind one NAT: their aggregate is the sum of many independent
+clients, smooth at the scale of 100 ms (a page load's dozens of requests take longer than
+that), so a tenth of a second of the whole network's rate is many page loads at once. An
+operator who sees boxes of legitimate networks raises the rate, or exempts the network.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -74,6 +103,11 @@ MAX_BOXED = 10_000
 FILTER_EVERY = 0.1
 """Seconds between two rebuilds of the kernel filter while networks are being boxed (the
 accept-time check in Python covers the gap)."""
+MAX_ESCALATION = 16
+"""A repeat offender's sentence doubles up to this many times the penalty (and one day)."""
+BURST_SECONDS = 0.1
+"""The default burst: this much of the rate (see the module docstring)."""
+MIN_BURST = 10
 MEMO_SIZE = 65_536
 MAX_NETWORKS = 100_000
 """Networks counted at once; the least recently seen go first (permissive: they restart)."""
@@ -85,7 +119,9 @@ class FloodSpec:
 
     count: int
     period: int
-    burst: int = 0
+    burst: int | None = None
+    """Requests (and connections) a network may add at once; None: BURST_SECONDS of the
+    rate, at least MIN_BURST."""
     penalty: float = 60.0
     ipv4_prefix: int = 24
     ipv6_prefix: int = 48
@@ -98,6 +134,14 @@ class FloodSpec:
             raise ValueError(f"ipv6_prefix must be 16..128, not {self.ipv6_prefix}")
         if not 1.0 <= self.penalty <= 86_400.0:
             raise ValueError(f"penalty must be 1..86400 seconds, not {self.penalty}")
+        if self.burst is not None and self.burst < 0:
+            raise ValueError(f"burst must be >= 0, not {self.burst}")
+
+    @property
+    def effective_burst(self) -> int:
+        if self.burst is not None:
+            return self.burst
+        return max(MIN_BURST, int(self.count * BURST_SECONDS / self.period))
 
 
 def _mask(bits: int, width: int) -> int:
@@ -105,18 +149,21 @@ def _mask(bits: int, width: int) -> int:
 
 
 class FloodGuard:
-    """Counts requests per network and boxes the networks over the rate (one per worker)."""
+    """Counts requests and new connections per network and boxes the networks over the rate
+    (one per worker)."""
 
     def __init__(self, spec: FloodSpec, *, workers: int = 1) -> None:
         self.spec = spec
         # Each worker allows its share: rate / workers, burst / workers.
         self.limit = Gcra(spec.count, spec.period * max(1, workers),
-                          spec.burst // max(1, workers), max_keys=MAX_NETWORKS)
+                          spec.effective_burst // max(1, workers), max_keys=MAX_NETWORKS)
         self.exempt = CidrSet(spec.exempt)
         self._v4_mask = _mask(spec.ipv4_prefix, 32)
         self._v6_mask = _mask(spec.ipv6_prefix, 128)
         self._memo: dict[str, tuple[int, int] | None] = {}
         self.boxed: dict[tuple[int, int], float] = {}  # network -> end of its penalty
+        self.strikes: dict[tuple[int, int], tuple[int, float]] = {}
+        """network -> (boxes in a row, when they are forgotten): the escalating sentence."""
         self.listeners: list[socket.socket] = []  # where the kernel filter goes
         self.filtered: tuple[int, ...] | None = None  # the IPv4 networks in the filter now
         self.filter_ok = True
@@ -147,6 +194,7 @@ class FloodGuard:
     def close(self) -> None:
         """Release every network and take the filter off the listeners."""
         self.boxed.clear()
+        self.strikes.clear()
         self.filtered = None
         self.update_filter(float("inf"))
 
@@ -171,24 +219,44 @@ class FloodGuard:
     def admit(self, peer: str, now: float) -> bool:
         """Count one request of ``peer``; False: drop it (and its connection)."""
         network = self.network(peer)
-        if network is None:
+        if network is None or self._count(network, now):
             return True
-        boxed = self.boxed
-        if boxed:
-            release = boxed.get(network)
-            if release is not None:
-                if now < release:
-                    self.dropped += 1
-                    return False
-                del boxed[network]
-        if self.limit.update(network, now) >= 0.0:  # type: ignore[arg-type]
-            return True
-        self._box(network, now)
         self.dropped += 1
         return False
 
+    def accept(self, peer: str, now: float) -> bool:
+        """Count a new connection of ``peer`` like a request; False: refuse it (its network
+        is boxed, or is boxed by this one)."""
+        network = self.network(peer)
+        if network is None:
+            return True
+        if self._filter_stale and now - self._filtered_at >= FILTER_EVERY:
+            self.update_filter(now)
+        if self._count(network, now):
+            return True
+        self.refused += 1
+        return False
+
+    def admit_read(self, peer: str, requests: int, now: float) -> bool:
+        """A read that carries ``requests`` pipelined requests at once, before any is parsed:
+        False when they alone take the network over its rate (it is boxed now, and none of
+        them is parsed). Nothing is counted here: each request is, as it is parsed."""
+        network = self.network(peer)
+        if network is None:
+            return True
+        release = self.boxed.get(network) if self.boxed else None
+        if release is None or now >= release:
+            tat, _ = self.limit.state(network, now)  # type: ignore[arg-type]
+            ahead = tat - now if tat is not None and tat > now else 0.0
+            if requests <= self.limit.remaining(ahead):
+                return True
+            self._box(network, now)
+        self.dropped += requests
+        return False
+
     def refuses(self, peer: str, now: float) -> bool:
-        """Whether a new connection from ``peer`` is refused (its network is boxed)."""
+        """Whether a new connection from ``peer`` is refused (its network is boxed; not
+        counted: :meth:`accept` counts)."""
         if not self.boxed:
             return False
         network = self.network(peer)
@@ -198,17 +266,46 @@ class FloodGuard:
         self.refused += 1
         return True
 
+    def _count(self, network: tuple[int, int], now: float) -> bool:
+        """One request or connection of ``network``; False: it is boxed (maybe just now)."""
+        boxed = self.boxed
+        if boxed:
+            release = boxed.get(network)
+            if release is not None:
+                if now < release:
+                    return False
+                del boxed[network]
+        if self.limit.update(network, now) >= 0.0:  # type: ignore[arg-type]
+            return True
+        self._box(network, now)
+        return False
+
+    def sentence(self, network: tuple[int, int], now: float) -> float:
+        """The penalty for boxing ``network`` now: doubled for each box in a row (a box
+        within one more sentence of the last one's end), up to MAX_ESCALATION times."""
+        strikes, forgotten_at = self.strikes.pop(network, (0, 0.0))
+        strikes = strikes + 1 if now < forgotten_at else 1
+        base = self.spec.penalty
+        penalty = min(base * 2 ** min(strikes - 1, 30), base * MAX_ESCALATION, 86_400.0)
+        if len(self.strikes) >= MAX_BOXED:
+            del self.strikes[next(iter(self.strikes))]
+        self.strikes[network] = (strikes, now + 2 * penalty)
+        return penalty
+
     def _box(self, network: tuple[int, int], now: float) -> None:
         boxed = self.boxed
         if len(boxed) >= MAX_BOXED:
             del boxed[next(iter(boxed))]
-        boxed[network] = now + self.spec.penalty
+        penalty = self.sentence(network, now)
+        boxed[network] = now + penalty
         self.boxes += 1
+        log.warning("flood guard: %s over %d/%ds, boxed for %.0f s", network_text(network),
+                    self.spec.count, self.spec.period, penalty)
         if self.on_box is not None:
             self.on_box(lambda peer: self.network(peer) == network)
         if network[0] == 4:
             self._filter_stale = True
-            if now - self._filtered_at >= FILTER_EVERY:
+            if not self.filtered or now - self._filtered_at >= FILTER_EVERY:
                 self.update_filter(now)
 
     def sweep(self, now: float) -> int:
@@ -216,6 +313,9 @@ class FloodGuard:
         released = [network for network, end in self.boxed.items() if end <= now]
         for network in released:
             del self.boxed[network]
+        forgotten = [network for network, (_, end) in self.strikes.items() if end <= now]
+        for network in forgotten:
+            del self.strikes[network]
         self.limit.sweep(now)
         if any(version == 4 for version, _ in released):
             self._filter_stale = True
@@ -248,6 +348,14 @@ class FloodGuard:
     def stats(self) -> dict[str, int]:
         return {"dropped": self.dropped, "refused": self.refused, "boxes": self.boxes,
                 "boxed": len(self.boxed), "filtered": len(self.filtered or ())}
+
+
+def network_text(network: tuple[int, int]) -> str:
+    """A network key as an address text (its first address): 192.0.2.0, 2001:db8::."""
+    version, value = network
+    if version == 4:
+        return str(ipaddress.IPv4Address(value))
+    return str(ipaddress.IPv6Address(value))
 
 
 def drop_program(networks: Sequence[int], mask: int) -> list[Insn]:

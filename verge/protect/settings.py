@@ -226,12 +226,16 @@ class FloodSettings(_Model):
 
     ::
 
-        flood: {rate: 2000/s, burst: 4000, penalty: 1m, ipv4_prefix: 24, exempt: [10.0.0.0/8]}
+        flood: {rate: 2000/s, burst: 200, penalty: 1m, ipv4_prefix: 24, exempt: [10.0.0.0/8]}
     """
 
     rate: RateText
-    """Requests per network (all services of the node together)."""
-    burst: int = Field(0, ge=0, le=MAX_BURST, strict=True)
+    """Requests and new connections per network (all services of the node together): size
+    it for the network's aggregate, many users behind one NAT."""
+    burst: int | None = Field(None, ge=0, le=MAX_BURST, strict=True)
+    """What a network may add at once; unset: a tenth of a second of the rate (at least 10).
+    A flood is served this much before it is boxed, so a large burst is a stall for every
+    other client of the worker (verge.protect.flood explains the default)."""
     penalty: Annotated[float, Field(ge=1, le=86_400), BeforeValidator(_duration)] = 60.0
     """How long a network over the rate is refused: requests dropped with their connection,
     new connections dropped by the listeners' kernel filter."""
