@@ -137,12 +137,12 @@ _BODY_FIELDS = (b"\ncontent-length:", b"\ntransfer-encoding:")
 
 
 def pipelined_requests(data: bytes) -> int:
-    """How many requests a read that starts with a request head carries, for
-    the flood guard's ``admit_read`` (verge.protect.flood): its request lines, counted up to the first head that
-    announces a body. A body can hold anything (an uploaded access log holds hundreds of
-    " HTTP/1." strings), so what follows such a head is never counted: an upload must not
-    box its network. One pass of ``bytes.count`` when the read holds at most one request
-    line; the heads are walked only when there are more."""
+    """How many requests a read that starts with a request head carries, for the flood
+    guard's ``admit_read`` (verge.protect.flood): its request heads, counted up to the first
+    one that announces a body. A body can hold anything (an uploaded access log holds
+    hundreds of " HTTP/1." strings), so what follows such a head is never counted: an upload
+    must not box its network. One pass of ``bytes.count`` when the read holds at most one
+    request line; the heads are walked only when there are more."""
     if data.count(REQUEST_LINE_MARK) <= 1:
         return 1
     count, at, size = 0, 0, len(data)
@@ -649,11 +649,10 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def _admits_read(self, data: bytes) -> bool:
         """A large read that starts a request may be a pipelined batch: the app's flood guard
-        (``app.flood``, verge.protect.flood) weighs its requests (request lines, counted by
-        their request lines up to the first head with a body: ``pipelined_requests``) before
-        any is parsed, and one that takes the client's network over its rate is dropped with
-        its connection. Only a read that starts between requests is weighed (the rest of a
-        body being received never is)."""
+        (``app.flood``, verge.protect.flood) weighs its requests (``pipelined_requests``)
+        before any is parsed, and one that takes the client's network over its rate is
+        dropped with its connection. Only a read that starts between requests is weighed (the
+        rest of a body being received never is)."""
         flood = getattr(self.app, "flood", None)
         if flood is None or flood.admit_read(self.client, pipelined_requests(data),
                                              time.monotonic()):
