@@ -11,6 +11,7 @@ from tests.sockets import connects
 from verge.config import Config, ConfigError, parse_config
 from verge.protect.flood import (
     FILTER_EVERY,
+    LOG_BOXES_PER_SECOND,
     MAX_BOXED,
     MAX_ESCALATION,
     MAX_FILTERED,
@@ -35,8 +36,9 @@ def test_a_network_over_its_rate_is_boxed_whole_and_others_go_on():
     assert not flood.admit("192.0.2.99", NOW)  # the 11th: over, and the /24 goes in the box
     assert flood.boxed == {(4, 0xC0000200): NOW + 30.0}
     assert not flood.admit("192.0.2.1", NOW + 5)  # the whole network, for the penalty
-    assert flood.refuses("192.0.2.200", NOW + 5)
-    assert flood.admit("198.51.100.7", NOW + 5) and not flood.refuses("198.51.100.7", NOW + 5)
+    assert flood.is_boxed("192.0.2.200", NOW + 5)
+    assert not flood.accept("192.0.2.200", NOW + 5)  # a new connection of it: refused
+    assert flood.admit("198.51.100.7", NOW + 5) and not flood.is_boxed("198.51.100.7", NOW + 5)
     assert flood.admit("192.0.3.1", NOW + 5)  # the next /24 is another network
     assert flood.stats() == {"dropped": 2, "refused": 1, "boxes": 1, "boxed": 1, "filtered": 1}
 
@@ -44,7 +46,7 @@ def test_a_network_over_its_rate_is_boxed_whole_and_others_go_on():
 def test_the_box_opens_after_the_penalty_by_sweep_or_by_the_next_request():
     flood = guard(count=1, penalty=10.0)
     assert flood.admit("192.0.2.1", NOW) and not flood.admit("192.0.2.1", NOW)
-    assert not flood.refuses("192.0.2.1", NOW + 10.0)  # over at its end
+    assert not flood.is_boxed("192.0.2.1", NOW + 10.0)  # over at its end
     assert flood.admit("192.0.2.1", NOW + 10.0)  # and released by the request
     assert not flood.admit("192.0.2.1", NOW + 10.0)  # boxed again at once: twice as long
     assert flood.sweep(NOW + 29.9) == 0 and flood.sweep(NOW + 30.0) == 1
@@ -57,7 +59,7 @@ def test_ipv6_networks_are_their_slash_48_and_mapped_ipv4_is_ipv4():
     assert flood.network("2001:db8:1:2::5") != flood.network("2001:db8:2::1")
     assert flood.network("::ffff:192.0.2.9") == flood.network("192.0.2.1") == (4, 0xC0000200)
     assert flood.admit("2001:db8:1::1", NOW) and not flood.admit("2001:db8:1:9::1", NOW)
-    assert flood.refuses("2001:db8:1:7::7", NOW) and flood.filtered is None  # v6: Python only
+    assert flood.is_boxed("2001:db8:1:7::7", NOW) and flood.filtered is None  # v6: Python only
 
 
 def test_exempt_networks_and_non_addresses_are_never_counted():
@@ -199,3 +201,19 @@ def test_a_read_carrying_more_requests_than_the_network_may_send_boxes_it_unpars
     assert flood.boxed == {(4, 0xC0000200): NOW + 30.0} and flood.dropped == 7
     assert not flood.admit_read("192.0.2.4", 1, NOW + 1)  # a boxed network's reads too
     assert flood.admit_read("198.51.100.1", 10, NOW) and flood.admit_read("unix", 10**6, NOW)
+
+
+def test_box_warnings_are_bounded_per_second(caplog):
+    """A flood over thousands of networks is boxed network by network, but the log gets at
+    most LOG_BOXES_PER_SECOND lines a second; the next line says how many it left out."""
+    flood = guard(count=1, burst=0)
+    with caplog.at_level("WARNING", logger="verge.protect"):
+        for n in range(500):  # 500 /24s over their rate within one second
+            net = f"10.{n // 256}.{n % 256}.1"
+            flood.admit(net, NOW + 0.5)
+            assert not flood.admit(net, NOW + 0.5)
+        assert flood.boxes == 500 and len(caplog.records) == LOG_BOXES_PER_SECOND
+        flood.admit("192.0.2.1", NOW + 1.5)
+        assert not flood.admit("192.0.2.1", NOW + 1.5)  # the next second: written, with the count
+    assert len(caplog.records) == LOG_BOXES_PER_SECOND + 1
+    assert "490 more networks boxed before it" in caplog.records[-1].getMessage()

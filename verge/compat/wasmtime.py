@@ -88,7 +88,6 @@ __all__ = [
     "NativeTicker",
     "StoreView",
     "address",
-    "build_shim_command",
     "c_argv",
     "c_strings",
     "check",
@@ -506,6 +505,18 @@ def _shim_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"verge-native-{os.getuid()}"
 
 
+def _private_dir(path: Path) -> Path:
+    """``path``, made if missing (0700); OSError unless it and its parent are ours and no one
+    else may write to them. The library found there is loaded into the process: in a shared
+    place (the /tmp fallback) another user must not be able to put one there first."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for directory in (path.parent, path):
+        info = directory.lstat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022 or not os.path.isdir(directory):
+            raise OSError(f"{directory} is not a private directory of this user: not used")
+    return path
+
+
 def _build_shim() -> Path | None:
     """The library built from SHIM_SOURCE for this libwasmtime (cached by a hash of both)."""
     source, script = SHIM_SOURCE / "wasmshim.c", SHIM_SOURCE / "build.sh"
@@ -521,10 +532,9 @@ def _build_shim() -> Path | None:
         f"{stat.st_size}.{stat.st_mtime_ns}".encode(),
     ):
         key.update(part)
-    target = _shim_cache_dir() / key.hexdigest()[:16] / _SHIM_LIBRARY
+    target = _private_dir(_shim_cache_dir() / key.hexdigest()[:16]) / _SHIM_LIBRARY
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{_SHIM_LIBRARY}.{os.getpid()}.{threading.get_ident()}")
     try:
         subprocess.run(
@@ -543,11 +553,6 @@ def _build_shim() -> Path | None:
         if partial.exists():
             partial.unlink()
     return target
-
-
-def build_shim_command(out: str) -> list[str]:
-    """The command that builds the shim to ``out`` (what :func:`shim` runs; for a Makefile)."""
-    return ["sh", str(SHIM_SOURCE / "build.sh"), out, str(Path(ffi.dll._name).resolve().parent)]
 
 
 def _declare_shim(lib: Any) -> None:

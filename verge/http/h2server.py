@@ -23,6 +23,7 @@ into the event loop. :meth:`H2ServerProtocol.close_gracefully` drains for reload
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import os
@@ -170,7 +171,7 @@ def fields_of(response: Response) -> list[tuple[bytes, bytes]]:
     return fields
 
 
-class WriterState:
+class WriterState(abc.ABC):
     """What the stream writers (HTTP/2 and /3 here, the native front's in
     :mod:`verge.http.native_h2`) share: the state the application and the access log read,
     `start`, and the way a streamed response is sent through the writer's own ``_send_head``,
@@ -203,9 +204,9 @@ class WriterState:
         self._no_body = self._method == "HEAD" or status in NO_BODY_STATUSES
         self._send_head(status, response_fields(status, headers, content_length))
 
+    @abc.abstractmethod
     def _send_head(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
         """Put the head on the wire (and end the stream when ``_no_body``)."""
-        raise NotImplementedError
 
     def _sent_whole(self, status: int) -> None:
         """A whole response went out in one piece."""

@@ -108,6 +108,8 @@ MAX_ESCALATION = 16
 BURST_SECONDS = 0.1
 """The default burst: this much of the rate (see the module docstring)."""
 MIN_BURST = 10
+LOG_BOXES_PER_SECOND = 10
+"""Box warnings written per second at most (the rest are counted: verge_flood_boxes)."""
 MEMO_SIZE = 65_536
 MAX_NETWORKS = 100_000
 """Networks counted at once; the least recently seen go first (permissive: they restart)."""
@@ -175,6 +177,9 @@ class FloodGuard:
         self.dropped = 0  # requests dropped (their connections closed)
         self.refused = 0  # connections refused at accept in Python
         self.boxes = 0  # networks put in the box
+        self._log_second = -1  # the second whose box warnings are being counted
+        self._logged = 0  # box warnings written in it
+        self._unlogged = 0  # boxes in it not written (said at the next one written)
 
     @classmethod
     def of(cls, spec: FloodSpec | None, previous: FloodGuard | None, *, workers: int,
@@ -254,17 +259,11 @@ class FloodGuard:
         self.dropped += requests
         return False
 
-    def refuses(self, peer: str, now: float) -> bool:
-        """Whether a new connection from ``peer`` is refused (its network is boxed; not
-        counted: :meth:`accept` counts)."""
-        if not self.boxed:
-            return False
+    def is_boxed(self, peer: str, now: float) -> bool:
+        """Whether ``peer``'s network is in the box now (a query: nothing is counted)."""
         network = self.network(peer)
         release = self.boxed.get(network) if network is not None else None
-        if release is None or now >= release:
-            return False
-        self.refused += 1
-        return True
+        return release is not None and now < release
 
     def _count(self, network: tuple[int, int], now: float) -> bool:
         """One request or connection of ``network``; False: it is boxed (maybe just now)."""
@@ -299,14 +298,29 @@ class FloodGuard:
         penalty = self.sentence(network, now)
         boxed[network] = now + penalty
         self.boxes += 1
-        log.warning("flood guard: %s over %d/%ds, boxed for %.0f s", network_text(network),
-                    self.spec.count, self.spec.period, penalty)
+        self._log_box(network, penalty, now)
         if self.on_box is not None:
             self.on_box(lambda peer: self.network(peer) == network)
         if network[0] == 4:
             self._filter_stale = True
             if not self.filtered or now - self._filtered_at >= FILTER_EVERY:
                 self.update_filter(now)
+
+    def _log_box(self, network: tuple[int, int], penalty: float, now: float) -> None:
+        """One warning per box, at most LOG_BOXES_PER_SECOND a second: a flood spread over
+        thousands of networks (an IPv6 attacker has as many /48s as it likes) must not flood
+        the log too; the boxes not written are counted in the next line that is."""
+        second = int(now)
+        if second != self._log_second:
+            self._log_second, self._logged = second, 0
+        if self._logged >= LOG_BOXES_PER_SECOND:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        more, self._unlogged = self._unlogged, 0
+        log.warning("flood guard: %s over %d/%ds, boxed for %.0f s%s", network_text(network),
+                    self.spec.count, self.spec.period, penalty,
+                    f" ({more} more networks boxed before it, not logged)" if more else "")
 
     def sweep(self, now: float) -> int:
         """Release the networks whose penalty is over (periodic housekeeping); how many."""

@@ -361,8 +361,7 @@ def video_tag(stream: str, timestamp: int, body: bytes) -> VideoTag | None:
     """An FLV VIDEODATA body (H.264) as the ingest's tag; None if it is not AVC."""
     if len(body) < 5 or body[0] & 0x0F != 7:
         return None
-    composition_time = int.from_bytes(body[2:5], "big", signed=True)
-    return VideoTag(stream, timestamp, body, 7, body[0] >> 4 == 1, body[1] == 0, composition_time)
+    return VideoTag.from_h264(stream, timestamp, body)
 
 
 @dataclass(eq=False)

@@ -97,6 +97,13 @@ class VideoTag:
     is_sequence_header: bool
     composition_time: int = 0
 
+    @classmethod
+    def from_h264(cls, name: str, timestamp: int, body: bytes) -> VideoTag:
+        """The tag of an H.264 VIDEODATA body (codec id 7, at least 5 bytes: the caller
+        checks): frame type, AVC packet type and the signed 24-bit composition time."""
+        return cls(name, timestamp, body, H264, body[0] >> 4 == KEYFRAME, body[1] == 0,
+                   int.from_bytes(body[2:5], "big", signed=True))
+
     @property
     def avc_packet_type(self) -> int:
         """0: sequence header (AVCDecoderConfigurationRecord), 1: NAL units, 2: end of sequence."""
@@ -586,20 +593,7 @@ class RtmpSession:
             )
         if len(payload) < 5:
             raise _ProtocolError("truncated H.264 video message")
-        cts = int.from_bytes(payload[2:5], "big")
-        if cts & 0x800000:
-            cts -= 1 << 24
-        events.append(
-            VideoTag(
-                name,
-                message.timestamp,
-                payload,
-                codec_id,
-                frame_type == KEYFRAME,
-                payload[1] == 0,
-                cts,
-            )
-        )
+        events.append(VideoTag.from_h264(name, message.timestamp, payload))
 
     def _on_audio(self, message: Message, events: list[Event]) -> None:
         name = self._publishing_name(message)
