@@ -170,6 +170,22 @@ def test_a_failed_build_means_the_fallback(monkeypatch, tmp_path, caplog):
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
 
 
+def test_a_library_planted_in_a_shared_cache_is_never_loaded(monkeypatch, tmp_path, caplog):
+    """The shim is loaded from its cache directory only if the directory and its parent are
+    this user's and no one else may write to them: a world-writable cache (the /tmp fallback
+    made by another user first) is refused, and the ctypes path runs."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.delenv(compat.SHIM_ENV, raising=False)
+    monkeypatch.setenv("VERGE_NATIVE_CACHE", str(shared))
+    (shared / "verge-native").mkdir(mode=0o777)
+    (shared / "verge-native").chmod(0o777)
+    assert compat._load_shim() is None
+    assert "not a private directory" in caplog.text
+    assert not list(shared.rglob("*.so"))
+
+
 def test_output_files_of_dead_processes_are_swept(tmp_path):
     prefix = runtime_module._OUTPUT_PREFIX
     dead, mine = tmp_path / f"{prefix}999999999-out-x", tmp_path / f"{prefix}{os.getpid()}-out-y"
