@@ -44,6 +44,7 @@ from verge.http import proxy_protocol
 from verge.http.message import Request, known_host, set_host
 from verge.http.response import FileBody, Response, write_body
 from verge.http.target import BadTarget, normalize_target
+from verge.http.wirefile import WireFile, wire_for
 from verge.http_semantics import REASONS
 
 COPY_CHUNK = 256 * 1024
@@ -170,8 +171,9 @@ def render_head(status: int, headers, content_length: int | None, reason: str = 
 
 def http1_bytes(response: Response):
     """The complete HTTP/1.1 rendering of a response with a bytes (or no) body, for a
-    keep-alive HTTP/1.1 GET: bytes, or (head, body) when the body is large (writev, no
-    copy). Memoised on the response (a hot cache entry's Response is reused)."""
+    keep-alive HTTP/1.1 GET: bytes, or when the body is large (head, body) for writev or a
+    :class:`~verge.http.wirefile.WireFile` (sendfile from a memfd once sent twice).
+    Memoised on the response (a hot cache entry's Response is reused)."""
     wire = response.http1
     if wire is None:
         head = render_head(response.status, response.headers, response.length,
@@ -182,7 +184,7 @@ def http1_bytes(response: Response):
         elif len(body) < WRITEV_THRESHOLD:
             wire = head + body
         else:
-            wire = (head, body)
+            wire = wire_for(head, body)
         response.http1 = wire
     return wire
 
@@ -420,10 +422,10 @@ class ResponseWriter:
             self.started = self.finished = True
             self.status = response.status
             wire = http1_bytes(response)
-            if type(wire) is tuple:
-                self._proto.write_many(wire)
-            else:
+            if type(wire) is bytes:
                 self._proto.write_raw(wire)
+            else:
+                self._proto.write_many(wire if type(wire) is tuple else wire.parts)
             self.bytes_sent = 0 if response.status in NO_BODY_STATUSES else len(body)
             await self._proto.drain()
             return
@@ -498,6 +500,8 @@ def adopt_transport(proto, transport, *, gate: bool = True) -> bool:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proto.scheme == "http":  # a large hit may be sent from a memfd (verge.http.wirefile)
+            proto.sendfile_fd = sock.fileno()
     HttpServerProtocol.connections.add(proto)
     return True
 
@@ -563,6 +567,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.client = ""
         self.scheme = "http"
         self.gate = None  # the connection gate that counted this connection (adopt_transport)
+        self.sendfile_fd = -1  # the plain-TCP socket's descriptor (adopt_transport)
         self._queue: deque[Request] = deque()
         self._draining = False  # _after_response is answering the queue (not re-entered)
         self._busy = False
@@ -883,8 +888,10 @@ class HttpServerProtocol(asyncio.Protocol):
             wire = http1_bytes(response)  # a hit: memoised on the response
             if type(wire) is bytes:
                 self.transport.write(wire)
+            elif type(wire) is WireFile and self.sendfile_fd >= 0:
+                wire.send(self.transport, self.sendfile_fd)
             else:
-                self.transport.writelines(wire)
+                self.transport.writelines(wire if type(wire) is tuple else wire.parts)
             self._after_response(keep_alive)
             return
         self._busy = True
