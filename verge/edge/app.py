@@ -72,6 +72,7 @@ from verge.protect.waf import Waf
 from verge.uri import has_encoded_separator
 
 log = logging.getLogger("verge.edge")
+_monotonic = time.monotonic  # the clock of request durations and of the guards (rates)
 
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -380,13 +381,13 @@ class EdgeApp:
 
     def handle_fast(self, request) -> Response | None:
         """Answer a fresh memory hit without a task; None sends the request down the async path."""
+        started = _monotonic()  # one clock read serves the guards and the log's duration
         flood = self.flood
-        if flood is not None and not flood.admit(request.client, time.monotonic()):
+        if flood is not None and not flood.admit(request.client, started):
             request.admitted = FLOODED
             return None  # handle() drops the connection
         if request.method not in CACHEABLE_METHODS:
             return None
-        started = time.perf_counter()
         original = request
         route, request = self.cached_route(request)
         if type(route) is not Route:
@@ -395,7 +396,7 @@ class EdgeApp:
         admitted = ADMITTED
         guard = route.protection
         if guard is not None:  # the protect phase: once per request
-            admitted = original.admitted = guard.admit(request)
+            admitted = original.admitted = guard.admit(request, started)
             if admitted is not ADMITTED:
                 if admitted.refusal is not None:
                     guard.refused(request, admitted)
@@ -544,10 +545,10 @@ class EdgeApp:
 
     # ----- async path --------------------------------------------------------------------------
     async def handle(self, request, writer: ResponseWriter) -> None:
-        started = time.perf_counter()
+        started = _monotonic()
         admitted = request.admitted
         if self.flood is not None and (admitted is FLOODED or request.body is not None and
-                                       not self.flood.admit(request.client, time.monotonic())):
+                                       not self.flood.admit(request.client, started)):
             self._log(request, 0, 0, "flood", started)  # (with a body: handle_fast never saw it)
             raise ConnectionResetError("dropped by the flood guard")
         route, request = self.cached_route(request)
@@ -558,7 +559,7 @@ class EdgeApp:
             return
         if route.protection is not None:
             if admitted is None:  # (handle_fast took it for requests without a body)
-                admitted = route.protection.admit(request)
+                admitted = route.protection.admit(request, started)
             if admitted.drop:
                 route.protection.refused(request, admitted)
                 self._log(request, 0, 0, "protect", started)
@@ -847,7 +848,7 @@ class EdgeApp:
     def _log(self, request, status, sent: int, result: str, started: float) -> None:
         """Record the request (metrics and access log are fed in batches: observe.records)."""
         pending = self._records
-        pending.append((time.time(), time.perf_counter() - started, request.client,
+        pending.append((time.time(), _monotonic() - started, request.client,
                         request.method, request.host, request.target, status, sent, result,
                         request.service))
         if len(pending) >= RequestRecords.BATCH:

@@ -118,6 +118,11 @@ class ServiceProtection:
         self.waf = self._load_waf(settings)
         self.events: deque[tuple] = deque(maxlen=EVENTS_KEPT)
         self._gate: ConnectionGate | None = None  # set when its cap is below the node's
+        # The rule admit() runs inline when the limiter is one rule keyed by the client
+        # address (the common shape; RateLimiter.client_rule), skipping the general walk.
+        # Why: on a hit each further call and object the check touches is a CPU-cache miss
+        # after the kernel's network work (caches cold: 3.5 µs for the walk, 1.7 inline).
+        self._inline_rule = self.limiter.client_rule() if self.limiter is not None else None
 
     def bind_gate(self, gate: ConnectionGate | None) -> None:
         """Check this service's own connection cap per request when the node's gate lets
@@ -154,10 +159,22 @@ class ServiceProtection:
                 return Admission(text_response(403, f"forbidden ({reason})\n",
                                                [("Cache-Control", "no-store")]),
                                  kind="deny", detail=reason)
+        rule = self._inline_rule
+        if rule is not None and ":" not in request.client:  # an IPv4 peer is its own key
+            if not request.target.startswith(rule.prefix):
+                return ADMITTED
+            ahead = rule.limit.update(request.client, _monotonic() if now is None else now)
+            if ahead >= 0.0:
+                rule.counters.allowed += 1
+                return ADMITTED
+            return self._admission(self.limiter.refused(rule, -ahead))
         limiter = self.limiter
         if limiter is None:
             return ADMITTED
-        verdict = limiter.evaluate(request, _monotonic() if now is None else now)
+        return self._admission(limiter.evaluate(request, _monotonic() if now is None else now))
+
+    def _admission(self, verdict) -> Admission:
+        """The protect phase's answer to a rate-limit verdict."""
         if verdict is ALLOW:  # the common case: within every limit, no fields to add
             return ADMITTED
         if verdict.action == "block":

@@ -329,7 +329,7 @@ class RateLimiter:
             return ALLOW
         ahead = hit.limit.update(hit.key_of(request), now)
         if ahead < 0.0:
-            return self._refused(hit, -ahead)
+            return self.refused(hit, -ahead)
         hit.counters.allowed += 1
         return hit.allowed(ahead) if hit.headers else ALLOW
 
@@ -338,14 +338,14 @@ class RateLimiter:
         for rule, key in zip(hits, keys, strict=True):
             if rule.enforcing and not rule.limit.peek(key, now).allowed:
                 ahead = rule.limit.update(key, now)  # boxes the key if the rule has a penalty
-                return self._refused(rule, -ahead if ahead < 0.0 else rule.limit.interval)
+                return self.refused(rule, -ahead if ahead < 0.0 else rule.limit.interval)
         logged: Verdict | None = None
         policies: list[str] = []
         limits: list[str] = []
         for rule, key in zip(hits, keys, strict=True):
             ahead = rule.limit.update(key, now)
             if ahead < 0.0:  # a log rule, or another worker spent the last unit meanwhile
-                verdict = self._refused(rule, -ahead)
+                verdict = self.refused(rule, -ahead)
                 if rule.enforcing:
                     return verdict
                 logged = logged or verdict
@@ -363,7 +363,7 @@ class RateLimiter:
             return logged._replace(headers=fields)
         return Verdict("allow", "", 0.0, fields) if fields else ALLOW
 
-    def _refused(self, rule: _Rule, retry_after: float) -> Verdict:
+    def refused(self, rule: _Rule, retry_after: float) -> Verdict:
         counters = rule.counters
         counters.limited += 1
         action = rule.spec.action
@@ -379,6 +379,18 @@ class RateLimiter:
             ("RateLimit", f'"{rule.name}";r=0;t={wait}'),
         )
         return Verdict("block", rule.name, retry_after, fields)
+
+    def client_rule(self) -> _Rule | None:
+        """The limiter's one rule when it has the shape a protect phase runs inline
+        (verge.edge.protect.ServiceProtection.admit): a single rule for every method, keyed
+        by the peer address alone (no proxies to see through) and adding no fields to allowed
+        answers. Its key for an IPv4 peer is the peer address itself; None otherwise."""
+        if len(self._rules) != 1 or self.addresses.trusts_proxies:
+            return None
+        rule = self._rules[0]
+        if rule.methods is not None or rule.headers or rule.key_of != self.addresses.key:
+            return None
+        return rule
 
     def sweep(self, now: float) -> int:
         """Drop expired keys of the worker-local rules (call from periodic housekeeping)."""
