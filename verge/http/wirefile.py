@@ -28,6 +28,7 @@ of the original bytes, so the order of the bytes on the connection is kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections import deque
@@ -43,7 +44,7 @@ class WireFile:
     """One complete HTTP/1.1 response (``parts``: head, body), and after its second send
     the memfd holding the same bytes (``fd``; -1 while there is none)."""
 
-    __slots__ = ("parts", "size", "fd", "state", "__weakref__")
+    __slots__ = ("parts", "size", "fd", "state", "pool", "__weakref__")
 
     NEW, SEEN, FILED, SPILLED = range(4)
 
@@ -52,6 +53,7 @@ class WireFile:
         self.size = len(head) + len(body)
         self.fd = -1
         self.state = WireFile.NEW
+        self.pool: WirePool | None = None  # the pool whose budget its memfd counts in
 
     def send(self, transport, sock_fd: int) -> None:
         """Write the response on ``transport`` (a plain-TCP socket whose descriptor is
@@ -90,12 +92,13 @@ class WireFile:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-            POOL.used -= self.size
+            self.pool.used -= self.size
         self.state = WireFile.SPILLED
 
     def __del__(self) -> None:
         if self.fd >= 0:
-            self.close()
+            with contextlib.suppress(Exception):  # (at interpreter exit os may be gone)
+                self.close()
 
 
 class WirePool:
@@ -124,7 +127,7 @@ class WirePool:
         except OSError:
             os.close(fd)
             return False
-        wire.fd = fd
+        wire.fd, wire.pool = fd, self
         self.used += wire.size
         self.filed.append(weakref.ref(wire))
         if len(self.filed) > 2 * (self.budget // SENDFILE_MIN):  # dead refs pile up
