@@ -27,3 +27,14 @@ def test_a_body_is_never_counted():
         assert pipelined_requests(upload) == 1, field
     body_later = GET * 3 + b"PUT /x HTTP/1.1\r\nCONTENT-LENGTH: 9999\r\n\r\n" + LOG_LINES
     assert pipelined_requests(body_later) == 4
+
+
+def test_a_zero_length_announces_no_body():
+    zero = b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    assert pipelined_requests(zero * 200) == 200  # a flood cannot hide behind it
+    assert pipelined_requests(zero.replace(b": 0", b":  000 ") * 50) == 50
+    for value in (b"1", b"10", b"0x0", b"-0", b"", b"0 0", b"9" * 5000):
+        head = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+        assert pipelined_requests(head + LOG_LINES) == 1, value
+    last_field = b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    assert pipelined_requests(GET * 2 + last_field + GET) == 4

@@ -134,7 +134,7 @@ WRITEV_THRESHOLD = 32 * 1024  # bigger bodies go out with writev instead of bein
 
 
 REQUEST_LINE_MARK = b" HTTP/1."
-_BODY_FIELDS = (b"\ncontent-length:", b"\ntransfer-encoding:")
+_LENGTH_FIELD = b"\ncontent-length:"
 
 
 def pipelined_requests(data: bytes) -> int:
@@ -142,8 +142,10 @@ def pipelined_requests(data: bytes) -> int:
     guard's ``admit_read`` (verge.protect.flood): its request heads, counted up to the first
     one that announces a body. A body can hold anything (an uploaded access log holds
     hundreds of " HTTP/1." strings), so what follows such a head is never counted: an upload
-    must not box its network. One pass of ``bytes.count`` when the read holds at most one
-    request line; the heads are walked only when there are more."""
+    must not box its network. ``Content-Length: 0`` announces no body (a flood that put it
+    on every pipelined GET would otherwise be weighed as one request). One pass of
+    ``bytes.count`` when the read holds at most one request line; the heads are walked only
+    when there are more."""
     if data.count(REQUEST_LINE_MARK) <= 1:
         return 1
     count, at, size = 0, 0, len(data)
@@ -152,11 +154,24 @@ def pipelined_requests(data: bytes) -> int:
         if end < 0:
             return count + 1  # an unfinished head: one more request, not yet parsed
         count += 1
-        head = data[at:end].lower()
-        if _BODY_FIELDS[0] in head or _BODY_FIELDS[1] in head:
+        if _announces_body(data[at:end + 2].lower()):
             return count
         at = end + 4
     return count
+
+
+def _announces_body(head: bytes) -> bool:
+    """Whether a request head (lower-cased, ending with CRLF) announces a body: any
+    Transfer-Encoding, or a Content-Length that is not zero (or not a number: llhttp will
+    refuse it, and until then it is taken as a body)."""
+    if b"\ntransfer-encoding:" in head:
+        return True
+    at = head.find(_LENGTH_FIELD)
+    if at < 0:
+        return False
+    at += len(_LENGTH_FIELD)
+    value = head[at:head.index(b"\r\n", at)].strip(b" \t")
+    return not (value.isdigit() and not value.strip(b"0"))
 
 
 def render_head(status: int, headers, content_length: int | None, reason: str = "") -> bytes:
