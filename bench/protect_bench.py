@@ -220,8 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ServerError, WrkError) as error:
         print(f"benchmark failed: {error}")
         return 1
-    summary["in_process"] = in_process()
-    summary["in_process_cold"] = in_process(cold=True)
+    batches = 20 if opts.quick else 150
+    summary["in_process"] = in_process(batches)
+    summary["in_process_cold"] = in_process(batches, cold=True)
     for key, what in (("in_process", "warm caches"), ("in_process_cold", "CPU caches flushed")):
         print(f"In process, {what}: µs per hit on the synchronous path (10th percentile /"
               " median of alternating batches):")
