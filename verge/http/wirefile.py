@@ -66,9 +66,7 @@ class WireFile:
             return
         try:
             sent = os.sendfile(sock_fd, fd, 0, self.size)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:  # the peer is gone: the transport finds out and reports it
+        except OSError:  # full (EAGAIN), or the peer is gone: the transport finds out
             sent = 0
         if sent < self.size:
             self._send_rest(transport, sent)
