@@ -25,9 +25,9 @@ Run (no make needed), from the repository root::
     .venv/bin/python bench/latency_bench.py --mode both --part-target 0.2 --segment-target 1 \
         --json bench/results/latency.json
 
-``--part-target`` / ``--segment-target`` go into the stream server's config file (unset: the
-config's defaults). Needs ffmpeg, /usr/bin/chromium + chromedriver and selenium (as the
-browser tests), and hls.js vendored (scripts/vendor-web.sh).
+``--part-target`` / ``--segment-target`` / ``--part-hold-back`` go into the stream server's
+config file (unset: the config's defaults). Needs ffmpeg, /usr/bin/chromium + chromedriver and
+selenium (as the browser tests), and hls.js vendored (scripts/vendor-web.sh).
 """
 
 from __future__ import annotations
@@ -205,8 +205,7 @@ class Platform:
     def __init__(
         self,
         workdir: Path,
-        part_target: float | None,
-        segment_target: float | None,
+        stream_settings: dict[str, float],
         ladder: str | None = None,
     ):
         self.workdir = workdir
@@ -214,13 +213,11 @@ class Platform:
         self.rtmp_port = self.http_port = 0  # the stream server picks them
         self.children: list[Child] = []
         self.config = workdir / "stream.yaml"
-        self.config.write_text(self._config(part_target, segment_target, ladder))
+        self.config.write_text(self._config(stream_settings, ladder))
         self.edge_url = ""
         self.origin_url = f"http://127.0.0.1:{self.http_port}"
 
-    def _config(
-        self, part_target: float | None, segment_target: float | None, ladder: str | None
-    ) -> str:
+    def _config(self, stream_settings: dict[str, float], ladder: str | None) -> str:
         lines = [
             "stream:",
             "  apps:",
@@ -230,10 +227,7 @@ class Platform:
         ]
         if ladder:
             lines.append(f"      ladder: {ladder}")
-        if part_target is not None:
-            lines.append(f"  part_target: {part_target}")
-        if segment_target is not None:
-            lines.append(f"  segment_target: {segment_target}")
+        lines += [f"  {name}: {value}" for name, value in stream_settings.items()]
         lines.append(f"  data_dir: {self.workdir / 'stream-data'}")
         lines.append("  webrtc: {candidates: [127.0.0.1]}")
         return "\n".join(lines) + "\n"
@@ -429,7 +423,10 @@ def run(args: argparse.Namespace) -> list[Session]:
     modes = ["hls", "webrtc"] if args.mode == "both" else [args.mode]
     sessions: list[Session] = []
     with tempfile.TemporaryDirectory(prefix="verge-latency-") as tmp:
-        platform = Platform(Path(tmp), args.part_target, args.segment_target, args.ladder)
+        settings = {name: value for name, value in (
+            ("part_target", args.part_target), ("segment_target", args.segment_target),
+            ("part_hold_back", args.part_hold_back)) if value is not None}
+        platform = Platform(Path(tmp), settings, args.ladder)
         try:
             platform.start()
             total = (
@@ -484,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--part-target", type=float, default=None)
     parser.add_argument("--segment-target", type=float, default=None)
+    parser.add_argument("--part-hold-back", type=float, default=None)
     parser.add_argument("--ladder", default=None, help="YAML flow list, e.g. '[source]'")
     parser.add_argument("--json", type=Path, default=None, help="write the sessions here")
     args = parser.parse_args(argv)

@@ -90,6 +90,20 @@ def test_the_playlist_holds_back_three_parts_and_blocks():
     assert durations and max(durations) <= PART_TARGET
 
 
+def test_a_configured_part_hold_back_is_advertised():
+    video, _ = media.separate(seconds=3, frag_us=180000)
+    stream = LiveStream(part_target=PART_TARGET, segment_target=1.0, part_hold_back=0.5,
+                        clock=lambda: 1e9)
+    stream.add_rendition("v").feed(video)
+    assert "PART-HOLD-BACK=0.5," in stream.media_playlist("v")
+
+
+@pytest.mark.parametrize("hold_back", [0.0, 0.3, 0.49, -1])
+def test_a_part_hold_back_under_two_parts_is_refused(hold_back):
+    with pytest.raises(ValueError, match="part_hold_back|greater than"):
+        StreamSettings(part_target=0.25, part_hold_back=hold_back)
+
+
 def test_the_defaults_are_the_low_latency_ones():
     settings = StreamSettings()
     assert settings.part_target <= 0.25 and settings.segment_target <= 1.0

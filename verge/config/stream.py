@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from verge.config.base import FilePath, Label, Model, Name, Secret, Slug, ip_literal
 from verge.config.bounds import (
@@ -92,6 +92,9 @@ class StreamSettings(Model):
     """LL-HLS part duration target (seconds)."""
     segment_target: Duration = 1.0
     """Segment duration target: segments start at the first keyframe past it."""
+    part_hold_back: Duration | None = None
+    """How far behind the live edge an LL-HLS player starts (PART-HOLD-BACK, seconds); at
+    least two part targets (the RFC 8216bis minimum). Unset: three part targets."""
     dvr_window: Duration = 120.0
     """How much of a live stream stays in the playlists."""
     grace: Duration = 10.0
@@ -104,3 +107,12 @@ class StreamSettings(Model):
     """Bearer token for the VOD upload API; unset: uploads are disabled."""
     webrtc: WebRtcSettings = Field(default_factory=WebRtcSettings)
     """WebRTC playback (WHEP): candidate addresses, viewer limits, session reaping."""
+
+    @model_validator(mode="after")
+    def _hold_back_covers_two_parts(self) -> StreamSettings:
+        if self.part_hold_back is not None and self.part_hold_back < 2 * self.part_target:
+            raise ValueError(
+                f"part_hold_back ({self.part_hold_back} s) must be at least two part targets "
+                f"({2 * self.part_target} s): a player closer to the live edge stalls"
+            )
+        return self

@@ -287,10 +287,12 @@ class StreamServer:
         name = stream.rsplit("/", 1)[1]  # documents at /APP/NAME.m3u8, renditions at /APP/NAME/R/
         naming = StreamNaming(playlist=f"{name}/{{rendition}}/index.m3u8",
                               directory=f"{name}/{{rendition}}/")
-        channel = Channel(stream, app, LiveStream(
+        packager = LiveStream(
             part_target=settings.part_target, segment_target=settings.segment_target,
-            window=settings.dvr_window, stream_naming=naming), metrics=self.metrics,
-            key=os.urandom(16) if app.encrypt else None)
+            part_hold_back=settings.part_hold_back, window=settings.dvr_window,
+            stream_naming=naming)
+        channel = Channel(stream, app, packager, metrics=self.metrics,
+                          key=os.urandom(16) if app.encrypt else None)
         channel.packager.timeline.arrival = channel.clock.arrival_of  # PDT from the ingest
         if self.transcode:
             channel.job = self._transcoder(channel)

@@ -91,6 +91,7 @@ class LiveRendition(DescribedTracks):
         *,
         part_target: float = 0.2,
         segment_target: float = 1.0,
+        part_hold_back: float | None = None,
         window: float = 30.0,
         naming: Naming | None = None,
         bandwidth_hint: int = 0,
@@ -100,6 +101,7 @@ class LiveRendition(DescribedTracks):
         self.name = name
         self.part_target = part_target
         self.segment_target = segment_target
+        self.part_hold_back = part_hold_back  # None: the playlist's default (hls.py)
         self.window = window
         self.naming = naming or Naming()
         self.bandwidth_hint = bandwidth_hint
@@ -381,6 +383,7 @@ class LiveRendition(DescribedTracks):
             naming=self.naming,
             target=self.target_duration,
             part_target=self.part_target if ll else None,
+            part_hold_back=self.part_hold_back,
             ended=self.ended,
             preload=self.next_part() if ll else None,
             reports=reports,
@@ -406,6 +409,7 @@ class LiveStream:
         *,
         part_target: float = 0.2,
         segment_target: float = 1.0,
+        part_hold_back: float | None = None,
         window: float = 30.0,
         naming: Naming | None = None,
         stream_naming: StreamNaming | None = None,
@@ -413,6 +417,7 @@ class LiveStream:
     ) -> None:
         self.part_target = part_target
         self.segment_target = segment_target
+        self.part_hold_back = part_hold_back
         self.window = window
         self.naming = naming or Naming()
         self.stream_naming = stream_naming or StreamNaming()
@@ -427,6 +432,7 @@ class LiveStream:
             name,
             part_target=self.part_target,
             segment_target=self.segment_target,
+            part_hold_back=self.part_hold_back,
             window=self.window,
             naming=self.naming,
             bandwidth_hint=bandwidth_hint,
