@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from verge.http.response import Response
-from verge.http.server import HttpApp, HttpServerProtocol, ServerLimits, text_response
+from verge.http.server import HttpApp, HttpServerProtocol, Outbox, ServerLimits, text_response
 
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
@@ -112,10 +112,12 @@ class Connection:
         return bytes(self.transport.out)
 
     async def settle(self) -> None:
-        """Run the loop until the connection's tasks are done (or wait on something)."""
+        """Run the loop until the connection's tasks are done and its answers written
+        (held answers leave at the end of a turn), or it waits on something."""
         for _ in range(200):
             await asyncio.sleep(0)  # a yield to the loop, not a timed wait
-            if not self.proto._busy and not self.proto._turn_scheduled:
+            proto = self.proto
+            if not proto._busy and not proto._turn_scheduled and proto._held is None:
                 return
 
     def close(self) -> None:
@@ -393,6 +395,65 @@ async def test_the_pipelined_queue_is_bounded() -> None:
         assert len(answers(bytes(connection.transport.out))) == 4
     finally:
         connection.close()
+
+
+# --- answers held to the end of the turn (Outbox) -----------------------------------------------
+
+
+async def test_fast_answers_of_a_turn_are_written_together_at_its_end() -> None:
+    """Two connections of one listener read in the same turn: neither answer is written
+    while the turn decides, both are once it ends, each on its own connection."""
+    loop = asyncio.get_running_loop()
+    outbox = Outbox(loop)
+    pairs = []
+    for _ in range(2):
+        transport = Transport()
+        proto = HttpServerProtocol(App(), ServerLimits(), loop, outbox)
+        proto.connection_made(transport)
+        pairs.append((proto, transport))
+    for index, (proto, _transport) in enumerate(pairs):
+        proto.data_received(b"GET /n%d HTTP/1.1\r\nHost: t\r\n\r\n" % index)
+    assert [t.out for _p, t in pairs] == [b"", b""] and len(outbox.held) == 2
+    await asyncio.sleep(0)  # the turn ends
+    assert [answers(bytes(t.out))[0].body for _p, t in pairs] == [b"GET /n0\n", b"GET /n1\n"]
+    assert outbox.held == []
+
+
+async def test_pipelined_fast_answers_leave_in_order_in_one_write(conn: Connection) -> None:
+    writes: list[int] = []
+    conn.transport.writelines = lambda parts: (
+        writes.append(len(parts))
+        or [  # type: ignore
+            conn.transport.write(part) for part in parts
+        ]
+    )
+    out = await conn.send(b"".join(b"GET /p%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(5)))
+    assert [a.body for a in answers(out)] == [b"GET /p%d\n" % i for i in range(5)]
+    assert writes == [5]
+
+
+async def test_a_closing_answer_and_an_error_write_the_held_answers_first(conn: Connection) -> None:
+    out = await conn.send(
+        b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    assert [a.body for a in answers(out)] == [b"GET /a\n", b"GET /b\n"]
+    assert conn.transport.closed
+    other = Connection()
+    try:
+        out = await other.send(
+            b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost : t\r\n\r\n"
+        )
+        assert [a.status for a in answers(out)] == [200, 400] and other.transport.closed
+    finally:
+        other.close()
+
+
+async def test_held_answers_of_a_lost_connection_are_dropped(conn: Connection) -> None:
+    conn.proto.data_received(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+    conn.transport.closed = True  # the peer went away before the turn ended
+    conn.proto.connection_lost(None)
+    await asyncio.sleep(0)
+    assert conn.transport.out == b""
 
 
 # --- keep-alive and close ---------------------------------------------------------------------

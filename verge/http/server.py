@@ -9,7 +9,8 @@ hands each request to an application with two entry points:
 * ``app.handle_fast(request)`` — synchronous; returns a protocol-neutral
   :class:`~verge.http.response.Response` (this module renders it as HTTP/1.1 and memoises
   the bytes on it), or ``None`` when it needs I/O. Cache hits take this path: no task, no
-  coroutine.
+  coroutine; their answers are written together at the end of the loop's turn
+  (:class:`Outbox`).
 * ``async app.handle(request, writer)`` — everything else, through a
   :class:`ResponseWriter`: ``send(response)`` for a whole answer (a body of bytes, a file
   range or an async source), or ``start``/``write``/``end`` (streaming, chunked framing,
@@ -568,15 +569,54 @@ def release_transport(proto) -> None:
         gate.closed(proto.client)
 
 
+class Outbox:
+    """The answers decided synchronously in one turn of the loop, written at its end.
+
+    Why: a turn of the loop hands the server every connection that became readable (~27
+    per turn with 50 busy clients). Writing each cache hit's answer the moment it is decided
+    interleaves the kernel's send path (TCP, the loopback delivery, waking the reader) with
+    the next request's Python, and each evicts the other from the CPU caches. Deciding every
+    ready request first, then writing all the answers, cut the worker's CPU per hit by 14 %
+    (one pinned worker, wrk -c50 on the other core, CPU time per request alternated A/B:
+    1 KiB 47.6 -> 40.7 µs, 100 KiB 90.1 -> 77.0 µs). The answers still leave in the same
+    turn (``call_soon`` runs after the turn's reads), so an answer waits at most for the
+    decisions of the other requests read with it. One outbox per listener (``serve``).
+    """
+
+    __slots__ = ("loop", "held")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.held: list[HttpServerProtocol] = []  # connections with answers to write
+
+    def hold(self, proto: HttpServerProtocol) -> None:
+        if not self.held:
+            self.loop.call_soon(self.flush)
+        self.held.append(proto)
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for proto in held:
+            proto.write_held()
+
+
 class HttpServerProtocol(asyncio.Protocol):
-    """One client connection. See the module docstring for the request flow."""
+    """One client connection. See the module docstring for the request flow.
+
+    Ordering: answers of ``handle_fast`` wait in ``_held`` for the end of the turn
+    (:class:`Outbox`); every other write of the connection (:meth:`write_raw`,
+    :meth:`write_many`, a file, an error, closing) writes them first.
+    """
 
     connections: set[HttpServerProtocol] = set()
 
-    def __init__(self, app, limits: ServerLimits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, app, limits: ServerLimits, loop: asyncio.AbstractEventLoop,
+                 outbox: Outbox | None = None) -> None:
         self.app = app
         self.limits = limits
         self.loop = loop
+        self.outbox = outbox if outbox is not None else Outbox(loop)
+        self._held: list | None = None  # answers decided, written at the turn's end (Outbox)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client = ""
@@ -632,6 +672,8 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if not self._closing and self.transport is not None:
+            if self._held is not None:
+                self.write_held()
             self._closing = True
             self.transport.close()
 
@@ -901,16 +943,33 @@ class HttpServerProtocol(asyncio.Protocol):
         if type(response.body) is not FileBody and keep_alive and request.version == "1.1" \
                 and request.method != "HEAD":
             wire = http1_bytes(response)  # a hit: memoised on the response
-            if type(wire) is bytes:
-                self.transport.write(wire)
-            elif type(wire) is WireFile and self.sendfile_fd >= 0:
-                wire.send(self.transport, self.sendfile_fd)
+            held = self._held
+            if held is None:
+                self._held = [wire]
+                self.outbox.hold(self)
             else:
-                self.transport.writelines(wire if type(wire) is tuple else wire.parts)
+                held.append(wire)
             self._after_response(keep_alive)
             return
         self._busy = True
         self.loop.create_task(self._send_task(response, request, keep_alive))
+
+    def write_held(self) -> None:
+        """Write the answers held for the end of the turn, in order (:class:`Outbox`)."""
+        held, self._held = self._held, None
+        transport = self.transport
+        if held is None or transport is None or transport.is_closing():
+            return
+        if len(held) > 1 and all(type(wire) is bytes for wire in held):
+            transport.writelines(held)  # pipelined small answers: one write
+            return
+        for wire in held:
+            if type(wire) is bytes:
+                transport.write(wire)
+            elif type(wire) is WireFile and self.sendfile_fd >= 0:
+                wire.send(transport, self.sendfile_fd)
+            else:
+                transport.writelines(wire if type(wire) is tuple else wire.parts)
 
     async def _send_task(self, response: Response, request: Request, keep_alive: bool) -> None:
         writer = ResponseWriter(self, request, keep_alive)
@@ -998,6 +1057,8 @@ class HttpServerProtocol(asyncio.Protocol):
         error = simple_response(status, f"{message}\n".encode(), close=True)
         if not self._busy:
             if self.transport is not None:
+                if self._held is not None:
+                    self.write_held()
                 self.transport.write(error)
             self._queue.clear()
             self.close()
@@ -1013,10 +1074,14 @@ class HttpServerProtocol(asyncio.Protocol):
 
     # ----- writing --------------------------------------------------------------------------
     def write_raw(self, data: bytes) -> None:
+        if self._held is not None:
+            self.write_held()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def write_many(self, parts) -> None:
+        if self._held is not None:
+            self.write_held()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(parts)
 
@@ -1072,6 +1137,8 @@ class HttpServerProtocol(asyncio.Protocol):
         when the transport holds no buffered bytes. On EAGAIN we wait for writability on a
         dup of the socket (uvloop refuses readers/writers on a transport's own fd).
         """
+        if self._held is not None:
+            self.write_held()
         if not self.limits.zero_copy or self.scheme == "https":  # no sendfile through TLS
             await self._copy_file(fd, offset, count)
             return
@@ -1191,7 +1258,9 @@ async def serve(app, sock: socket.socket, limits: ServerLimits) -> asyncio.Abstr
     """Start serving ``app`` on an already bound socket."""
     loop = asyncio.get_running_loop()
     ensure_sweeper()
-    factory: Callable[[], HttpServerProtocol] = lambda: HttpServerProtocol(app, limits, loop)  # noqa: E731
+    outbox = Outbox(loop)
+    factory: Callable[[], HttpServerProtocol] = \
+        lambda: HttpServerProtocol(app, limits, loop, outbox)  # noqa: E731
     # the backlog again: create_server listens on the socket anew, with 100 unless told (a
     # flood of connections then overflowed it, and legitimate SYNs waited 1 s to be retried)
     return await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
