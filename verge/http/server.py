@@ -555,6 +555,8 @@ ABORTS_PER_TURN = 64
 def _abort_some(victims: list, start: int) -> None:
     end = start + ABORTS_PER_TURN
     for proto in victims[start:end]:
+        if proto._held is not None:  # answers admitted before the refusal still go out
+            proto.write_held()
         if proto.transport is not None:
             proto.transport.abort()
     if end < len(victims):
@@ -720,6 +722,8 @@ class HttpServerProtocol(asyncio.Protocol):
                                              time.monotonic()):
             return True
         self._closing = True
+        if self._held is not None:  # what was answered before this read still goes out
+            self.write_held()
         if self.transport is not None:
             self.transport.abort()
         return False
