@@ -26,6 +26,7 @@ import pytest
 
 from tests import browser
 from tests.conftest import EdgeProcess
+from tests.stream.package import media
 from tests.stream.package.media import AUDIO, VIDEO
 from verge.config import Rendition, StreamApp, StreamSettings
 from verge.stream.analysis import analysis_file, latest_run, run_analysis
@@ -34,12 +35,16 @@ from verge.stream.analysis.report import (
     Findings,
     chapters_vtt,
     detection_events,
+    on_wall_clock,
     result,
     scenes,
     vtt_time,
 )
-from verge.stream.analysis.runner import AnalysisOptions, analysis_command, filter_graph
-from verge.stream.analysis.service import entry_inputs
+from verge.stream.analysis.runner import RESULT, AnalysisOptions, analysis_command, filter_graph
+from verge.stream.analysis.service import FragmentEnds, LiveAnalyzer, RunAnchor, entry_inputs
+from verge.stream.package.hls import format_pdt
+from verge.stream.package.live import LiveStream
+from verge.stream.package.mp4 import BoxReader, parse_init, parse_moof
 from verge.stream.server import StreamServer
 from verge.stream.vod import VodLibrary
 
@@ -205,6 +210,109 @@ def test_no_detector_package_means_none(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
     assert load_detector() is None
     assert load_detector("none") is None
+
+
+# ---- live: the wall-clock anchor of a run (started_at) -----------------------------------------
+
+T0 = 1_700_000_000.0  # the wall clock of media time 0 in these tests
+
+
+def fragments(data: bytes) -> tuple[bytes, list[tuple[bytes, float]]]:
+    """A video-only fMP4 stream's init and its moof+mdat pairs, each with the media time (s)
+    at which it ends."""
+    boxes = BoxReader().feed(data)
+    init = b"".join(b.data for b in boxes if b.type in ("ftyp", "moov"))
+    info = parse_init(init)
+    track = info.tracks[0]
+    pairs, moof = [], None
+    for box in boxes:
+        if box.type == "moof":
+            moof = box.data
+        elif box.type == "mdat" and moof is not None:
+            traf = parse_moof(moof, info).traf(track.track_id)
+            pairs.append(
+                (moof + box.data, (traf.base_decode_time + traf.duration) / track.timescale)
+            )
+    return init, pairs
+
+
+def play_live(rendition, init: bytes, pairs, ingest_delay: float, output_delay: float) -> None:
+    """Feed the packager as the server does: each fragment once the transcoder wrote it."""
+    rendition.feed(init, T0 + ingest_delay)
+    for data, end in pairs:
+        rendition.feed(data, T0 + end + output_delay)
+
+
+@needs_ffmpeg
+def test_live_anchor_is_the_playlists_program_date_time():
+    """With the packager, started_at + media time is PROGRAM-DATE-TIME, per discontinuity."""
+    video, _ = media.separate(seconds=4)
+    init, pairs = fragments(video)
+    stream = LiveStream(part_target=0.2, segment_target=1.0)
+    stream.timeline.arrival = lambda media_seconds: T0 + 0.01 + media_seconds  # the ingest
+    rendition = stream.add_rendition("v")
+    first = RunAnchor.starting(rendition)
+    assert first.from_segments(rendition.segments) is None  # nothing packaged yet
+    play_live(rendition, init, pairs, 0.0, 0.3)
+    started_at = first.from_segments(rendition.segments)
+    assert started_at == pytest.approx(T0 + 0.01, abs=1e-6)  # the ingest, not the output
+    for segment in rendition.segments:
+        assert segment.pdt == pytest.approx(started_at + segment.start / segment.timescale)
+
+    # the publisher came back (a new transcoder, media time from 0): a new run, a new anchor
+    stream.restart()
+    second = RunAnchor.starting(rendition)
+    stream.timeline.arrival = lambda media_seconds: T0 + 100.0 + media_seconds
+    assert second.from_segments(rendition.segments) is None  # only the old run's segments
+    play_live(rendition, init, pairs, 100.0, 100.3)
+    assert second.from_segments(rendition.segments) == pytest.approx(T0 + 100.0, abs=1e-6)
+    assert first.from_segments(rendition.segments) == started_at  # fixed once found
+    # what a player reads: each discontinuity's PROGRAM-DATE-TIME is its run's anchor + start
+    playlist = stream.media_playlist("v")
+    dates = [line.split(":", 1)[1] for line in playlist.splitlines() if "DATE-TIME" in line]
+    firsts = [s for s in rendition.segments if s.msn in (0, second.after_msn + 1)]
+    expected = [
+        format_pdt(anchor + s.start / s.timescale)
+        for anchor, s in zip((started_at, second.started_at), firsts, strict=True)
+    ]
+    assert dates == expected
+
+
+@needs_ffmpeg
+def test_live_anchor_measured_without_a_packager():
+    """Each fragment arrives once written: arrival - media end, the least of them."""
+    video, _ = media.separate(seconds=3)
+    init, pairs = fragments(video)
+    anchor = RunAnchor()
+    anchor.measure(init, T0)
+    assert anchor.started_at is None
+    delays = [0.09, 0.03, 0.05, 0.02, 0.04] * len(pairs)
+    for (data, end), delay in zip(pairs, delays, strict=False):
+        for piece in media.chunks(data, seed=len(data)):  # as a pipe delivers it
+            anchor.measure(piece, T0 + end + delay)
+    assert anchor.started_at == pytest.approx(T0 + 0.02, abs=1e-6)
+    broken = FragmentEnds()
+    assert broken.feed(b"\x00\x00\x00\x04moov") == [] and broken.feed(init) == []  # stops
+
+
+def test_live_result_is_served_with_its_anchor(tmp_path):
+    analyzer = LiveAnalyzer("ffmpeg", tmp_path / "a", "/live/cam/analysis")
+    run = tmp_path / "a" / "18c0a1b2c3d"
+    run.mkdir(parents=True)
+    findings = Findings().feed_all(LOG.splitlines())
+    own = result(findings, duration=12.0, detector="x", interval=10.0, base_url="/x")
+    (run / RESULT).write_text(json.dumps(own))
+    assert analyzer.current() == run  # no anchor for this run: its own result
+    anchor = analyzer.anchors[run.name] = RunAnchor()
+    anchor.measured = T0 + 0.0123456
+    served = json.loads((analyzer.current() / RESULT).read_text())
+    assert served == {**own, "started_at": round(T0 + 0.012, 3)}
+    assert served == on_wall_clock(own, T0 + 0.0123456)
+    (run / RESULT).write_text(json.dumps({**own, "duration": 14.0}))  # the analysis went on
+    assert json.loads((analyzer.current() / RESULT).read_text())["duration"] == 14.0
+    anchor.measured = T0 - 0.5  # a better measurement
+    assert json.loads((analyzer.current() / RESULT).read_text())["started_at"] == T0 - 0.5
+    assert analysis_file(tmp_path / "a", run.name, "served") is None  # not a URL
 
 
 # ---- the real thing: a generated video -------------------------------------------------------
@@ -415,6 +523,11 @@ async def test_live_stream_analysis(clip, tmp_path):
             answer = await http.get("/live/cam/analysis")
             assert answer.headers["cache-control"] == "public, max-age=2"
             assert data["live"] is True and data["state"] == "running"
+            # the run's t=0 on the wall clock: the playlists' PROGRAM-DATE-TIME anchor, to
+            # within the measured anchor's accuracy (see RunAnchor: a frame on an idle machine,
+            # up to 0.11 s seen on a loaded one)
+            anchor = server.channels["live/cam"].packager.timeline.anchors[0]
+            assert abs(data["started_at"] - (anchor.wall - anchor.media)) < 0.25, data
             kinds = {e["kind"] for e in data["events"]}
             assert "black" in kinds, data
             thumb = await http.get(data["scenes"][0]["thumbnail"])

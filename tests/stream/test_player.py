@@ -24,7 +24,7 @@ from tests import browser
 from tests.conftest import EdgeProcess
 from tests.http.test_websocket import HandshakeRefused, WsClient
 from tests.stream.test_server import KEY, publish, wait_live
-from verge.config import StreamApp, StreamSettings
+from verge.config import Rendition, StreamApp, StreamSettings
 from verge.stream.chat import (
     ChatHub,
     ChatInputError,
@@ -285,3 +285,186 @@ async def test_player_page_through_an_edge_plays_and_chats(stream_server, tmp_pa
         await publisher.wait()
         if edge is not None:
             await asyncio.to_thread(edge.stop)
+
+
+# ---- live scenes: a chapter seeks by PROGRAM-DATE-TIME --------------------------------------
+
+# red and blue by turns, a cut every 2 s (scdet finds each); source passed through (no encoding)
+SCENES = "color=red:size=320x180:rate=25,drawbox=c=blue:t=fill:enable='gte(mod(t\\,4)\\,2)'"
+SEEK_TOLERANCE = 0.05  # s; see live_chapter_seeks
+PICTURE_MARGIN = 0.25  # s either side of a cut where the picture must be the scene's; see
+# live_chapter_seeks
+
+
+@pytest.fixture
+async def analysed_server(tmp_path):
+    app = StreamApp(name="live", ladder=[Rendition(name="source")], analysis=True, record=False)
+    settings = StreamSettings(apps=[app], data_dir=str(tmp_path), grace=0.5, dvr_window=8.0)
+    server = StreamServer(settings)
+    await server.start(("127.0.0.1", 0), ("127.0.0.1", 0))
+    yield server
+    await server.close()
+
+
+async def publish_scenes(server: StreamServer, name: str, seconds: float):
+    return await asyncio.create_subprocess_exec(
+        "ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", SCENES, "-f", "lavfi", "-i",
+        "sine=frequency=440", "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast",
+        "-tune", "zerolatency", "-g", "25", "-c:a", "aac", "-f", "flv",
+        f"rtmp://127.0.0.1:{server.rtmp.port}/live/{name}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+
+
+# what the page knows: the result's anchor and scenes, hls.js' fragments, the seekable window
+LIVE_STATE = """
+const v = document.getElementById('video'), hls = window.verge.hls;
+const result = window.verge.analysis.result;
+const level = hls && hls.levels[hls.currentLevel];
+if (!result || !level || !level.details || !v.seekable.length) return null;
+const last = v.seekable.length - 1;
+return {
+  startedAt: result.started_at, scenes: result.scenes.map((s) => s.time),
+  fragments: level.details.fragments.map((f) => [f.start, f.programDateTime]),
+  seekable: [v.seekable.start(last), v.seekable.end(last)],
+  currentTime: v.currentTime, seeking: v.seeking, paused: v.paused,
+};
+"""
+
+# the colour in the middle of the picture shown now: "red", "blue" or something else
+COLOUR = """
+const v = document.getElementById('video'), c = document.createElement('canvas');
+c.width = 32; c.height = 18;
+const g = c.getContext('2d');
+g.drawImage(v, 0, 0, 32, 18);
+const [r, gr, b] = g.getImageData(16, 9, 1, 1).data;
+return r > 150 && b < 100 && gr < 100 ? 'red' : b > 150 && r < 100 && gr < 100 ? 'blue'
+  : `rgb(${r},${gr},${b})`;
+"""
+
+# the chapter button of a scene, clicked in the page (the list is rebuilt as the result grows)
+CLICK_CHAPTER = """
+const button = [...document.querySelectorAll('#chapters button')]
+  .find((b) => Number(b.dataset.time) === arguments[0]);
+button.click();
+"""
+
+# a click on the scrub bar, at a fraction of its width
+CLICK_SCRUB = """
+const bar = document.getElementById('scrub'), box = bar.getBoundingClientRect();
+bar.dispatchEvent(new MouseEvent('click', {
+  bubbles: true, clientX: box.left + arguments[0] * box.width, clientY: box.top + box.height / 2,
+}));
+"""
+
+SEEK_AND_WAIT = """
+const [to, done] = [arguments[0], arguments[arguments.length - 1]];
+const v = document.getElementById('video');
+v.addEventListener('seeked', () => done(v.currentTime), { once: true });
+v.currentTime = to;
+"""
+
+
+def mapped(state: dict, scene: float) -> float:
+    """Where a scene is on the video's timeline: the last fragment dated at or before it, plus
+    the rest (the same rule as the page, written again here)."""
+    wall = (state["startedAt"] + scene) * 1000
+    start, pdt = state["fragments"][0]
+    for frag_start, frag_pdt in state["fragments"]:
+        if frag_pdt <= wall:
+            start, pdt = frag_start, frag_pdt
+    return start + (wall - pdt) / 1000
+
+
+def live_chapter_seeks(url: str) -> None:
+    """The browser part (blocking Selenium calls; run in a thread).
+
+    A chapter well inside the DVR window and behind the playhead is clicked with the video
+    paused: currentTime must become the scene's mapped position. The page and this test map
+    from the same fragment list a moment apart, so they agree but for hls.js refining fragment
+    starts (milliseconds): SEEK_TOLERANCE is about a frame (40 ms at 25 fps).
+
+    Then the picture checks the anchor (started_at): PICTURE_MARGIN before the mapped cut the
+    old scene's colour shows, after it the new one's. The server gives a measured anchor (it
+    does not hand the analyzer its packager, see RunAnchor): within a frame of the playlists'
+    PROGRAM-DATE-TIME on an idle machine, up to 0.11 s early with this machine loaded (their
+    anchor is the first keyframe's arrival, which a busy server's stream start delays); with a
+    frame of picture on top, 0.25 s leaves room. The scrub bar spans the live window (its
+    middle seeks to the window's), and a scene that left the window gets a notice, no seek.
+    """
+    from selenium.webdriver.common.by import By
+
+    with browser.headless_chromium(PLAYER_FLAGS) as driver:
+        driver.set_script_timeout(20)
+        driver.get(url)
+
+        def state() -> dict | None:
+            return driver.execute_script(LIVE_STATE)
+
+        def window_start(now: dict) -> float:
+            return max(now["seekable"][0], now["fragments"][0][0])
+
+        def candidate() -> float | None:
+            """The newest scene a second inside the window and 1.5 s behind the playhead."""
+            now = state()
+            if now is None or now["startedAt"] is None or now["currentTime"] <= 0:
+                return None
+            low, high = window_start(now) + 1, now["currentTime"] - 1.5
+            fits = [t for t in now["scenes"] if low <= mapped(now, t) <= high]
+            return fits[-1] if fits else None
+
+        scene = wait_for(driver, candidate, "a scene inside the DVR window", 60)
+        driver.execute_script("document.getElementById('video').pause()")
+        before = state()
+        assert before["paused"]
+        expected = mapped(before, scene)
+        driver.execute_script(CLICK_CHAPTER, scene)
+        wait_for(
+            driver,
+            lambda: (now := state()) and not now["seeking"]
+            and abs(now["currentTime"] - expected) < SEEK_TOLERANCE,
+            f"currentTime to move from {before['currentTime']:.3f} to {expected:.3f} (scene at"
+            f" {scene} s)",
+            10,
+        )  # fmt: skip
+
+        def colour_at(time: float) -> str:
+            driver.execute_async_script(SEEK_AND_WAIT, time)
+            return driver.execute_script(COLOUR)
+
+        colours = [colour_at(expected - PICTURE_MARGIN), colour_at(expected + PICTURE_MARGIN)]
+        assert sorted(colours) == ["blue", "red"], (scene, colours)
+
+        # the scrub bar spans the window: its middle is the window's (which moves by half a
+        # segment when the playlist drops one)
+        now = state()
+        middle = (window_start(now) + now["seekable"][1]) / 2
+        driver.execute_script(CLICK_SCRUB, 0.5)
+        wait_for(
+            driver,
+            lambda: (s := state()) and not s["seeking"] and abs(s["currentTime"] - middle) < 0.6,
+            f"the scrub bar's middle to seek near {middle:.3f}",
+            10,
+        )
+
+        # the first cut (2 s) leaves the 8 s window: its mark goes, a click gives a notice
+        wait_for(driver, lambda: mapped(s := state(), 2) < window_start(s) - 1, "the cut to go", 30)
+        mark = "return document.querySelector('#scrub-marks span[data-time=\"2\"]').hidden"
+        wait_for(driver, lambda: driver.execute_script(mark), "its mark to go", 5)
+        at = current_time(driver)
+        driver.execute_script(CLICK_CHAPTER, 2)
+        notice = driver.find_element(By.ID, "notice")
+        wait_for(driver, lambda: "no longer in the live window" in notice.text, "the notice", 5)
+        assert current_time(driver) == at
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(browser_ready() is not None, reason=str(browser_ready()))
+async def test_live_chapters_seek_by_program_date_time(analysed_server):
+    publisher = await publish_scenes(analysed_server, "scenes", 120)
+    try:
+        await wait_live(analysed_server, "live/scenes")
+        url = f"http://127.0.0.1:{analysed_server.http_port}/live/scenes"
+        await asyncio.to_thread(live_chapter_seeks, url)
+    finally:
+        publisher.kill()
+        await publisher.wait()

@@ -301,6 +301,7 @@ class StreamServer:
                     self.ffmpeg,
                     Path(settings.data_dir) / "analysis" / stream,
                     f"/{stream}/analysis",
+                    packager=channel.packager,  # scene times anchored on its PDT
                 )
         return channel
 

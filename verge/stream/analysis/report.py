@@ -9,7 +9,8 @@ prints one line per finding on stderr, prefixed by the filter instance (``[scdet
     n:   0 pts:  25600 pts_time:2.24 ...                           showinfo@cut / showinfo@tick
 
 :class:`Findings` collects them (feed it lines as they come: it works on a live log), and
-:func:`result` / :func:`chapters_vtt` render what the endpoints serve.
+:func:`result` / :func:`chapters_vtt` render what the endpoints serve; :func:`on_wall_clock`
+adds a live result's anchor (``started_at``).
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def result(
     extra: dict | None = None,
 ) -> dict[str, Any]:
     """The JSON of /live|vod/NAME/analysis. File names become URLs under ``base_url``
-    (``/vod/NAME/analysis``); times are seconds from the start of the video."""
+    (``/vod/NAME/analysis``); times are seconds from the start of the video (of a live run:
+    the stream's media time, which the server puts on the wall clock: :func:`on_wall_clock`)."""
 
     def url(file: str | None) -> str | None:
         return f"{base_url}/{file}" if file else None
@@ -188,6 +190,14 @@ def result(
         "chapters": url("chapters.vtt"),
         **(extra or {}),
     }
+
+
+def on_wall_clock(data: dict[str, Any], started_at: float) -> dict[str, Any]:
+    """A live result with ``started_at``: the wall clock (Unix seconds, to the millisecond, as
+    PROGRAM-DATE-TIME) of its time 0, so a scene at ``time`` was live at ``started_at + time``
+    and a player finds it in its playlist by PROGRAM-DATE-TIME. (``started`` is another thing:
+    when the analysis process started.)"""
+    return {**data, "started_at": round(started_at, 3)}
 
 
 def chapters_vtt(scene_list: Sequence[dict[str, Any]], duration: float) -> str:

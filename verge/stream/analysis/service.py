@@ -14,6 +14,15 @@ thumbnails can be cached as immutable::
     live  DATA_DIR/analysis/APP/NAME/RUN/...
 
 and is served at ``/vod/NAME/analysis`` (the JSON), ``/vod/NAME/analysis/RUN/FILE``.
+
+A live run's times are the stream's media time (the analysis ffmpeg keeps the input's
+timestamps: ``-copyts``), which the packager maps to the wall clock for PROGRAM-DATE-TIME:
+PDT = anchor + media time, the anchor fixed per discontinuity when the frame reached the
+ingest. The served live result carries that anchor as ``started_at`` (the wall clock of its
+time 0), so a player seeks to a scene by PROGRAM-DATE-TIME: :class:`RunAnchor` takes it from
+the packager when the analyzer is given one (exact), else measures it. The analysis process
+cannot know it; :meth:`LiveAnalyzer.current`, in the server, serves a copy of the result
+with it (``RUN/served/analysis.json``).
 """
 
 from __future__ import annotations
@@ -29,11 +38,18 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from verge.files import write_atomic
+from verge.stream.analysis.report import on_wall_clock
 from verge.stream.analysis.runner import RESULT
+from verge.stream.package.mp4 import Box, BoxReader, InitInfo, Mp4Error, parse_init, parse_moof
+
+if TYPE_CHECKING:
+    from verge.stream.package.cmaf import MediaSegment
+    from verge.stream.package.live import LiveRendition, LiveStream
 
 log = logging.getLogger("verge.stream.analysis")
 
@@ -44,6 +60,7 @@ ANALYSIS_DIR = "analysis"
 DETAIL_PREFERRED_HEIGHT = 360  # analyse the smallest rendition at least this tall
 MAX_BACKLOG = 16 << 20  # bytes a live analysis may lag behind before it is stopped
 CLOSE_WAIT = 10.0  # seconds an ended live analysis gets to write its final result
+SERVED = "served"  # RUN/served/analysis.json: a live result with its started_at
 CONTENT_TYPES = {
     ".jpg": "image/jpeg",
     ".vtt": "text/vtt; charset=utf-8",
@@ -257,6 +274,91 @@ async def analyze_entry(
 # --- live streams -----------------------------------------------------------------------------
 
 
+class FragmentEnds:
+    """The media time (seconds) at which each fragment of a fragmented-MP4 byte stream ends,
+    as its bytes come (any chunking). Timing is the primary track's: the video, else the first
+    track. Unreadable bytes end the measuring (the packager reports them)."""
+
+    def __init__(self) -> None:
+        self._reader: BoxReader | None = BoxReader()
+        self._init: InitInfo | None = None
+
+    def feed(self, data: bytes) -> list[float]:
+        if self._reader is None:
+            return []
+        try:
+            return [
+                end for box in self._reader.feed(data) if (end := self._on_box(box)) is not None
+            ]
+        except Mp4Error:
+            self._reader = None
+            return []
+
+    def _on_box(self, box: Box) -> float | None:
+        if box.type == "moov":
+            self._init = parse_init(box.data)
+            return None
+        if box.type != "moof" or self._init is None or not self._init.tracks:
+            return None
+        track = next((t for t in self._init.tracks if t.is_video), self._init.tracks[0])
+        traf = parse_moof(box.data, self._init).traf(track.track_id)
+        if traf is None or not traf.sample_count or not track.timescale:
+            return None
+        return (traf.base_decode_time + traf.duration) / track.timescale
+
+
+class RunAnchor:
+    """``started_at`` of one live run: the wall clock (Unix seconds) of its time 0.
+
+    A run's times are the stream's media time; PROGRAM-DATE-TIME maps that to the wall clock
+    as ``anchor + media time`` per discontinuity (anchored when the frame reached the ingest).
+    Two sources, the better first:
+
+    * the packager (:meth:`from_segments`): PDT minus media start of the watched rendition's
+      first segment made after the run began (so in the run's discontinuity). That is the
+      playlists' own mapping: exact up to the millisecond PDT is written with.
+    * measured (:meth:`measure`), when the analyzer has no packager: a fragment reaches the
+      analyzer once the transcoder wrote it, so ``arrival - media end`` of each fragment is
+      t=0 on the wall clock plus that fragment's delay (encoding, pipes); the least over the
+      run is kept. Against the packager's anchor, on loopback: -30 to +5 ms on an idle machine
+      (within a frame); 60 to 110 ms early on a loaded one (2 cores, load 10-14). The
+      packager's anchor is one frame's arrival at the ingest (the first keyframe's), this is
+      the least delay over the run: they differ by how late that frame came, which load makes
+      worse.
+    """
+
+    def __init__(self, after_msn: int = -1) -> None:
+        self.after_msn = after_msn  # the watched rendition's newest segment when the run began
+        self.packaged: float | None = None
+        self.measured: float | None = None
+        self._fragments = FragmentEnds()
+
+    @classmethod
+    def starting(cls, rendition: LiveRendition | None) -> RunAnchor:
+        """The anchor of a run that starts now, on the packager's ``rendition`` (if any)."""
+        segments = rendition.segments if rendition is not None else ()
+        return cls(segments[-1].msn if segments else -1)
+
+    def from_segments(self, segments: Iterable[MediaSegment]) -> float | None:
+        """Fix the anchor from the packager's segments of the watched rendition, once one of
+        the run's is there."""
+        if self.packaged is None:
+            first = next((s for s in segments if s.msn > self.after_msn), None)
+            if first is not None:
+                self.packaged = first.pdt - first.start / first.timescale
+        return self.packaged
+
+    def measure(self, data: bytes, now: float) -> None:
+        """Bytes of the watched rendition, arrived at ``now``."""
+        for end in self._fragments.feed(data):
+            if self.measured is None or now - end < self.measured:
+                self.measured = now - end
+
+    @property
+    def started_at(self) -> float | None:
+        return self.packaged if self.packaged is not None else self.measured
+
+
 class LiveAnalyzer:
     """The analysis of one live stream (``APP/NAME``), fed the transcoder's output.
 
@@ -264,6 +366,10 @@ class LiveAnalyzer:
     every output chunk and forwards those of the watched renditions; :meth:`restart` (the
     transcoder restarted: a new init, a new timeline) ends the run, and the next bytes start a
     new one. All three are synchronous and never block.
+
+    ``packager`` (the stream's :class:`~verge.stream.package.live.LiveStream`) gives each run
+    the playlists' own wall-clock anchor; without it the anchor is measured (see
+    :class:`RunAnchor`). ``anchors`` holds every run's, by run id.
     """
 
     def __init__(
@@ -274,18 +380,27 @@ class LiveAnalyzer:
         *,
         detector: str = "auto",
         interval: float | None = None,
+        packager: LiveStream | None = None,
     ) -> None:
         self.ffmpeg = ffmpeg
         self.root = root
         self.base_url = base_url
         self.detector = detector
         self.interval = interval
+        self.packager = packager
         self.video: str | None = None
         self.audio: str | None = None
         self.run: _LiveRun | None = None
         self.stopped = False
+        self.anchors: dict[str, RunAnchor] = {}
+        self._served: dict[str, tuple[int, int, float]] = {}  # run -> what its copy was made of
         self._closing: set[asyncio.Task] = set()
         shutil.rmtree(root, ignore_errors=True)  # an earlier stream of this name
+
+    @property
+    def timed(self) -> str | None:
+        """The rendition whose media time the run's times are (its primary track's)."""
+        return self.video or self.audio
 
     def plan(self, tracks: Sequence[Any]) -> None:
         """The transcoder's tracks (``name``, ``kind``, ``height``): pick what to watch."""
@@ -306,7 +421,9 @@ class LiveAnalyzer:
         if self.stopped or rendition not in (self.video, self.audio):
             return
         if self.run is None:
-            self.run = _LiveRun(self)
+            self.run = self._start_run()
+        if rendition == self.timed and self.packager is None:
+            self.run.anchor.measure(data, time.time())
         if not self.run.write(rendition, data):
             log.warning(
                 "live analysis %s fell %d MB behind; stopped", self.base_url, MAX_BACKLOG >> 20
@@ -314,16 +431,62 @@ class LiveAnalyzer:
             self.stopped = True
             self.restart()
 
+    def _start_run(self) -> _LiveRun:
+        anchor = RunAnchor.starting(self._timed_rendition())
+        run = _LiveRun(self, anchor)
+        self.anchors[run.run_id] = anchor
+        return run
+
+    def _timed_rendition(self) -> LiveRendition | None:
+        if self.packager is None or self.timed is None:
+            return None
+        return self.packager.renditions.get(self.timed)
+
     def restart(self) -> None:
-        run, self.run = self.run, None
-        if run is not None:
-            task = asyncio.get_running_loop().create_task(run.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        run = self.run
+        if run is None:
+            return
+        self.started_at(run.run_id)  # fixed while the packager still has the run's segments
+        self.run = None
+        task = asyncio.get_running_loop().create_task(run.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def started_at(self, run_id: str) -> float | None:
+        """The wall clock of a run's time 0, once known (see :class:`RunAnchor`)."""
+        anchor = self.anchors.get(run_id)
+        if anchor is None:
+            return None
+        rendition = self._timed_rendition()
+        if self.run is not None and self.run.anchor is anchor and rendition is not None:
+            anchor.from_segments(rendition.segments)
+        return anchor.started_at
 
     def current(self) -> Path | None:
-        """The directory of the newest run with a result."""
-        return latest_run(self.root)
+        """The directory of the newest run with a result: its served copy, with ``started_at``,
+        once the run's anchor is known (else the analysis process's own)."""
+        run = latest_run(self.root)
+        started_at = self.started_at(run.name) if run is not None else None
+        if run is None or started_at is None:
+            return run
+        try:
+            return self._served_copy(run, started_at)
+        except (OSError, ValueError) as exc:  # the result is being replaced, or unreadable
+            log.debug("live analysis %s: result not served with its anchor: %r", run, exc)
+            return run
+
+    def _served_copy(self, run: Path, started_at: float) -> Path:
+        """``RUN/served/analysis.json``: the run's result and ``started_at``, remade when either
+        changed (the analysis process rewrites its result every few seconds)."""
+        stat = (run / RESULT).stat()
+        made_of = (stat.st_mtime_ns, stat.st_size, round(started_at, 3))
+        served = run / SERVED
+        if self._served.get(run.name) != made_of or not (served / RESULT).is_file():
+            data = on_wall_clock(json.loads((run / RESULT).read_bytes()), started_at)
+            served.mkdir(exist_ok=True)
+            write_atomic(served / RESULT, json.dumps(data).encode(), mode=0o644, durable=False)
+            self._served[run.name] = made_of
+        return served
 
     async def close(self) -> None:
         """The stream ended: let the run finish its result (bounded), then stop."""
@@ -336,8 +499,9 @@ class LiveAnalyzer:
 class _LiveRun:
     """One analysis process and its two input pipes (video, audio)."""
 
-    def __init__(self, owner: LiveAnalyzer) -> None:
+    def __init__(self, owner: LiveAnalyzer, anchor: RunAnchor) -> None:
         self.owner = owner
+        self.anchor = anchor
         self.run_id = new_run_id()
         self.out = owner.root / self.run_id
         self.pipes: dict[str, _Pipe] = {}

@@ -25,6 +25,12 @@
     $("notice").textContent = text || "";
   }
 
+  function flash(text) {
+    notice(text);
+    clearTimeout(flash.timer);
+    flash.timer = setTimeout(() => $("notice").textContent === text && notice(""), 4000);
+  }
+
   function setState(text, live) {
     $("state").textContent = vod && live ? "on demand" : text;
     $("state").classList.toggle("live", !!live && !vod);
@@ -35,10 +41,10 @@
     if (promise) promise.catch(() => notice("Press play to start (the browser blocked autoplay)."));
   }
 
-  // Low latency: hls.js holds back the playlist's PART-HOLD-BACK (three part targets) behind
-  // the live edge; after a stall it adds a fifth of a second, not hls.js' whole second per
-  // stall, and plays up to 1.25x until it is back at its target (hls.js does that only with
-  // more than a second buffered; catchUp() below handles falling far behind).
+  // Low latency: hls.js holds back the playlist's PART-HOLD-BACK (two part targets by default:
+  // stream.part_hold_back) behind the live edge; after a stall it adds a fifth of a second, not
+  // hls.js' whole second per stall, and plays up to 1.25x until it is back at its target (hls.js
+  // does that only with more than a second buffered; catchUp() below handles falling far behind).
   const HLS_CONFIG = {
     lowLatencyMode: true,
     backBufferLength: 30,
@@ -46,6 +52,7 @@
     maxLiveSyncPlaybackRate: 1.25,
   };
   const CATCH_UP_AFTER = 0.5; // seconds later than the target: skip ahead to it
+  let rewound = false; // went back to a scene on purpose: no catching up until back at live
 
   // Playback starts at a keyframe, up to a GOP before hls.js' target, and a stall leaves it
   // later still; hls.js speeds up only with over a second buffered. Skip ahead within what is
@@ -53,6 +60,10 @@
   function catchUp(hls) {
     const late = hls.latency - hls.targetLatency;
     const to = hls.liveSyncPosition;
+    if (rewound) {
+      rewound = !(late <= CATCH_UP_AFTER);
+      return;
+    }
     if (!(late > CATCH_UP_AFTER) || video.paused || !Number.isFinite(to)) return;
     if (to > video.currentTime && to < video.currentTime + bufferAhead() - 0.1) {
       video.currentTime = to;
@@ -167,6 +178,7 @@
     stopWebRtc();
     stopHls();
     verge.mode = mode;
+    rewound = false;
     $("mode").value = mode;
     ["latency", "clock", "buffer", "level"].forEach((id) => ($(id).textContent = "–"));
     setState("connecting");
@@ -213,6 +225,7 @@
     $("level").textContent = level ? (level.height ? level.height + "p" : "audio") +
       (level.bitrate ? " · " + Math.round(level.bitrate / 1000) + " kb/s" : "") : "–";
     if (!video.paused && video.readyState >= 3) setState("live", true);
+    if (!vod && analysis.result) placeMarks();
   }
 
   // WebRTC: the receiver's playout delay (jitter buffer) plus half the round trip; and the
@@ -246,7 +259,8 @@
 
   // ----- analysis: scene chapters (WebVTT track + list) and thumbnails while scrubbing -------
   // NAME/analysis (verge.stream.analysis): scenes [{time, thumbnail}], thumbnails [{time, url}],
-  // chapters (a WebVTT URL). Times are seconds from the start (a live stream's own timeline).
+  // chapters (a WebVTT URL). Times are seconds from the start: of the video, or of a live
+  // stream's analysis run, whose start on the wall clock is started_at (Unix seconds).
   const analysis = (verge.analysis = { result: null, track: null, previews: [] });
 
   function clock(t) {
@@ -256,8 +270,75 @@
       i || hms[0] ? String(n).padStart(2, "0") : String(n)).join(":");
   }
 
+  // VOD: a scene's time is the video's own. Live: it counts from the start of the analysis
+  // run, which the result's started_at puts on the wall clock (Unix seconds, anchored like the
+  // playlists' PROGRAM-DATE-TIME), and the PROGRAM-DATE-TIMEs of hls.js' fragments put the wall
+  // clock on the video's timeline. WebRTC plays only the present: nothing to seek in.
   function seek(time) {
-    if (vod && Number.isFinite(time)) video.currentTime = time;
+    if (!Number.isFinite(time)) return;
+    if (vod) {
+      video.currentTime = time;
+      return;
+    }
+    if (verge.mode !== "hls") return;
+    const to = liveTime(time);
+    const range = liveWindow();
+    if (!Number.isFinite(to) || !range) {
+      flash("The scenes of this stream cannot be found in the video (yet).");
+    } else if (to < range.start - 0.25) {
+      flash("That scene is no longer in the live window.");
+    } else {
+      rewound = true;
+      video.currentTime = Math.min(Math.max(to, range.start), range.end); // newer: the live edge
+    }
+  }
+
+  function levelDetails() {
+    const hls = verge.hls;
+    for (const index of hls && hls.levels ? [hls.currentLevel, hls.loadLevel] : []) {
+      const details = hls.levels[index] && hls.levels[index].details;
+      if (details && details.fragments.length) return details;
+    }
+    return null;
+  }
+
+  // A live scene's time on the media element: from the last fragment dated at or before it
+  // (the first one if none is: then it is before the window).
+  function liveTime(time) {
+    const startedAt = analysis.result && analysis.result.started_at;
+    if (!Number.isFinite(startedAt)) return NaN;
+    const wall = (startedAt + time) * 1000; // milliseconds, as hls.js keeps programDateTime
+    const details = levelDetails();
+    if (!details) { // Safari's own HLS: getStartDate() is the PROGRAM-DATE-TIME of time 0
+      const zero = !verge.hls && video.getStartDate ? video.getStartDate().getTime() : NaN;
+      return (wall - zero) / 1000;
+    }
+    const dated = details.fragments.filter((f) => Number.isFinite(f.programDateTime));
+    let anchor = dated[0];
+    for (const frag of dated) if (frag.programDateTime <= wall) anchor = frag;
+    return anchor ? anchor.start + (wall - anchor.programDateTime) / 1000 : NaN;
+  }
+
+  // The other way: a live time on the media element -> scene time (NaN if it cannot be told).
+  function sceneTime(at) {
+    const startedAt = analysis.result && analysis.result.started_at;
+    const details = levelDetails();
+    if (!Number.isFinite(startedAt) || !details) return NaN;
+    const dated = details.fragments.filter((f) => Number.isFinite(f.programDateTime));
+    let anchor = dated[0];
+    for (const frag of dated) if (frag.start <= at) anchor = frag;
+    return anchor ? (anchor.programDateTime + (at - anchor.start) * 1000) / 1000 - startedAt : NaN;
+  }
+
+  // What can be seeked to: the element's seekable range, from the first fragment the playlist
+  // still lists (hls.js' live seekable range starts at 0 unless liveDurationInfinity).
+  function liveWindow() {
+    const ranges = video.seekable;
+    if (!ranges.length) return null;
+    const last = ranges.length - 1;
+    const details = levelDetails();
+    const start = Math.max(ranges.start(last), details ? details.fragments[0].start : -Infinity);
+    return ranges.end(last) > start ? { start: start, end: ranges.end(last) } : null;
   }
 
   function showChapters(result) {
@@ -300,13 +381,31 @@
     analysis.previews = result.thumbnails.map((t) => ({ time: t.time, url: t.url }))
       .concat(result.scenes.filter((s) => s.thumbnail).map((s) => ({ time: s.time, url: s.thumbnail })))
       .sort((a, b) => a.time - b.time);
-    const length = timelineLength();
     $("scrub-marks").replaceChildren(...result.scenes.map((scene) => {
       const mark = document.createElement("span");
-      mark.style.left = (100 * scene.time / length) + "%";
+      mark.dataset.time = scene.time;
       return mark;
     }));
+    placeMarks();
     $("scrub").hidden = analysis.previews.length === 0;
+  }
+
+  // The scene times the scrub bar spans: the whole video, or for live HLS the window that can be
+  // seeked to (mapped to scene time; it slides, so updateStats places the marks again).
+  function scrubSpan() {
+    const range = !vod && verge.mode === "hls" ? liveWindow() : null;
+    const from = range ? sceneTime(range.start) : NaN;
+    const to = range ? sceneTime(range.end) : NaN;
+    return to > from ? { from: from, length: to - from } : { from: 0, length: timelineLength() };
+  }
+
+  function placeMarks() {
+    const span = scrubSpan();
+    for (const mark of $("scrub-marks").children) {
+      const at = (mark.dataset.time - span.from) / span.length;
+      mark.hidden = !(at >= 0 && at <= 1);
+      mark.style.left = 100 * at + "%";
+    }
   }
 
   function timelineLength() {
@@ -323,7 +422,8 @@
   function scrubTime(event) {
     const box = $("scrub").getBoundingClientRect();
     const fraction = Math.min(1, Math.max(0, (event.clientX - box.left) / box.width));
-    return { x: fraction * box.width, time: fraction * timelineLength() };
+    const span = scrubSpan();
+    return { x: fraction * box.width, time: span.from + fraction * span.length };
   }
 
   $("scrub").addEventListener("mousemove", (event) => {
