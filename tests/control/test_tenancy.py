@@ -132,6 +132,7 @@ PROTECTION = {
     "connections_per_ip": 256,
     "deny": {"cidrs": ["203.0.113.0/24"], "user_agents": ["(?i)sqlmap"]},
     "waf": {"paranoia": 1, "mode": "block", "exclude": [{"path": "/upload", "rules": [920420]}]},
+    "challenge": {"match": {"path": "/"}, "when": "rate > 50/s", "kind": "cookie"},
 }
 
 
@@ -145,6 +146,9 @@ def test_protection(world: World, role: str) -> None:
     stored = api.get(f"{V1}/services/a-web", world.a).json()["protection"]
     assert stored["rate_limits"][0]["rate"] == "100/s" and stored["waf"]["exclude"] == \
         [{"path": "/upload", "rules": [920420]}]
+    assert stored["challenge"] == {"match": {"path": "/", "methods": []}, "when": "rate > 50/s",
+                                   "burst": None, "kind": "cookie", "ttl": 3600.0,
+                                   "refuse_after": 5, "window": 60.0}
     bundle = api.get(f"{V1}/nodes/self/config", api.join("edge-2")).json()
     [service] = [s for s in bundle["config"]["services"] if s["name"] == "a-web"]
     assert service["protection"] == stored
@@ -158,6 +162,12 @@ def test_protection(world: World, role: str) -> None:
         {"deny": {"cidrs": ["10.0.0.0/33"]}},
         {"waf": {"paranoia": 9}},
         {"rate_limits": [{"name": "x", "rate": "1/s"}, {"name": "x", "rate": "2/s"}]},
+        {"challenge": {"when": "rate > 50/s", "ttl": 10**9}},
+        {"challenge": {"when": "rate > " + "9" * 100 + "/s"}},
+        {"challenge": {"when": "rate > 50/s", "kind": "captcha"}},
+        {"challenge": {"when": "rate > 50/s", "refuse_after": 2**64}},
+        {"challenge": {"when": "rate > 50/s"}, "rate_limits": [{"name": "challenge",
+                                                              "rate": "1/s"}]},
     ):
         bad = service_body("b-web", "b.verge.test", protection=hostile)
         answer = api.put(f"{V1}/services/b-web", world.b, json=bad, headers={"If-Match": "*"})

@@ -405,6 +405,8 @@ class EdgeApp:
                     return admitted.refusal
                 if admitted.drop:
                     return None  # handle() drops the connection
+                if admitted.strip_cookie:  # the challenge cookie is the edge's alone
+                    request = guard.stripped(request)
             if guard.waf is not None and self._waf_for(route, request, cache_hit=True):
                 return None  # handle() inspects
         if route.function is not None:
@@ -568,6 +570,8 @@ class EdgeApp:
                 route.protection.refused(request, admitted)
                 await self._refuse(request, writer, admitted.refusal, started)
                 return
+            if admitted.strip_cookie:  # the challenge cookie is the edge's alone
+                request = route.protection.stripped(request)
             if admitted.fields:
                 writer = FieldsWriter(writer, admitted.fields)
         if self.ingest is not None and self.ingest.wanted and request.method == "POST":

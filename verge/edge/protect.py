@@ -1,4 +1,5 @@
-"""The protect phase: a service's deny lists, rate limits and WAF, applied to one request.
+"""The protect phase: a service's deny lists, rate limits, cookie challenge and WAF, applied
+to one request.
 
 Where it runs (verge.edge.app): right after the route phase (the service is known) and
 before the compute phase and the cache lookup, so cache hits are limited too. The deny
@@ -11,6 +12,12 @@ Limits are per node, as nginx's ``limit_req``, Varnish's vsthrottle and Fastly's
 limiting count: a client spread over N edges gets N times the rate. Within a node they are
 exact for client-IP keys when the listening sockets steer each client to one worker
 (verge.protect.steer), else per worker (``RateLimiter.placement()`` says which).
+
+A service with a ``challenge`` (verge.protect.challenge) runs it after the rate limits:
+a client over its rate without a valid cookie gets the challenge (a 307 or a script page) as
+the refusal, and a request carrying the cookie goes on without it (``Admission.strip_cookie``:
+the pipeline continues with :meth:`ServiceProtection.stripped`). A service without one pays
+nothing for it: its ``admit`` is the plain one.
 
 Every refusal is also kept as an event (``ServiceProtection.record``): the newest
 ``EVENTS_KEPT`` per service and worker, taken by the node agent (the worker's
@@ -31,7 +38,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from verge.http.response import Response
-from verge.http.server import text_response
+from verge.http.server import CLOCK, text_response
+from verge.protect.challenge import (
+    Challenge,
+    challenge_answer,
+    node_secret,
+    refusal_answer,
+    without_cookie,
+)
 from verge.protect.deny import ConnectionCap, CountryLookup, DenyList
 from verge.protect.flood import FloodGuard
 from verge.protect.ratelimit import ALLOW, RateLimiter, too_many_requests
@@ -43,22 +57,25 @@ log = logging.getLogger("verge.protect")
 
 
 class Admission(NamedTuple):
-    """The protect phase's outcome: answer ``refusal`` instead (403, 429), ``drop`` the
-    connection without an answer, or go on and add ``fields`` to the response. A refusal or
-    a drop says why: ``kind`` ("deny", "rate-limit", "drop") and ``detail`` (the deny
-    reason, the rule's name)."""
+    """The protect phase's outcome: answer ``refusal`` instead (403, 429, a challenge's 307),
+    ``drop`` the connection without an answer, or go on and add ``fields`` to the response
+    (and, with ``strip_cookie``, go on with ``guard.stripped(request)``: the challenge cookie
+    taken out). A refusal or a drop says why: ``kind`` ("deny", "rate-limit", "drop") and
+    ``detail`` (the deny reason, the rule's name, "challenge: ...")."""
 
     refusal: Response | None = None
     drop: bool = False
     fields: tuple[tuple[str, str], ...] = ()
     kind: str = ""
     detail: str = ""
+    strip_cookie: bool = False
 
 
 ADMITTED = Admission()
 FLOODED = Admission(drop=True, kind="flood", detail="the network is over the node's flood rate")
 """A request the node's flood guard refused (verge.protect.flood): its connection is dropped."""
 _monotonic = time.monotonic
+_wall = time.time  # the challenge tokens' clock (their expiry is Unix time, node-wide)
 REFUSALS_KEPT = 1024  # distinct 429 answers memoised per service
 
 EVENTS_KEPT = 200
@@ -88,6 +105,9 @@ class ProtectSharing:
     country_of: CountryLookup | None = None
     workers: int = 1
     """The node's workers: the flood guard's rate is shared among them."""
+    secret_file: str | None = None
+    """Where the node keeps its challenge secret (verge.protect.challenge.node_secret; None:
+    a secret of this process alone)."""
     listeners: list = field(default_factory=list, compare=False)
     """The worker's listening sockets (filled as they open), where the flood guard puts its
     kernel filter."""
@@ -123,6 +143,9 @@ class ServiceProtection:
         # Why: on a hit each further call and object the check touches is a CPU-cache miss
         # after the kernel's network work (caches cold: 3.5 µs for the walk, 1.7 inline).
         self._inline_rule = self.limiter.client_rule() if self.limiter is not None else None
+        self.challenge = self._load_challenge(settings, sharing)
+        if self.challenge is not None:  # the others keep the plain admit: nothing to pay
+            self.admit = self._admit_challenged
 
     def bind_gate(self, gate: ConnectionGate | None) -> None:
         """Check this service's own connection cap per request when the node's gate lets
@@ -130,6 +153,13 @@ class ServiceProtection:
         cap = self.settings.connections_per_ip
         self._gate = gate if gate is not None and gate.cap is not None and cap is not None \
             and (gate.limit is None or cap < gate.limit) else None
+
+    def _load_challenge(self, settings: Protection, sharing: ProtectSharing) -> Challenge | None:
+        if settings.challenge is None:
+            return None
+        return Challenge(self.service, settings.challenge.spec(), self.addresses,
+                         node_secret(sharing.secret_file), shared=sharing.table,
+                         steered=sharing.steered)
 
     def _load_waf(self, settings: Protection) -> Waf | None:
         if settings.waf is None:
@@ -172,6 +202,42 @@ class ServiceProtection:
         if limiter is None:
             return ADMITTED
         return self._admission(limiter.evaluate(request, _monotonic() if now is None else now))
+
+    def _admit_challenged(self, request, now: float | None = None) -> Admission:
+        """:meth:`admit`, then the challenge (services with one; see the module docstring)."""
+        now = _monotonic() if now is None else now
+        admission = ServiceProtection.admit(self, request, now)
+        if admission.refusal is not None or admission.drop:
+            return admission
+        verdict = self.challenge.check(request, now, _wall())
+        if verdict.action == "pass":
+            return admission._replace(strip_cookie=True) if verdict.strip else admission
+        if verdict.action == "challenge":
+            status, fields, body = challenge_answer(self.challenge.spec, verdict.token,
+                                                    request.target,
+                                                    secure=request.scheme == "https")
+            return Admission(Response(status, [("Date", CLOCK.date), *fields], body),
+                             kind="rate-limit", detail=f"challenge: {verdict.reason}")
+        return Admission(self._challenge_refusal(verdict.retry_after), kind="rate-limit",
+                         detail=f"challenge: {verdict.reason}")
+
+    def _challenge_refusal(self, retry_after: float) -> Response:
+        """The 429 of a client that ignored its challenges, memoised by its Retry-After (as
+        :meth:`_too_many`); its connection is closed, as a penalty box's."""
+        status, fields, body = refusal_answer(retry_after)
+        key = ("challenge", fields[0][1])
+        response = self._refusals.get(key)
+        if response is None:
+            if len(self._refusals) >= REFUSALS_KEPT:
+                self._refusals.clear()
+            response = self._refusals[key] = Response(status, fields, body, close=True)
+        return response
+
+    @staticmethod
+    def stripped(request):
+        """The request without the challenge cookie (the pipeline goes on with it when the
+        admission says ``strip_cookie``): neither the cache's variants nor the origin see it."""
+        return request.replace(headers=without_cookie(request.headers))
 
     def _admission(self, verdict) -> Admission:
         """The protect phase's answer to a rate-limit verdict."""
@@ -225,14 +291,19 @@ class ServiceProtection:
     def sweep(self) -> None:
         if self.limiter is not None:
             self.limiter.sweep(time.monotonic())
+        if self.challenge is not None:
+            self.challenge.sweep(time.monotonic())
 
     def stats(self) -> dict:
         """Plain counters for /metrics (summed over workers by verge.observe.metrics), and
         the settings this edge cannot apply (``unapplied``: the admin API's /stats shows
         them, e.g. "deny.countries" on an edge without a GeoIP database)."""
         waf = self.waf.counters if self.waf is not None else None
+        rules = self.limiter.stats() if self.limiter is not None else {}
+        if self.challenge is not None:  # beside the rules (the name is reserved for it)
+            rules[self.challenge.spec.rule.name] = self.challenge.stats()
         return {
-            "rules": self.limiter.stats() if self.limiter is not None else {},
+            "rules": rules,
             "denied": self.denied,
             "waf": {} if waf is None else {
                 "inspected": waf.inspected, "blocked": waf.blocked, "detected": waf.detected,

@@ -45,6 +45,7 @@ from verge.http.server import (
 )
 from verge.observe.accesslog import AccessLog
 from verge.observe.metrics import EdgeMetrics
+from verge.protect.challenge import SECRET_FILE
 from verge.protect.deny import CountryLookup, open_country_lookup
 from verge.protect.keys import steerable
 from verge.protect.shared import SharedTable
@@ -107,7 +108,8 @@ class Worker:
                                if table_fd is not None and workers > 1 else None,
                                steered=workers == 1,  # (more: once they steer, steer())
                                country_of=country_lookup(self.options.get("geoip")),
-                               workers=workers, listeners=self.listeners),
+                               workers=workers, listeners=self.listeners,
+                               secret_file=os.path.join(self.options["cache_dir"], SECRET_FILE)),
                            access_log=self.access_log, node="verge",
                            name=self.options["node"], parents=self.options.get("parents") or (),
                            compute=self.compute,

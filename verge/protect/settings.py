@@ -10,6 +10,7 @@
       connections_per_ip: 256
       deny: {cidrs: [203.0.113.0/24], countries: [XX], user_agents: ["(?i)sqlmap"]}
       trusted_proxies: [10.0.0.0/8]
+      challenge: {match: {path: /}, when: "rate > 50/s", kind: cookie}
 
 A tenant writes this block through the control plane, and the edge workers it runs on serve
 every tenant, so each number, string and list has a bound (the rule of verge/config/bounds.py's
@@ -32,6 +33,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from verge.cidr import parse_network
+from verge.protect.challenge import RULE as CHALLENGE_RULE
+from verge.protect.challenge import ChallengeSpec, format_when, parse_when
 from verge.protect.deny import MAX_PATTERN, MAX_PATTERNS, CountryLookup, DenyList
 from verge.protect.deny import compile_user_agent_pattern as _compile_pattern
 from verge.protect.keys import ClientAddresses, check_key_spec
@@ -58,6 +61,12 @@ MAX_DENY_CIDRS = 10_000
 MAX_TRUSTED_PROXIES = 1000
 MAX_COUNTRIES = 300
 MAX_CONNECTIONS_PER_IP = 1_000_000
+MAX_WHEN_TEXT = 48
+MIN_CHALLENGE_TTL = 60.0
+MAX_CHALLENGE_TTL = 86_400.0
+"""A challenge token's lifetime: a minute to a day."""
+MAX_REFUSE_AFTER = 100
+MAX_CHALLENGE_WINDOW = 3600.0
 
 
 class _Model(BaseModel):
@@ -76,6 +85,10 @@ def _duration(value: object) -> object:
 
 def _rate(text: str) -> str:
     return format_rate(*parse_rate(text))
+
+
+def _when(text: str) -> str:
+    return format_when(*parse_when(text))
 
 
 def _key(spec: str) -> str:
@@ -118,6 +131,7 @@ def _rule_name(name: str) -> str:
 
 RuleName = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_rule_name)]
 RateText = Annotated[str, Field(max_length=MAX_RATE_TEXT), AfterValidator(_rate)]
+WhenText = Annotated[str, Field(max_length=MAX_WHEN_TEXT), AfterValidator(_when)]
 KeySpec = Annotated[str, Field(max_length=MAX_KEY_SPEC), AfterValidator(_key)]
 CidrText = Annotated[str, Field(max_length=MAX_CIDR_TEXT), AfterValidator(_cidr)]
 PathPrefix = Annotated[str, Field(max_length=MAX_URL_PATH), AfterValidator(_path_prefix)]
@@ -183,6 +197,37 @@ class DenySettings(_Model):
         return DenyList(self.cidrs, self.countries, self.user_agents, country_of=country_of)
 
 
+class ChallengeSettings(_Model):
+    """Clients over a rate must show they keep cookies (verge.protect.challenge)."""
+
+    match: RateLimitMatch = Field(default_factory=RateLimitMatch)
+    """Which requests count and may be challenged (a rate limit's match)."""
+    when: WhenText
+    """The client's rate beyond which it is challenged: "rate > 50/s" ("50/s" alike)."""
+    burst: int | None = Field(None, ge=0, le=MAX_BURST, strict=True)
+    """Requests beyond the rate allowed at once; unset: the rate's count less one, so that
+    "rate > 50/s" challenges the 51st request within a second, not a page's burst of assets."""
+    kind: Literal["cookie", "javascript"] = "cookie"
+    """cookie: 307 to the same URL with Set-Cookie; javascript: a page whose script sets it."""
+    ttl: Annotated[float, Field(ge=MIN_CHALLENGE_TTL, le=MAX_CHALLENGE_TTL),
+                   BeforeValidator(_duration)] = 3600.0
+    """How long a passed challenge's cookie is good for ("1h")."""
+    refuse_after: int = Field(5, ge=1, le=MAX_REFUSE_AFTER, strict=True)
+    """Challenges a client may leave unanswered within ``window``; beyond them: 429."""
+    window: Annotated[float, Field(ge=1, le=MAX_CHALLENGE_WINDOW),
+                      BeforeValidator(_duration)] = 60.0
+    """Starts with a client's first unanswered challenge; a refused client waits it out."""
+
+    def spec(self) -> ChallengeSpec:
+        """The challenge as verge.protect.challenge.Challenge takes it: its rate as a
+        ``log`` rule keyed by the client address (counted, never refusing by itself)."""
+        count, period = parse_when(self.when)
+        burst = self.burst if self.burst is not None else count - 1
+        rule = RuleSpec(CHALLENGE_RULE, count, period, burst, "client_ip", "log",
+                        path=self.match.path, methods=frozenset(self.match.methods))
+        return ChallengeSpec(rule, self.kind, self.ttl, self.refuse_after, self.window)
+
+
 class Protection(_Model):
     rate_limits: list[RateLimitRule] = Field(default_factory=list, max_length=MAX_RATE_RULES)
     """Checked in order; every matching rule counts the request."""
@@ -195,20 +240,22 @@ class Protection(_Model):
     """IPv6 clients are one key per prefix of this length (one host usually owns a /64)."""
     waf: WafSettings | None = None
     """The OWASP Core Rule Set on libmodsecurity (verge.protect.waf); none: no WAF."""
+    challenge: ChallengeSettings | None = None
+    """A cookie challenge for clients over a rate (verge.protect.challenge); none: no challenge."""
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> Protection:
-        seen: set[str] = set()
+        seen: set[str] = {CHALLENGE_RULE} if self.challenge is not None else set()
         for index, rule in enumerate(self.rate_limits):
             if rule.name in seen:
+                reason = f"the rule name {rule.name!r} is used twice" \
+                    if rule.name != CHALLENGE_RULE or self.challenge is None else \
+                    f"the rule name {CHALLENGE_RULE!r} is the challenge's (its counters' name)"
                 # verge.config's "config_conflict": "at" extends the error's path to the line
                 raise PydanticCustomError(
                     "config_conflict",
                     "{reason}",
-                    {
-                        "reason": f"the rule name {rule.name!r} is used twice",
-                        "at": ("rate_limits", index, "name"),
-                    },
+                    {"reason": reason, "at": ("rate_limits", index, "name")},
                 )
             seen.add(rule.name)
         return self
