@@ -5,7 +5,10 @@
  * and a Python epoch ticker needs the GIL 500 times a second. Here the whole invocation (store,
  * limits, deadline, WASI context, instantiate, _start, exit status, memory size, drop, the read
  * of stdout) is one C call that Python makes with the GIL released (ctypes.CDLL), and the ticker
- * is a pthread that never touches Python.
+ * is a pthread that never touches Python. What Python would otherwise do per request around
+ * that call is done here too, where it costs little: the environment arrays are built from one
+ * NUL-joined string of the request's variables (the per-function ones come prebuilt), the end
+ * of the CGI head in stdout is found, and the run's CPU time is measured.
  *
  * Built against the libwasmtime bundled in the wasmtime wheel (no headers ship with it, so the
  * few prototypes used are declared here, from wasmtime's crates/c-api/include; the wheel's
@@ -77,7 +80,7 @@ typedef wasmtime_error_t *(*vs_deadline_callback)(wasmtime_context_t *, void *, 
 extern void wasmtime_store_epoch_deadline_callback(wasmtime_store_t *, vs_deadline_callback,
                                                    void *, void (*)(void *));
 
-#define VS_ABI 1
+#define VS_ABI 2
 int vs_abi(void) { return VS_ABI; }
 
 /* ------------------------------------------------------------------ the epoch ticker */
@@ -196,22 +199,32 @@ void vs_ticker_free(vs_ticker *t) {
 
 /* ------------------------------------------------------------------ invocations */
 
+/* A deployed function: what each of its runs needs that does not change per request. Python
+ * makes one per function (a ctypes structure it keeps alive, with the arrays it points to).
+ * A run's environment is the request's (vs_invoke's blob: `named_count` values whose names
+ * are `named`, then name/value pairs), then the function's own variables (`env_*`). */
 typedef struct {
-    size_t count;
-    const char *const *names;
-    const char *const *values;
-} vs_env;
+    const wasmtime_instance_pre_t *pre;
+    int64_t memory_bytes;
+    const char *const *argv;
+    size_t argc;
+    const char *const *named;
+    size_t named_count;
+    const char *const *env_names;
+    const char *const *env_values;
+    size_t env_count;
+} vs_function;
 
 enum { /* vs_thread.out[VS_STATUS] */
        VS_RAN = 0,          /* _start returned or exited: out[VS_EXIT_CODE] */
-       VS_SETUP = 1,        /* environment not UTF-8, output files, or the WASI context */
+       VS_SETUP = 1,        /* environment not UTF-8 or malformed, output files, WASI context */
        VS_INSTANTIATE = 2,  /* instantiation failed: out[VS_ERROR] or out[VS_TRAP] */
        VS_START = 3,        /* _start failed: out[VS_ERROR] or out[VS_TRAP] */
        VS_EXPORTS = 4,      /* no memory or _start export */
        VS_TIMEOUT = 5,      /* stopped at its time budget (the deadline callback) */
 };
 enum { VS_STATUS, VS_EXIT_CODE, VS_ERROR, VS_TRAP, VS_MEMORY, VS_STDOUT_LEN, VS_STDERR_SIZE,
-       VS_OUT_FIELDS };
+       VS_HEAD_END, VS_BODY_AT, VS_CPU_NS, VS_WALL_NS, VS_OUT_FIELDS };
 
 #define VS_ITEM_BYTES 64 /* room for a wasmtime_instance_t / wasmtime_extern_t (checked) */
 
@@ -224,6 +237,9 @@ typedef struct vs_thread {
     int stdout_fd, stderr_fd;
     uint8_t *buffer; /* stdout is read into it, up to capacity */
     size_t capacity;
+    size_t head_limit; /* a CGI head ends within this many bytes (wagi.MAX_HEAD_BYTES) */
+    const char **env_names, **env_values; /* the request's environment, grown as needed */
+    size_t env_capacity;
     uint64_t budget_end; /* CLOCK_MONOTONIC ns at which the run's time is up */
     int timed_out;
     int64_t out[VS_OUT_FIELDS];
@@ -236,7 +252,7 @@ typedef struct vs_thread {
 vs_thread *vs_thread_new(wasm_engine_t *engine, vs_ticker *ticker, size_t extern_of,
                          size_t item_bytes, const char *stdout_path, int stdout_fd,
                          const char *stderr_path, int stderr_fd, uint8_t *buffer,
-                         size_t capacity) {
+                         size_t capacity, size_t head_limit) {
     if (item_bytes > VS_ITEM_BYTES || extern_of >= item_bytes) return NULL;
     vs_thread *t = calloc(1, sizeof *t);
     if (!t) return NULL;
@@ -249,17 +265,89 @@ vs_thread *vs_thread_new(wasm_engine_t *engine, vs_ticker *ticker, size_t extern
     t->stderr_fd = stderr_fd;
     t->buffer = buffer;
     t->capacity = capacity;
+    t->head_limit = head_limit;
     return t;
 }
 
-void vs_thread_free(vs_thread *t) { free(t); }
+void vs_thread_free(vs_thread *t) {
+    if (!t) return;
+    free(t->env_names);
+    free(t->env_values);
+    free(t);
+}
 
 int64_t *vs_thread_out(vs_thread *t) { return t->out; }
 
-static uint64_t monotonic_ns(void) {
+static uint64_t clock_ns(clockid_t clock) {
     struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
+    clock_gettime(clock, &now);
     return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+static uint64_t monotonic_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
+
+/* Where the CGI head of `data` ends, as wagi._head_end says: the offset of the blank line
+ * (its length, 1 or 2, in *sep), or -1 when there is none within the first `limit` bytes. */
+int64_t vs_head_end(const uint8_t *data, size_t len, size_t limit, int64_t *sep) {
+    *sep = 0;
+    if (len >= 1 && data[0] == '\n') {
+        *sep = 1;
+        return 0;
+    }
+    if (len >= 2 && data[0] == '\r' && data[1] == '\n') {
+        *sep = 2;
+        return 0;
+    }
+    size_t n = len < limit ? len : limit;
+    for (const uint8_t *p = data; (p = memchr(p, '\n', n - (size_t)(p - data))) != NULL; p++) {
+        size_t i = (size_t)(p - data);
+        if (i + 1 < n && data[i + 1] == '\n') {
+            *sep = 1;
+            return (int64_t)i + 1;
+        }
+        if (i + 2 < n && data[i + 1] == '\r' && data[i + 2] == '\n') {
+            *sep = 2;
+            return (int64_t)i + 1;
+        }
+    }
+    return -1;
+}
+
+/* Room for `count` variables in the thread's environment arrays. */
+static bool reserve_env(vs_thread *t, size_t count) {
+    if (count <= t->env_capacity) return true;
+    size_t capacity = count < 64 ? 64 : count * 2;
+    const char **names = realloc(t->env_names, capacity * sizeof *names);
+    if (names) t->env_names = names;
+    const char **values = realloc(t->env_values, capacity * sizeof *values);
+    if (values) t->env_values = values;
+    if (!names || !values) return false;
+    t->env_capacity = capacity;
+    return true;
+}
+
+/* The request's environment from `blob`: NUL-separated strings (blob[len] is a NUL too): the
+ * values of fn->named, then name/value pairs. Into the thread's arrays (pointers into the
+ * blob); their count, or -1 when the blob does not have that shape. */
+static ptrdiff_t split_env(vs_thread *t, const vs_function *fn, const char *blob, size_t len) {
+    size_t strings = 1;
+    for (const char *p = blob; (p = memchr(p, '\0', len - (size_t)(p - blob))) != NULL; p++)
+        strings++;
+    if (strings < fn->named_count || (strings - fn->named_count) % 2) return -1;
+    size_t count = fn->named_count + (strings - fn->named_count) / 2;
+    if (!reserve_env(t, count)) return -1;
+    const char *p = blob;
+    for (size_t i = 0; i < count; i++) {
+        if (i < fn->named_count) {
+            t->env_names[i] = fn->named[i];
+        } else {
+            t->env_names[i] = p;
+            p += strlen(p) + 1;
+        }
+        t->env_values[i] = p;
+        p += strlen(p) + 1;
+    }
+    return (ptrdiff_t)count;
 }
 
 /* The epoch deadline (one tick) passed: stop the run if its time is really up, else go on
@@ -278,16 +366,15 @@ static wasmtime_error_t *on_deadline(wasmtime_context_t *cx, void *data, uint64_
     return NULL;
 }
 
-static wasi_config_t *make_wasi(vs_thread *t, const vs_env *envs, size_t n_envs,
-                                const char *const *argv, size_t argc, const uint8_t *stdin_data,
-                                size_t stdin_len) {
+static wasi_config_t *make_wasi(vs_thread *t, const vs_function *fn, size_t env_count,
+                                const uint8_t *stdin_data, size_t stdin_len) {
     wasi_config_t *config = wasi_config_new();
-    for (size_t i = 0; i < n_envs; i++) {
-        if (envs[i].count &&
-            !wasi_config_set_env(config, envs[i].count, envs[i].names, envs[i].values))
-            goto fail;
-    }
-    if (!wasi_config_set_argv(config, argc, argv)) goto fail;
+    if (env_count && !wasi_config_set_env(config, env_count, t->env_names, t->env_values))
+        goto fail;
+    if (fn->env_count &&
+        !wasi_config_set_env(config, fn->env_count, fn->env_names, fn->env_values))
+        goto fail;
+    if (!wasi_config_set_argv(config, fn->argc, fn->argv)) goto fail;
     if (stdin_len) {
         wasm_byte_vec_t vec;
         wasm_byte_vec_new(&vec, stdin_len, stdin_data); /* copies */
@@ -341,40 +428,67 @@ static int run_in(vs_thread *t, wasmtime_context_t *cx, const wasmtime_instance_
     return VS_RAN;
 }
 
-/* One invocation in a fresh store; results in t->out (see the enums). The run gets
- * `budget_ns` of (wall-clock) time from now, checked at each epoch tick (VS_TIMEOUT). On VS_RAN, stdout's first bytes (up to the buffer's
- * capacity) are in the buffer and out[VS_STDERR_SIZE] says whether anything went to stderr.
- * Errors and traps returned in out are the caller's. */
-int vs_run(vs_thread *t, const wasmtime_instance_pre_t *pre, int64_t memory_bytes,
-           uint64_t budget_ns, const vs_env *envs, size_t n_envs,
-           const char *const *argv, size_t argc, const uint8_t *stdin_data, size_t stdin_len) {
+/* stdout's first bytes into the buffer, where its CGI head ends, and stderr's size. */
+static void read_outputs(vs_thread *t) {
     int64_t *out = t->out;
-    memset(out, 0, sizeof t->out);
-    t->timed_out = 0;
-    t->budget_end = monotonic_ns() + budget_ns;
+    ssize_t got = pread(t->stdout_fd, t->buffer, t->capacity, 0);
+    out[VS_STDOUT_LEN] = got < 0 ? 0 : got;
+    int64_t sep;
+    int64_t end = vs_head_end(t->buffer, (size_t)out[VS_STDOUT_LEN], t->head_limit, &sep);
+    if (end >= 0) {
+        out[VS_HEAD_END] = end;
+        out[VS_BODY_AT] = end + sep;
+    }
+    off_t size = lseek(t->stderr_fd, 0, SEEK_END);
+    out[VS_STDERR_SIZE] = size < 0 ? 0 : size;
+}
+
+/* The run in a fresh store, with `env_count` request variables in the thread's arrays. */
+static int run_store(vs_thread *t, const vs_function *fn, size_t env_count,
+                     const uint8_t *stdin_data, size_t stdin_len) {
+    int64_t *out = t->out;
     if (t->ticker) vs_ticker_enter(t->ticker);
     wasmtime_store_t *store = wasmtime_store_new(t->engine, NULL, NULL);
     wasmtime_context_t *cx = wasmtime_store_context(store);
-    wasmtime_store_limiter(store, memory_bytes, -1, -1, -1, -1);
+    wasmtime_store_limiter(store, fn->memory_bytes, -1, -1, -1, -1);
     wasmtime_context_set_epoch_deadline(cx, 1);
     wasmtime_store_epoch_deadline_callback(store, on_deadline, t, NULL);
     int status = VS_SETUP;
-    wasi_config_t *config = make_wasi(t, envs, n_envs, argv, argc, stdin_data, stdin_len);
+    wasi_config_t *config = make_wasi(t, fn, env_count, stdin_data, stdin_len);
     if (config) {
         wasmtime_error_t *error = wasmtime_context_set_wasi(cx, config); /* takes it */
         if (error)
             out[VS_ERROR] = (int64_t)(intptr_t)error;
         else
-            status = run_in(t, cx, pre);
+            status = run_in(t, cx, fn->pre);
     }
     if (t->ticker) vs_ticker_leave(t->ticker);
     wasmtime_store_delete(store);
+    if (config) read_outputs(t); /* (the output files were opened, truncated) */
+    return status;
+}
+
+/* One invocation of `fn` in a fresh store; results in t->out (see the enums). The run gets
+ * `budget_ns` of (wall-clock) time from now, checked at each epoch tick (VS_TIMEOUT). The
+ * request's environment is `blob` (see split_env; `blob_len` bytes and a NUL), stdin
+ * `stdin_data`. Unless VS_SETUP: stdout's first bytes (up to the buffer's capacity) are in
+ * the buffer, out[VS_HEAD_END] and out[VS_BODY_AT] say where its CGI head ends and its body
+ * starts in them (-1: no blank line), out[VS_STDERR_SIZE] whether anything went to stderr.
+ * out[VS_CPU_NS] and out[VS_WALL_NS]: the thread's CPU time and the time the call took.
+ * Errors and traps returned in out are the caller's. */
+int vs_invoke(vs_thread *t, const vs_function *fn, uint64_t budget_ns, const char *blob,
+              size_t blob_len, const uint8_t *stdin_data, size_t stdin_len) {
+    int64_t *out = t->out;
+    uint64_t cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID), wall0 = monotonic_ns();
+    memset(out, 0, sizeof t->out);
+    out[VS_HEAD_END] = out[VS_BODY_AT] = -1;
+    t->timed_out = 0;
+    t->budget_end = wall0 + budget_ns;
+    ptrdiff_t env_count = split_env(t, fn, blob, blob_len);
+    int status = VS_SETUP;
+    if (env_count >= 0) status = run_store(t, fn, (size_t)env_count, stdin_data, stdin_len);
     out[VS_STATUS] = status;
-    if (config) { /* the output files were opened (truncated): read what was written */
-        ssize_t got = pread(t->stdout_fd, t->buffer, t->capacity, 0);
-        out[VS_STDOUT_LEN] = got < 0 ? 0 : got;
-        off_t size = lseek(t->stderr_fd, 0, SEEK_END);
-        out[VS_STDERR_SIZE] = size < 0 ? 0 : size;
-    }
+    out[VS_WALL_NS] = (int64_t)(monotonic_ns() - wall0);
+    out[VS_CPU_NS] = (int64_t)(clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0);
     return status;
 }

@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from verge.compat import wasmtime as compat
 from verge.compute import runtime as runtime_module
+from verge.compute import wagi
 from verge.compute.host import Capabilities
 from verge.compute.runtime import Limits, Outcome, PoolSettings, Runtime
 from verge.compute.wagi import CgiRequest
@@ -24,6 +28,12 @@ POST = CgiRequest(
     body=b"BODY!",
     host="shop.example",
     remote_addr="192.0.2.7",
+)
+ODD = CgiRequest(  # PATH_INFO "/a\0b", a header value with a NUL, a lone surrogate
+    "GET",
+    "/a%00b?q=%00",
+    headers=[("Host", "h"), ("X-Nul", "x\0y"), ("X-Surrogate", "\udcff"), ("X-Empty", "")],
+    host="h",
 )
 SAME = ("outcome", "result", "error", "exit_code", "stdout_bytes", "stderr", "stderr_truncated")
 
@@ -72,6 +82,9 @@ def test_the_runtime_uses_the_shim(pair, wasm):
         ("echo", CgiRequest("POST", "/fail", body=b"x"), {}, Limits()),  # exit 3 + stderr
         ("echo", CgiRequest("POST", "/garbage", body=b"x"), {}, Limits()),  # bad output
         ("echo", CgiRequest("POST", "/pass", body=b"x"), {}, Limits()),
+        ("echo", POST, {"HTTP_X_TAG": "mine"}, Limits()),  # overrides a header's variable
+        ("echo", ODD, {}, Limits()),  # NULs and unencodable characters in the environment
+        ("echo", POST, {}, Limits(max_response_bytes=100)),  # too large, yet in the buffer
         ("bigout", GET, {"SIZE": "1000"}, Limits(max_response_bytes=2000)),
         ("bigout", GET, {"SIZE": str(200 * 1024)}, Limits(max_response_bytes=MiB)),  # > buffer
         ("bigout", GET, {"SIZE": str(3 * MiB)}, Limits(max_response_bytes=MiB)),  # too large
@@ -194,3 +207,102 @@ def test_output_files_of_dead_processes_are_swept(tmp_path):
         path.write_bytes(b"")
     runtime_module._sweep_outputs(str(tmp_path))
     assert not dead.exists() and mine.exists() and other.exists()
+
+
+@needs_shim
+def test_a_response_edit_runs_the_same_natively(pair, wasm):
+    origin = (200, [("Content-Type", "text/html"), ("X-Origin", "1")], b"<p>origin</p>")
+    native, fallback = (
+        rt.invoke(rt.load(wasm["echo"], name="echo"), POST, request_id="r", response=origin)
+        for rt in pair
+    )
+    for attribute in SAME:
+        assert getattr(native, attribute) == getattr(fallback, attribute), attribute
+    assert b"VERGE_PHASE=response" in native.result.body
+    assert native.result.body.endswith(b"--body--\n" + wagi.encode_response(*origin))
+
+
+@needs_shim
+def test_each_native_run_gives_new_result_objects(pair, wasm):
+    native, _ = pair
+    fn = native.load(wasm["hello"], name="hello")
+    first = native.invoke(fn, GET)
+    first.result.headers.append(("X-Changed", "by the caller"))
+    second = native.invoke(fn, GET)
+    assert second.result == wagi.Answer(200, [("Content-Type", "text/plain")], b"hello from wasm\n")
+    assert second.result is not first.result and second.stdout_bytes == first.stdout_bytes
+    assert second.cpu_ms > 0 and second.duration_ms >= second.cpu_ms * 0.5
+
+
+@needs_shim
+def test_a_malformed_environment_is_refused_before_anything_runs(pair, wasm):
+    native, _ = pair
+    fn = native.load(wasm["hello"], name="hello")
+    sandbox = native._scratch().native
+    for env in (b"only\0three\0values", b"x\0" * len(wagi.CGI_NAMES) + b"name"):
+        assert sandbox.invoke(fn.native_at, 10**9, env, b"") == compat.SETUP_FAILED
+        assert "environment" in str(sandbox.failure(compat.SETUP_FAILED))
+    assert native.invoke(fn, GET).outcome == Outcome.ANSWER  # (the sandbox is still fine)
+
+
+@needs_shim
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.lists(st.sampled_from([b"\n", b"\r", b"\r\n", b"a", b":", b" "]), max_size=14).map(
+        b"".join
+    ),
+    limit=st.integers(0, 16),
+)
+def test_the_shim_finds_the_end_of_a_head_where_wagi_does(data, limit):
+    with mock.patch.object(wagi, "MAX_HEAD_BYTES", limit):
+        try:
+            expected = wagi._head_end(data)
+        except wagi.BadOutput:  # (no end within the limit, and more data than the limit)
+            expected = (-1, 0)
+    assert compat.head_end(compat.shim(), data, limit) == expected
+
+
+def c_string(text: str) -> str:
+    """What C sees of a Python string in the environment: UTF-8 (unencodable characters
+    replaced), up to its first NUL."""
+    return text.encode("utf-8", "replace").split(b"\0", 1)[0].decode()
+
+
+def environment_in_c(fn, env: bytes) -> list[tuple[str, str]]:
+    """The environment wasmshim builds from _env_blob's string and the function's own."""
+    strings = [part.decode() for part in env.split(b"\0")]
+    named = [] if fn.shadows_cgi else list(wagi.CGI_NAMES)
+    pairs = list(zip(named, strings[: len(named)], strict=True))
+    rest = strings[len(named) :]
+    pairs += list(zip(rest[::2], rest[1::2], strict=True))
+    own = [] if fn.shadows_cgi else [(n, c_string(v)) for n, v in fn.caps.env]
+    return pairs + own
+
+
+TEXT = st.text(st.sampled_from("aZ09 -_%/.:é\0\udcff"), max_size=8)
+
+
+@pytest.fixture(scope="module")
+def empty_module(artefact_dir):
+    """A loaded module to make Functions of (what _env_blob reads is their environment)."""
+    with Runtime(artefact_dir, native=False) as rt:
+        yield rt.modules.load('(module (memory (export "memory") 1) (func (export "_start")))')
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    target=TEXT.map(lambda t: "/" + t),
+    headers=st.lists(
+        st.tuples(st.sampled_from(["Host", "X-Tag", "x-tag", "Content-Type", "Bad.Name"]), TEXT),
+        max_size=5,
+    ),
+    own=st.dictionaries(st.sampled_from(["API_KEY", "HTTP_X_TAG", "SERVER_NAME"]), TEXT),
+)
+def test_the_shim_gets_the_environment_build_environ_gives(empty_module, target, headers, own):
+    """_env_blob (one string; the C arrays are the shim's) against wagi.build_environ, for
+    functions with their own variables, overriding a header's or a CGI variable."""
+    fn = runtime_module.Function("f", empty_module, Capabilities.of(env=own), Limits())
+    request = CgiRequest("GET", target, headers=headers, host="h", route="/r")
+    env = runtime_module._env_blob(fn, request, "rid", "request")
+    expected = wagi.build_environ(request, request_id="rid", function_env=fn.caps.env)
+    assert environment_in_c(fn, env) == [(n, c_string(v)) for n, v in expected]

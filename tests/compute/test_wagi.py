@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from verge.compute import wagi
 from verge.compute.wagi import (
     Answer,
     BadOutput,
@@ -162,3 +165,91 @@ def test_response_and_request_round_trip():
     assert parse_request(b"GET http://h/") == ("GET", "http://h/", [], b"")
     with pytest.raises(BadOutput):
         parse_request(b"\n\n")
+
+
+# ----- the parsed-head memory (parse_head): a head means the same whether parsed or recalled
+
+
+def reference_parse(data: bytes) -> Answer | Pass:
+    """parse_output as it was before heads were remembered (split_head, then the fields)."""
+    fields, body_at = wagi.split_head(data)
+    names = [name.lower() for name, _ in fields]
+    if wagi.PASS_HEADER in names and wagi._is_pass(fields):
+        return wagi._parse_pass(fields)
+    if "content-type" not in names and "location" not in names and "status" not in names:
+        raise BadOutput("output has none of Content-Type, Location, Status")
+    status, headers = 0, []
+    for field_, low in zip(fields, names, strict=True):
+        if low == "status":
+            status = wagi.parse_status(field_[1])
+        elif low not in wagi._NOT_ANSWERED:
+            headers.append(field_)
+    return Answer(status or (302 if "location" in names else 200), headers, data[body_at:])
+
+
+def outcome_of(parse, data: bytes) -> object:
+    try:
+        return parse(data)
+    except BadOutput as exc:
+        return ("bad", str(exc))
+
+
+LINES = st.sampled_from(
+    [
+        "Content-Type: text/plain",
+        "Status: 404 Not Found",
+        "Status: 99",
+        "Location: /x",
+        "X-Verge-Pass: 1",
+        "X-Verge-Pass: no",
+        "X-Verge-Rewrite-Path: /r?a=1",
+        "X-Verge-Rewrite-Path: bad",
+        "X-Verge-Set-Header: A: b",
+        "X-Verge-Remove-Header: Cookie",
+        "Connection: close",
+        "Content-Length: 3",
+        "X-Custom:  spaced  ",
+        "no colon",
+        "Bad Name: x",
+        "",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(LINES, max_size=6),
+    newline=st.sampled_from(["\n", "\r\n"]),
+    body=st.binary(max_size=20),
+)
+def test_a_remembered_head_gives_what_parsing_it_gives(lines, newline, body):
+    data = (newline.join(lines) + newline + newline).encode() + body
+    wagi._MEANINGS.clear()
+    fresh = outcome_of(parse_output, data)
+    recalled = outcome_of(parse_output, data)
+    assert fresh == recalled == outcome_of(reference_parse, data)
+    end, sep = wagi._head_end(data)
+    assert outcome_of(lambda _: wagi.parse_head(data[:end], data[end + sep :]), data) == fresh
+
+
+def test_each_result_is_a_new_object():
+    first = parse_output(b"Content-Type: a\nX-A: 1\n\none")
+    first.headers.append(("X-Changed", "by the caller"))
+    second = parse_output(b"Content-Type: a\nX-A: 1\n\ntwo")
+    assert second == Answer(200, [("Content-Type", "a"), ("X-A", "1")], b"two")
+    passed = parse_output(b"X-Verge-Pass: 1\nX-Verge-Set-Header: A: b\n\n")
+    passed.set_headers.clear()
+    assert parse_output(b"X-Verge-Pass: 1\nX-Verge-Set-Header: A: b\n\n").set_headers == [
+        ("A", "b")
+    ]
+
+
+def test_the_memory_of_heads_is_bounded(monkeypatch):
+    monkeypatch.setattr(wagi, "HEADS_KEPT", 8)
+    wagi._MEANINGS.clear()
+    for i in range(50):
+        assert parse_output(f"Content-Type: a\nX-N: {i}\n\n".encode()).headers[1] == ("X-N", str(i))
+        assert len(wagi._MEANINGS) <= 8
+    long = b"Content-Type: a\nX-Pad: " + b"p" * wagi.HEAD_KEPT_BYTES + b"\n\n"
+    assert parse_output(long).status == 200
+    assert long[: long.index(b"\n\n") + 1] not in wagi._MEANINGS

@@ -33,8 +33,11 @@ What is touched, and why (the runtime's docstring has the measurements):
   ``_ffi.dll``'s library (the wheel's ``_libwasmtime.so``) on first use into
   ``$VERGE_NATIVE_CACHE`` / ``$XDG_CACHE_HOME`` / ``~/.cache`` (``verge-native/<hash of the
   source and the library>/``); ``VERGE_WASMSHIM=off`` never uses it, ``VERGE_WASMSHIM=PATH``
-  loads a prebuilt one. One C call per invocation with the GIL released, and the epoch ticker
-  as a pthread. It declares the C API prototypes it uses itself (no headers ship with the
+  loads a prebuilt one (of this module's ``_SHIM_ABI``). One C call per invocation with the
+  GIL released (:meth:`NativeSandbox.invoke`: the environment as one NUL-joined string, the
+  function's constants in a :class:`NativeFunction` made once; back come the results, where
+  stdout's CGI head ends and the run's CPU time), and the epoch ticker as a pthread. It
+  declares the C API prototypes it uses itself (no headers ship with the
   wheel) and takes the sizes of ``wasmtime_extern_t``/``wasmtime_instance_t`` and the offset
   of ``of`` from ``_ffi`` at run time. Without gcc, or when the build fails, :func:`shim` is
   None (logged once) and the runtime uses the ctypes path below: slower, same results.
@@ -84,6 +87,7 @@ __all__ = [
     "SUPPORTED",
     "EnvArrays",
     "Sandbox",
+    "NativeFunction",
     "NativeSandbox",
     "NativeTicker",
     "StoreView",
@@ -92,7 +96,9 @@ __all__ = [
     "c_strings",
     "check",
     "enable_pooling_allocator",
+    "head_end",
     "memory_address",
+    "native_function",
     "shim",
     "wasi_config",
 ]
@@ -455,7 +461,7 @@ def memory_address(memory: wasmtime.Memory, store: Any) -> int:
 
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "native" / "wasmshim"
 SHIM_ENV = "VERGE_WASMSHIM"  # "off": never; a path: that prebuilt library; unset: build
-_SHIM_ABI = 1
+_SHIM_ABI = 2
 _SHIM_USES = (  # wasmshim.c's C API beyond _c_signatures (check() looks for them)
     "wasmtime_engine_increment_epoch",
     "wasmtime_store_epoch_deadline_callback",
@@ -557,6 +563,7 @@ def _build_shim() -> Path | None:
 
 def _declare_shim(lib: Any) -> None:
     vp, i64, u64, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_size_t
+    chars = ctypes.c_char_p
     signatures = {
         "vs_ticker_start": ([vp, u64, u64], vp),
         "vs_ticker_stop": ([vp], None),
@@ -575,12 +582,14 @@ def _declare_shim(lib: Any) -> None:
                 ctypes.c_int,
                 vp,
                 size,
+                size,
             ],
             vp,
         ),
         "vs_thread_free": ([vp], None),
         "vs_thread_out": ([vp], vp),
-        "vs_run": ([vp, vp, i64, u64, vp, size, vp, size, ctypes.c_char_p, size], ctypes.c_int),
+        "vs_invoke": ([vp, vp, u64, chars, size, chars, size], ctypes.c_int),
+        "vs_head_end": ([chars, size, size, ctypes.POINTER(i64)], i64),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -645,21 +654,65 @@ class NativeTicker:
             self._lib.vs_ticker_free(handle)
 
 
-# the outcome of NativeSandbox.run (wasmshim.c's VS_* enums)
+# the outcome of NativeSandbox.invoke (wasmshim.c's VS_* enums), and its results in ``out``
 RAN, SETUP_FAILED, INSTANTIATE_FAILED, START_FAILED, NO_EXPORTS, TIMED_OUT = range(6)
-_STATUS, _EXIT_CODE, _ERROR, _TRAP, _MEMORY, _STDOUT_LEN, _STDERR_SIZE = range(7)
+(
+    _STATUS,
+    EXIT_CODE,
+    _ERROR,
+    _TRAP,
+    MEMORY,
+    STDOUT_LEN,
+    STDERR_SIZE,
+    HEAD_END,
+    BODY_AT,
+    CPU_NS,
+    WALL_NS,
+) = range(11)
+_OUT_FIELDS = 11
 OUTPUT_BUFFER = 64 * 1024
+
+
+class NativeFunction(ctypes.Structure):
+    """wasmshim.c's ``vs_function``: what every run of a deployed function needs, made once.
+
+    A run's environment is the request's (``named``: the names of its first ``named_count``
+    values, see :meth:`NativeSandbox.invoke`), then the function's own (``env_*``)."""
+
+    _fields_ = [
+        ("pre", ctypes.c_void_p),
+        ("memory_bytes", ctypes.c_int64),
+        ("argv", ctypes.c_void_p),
+        ("argc", ctypes.c_size_t),
+        ("named", ctypes.c_void_p),
+        ("named_count", ctypes.c_size_t),
+        ("env_names", ctypes.c_void_p),
+        ("env_values", ctypes.c_void_p),
+        ("env_count", ctypes.c_size_t),
+    ]
+
+
+def native_function(
+    pre: int, memory_bytes: int, argv: int, named: tuple[int, int], env: EnvArrays
+) -> NativeFunction:
+    """A :class:`NativeFunction`: ``pre`` (:func:`address` of an ``InstancePre``), ``argv``
+    (:func:`c_argv`), ``named`` = (address of a ``char *[]`` of names, their count) and
+    ``env`` the function's own variables. The caller keeps the arrays alive."""
+    count, names, values = env
+    return NativeFunction(pre, memory_bytes, argv, 1, named[0], named[1], names, values, count)
 
 
 class NativeSandbox:
     """Runs a command module without host imports in a fresh Store with one C call (the GIL
-    released throughout): store, limits, deadline, WASI (``envs``, ``argv``, ``stdin``;
+    released throughout): store, limits, deadline, WASI (environment, ``argv``, ``stdin``;
     stdout and stderr to the files at the two paths, which wasmtime creates or truncates),
-    instantiate, ``_start``, drop, and a read of stdout. One per thread.
+    instantiate, ``_start``, drop, a read of stdout and where its CGI head ends. One per thread.
 
-    After :meth:`run`: ``exit_code``, ``memory_size``, :meth:`stdout` (the first
-    ``OUTPUT_BUFFER`` bytes; ``stdout_len == OUTPUT_BUFFER``: there may be more),
-    ``stderr_size``, and :meth:`failure` for a status other than ``RAN``.
+    After :meth:`invoke`, ``out`` (int64s, indexed by this module's ``EXIT_CODE``, ``MEMORY``,
+    ``STDOUT_LEN``, ``STDERR_SIZE``, ``HEAD_END``, ``BODY_AT``, ``CPU_NS``, ``WALL_NS``),
+    ``exit_code``, ``memory_size``, ``stdout_len`` (``== OUTPUT_BUFFER``: there may be more),
+    ``stderr_size``; ``view`` (the buffer: :meth:`stdout` is its first ``stdout_len`` bytes),
+    and :meth:`failure` for a status other than ``RAN``.
     """
 
     def __init__(
@@ -669,12 +722,13 @@ class NativeSandbox:
         ticker: NativeTicker | None,
         stdout: tuple[int, bytes],
         stderr: tuple[int, bytes],
+        head_limit: int = OUTPUT_BUFFER,
     ) -> None:
         self._lib = lib
         self._keep = (engine, ticker, stdout[1], stderr[1])
         self._buffer = ctypes.create_string_buffer(OUTPUT_BUFFER)
         self._buffer_at = ctypes.addressof(self._buffer)
-        self._view = memoryview(self._buffer).cast("B")  # (a slice copies faster than string_at)
+        self.view = memoryview(self._buffer).cast("B")  # (a slice copies faster than string_at)
         item = max(ctypes.sizeof(ffi.wasmtime_extern_t), ctypes.sizeof(ffi.wasmtime_instance_t))
         if item > _ITEM_BYTES:
             raise OSError(f"wasmtime values of {item} bytes: wasmshim has room for {_ITEM_BYTES}")
@@ -689,63 +743,48 @@ class NativeSandbox:
             stderr[0],
             self._buffer_at,
             OUTPUT_BUFFER,
+            head_limit,
         )
         if not self._thread:
             raise OSError("wasmshim: cannot make a thread context")
-        out = (ctypes.c_int64 * 7).from_address(lib.vs_thread_out(self._thread))
-        self._out = memoryview(out).cast("B").cast("q")
-        self._run = lib.vs_run
+        out = (ctypes.c_int64 * _OUT_FIELDS).from_address(lib.vs_thread_out(self._thread))
+        self.out = memoryview(out).cast("B").cast("q")
+        self._invoke = lib.vs_invoke
 
-    def run(
-        self,
-        pre: int,
-        memory_bytes: int,
-        budget_ns: int,
-        envs: Sequence[EnvArrays],
-        argv: int,
-        stdin: bytes,
-    ) -> int:
-        """One invocation of the ``InstancePre`` at ``pre``: ``RAN`` or why it did not.
+    def invoke(self, function: int, budget_ns: int, env: bytes, stdin: bytes) -> int:
+        """One run of the :class:`NativeFunction` at ``function`` (its ``addressof``):
+        ``RAN`` or why it did not.
 
-        It gets ``budget_ns`` of time from now, checked at each epoch tick: ``TIMED_OUT`` at
-        the first tick after the budget, never before it."""
-        flat = array("Q", [word for env in envs for word in env])
-        return self._run(
-            self._thread,
-            pre,
-            memory_bytes,
-            budget_ns,
-            flat.buffer_info()[0],
-            len(envs),
-            argv,
-            1,
-            stdin,
-            len(stdin),
-        )
+        ``env`` is the request's environment: NUL-separated UTF-8 strings, the values of the
+        function's ``named`` variables, then name/value pairs (a C string ends at its NUL:
+        none may hold one). It gets ``budget_ns`` of time from now, checked at each epoch
+        tick: ``TIMED_OUT`` at the first tick after the budget, never before it."""
+        return self._invoke(self._thread, function, budget_ns, env, len(env), stdin, len(stdin))
 
     @property
     def exit_code(self) -> int:
-        return self._out[_EXIT_CODE]
+        return self.out[EXIT_CODE]
 
     @property
     def memory_size(self) -> int:
-        return self._out[_MEMORY]
+        return self.out[MEMORY]
 
     @property
     def stdout_len(self) -> int:
-        return self._out[_STDOUT_LEN]
+        return self.out[STDOUT_LEN]
 
     @property
     def stderr_size(self) -> int:
-        return self._out[_STDERR_SIZE]
+        return self.out[STDERR_SIZE]
 
     def stdout(self) -> bytes:
-        return self._view[: self._out[_STDOUT_LEN]].tobytes()
+        return self.view[: self.out[STDOUT_LEN]].tobytes()
 
     def failure(self, status: int) -> BaseException:
-        """The exception for a failed :meth:`run` (an error or trap of wasmtime's, taken)."""
-        error, trap = self._out[_ERROR], self._out[_TRAP]
-        self._out[_ERROR] = self._out[_TRAP] = 0
+        """The exception for a failed :meth:`invoke` (an error or trap of wasmtime's, taken)."""
+        out = self.out
+        error, trap = out[_ERROR], out[_TRAP]
+        out[_ERROR] = out[_TRAP] = 0
         if error:
             return wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, _ERROR_P))
         if trap:
@@ -761,6 +800,14 @@ class NativeSandbox:
 
     def __del__(self) -> None:
         self.close()
+
+
+def head_end(lib: Any, data: bytes, limit: int) -> tuple[int, int]:
+    """wasmshim's ``vs_head_end``: (offset of the blank line ending the CGI head of ``data``,
+    its length), or (-1, 0); as ``verge.compute.wagi`` finds it (tested against it)."""
+    sep = ctypes.c_int64()
+    end = lib.vs_head_end(data, len(data), limit, ctypes.byref(sep))
+    return end, sep.value
 
 
 # --------------------------------------------------------------------------- check

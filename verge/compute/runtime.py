@@ -17,17 +17,30 @@ Why it looks like this:
   WASI context, instantiate, ``_start``, exit status, drop and the read of stdout in one call
   with the GIL released (:class:`~verge.compat.wasmtime.NativeSandbox`, one per thread), and
   runs the epoch ticker as a pthread (:class:`~verge.compat.wasmtime.NativeTicker`: no GIL
-  500 times a second). Measured on a busy 2-core VM (thread CPU per hello-world
-  invocation): ~300 µs with wasmtime-py's wrappers, ~150 µs driving the C API from ctypes
-  (18 calls), ~130 µs in one call (the run itself ~55-75 µs, half of it the stdout/stderr
-  files: path walk, truncation, write; the rest Python: the environment, the CGI parse, the
-  Invocation). Without gcc (or ``VERGE_WASMSHIM=off``), and for modules that import host
-  functions, the ctypes path (:class:`~verge.compat.wasmtime.Sandbox`) runs, with a Python
-  ticker when there is no shim: slower, same results (tests/compute/test_native.py).
-  Either way the environment is C arrays built from one joined string (the CGI names and
-  the function's own variables once, not per request), stdout is read with one ``pread``,
+  500 times a second). What Python did around that call is in it too, or done once: the
+  request's environment goes in as one NUL-joined string (:func:`_env_blob`; the shim makes
+  the C arrays, the CGI names and the function's own variables are C arrays made at deploy
+  time, :class:`~verge.compat.wasmtime.NativeFunction`), the shim finds where the CGI head
+  of stdout ends and measures the run's CPU time, a head is parsed once and its meaning
+  remembered (:func:`wagi.parse_head`: a function prints the same head again and again),
+  and the usual run (exit 0, nothing on stderr, the output in the buffer) becomes an
+  Invocation in a few steps (:func:`_invoke_native`). Why it matters: Python that runs
+  right after a wasm run costs 3-4 times what it costs in a loop (wasmtime and the kernel's
+  file work have taken the CPU caches), so each µs saved there counts thrice. Measured on a
+  busy 2-core VM: thread CPU per hello-world invocation ~300 µs with wasmtime-py's
+  wrappers, ~150 µs driving the C API from ctypes (18 calls), ~130 µs in one call; process
+  CPU per hello-world request through the edge's fast path (bench/compute_cpu.py, in
+  process, alternating runs) ~190 µs before the above, ~140 µs after, of which the C call
+  is ~70-85 µs (a third of it the stdout/stderr files: open with truncation, write, close,
+  read; then the store, the instance and its reset). Without gcc (or
+  ``VERGE_WASMSHIM=off``), and for modules that import host functions, the ctypes path
+  (:class:`~verge.compat.wasmtime.Sandbox`) runs, with a Python ticker when there is no shim:
+  slower, same results (tests/compute/test_native.py). There the environment is C arrays
+  built from one joined string (:func:`_environment`), stdout is read with one ``pread``,
   the CGI output parsed in one pass. The output files live in /dev/shm (~10 µs cheaper to
-  open than a memfd's /proc/self/fd path), else they are memfds.
+  open than a memfd's /proc/self/fd path), else they are memfds; a custom output stream
+  would be no cheaper (wasmtime runs it on a tokio task, even a native callback: measured
+  +80 µs per request for stderr alone).
 * **Few, coarse Python<->wasm crossings.** Per request: one ``_start`` call. The request
   goes in as WASI environment plus in-memory stdin bytes; stdout and stderr go to
   per-thread memfds that wasmtime opens by path and writes natively (a custom output
@@ -62,6 +75,7 @@ first tried on the event loop itself with a smaller ``cpu_ms`` (see verge.edge.c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import hashlib
 import importlib.metadata
@@ -100,6 +114,7 @@ ENGINE_SETTINGS: dict[str, object] = {
 MiB = 1024 * 1024
 BIG_MEMORY = 8 * MiB  # a store with more memory is dropped with the GIL released
 _CGI_NAMES_AT, _CGI_NAMES_KEEP = wasmtime_compat.c_strings(wagi.CGI_NAMES)
+_CGI_NAMES = (_CGI_NAMES_AT, len(wagi.CGI_NAMES))
 
 
 class Outcome(enum.StrEnum):
@@ -243,7 +258,8 @@ class LoadedModule:
 class Function:
     """A deployed function on this node: module + capabilities + limits.
 
-    Its argv and own variables are C arrays built here, once: they do not change per request.
+    Its argv and own variables are C arrays built here, once: they do not change per request;
+    so is what the shim needs for each run (``native``, at ``native_at``).
     """
 
     name: str
@@ -254,6 +270,8 @@ class Function:
     env: wasmtime_compat.EnvArrays = field(default=(0, 0, 0), repr=False)
     overrides: frozenset[str] = field(default=frozenset(), repr=False)
     shadows_cgi: bool = field(default=False, repr=False)  # overrides a CGI_NAMES variable
+    native: wasmtime_compat.NativeFunction | None = field(default=None, repr=False)
+    native_at: int = field(default=0, repr=False)
     _keep: tuple[object, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -264,6 +282,13 @@ class Function:
         self.overrides = frozenset(names)
         self.shadows_cgi = not self.overrides.isdisjoint(wagi.CGI_NAMES)
         self._keep = (argv_keep, env_keep)
+        # the request's environment is the CGI variables' values, then the headers' pairs,
+        # then these variables; or (shadows_cgi) all of it in pairs (see _env_blob)
+        named, env = ((0, 0), (0, 0, 0)) if self.shadows_cgi else (_CGI_NAMES, self.env)
+        self.native = wasmtime_compat.native_function(
+            self.loaded.pre_at, self.limits.memory_bytes, self.argv, named, env
+        )
+        self.native_at = ctypes.addressof(self.native)
 
     @property
     def digest(self) -> str:
@@ -423,6 +448,7 @@ class _Scratch:
                 ticker if isinstance(ticker, wasmtime_compat.NativeTicker) else None,
                 (self.stdout_fd, self.stdout_path),
                 (self.stderr_fd, self.stderr_path),
+                head_limit=wagi.MAX_HEAD_BYTES,
             )
         weakref.finalize(
             self,
@@ -610,11 +636,15 @@ class Runtime:
         see verge.edge.compute); running out of it is an ``Outcome.TIMEOUT`` as usual.
         """
         phase = "request" if response is None else "response"
-        envs, keep = _environment(fn, request, request_id, phase)
         stdin = request.body if response is None else wagi.encode_response(*response)
-        run = _Run(self, fn, request_id, services, cpu_ms)
-        inv = run.execute(envs, stdin)
-        del keep  # (the C arrays were copied into the WASI context)
+        scratch = self._scratch()
+        if scratch.native is not None and not fn.loaded.uses_host:  # one C call
+            env = _env_blob(fn, request, request_id, phase)
+            inv = _invoke_native(self, scratch, fn, env, stdin, request_id, cpu_ms)
+        else:
+            envs, keep = _environment(fn, request, request_id, phase)
+            inv = _Run(self, fn, request_id, services, cpu_ms).execute(scratch, envs, stdin)
+            del keep  # (the C arrays were copied into the WASI context)
         if self.hook is not None:
             try:
                 self.hook(inv)
@@ -663,6 +693,82 @@ def _environment(
     return envs, keep
 
 
+def _env_blob(fn: Function, request: wagi.CgiRequest, request_id: str, phase: str) -> bytes:
+    """The invocation's environment for the shim (``NativeSandbox.invoke``), in the order and
+    with the overrides of :func:`wagi.build_environ`: one NUL-joined UTF-8 string of the CGI
+    variables' values and the request headers' names and values (the function's own
+    variables come from ``fn.native``); or, for a function that overrides a CGI variable,
+    every name and value. A string holding a NUL (``PATH_INFO`` of ``%00``) ends there, as C
+    strings do: the NULs must only separate."""
+    if fn.shadows_cgi:  # (rare) the general form
+        pairs = wagi.build_environ(
+            request, request_id=request_id, phase=phase, function_env=fn.caps.env
+        )
+        parts = [text for pair in pairs for text in pair]
+    else:
+        parts = wagi.cgi_values(request, request_id, phase)
+        overrides = fn.overrides
+        for name, value in wagi.header_environ(request.headers).items():
+            if name not in overrides:
+                parts += (name, value)
+    text = "\0".join(parts)
+    if text.count("\0") != len(parts) - 1:
+        text = "\0".join([part.partition("\0")[0] for part in parts])
+    return text.encode("utf-8", "replace")
+
+
+def _invoke_native(
+    rt: Runtime,
+    scratch: _Scratch,
+    fn: Function,
+    env: bytes,
+    stdin: bytes,
+    request_id: str,
+    cpu_ms: float | None,
+) -> Invocation:
+    """One run through the shim (``env`` from :func:`_env_blob`). The usual run (exit status
+    0, nothing on stderr, the whole output in the buffer, its head found, within the cap) is
+    taken here, in few steps: this is every small function's request path. Anything else
+    goes through a :class:`_Run`, which gives the same Invocation for the usual run too."""
+    limits, native = fn.limits, scratch.native
+    budget = limits.cpu_ms if cpu_ms is None else min(cpu_ms, limits.cpu_ms)
+    status = native.invoke(fn.native_at, max(0, int(budget * 1e6)), env, stdin)
+    out = native.out
+    length, head_end = out[_STDOUT_LEN], out[_HEAD_END]
+    if (
+        status == wasmtime_compat.RAN
+        and head_end >= 0
+        and length <= limits.max_response_bytes
+        and length < wasmtime_compat.OUTPUT_BUFFER
+        and not out[_EXIT_CODE]
+        and not out[_STDERR_SIZE]
+    ):
+        view = native.view
+        try:
+            head, body = view[:head_end].tobytes(), view[out[_BODY_AT] : length].tobytes()
+            result = wagi.parse_head(head, body)
+        except wagi.BadOutput:
+            result = None
+        if result is not None:
+            return Invocation(
+                fn.name,
+                request_id,
+                Outcome.PASS if type(result) is wagi.Pass else Outcome.ANSWER,
+                result,
+                duration_ms=out[_WALL_NS] / 1e6,
+                cpu_ms=out[_CPU_NS] / 1e6,
+                peak_memory=out[_MEMORY],
+                stdout_bytes=length,
+            )
+    return _Run(rt, fn, request_id, None, cpu_ms).took_native(status, scratch, native)
+
+
+_EXIT_CODE, _MEMORY = wasmtime_compat.EXIT_CODE, wasmtime_compat.MEMORY
+_STDOUT_LEN, _STDERR_SIZE = wasmtime_compat.STDOUT_LEN, wasmtime_compat.STDERR_SIZE
+_HEAD_END, _BODY_AT = wasmtime_compat.HEAD_END, wasmtime_compat.BODY_AT
+_CPU_NS, _WALL_NS = wasmtime_compat.CPU_NS, wasmtime_compat.WALL_NS
+
+
 def _describe(exc: BaseException, code: wasmtime.TrapCode | None) -> str:
     """A one-line reason for a failure (wasmtime messages start with a backtrace)."""
     if code is not None:
@@ -703,11 +809,12 @@ class _Run:
         self.box: wasmtime_compat.Sandbox | None = None
         self.started = 0.0
 
-    def execute(self, envs: list[wasmtime_compat.EnvArrays], stdin: bytes) -> Invocation:
+    def execute(
+        self, scratch: _Scratch, envs: list[wasmtime_compat.EnvArrays], stdin: bytes
+    ) -> Invocation:
+        """The run on the ctypes path (:class:`~verge.compat.wasmtime.Sandbox`): a module
+        with host imports, or no shim."""
         rt, inv, state = self.rt, self.inv, self.state
-        scratch = rt._scratch()
-        if state is None and scratch.native is not None:
-            return self._execute_native(scratch, scratch.native, envs, stdin)
         box = self.box = scratch.sandbox
         if state is not None:
             rt._local.state = state
@@ -737,26 +844,14 @@ class _Run:
         inv.cpu_ms = (time.thread_time() - cpu0) * 1e3
         return inv
 
-    def _execute_native(
-        self,
-        scratch: _Scratch,
-        native: wasmtime_compat.NativeSandbox,
-        envs: list[wasmtime_compat.EnvArrays],
-        stdin: bytes,
+    def took_native(
+        self, status: int, scratch: _Scratch, native: wasmtime_compat.NativeSandbox
     ) -> Invocation:
-        """:meth:`execute` in one C call (a module without host imports)."""
-        inv, limits = self.inv, self.limits
-        cpu0 = time.thread_time()
-        self.started = time.perf_counter()
-        status = native.run(
-            self.fn.loaded.pre_at,
-            limits.memory_bytes,
-            max(0, int(self.cpu_ms * 1e6)),
-            envs,
-            self.fn.argv,
-            stdin,
-        )
-        inv.peak_memory = native.memory_size
+        """The Invocation of a run the shim made (:func:`_invoke_native`), from its status
+        and results. Its ``cpu_ms`` and ``duration_ms`` are the C call's (the shim measures
+        them): the run, not the Python around it."""
+        inv, out = self.inv, native.out
+        inv.peak_memory = out[wasmtime_compat.MEMORY]
         if status == wasmtime_compat.RAN:
             inv.exit_code = code = native.exit_code
             if code == 0:
@@ -773,18 +868,23 @@ class _Run:
             self._failed(failure, instantiating=instantiating)
         if status != wasmtime_compat.SETUP_FAILED:
             self._collect_native(scratch, native)
-        inv.duration_ms = (time.perf_counter() - self.started) * 1e3
-        inv.cpu_ms = (time.thread_time() - cpu0) * 1e3
+        inv.duration_ms = out[wasmtime_compat.WALL_NS] / 1e6
+        inv.cpu_ms = out[wasmtime_compat.CPU_NS] / 1e6
         return inv
 
     def _collect_native(self, scratch: _Scratch, native: wasmtime_compat.NativeSandbox) -> None:
-        if native.stderr_size:
+        out, cap = native.out, self.limits.max_response_bytes
+        if out[wasmtime_compat.STDERR_SIZE]:
             self._read_stderr(scratch)
-        if native.stdout_len < wasmtime_compat.OUTPUT_BUFFER:
-            out = native.stdout()[: self.limits.max_response_bytes + 1]
-        else:  # (more than the buffer holds)
-            out = _read_capped(scratch.stdout_fd, self.limits.max_response_bytes)
-        self._take_output(out)
+        length, head_end = out[wasmtime_compat.STDOUT_LEN], out[wasmtime_compat.HEAD_END]
+        if length >= wasmtime_compat.OUTPUT_BUFFER:  # (more than the buffer holds)
+            self._take_output(_read_capped(scratch.stdout_fd, cap))
+        elif head_end < 0 or length > cap:
+            self._take_output(native.stdout()[: cap + 1])
+        elif self._answers(length):  # the shim found the head: no copy of the whole output
+            view = native.view
+            head, body = view[:head_end].tobytes(), view[out[wasmtime_compat.BODY_AT] : length]
+            self._parse(wagi.parse_head, head, body.tobytes())
 
     def _run_wasm(self, box: wasmtime_compat.Sandbox) -> None:
         inv = self.inv
@@ -882,16 +982,25 @@ class _Run:
 
     def _take_output(self, out: bytes) -> None:
         """stdout (up to the cap + 1 bytes) -> the result, or why there is none."""
+        if self._answers(len(out)):
+            self._parse(wagi.parse_output, out)
+
+    def _answers(self, length: int) -> bool:
+        """Note stdout's length (up to the cap + 1); whether it is an answer to parse."""
         inv, limits = self.inv, self.limits
-        inv.stdout_bytes = len(out)
+        inv.stdout_bytes = length
         if inv.outcome != Outcome.ANSWER:
-            return
-        if len(out) > limits.max_response_bytes:
+            return False
+        if length > limits.max_response_bytes:
             inv.outcome = Outcome.RESPONSE_TOO_LARGE
             inv.error = f"response over {limits.max_response_bytes} bytes"
-            return
+            return False
+        return True
+
+    def _parse(self, parse: Callable[..., wagi.Result], *output: bytes) -> None:
+        inv = self.inv
         try:
-            inv.result = wagi.parse_output(out)
+            inv.result = parse(*output)
         except wagi.BadOutput as exc:
             inv.outcome, inv.error = Outcome.BAD_OUTPUT, f"bad CGI output: {exc}"
             return

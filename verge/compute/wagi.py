@@ -174,7 +174,7 @@ def cgi_values(req: CgiRequest, request_id: str = "", phase: str = "request") ->
         str(req.server_port),
         req.method,
         "",
-        unquote(raw_path, errors="replace"),
+        unquote(raw_path, errors="replace") if "%" in raw_path else raw_path,
         raw_path,
         raw_path,
         query,
@@ -240,7 +240,12 @@ def split_head(data: bytes) -> tuple[list[tuple[str, str]], int]:
     end, sep = _head_end(data)
     if end < 0:
         raise BadOutput("no blank line after the CGI headers")
-    head = data[:end].decode("latin-1")
+    return _head_fields(data[:end]), end + sep
+
+
+def _head_fields(data: bytes) -> list[tuple[str, str]]:
+    """The (name, value) fields of a CGI header block (without its blank line)."""
+    head = data.decode("latin-1")
     lines = head.split("\n")
     if len(lines) > MAX_HEADER_LINES:
         raise BadOutput(f"more than {MAX_HEADER_LINES} header lines")
@@ -256,7 +261,7 @@ def split_head(data: bytes) -> tuple[list[tuple[str, str]], int]:
         if not colon or not name or " " in name:
             raise BadOutput(f"malformed header line {line[:80]!r}")
         fields.append((name, value.strip()))
-    return fields, end + sep
+    return fields
 
 
 def _head_end(data: bytes) -> tuple[int, int]:
@@ -286,22 +291,86 @@ def parse_status(value: str) -> int:
 
 def parse_output(data: bytes) -> Result:
     """A function's stdout -> :class:`Answer` or :class:`Pass` (raises :class:`BadOutput`)."""
-    fields, body_at = split_head(data)
-    names = [name.lower() for name, _ in fields]
-    if PASS_HEADER in names and _is_pass(fields):
-        return _parse_pass(fields)
-    if "content-type" not in names and "location" not in names and "status" not in names:
-        raise BadOutput("output has none of Content-Type, Location, Status")
-    status = 0
-    headers: Headers = []
-    for field_, low in zip(fields, names, strict=True):
-        if low == "status":
-            status = parse_status(field_[1])
-        elif low not in _NOT_ANSWERED:
-            headers.append(field_)
-    if not status:
-        status = 302 if "location" in names else 200
-    return Answer(status, headers, data[body_at:])
+    end, sep = _head_end(data)
+    if end < 0:
+        raise BadOutput("no blank line after the CGI headers")
+    return parse_head(data[:end], data[end + sep :])
+
+
+HEADS_KEPT = 512  # parsed heads remembered (all forgotten when full: the set changed)
+HEAD_KEPT_BYTES = 2048  # longer heads are parsed each time
+
+
+def parse_head(head: bytes, body: bytes) -> Result:
+    """:func:`parse_output` of an output whose header block is ``head`` (up to its blank
+    line, which is not included) and whose body is ``body``.
+
+    Why: a function prints the same head for most requests (``Content-Type: text/plain``),
+    and what a head means depends on nothing else; so each head is parsed once and its
+    meaning remembered (a few hundred short ones). Every result is a new object (its lists
+    too): a caller may change it."""
+    meaning = _MEANINGS.get(head)
+    if meaning is None:
+        meaning = _meaning(head)
+        if len(head) <= HEAD_KEPT_BYTES:
+            if len(_MEANINGS) >= HEADS_KEPT:
+                _MEANINGS.clear()
+            _MEANINGS[head] = meaning
+    return meaning.result(body)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answers:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+
+    def result(self, body: bytes) -> Answer:
+        return Answer(self.status, list(self.headers), body)
+
+
+@dataclass(frozen=True, slots=True)
+class _Passes:
+    target: str | None
+    set_headers: tuple[tuple[str, str], ...]
+    remove_headers: tuple[str, ...]
+
+    def result(self, body: bytes) -> Pass:
+        return Pass(self.target, list(self.set_headers), self.remove_headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refuses:
+    reason: str
+
+    def result(self, body: bytes) -> Result:
+        raise BadOutput(self.reason)
+
+
+_MEANINGS: dict[bytes, _Answers | _Passes | _Refuses] = {}
+
+
+def _meaning(head: bytes) -> _Answers | _Passes | _Refuses:
+    """What an output with this header block means, whatever its body."""
+    try:
+        fields = _head_fields(head)
+        names = [name.lower() for name, _ in fields]
+        if PASS_HEADER in names and _is_pass(fields):
+            passed = _parse_pass(fields)
+            return _Passes(passed.target, tuple(passed.set_headers), passed.remove_headers)
+        if "content-type" not in names and "location" not in names and "status" not in names:
+            raise BadOutput("output has none of Content-Type, Location, Status")
+        status = 0
+        headers: Headers = []
+        for field_, low in zip(fields, names, strict=True):
+            if low == "status":
+                status = parse_status(field_[1])
+            elif low not in _NOT_ANSWERED:
+                headers.append(field_)
+        if not status:
+            status = 302 if "location" in names else 200
+        return _Answers(status, tuple(headers))
+    except BadOutput as exc:
+        return _Refuses(str(exc))
 
 
 def _is_pass(fields: list[tuple[str, str]]) -> bool:

@@ -658,6 +658,14 @@ class Deployed:
     stats: FunctionStats = field(default_factory=FunctionStats)  # this version's (StatsBook)
     version: str = ""
     pool_until: float = 0.0  # monotonic time until which it skips the inline attempt
+    inline: bool = field(init=False, default=False)  # it may be tried on the event loop
+    route: str = field(init=False, default="")  # X_MATCHED_ROUTE
+
+    def __post_init__(self) -> None:
+        fn = self.function
+        self.inline = fn is not None and not (
+            fn.caps.fetch_hosts or fn.caps.kv_write or fn.limits.cpu_ms <= INLINE_CPU_MS)
+        self.route = next(iter(self.spec.routes), "")
 
     @property
     def available(self) -> bool:
@@ -727,6 +735,7 @@ class EdgeCompute:
         self.logs: deque[dict] = deque(maxlen=LOGS_KEPT)
         self._pool: ThreadPoolExecutor | None = None
         self._http: httpx.Client | None = None
+        self._inline_services = HostServices(kv=self.kv)  # (no fetch, KV reads only)
 
     # ----- deployment ----------------------------------------------------------------------
     def apply(self, specs) -> None:
@@ -816,7 +825,7 @@ class EdgeCompute:
         """The inline run of a request-phase function for a request without a body, on the
         caller's stack (the fast path: no task, no thread); None when the function must run
         on the pool (or failed to load): the async path then runs it."""
-        if not deployed.available:
+        if not deployed.inline:  # (may fetch or write, a large budget, or not loaded)
             return None
         invocation = self._invoke_inline(deployed, _cgi_request(deployed, request, b""),
                                          request_id, None)
@@ -827,11 +836,10 @@ class EdgeCompute:
     def _invoke_inline(self, deployed: Deployed, cgi: CgiRequest, request_id: str, response):
         """The speculative run on the event loop (see the module docstring), or None when
         the function must run, or run again, on the pool."""
-        fn = deployed.function
-        if fn.caps.fetch_hosts or fn.caps.kv_write or fn.limits.cpu_ms <= INLINE_CPU_MS \
-                or time.monotonic() < deployed.pool_until:
+        if not deployed.inline or time.monotonic() < deployed.pool_until:
             return None
-        services = HostServices(kv=self.kv) if fn.loaded.uses_host else None
+        fn = deployed.function
+        services = self._inline_services if fn.loaded.uses_host else None
         for _ in range(2):
             invocation = self.runtime.invoke(fn, cgi, services=services,
                                              request_id=request_id, response=response,
@@ -917,7 +925,7 @@ def _cgi_request(deployed: Deployed, request, body: bytes) -> CgiRequest:
     return CgiRequest(method=request.method, target=request.target,
                       headers=list(request.headers), body=body, scheme=request.scheme,
                       host=request.hmap.get("host", ""), remote_addr=request.client,
-                      route=next(iter(deployed.spec.routes)))
+                      route=deployed.route)
 
 
 def _same_claim(old_spec, new_spec) -> bool:
