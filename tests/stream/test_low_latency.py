@@ -3,7 +3,7 @@
 The measured figure comes from ``bench/latency_bench.py`` (headless Chromium, frames stamped
 with the wall clock). These tests guard its causes: the transcoder cuts one fragment per part,
 within the part target (so a part is complete the moment ffmpeg writes it, not when a second
-fragment arrives); the playlist advertises a part hold-back of three part targets and blocking
+fragment arrives); the playlist advertises a part hold-back of two part targets and blocking
 reload; a blocked playlist request is answered by the part's arrival (the request waits on the
 channel's condition, and feeding the part's bytes alone releases it); PROGRAM-DATE-TIME is
 anchored at the ingest, so the player's wall-clock readout includes the transcoder's delay.
@@ -74,13 +74,13 @@ def test_each_fragment_becomes_a_part_when_it_is_written():
         assert segmenter.overlong_parts == 0
 
 
-def test_the_playlist_holds_back_three_parts_and_blocks():
+def test_the_playlist_holds_back_two_parts_and_blocks():
     video, _ = media.separate(seconds=3, frag_us=180000)
     stream = LiveStream(part_target=PART_TARGET, segment_target=1.0, clock=lambda: 1e9)
     stream.add_rendition("v").feed(video)
     text = stream.media_playlist("v")
     assert "#EXT-X-PART-INF:PART-TARGET=0.2\n" in text
-    assert "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK=0.6," in text
+    assert "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK=0.4," in text
     assert "#EXT-X-PRELOAD-HINT:TYPE=PART," in text
     durations = [
         float(line.split("DURATION=")[1].split(",")[0])

@@ -28,7 +28,7 @@ def check_ll_playlist(text: str) -> dict:
     part_target = float(attributes(tags["#EXT-X-PART-INF"])["PART-TARGET"])
     control = attributes(tags["#EXT-X-SERVER-CONTROL"])
     assert control["CAN-BLOCK-RELOAD"] == "YES"
-    assert float(control["PART-HOLD-BACK"]) >= 3 * part_target - 1e-9
+    assert float(control["PART-HOLD-BACK"]) >= 2 * part_target - 1e-9  # the RFC 8216bis minimum
     assert float(control.get("HOLD-BACK", 3 * target)) >= 3 * target - 1e-9
     assert int(tags["#EXT-X-VERSION"].split(":")[1]) >= 6
     msn = int(tags["#EXT-X-MEDIA-SEQUENCE"].split(":")[1])
