@@ -94,8 +94,8 @@ class StreamSettings(Model):
     """Segment duration target: segments start at the first keyframe past it."""
     part_hold_back: Duration | None = None
     """How far behind the live edge an LL-HLS player starts (PART-HOLD-BACK, seconds); at
-    least two part targets (the RFC 8216bis minimum). Unset: two part targets (measured
-    without stalls in headless Chromium: bench/latency_bench.py)."""
+    least two part targets (the RFC 8216bis minimum). Unset: two part targets (hls.py
+    PART_HOLD_BACK: the measured trade-off); three are safer on an overloaded player."""
     dvr_window: Duration = 120.0
     """How much of a live stream stays in the playlists."""
     grace: Duration = 10.0

@@ -34,9 +34,11 @@ from verge.stream.package.cmaf import MediaSegment, Naming
 LL_VERSION = 9  # CAN-BLOCK-RELOAD and parts with rendition reports (the draft's LL-HLS baseline)
 CLASSIC_VERSION = 6  # EXT-X-MAP in a playlist without I-frames-only
 # PART-HOLD-BACK in part targets: the RFC 8216bis minimum. Measured in headless Chromium with
-# hls.js (bench/latency_bench.py, 720p30, 0.25 s parts, the default ladder on 2 cores): six
-# 30 s sessions at two parts had glass-to-glass p50s of 0.75-1.2 s (median 0.95 s) and no
-# stall, three at three parts 1.08-1.17 s (one stall event).
+# hls.js (bench/latency_bench.py, 720p30, 0.25 s parts, the default ladder, publisher, player
+# and server on 2 cores): nine 30 s sessions at two parts had glass-to-glass p50s of
+# 0.75-1.32 s (median 0.99 s), with stalls in one run of three (the one whose load reached 8);
+# six at three parts 1.00-1.33 s (median 1.12 s) without stalls. Two parts: the lower latency;
+# hls.js moves its target back 0.2 s after a stall (player.js).
 PART_HOLD_BACK = 2
 PART_WINDOW_TARGETS = 3  # parts are listed for segments this many target durations from the end
 
