@@ -74,6 +74,34 @@ def test_a_memfd_is_made_on_the_second_send_and_holds_the_whole_response(monkeyp
         os.fstat(fd)
 
 
+def test_a_pool_kept_in_a_directory_files_unnamed_files_there(monkeypatch, tmp_path) -> None:
+    pool = WirePool(1024 * 1024)
+    pool.keep_in(str(tmp_path))
+    monkeypatch.setattr(wirefile, "POOL", pool)
+    wire = WireFile(b"HEAD\r\n\r\n", b"d" * SENDFILE_MIN)
+    wire._file_on_second_send()
+    fd = wire._file_on_second_send()
+    assert fd >= 0 and pool.directory == str(tmp_path)
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    assert target.startswith(str(tmp_path)) and target.endswith("(deleted)")
+    assert list(tmp_path.iterdir()) == []  # nothing another process could open by name
+    assert os.fstat(fd).st_mode & 0o777 == 0o600
+    assert os.pread(fd, wire.size + 10, 0) == b"HEAD\r\n\r\n" + b"d" * SENDFILE_MIN
+    del wire
+    assert pool.used == 0
+
+
+def test_a_directory_that_cannot_hold_files_falls_back_to_memfds(monkeypatch, tmp_path) -> None:
+    pool = WirePool(1024 * 1024)
+    pool.keep_in(str(tmp_path / "gone"))
+    monkeypatch.setattr(wirefile, "POOL", pool)
+    wire = WireFile(b"H", b"m" * SENDFILE_MIN)
+    wire._file_on_second_send()
+    fd = wire._file_on_second_send()
+    assert fd >= 0 and os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    assert pool.directory is None  # not tried again on every filing
+
+
 def test_the_budget_closes_the_oldest_and_a_closed_one_stays_on_bytes(monkeypatch) -> None:
     body = b"z" * SENDFILE_MIN
     monkeypatch.setattr(wirefile, "POOL", WirePool(2 * (len(body) + 100)))

@@ -34,6 +34,7 @@ from verge.edge.app import EdgeApp
 from verge.edge.compute import EdgeCompute
 from verge.edge.ingest import EdgeIngest
 from verge.edge.protect import ProtectSharing, take_events
+from verge.http import wirefile
 from verge.http.client import OriginPool
 from verge.http.server import (
     CLOCK,
@@ -91,6 +92,7 @@ class Worker:
         memory = MemoryStore(cache_settings.memory_bytes // workers, cache_settings.eviction,
                              max_object_bytes=cache_settings.max_memory_object_bytes)
         self.disk = DiskStore(self.options["cache_dir"], cache_settings.disk_bytes)
+        wirefile.POOL.keep_in(self.options["cache_dir"])  # hot large hits' sendfile files
         cache = TieredCache(memory, self.disk, cache_settings.max_memory_object_bytes)
         timeouts = config.origin_timeouts
         self.pool = OriginPool(connect_timeout=timeouts.connect,
