@@ -35,7 +35,7 @@ SIZES = (
 )
 
 # Verge/nginx throughput ratio each size must reach (against the better nginx config).
-TARGETS = {"1k": 0.8, "100k": 1.0, "10m": 1.0}
+TARGETS = {"1k": 0.8, "100k": 0.95, "10m": 1.0}  # issue "Edge core, second generation"
 
 # The headline metric per size: requests/s for small objects, MB/s for the large one.
 HEADLINE = {"1k": "requests_per_s", "100k": "requests_per_s", "10m": "mb_per_s"}

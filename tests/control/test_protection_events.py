@@ -66,12 +66,13 @@ def test_a_node_posts_and_each_tenant_reads_only_its_own(api: Api, tenants) -> N
                 event(n=1),
                 event("b-web", n=2, kind="waf", status=403, detail="942100,949110"),
                 event(n=0, kind="drop", status=0),
+                event(n=4, kind="challenge", status=307, detail="no cookie"),
                 event("gone", n=3),
             ]
         },
     )
     assert posted.status_code == 200, posted.text
-    assert posted.json() == {"accepted": 3, "skipped": 1}  # no service "gone"
+    assert posted.json() == {"accepted": 4, "skipped": 1}  # no service "gone"
 
     mine = read(api, "a-web", a)
     assert mine.status_code == 200, mine.text
@@ -79,6 +80,7 @@ def test_a_node_posts_and_each_tenant_reads_only_its_own(api: Api, tenants) -> N
     assert [(e["target"], e["kind"], e["status"]) for e in items] == [
         ("/api/x?n=0", "drop", 0),
         ("/api/x?n=1", "rate-limit", 429),
+        ("/api/x?n=4", "challenge", 307),
     ]  # by time
     assert items[1] == {
         "at": "2027-01-15T08:00:01Z",
@@ -94,7 +96,7 @@ def test_a_node_posts_and_each_tenant_reads_only_its_own(api: Api, tenants) -> N
     assert read(api, "b-web", a).status_code == 404  # B's service: as if it did not exist
     assert read(api, "a-web", b).status_code == 404
     assert [e["detail"] for e in read(api, "b-web", b).json()["items"]] == ["942100,949110"]
-    assert len(read(api, "a-web").json()["items"]) == 2  # admin sees every tenant's
+    assert len(read(api, "a-web").json()["items"]) == 3  # admin sees every tenant's
     assert read(api, "nope").status_code == 404
 
 

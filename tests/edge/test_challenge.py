@@ -286,10 +286,10 @@ def test_challenges_and_refusals_are_recorded_and_the_window_ends(tmp_path, monk
     assert app.handle_fast(request()).status == 307
     events = worker.command({"op": "protection_events"})["events"]
     assert [(e["kind"], e["status"], e["detail"]) for e in events] == [
-        ("rate-limit", 307, "challenge: no cookie"),
-        ("rate-limit", 307, "challenge: no cookie"),
-        ("rate-limit", 429, "challenge: refused after 1 unanswered"),
-        ("rate-limit", 307, "challenge: no cookie"),
+        ("challenge", 307, "no cookie"),
+        ("challenge", 307, "no cookie"),
+        ("challenge", 429, "refused after 1 unanswered"),
+        ("challenge", 307, "no cookie"),
     ]
     assert events[0]["target"] == "/page?q=1"
     stats = worker.command({"op": "stats"})["stats"]["protection"]["site"]["rules"]

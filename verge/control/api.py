@@ -401,7 +401,7 @@ class ProtectionEventIn(BaseModel):
     target: EventTarget = ""
     status: Annotated[int, Field(ge=0, le=events_store.MAX_STATUS)]
     """The answer's status; 0: the connection was dropped without one."""
-    kind: Literal["deny", "rate-limit", "waf", "drop"]
+    kind: Literal["deny", "rate-limit", "challenge", "waf", "drop"]
     detail: EventDetail = ""
 
 

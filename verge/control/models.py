@@ -356,9 +356,10 @@ class ProtectionEvent(Base):
     status: Mapped[int] = mapped_column(Integer)
     """The answer's status; 0 when the connection was dropped without one."""
     kind: Mapped[str] = mapped_column(String(16))
-    """deny, rate-limit, waf or drop."""
+    """deny, rate-limit, challenge, waf or drop."""
     detail: Mapped[str] = mapped_column(String(200))
-    """The deny reason, the rate-limit rule, the WAF's rule ids or reason."""
+    """The deny reason, the rate-limit rule, the challenge's reason, the WAF's rule ids or
+    reason."""
 
 
 class ProtectionCount(Base):

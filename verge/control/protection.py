@@ -39,7 +39,7 @@ EVENTS_KEPT = 1000
 """Events kept per service (the newest)."""
 MAX_EVENTS_PER_UPLOAD = 1000
 """Most events one node upload may carry."""
-KINDS = ("deny", "rate-limit", "waf", "drop")
+KINDS = ("deny", "rate-limit", "challenge", "waf", "drop")
 # The bounds of an event's texts: the edge cuts its texts to the same numbers
 # (verge.edge.protect.MAX_EVENT_*; a test checks that they agree) and the columns hold them.
 MAX_CLIENT = 64

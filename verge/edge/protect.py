@@ -60,8 +60,8 @@ class Admission(NamedTuple):
     """The protect phase's outcome: answer ``refusal`` instead (403, 429, a challenge's 307),
     ``drop`` the connection without an answer, or go on and add ``fields`` to the response
     (and, with ``strip_cookie``, go on with ``guard.stripped(request)``: the challenge cookie
-    taken out). A refusal or a drop says why: ``kind`` ("deny", "rate-limit", "drop") and
-    ``detail`` (the deny reason, the rule's name, "challenge: ...")."""
+    taken out). A refusal or a drop says why: ``kind`` ("deny", "rate-limit", "challenge",
+    "drop") and ``detail`` (the deny reason, the rule's name, the challenge's reason)."""
 
     refusal: Response | None = None
     drop: bool = False
@@ -217,9 +217,9 @@ class ServiceProtection:
                                                     request.target,
                                                     secure=request.scheme == "https")
             return Admission(Response(status, [("Date", CLOCK.date), *fields], body),
-                             kind="rate-limit", detail=f"challenge: {verdict.reason}")
-        return Admission(self._challenge_refusal(verdict.retry_after), kind="rate-limit",
-                         detail=f"challenge: {verdict.reason}")
+                             kind="challenge", detail=verdict.reason)
+        return Admission(self._challenge_refusal(verdict.retry_after), kind="challenge",
+                         detail=verdict.reason)
 
     def _challenge_refusal(self, retry_after: float) -> Response:
         """The 429 of a client that ignored its challenges, memoised by its Retry-After (as
