@@ -298,6 +298,15 @@ def slow_down_the_encoder(server) -> None:
     server.whep.on_rendition_tag = lambda *tag: loop.call_later(BUSY_ENCODER, deliver, *tag)
 
 
+async def stop_all(viewer, publisher, server) -> None:
+    """A test's teardown: the viewer (if it got that far), the publisher, the server."""
+    if viewer is not None:
+        await viewer.close()
+    publisher.kill()
+    await publisher.wait()
+    await server.close()
+
+
 async def test_a_viewer_of_the_encoded_rung_sees_and_hears_in_sync(tmp_path):
     server = await serve(tmp_path, [{"name": "source"}, RUNG])
     slow_down_the_encoder(server)
@@ -318,11 +327,7 @@ async def test_a_viewer_of_the_encoded_rung_sees_and_hears_in_sync(tmp_path):
         skews = viewer.skews()
         assert len(skews) >= 3 and all(abs(skew) <= TOLERANCE for skew in skews), skews
     finally:
-        if viewer is not None:
-            await viewer.close()
-        publisher.kill()
-        await publisher.wait()
-        await server.close()
+        await stop_all(viewer, publisher, server)
 
 
 async def test_a_viewer_of_the_source_gets_no_added_delay(tmp_path):
@@ -347,8 +352,4 @@ async def test_a_viewer_of_the_source_gets_no_added_delay(tmp_path):
         skews = viewer.skews()
         assert len(skews) >= 3 and all(abs(skew) <= TOLERANCE for skew in skews), skews
     finally:
-        if viewer is not None:
-            await viewer.close()
-        publisher.kill()
-        await publisher.wait()
-        await server.close()
+        await stop_all(viewer, publisher, server)
