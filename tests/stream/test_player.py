@@ -226,6 +226,22 @@ def current_time(driver) -> float:
     return driver.execute_script("return document.getElementById('video').currentTime")
 
 
+# A raised target latency comes down one 0.2 s step per 10 s without a stall, to the
+# playlist's PART-HOLD-BACK and no lower (player.js settleLatency; a fake hls.js, times in ms)
+SETTLE_STEPS = """
+const hls = {levels: [{details: {partHoldBack: 0.5}}], currentLevel: 0, targetLatency: 0.9};
+const state = {quietSince: 0}, seen = [];
+for (const now of [9000, 10000, 15000, 20000, 30000, 45000]) {
+  window.verge.settleLatency(hls, state, now);
+  seen.push(Math.round(hls.targetLatency * 10) / 10);
+}
+const classic = {levels: [{details: {}}], currentLevel: 0, targetLatency: 6};
+window.verge.settleLatency(classic, {quietSince: 0}, 60000);
+return [seen, classic.targetLatency];
+"""
+SETTLED = [[0.9, 0.7, 0.7, 0.5, 0.5, 0.5], 6]
+
+
 def play_and_chat(url: str) -> None:
     """The browser part (blocking Selenium calls; run in a thread)."""
     from selenium.webdriver.common.by import By
@@ -240,6 +256,7 @@ def play_and_chat(url: str) -> None:
         )
         latency = driver.find_element(By.ID, "latency").text
         assert re.match(r"\d+\.\d s", latency), latency
+        assert driver.execute_script(SETTLE_STEPS) == SETTLED
         assert driver.execute_script("return window.verge.chat.readyState") == 1
 
         driver.switch_to.new_window("window")  # a second viewer

@@ -52,6 +52,27 @@
     maxLiveSyncPlaybackRate: 1.25,
   };
   const CATCH_UP_AFTER = 0.5; // seconds later than the target: skip ahead to it
+  // hls.js keeps what a stall added to its target for the rest of the session, so a stall while
+  // starting (or under a passing load) cost every later second 0.2 s of latency (measured: a
+  // target of 0.9 s instead of 0.5 after two stalls at start-up). After SETTLE_AFTER seconds
+  // without a stall the target comes down one step, to the playlist's PART-HOLD-BACK at least;
+  // a player that keeps stalling keeps its raised target.
+  const SETTLE_AFTER = 10;
+  const settling = { quietSince: performance.now() };
+  video.addEventListener("waiting", () => (settling.quietSince = performance.now()));
+
+  /** Lower a raised target latency by one stall's step once ``state.quietSince`` is
+   * SETTLE_AFTER seconds ago (``now``: performance.now()); the step restarts the wait. */
+  function settleLatency(hls, state, now) {
+    const level = hls.levels && hls.levels[hls.currentLevel];
+    const floor = level && level.details ? level.details.partHoldBack : NaN;
+    const target = hls.targetLatency;
+    if (!(floor > 0) || !Number.isFinite(target) || target <= floor + 0.01) return;
+    if (now - state.quietSince < SETTLE_AFTER * 1000) return;
+    hls.targetLatency = Math.max(floor, target - HLS_CONFIG.liveSyncOnStallIncrease);
+    state.quietSince = now;
+  }
+  verge.settleLatency = settleLatency; // (tests)
   let rewound = false; // went back to a scene on purpose: no catching up until back at live
 
   // Playback starts at a keyframe, up to a GOP before hls.js' target, and a stall leaves it
@@ -214,6 +235,7 @@
     }
     const hls = verge.hls;
     if (!hls) return;
+    settleLatency(hls, settling, performance.now());
     const target = hls.targetLatency;
     catchUp(hls);
     $("latency").textContent = seconds(hls.latency) +
