@@ -3,12 +3,20 @@
  * Why: a hello-world invocation is ~17 us of wasmtime work, but driving it from Python through
  * ctypes (18 C calls, their argument conversions, the Python around them) cost ~140 us of CPU;
  * and a Python epoch ticker needs the GIL 500 times a second. Here the whole invocation (store,
- * limits, deadline, WASI context, instantiate, _start, exit status, memory size, drop, the read
- * of stdout) is one C call that Python makes with the GIL released (ctypes.CDLL), and the ticker
+ * limits, deadline, WASI context, instantiate, _start, exit status, memory size, drop, the
+ * capture of stdout) is one C call that Python makes with the GIL released (ctypes.CDLL), and the ticker
  * is a pthread that never touches Python. What Python would otherwise do per request around
  * that call is done here too, where it costs little: the environment arrays are built from one
  * NUL-joined string of the request's variables (the per-function ones come prebuilt), the end
  * of the CGI head in stdout is found, and the run's CPU time is measured.
+ *
+ * Output capture (ABI 3): a function's stdout and stderr are not files. The linker its
+ * modules are pre-linked with (vs_define_capture) has WASI's fd_write shadowed by a native
+ * function that appends fds 1 and 2 to the invoking thread's buffers (up to the function's
+ * caps; what is past them is counted, not kept), with wasmtime-wasi's semantics (errnos, traps:
+ * tests/compute/test_native.py compares them). Files cost ~30-40 us per request (open with
+ * truncation and close of two files, the write through wasmtime-wasi's stream, the reads):
+ * in process, CPU per hello request went ~95 -> ~50 us (bench/compute_cpu.py).
  *
  * Built against the libwasmtime bundled in the wasmtime wheel (no headers ship with it, so the
  * few prototypes used are declared here, from wasmtime's crates/c-api/include; the wheel's
@@ -26,10 +34,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 /* ------------------------------------------------------------------ wasmtime's C API (50.x) */
 typedef struct wasm_engine_t wasm_engine_t;
@@ -74,13 +82,40 @@ extern bool wasmtime_error_exit_status(const wasmtime_error_t *, int *);
 extern void wasmtime_error_delete(wasmtime_error_t *);
 extern void wasmtime_engine_increment_epoch(wasm_engine_t *);
 extern wasmtime_error_t *wasmtime_error_new(const char *);
+typedef struct wasmtime_linker wasmtime_linker_t;
+typedef struct wasmtime_caller wasmtime_caller_t;
+typedef struct wasm_functype_t wasm_functype_t;
+typedef struct wasm_valtype_t wasm_valtype_t;
+typedef struct {
+    size_t size;
+    wasm_valtype_t **data;
+} wasm_valtype_vec_t;
+typedef union {
+    int32_t i32;
+    int64_t i64;
+    uint8_t v128[16];
+} vs_val_raw; /* wasmtime_val_raw_t: 16 bytes */
+typedef wasm_trap_t *(*vs_unchecked_callback)(void *, wasmtime_caller_t *, vs_val_raw *,
+                                              size_t);
+extern void wasmtime_linker_allow_shadowing(wasmtime_linker_t *, bool);
+extern wasmtime_error_t *wasmtime_linker_define_func_unchecked(
+    wasmtime_linker_t *, const char *, size_t, const char *, size_t, const wasm_functype_t *,
+    vs_unchecked_callback, void *, void (*)(void *));
+extern wasm_valtype_t *wasm_valtype_new(uint8_t kind);
+extern void wasm_valtype_vec_new(wasm_valtype_vec_t *, size_t, wasm_valtype_t *const[]);
+extern wasm_functype_t *wasm_functype_new(wasm_valtype_vec_t *params, wasm_valtype_vec_t *results);
+extern void wasm_functype_delete(wasm_functype_t *);
+extern wasmtime_context_t *wasmtime_caller_context(wasmtime_caller_t *);
+extern bool wasmtime_caller_export_get(wasmtime_caller_t *, const char *, size_t, void *item);
+extern uint8_t *wasmtime_memory_data(const wasmtime_context_t *, const void *memory);
+extern wasm_trap_t *wasmtime_trap_new(const char *, size_t);
 typedef uint8_t wasmtime_update_deadline_kind_t; /* 0: WASMTIME_UPDATE_DEADLINE_CONTINUE */
 typedef wasmtime_error_t *(*vs_deadline_callback)(wasmtime_context_t *, void *, uint64_t *,
                                                    wasmtime_update_deadline_kind_t *);
 extern void wasmtime_store_epoch_deadline_callback(wasmtime_store_t *, vs_deadline_callback,
                                                    void *, void (*)(void *));
 
-#define VS_ABI 2
+#define VS_ABI 3
 int vs_abi(void) { return VS_ABI; }
 
 /* ------------------------------------------------------------------ the epoch ticker */
@@ -213,6 +248,8 @@ typedef struct {
     const char *const *env_names;
     const char *const *env_values;
     size_t env_count;
+    size_t stdout_keep; /* stdout bytes kept (max_response_bytes + 1); the rest is counted */
+    size_t stderr_keep; /* stderr bytes kept (max_stderr_bytes + 1) */
 } vs_function;
 
 enum { /* vs_thread.out[VS_STATUS] */
@@ -224,7 +261,22 @@ enum { /* vs_thread.out[VS_STATUS] */
        VS_TIMEOUT = 5,      /* stopped at its time budget (the deadline callback) */
 };
 enum { VS_STATUS, VS_EXIT_CODE, VS_ERROR, VS_TRAP, VS_MEMORY, VS_STDOUT_LEN, VS_STDERR_SIZE,
-       VS_HEAD_END, VS_BODY_AT, VS_CPU_NS, VS_WALL_NS, VS_OUT_FIELDS };
+       VS_HEAD_END, VS_BODY_AT, VS_CPU_NS, VS_WALL_NS, VS_STDOUT_AT, VS_STDERR_AT,
+       VS_STDOUT_KEPT, VS_STDERR_KEPT, VS_OUT_FIELDS };
+/* out[VS_STDOUT_LEN] and out[VS_STDERR_SIZE] are the bytes written; the first of them (up to
+ * the function's caps: out[VS_STDOUT_KEPT], out[VS_STDERR_KEPT]) are at the addresses
+ * out[VS_STDOUT_AT] and out[VS_STDERR_AT], valid until the thread's next invocation. */
+
+/* Where a stream's bytes go: a fixed buffer first (stdout: the caller's), then the heap. */
+typedef struct {
+    uint8_t *data;  /* fixed, or a heap copy once the bytes outgrew it */
+    size_t kept;    /* bytes in data */
+    size_t room;    /* data's size */
+    size_t total;   /* bytes written, kept or not */
+    size_t keep;    /* at most this many are kept */
+    uint8_t *fixed; /* may be NULL */
+    size_t fixed_room;
+} vs_sink;
 
 #define VS_ITEM_BYTES 64 /* room for a wasmtime_instance_t / wasmtime_extern_t (checked) */
 
@@ -233,10 +285,8 @@ typedef struct vs_thread {
     wasm_engine_t *engine;
     vs_ticker *ticker; /* may be NULL */
     size_t extern_of;  /* offsetof(wasmtime_extern_t, of) */
-    const char *stdout_path, *stderr_path;
-    int stdout_fd, stderr_fd;
-    uint8_t *buffer; /* stdout is read into it, up to capacity */
-    size_t capacity;
+    vs_sink out_sink, err_sink; /* the run's stdout and stderr (vs_define_capture) */
+    wasmtime_context_t *context; /* the running store's, while vs_invoke runs */
     size_t head_limit; /* a CGI head ends within this many bytes (wagi.MAX_HEAD_BYTES) */
     const char **env_names, **env_values; /* the request's environment, grown as needed */
     size_t env_capacity;
@@ -248,23 +298,19 @@ typedef struct vs_thread {
     _Alignas(16) unsigned char start[VS_ITEM_BYTES];
 } vs_thread;
 
-/* The strings are the caller's and must stay alive as long as the vs_thread. */
+/* `buffer` (`capacity` bytes: stdout's first bytes go there) is the caller's and must stay
+ * alive as long as the vs_thread. */
 vs_thread *vs_thread_new(wasm_engine_t *engine, vs_ticker *ticker, size_t extern_of,
-                         size_t item_bytes, const char *stdout_path, int stdout_fd,
-                         const char *stderr_path, int stderr_fd, uint8_t *buffer,
-                         size_t capacity, size_t head_limit) {
+                         size_t item_bytes, uint8_t *buffer, size_t capacity,
+                         size_t head_limit) {
     if (item_bytes > VS_ITEM_BYTES || extern_of >= item_bytes) return NULL;
     vs_thread *t = calloc(1, sizeof *t);
     if (!t) return NULL;
     t->engine = engine;
     t->ticker = ticker;
     t->extern_of = extern_of;
-    t->stdout_path = stdout_path;
-    t->stderr_path = stderr_path;
-    t->stdout_fd = stdout_fd;
-    t->stderr_fd = stderr_fd;
-    t->buffer = buffer;
-    t->capacity = capacity;
+    t->out_sink.fixed = t->out_sink.data = buffer;
+    t->out_sink.fixed_room = t->out_sink.room = capacity;
     t->head_limit = head_limit;
     return t;
 }
@@ -273,6 +319,8 @@ void vs_thread_free(vs_thread *t) {
     if (!t) return;
     free(t->env_names);
     free(t->env_values);
+    if (t->out_sink.data != t->out_sink.fixed) free(t->out_sink.data);
+    if (t->err_sink.data != t->err_sink.fixed) free(t->err_sink.data);
     free(t);
 }
 
@@ -311,6 +359,128 @@ int64_t vs_head_end(const uint8_t *data, size_t len, size_t limit, int64_t *sep)
         }
     }
     return -1;
+}
+
+/* ------------------------------------------------------------------ output capture */
+
+/* Empty the sink for a run that keeps up to `keep` bytes (a heap copy is given back). */
+static void sink_reset(vs_sink *s, size_t keep) {
+    if (s->data != s->fixed) {
+        free(s->data);
+        s->data = s->fixed;
+        s->room = s->fixed_room;
+    }
+    s->kept = s->total = 0;
+    s->keep = keep;
+}
+
+/* Append what fits under the sink's `keep`; false when memory for it cannot be had. */
+static bool sink_add(vs_sink *s, const uint8_t *bytes, size_t len) {
+    s->total += len;
+    size_t take = s->keep - s->kept < len ? s->keep - s->kept : len;
+    if (!take) return true;
+    if (s->kept + take > s->room) {
+        size_t room = s->room ? s->room : 4096;
+        while (room < s->kept + take) room *= 2;
+        if (room > s->keep) room = s->keep;
+        uint8_t *data;
+        if (s->data == s->fixed) {
+            data = malloc(room);
+            if (data && s->kept) memcpy(data, s->data, s->kept);
+        } else {
+            data = realloc(s->data, room);
+        }
+        if (!data) return false;
+        s->data = data;
+        s->room = room;
+    }
+    memcpy(s->data + s->kept, bytes, take);
+    s->kept += take;
+    return true;
+}
+
+static __thread vs_thread *vs_current; /* the thread's running invocation (vs_invoke) */
+
+enum { WASI_SUCCESS = 0, WASI_EBADF = 8, WASI_ENOMEM = 48 };
+#define VS_EXTERN_MEMORY 3 /* WASMTIME_EXTERN_MEMORY: wasmtime_extern_t.kind, its first byte */
+#define VS_WRITE_MAX 0x7fffff8u /* a longer buffer: ENOMEM from wasmtime-wasi (measured) */
+
+/* The trap wasmtime-wasi raises for a guest address out of bounds (the same message). */
+static wasm_trap_t *out_of_bounds(uint64_t start, uint64_t len) {
+    char message[96];
+    int n = snprintf(message, sizeof message,
+                     "Pointer out of bounds: Region { start: %llu, len: %llu }",
+                     (unsigned long long)start, (unsigned long long)len);
+    return wasmtime_trap_new(message, (size_t)n);
+}
+
+/* WASI's fd_write(fd, iovs, iovs_len, nwritten) -> errno, for vs_define_capture, with
+ * wasmtime-wasi's semantics: only the first non-empty buffer is written (the guest's libc
+ * writes the rest in later calls), and a guest address out of bounds is a trap. fds 1 and 2
+ * go to the running invocation's sinks; any other fd (the store has no other writable one:
+ * no preopens; stdin is read-only), or a store that is not vs_invoke's, gets EBADF. */
+static wasm_trap_t *capture_fd_write(void *env, wasmtime_caller_t *caller, vs_val_raw *args,
+                                     size_t nargs) {
+    (void)env;
+    (void)nargs;
+    vs_thread *t = vs_current;
+    wasmtime_context_t *cx = wasmtime_caller_context(caller);
+    int32_t fd = args[0].i32;
+    uint32_t iovs = (uint32_t)args[1].i32, count = (uint32_t)args[2].i32;
+    uint32_t nwritten_at = (uint32_t)args[3].i32;
+    _Alignas(16) unsigned char item[VS_ITEM_BYTES];
+    args[0].i64 = 0;
+    if (!t || t->context != cx || (fd != 1 && fd != 2) ||
+        !wasmtime_caller_export_get(caller, "memory", 6, item) ||
+        item[0] != VS_EXTERN_MEMORY) { /* (loading checked the kind: defence in depth) */
+        args[0].i32 = WASI_EBADF;
+        return NULL;
+    }
+    const void *memory = item + t->extern_of;
+    uint8_t *base = wasmtime_memory_data(cx, memory);
+    uint64_t size = wasmtime_memory_data_size(cx, memory);
+    uint32_t iov[2] = {0, 0};
+    for (uint32_t i = 0; i < count && !iov[1]; i++) {
+        uint64_t at = (uint64_t)iovs + 8u * (uint64_t)i;
+        if (at + 4 > size) return out_of_bounds(at, 4);
+        if (at + 8 > size) return out_of_bounds(at + 4, 4);
+        memcpy(iov, base + at, sizeof iov);
+    }
+    if (iov[1] > VS_WRITE_MAX) { /* (before the bounds, as wasmtime-wasi checks) */
+        args[0].i32 = WASI_ENOMEM;
+        return NULL;
+    }
+    if (iov[1]) {
+        if ((uint64_t)iov[0] + iov[1] > size) return out_of_bounds(iov[0], iov[1]);
+        if (!sink_add(fd == 1 ? &t->out_sink : &t->err_sink, base + iov[0], iov[1])) {
+            args[0].i32 = WASI_ENOMEM;
+            return NULL;
+        }
+    }
+    if ((uint64_t)nwritten_at + 4 > size) return out_of_bounds(nwritten_at, 4);
+    memcpy(base + nwritten_at, &iov[1], sizeof iov[1]);
+    args[0].i32 = WASI_SUCCESS;
+    return NULL;
+}
+
+/* Shadow WASI's fd_write in `linker` (after its WASI definitions) with capture_fd_write:
+ * the modules pre-linked by it run only through vs_invoke. NULL, or the error. */
+wasmtime_error_t *vs_define_capture(wasmtime_linker_t *linker) {
+    wasm_valtype_t *params[4], *results[1];
+    for (int i = 0; i < 4; i++) params[i] = wasm_valtype_new(0); /* WASM_I32 */
+    results[0] = wasm_valtype_new(0);
+    wasm_valtype_vec_t param_vec, result_vec;
+    wasm_valtype_vec_new(&param_vec, 4, params);
+    wasm_valtype_vec_new(&result_vec, 1, results);
+    wasm_functype_t *type = wasm_functype_new(&param_vec, &result_vec);
+    wasmtime_linker_allow_shadowing(linker, true);
+    static const char module[] = "wasi_snapshot_preview1", name[] = "fd_write";
+    wasmtime_error_t *error = wasmtime_linker_define_func_unchecked(
+        linker, module, sizeof module - 1, name, sizeof name - 1, type, capture_fd_write, NULL,
+        NULL);
+    wasmtime_linker_allow_shadowing(linker, false);
+    wasm_functype_delete(type);
+    return error;
 }
 
 /* Room for `count` variables in the thread's environment arrays. */
@@ -380,10 +550,7 @@ static wasi_config_t *make_wasi(vs_thread *t, const vs_function *fn, size_t env_
         wasm_byte_vec_new(&vec, stdin_len, stdin_data); /* copies */
         wasi_config_set_stdin_bytes(config, &vec);      /* takes ownership */
     }
-    if (!wasi_config_set_stdout_file(config, t->stdout_path) ||
-        !wasi_config_set_stderr_file(config, t->stderr_path))
-        goto fail;
-    return config;
+    return config; /* (stdout and stderr: vs_define_capture) */
 fail:
     wasi_config_delete(config);
     return NULL;
@@ -428,19 +595,22 @@ static int run_in(vs_thread *t, wasmtime_context_t *cx, const wasmtime_instance_
     return VS_RAN;
 }
 
-/* stdout's first bytes into the buffer, where its CGI head ends, and stderr's size. */
+/* What went to stdout and stderr, and where stdout's CGI head ends. */
 static void read_outputs(vs_thread *t) {
     int64_t *out = t->out;
-    ssize_t got = pread(t->stdout_fd, t->buffer, t->capacity, 0);
-    out[VS_STDOUT_LEN] = got < 0 ? 0 : got;
+    vs_sink *so = &t->out_sink, *se = &t->err_sink;
+    out[VS_STDOUT_LEN] = (int64_t)so->total;
+    out[VS_STDOUT_AT] = (int64_t)(intptr_t)so->data;
+    out[VS_STDERR_SIZE] = (int64_t)se->total;
+    out[VS_STDERR_AT] = (int64_t)(intptr_t)se->data;
+    out[VS_STDOUT_KEPT] = (int64_t)so->kept;
+    out[VS_STDERR_KEPT] = (int64_t)se->kept;
     int64_t sep;
-    int64_t end = vs_head_end(t->buffer, (size_t)out[VS_STDOUT_LEN], t->head_limit, &sep);
+    int64_t end = vs_head_end(so->data, so->kept, t->head_limit, &sep);
     if (end >= 0) {
         out[VS_HEAD_END] = end;
         out[VS_BODY_AT] = end + sep;
     }
-    off_t size = lseek(t->stderr_fd, 0, SEEK_END);
-    out[VS_STDERR_SIZE] = size < 0 ? 0 : size;
 }
 
 /* The run in a fresh store, with `env_count` request variables in the thread's arrays. */
@@ -449,7 +619,10 @@ static int run_store(vs_thread *t, const vs_function *fn, size_t env_count,
     int64_t *out = t->out;
     if (t->ticker) vs_ticker_enter(t->ticker);
     wasmtime_store_t *store = wasmtime_store_new(t->engine, NULL, NULL);
-    wasmtime_context_t *cx = wasmtime_store_context(store);
+    wasmtime_context_t *cx = t->context = wasmtime_store_context(store);
+    sink_reset(&t->out_sink, fn->stdout_keep);
+    sink_reset(&t->err_sink, fn->stderr_keep);
+    vs_current = t;
     wasmtime_store_limiter(store, fn->memory_bytes, -1, -1, -1, -1);
     wasmtime_context_set_epoch_deadline(cx, 1);
     wasmtime_store_epoch_deadline_callback(store, on_deadline, t, NULL);
@@ -463,17 +636,21 @@ static int run_store(vs_thread *t, const vs_function *fn, size_t env_count,
             status = run_in(t, cx, fn->pre);
     }
     if (t->ticker) vs_ticker_leave(t->ticker);
+    vs_current = NULL;
+    t->context = NULL;
     wasmtime_store_delete(store);
-    if (config) read_outputs(t); /* (the output files were opened, truncated) */
+    if (config) read_outputs(t);
     return status;
 }
 
 /* One invocation of `fn` in a fresh store; results in t->out (see the enums). The run gets
  * `budget_ns` of (wall-clock) time from now, checked at each epoch tick (VS_TIMEOUT). The
  * request's environment is `blob` (see split_env; `blob_len` bytes and a NUL), stdin
- * `stdin_data`. Unless VS_SETUP: stdout's first bytes (up to the buffer's capacity) are in
- * the buffer, out[VS_HEAD_END] and out[VS_BODY_AT] say where its CGI head ends and its body
- * starts in them (-1: no blank line), out[VS_STDERR_SIZE] whether anything went to stderr.
+ * `stdin_data`. fn's InstancePre must come from a linker vs_define_capture made. Unless
+ * VS_SETUP: stdout's first bytes (up to fn->stdout_keep) are at
+ * out[VS_STDOUT_AT] (the caller's buffer while they fit), out[VS_HEAD_END] and
+ * out[VS_BODY_AT] say where its CGI head ends and its body starts in them (-1: no blank
+ * line), out[VS_STDERR_SIZE] how much went to stderr (its first bytes at out[VS_STDERR_AT]).
  * out[VS_CPU_NS] and out[VS_WALL_NS]: the thread's CPU time and the time the call took.
  * Errors and traps returned in out are the caller's. */
 int vs_invoke(vs_thread *t, const vs_function *fn, uint64_t budget_ns, const char *blob,

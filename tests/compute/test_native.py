@@ -234,6 +234,132 @@ def test_each_native_run_gives_new_result_objects(pair, wasm):
     assert second.cpu_ms > 0 and second.duration_ms >= second.cpu_ms * 0.5
 
 
+def fd_write_module(fd: int, iovs: int, count: int, iov: tuple[int, int]) -> str:
+    """A guest making one fd_write(fd, iovs, count, 200) with `iov` at 40 (after an empty
+    one at 32), then answering with the errno and the count it got as its body's bytes."""
+    return f"""(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "Content-Type: text/plain\\n\\nxyz")
+  (func (export "_start")
+    (i32.store (i32.const 40) (i32.const {iov[0]})) (i32.store (i32.const 44) (i32.const {iov[1]}))
+    (i32.store8 (i32.const 300)
+      (call $write (i32.const {fd}) (i32.const {iovs}) (i32.const {count}) (i32.const 200)))
+    (i32.store8 (i32.const 301) (i32.load (i32.const 200)))
+    (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 26))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 200)))
+    (i32.store (i32.const 0) (i32.const 300)) (i32.store (i32.const 4) (i32.const 2))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 200)))))"""
+
+
+XYZ = (126, 3)
+
+
+@needs_shim
+@pytest.mark.parametrize(
+    ("fd", "iovs", "count", "iov", "body", "stderr"),
+    [
+        (2, 32, 2, XYZ, bytes([0, 3]), b"xyz"),  # the first non-empty buffer
+        (2, 32, 1, XYZ, bytes([0, 0]), b""),  # only empty ones
+        (2, 40, 0, XYZ, bytes([0, 0]), b""),  # none
+        (0, 40, 1, XYZ, bytes([8, 0]), b""),  # stdin: EBADF
+        (3, 40, 1, XYZ, bytes([8, 0]), b""),  # no such fd
+        (-1, 40, 1, XYZ, bytes([8, 0]), b""),
+        (2, 40, 1, (0, 0x7FFFFF9), bytes([48, 0]), b""),  # a huge buffer: ENOMEM (no trap)
+        (2, 32, 9, (0, 0), bytes([48, 0]), b""),  # (the 8th is "Cont..." as a length)
+    ],
+)
+def test_the_shims_fd_write_answers_as_wasis_does(pair, fd, iovs, count, iov, body, stderr):
+    """The shim's fd_write (stdout and stderr captured, no files) against wasmtime-wasi's:
+    the same errno, count and output."""
+    native, fallback = both(pair, fd_write_module(fd, iovs, count, iov), GET, name="fd")
+    for attribute in SAME:
+        assert getattr(native, attribute) == getattr(fallback, attribute), attribute
+    assert native.ok and native.result.body == body and native.stderr == stderr
+
+
+@needs_shim
+@pytest.mark.parametrize(
+    ("iovs", "count", "iov", "region"),
+    [
+        (40, 1, (0xFFFFFFF0, 64), "start: 4294967280, len: 64"),  # the buffer
+        (40, 1, (65530, 10), "start: 65530, len: 10"),
+        (40, 1, (0, 0x7FFFFF8), "start: 0, len: 134217720"),
+        (65532, 1, XYZ, "start: 65536, len: 4"),  # the iovec's length
+        (65528, 2, XYZ, "start: 65536, len: 4"),  # the second iovec
+        (0xFFFFFFF8, 1, XYZ, "start: 4294967288, len: 4"),
+    ],
+)
+def test_a_guest_address_out_of_bounds_traps_as_in_wasi(pair, iovs, count, iov, region):
+    native, fallback = both(pair, fd_write_module(1, iovs, count, iov), GET, name="fd")
+    for attribute in SAME:
+        assert getattr(native, attribute) == getattr(fallback, attribute), attribute
+    assert native.outcome == Outcome.TRAP
+    assert native.error == f"trap: Pointer out of bounds: Region {{ {region} }}"
+
+
+@needs_shim
+def test_a_count_written_out_of_bounds_traps_after_the_write(pair):
+    wat = fd_write_module(2, 40, 1, XYZ).replace(
+        "(i32.const 200)))\n    (i32.store8 (i32.const 301)",
+        "(i32.const 65534)))\n    (i32.store8 (i32.const 301)",
+    )
+    assert "65534" in wat
+    native, fallback = both(pair, wat, GET, name="fd")
+    assert native.outcome == fallback.outcome == Outcome.TRAP
+    assert native.stderr == fallback.stderr == b"xyz"
+    assert native.error.endswith("Pointer out of bounds: Region { start: 65534, len: 4 }")
+
+
+# a start function that writes (it runs while instantiating), and a guest that writes its
+# response in many pieces of two buffers (WASI writes the first: the guest asked for writev)
+START_WRITES = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 100) "Content-Type: text/plain\\n\\n")
+  (func $head
+    (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 26))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (start $head)
+  (func (export "_start") (local $i i32)
+    (memory.fill (i32.const 1024) (i32.const 98) (i32.const 1000))
+    (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 1000))
+    (i32.store (i32.const 16) (i32.const 1024)) (i32.store (i32.const 20) (i32.const 7))
+    (loop $more
+      (drop (call $write (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 8)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $more (i32.lt_u (local.get $i) (i32.const 300))))))"""
+
+
+@needs_shim
+def test_output_written_by_a_start_function_and_in_pieces_is_all_there(pair):
+    limits = Limits(max_response_bytes=MiB)
+    native, fallback = both(pair, START_WRITES, GET, name="pieces", limits=limits)
+    for attribute in SAME:
+        assert getattr(native, attribute) == getattr(fallback, attribute), attribute
+    assert native.ok and native.result.body == b"b" * 300_000  # (one buffer a call, as WASI)
+
+
+@needs_shim
+def test_output_past_the_cap_is_counted_not_kept(pair, wasm):
+    """A function that prints far more than its cap: too large, and the shim kept cap + 1
+    bytes (no file grows meanwhile); the next run's output is its own."""
+    native, _ = pair
+    cap = 100_000
+    big = native.load(
+        wasm["bigout"],
+        name="bigout",
+        caps=Capabilities.of(env={"SIZE": str(8 * MiB)}),
+        limits=Limits(max_response_bytes=cap),
+    )
+    inv = native.invoke(big, GET)
+    assert inv.outcome == Outcome.RESPONSE_TOO_LARGE and inv.stdout_bytes == cap + 1
+    sandbox = native._scratch().native
+    assert sandbox.stdout_len > 8 * MiB and len(sandbox.stdout(10 * MiB)) == cap + 1
+    hello = native.invoke(native.load(wasm["hello"], name="hello"), GET)
+    assert hello.result.body == b"hello from wasm\n" and hello.stderr == b""
+
+
 @needs_shim
 def test_a_malformed_environment_is_refused_before_anything_runs(pair, wasm):
     native, _ = pair

@@ -446,7 +446,7 @@ class Sandbox:
 # --------------------------------------------------------------------------- instances
 
 
-def address(managed: wasmtime.InstancePre | wasmtime.Engine) -> int:
+def address(managed: wasmtime.InstancePre | wasmtime.Engine | wasmtime.Linker) -> int:
     """The C pointer of a wasmtime-py object (valid while the object lives)."""
     return ctypes.cast(managed.ptr(), ctypes.c_void_p).value or 0
 
@@ -461,11 +461,21 @@ def memory_address(memory: wasmtime.Memory, store: Any) -> int:
 
 SHIM_SOURCE = Path(__file__).resolve().parents[2] / "native" / "wasmshim"
 SHIM_ENV = "VERGE_WASMSHIM"  # "off": never; a path: that prebuilt library; unset: build
-_SHIM_ABI = 2
+_SHIM_ABI = 3
 _SHIM_USES = (  # wasmshim.c's C API beyond _c_signatures (check() looks for them)
     "wasmtime_engine_increment_epoch",
     "wasmtime_store_epoch_deadline_callback",
     "wasmtime_error_new",
+    "wasmtime_linker_allow_shadowing",
+    "wasmtime_linker_define_func_unchecked",
+    "wasm_valtype_new",
+    "wasm_valtype_vec_new",
+    "wasm_functype_new",
+    "wasm_functype_delete",
+    "wasmtime_caller_context",
+    "wasmtime_caller_export_get",
+    "wasmtime_memory_data",
+    "wasmtime_trap_new",
 )
 _SHIM_LIBRARY = "libwasmshim.so"
 _ITEM_BYTES = 64  # wasmshim.c's VS_ITEM_BYTES
@@ -570,22 +580,8 @@ def _declare_shim(lib: Any) -> None:
         "vs_ticker_free": ([vp], None),
         "vs_ticker_parked": ([vp], ctypes.c_int),
         "vs_ticker_bumps": ([vp], ctypes.c_ulong),
-        "vs_thread_new": (
-            [
-                vp,
-                vp,
-                size,
-                size,
-                ctypes.c_char_p,
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_int,
-                vp,
-                size,
-                size,
-            ],
-            vp,
-        ),
+        "vs_thread_new": ([vp, vp, size, size, vp, size, size], vp),
+        "vs_define_capture": ([vp], vp),
         "vs_thread_free": ([vp], None),
         "vs_thread_out": ([vp], vp),
         "vs_invoke": ([vp, vp, u64, chars, size, chars, size], ctypes.c_int),
@@ -668,8 +664,12 @@ RAN, SETUP_FAILED, INSTANTIATE_FAILED, START_FAILED, NO_EXPORTS, TIMED_OUT = ran
     BODY_AT,
     CPU_NS,
     WALL_NS,
-) = range(11)
-_OUT_FIELDS = 11
+    STDOUT_AT,
+    STDERR_AT,
+    STDOUT_KEPT,
+    STDERR_KEPT,
+) = range(15)
+_OUT_FIELDS = 15
 OUTPUT_BUFFER = 64 * 1024
 
 
@@ -689,30 +689,51 @@ class NativeFunction(ctypes.Structure):
         ("env_names", ctypes.c_void_p),
         ("env_values", ctypes.c_void_p),
         ("env_count", ctypes.c_size_t),
+        ("stdout_keep", ctypes.c_size_t),
+        ("stderr_keep", ctypes.c_size_t),
     ]
 
 
 def native_function(
-    pre: int, memory_bytes: int, argv: int, named: tuple[int, int], env: EnvArrays
+    pre: int,
+    memory_bytes: int,
+    argv: int,
+    named: tuple[int, int],
+    env: EnvArrays,
+    keep: tuple[int, int] = (2 * 1024 * 1024 + 1, 16 * 1024 + 1),
 ) -> NativeFunction:
-    """A :class:`NativeFunction`: ``pre`` (:func:`address` of an ``InstancePre``), ``argv``
-    (:func:`c_argv`), ``named`` = (address of a ``char *[]`` of names, their count) and
-    ``env`` the function's own variables. The caller keeps the arrays alive."""
+    """A :class:`NativeFunction`: ``pre`` (:func:`address` of an ``InstancePre`` from a
+    linker :func:`define_capture` made), ``argv`` (:func:`c_argv`), ``named`` = (address of
+    a ``char *[]`` of names, their count), ``env`` the function's own variables, ``keep``
+    the stdout and stderr bytes a run keeps (more are counted). The caller keeps the arrays
+    alive."""
     count, names, values = env
-    return NativeFunction(pre, memory_bytes, argv, 1, named[0], named[1], names, values, count)
+    return NativeFunction(
+        pre, memory_bytes, argv, 1, named[0], named[1], names, values, count, *keep
+    )
+
+
+def define_capture(lib: Any, linker: wasmtime.Linker) -> None:
+    """Shadow WASI's ``fd_write`` in ``linker`` (WASI defined already) with wasmshim's: a
+    module pre-linked by it writes stdout and stderr into the invoking NativeSandbox's
+    buffers, not files; run it only through :meth:`NativeSandbox.invoke`."""
+    error = lib.vs_define_capture(address(linker))
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, _ERROR_P))
 
 
 class NativeSandbox:
     """Runs a command module without host imports in a fresh Store with one C call (the GIL
     released throughout): store, limits, deadline, WASI (environment, ``argv``, ``stdin``;
-    stdout and stderr to the files at the two paths, which wasmtime creates or truncates),
-    instantiate, ``_start``, drop, a read of stdout and where its CGI head ends. One per thread.
+    stdout and stderr captured in memory: :func:`define_capture`), instantiate, ``_start``,
+    drop, and where stdout's CGI head ends. One per thread.
 
     After :meth:`invoke`, ``out`` (int64s, indexed by this module's ``EXIT_CODE``, ``MEMORY``,
     ``STDOUT_LEN``, ``STDERR_SIZE``, ``HEAD_END``, ``BODY_AT``, ``CPU_NS``, ``WALL_NS``),
-    ``exit_code``, ``memory_size``, ``stdout_len`` (``== OUTPUT_BUFFER``: there may be more),
-    ``stderr_size``; ``view`` (the buffer: :meth:`stdout` is its first ``stdout_len`` bytes),
-    and :meth:`failure` for a status other than ``RAN``.
+    ``exit_code``, ``memory_size``, ``stdout_len`` and ``stderr_size`` (bytes written: the
+    function's ``keep`` of them are kept); ``view`` (the buffer: stdout while shorter than
+    ``OUTPUT_BUFFER``), :meth:`stdout` and :meth:`stderr` (what was kept), and
+    :meth:`failure` for a status other than ``RAN``.
     """
 
     def __init__(
@@ -720,12 +741,10 @@ class NativeSandbox:
         lib: Any,
         engine: wasmtime.Engine,
         ticker: NativeTicker | None,
-        stdout: tuple[int, bytes],
-        stderr: tuple[int, bytes],
         head_limit: int = OUTPUT_BUFFER,
     ) -> None:
         self._lib = lib
-        self._keep = (engine, ticker, stdout[1], stderr[1])
+        self._keep = (engine, ticker)
         self._buffer = ctypes.create_string_buffer(OUTPUT_BUFFER)
         self._buffer_at = ctypes.addressof(self._buffer)
         self.view = memoryview(self._buffer).cast("B")  # (a slice copies faster than string_at)
@@ -737,10 +756,6 @@ class NativeSandbox:
             ticker.handle if ticker else None,
             _EXTERN_OF,
             item,
-            stdout[1],
-            stdout[0],
-            stderr[1],
-            stderr[0],
             self._buffer_at,
             OUTPUT_BUFFER,
             head_limit,
@@ -777,8 +792,15 @@ class NativeSandbox:
     def stderr_size(self) -> int:
         return self.out[STDERR_SIZE]
 
-    def stdout(self) -> bytes:
-        return self.view[: self.out[STDOUT_LEN]].tobytes()
+    def stdout(self, limit: int) -> bytes:
+        """stdout's first bytes, up to ``limit`` (at most what the run kept)."""
+        size = min(self.out[STDOUT_KEPT], limit)
+        return ctypes.string_at(self.out[STDOUT_AT], size) if size else b""
+
+    def stderr(self, limit: int) -> bytes:
+        """stderr's first bytes, up to ``limit`` (at most what the run kept)."""
+        size = min(self.out[STDERR_KEPT], limit)
+        return ctypes.string_at(self.out[STDERR_AT], size) if size else b""
 
     def failure(self, status: int) -> BaseException:
         """The exception for a failed :meth:`invoke` (an error or trap of wasmtime's, taken)."""

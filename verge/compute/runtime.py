@@ -32,30 +32,38 @@ Why it looks like this:
   CPU per hello-world request through the edge's fast path (bench/compute_cpu.py, in
   process, alternating runs) ~190 µs before the above, ~140 µs after, of which the C call
   is ~70-85 µs (a third of it the stdout/stderr files: open with truncation, write, close,
-  read; then the store, the instance and its reset). Without gcc (or
+  read; then the store, the instance and its reset). So the native path has no output
+  files: host-free modules are pre-linked by a second linker (``Runtime.native_linker``)
+  whose WASI ``fd_write`` is the shim's (:func:`~verge.compat.wasmtime.define_capture`,
+  wasmtime-wasi's semantics, tested against it), which appends stdout and stderr to the
+  thread's buffers up to the caps (``max_response_bytes`` + 1, ``max_stderr_bytes`` + 1;
+  more is counted, not kept: a function printing without end no longer grows a file).
+  Measured on the quiet 2-core VM (bench/compute_cpu.py, alternating A/B): ~95 -> ~50 µs
+  CPU per function request in process. Without gcc (or
   ``VERGE_WASMSHIM=off``), and for modules that import host functions, the ctypes path
   (:class:`~verge.compat.wasmtime.Sandbox`) runs, with a Python ticker when there is no shim:
   slower, same results (tests/compute/test_native.py). There the environment is C arrays
   built from one joined string (:func:`_environment`), stdout is read with one ``pread``,
-  the CGI output parsed in one pass. The output files live in /dev/shm (~10 µs cheaper to
+  the CGI output parsed in one pass; its output files live in /dev/shm (~10 µs cheaper to
   open than a memfd's /proc/self/fd path), else they are memfds; a custom output stream
   would be no cheaper (wasmtime runs it on a tokio task, even a native callback: measured
   +80 µs per request for stderr alone).
 * **Few, coarse Python<->wasm crossings.** Per request: one ``_start`` call. The request
-  goes in as WASI environment plus in-memory stdin bytes; stdout and stderr go to
-  per-thread memfds that wasmtime opens by path and writes natively (a custom output
-  stream, even a native ``write``, is slower: wasmtime runs it on a tokio task; a Python
-  callback costs ~40 µs per write). Host functions (KV, fetch) are one call per operation;
+  goes in as WASI environment plus in-memory stdin bytes; stdout and stderr go to the
+  shim's ``fd_write`` (native path) or to per-thread files wasmtime opens by path (a custom
+  output stream, even a native ``write``, is slower: wasmtime runs it on a tokio task; a
+  Python callback costs ~40 µs per write). Host functions (KV, fetch) are one call per operation;
   a module that imports none gets no host state at all.
 * **Limits.** CPU: epoch interruption (an engine-wide ticker thread bumps the epoch
   every ``tick_ms``; each Store gets a deadline of ``cpu_ms``; time spent waiting in host
   services is given back; wasm runs with the GIL released, so the ticker and host
   functions run meanwhile). On the native path the deadline is one tick, and a callback
   checks the clock at each tick: a run is stopped at the first tick after ``cpu_ms`` of
-  (wall-clock) time, never before it, however late the ticker is scheduled. Memory: the store's limiter. Response: stdout beyond
-  ``max_response_bytes`` is an error (the memfd is only read up to the cap; its transient
-  size is bounded by the CPU deadline). Sub-requests: counted in :mod:`.host`. Instances
-  alive at once: the pool's ``max_instances`` (one more fails with outcome ``error``; a
+  (wall-clock) time, never before it, however late the ticker is scheduled. Memory: the
+  store's limiter. Response: stdout beyond ``max_response_bytes`` is an error (natively only
+  cap + 1 bytes are kept; on the ctypes path the file is only read up to the cap, its
+  transient size bounded by the CPU deadline). Sub-requests: counted in :mod:`.host`.
+  Instances alive at once: the pool's ``max_instances`` (one more fails with outcome ``error``; a
   stopped function's slot is reset and reused). A violation is an :class:`Invocation` with
   a non-ok outcome, never an exception.
 * **What wasmtime-py does not expose** (the pooling allocator, the C API without its
@@ -247,7 +255,7 @@ class LoadedModule:
 
     def __post_init__(self) -> None:
         self.pre_at = wasmtime_compat.address(self.pre)
-        self.uses_host = any(item.module == "verge" for item in self.module.imports)
+        self.uses_host = _uses_host(self.module)
 
     def again(self) -> LoadedModule:
         """The same module, as found in memory by a later load."""
@@ -285,8 +293,14 @@ class Function:
         # the request's environment is the CGI variables' values, then the headers' pairs,
         # then these variables; or (shadows_cgi) all of it in pairs (see _env_blob)
         named, env = ((0, 0), (0, 0, 0)) if self.shadows_cgi else (_CGI_NAMES, self.env)
+        limits = self.limits
         self.native = wasmtime_compat.native_function(
-            self.loaded.pre_at, self.limits.memory_bytes, self.argv, named, env
+            self.loaded.pre_at,
+            limits.memory_bytes,
+            self.argv,
+            named,
+            env,
+            (limits.max_response_bytes + 1, limits.max_stderr_bytes + 1),
         )
         self.native_at = ctypes.addressof(self.native)
 
@@ -304,9 +318,11 @@ class ModuleCache:
         linker: wasmtime.Linker,
         cache_dir: Path | None,
         fingerprint: object = ENGINE_SETTINGS,
+        native_linker: wasmtime.Linker | None = None,
     ) -> None:
         self.engine = engine
         self.linker = linker
+        self.native_linker = native_linker  # (pre-links the modules without host imports)
         self.dir = cache_dir
         self.loaded: dict[str, LoadedModule] = {}
         self._lock = threading.Lock()
@@ -329,7 +345,8 @@ class ModuleCache:
             start = time.perf_counter()
             module, source = self._from_disk(digest) or (self._compile(digest, binary), "compiled")
             _check_exports(module)
-            pre = self.linker.instantiate_pre(module)
+            native = self.native_linker is not None and not _uses_host(module)
+            pre = (self.native_linker if native else self.linker).instantiate_pre(module)
             loaded = LoadedModule(digest, module, pre, source, (time.perf_counter() - start) * 1e3)
             self.loaded[digest] = loaded
             return loaded
@@ -351,6 +368,11 @@ class ModuleCache:
         if path is not None:
             write_atomic(path, module.serialize(), mode=0o644)
         return module
+
+
+def _uses_host(module: wasmtime.Module) -> bool:
+    """Whether the module imports ``verge`` host functions (then it runs on the ctypes path)."""
+    return any(item.module == "verge" for item in module.imports)
 
 
 def to_binary(wasm: bytes | str) -> bytes:
@@ -433,8 +455,9 @@ class EpochTicker:
 
 
 class _Scratch:
-    """Per-thread: the sandbox that runs invocations, and the output files wasmtime writes
-    stdout and stderr into (it opens them by path, truncating, for each request)."""
+    """Per-thread: the sandboxes that run invocations, and the output files wasmtime writes
+    stdout and stderr into on the ctypes path (it opens them by path, truncating, for each
+    request; the native path captures them in memory)."""
 
     def __init__(self, engine: wasmtime.Engine, shim: object = None, ticker: object = None) -> None:
         self.sandbox = wasmtime_compat.Sandbox(engine)
@@ -446,8 +469,6 @@ class _Scratch:
                 shim,
                 engine,
                 ticker if isinstance(ticker, wasmtime_compat.NativeTicker) else None,
-                (self.stdout_fd, self.stdout_path),
-                (self.stderr_fd, self.stderr_path),
                 head_limit=wagi.MAX_HEAD_BYTES,
             )
         weakref.finalize(
@@ -552,14 +573,20 @@ class Runtime:
         self.linker = wasmtime.Linker(self.engine)
         self.linker.define_wasi()
         define_host_functions(self.linker, self._state)
+        self.shim = wasmtime_compat.shim() if native else None
+        self.native_linker: wasmtime.Linker | None = None
+        if self.shim is not None:  # stdout and stderr captured by the shim, not files
+            self.native_linker = wasmtime.Linker(self.engine)
+            self.native_linker.define_wasi()
+            wasmtime_compat.define_capture(self.shim, self.native_linker)
         self.modules = ModuleCache(
             self.engine,
             self.linker,
             Path(cache_dir) if cache_dir is not None else None,
             fingerprint=[ENGINE_SETTINGS, self.pool and asdict(self.pool)],
+            native_linker=self.native_linker,
         )
         self.tick = tick_ms / 1000.0
-        self.shim = wasmtime_compat.shim() if native else None
         self.ticker: EpochTicker | wasmtime_compat.NativeTicker
         if self.shim is not None:
             self.ticker = wasmtime_compat.NativeTicker(self.shim, self.engine, self.tick)
@@ -873,14 +900,15 @@ class _Run:
         return inv
 
     def _collect_native(self, scratch: _Scratch, native: wasmtime_compat.NativeSandbox) -> None:
-        out, cap = native.out, self.limits.max_response_bytes
+        out, limits = native.out, self.limits
+        cap = limits.max_response_bytes
         if out[wasmtime_compat.STDERR_SIZE]:
-            self._read_stderr(scratch)
+            err = native.stderr(limits.max_stderr_bytes + 1)
+            self.inv.stderr_truncated = len(err) > limits.max_stderr_bytes
+            self.inv.stderr = err[: limits.max_stderr_bytes]
         length, head_end = out[wasmtime_compat.STDOUT_LEN], out[wasmtime_compat.HEAD_END]
-        if length >= wasmtime_compat.OUTPUT_BUFFER:  # (more than the buffer holds)
-            self._take_output(_read_capped(scratch.stdout_fd, cap))
-        elif head_end < 0 or length > cap:
-            self._take_output(native.stdout()[: cap + 1])
+        if length >= wasmtime_compat.OUTPUT_BUFFER or head_end < 0 or length > cap:
+            self._take_output(native.stdout(cap + 1))  # (over the cap: too large)
         elif self._answers(length):  # the shim found the head: no copy of the whole output
             view = native.view
             head, body = view[:head_end].tobytes(), view[out[wasmtime_compat.BODY_AT] : length]

@@ -692,9 +692,8 @@ class EdgeApp:
         """What a function's run means for the request (see :meth:`_compute`)."""
         deployed = route.function
         result = invocation.result
-        if isinstance(result, Answer):
-            headers = [*result.headers, ("Cache-Status", f"{self.node}; detail=function")]
-            return Answered(Response(result.status, headers, result.body), "function")
+        if isinstance(result, Answer):  # (a small GET answer's Response is shared: Deployed)
+            return Answered(deployed.response(result, self.node, request.method), "function")
         if not isinstance(result, Pass):
             return _failed(invocation.error_status,
                            f"edge function {deployed.spec.name} failed: {invocation.error}")

@@ -73,7 +73,7 @@ from verge.compute.host import (
     KVFull,
 )
 from verge.compute.wagi import Answer, CgiRequest
-from verge.http.response import write_body
+from verge.http.response import Response, write_body
 
 log = logging.getLogger("verge.compute")
 
@@ -96,6 +96,8 @@ FULL_LOG_INTERVAL_S = 60.0  # a full outbox is logged at most this often per wor
 VERSIONS_KEPT = 4  # versions no longer deployed whose own counters a function keeps
 UNLOADED = "unloaded"  # the version label of a function that failed to load
 UNAVAILABLE_RETRY_AFTER_S = 30  # a function that failed to load: until a redeploy, likely
+ANSWERS_SHARED = 64  # a function's distinct small answers whose Response is shared
+ANSWER_SHARED_BYTES = 4096  # larger answer bodies get a Response of their own
 
 
 class EdgeKV:
@@ -660,6 +662,7 @@ class Deployed:
     pool_until: float = 0.0  # monotonic time until which it skips the inline attempt
     inline: bool = field(init=False, default=False)  # it may be tried on the event loop
     route: str = field(init=False, default="")  # X_MATCHED_ROUTE
+    answers: dict = field(init=False, default_factory=dict, repr=False)  # see response()
 
     def __post_init__(self) -> None:
         fn = self.function
@@ -670,6 +673,28 @@ class Deployed:
     @property
     def available(self) -> bool:
         return self.function is not None
+
+    def response(self, result: Answer, node: str, method: str) -> Response:
+        """The Response of one of its answers. A function mostly answers the same thing again
+        (the same head, a short body), so a small answer to a GET shares one Response with
+        the same answers before it, and with it the protocols' memoised renderings, as hot
+        cache hits do (Responses are never changed once made); up to ``ANSWERS_SHARED``
+        distinct ones, then they start over."""
+        body = result.body
+        if method != "GET" or len(body) > ANSWER_SHARED_BYTES:
+            return _answer_response(result, node)
+        key = (result.status, node, body, *result.headers)
+        response = self.answers.get(key)
+        if response is None:
+            if len(self.answers) >= ANSWERS_SHARED:
+                self.answers.clear()
+            response = self.answers[key] = _answer_response(result, node)
+        return response
+
+
+def _answer_response(result: Answer, node: str) -> Response:
+    headers = [*result.headers, ("Cache-Status", f"{node}; detail=function")]
+    return Response(result.status, headers, result.body)
 
 
 def version_of(function) -> str:
