@@ -150,7 +150,7 @@ def _ratio_cell(cmp: dict[str, Any]) -> str:
 def _target_cell(cmp: dict[str, Any]) -> str:
     if cmp["target"] is not None:
         mark = {True: " [green]✓[/green]", False: " [red]✗[/red]", None: ""}[cmp["meets_target"]]
-        return f"≥ {cmp['target']:.1f}×{mark}"
+        return f"≥ {cmp['target']:g}×{mark}"
     return "[dim]lower is better[/dim]" if not cmp["higher_is_better"] else ""
 
 
