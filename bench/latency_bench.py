@@ -238,6 +238,11 @@ class Platform:
         return "\n".join(lines) + "\n"
 
     def start(self) -> None:
+        self.start_stream()
+        self.start_edge()
+
+    def start_stream(self) -> None:
+        """The stream server (its RTMP and HTTP ports: ``rtmp_port``, ``origin_url``)."""
         stream = Child(
             "stream server",
             [
@@ -258,6 +263,9 @@ class Platform:
         ports = re.search(r"rtmp://[\d.]+:(\d+)/\S* http http://[\d.]+:(\d+)", ready)
         self.rtmp_port, self.http_port = int(ports.group(1)), int(ports.group(2))
         self.origin_url = f"http://127.0.0.1:{self.http_port}"
+
+    def start_edge(self) -> None:
+        """One edge in front of the stream server (``edge_url``)."""
         edge = Child(
             "edge",
             [
