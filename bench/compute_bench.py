@@ -47,16 +47,24 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def build_hello(out: Path) -> Path:
+    return build_wasm(out, "hello", HELLO_C)
+
+
+def build_wasm(out: Path, name: str, c_source: str, include: Path | None = None) -> Path:
+    """``c_source`` compiled with clang for wasm32-wasi to out/NAME.wasm (``include``: a
+    directory of headers, e.g. examples/functions for verge.h)."""
     clang = next((c for c in ("clang-14", "clang") if shutil.which(c)), None)
     if clang is None:
         raise SystemExit(
             "clang not installed: apt-get install clang-14 lld-14 wasi-libc "
             "libclang-rt-14-dev-wasm32"
         )
-    source, target = out / "hello.c", out / "hello.wasm"
-    source.write_text(HELLO_C)
+    source, target = out / f"{name}.c", out / f"{name}.wasm"
+    source.write_text(c_source)
+    flags = [f"-I{include}"] if include is not None else []
     subprocess.run(
-        [clang, "--target=wasm32-wasi", "-O2", "-Wl,--strip-all", str(source), "-o", str(target)],
+        [clang, "--target=wasm32-wasi", "-O2", "-Wl,--strip-all", *flags, str(source), "-o",
+         str(target)],
         check=True,
     )
     return target
