@@ -80,6 +80,7 @@ bench-tls: install
 bench-compute: install
 	bash bench/setup.sh
 	$(BIN)/python bench/compute_bench.py
+	$(BIN)/python bench/kv_bench.py
 
 bench-stream: install
 	$(BIN)/python bench/stream_bench.py
@@ -87,6 +88,7 @@ bench-stream: install
 # Glass-to-glass latency in headless Chromium (LL-HLS through an edge, and WebRTC/WHEP).
 bench-latency: install
 	$(BIN)/python bench/latency_bench.py --mode both --seconds 30
+	$(BIN)/python bench/webrtc_viewers.py
 
 # Three regions in network namespaces with user-space delays; needs root (ip netns).
 demo-regions: install
