@@ -114,6 +114,20 @@ def worker_pids(server: Server) -> list[int]:
     return sorted(pids)
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        fields = _proc_stat_fields(entry) if entry.isdigit() else None
+        if fields is not None:
+            parents[int(entry)] = int(fields[1])
+    tree, frontier = [root], {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        tree += frontier
+    return tree
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of the processes, from /proc/PID/stat."""
     total = 0

@@ -52,12 +52,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from latency_bench import FPS, STREAM, Platform, wait_live
+from servers import cpu_seconds, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "webrtc_viewers.json"
 CLIENT_ADDRESS = "127.0.0.3"  # aioice never gathers on 127.0.0.1; all of 127/8 is lo
 DEFAULT_MAX_VIEWERS_PER_STREAM = 50  # verge.config.stream.WebRtcSettings
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 READY_FRAMES = 5  # video frames a viewer must have received to count as receiving
 JOIN_TIMEOUT = 60.0
 REMB_INTERVAL_MS = 200  # libwebrtc's RembThrottler: at most one REMB per 200 ms
@@ -265,32 +265,6 @@ class StreamPlatform(Platform):
     @property
     def server_pid(self) -> int:
         return self.children[0].proc.pid
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += children
-        frontier = children
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (those that still exist)."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLOCK_TICKS
 
 
 # --- measuring ------------------------------------------------------------------------------
